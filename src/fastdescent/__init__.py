@@ -1,0 +1,30 @@
+"""fastdescent: fused, OpenMP-parallel CPU kernels for optimizer update rules.
+
+Each update rule exists twice: a Cython kernel (one pass over memory, GIL
+released, float32/float64) and a NumPy reference written from the equations. The
+functional faces (``sgd_step``...) validate their input and call either backend.
+"""
+
+from ._config import (
+    effective_n_threads,
+    get_backend,
+    get_num_threads,
+    num_threads,
+    set_backend,
+    set_num_threads,
+)
+from ._info import show_config
+from .rules import sgd_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "effective_n_threads",
+    "get_backend",
+    "get_num_threads",
+    "num_threads",
+    "set_backend",
+    "set_num_threads",
+    "sgd_step",
+    "show_config",
+]

@@ -1,0 +1,86 @@
+"""Validation of hyperparameters and of the arrays handed to a rule.
+
+Every functional face runs these before it touches memory, for either backend, so
+a bad call raises and changes nothing.
+"""
+
+import math
+from numbers import Real
+
+import numpy as np
+
+from ._runtime import check_buffers
+
+
+def real(name, value):
+    """``value`` as a Python float; TypeError if it is not a real number."""
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def nonnegative(name, value):
+    value = real(name, value)
+    if not 0.0 <= value < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def finite(name, value):
+    value = real(name, value)
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def unit_interval(name, value):
+    """A coefficient in [0, 1): momentum, betas, decay rates."""
+    value = real(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def closed_unit_interval(name, value):
+    value = real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def positive(name, value):
+    value = real(name, value)
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def tensor_lists(param, *others):
+    """Normalize the array arguments of a face to lists, one entry per tensor.
+
+    A face accepts either one array per role or a sequence of arrays per role
+    (a multi-tensor step). Returns ``(indexed, param_list, *other_lists)``; an
+    absent role (None) stays None.
+    """
+    if isinstance(param, np.ndarray):
+        return (False, [param], *(None if o is None else [o] for o in others))
+    if isinstance(param, (list, tuple)):
+        return (True, list(param), *(None if o is None else _as_list(o) for o in others))
+    raise TypeError(f"params must be a numpy.ndarray or a list of them, got {type(param).__name__}")
+
+
+def _as_list(value):
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"expected a list of arrays to match the list of params, got {type(value).__name__}")
+
+
+__all__ = ["check_buffers", "tensor_lists"]

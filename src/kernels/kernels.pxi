@@ -1,0 +1,7 @@
+# The update-rule kernels, compiled once per instruction-set variant: setup.py
+# generates one stub module per variant that includes this file, and
+# fastdescent._dispatch imports the widest one the CPU supports.
+from cython cimport floating
+
+include "_common.pxi"
+include "sgd.pxi"

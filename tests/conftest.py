@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+import fastdescent
+from fastdescent import _config, _dispatch
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name: fresh data per test, reproducible."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+@pytest.fixture(params=_dispatch.supported_variants())
+def kernel_variant(request, monkeypatch):
+    """Run a test against each kernel build this CPU supports."""
+    module = _dispatch.load_variant(request.param)
+    _config.resolve_backend("reference")  # fill the backend cache before patching it
+    monkeypatch.setitem(_config._BACKEND_MODULES, "kernel", module)
+    return request.param
+
+
+@pytest.fixture
+def tiny_parts():
+    """Let threads split even tiny updates, to exercise part boundaries."""
+    kernels = _dispatch.kernels
+    previous = kernels.get_min_elements_per_thread()
+    kernels.set_min_elements_per_thread(1)
+    for name in _dispatch.supported_variants():
+        _dispatch.load_variant(name).set_min_elements_per_thread(1)
+    yield
+    for name in _dispatch.supported_variants():
+        _dispatch.load_variant(name).set_min_elements_per_thread(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_defaults():
+    yield
+    fastdescent.set_num_threads(None)
+    fastdescent.set_backend(None)
