@@ -10,3 +10,8 @@ equivalence tests and the "reference mode" users can switch to
 from .sgd import sgd
 
 __all__ = ["sgd"]
+from .adagrad import adagrad
+from .adam import adam
+from .rmsprop import rmsprop
+
+__all__ += ["adagrad", "adam", "rmsprop"]
