@@ -15,6 +15,7 @@ from ._config import (
 )
 from ._info import show_config
 from .rules import sgd_step
+from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
 
 __version__ = "0.1.0"
 
@@ -28,3 +29,4 @@ __all__ = [
     "sgd_step",
     "show_config",
 ]
+__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]

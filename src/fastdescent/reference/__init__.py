@@ -7,6 +7,8 @@ equivalence tests and the "reference mode" users can switch to
 (``backend="reference"`` or ``FASTDESCENT_BACKEND=reference``).
 """
 
+from .norms import max_abs, sum_squares
 from .sgd import sgd
 
 __all__ = ["sgd"]
+__all__ += ["max_abs", "sum_squares"]
