@@ -49,10 +49,13 @@ class ParamState(dict):
         return super().__getitem__(self._key(key))
 
     def __contains__(self, key):
-        return super().__contains__(self._key(key))
+        try:
+            return super().__contains__(self._key(key))
+        except KeyError:  # an array that is not a parameter
+            return False
 
     def get(self, key, default=None):
-        return super().get(self._key(key), default)
+        return self[key] if key in self else default
 
 
 class _Bucket:
