@@ -42,7 +42,13 @@ def run(cls, config, params, grad_steps, **options):
     """Step an optimizer over copies of ``params``, the rate changing every step as
     a schedule would change it."""
     opt = cls([p.copy() for p in params], **config, **options)
-    for t, grads in enumerate(grad_steps):
+    take_steps(opt, config, grad_steps)
+    return opt
+
+
+def take_steps(opt, config, grad_steps, start=0):
+    """Steps ``start``, ``start + 1``... of :func:`run` (with their rates)."""
+    for t, grads in enumerate(grad_steps, start=start):
         for group in opt.param_groups:
             group["lr"] = config["lr"] * 0.9**t
         if opt.flat:
@@ -51,7 +57,6 @@ def run(cls, config, params, grad_steps, **options):
             assert opt.step()
         else:
             assert opt.step([g.copy() for g in grads])
-    return opt
 
 
 def snapshot_optimizer(opt):
