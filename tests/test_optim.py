@@ -462,7 +462,8 @@ def test_non_finite_norm_without_guard_gives_clip_factor_zero(rng):
     grads[0][3] = np.inf
     before = params[0].copy()
     opt = fd.SGD(params, lr=0.1, clip_grad_norm=1.0)
-    assert opt.step(grads) and opt.last_grad_norm == math.inf
+    with np.errstate(invalid="ignore"):  # the reference backend computes 0 * inf in NumPy
+        assert opt.step(grads) and opt.last_grad_norm == math.inf
     assert np.isnan(opt.params[0][3])  # 0 * inf, as torch's clip_grad_norm_
     np.testing.assert_array_equal(np.delete(opt.params[0], 3), np.delete(before, 3))
 
