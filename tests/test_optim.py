@@ -238,6 +238,35 @@ def test_hyperparameters_written_between_steps_take_effect(rng):
     assert_bitwise_equal(opt.params[0], p)
 
 
+@pytest.mark.parametrize("convention", ["pytorch", "classical"])
+def test_momentum_switched_on_mid_run_creates_its_buffer(convention, rng):
+    params = make_params(rng, np.float64, [(30,), (4,)])
+    grad_steps = make_grads(rng, params)
+    opt = fd.SGD([p.copy() for p in params], lr=0.1, convention=convention)
+    expected = [p.copy() for p in params]
+    buffers = [np.zeros_like(p) for p in params]
+    for t, grads in enumerate(grad_steps):
+        momentum = 0.9 if t >= 2 else 0.0
+        opt.param_groups[0]["momentum"] = momentum
+        opt.step(grads)
+        first = t == 2 and convention == "pytorch"
+        fd.sgd_step(expected, grads, buffers if momentum else None, lr=0.1, momentum=momentum,
+                    convention=convention, first_step=first)
+    assert_same(opt, (expected, {0: {"momentum_buffer": buffers[0]}, 1: {"momentum_buffer": buffers[1]}}))
+
+
+def test_array_valued_hyperparameters_are_validated(rng):
+    params = make_params(rng, np.float32, [(5,)])
+    grads = make_grads(rng, params, 2)
+    opt = fd.Adam(params, lr=0.01)
+    opt.step(grads[0])
+    opt.param_groups[0]["betas"] = np.array([0.9, 1.5])
+    with pytest.raises(ValueError, match="betas"):
+        opt.step(grads[1])
+    opt.param_groups[0]["betas"] = np.array([0.9, 0.99])
+    assert opt.step(grads[1])
+
+
 BAD_HYPERPARAMETERS = [
     ("lr", -1.0, ValueError), ("lr", float("nan"), ValueError), ("lr", "0.1", TypeError),
     ("betas", (0.9, 1.0), ValueError), ("betas", 0.9, TypeError), ("eps", -1e-8, ValueError),

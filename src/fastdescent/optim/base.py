@@ -355,7 +355,7 @@ class Optimizer:
         steps = {g: self._next_step(g) for g in selected}
         for g in selected:
             group, layout = self.param_groups[g], self._layouts[g]
-            if layout.checked != group:  # hyperparameters written since the last check
+            if not _same_values(layout.checked, group):  # hyperparameters written since the last check
                 self._check_group(group, steps[g], f"param_groups[{g}]")
                 layout.checked = dict(group)
         scale = self._clip(work, grad_scale)
@@ -727,6 +727,13 @@ class Optimizer:
             lines.append(f"Parameter Group {g}")
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
         return "\n".join(lines + [")"])
+
+
+def _same_values(a, b):
+    try:
+        return a == b
+    except ValueError:  # an array-valued hyperparameter: compare it the long way
+        return False
 
 
 def _as_groups(params):
