@@ -265,6 +265,11 @@ def test_array_valued_hyperparameters_are_validated(rng):
         opt.step(grads[1])
     opt.param_groups[0]["betas"] = np.array([0.9, 0.99])
     assert opt.step(grads[1])
+    opt.param_groups[0]["betas"] = [0.9, 0.99]
+    assert opt.step(grads[1])
+    opt.param_groups[0]["betas"][1] = 1.5  # changed in place, not rebound
+    with pytest.raises(ValueError, match="betas"):
+        opt.step(grads[1])
 
 
 BAD_HYPERPARAMETERS = [

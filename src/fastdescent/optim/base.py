@@ -84,7 +84,7 @@ class _Layout:
         self.buckets = buckets
         self.grad_views = grad_views  # flat layout: views into the gradient arenas
         self.states = None            # the parameters' state dicts, once they exist
-        self.checked = None           # a copy of the group as last validated
+        self.checked = None           # copies of the hyperparameters as last validated
 
 
 class _Work:
@@ -167,7 +167,7 @@ class Optimizer:
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
                  skip_nonfinite=False, backend=None, n_threads=None):
         self.defaults = dict(defaults)
-        self.flat = bool(flat)
+        self._flat = bool(flat)
         self.backend = backend
         self.n_threads = n_threads
         self.clip_grad_norm = clip_grad_norm
@@ -184,6 +184,11 @@ class Optimizer:
             self.add_param_group(group)
 
     # ----------------------------------------------------------------- options
+    @property
+    def flat(self):
+        """True if the optimizer keeps its arrays in flat arenas (fixed at construction)."""
+        return self._flat
+
     @property
     def backend(self):
         return self._backend
@@ -354,10 +359,10 @@ class Optimizer:
         work = self._work(selected, grads)
         steps = {g: self._next_step(g) for g in selected}
         for g in selected:
-            group, layout = self.param_groups[g], self._layouts[g]
-            if not _same_values(layout.checked, group):  # hyperparameters written since the last check
-                self._check_group(group, steps[g], f"param_groups[{g}]")
-                layout.checked = dict(group)
+            hyper, layout = self.param_groups[g], self._layouts[g]
+            if not _unchanged(layout.checked, hyper):  # hyperparameters written since the last check
+                self._check_group(hyper, steps[g], f"param_groups[{g}]")
+                layout.checked = {k: copy.copy(v) for k, v in hyper.items() if k != "params"}
         scale = self._clip(work, grad_scale)
         if scale is None:
             self.skipped_steps += 1
@@ -729,10 +734,13 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
-def _same_values(a, b):
+def _unchanged(checked, group):
+    """True if ``group``'s hyperparameters equal the copies in ``checked``."""
+    if checked is None or len(checked) != len(group) - 1:
+        return False
     try:
-        return a == b
-    except ValueError:  # an array-valued hyperparameter: compare it the long way
+        return all(k == "params" or (k in checked and checked[k] == v) for k, v in group.items())
+    except ValueError:  # an array-valued hyperparameter: just check it again
         return False
 
 
