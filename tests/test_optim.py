@@ -2,6 +2,7 @@
 bit; steps equal the functional faces; groups, hyperparameters written between steps,
 validation before any write, clipping and the non-finite guard."""
 
+import copy
 import math
 
 import numpy as np
@@ -361,7 +362,15 @@ def test_read_only_gradients_are_fine(rng):
 def test_replacing_a_parameter_is_refused(rng):
     a, b = make_params(rng, np.float32, [(10,), (10,)])
     opt = fd.SGD([a], lr=0.1)
-    opt.param_groups[0]["params"][0] = b
+    params = opt.param_groups[0]["params"]
+    assert isinstance(params, list) and params == [a]
+    for change in (lambda: params.__setitem__(0, b), lambda: params.append(b), lambda: params.pop()):
+        with pytest.raises(TypeError, match="add_param_group"):
+            change()
+    assert type(copy.deepcopy(params)) is list and params.copy() == [a]
+    opt.param_groups[0]["params"] = [a]  # the same arrays in a new list: fine
+    assert opt.step(make_grads(rng, [a], 1)[0])
+    opt.param_groups[0]["params"] = [b]
     with pytest.raises(ValueError, match="changed"):
         opt.step(make_grads(rng, [a], 1)[0])
 

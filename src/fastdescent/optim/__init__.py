@@ -7,10 +7,10 @@ PyTorch-layout state dicts with atomic single-file checkpoints.
 
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
-from .base import Optimizer, ParamState
+from .base import Optimizer, ParamList, ParamState
 from .checkpoint import CheckpointError
 from .clipping import global_norm
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["Adagrad", "Adam", "AdamW", "CheckpointError", "Optimizer", "ParamState", "RMSprop", "SGD", "global_norm"]
+__all__ = ["Adagrad", "Adam", "AdamW", "CheckpointError", "Optimizer", "ParamList", "ParamState", "RMSprop", "SGD", "global_norm"]

@@ -58,6 +58,20 @@ class ParamState(dict):
         return self[key] if key in self else default
 
 
+class ParamList(list):
+    """A group's ``"params"``: a list that refuses changes. The optimizer's buckets,
+    state and arenas are built for these arrays; add more with ``add_param_group``."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a parameter group's 'params' cannot change; use add_param_group() or a new optimizer")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):  # copies and pickles are plain lists
+        return (list, (list(self),))
+
+
 class _Bucket:
     """The parameters of one group with one dtype: what one kernel call updates."""
 
@@ -148,8 +162,9 @@ class Optimizer:
     Attributes
     ----------
     param_groups : list of dict
-        ``"params"`` plus every hyperparameter; write hyperparameters between steps
-        (schedules do); they are validated at every step before anything is written.
+        ``"params"`` (a :class:`ParamList`: the arrays are fixed) plus every
+        hyperparameter; write hyperparameters between steps (schedules do); a
+        changed value is validated at the next step before anything is written.
     state : ParamState
         Per-parameter dicts with PyTorch's names (``step`` an int), only the
         buffers the configuration needs, created at a group's first step. Buffers
@@ -278,6 +293,7 @@ class Optimizer:
         group.update((k, v) for k, v in param_group.items() if k != "params")
         self._check_group(group, 1, f"param_groups[{g}]")
         layout = self._layout(group, first=len(self._index_by_id))
+        group["params"] = ParamList(layout.params)
         self.param_groups.append(group)
         self._layouts.append(layout)
         for k, p in enumerate(group["params"]):
@@ -392,6 +408,8 @@ class Optimizer:
         for g in selected:
             layout = self._layouts[g]
             current = self.param_groups[g]["params"]
+            if type(current) is ParamList:  # its elements cannot have changed
+                continue
             if len(current) != len(layout.params) or not all(map(operator.is_, current, layout.params)):
                 raise ValueError(
                     f"param_groups[{g}]['params'] changed since the group was added; "
