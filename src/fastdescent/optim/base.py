@@ -125,8 +125,13 @@ class Optimizer:
     kernel directly, once per bucket, so the per-array cost of a step is one
     gradient check and one pointer gather.
 
-    Parameters (shared by every rule, after the rule's own)
-    ----------------------------------------------------------
+    Parameters
+    ----------
+    params : list of ndarray, or list of dict
+        The parameters (C-contiguous float32/float64 arrays, updated in place),
+        or parameter groups: dicts with ``"params"`` and any hyperparameters that
+        differ from the defaults. The rule's constructor arguments (PyTorch's names
+        and defaults) are the defaults; the options below follow them, by keyword.
     flat : bool
         Flat arena: the parameters, gradients and each state buffer of a (group,
         dtype) bucket each live in one contiguous block. The parameters are
