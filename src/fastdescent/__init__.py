@@ -16,6 +16,7 @@ from ._config import (
 from ._info import show_config
 from .rules import sgd_step
 from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
+from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
 
 __version__ = "0.1.0"
 
@@ -33,3 +34,4 @@ __all__ = [
     "adamw_step",
     "rmsprop_step",
 ]
+__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]
