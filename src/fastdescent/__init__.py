@@ -15,6 +15,11 @@ from ._config import (
 )
 from ._info import show_config
 from .rules import sgd_step
+from .rules import ema_update, swa_update, swap_arrays
+from . import schedules
+from .averaging import EMA, SWA
+from .plateau import EarlyStopping, ReduceLROnPlateau
+from .schedules import Scheduler
 
 __version__ = "0.1.0"
 
@@ -28,3 +33,5 @@ __all__ = [
     "sgd_step",
     "show_config",
 ]
+__all__ += ["EMA", "EarlyStopping", "ReduceLROnPlateau", "SWA", "Scheduler", "ema_update", "schedules",
+            "swa_update", "swap_arrays"]

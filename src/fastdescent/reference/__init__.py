@@ -7,6 +7,8 @@ equivalence tests and the "reference mode" users can switch to
 (``backend="reference"`` or ``FASTDESCENT_BACKEND=reference``).
 """
 
+from .averaging import ema, swa, swap
 from .sgd import sgd
 
 __all__ = ["sgd"]
+__all__ += ["ema", "swa", "swap"]
