@@ -26,6 +26,8 @@ from .schedules import Scheduler, _param_groups, integer, open_unit_interval, pa
 
 MODES = ("min", "max")
 THRESHOLD_MODES = ("rel", "abs")
+#: EarlyStopping's ``min_lr`` test allows this relative excess (rounding).
+FLOOR_TOLERANCE = 1e-9
 
 
 class _MetricWatch:
@@ -189,9 +191,11 @@ class EarlyStopping(_MetricWatch):
         An improvement must beat the best by more than this (absolute).
     min_lr : float, optional
         Count evaluations without improvement only while every group's learning
-        rate is at or below ``min_lr``: with a :class:`ReduceLROnPlateau` of the
+        rate is at or below ``min_lr`` (give or take a relative 1e-9 of rounding): with a :class:`ReduceLROnPlateau` of the
         same floor, the rate is reduced at each plateau and training stops after
-        ``patience`` evaluations without improvement at the lowest rate.
+        ``patience`` evaluations without improvement at the lowest rate. Call
+        this ``step`` before the plateau's, so that the evaluation that triggers
+        the last reduction (made at the rate before it) is not counted.
     restore_best : bool
         Keep a copy of the parameters at the best evaluation (copied in place at
         each improvement, allocated once) and copy them back into the optimizer's
@@ -213,7 +217,12 @@ class EarlyStopping(_MetricWatch):
         self._best_params = None
 
     def _at_floor(self):
-        return self.min_lr is None or all(float(g["lr"]) <= self.min_lr for g in _param_groups(self.optimizer))
+        if self.min_lr is None:
+            return True
+        # A rate reduced to the floor by repeated multiplication can stay a few ulps
+        # above it (0.1 * 0.1**3 > 1e-4, and the plateau's eps then blocks the last step).
+        ceiling = self.min_lr * (1.0 + FLOOR_TOLERANCE)
+        return all(float(g["lr"]) <= ceiling for g in _param_groups(self.optimizer))
 
     def step(self, metric):
         """Record one evaluation; True if training should stop (and stays True)."""
