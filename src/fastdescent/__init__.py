@@ -15,6 +15,7 @@ from ._config import (
 )
 from ._info import show_config
 from .rules import sgd_step
+from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
 from .rules import ema_update, swa_update, swap_arrays
 from . import schedules
 from .averaging import EMA, SWA
@@ -33,5 +34,6 @@ __all__ = [
     "sgd_step",
     "show_config",
 ]
+__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]
 __all__ += ["EMA", "EarlyStopping", "ReduceLROnPlateau", "SWA", "Scheduler", "ema_update", "schedules",
             "swa_update", "swap_arrays"]

@@ -5,4 +5,5 @@ from cython cimport floating
 
 include "_common.pxi"
 include "sgd.pxi"
+include "norms.pxi"
 include "averaging.pxi"

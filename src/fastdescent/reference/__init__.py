@@ -8,7 +8,9 @@ equivalence tests and the "reference mode" users can switch to
 """
 
 from .averaging import ema, swa, swap
+from .norms import max_abs, sum_squares
 from .sgd import sgd
 
 __all__ = ["sgd"]
+__all__ += ["max_abs", "sum_squares"]
 __all__ += ["ema", "swa", "swap"]
