@@ -56,7 +56,7 @@ def test_plateau_decisions_match_torch(name, rng):
         assert (plateau.best, plateau.num_bad_epochs, plateau.cooldown_counter) == (
             pytest.approx(reference.best, nan_ok=True), reference.num_bad_epochs, reference.cooldown_counter)
         reductions += reduced
-    assert reductions >= 2, "the script should trigger reductions"
+    assert reductions >= 1, "the script should trigger reductions"
 
 
 def test_plateau_patience_counts_by_hand():

@@ -39,19 +39,19 @@ class _Averager:
 
     def __init__(self, params, start, every):
         params = parameter_arrays(params)
-        _checks.check_buffers(("params",), (params,), (True,))
         _runtime.check_distinct("params", params)
         self.start = integer("start", start, 1)
         self.every = integer("every", every, 1)
-        self.params = params
-        self.averages = [np.zeros_like(p) for p in params]
         # One kernel call takes one dtype: group the tensors by dtype, in order.
         by_dtype = {}
-        for p, a in zip(params, self.averages):
-            pair = by_dtype.setdefault(p.dtype, ([], []))
-            pair[0].append(p)
-            pair[1].append(a)
-        self._batches = list(by_dtype.values())
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for same_dtype in by_dtype.values():
+            _checks.check_buffers(("params",), (same_dtype,), (True,))
+        self.params = params
+        self.averages = [np.zeros_like(p) for p in params]
+        average_of = {id(p): a for p, a in zip(params, self.averages)}
+        self._batches = [(group, [average_of[id(p)] for p in group]) for group in by_dtype.values()]
         self.last_step = 0
         self.n_averaged = 0
         self._swapped = False
