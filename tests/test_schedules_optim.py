@@ -54,13 +54,16 @@ class Run:
 
 
 def assert_same_run(a, b):
-    for x, y in zip(a.w + a.swa.averages + a.ema.averages, b.w + b.swa.averages + b.ema.averages):
+    for x, y in zip(a.w, b.w):
         assert_bitwise_equal(x, y)
-    for name in ("lr", "momentum", "plateau", "swa", "ema"):
+    for name in ("lr", "momentum", "plateau", "stopper", "swa", "ema"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert sa.keys() == sb.keys()
         for key in sa:
-            if key != "averages":
+            if key in ("averages", "best_params"):
+                for x, y in zip(sa[key], sb[key], strict=True):
+                    assert_bitwise_equal(x, y, f"{name}.{key}")
+            else:
                 assert sa[key] == sb[key], (name, key)
 
 
