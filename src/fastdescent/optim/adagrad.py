@@ -1,7 +1,7 @@
 """``torch.optim.Adagrad`` on the fused Adagrad kernel."""
 
 from .. import _checks
-from .. import rules as _rules
+from ..rules import adagrad_step
 from .base import Optimizer
 
 
@@ -28,7 +28,7 @@ class Adagrad(Optimizer):
         return {"sum": group["initial_accumulator_value"]}
 
     def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        _rules.adagrad_step(
+        adagrad_step(
             params, grads, buffers["sum"], step=step,
             lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=group["maximize"],

@@ -1,6 +1,6 @@
 """``torch.optim.Adam`` and ``torch.optim.AdamW`` on the fused Adam kernels."""
 
-from .. import rules as _rules
+from ..rules import adam_step, adamw_step
 from .base import Optimizer
 
 
@@ -30,7 +30,7 @@ class Adam(Optimizer):
         return wanted
 
     def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        face = _rules.adamw_step if group["decoupled_weight_decay"] else _rules.adam_step
+        face = adamw_step if group["decoupled_weight_decay"] else adam_step
         face(
             params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"), step=step,
             lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],

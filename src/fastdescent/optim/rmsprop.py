@@ -1,6 +1,6 @@
 """``torch.optim.RMSprop`` on the fused RMSprop kernel."""
 
-from .. import rules as _rules
+from ..rules import rmsprop_step
 from .base import Optimizer
 
 
@@ -30,7 +30,7 @@ class RMSprop(Optimizer):
         return wanted
 
     def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        _rules.rmsprop_step(
+        rmsprop_step(
             params, grads, buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"),
             lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],

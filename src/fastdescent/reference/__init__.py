@@ -12,5 +12,10 @@ from .norms import max_abs, sum_squares
 from .sgd import sgd
 
 __all__ = ["sgd"]
+from .adagrad import adagrad
+from .adam import adam
+from .rmsprop import rmsprop
+
+__all__ += ["adagrad", "adam", "rmsprop"]
 __all__ += ["max_abs", "sum_squares"]
 __all__ += ["ema", "swa", "swap"]
