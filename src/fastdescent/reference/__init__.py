@@ -7,6 +7,7 @@ equivalence tests and the "reference mode" users can switch to
 (``backend="reference"`` or ``FASTDESCENT_BACKEND=reference``).
 """
 
+from .averaging import ema, swa, swap
 from .norms import max_abs, sum_squares
 from .sgd import sgd
 
@@ -17,3 +18,4 @@ from .rmsprop import rmsprop
 
 __all__ += ["adagrad", "adam", "rmsprop"]
 __all__ += ["max_abs", "sum_squares"]
+__all__ += ["ema", "swa", "swap"]
