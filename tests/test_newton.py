@@ -8,15 +8,15 @@ from fastdescent.surfaces import Quadratic
 
 
 def random_quadratic(rng, dim):
-    a = rng.standard_normal((dim, dim))
-    matrix = a @ a.T + 0.01 * np.eye(dim)  # positive definite, badly conditioned
+    """Random axes, curvatures from 1 to 1000: positive definite and badly conditioned."""
+    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    matrix = rotation @ np.diag(np.geomspace(1.0, 1e3, dim)) @ rotation.T
     return Quadratic((matrix + matrix.T) / 2, center=rng.standard_normal(dim), start=rng.standard_normal(dim) * 5)
 
 
 @pytest.mark.parametrize("dim", [2, 5, 20])
 def test_newton_solves_a_quadratic_in_one_step(dim, rng):
     surface = random_quadratic(rng, dim)
-    assert np.linalg.cond(surface.matrix) > 10
     run = newton(surface, tol=1e-8 * np.linalg.norm(surface.matrix))
     assert run.converged and run.steps == 1 and run.fallbacks == 0
     np.testing.assert_allclose(run.final_point, surface.center, atol=1e-9)
@@ -105,7 +105,7 @@ def kernel_nesterov_path(surface, start, lr, momentum, steps, convention, backen
 
 @pytest.mark.parametrize("convention", ["pytorch", "classical"])
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-@pytest.mark.parametrize("name, lr", [("ravine", 0.02), ("rosenbrock", 2e-4), ("beale", 5e-3), ("himmelblau", 5e-3)])
+@pytest.mark.parametrize("name, lr", [("ravine", 0.02), ("rosenbrock", 2e-4), ("beale", 1e-3), ("himmelblau", 3e-3)])
 def test_lookahead_and_lookahead_free_nesterov_trace_the_same_path(name, lr, convention, backend, rng):
     surface = surfaces.SURFACES[name]
     start = surface.start + 0.1 * rng.standard_normal(2)

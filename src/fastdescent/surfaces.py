@@ -121,7 +121,7 @@ class Quadratic(Surface):
         )
 
     @classmethod
-    def ravine(cls, condition=50.0, angle=math.pi / 6, **kwargs):
+    def ravine(cls, condition=100.0, angle=math.pi / 6, **kwargs):
         """A 2-D ravine: curvatures ``1`` and ``condition``, axes turned by ``angle``
         (a tilted valley, so no per-coordinate scaling straightens it)."""
         c, s = math.cos(angle), math.sin(angle)
@@ -248,7 +248,7 @@ class Himmelblau(Surface):
                     (-2.805118086952745, 3.131312518250573),
                     (-3.779310253377747, -3.2831859912861696),
                     (3.5844283403304917, -1.8481265269644034)],
-            minimum_value=0.0, window=[(-5.0, 5.0), (-5.0, 5.0)], start=[-0.5, -0.3],
+            minimum_value=0.0, window=[(-5.0, 5.0), (-5.0, 5.0)], start=[0.0, -0.9],
         )
 
     def _value(self, x):
@@ -302,7 +302,7 @@ class MonkeySaddle(Surface):
     description = "x^3 - 3xy^2: degenerate saddle, gradients fade near it"
 
     def __init__(self):
-        super().__init__(2, saddles=[(0.0, 0.0)], window=[(-1.5, 1.5), (-1.5, 1.5)], start=[1.0, 0.05])
+        super().__init__(2, saddles=[(0.0, 0.0)], window=[(-1.5, 1.5), (-1.5, 1.5)], start=[1.0, 1e-3])
 
     def _value(self, x):
         px, py = x[..., 0], x[..., 1]
@@ -350,7 +350,7 @@ class Rastrigin(Surface):
 
 
 RAVINE = Quadratic.ravine(
-    name="ravine", description="ill-conditioned quadratic ravine (condition number 50, tilted)",
+    condition=100.0, name="ravine", description="ill-conditioned quadratic ravine (condition number 100, tilted)",
     window=[(-2.5, 2.5), (-2.5, 2.5)], start=[-2.0, 1.0],
 )
 ROSENBROCK = Rosenbrock()

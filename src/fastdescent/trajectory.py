@@ -95,9 +95,10 @@ class Recorder:
     def record(self, point):
         """Record ``point``; return its gradient (float64), or None once the run must stop."""
         point = np.array(point, dtype=np.float64)
-        value = float(self.surface.value(point))
-        gradient = self.surface.gradient(point)
-        norm = float(np.linalg.norm(gradient))
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is an outcome, reported below
+            value = float(self.surface.value(point))
+            gradient = self.surface.gradient(point)
+            norm = float(np.linalg.norm(gradient))
         self.path.append(point)
         self.values.append(value)
         self.grad_norms.append(norm)
