@@ -15,6 +15,8 @@ from ._config import (
 )
 from ._info import show_config
 from .rules import sgd_step
+from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
+from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,9 @@ __all__ = [
     "set_num_threads",
     "sgd_step",
     "show_config",
+    "adagrad_step",
+    "adam_step",
+    "adamw_step",
+    "rmsprop_step",
 ]
+__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]

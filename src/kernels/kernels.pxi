@@ -5,3 +5,8 @@ from cython cimport floating
 
 include "_common.pxi"
 include "sgd.pxi"
+include "_adaptive.pxi"
+include "adagrad.pxi"
+include "rmsprop.pxi"
+include "adam.pxi"
+include "norms.pxi"

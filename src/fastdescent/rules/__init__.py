@@ -3,3 +3,8 @@
 from .sgd import sgd_step
 
 __all__ = ["sgd_step"]
+from .adagrad import adagrad_step
+from .adam import adam_step, adamw_step
+from .rmsprop import rmsprop_step
+
+__all__ += ["adagrad_step", "adam_step", "adamw_step", "rmsprop_step"]
