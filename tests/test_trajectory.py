@@ -3,13 +3,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-import fastdescent
-from fastdescent import surfaces
-from fastdescent.demo import _FunctionalSGD
+from fastdescent import SGD, Adam, surfaces
 from fastdescent.trajectory import run_trajectory
-
-#: the optimizer class face over SGD (fastdescent.SGD once the classes are in this build)
-SGD = getattr(fastdescent, "SGD", _FunctionalSGD)
 
 
 def manual_gradient_descent(surface, start, lr, steps):
@@ -30,6 +25,14 @@ def test_records_the_path_the_optimizer_takes(backend):
     np.testing.assert_allclose(run.values, surface.value(run.path), rtol=1e-15)
     np.testing.assert_allclose(run.grad_norms, np.linalg.norm(surface.gradient(run.path), axis=1), rtol=1e-15)
     assert run.values[-1] < run.values[0]
+
+
+def test_any_optimizer_any_backend_traces_the_same_path_bit_for_bit():
+    surface = surfaces.ROSENBROCK
+    runs = [run_trajectory(surface, partial(Adam, lr=0.02, backend=backend), tol=0.0, max_steps=300,
+                           schedule=lambda t: 0.02 / (1 + 0.01 * t)) for backend in ("kernel", "reference")]
+    np.testing.assert_array_equal(runs[0].path, runs[1].path)
+    assert runs[0].values[-1] < 0.5 * runs[0].values[0]
 
 
 def test_stops_at_the_gradient_tolerance():

@@ -89,35 +89,9 @@ RACES = {
 }
 
 
-class _FunctionalSGD:
-    """Stand-in for ``fastdescent.SGD`` (class face over ``sgd_step``) in builds
-    that do not have the optimizer classes yet."""
-
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, backend=None, n_threads=None):
-        self.params, self.momentum, self.nesterov = params, momentum, nesterov
-        self.backend, self.n_threads = backend, n_threads
-        self.param_groups = [{"lr": lr}]
-        self.buffers = [np.zeros_like(p) for p in params] if momentum else None
-        self.first = True
-
-    def step(self, grads):
-        extra = {"first_step": self.first} if self.buffers else {}
-        fastdescent.sgd_step(self.params, grads, self.buffers, lr=self.param_groups[0]["lr"],
-                             momentum=self.momentum, nesterov=self.nesterov,
-                             backend=self.backend, n_threads=self.n_threads, **extra)
-        self.first = False
-
-
-def optimizer_class(contender):
-    """The class for ``contender``, or None if this build does not have it."""
-    cls = getattr(fastdescent, contender.class_name, None)
-    if cls is None and contender.class_name == "SGD":
-        return _FunctionalSGD
-    return cls
-
-
 def make_optimizer(contender, params, lr, backend="kernel", n_threads=None):
-    return optimizer_class(contender)(params, lr=lr, backend=backend, n_threads=n_threads, **contender.hyper)
+    """A ``fastdescent`` optimizer for ``contender`` over ``params``."""
+    return getattr(fastdescent, contender.class_name)(params, lr=lr, backend=backend, n_threads=n_threads, **contender.hyper)
 
 
 # ---------------------------------------------------------------- output helpers
@@ -209,6 +183,8 @@ def race(args, methods):
         progress.update("racing", i, len(names), name)
     print()
     print(_table(rows, headers, "<<>>><<"))
+    if "adamw" in methods:
+        print("adamw's decoupled weight decay (0.01) pulls towards the origin: its fixed point is not f's minimum.")
     if "nesterov" in methods:
         steps, deviation = nesterov_check(args)
         print(f"\nNesterov with the gradient at the look-ahead point w + mu*v and the kernels' look-ahead-free"
@@ -345,10 +321,6 @@ def run(args):
     if args.epochs < 0 or args.batch_size <= 0 or (args.max_steps is not None and args.max_steps < 0):
         raise SystemExit("--epochs and --max-steps must be >= 0 and --batch-size > 0")
     methods = list(dict.fromkeys(args.optimizers))
-    missing = [m for m in methods if m in CONTENDERS and optimizer_class(CONTENDERS[m]) is None]
-    if missing:
-        print(f"(this build has no optimizer class for {', '.join(missing)}: skipped)")
-        methods = [m for m in methods if m not in missing]
     contenders = [CONTENDERS[m] for m in methods if m in CONTENDERS]
     started = time.perf_counter()
     with fastdescent.num_threads(args.threads):

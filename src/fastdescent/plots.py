@@ -41,10 +41,15 @@ def plot_paths(surface, trajectories, filename, title=None):
     else:
         axes.contourf(xs, ys, z, levels=30, cmap="viridis", alpha=0.85)
         axes.contour(xs, ys, z, levels=30, colors="white", linewidths=0.3, alpha=0.5)
+        # the level of the saddle: below it lies the way out
+        axes.contour(xs, ys, z, levels=np.unique(surface.value(surface.saddles)), colors="black",
+                     linewidths=0.8, linestyles="--")
     colors = _colors(len(trajectories))
-    for color, run in zip(colors, trajectories):
+    # earlier paths drawn wider, so a path that another one retraces still shows
+    widths = np.linspace(3.2, 1.2, len(trajectories)) if len(trajectories) > 1 else [1.6]
+    for color, width, run in zip(colors, widths, trajectories):
         path = run.path
-        axes.plot(path[:, 0], path[:, 1], "-", color=color, lw=1.6, label=f"{run.label} ({run.steps} steps)")
+        axes.plot(path[:, 0], path[:, 1], "-", color=color, lw=width, label=f"{run.label} ({run.steps} steps)")
         axes.plot(*path[0, :2], "o", color=color, ms=5)
         axes.plot(*path[-1, :2], "x", color=color, ms=8, mew=2)
     if len(surface.minima):

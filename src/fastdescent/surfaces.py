@@ -200,7 +200,7 @@ class Beale(Surface):
 
     def __init__(self):
         super().__init__(2, minima=[(3.0, 0.5)], minimum_value=0.0,
-                         window=[(-4.5, 4.5), (-4.5, 4.5)], start=[1.0, 1.5])
+                         window=[(-1.5, 4.5), (-2.5, 2.5)], start=[1.0, 1.5])
 
     def _residuals(self, x):
         """Per k: residual r_k, its partials (rx, ry) and second partials (rxy, ryy); rxx = 0."""
