@@ -58,6 +58,8 @@ CONTENDERS = {c.name: c for c in [
 ]}
 #: everything ``--optimizers`` accepts; Newton runs on the surfaces only
 METHODS = (*CONTENDERS, "newton")
+#: a race is won when the gradient norm falls to this
+TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,6 @@ class Race:
 
     lr: dict
     max_steps: int = 3000
-    tol: float = 1e-6
 
 
 RACES = {
@@ -91,7 +92,8 @@ RACES = {
 
 def make_optimizer(contender, params, lr, backend="kernel", n_threads=None):
     """A ``fastdescent`` optimizer for ``contender`` over ``params``."""
-    return getattr(fastdescent, contender.class_name)(params, lr=lr, backend=backend, n_threads=n_threads, **contender.hyper)
+    cls = getattr(fastdescent, contender.class_name)
+    return cls(params, lr=lr, backend=backend, n_threads=n_threads, **contender.hyper)
 
 
 # ---------------------------------------------------------------- output helpers
@@ -128,19 +130,19 @@ def _table(rows, headers, aligns):
 def race_surface(surface, methods, args):
     """Run every method on ``surface`` from its start; returns the trajectories."""
     race = RACES[surface.name]
-    max_steps = args.max_steps or race.max_steps
+    max_steps = race.max_steps if args.max_steps is None else args.max_steps
     # generous box: escaping a saddle ends the run there, and so does blowing up
     bounds = [(lo - (hi - lo), hi + (hi - lo)) for lo, hi in surface.window]
     runs = []
     for name in methods:
         if name == "newton":
-            runs.append(newton(surface, tol=race.tol, max_steps=min(max_steps, 200), bounds=bounds))
+            runs.append(newton(surface, tol=TOLERANCE, max_steps=min(max_steps, 200), bounds=bounds))
             continue
         contender = CONTENDERS[name]
         lr = race.lr[contender.family]
         runs.append(run_trajectory(
             surface, lambda params, c=contender, lr=lr: make_optimizer(c, params, lr),
-            tol=race.tol, max_steps=max_steps, bounds=bounds, label=name))
+            tol=TOLERANCE, max_steps=max_steps, bounds=bounds, label=name))
     return runs
 
 
@@ -160,7 +162,7 @@ def nesterov_check(args):
     """Look-ahead Nesterov vs the kernels' look-ahead-free form on the ravine."""
     surface = SURFACES["ravine"]
     lr = RACES["ravine"].lr["momentum"]
-    steps = min(args.max_steps or 200, 200)
+    steps = 200 if args.max_steps is None else min(args.max_steps, 200)
     lookahead = lookahead_nesterov(surface, lr=lr, momentum=0.9, tol=0.0, max_steps=steps)
     kernel = run_trajectory(surface, lambda params: make_optimizer(CONTENDERS["nesterov"], params, lr),
                             tol=0.0, max_steps=steps)
@@ -171,7 +173,7 @@ def nesterov_check(args):
 def race(args, methods):
     names = args.surfaces
     print(f"\n== 1. The race on loss surfaces ({len(names)} surfaces, {len(methods)} methods) ==")
-    print("steps to reach |grad| <= 1e-6 (in parentheses: stopped without reaching it), loss and point"
+    print(f"steps to reach |grad| <= {TOLERANCE:g} (in parentheses: stopped without reaching it), loss and point"
           " where the run ended, and for the saddles whether it got away.\n")
     headers = ["surface", "method", "steps", "final loss", "final point", "escaped", "stop"]
     results, rows = {}, []
@@ -260,7 +262,8 @@ def train(args, contenders):
     rows = []
     for name, runs in results.items():
         kernel, reference = runs["kernel"], runs["reference"]
-        difference = max(float(np.max(np.abs(p - q))) for p, q in zip(kernel["model"].params, reference["model"].params))
+        pairs = zip(kernel["model"].params, reference["model"].params)
+        difference = max(float(np.max(np.abs(p - q))) for p, q in pairs)
         rows.append([name, f"{CONTENDERS[name].mlp_lr:g}", f"{100 * kernel['train_accuracy']:.1f}%",
                      f"{100 * kernel['held_out_accuracy']:.1f}%",
                      f"{1e6 * kernel['seconds_per_step']:.1f}", f"{1e6 * reference['seconds_per_step']:.1f}",
@@ -301,7 +304,8 @@ def add_arguments(parser):
     parser.add_argument("--output", default="fastdescent-demo",
                         help="folder for the PNG pictures (default: ./fastdescent-demo)")
     parser.add_argument("--optimizers", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
-                        help=f"methods to run, from: {' '.join(METHODS)} (default: all; newton runs on the surfaces only)")
+                        help=f"methods to run, from: {' '.join(METHODS)} "
+                             "(default: all; newton runs on the surfaces only)")
     parser.add_argument("--surfaces", nargs="+", choices=list(SURFACES), default=list(SURFACES), metavar="NAME",
                         help=f"surfaces to race on, from: {' '.join(SURFACES)} (default: all)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs per optimizer and backend (default 20)")
