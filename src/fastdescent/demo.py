@@ -122,7 +122,7 @@ def _table(rows, headers, aligns):
     line = "  ".join(f"{h:{a}{w}}" for h, a, w in zip(headers, aligns, widths))
     out = [line, "-" * len(line)]
     out += ["  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, aligns, widths)) for r in rows]
-    return "\n".join(out)
+    return "\n".join(line.rstrip() for line in out)
 
 
 # ---------------------------------------------------------------- 1. surfaces
