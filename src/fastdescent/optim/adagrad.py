@@ -27,10 +27,19 @@ class Adagrad(Optimizer):
     def _buffers(self, group):
         return {"sum": group["initial_accumulator_value"]}
 
-    def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
+    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
         adagrad_step(
             params, grads, buffers["sum"], step=step,
             lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=group["maximize"],
             grad_scale=grad_scale, n_threads=n_threads, backend=backend,
+        )
+
+    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
+        lr, lr_decay = float(group["lr"]), float(group["lr_decay"])
+        kernels.adagrad(
+            params, grads, buffers["sum"],
+            clr=lr / (1.0 + (step - 1) * lr_decay),  # as adagrad_step
+            grad_scale=-grad_scale if group["maximize"] else grad_scale,
+            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), n_threads=n_threads,
         )

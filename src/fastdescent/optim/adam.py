@@ -1,5 +1,7 @@
 """``torch.optim.Adam`` and ``torch.optim.AdamW`` on the fused Adam kernels."""
 
+import math
+
 from ..rules import adam_step, adamw_step
 from .base import Optimizer
 
@@ -29,13 +31,28 @@ class Adam(Optimizer):
             wanted["max_exp_avg_sq"] = 0.0
         return wanted
 
-    def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
+    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
         face = adamw_step if group["decoupled_weight_decay"] else adam_step
         face(
             params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"), step=step,
             lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], bias_correction=group["bias_correction"],
             grad_scale=grad_scale, n_threads=n_threads, backend=backend,
+        )
+
+    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
+        lr = float(group["lr"])
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        if group["bias_correction"]:  # as adam_step
+            step_size, bias_correction2_sqrt = lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+        else:
+            step_size, bias_correction2_sqrt = lr, 1.0
+        kernels.adam(
+            params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"),
+            lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2,
+            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]),
+            grad_scale=-grad_scale if group["maximize"] else grad_scale, n_threads=n_threads,
         )
 
 

@@ -18,7 +18,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from .. import _checks, _runtime
-from .._config import BACKENDS, effective_n_threads
+from .._config import BACKENDS, effective_n_threads, resolve_backend
 from . import checkpoint
 from .clipping import bucket_norm
 
@@ -49,35 +49,42 @@ class ParamState(dict):
         return super().__getitem__(self._key(key))
 
     def __contains__(self, key):
-        return super().__contains__(self._key(key))
+        try:
+            return super().__contains__(self._key(key))
+        except KeyError:  # an array that is not a parameter
+            return False
 
     def get(self, key, default=None):
-        return super().get(self._key(key), default)
+        return self[key] if key in self else default
 
 
 class _Bucket:
     """The parameters of one group with one dtype: what one kernel call updates."""
 
-    __slots__ = ("dtype", "positions", "span", "arenas")
+    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers")
 
-    def __init__(self, dtype, positions):
+    def __init__(self, dtype, positions, params):
         self.dtype = dtype
         self.positions = positions  # indices into the group's parameter list
+        self.params = params        # the parameters at those positions
         contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
         self.span = slice(positions[0], positions[-1] + 1) if contiguous else None
         self.arenas = {}  # flat layout: role -> one 1-D array for every parameter
+        self.buffers = {}  # state buffer name -> its arrays, one per parameter (views if flat)
 
 
 class _Layout:
     """How one group's parameters are stored and bucketed."""
 
-    __slots__ = ("first", "params", "buckets", "grad_views")
+    __slots__ = ("first", "params", "buckets", "grad_views", "states", "checked")
 
     def __init__(self, first, params, buckets, grad_views):
         self.first = first            # index of the group's first parameter
         self.params = params          # tuple: the arrays the group was built with
         self.buckets = buckets
         self.grad_views = grad_views  # flat layout: views into the gradient arenas
+        self.states = None            # the parameters' state dicts, once they exist
+        self.checked = None           # a copy of the group as last validated
 
 
 class _Work:
@@ -94,7 +101,15 @@ class Optimizer:
 
     Subclasses define ``buffer_names`` (every state buffer the rule may keep, in
     PyTorch's names), ``counts_steps`` (whether ``state["step"]`` exists),
-    ``_buffers(group)`` and ``_update(...)``; see :class:`fastdescent.optim.SGD`.
+    ``_buffers(group)``, ``_face(...)`` and ``_launch(...)``; see
+    :class:`fastdescent.optim.SGD`.
+
+    A step validates every group's hyperparameters by running the rule's face on
+    no arrays (exactly the face's checks, for a few microseconds), and each
+    gradient against its parameter (``check_buffers``, in C); the state buffers
+    are the optimizer's own, checked when created or loaded. It then calls the
+    kernel directly, once per bucket, so the per-array cost of a step is one
+    gradient check and one pointer gather.
 
     Parameters (shared by every rule, after the rule's own)
     ----------------------------------------------------------
@@ -268,18 +283,21 @@ class Optimizer:
         by_dtype = {}
         for k, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(k)
-        buckets = [_Bucket(dtype, positions) for dtype, positions in by_dtype.items()]
-        grad_views = None
-        if self.flat:
-            grad_views = [None] * len(params)
-            for bucket in buckets:
-                shapes = [params[k].shape for k in bucket.positions]
-                arena = np.concatenate([params[k].reshape(-1) for k in bucket.positions])
+        grad_views = [None] * len(params) if self.flat else None
+        arenas = {}
+        if self.flat:  # copy the parameters into one block per dtype; views replace them
+            for dtype, positions in by_dtype.items():
+                shapes = [params[k].shape for k in positions]
+                arena = np.concatenate([params[k].reshape(-1) for k in positions])
                 grads = np.zeros_like(arena)
-                bucket.arenas.update(param=arena, grad=grads)
-                for k, view, grad in zip(bucket.positions, _views(arena, shapes), _views(grads, shapes)):
+                arenas[dtype] = {"param": arena, "grad": grads}
+                for k, view, grad in zip(positions, _views(arena, shapes), _views(grads, shapes)):
                     params[k] = view
                     grad_views[k] = grad
+        buckets = []
+        for dtype, positions in by_dtype.items():
+            buckets.append(_Bucket(dtype, positions, [params[k] for k in positions]))
+            buckets[-1].arenas.update(arenas.get(dtype, {}))
         return _Layout(first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
@@ -288,9 +306,15 @@ class Optimizer:
         (a float, or FIRST_GRADIENT)."""
         raise NotImplementedError
 
-    def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        """Call the rule's face on one bucket. ``buffers``: name -> list of arrays;
-        ``fresh``: names of buffers created for this step; ``step``: 1-based."""
+    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
+        """Call the rule's functional face (which validates everything). ``buffers``:
+        name -> list of arrays; ``fresh``: names of buffers created for this step;
+        ``step``: the 1-based index of the step."""
+        raise NotImplementedError
+
+    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
+        """Call the rule's kernel (module ``kernels``: a kernel build or the reference)
+        on validated arrays and hyperparameters, with the scalars its face would pass."""
         raise NotImplementedError
 
     def _check_extra(self, group):
@@ -302,8 +326,8 @@ class Optimizer:
         try:
             self._check_extra(group)
             buffers = {name: [] for name in self._buffers(group)}
-            self._update(group, [], [], buffers, step=step, fresh=frozenset(buffers),
-                         grad_scale=1.0, n_threads=1, backend=self._backend)
+            self._face(group, [], [], buffers, step=step, fresh=frozenset(buffers),
+                       grad_scale=1.0, n_threads=1, backend=self._backend)
         except KeyError as error:
             raise ValueError(f"{where} lacks the hyperparameter {error}") from None
         except (TypeError, ValueError) as error:
@@ -330,20 +354,23 @@ class Optimizer:
         work = self._work(selected, grads)
         steps = {g: self._next_step(g) for g in selected}
         for g in selected:
-            self._check_group(self.param_groups[g], steps[g], f"param_groups[{g}]")
+            group, layout = self.param_groups[g], self._layouts[g]
+            if layout.checked != group:  # hyperparameters written since the last check
+                self._check_group(group, steps[g], f"param_groups[{g}]")
+                layout.checked = dict(group)
         scale = self._clip(work, grad_scale)
         if scale is None:
             self.skipped_steps += 1
             return False
         n_threads = effective_n_threads(self._n_threads)
+        kernels = resolve_backend(self._backend)
         fresh = {g: self._allocate_state(g) for g in selected}
         for item in work:
-            self._run(item, steps[item.group], fresh[item.group], scale, n_threads)
+            self._run(kernels, item, steps[item.group], fresh[item.group], scale, n_threads)
         if self.counts_steps:
             for g in selected:
-                layout = self._layouts[g]
-                for i in range(layout.first, layout.first + len(layout.params)):
-                    self.state[i]["step"] = steps[g]
+                for state in self._layouts[g].states or ():
+                    state["step"] = steps[g]
         return True
 
     def _selected(self, group):
@@ -378,36 +405,34 @@ class Optimizer:
         work, offset = [], 0
         for g in selected:
             layout = self._layouts[g]
-            group_grads = grads[offset:offset + len(layout.params)]
-            offset += len(layout.params)
+            n = len(layout.params)
+            group_grads = grads if n == len(grads) else grads[offset:offset + n]
+            offset += n
             if self.flat and all(map(operator.is_, group_grads, layout.grad_views)):
                 work += [_Work(g, b, [b.arenas["param"]], [b.arenas["grad"]], True) for b in layout.buckets]
                 continue
             for b in layout.buckets:
-                if b.span is not None:
-                    params, bucket_grads = list(layout.params[b.span]), list(group_grads[b.span])
-                else:
-                    params = [layout.params[k] for k in b.positions]
+                if b.span is None:
                     bucket_grads = [group_grads[k] for k in b.positions]
-                work.append(_Work(g, b, params, bucket_grads, False))
-        # One bucket without clipping: the face checks its gradients before writing.
-        # Otherwise check them all now, before the first write.
-        if len(work) > 1 or self._reads_grads_first():
-            for item in work:
-                if not item.flat:
-                    try:
-                        _checks.check_buffers(("param", "grad"), (item.params, item.grads), (True, False))
-                    except (TypeError, ValueError) as error:
-                        raise type(error)(f"param_groups[{item.group}] ({item.bucket.dtype}): {error}") from None
+                elif b.span.stop - b.span.start == len(group_grads) and isinstance(group_grads, list):
+                    bucket_grads = group_grads
+                else:
+                    bucket_grads = list(group_grads[b.span])
+                work.append(_Work(g, b, b.params, bucket_grads, False))
+        for item in work:
+            if not item.flat:
+                try:
+                    _checks.check_buffers(("param", "grad"), (item.params, item.grads), (True, False))
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"param_groups[{item.group}] ({item.bucket.dtype}): {error}") from None
         return work
 
     def _reads_grads_first(self):
         return self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None
 
     def _next_step(self, g):
-        layout = self._layouts[g]
-        state = self.state.get(layout.first) if layout.params else None
-        return (state.get("step", 0) if state else 0) + 1
+        states = self._layouts[g].states
+        return (states[0].get("step", 0) if states else 0) + 1
 
     def _clip(self, work, grad_scale):
         """The gradient scale the rule should apply, or None to skip the step."""
@@ -440,12 +465,10 @@ class Optimizer:
         wanted = self._buffers(self.param_groups[g])
         if not layout.params or not (wanted or self.counts_steps):
             return frozenset()
-        state = self.state.get(layout.first)
-        if state is None:
-            for i in range(layout.first, layout.first + len(layout.params)):
-                self.state[i] = {"step": 0} if self.counts_steps else {}
-            state = self.state[layout.first]
-        missing = [name for name in wanted if name not in state]
+        if layout.states is None:
+            layout.states = [{"step": 0} if self.counts_steps else {} for _ in layout.params]
+            self.state.update(enumerate(layout.states, start=layout.first))
+        missing = [name for name in wanted if name not in layout.states[0]]
         for name in missing:
             self._allocate_buffer(g, name, wanted[name])
         return frozenset(missing)
@@ -453,26 +476,25 @@ class Optimizer:
     def _allocate_buffer(self, g, name, fill):
         layout = self._layouts[g]
         for bucket in layout.buckets:
-            params = [layout.params[k] for k in bucket.positions]
             if self.flat:
                 arena = _new_buffer(bucket.arenas["param"], fill)
                 bucket.arenas[name] = arena
-                buffers = _views(arena, [p.shape for p in params])
+                buffers = _views(arena, [p.shape for p in bucket.params])
             else:
-                buffers = [_new_buffer(p, fill) for p in params]
+                buffers = [_new_buffer(p, fill) for p in bucket.params]
+            bucket.buffers[name] = buffers
             for k, buffer in zip(bucket.positions, buffers):
-                self.state[layout.first + k][name] = buffer
+                layout.states[k][name] = buffer
 
-    def _run(self, item, step, fresh, grad_scale, n_threads):
+    def _run(self, kernels, item, step, fresh, grad_scale, n_threads):
         group = self.param_groups[item.group]
         names = self._buffers(group)
         if item.flat:
             buffers = {name: [item.bucket.arenas[name]] for name in names}
         else:
-            first = self._layouts[item.group].first
-            buffers = {name: [self.state[first + k][name] for k in item.bucket.positions] for name in names}
-        self._update(group, item.params, item.grads, buffers, step=step, fresh=fresh,
-                     grad_scale=grad_scale, n_threads=n_threads, backend=self._backend)
+            buffers = {name: item.bucket.buffers[name] for name in names}
+        self._launch(kernels, group, item.params, item.grads, buffers, step=step, fresh=fresh,
+                     grad_scale=grad_scale, n_threads=n_threads)
 
     # ----------------------------------------------------------------- state
     def register_state(self, name, obj):
@@ -645,18 +667,20 @@ class Optimizer:
             indices = range(layout.first, layout.first + len(layout.params))
             for i in indices:
                 self.state.pop(i, None)
+            layout.states = None
             for bucket in layout.buckets:
+                bucket.buffers.clear()
                 for role in [r for r in bucket.arenas if r not in ("param", "grad")]:
                     del bucket.arenas[role]
             if not any(state.get(i) for i in indices):
                 continue
             first = state[layout.first]
-            for i in indices:
-                self.state[i] = {"step": state[i]["step"]} if "step" in first else {}
+            layout.states = [{"step": state[i]["step"]} if "step" in first else {} for i in indices]
+            self.state.update(zip(indices, layout.states))
             for name in [n for n in self.buffer_names if n in first]:
                 self._allocate_buffer(g, name, FIRST_GRADIENT)
-                for i in indices:
-                    np.copyto(self.state[i][name], state[i][name])
+                for i, own in zip(indices, layout.states):
+                    np.copyto(own[name], state[i][name])
 
     # ----------------------------------------------------------- checkpoints
     def save(self, path, *, params=True):

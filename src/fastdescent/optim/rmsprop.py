@@ -29,10 +29,18 @@ class RMSprop(Optimizer):
             wanted["grad_avg"] = 0.0
         return wanted
 
-    def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
+    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
         rmsprop_step(
             params, grads, buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"),
             lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
             grad_scale=grad_scale, n_threads=n_threads, backend=backend,
+        )
+
+    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
+        kernels.rmsprop(
+            params, grads, buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"),
+            lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+            grad_scale=-grad_scale if group["maximize"] else grad_scale, n_threads=n_threads,
         )

@@ -32,7 +32,7 @@ class SGD(Optimizer):
             return {}
         return {"momentum_buffer": FIRST_GRADIENT if group["convention"] == "pytorch" else 0.0}
 
-    def _update(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
+    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
         sgd_step(
             params, grads, buffers.get("momentum_buffer"),
             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
@@ -40,4 +40,14 @@ class SGD(Optimizer):
             convention=group["convention"],
             first_step="momentum_buffer" in fresh and group["convention"] == "pytorch",
             grad_scale=grad_scale, n_threads=n_threads, backend=backend,
+        )
+
+    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
+        pytorch = group["convention"] == "pytorch"
+        kernels.sgd(
+            params, grads, buffers.get("momentum_buffer"),
+            lr=float(group["lr"]), grad_scale=-grad_scale if group["maximize"] else grad_scale,
+            weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]), classical=not pytorch,
+            first_step=pytorch and "momentum_buffer" in fresh, n_threads=n_threads,
         )

@@ -33,7 +33,8 @@ def sum_squares(arrays, *, clip_value, scale, n_threads=None):
             # In place, NaN kept: v > limit -> limit, then v < -limit -> -limit.
             np.copyto(a, limit, where=a > limit)
             np.copyto(a, -limit, where=a < -limit)
-    squares = (_concatenated(arrays).astype(np.float64) * scale) ** 2
+    with np.errstate(over="ignore", under="ignore"):  # float64 overflow: the face rescales
+        squares = (_concatenated(arrays).astype(np.float64) * scale) ** 2
     rows = _rows_of_lanes(squares)
     lanes = np.zeros((rows.shape[0], LANES))
     for r in range(rows.shape[1]):
