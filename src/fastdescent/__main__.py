@@ -48,6 +48,10 @@ def main(argv=None):
     compare.add_argument("--repeat", type=int, default=21, help="timed steps per backend")
     compare.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print the build and run-time configuration")
+    from . import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="optimizers on loss surfaces and on a small MLP, with pictures",
+                                      description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     if args.command in (None, "compare"):
         if args.command is None:
@@ -57,6 +61,8 @@ def main(argv=None):
         from . import show_config
 
         show_config()
+    elif args.command == "demo":
+        return demo.run(args)
     return 0
 
 
