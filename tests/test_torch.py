@@ -81,12 +81,14 @@ def test_channels_last_parameters_are_updated_in_place(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_complex_and_mixed_dtype_parameters(rule):
-    """One group holding float32, float64 and complex64 parameters (one kernel
-    call per dtype; complex numbers as real pairs, as torch.optim treats them)."""
+    """One group holding float32, float64, complex64 and complex128 parameters,
+    scalars and an empty one (one kernel call per dtype; complex numbers as real
+    pairs, as torch.optim treats them)."""
     _, kwargs = FULL[rule]
     generator = torch.Generator().manual_seed(3)
     shapes_dtypes = [((5, 3), torch.float32), ((7,), torch.float64), ((4, 2), torch.complex64),
-                     ((3,), torch.float32), ((6,), torch.complex128)]
+                     ((3,), torch.float32), ((6,), torch.complex128), ((), torch.float64),
+                     ((0, 4), torch.float32), ((), torch.complex64)]
 
     def make():
         torch.manual_seed(0)
@@ -149,16 +151,59 @@ def test_state_dict_round_trip(rule, direction):
     assert_same_training_state(*fast, *ref)
 
 
-def test_step_is_stored_as_torch_stores_it():
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("rule", ["Adagrad", "RMSprop", "Adam"])
+def test_step_is_stored_as_torch_stores_it(rule, fused, default_dtype):
+    """A scalar tensor per parameter, of torch's dtype (the default dtype; float32 if fused)."""
+    if fused and rule == "RMSprop":
+        pytest.skip("torch.optim.RMSprop has no fused argument")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        kwargs = {} if fused is None else {"fused": fused}
+        models = pair(rule, kwargs)
+        train_both(*models, batches((10,), steps=3))
+    finally:
+        torch.set_default_dtype(previous)
+    for p, q in zip(models[0].parameters(), models[2].parameters()):
+        step, expected = models[1].state[p]["step"], models[3].state[q]["step"]
+        assert isinstance(step, torch.Tensor) and step.shape == () and step.dtype == expected.dtype
+        assert step.item() == expected.item() == 3.0
+    saved = roundtrip(models[1].state_dict())
+    assert all(s["step"].item() == 3.0 for s in saved["state"].values())
+
+
+def test_deep_copy_steps_its_own_tensors():
+    """copy.deepcopy of (model, optimizer) trains on independently, identically."""
     model = mlp()
-    opt = fdt.Adam(model.parameters())
-    train(model, opt, batches((10,), steps=3))
-    for p in model.parameters():
-        step = opt.state[p]["step"]
-        assert isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.shape == ()
-        assert step.item() == 3.0
-    buffer = roundtrip(opt.state_dict())
-    assert all(s["step"].item() == 3.0 for s in buffer["state"].values())
+    opt = fdt.Adam(model.parameters(), lr=0.01)
+    data = batches((10,), steps=10)
+    train(model, opt, data[:3])
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    train(model, opt, data[3:])
+    frozen = [p.detach().clone() for p in model.parameters()]
+    train(model_copy, opt_copy, data[3:])
+    for p, q, f in zip(model.parameters(), model_copy.parameters(), frozen):
+        assert torch.equal(p, q) and torch.equal(p, f)
+
+
+def test_grad_scaler_unscales_for_us():
+    """torch.amp.GradScaler with a fused-flagged optimizer: the scaler unscales the
+    gradients and skips steps with infinities itself, as for torch's for-loop path."""
+    models = pair("Adam", dict(lr=0.01, fused=True))
+    models = models[:3] + (torch.optim.Adam(models[2].parameters(), lr=0.01, foreach=False),)
+    data = batches((10,), steps=8)
+    for model, opt in (models[:2], models[2:]):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step, (x, y) in enumerate(data):
+            opt.zero_grad()
+            loss = loss_fn(model, x, y) * (float("inf") if step == 4 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert_same_training_state(*models)
+    assert all(s["step"].item() == 7 for s in models[1].state.values())
 
 
 # -- learning-rate schedulers -------------------------------------------------
@@ -366,3 +411,12 @@ def test_foreach_and_fused_flags_are_accepted_and_kept(rule, flags):
     assert opt.param_groups[0][name] is value
     assert not torch.equal(params[0].detach(), before)
     assert not getattr(opt, "_step_supports_amp_scaling", False)  # GradScaler unscales for us
+
+
+def test_benchmark_runs_every_contender():
+    """Only that it runs and reports (speed itself lives in the benchmarks)."""
+    rows = fdt.benchmark_against_torch(totals=(1000,), n_tensors=10, steps=2, n_threads=1)
+    assert [r["contender"] for r in rows] == ["torch for-loop", "torch foreach", "torch fused", "fastdescent"]
+    assert all(r["seconds"] > 0 and r["total"] == 1000 and r["n_threads"] == 1 for r in rows)
+    assert rows[-1]["speedup"] == 1.0
+    assert "fastdescent" in fdt.benchmark.format_rows(rows)

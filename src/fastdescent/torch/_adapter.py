@@ -17,13 +17,19 @@ step increments them all with one NumPy operation instead of one torch call each
 """
 
 import functools
-from operator import is_
+from itertools import repeat
+from operator import attrgetter, is_, is_not, itemgetter
 
 import numpy as np
 import torch
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 _REAL_OF = {np.dtype(np.complex64): np.float32, np.dtype(np.complex128): np.float64}
+# Unbound, to loop over many tensors in C with map().
+_GRAD = attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMPY = torch.Tensor.numpy
 
 
 def _where(group_index, index, group, param):
@@ -90,7 +96,8 @@ class _Entry:
 class _Bucket:
     """The parameters of one group and one dtype: one kernel call per step."""
 
-    __slots__ = ("entries", "params", "param_views", "state_views", "steps", "n_fresh")
+    __slots__ = ("entries", "params", "param_views", "state_views", "steps", "n_fresh",
+                 "ptrs", "states", "checks", "all_plain")
 
 
 class _Plan:
@@ -185,11 +192,15 @@ class KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every group is checked and viewed before any is updated.
-        work = [self._prepare(group_index, group) for group_index, group in enumerate(self.param_groups)]
-        for group, calls in work:
-            for bucket, taken, grads in calls:
-                self._run(group, bucket, taken, grads)
+        try:
+            # Every group is checked and viewed before any is updated.
+            work = [self._prepare(group_index, group) for group_index, group in enumerate(self.param_groups)]
+            for group, calls in work:
+                for bucket, taken, grads in calls:
+                    self._run(group, bucket, taken, grads)
+        except BaseException:
+            self._forget_fresh_state()
+            raise
         return loss
 
     def _plans(self):
@@ -217,29 +228,51 @@ class KernelOptimizer:
             return group, self._gather(group_index, group, plan)
 
     def _gather(self, group_index, group, plan):
+        """[(bucket, taken, grad views)] for the buckets with gradients; ``taken``
+        lists the positions that have one (None: all of them)."""
         for p in plan.pending:
             if p.grad is not None:
                 raise _Stale  # its first gradient: create its state
         calls = []
         for bucket in plan.buckets:
-            grads, taken = [], []
-            for k, e in enumerate(bucket.entries):
-                p = e.param
-                g = p.grad
-                if g is None:
-                    continue
-                if p.data_ptr() != e.ptr or not all(map(is_, map(e.state.get, e.keys), e.tensors)):
-                    raise _Stale
-                try:
-                    if not (e.plain and g.is_contiguous()):
-                        raise TypeError
-                    grads.append(g.numpy())  # fails for sparse, requires_grad, other devices...
-                except (TypeError, RuntimeError):
-                    grads.append(self._grad_view(group_index, group, e, g))
-                taken.append(k)
+            grads = list(map(_GRAD, bucket.params))
+            if all(map(is_not, grads, repeat(None))):
+                self._check_fresh(bucket)
+                views = self._plain_grad_views(bucket, grads)
+                if views is None:
+                    views = [self._grad_view(group_index, group, e, g) for e, g in zip(bucket.entries, grads)]
+                calls.append((bucket, None, views))
+                continue
+            taken = [k for k, g in enumerate(grads) if g is not None]
             if taken:
-                calls.append((bucket, None if len(taken) == len(bucket.entries) else taken, grads))
+                entries = [bucket.entries[k] for k in taken]
+                for e in entries:
+                    if e.param.data_ptr() != e.ptr or not all(map(is_, map(e.state.get, e.keys), e.tensors)):
+                        raise _Stale
+                views = [self._grad_view(group_index, group, e, grads[k]) for e, k in zip(entries, taken)]
+                calls.append((bucket, taken, views))
         return calls
+
+    @staticmethod
+    def _check_fresh(bucket):
+        """Raise _Stale unless every cached view still shows its tensor (in C loops:
+        this runs for every parameter at every step)."""
+        if list(map(_DATA_PTR, bucket.params)) != bucket.ptrs:
+            raise _Stale
+        for get, tensors in bucket.checks:
+            if not all(map(is_, map(get, bucket.states), tensors)):
+                raise _Stale
+
+    @staticmethod
+    def _plain_grad_views(bucket, grads):
+        """``.numpy()`` of every gradient if all are plain and as their parameters
+        (the common case), else None."""
+        if not (bucket.all_plain and all(map(_IS_CONTIGUOUS, grads))):
+            return None
+        try:
+            return list(map(_NUMPY, grads))  # fails for sparse, requires_grad, other devices...
+        except (TypeError, RuntimeError):
+            return None
 
     def _grad_view(self, group_index, group, e, g):
         """The gradient of ``e`` as a view the kernel can take, or a clear error.
@@ -248,6 +281,11 @@ class KernelOptimizer:
         parameter's layout (it is only read); everything else is a view.
         """
         p = e.param
+        if e.plain and g.is_contiguous():
+            try:
+                return g.numpy()
+            except (TypeError, RuntimeError):
+                pass
         problem = None
         if g.layout != torch.strided:
             name = type(self).__name__
@@ -284,20 +322,16 @@ class KernelOptimizer:
             keys = [e.fresh for e in entries]
         else:
             keys = None
-        try:
-            if keys is None:
-                step = None if next_steps is None else float(next_steps[0])
-                self._update(group, params, grads, state, step, False)
-            else:
-                for key in sorted(set(keys)):
-                    pick = [i for i, k in enumerate(keys) if k == key]
-                    step = None if next_steps is None else float(next_steps[pick[0]])
-                    self._update(group, [params[i] for i in pick], [grads[i] for i in pick],
-                                 [[views[i] for i in pick] for views in state], step,
-                                 entries[pick[0]].fresh)
-        except BaseException:
-            self._forget_fresh_state(bucket)
-            raise
+        if keys is None:
+            step = None if next_steps is None else float(next_steps[0])
+            self._update(group, params, grads, state, step, False)
+        else:
+            for key in sorted(set(keys)):
+                pick = [i for i, k in enumerate(keys) if k == key]
+                step = None if next_steps is None else float(next_steps[pick[0]])
+                self._update(group, [params[i] for i in pick], [grads[i] for i in pick],
+                             [[views[i] for i in pick] for views in state], step,
+                             entries[pick[0]].fresh)
         if bucket.n_fresh:
             for e in entries:
                 if e.fresh:
@@ -312,13 +346,15 @@ class KernelOptimizer:
         # in-place updates would, so a stale saved tensor is still detected.
         torch._C._increment_version(torch_params)
 
-    def _forget_fresh_state(self, bucket):
-        """After a failed update: drop buffers that were created for it and never
-        written, so that no later step mistakes them for real state."""
-        for e in bucket.entries:
-            if e.fresh:
-                for name in e.keys:
-                    e.state.pop(name, None)
+    def _forget_fresh_state(self):
+        """After a failed step: drop buffers that were created for it and never
+        written (SGD's momentum), so that no later step takes them for real state."""
+        for plan in self._plans():
+            for bucket in plan.buckets if plan is not None else ():
+                for e in bucket.entries:
+                    if e.fresh:
+                        for name in e.keys:
+                            e.state.pop(name, None)
         self.__dict__["_fd_plans"] = []
 
     # -- plans ----------------------------------------------------------------
@@ -402,6 +438,11 @@ class KernelOptimizer:
             b.steps = block.numpy()
         for e in entries:
             e.tensors = tuple(e.state[k] for k in e.keys)
+        b.ptrs = [e.ptr for e in entries]
+        b.states = [e.state for e in entries]
+        keys = entries[0].keys if entries else ()
+        b.checks = [(itemgetter(key), [e.state[key] for e in entries]) for key in keys]
+        b.all_plain = all(e.plain for e in entries)
         return b
 
 
