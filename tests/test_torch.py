@@ -413,6 +413,16 @@ def test_foreach_and_fused_flags_are_accepted_and_kept(rule, flags):
     assert not getattr(opt, "_step_supports_amp_scaling", False)  # GradScaler unscales for us
 
 
+def test_step_hooks_run():
+    model = mlp()
+    opt = fdt.SGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    train(model, opt, batches((10,), steps=2))
+    assert calls == ["pre", "post"] * 2
+
+
 def test_benchmark_runs_every_contender():
     """Only that it runs and reports (speed itself lives in the benchmarks)."""
     rows = fdt.benchmark_against_torch(totals=(1000,), n_tensors=10, steps=2, n_threads=1)

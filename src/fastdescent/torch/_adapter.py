@@ -22,6 +22,7 @@ from operator import attrgetter, is_, is_not, itemgetter
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 _REAL_OF = {np.dtype(np.complex64): np.float32, np.dtype(np.complex128): np.float64}
@@ -136,6 +137,11 @@ class KernelOptimizer:
             self._check_group(group_index, group)
             for index, p in enumerate(group["params"]):
                 self._check_param(group_index, index, group, p)
+
+    def __setstate__(self, state):
+        # load_state_dict and unpickling come here: the cached views show old tensors.
+        super().__setstate__(state)
+        self.__dict__["_fd_plans"] = []
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -344,7 +350,7 @@ class KernelOptimizer:
                 bucket.steps[taken] = next_steps
         # NumPy writes bypass autograd's version counters: bump them as torch's
         # in-place updates would, so a stale saved tensor is still detected.
-        torch._C._increment_version(torch_params)
+        increment_version(torch_params)
 
     def _forget_fresh_state(self):
         """After a failed step: drop buffers that were created for it and never
