@@ -413,6 +413,16 @@ def test_foreach_and_fused_flags_are_accepted_and_kept(rule, flags):
     assert not getattr(opt, "_step_supports_amp_scaling", False)  # GradScaler unscales for us
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_tensor_learning_rate(rule):
+    """torch.optim accepts a one-element tensor as ``lr``."""
+    _, kwargs = FULL[rule]
+    kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"]))
+    models = pair(rule, kwargs)
+    train_both(*models, batches((10,), steps=10), kwargs.get("maximize", False))
+    assert_same_training_state(*models)
+
+
 def test_step_hooks_run():
     model = mlp()
     opt = fdt.SGD(model.parameters(), lr=0.1)
@@ -430,3 +440,9 @@ def test_benchmark_runs_every_contender():
     assert all(r["seconds"] > 0 and r["total"] == 1000 and r["n_threads"] == 1 for r in rows)
     assert rows[-1]["speedup"] == 1.0
     assert "fastdescent" in fdt.benchmark.format_rows(rows)
+
+
+def test_benchmark_command_prints_the_table(capsys):
+    assert fdt.benchmark.main(["--totals", "500", "--tensors", "5", "--steps", "1", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "torch fused" in out and "fastdescent" in out and "500" in out

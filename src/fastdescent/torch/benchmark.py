@@ -115,3 +115,23 @@ def format_rows(rows):
         lines.append(f"{r['total']:>10,} {r['n_tensors']:>7} {threads:>7} {r['contender']:<16} "
                      f"{r['seconds'] * 1e3:>9.3f} {ratio:>19}")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """Command-line entry (for ``python -m fastdescent bench`` to call): print the table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastdescent torch benchmark", description=__doc__)
+    parser.add_argument("--totals", type=int, nargs="+", default=[10**5, 10**7],
+                        help="total elements of the model (default 10**5 10**7)")
+    parser.add_argument("--tensors", type=int, default=100, help="parameter tensors (default 100)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both libraries (default: each its own default)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default: by size)")
+    args = parser.parse_args(argv)
+    rows = benchmark_against_torch(tuple(args.totals), args.tensors, getattr(torch, args.dtype),
+                                   steps=args.steps, n_threads=args.threads)
+    print(format_rows(rows))
+    print("(median wall time per step; on a shared machine compare the ratios of one run only)")
+    return 0
