@@ -292,7 +292,7 @@ def test_closure_runs_with_grad_enabled_and_returns_the_loss():
     assert_same_training_state(*models)
 
 
-def test_step_under_no_grad_and_inference_of_the_result():
+def test_step_under_no_grad():
     model = mlp()
     opt = fdt.SGD(model.parameters(), lr=0.1)
     x, y = batches((10,), steps=1)[0]
