@@ -2,7 +2,7 @@
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ._adaptive import step_number
+from ._adaptive import step_number, validated_lists
 
 
 def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
@@ -63,8 +63,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
     grad_scale = _checks.finite("grad_scale", grad_scale)
     if state_sums is None:
         raise ValueError("adagrad_step needs state_sums")
-    indexed, params, grads, state_sums = _checks.tensor_lists(params, grads, state_sums)
-    _checks.check_buffers(("param", "grad", "state_sum"), (params, grads, state_sums), (True, False, True), indexed)
+    params, grads, state_sums = validated_lists(("state_sum",), params, grads, state_sums)
     resolve_backend(backend).adagrad(
         params, grads, state_sums,
         clr=lr / (1.0 + (step - 1) * lr_decay),

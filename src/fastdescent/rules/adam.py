@@ -4,7 +4,7 @@ import math
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ._adaptive import betas_pair, required_iff, step_number
+from ._adaptive import betas_pair, required_iff, step_number, validated_lists
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
@@ -115,14 +115,8 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
     if exp_avgs is None or exp_avg_sqs is None:
         raise ValueError("Adam needs exp_avgs and exp_avg_sqs")
     required_iff("max_exp_avg_sqs", max_exp_avg_sqs, bool(amsgrad), "amsgrad=True")
-    indexed, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _checks.tensor_lists(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
-    _checks.check_buffers(
-        ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
-        (True, False, True, True, True),
-        indexed,
-    )
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = validated_lists(
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     if bias_correction:
         step_size = lr / (1.0 - beta1**step)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
