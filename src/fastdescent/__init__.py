@@ -3,6 +3,8 @@
 Each update rule exists twice: a Cython kernel (one pass over memory, GIL
 released, float32/float64) and a NumPy reference written from the equations. The
 functional faces (``sgd_step``...) validate their input and call either backend.
+``fastdescent.torch`` (needs PyTorch, imported only there) offers the rules as
+drop-in ``torch.optim`` optimizers.
 """
 
 from ._config import (

@@ -1,0 +1,19 @@
+"""PyTorch adapter: fastdescent kernels as drop-in ``torch.optim`` optimizers.
+
+``fastdescent.torch.Adam`` (and ``SGD``, ``Adagrad``, ``RMSprop``, ``AdamW``) take
+the arguments of their ``torch.optim`` namesakes and step CPU tensors in place
+with the fused kernels; see :mod:`fastdescent.torch.optimizers`. PyTorch is an
+optional dependency: ``import fastdescent`` never imports it, this module does.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "fastdescent.torch needs PyTorch, which is not installed: pip install torch"
+    ) from error
+
+from .benchmark import benchmark_against_torch
+from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "benchmark_against_torch"]

@@ -1,0 +1,118 @@
+"""Shared helpers of the PyTorch adapter tests: models, data, training, comparison."""
+
+import io
+
+import pytest
+import torch
+
+#: Rule and option combinations, each run with torch.optim and fastdescent.torch.
+CONFIGS = {
+    "sgd": ("SGD", dict(lr=0.05)),
+    "sgd-wd-maximize": ("SGD", dict(lr=0.05, weight_decay=0.01, maximize=True)),
+    "sgd-momentum-dampening": ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    "sgd-nesterov-maximize": ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)),
+    "adagrad": ("Adagrad", dict(lr=0.05)),
+    "adagrad-decay-wd-init": ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.01,
+                                                initial_accumulator_value=0.1, eps=1e-8)),
+    "adagrad-maximize": ("Adagrad", dict(lr=0.05, maximize=True)),
+    "rmsprop": ("RMSprop", dict(lr=0.005)),
+    "rmsprop-momentum-wd": ("RMSprop", dict(lr=0.005, alpha=0.9, momentum=0.5, weight_decay=0.01)),
+    "rmsprop-centered": ("RMSprop", dict(lr=0.005, centered=True, eps=1e-6)),
+    "rmsprop-centered-momentum-maximize": ("RMSprop", dict(lr=0.001, centered=True, momentum=0.9, maximize=True)),
+    "adam": ("Adam", dict(lr=0.01)),
+    "adam-wd-betas": ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.01, eps=1e-6)),
+    "adam-amsgrad-maximize": ("Adam", dict(lr=0.01, amsgrad=True, maximize=True)),
+    "adam-decoupled": ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "adamw": ("AdamW", dict(lr=0.01)),
+    "adamw-amsgrad-wd": ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+}
+
+STEPS = 50
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16),
+                               torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
+
+
+def convnet(dtype=torch.float32, seed=0, memory_format=torch.contiguous_format):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.Tanh(), torch.nn.Conv2d(6, 4, 3, padding=1),
+                              torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    return net.to(dtype=dtype, memory_format=memory_format)
+
+
+MODELS = {"mlp": (mlp, (10,)), "conv": (convnet, (2, 8, 8))}
+
+
+def batches(input_shape, steps=STEPS, batch=16, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *input_shape, generator=generator, dtype=dtype),
+             torch.randn(batch, 3, generator=generator, dtype=dtype)) for _ in range(steps)]
+
+
+def loss_fn(model, x, y, maximize=False):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    return -loss if maximize else loss  # maximizing -loss trains the same way
+
+
+def train(model, optimizer, data, maximize=False, scheduler=None):
+    for x, y in data:
+        optimizer.zero_grad()
+        loss_fn(model, x, y, maximize).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def tolerance(dtype):
+    """The bound the tests assert, relative to a tensor's largest magnitude."""
+    return 2.0**-16 if dtype in (torch.float32, torch.complex64) else 2.0**-40
+
+
+def max_relative_error(actual, expected):
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if scale == 0.0:
+        return (actual - expected).abs().max().item() if actual.numel() else 0.0
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def assert_close(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    error = max_relative_error(actual, expected)
+    assert error <= tolerance(expected.dtype), f"{what}: relative error {error:.3g}"
+
+
+def assert_same_training_state(fast_model, fast_opt, torch_model, torch_opt):
+    """Parameters, and every state entry of every parameter, within the bound."""
+    for (name, a), b in zip(fast_model.named_parameters(), torch_model.parameters()):
+        assert_close(a.detach(), b.detach(), f"parameter {name}")
+    fast, ref = fast_opt.state_dict(), torch_opt.state_dict()
+    assert fast["state"].keys() == ref["state"].keys()
+    for index, ref_state in ref["state"].items():
+        assert list(fast["state"][index]) == list(ref_state), f"state keys of parameter {index}"
+        for key, value in ref_state.items():
+            got = fast["state"][index][key]
+            if key == "step":
+                assert got.dtype == value.dtype and got.shape == () and got.item() == value.item(), key
+            else:
+                assert_close(got, value, f"state[{index}][{key!r}]")
+
+
+def roundtrip(state_dict):
+    """Through torch.save and torch.load, as a checkpoint goes."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Serial torch ops: the models are tiny, and on a shared machine torch's
+    thread pool makes them hundreds of times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
