@@ -1,8 +1,6 @@
 """``torch.optim.Adam`` and ``torch.optim.AdamW`` on the fused Adam kernels."""
 
-import math
-
-from ..rules import adam_step, adamw_step
+from ..rules.adam import adam_arguments
 from .base import Optimizer
 
 
@@ -17,6 +15,7 @@ class Adam(Optimizer):
     """
 
     buffer_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    kernel = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  maximize=False, decoupled_weight_decay=False, bias_correction=True, **options):
@@ -31,28 +30,11 @@ class Adam(Optimizer):
             wanted["max_exp_avg_sq"] = 0.0
         return wanted
 
-    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        face = adamw_step if group["decoupled_weight_decay"] else adam_step
-        face(
-            params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"), step=step,
-            lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], bias_correction=group["bias_correction"],
-            grad_scale=grad_scale, n_threads=n_threads, backend=backend,
-        )
-
-    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
-        lr = float(group["lr"])
-        beta1, beta2 = (float(beta) for beta in group["betas"])
-        if group["bias_correction"]:  # as adam_step
-            step_size, bias_correction2_sqrt = lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
-        else:
-            step_size, bias_correction2_sqrt = lr, 1.0
-        kernels.adam(
-            params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"),
-            lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2,
-            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-            decoupled=bool(group["decoupled_weight_decay"]),
-            grad_scale=-grad_scale if group["maximize"] else grad_scale, n_threads=n_threads,
+    def _arguments(self, group, *, step, fresh, grad_scale):
+        return adam_arguments(
+            step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
+            bias_correction=group["bias_correction"], grad_scale=grad_scale,
         )
 
 

@@ -115,15 +115,15 @@ class Optimizer:
 
     Subclasses define ``buffer_names`` (every state buffer the rule may keep, in
     PyTorch's names), ``counts_steps`` (whether ``state["step"]`` exists),
-    ``_buffers(group)``, ``_face(...)`` and ``_launch(...)``; see
-    :class:`fastdescent.optim.SGD`.
+    ``kernel`` (the name of the rule's kernel), ``_buffers(group)`` and
+    ``_arguments(...)``; see :class:`fastdescent.optim.SGD`.
 
-    A step validates every group's hyperparameters by running the rule's face on
-    no arrays (exactly the face's checks, for a few microseconds), and each
-    gradient against its parameter (``check_buffers``, in C); the state buffers
-    are the optimizer's own, checked when created or loaded. It then calls the
-    kernel directly, once per bucket, so the per-array cost of a step is one
-    gradient check and one pointer gather.
+    A step validates every group's hyperparameters with the same function the
+    rule's face uses (``rules.<rule>.<rule>_arguments``, which also computes the
+    step's scalars), and each gradient against its parameter (``check_buffers``,
+    in C); the state buffers are the optimizer's own, checked when created or
+    loaded. It then calls the kernel directly, once per bucket, so the per-array
+    cost of a step is one gradient check and one pointer gather.
 
     Parameters
     ----------
@@ -181,7 +181,8 @@ class Optimizer:
         or the guard on), else None.
     """
 
-    buffer_names = ()
+    kernel = None        # the rule's kernel (and reference twin) function name
+    buffer_names = ()    # every state buffer the rule may keep, in the kernel's argument order
     counts_steps = True
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
@@ -332,28 +333,21 @@ class Optimizer:
         (a float, or FIRST_GRADIENT)."""
         raise NotImplementedError
 
-    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        """Call the rule's functional face (which validates everything). ``buffers``:
-        name -> list of arrays; ``fresh``: names of buffers created for this step;
-        ``step``: the 1-based index of the step."""
-        raise NotImplementedError
-
-    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
-        """Call the rule's kernel (module ``kernels``: a kernel build or the reference)
-        on validated arrays and hyperparameters, with the scalars its face would pass."""
+    def _arguments(self, group, *, step, fresh, grad_scale):
+        """Validate ``group``'s hyperparameters and return the kernel's keyword
+        arguments for this step (``step``: its 1-based index; ``fresh``: names of
+        the buffers created for it), through the rule's ``*_arguments`` function."""
         raise NotImplementedError
 
     def _check_extra(self, group):
         """Validate hyperparameters the face does not see (e.g. initial values)."""
 
     def _check_group(self, group, step, where):
-        """Raise if a hyperparameter of ``group`` is invalid: the rule's face run on
-        no arrays validates exactly what the real call will."""
+        """Raise if a hyperparameter of ``group`` is invalid, with the checks of the
+        rule's face."""
         try:
             self._check_extra(group)
-            buffers = {name: [] for name in self._buffers(group)}
-            self._face(group, [], [], buffers, step=step, fresh=frozenset(buffers),
-                       grad_scale=1.0, n_threads=1, backend=self._backend)
+            self._arguments(group, step=step, fresh=frozenset(self._buffers(group)), grad_scale=1.0)
         except KeyError as error:
             raise ValueError(f"{where} lacks the hyperparameter {error}") from None
         except (TypeError, ValueError) as error:
@@ -521,8 +515,9 @@ class Optimizer:
             buffers = {name: [item.bucket.arenas[name]] for name in names}
         else:
             buffers = {name: item.bucket.buffers[name] for name in names}
-        self._launch(kernels, group, item.params, item.grads, buffers, step=step, fresh=fresh,
-                     grad_scale=grad_scale, n_threads=n_threads)
+        arguments = self._arguments(group, step=step, fresh=fresh, grad_scale=grad_scale)
+        getattr(kernels, self.kernel)(item.params, item.grads, *(buffers.get(name) for name in self.buffer_names),
+                                      **arguments, n_threads=n_threads)
 
     # ----------------------------------------------------------------- state
     def register_state(self, name, obj):

@@ -1,6 +1,6 @@
 """``torch.optim.RMSprop`` on the fused RMSprop kernel."""
 
-from ..rules import rmsprop_step
+from ..rules.rmsprop import rmsprop_arguments
 from .base import Optimizer
 
 
@@ -14,6 +14,7 @@ class RMSprop(Optimizer):
     """
 
     buffer_names = ("square_avg", "momentum_buffer", "grad_avg")
+    kernel = "rmsprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
                  maximize=False, **options):
@@ -29,18 +30,7 @@ class RMSprop(Optimizer):
             wanted["grad_avg"] = 0.0
         return wanted
 
-    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        rmsprop_step(
-            params, grads, buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"),
-            lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-            grad_scale=grad_scale, n_threads=n_threads, backend=backend,
-        )
-
-    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
-        kernels.rmsprop(
-            params, grads, buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"),
-            lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
-            grad_scale=-grad_scale if group["maximize"] else grad_scale, n_threads=n_threads,
-        )
+    def _arguments(self, group, *, step, fresh, grad_scale):
+        return rmsprop_arguments(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                                 weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                 maximize=group["maximize"], grad_scale=grad_scale)

@@ -1,6 +1,6 @@
 """``torch.optim.SGD`` on the fused SGD kernel."""
 
-from ..rules import sgd_step
+from ..rules.sgd import sgd_arguments
 from .base import FIRST_GRADIENT, Optimizer
 
 
@@ -19,6 +19,7 @@ class SGD(Optimizer):
     """
 
     buffer_names = ("momentum_buffer",)
+    kernel = "sgd"
     counts_steps = False
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
@@ -32,22 +33,11 @@ class SGD(Optimizer):
             return {}
         return {"momentum_buffer": FIRST_GRADIENT if group["convention"] == "pytorch" else 0.0}
 
-    def _face(self, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads, backend):
-        sgd_step(
-            params, grads, buffers.get("momentum_buffer"),
+    def _arguments(self, group, *, step, fresh, grad_scale):
+        return sgd_arguments(
             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
             convention=group["convention"],
             first_step="momentum_buffer" in fresh and group["convention"] == "pytorch",
-            grad_scale=grad_scale, n_threads=n_threads, backend=backend,
-        )
-
-    def _launch(self, kernels, group, params, grads, buffers, *, step, fresh, grad_scale, n_threads):
-        pytorch = group["convention"] == "pytorch"
-        kernels.sgd(
-            params, grads, buffers.get("momentum_buffer"),
-            lr=float(group["lr"]), grad_scale=-grad_scale if group["maximize"] else grad_scale,
-            weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
-            dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]), classical=not pytorch,
-            first_step=pytorch and "momentum_buffer" in fresh, n_threads=n_threads,
+            grad_scale=grad_scale,
         )

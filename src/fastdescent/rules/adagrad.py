@@ -55,19 +55,28 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
     backend : {"kernel", "reference"} or None
         None uses :func:`fastdescent.get_backend`.
     """
-    step = step_number(step)
-    lr = _checks.nonnegative("lr", lr)
-    lr_decay = _checks.nonnegative("lr_decay", lr_decay)
-    weight_decay = _checks.nonnegative("weight_decay", weight_decay)
-    eps = _checks.nonnegative("eps", eps)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
+    arguments = adagrad_arguments(step=step, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                  eps=eps, maximize=maximize, grad_scale=grad_scale)
     if state_sums is None:
         raise ValueError("adagrad_step needs state_sums")
     params, grads, state_sums = validated_lists(("state_sum",), params, grads, state_sums)
-    resolve_backend(backend).adagrad(
-        params, grads, state_sums,
+    resolve_backend(backend).adagrad(params, grads, state_sums, **arguments,
+                                     n_threads=effective_n_threads(n_threads))
+
+
+def adagrad_arguments(*, step, lr, lr_decay, weight_decay, eps, maximize, grad_scale):
+    """Validate the hyperparameters; return the scalars the ``adagrad`` kernel takes.
+
+    Shared by :func:`adagrad_step` and the optimizer objects, so both hand the
+    kernel (or its reference twin) the same doubles.
+    """
+    step = step_number(step)
+    lr = _checks.nonnegative("lr", lr)
+    lr_decay = _checks.nonnegative("lr_decay", lr_decay)
+    grad_scale = _checks.finite("grad_scale", grad_scale)
+    return dict(
         clr=lr / (1.0 + (step - 1) * lr_decay),
         grad_scale=-grad_scale if maximize else grad_scale,
-        weight_decay=weight_decay, eps=eps,
-        n_threads=effective_n_threads(n_threads),
+        weight_decay=_checks.nonnegative("weight_decay", weight_decay),
+        eps=_checks.nonnegative("eps", eps),
     )

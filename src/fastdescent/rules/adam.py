@@ -106,26 +106,36 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, st
 
 def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, betas, eps,
           weight_decay, decoupled, amsgrad, maximize, bias_correction, grad_scale, n_threads, backend):
-    step = step_number(step)
-    lr = _checks.nonnegative("lr", lr)
-    beta1, beta2 = betas_pair(betas)
-    eps = _checks.nonnegative("eps", eps)
-    weight_decay = _checks.nonnegative("weight_decay", weight_decay)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
+    arguments = adam_arguments(step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                               decoupled=decoupled, maximize=maximize, bias_correction=bias_correction,
+                               grad_scale=grad_scale)
     if exp_avgs is None or exp_avg_sqs is None:
         raise ValueError("Adam needs exp_avgs and exp_avg_sqs")
     required_iff("max_exp_avg_sqs", max_exp_avg_sqs, bool(amsgrad), "amsgrad=True")
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = validated_lists(
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    resolve_backend(backend).adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **arguments,
+                                  n_threads=effective_n_threads(n_threads))
+
+
+def adam_arguments(*, step, lr, betas, eps, weight_decay, decoupled, maximize, bias_correction, grad_scale):
+    """Validate the hyperparameters; return the scalars the ``adam`` kernel takes:
+    the bias corrections of step ``step`` in double precision, the sign of the
+    gradient scale (``amsgrad`` is told by the presence of ``max_exp_avg_sqs``).
+
+    Shared by :func:`adam_step`, :func:`adamw_step` and the optimizer objects.
+    """
+    step = step_number(step)
+    lr = _checks.nonnegative("lr", lr)
+    beta1, beta2 = betas_pair(betas)
+    grad_scale = _checks.finite("grad_scale", grad_scale)
     if bias_correction:
         step_size = lr / (1.0 - beta1**step)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     else:
         step_size, bias_correction2_sqrt = lr, 1.0
-    resolve_backend(backend).adam(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-        lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-        grad_scale=-grad_scale if maximize else grad_scale,
-        n_threads=effective_n_threads(n_threads),
+    return dict(
+        lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2,
+        eps=_checks.nonnegative("eps", eps), weight_decay=_checks.nonnegative("weight_decay", weight_decay),
+        decoupled=bool(decoupled), grad_scale=-grad_scale if maximize else grad_scale,
     )

@@ -62,21 +62,30 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
     backend : {"kernel", "reference"} or None
         None uses :func:`fastdescent.get_backend`.
     """
-    lr = _checks.nonnegative("lr", lr)
-    alpha = _checks.unit_interval("alpha", alpha)
-    eps = _checks.nonnegative("eps", eps)
-    weight_decay = _checks.nonnegative("weight_decay", weight_decay)
-    momentum = _checks.unit_interval("momentum", momentum)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
+    arguments = rmsprop_arguments(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                  momentum=momentum, maximize=maximize, grad_scale=grad_scale)
     if square_avgs is None:
         raise ValueError("rmsprop_step needs square_avgs")
-    required_iff("momentum_buffers", momentum_buffers, momentum > 0.0, "momentum > 0")
+    required_iff("momentum_buffers", momentum_buffers, arguments["momentum"] > 0.0, "momentum > 0")
     required_iff("grad_avgs", grad_avgs, bool(centered), "centered=True")
     params, grads, square_avgs, momentum_buffers, grad_avgs = validated_lists(
         ("square_avg", "momentum_buffer", "grad_avg"), params, grads, square_avgs, momentum_buffers, grad_avgs)
-    resolve_backend(backend).rmsprop(
-        params, grads, square_avgs, momentum_buffers, grad_avgs,
-        lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+    resolve_backend(backend).rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, **arguments,
+                                     n_threads=effective_n_threads(n_threads))
+
+
+def rmsprop_arguments(*, lr, alpha, eps, weight_decay, momentum, maximize, grad_scale):
+    """Validate the hyperparameters; return the scalars the ``rmsprop`` kernel takes
+    (``centered`` is told by the presence of the ``grad_avgs`` buffers).
+
+    Shared by :func:`rmsprop_step` and the optimizer objects.
+    """
+    grad_scale = _checks.finite("grad_scale", grad_scale)
+    return dict(
+        lr=_checks.nonnegative("lr", lr),
+        alpha=_checks.unit_interval("alpha", alpha),
+        eps=_checks.nonnegative("eps", eps),
+        weight_decay=_checks.nonnegative("weight_decay", weight_decay),
+        momentum=_checks.unit_interval("momentum", momentum),
         grad_scale=-grad_scale if maximize else grad_scale,
-        n_threads=effective_n_threads(n_threads),
     )

@@ -69,22 +69,12 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
     backend : {"kernel", "reference"} or None
         None uses :func:`fastdescent.get_backend`.
     """
-    lr = _checks.nonnegative("lr", lr)
-    momentum = _checks.unit_interval("momentum", momentum)
-    dampening = _checks.closed_unit_interval("dampening", dampening)
-    weight_decay = _checks.nonnegative("weight_decay", weight_decay)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
-    convention = _checks.choice("convention", convention, CONVENTIONS)
-    classical = convention == "classical"
-    if nesterov and momentum == 0.0:
-        raise ValueError("nesterov=True requires momentum > 0")
-    if nesterov and dampening != 0.0:
-        raise ValueError("nesterov=True requires dampening=0 (as in PyTorch)")
-    if classical and (dampening != 0.0 or first_step):
-        raise ValueError("dampening and first_step belong to the 'pytorch' convention")
-    if momentum > 0.0 and momentum_buffers is None:
+    arguments = sgd_arguments(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                              nesterov=nesterov, maximize=maximize, convention=convention,
+                              first_step=first_step, grad_scale=grad_scale)
+    if arguments["momentum"] > 0.0 and momentum_buffers is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
-    if momentum == 0.0 and momentum_buffers is not None:
+    if arguments["momentum"] == 0.0 and momentum_buffers is not None:
         raise ValueError("momentum_buffers were given but momentum is 0")
     indexed, params, grads, momentum_buffers = _checks.tensor_lists(params, grads, momentum_buffers)
     _checks.check_buffers(
@@ -93,10 +83,29 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
         (True, False, True),
         indexed,
     )
-    resolve_backend(backend).sgd(
-        params, grads, momentum_buffers,
+    resolve_backend(backend).sgd(params, grads, momentum_buffers, **arguments,
+                                 n_threads=effective_n_threads(n_threads))
+
+
+def sgd_arguments(*, lr, momentum, dampening, weight_decay, nesterov, maximize, convention, first_step,
+                  grad_scale):
+    """Validate the hyperparameters; return the scalars and flags the ``sgd`` kernel takes.
+
+    Shared by :func:`sgd_step` and the optimizer objects.
+    """
+    lr = _checks.nonnegative("lr", lr)
+    momentum = _checks.unit_interval("momentum", momentum)
+    dampening = _checks.closed_unit_interval("dampening", dampening)
+    grad_scale = _checks.finite("grad_scale", grad_scale)
+    classical = _checks.choice("convention", convention, CONVENTIONS) == "classical"
+    if nesterov and momentum == 0.0:
+        raise ValueError("nesterov=True requires momentum > 0")
+    if nesterov and dampening != 0.0:
+        raise ValueError("nesterov=True requires dampening=0 (as in PyTorch)")
+    if classical and (dampening != 0.0 or first_step):
+        raise ValueError("dampening and first_step belong to the 'pytorch' convention")
+    return dict(
         lr=lr, grad_scale=-grad_scale if maximize else grad_scale,
-        weight_decay=weight_decay, momentum=momentum, dampening=dampening,
-        nesterov=bool(nesterov), classical=classical, first_step=bool(first_step),
-        n_threads=effective_n_threads(n_threads),
+        weight_decay=_checks.nonnegative("weight_decay", weight_decay), momentum=momentum,
+        dampening=dampening, nesterov=bool(nesterov), classical=classical, first_step=bool(first_step),
     )
