@@ -5,3 +5,4 @@ from cython cimport floating
 
 include "_common.pxi"
 include "sgd.pxi"
+include "bandwidth.pxi"
