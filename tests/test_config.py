@@ -53,12 +53,3 @@ def test_show_config_reports_the_build(capsys):
     fd.show_config()
     out = capsys.readouterr().out
     assert "OpenMP" in out and _dispatch.variant in out and "-ffp-contract=off" in out
-
-
-def test_dispatch_picks_the_widest_supported_variant():
-    if os.environ.get("FASTDESCENT_CPU"):
-        pytest.skip("variant forced by FASTDESCENT_CPU")
-    assert _dispatch.variant == _dispatch.supported_variants()[-1]
-    assert _runtime.cpu_supports("baseline")
-    with pytest.raises(ValueError):
-        _runtime.cpu_supports("sse9")

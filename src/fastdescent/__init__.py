@@ -15,6 +15,13 @@ from ._config import (
 )
 from ._info import show_config
 from .rules import sgd_step
+from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
+from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
+from .rules import ema_update, swa_update, swap_arrays
+from . import schedules
+from .averaging import EMA, SWA
+from .plateau import EarlyStopping, ReduceLROnPlateau
+from .schedules import Scheduler
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,11 @@ __all__ = [
     "set_num_threads",
     "sgd_step",
     "show_config",
+    "adagrad_step",
+    "adam_step",
+    "adamw_step",
+    "rmsprop_step",
 ]
+__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]
+__all__ += ["EMA", "EarlyStopping", "ReduceLROnPlateau", "SWA", "Scheduler", "ema_update", "schedules",
+            "swa_update", "swap_arrays"]

@@ -48,7 +48,13 @@ def main(argv=None):
     compare.add_argument("--repeat", type=int, default=21, help="timed steps per backend")
     compare.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print the build and run-time configuration")
+    from . import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="optimizers on loss surfaces and on a small MLP, with pictures",
+                                      description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
     from . import bench
+
     bench.add_arguments(sub.add_parser("bench", help="throughput against the bandwidth ceiling, the reference and torch",
                                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
@@ -60,6 +66,8 @@ def main(argv=None):
         from . import show_config
 
         show_config()
+    elif args.command == "demo":
+        return demo.run(args)
     elif args.command == "bench":
         return bench.run(args)
     return 0

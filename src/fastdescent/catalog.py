@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .rules import sgd_step
+from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class Rule:
     description: str = ""
     #: State buffers that must start positive (second-moment accumulators).
     positive_state: tuple = field(default=())
+    #: State buffers that start at zero, as PyTorch's do (where random values are
+    #: invalid: a centered RMSprop needs grad_avg**2 <= square_avg).
+    zero_state: tuple = field(default=())
 
     def bytes_per_element(self, dtype):
         return (self.reads + self.writes) * np.dtype(dtype).itemsize
@@ -38,6 +42,8 @@ class Rule:
             a = rng.standard_normal(n) * 0.1
             if name in self.positive_state:
                 a = np.abs(a) + 0.01
+            if name in self.zero_state:
+                a = np.zeros(n)
             out.append(a.astype(dtype))
         return out
 
@@ -49,6 +55,19 @@ def _sgd(**hyper):
     return step
 
 
+def _counted(face, **hyper):
+    """A step for a face that takes the 1-based step index as ``step``."""
+    def step(params, grads, *state, t, backend=None, n_threads=None):
+        face(params, grads, *state, step=t, **hyper, backend=backend, n_threads=n_threads)
+    return step
+
+
+def _uncounted(face, **hyper):
+    def step(params, grads, *state, t, backend=None, n_threads=None):
+        face(params, grads, *state, **hyper, backend=backend, n_threads=n_threads)
+    return step
+
+
 RULES = {
     r.name: r
     for r in [
@@ -57,5 +76,20 @@ RULES = {
              description="SGD, momentum 0.9 (PyTorch form)"),
         Rule("nesterov", ("momentum_buffer",), _sgd(lr=0.01, momentum=0.9, nesterov=True), reads=3, writes=2,
              description="SGD, Nesterov momentum 0.9"),
+        Rule("adagrad", ("sum",), _counted(adagrad_step, lr=0.01), reads=3, writes=2,
+             description="Adagrad", positive_state=("sum",)),
+        Rule("rmsprop", ("square_avg",), _uncounted(rmsprop_step, lr=0.01), reads=3, writes=2,
+             description="RMSprop, alpha 0.99", positive_state=("square_avg",)),
+        Rule("rmsprop_centered_momentum", ("square_avg", "momentum_buffer", "grad_avg"),
+             _uncounted(rmsprop_step, lr=0.01, momentum=0.9, centered=True), reads=5, writes=4,
+             description="RMSprop, centered, momentum 0.9", positive_state=("square_avg",),
+             zero_state=("grad_avg",)),
+        Rule("adam", ("exp_avg", "exp_avg_sq"), _counted(adam_step, lr=1e-3), reads=4, writes=3,
+             description="Adam", positive_state=("exp_avg_sq",)),
+        Rule("adamw", ("exp_avg", "exp_avg_sq"), _counted(adamw_step, lr=1e-3), reads=4, writes=3,
+             description="AdamW, weight decay 0.01", positive_state=("exp_avg_sq",)),
+        Rule("adam_amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+             _counted(adam_step, lr=1e-3, amsgrad=True), reads=5, writes=4,
+             description="Adam with AMSGrad", positive_state=("exp_avg_sq", "max_exp_avg_sq")),
     ]
 }

@@ -5,4 +5,10 @@ from cython cimport floating
 
 include "_common.pxi"
 include "sgd.pxi"
+include "_adaptive.pxi"
+include "adagrad.pxi"
+include "rmsprop.pxi"
+include "adam.pxi"
+include "norms.pxi"
+include "averaging.pxi"
 include "bandwidth.pxi"

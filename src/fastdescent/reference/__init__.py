@@ -7,6 +7,15 @@ equivalence tests and the "reference mode" users can switch to
 (``backend="reference"`` or ``FASTDESCENT_BACKEND=reference``).
 """
 
+from .averaging import ema, swa, swap
+from .norms import max_abs, sum_squares
 from .sgd import sgd
 
 __all__ = ["sgd"]
+from .adagrad import adagrad
+from .adam import adam
+from .rmsprop import rmsprop
+
+__all__ += ["adagrad", "adam", "rmsprop"]
+__all__ += ["max_abs", "sum_squares"]
+__all__ += ["ema", "swa", "swap"]

@@ -1,0 +1,107 @@
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from fastdescent import demo
+from fastdescent.__main__ import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--epochs", "2", "--max-steps", "40", "--hidden", "16", "--batch-size", "64"]
+
+
+def have(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def block(monkeypatch, *modules):
+    """Make ``import module`` fail, as if it were not installed."""
+    for name in list(sys.modules):
+        if any(name == m or name.startswith(m + ".") for m in modules):
+            monkeypatch.delitem(sys.modules, name)
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--output", "--optimizers", "--epochs", "--seed", "--threads", "--surfaces"):
+        assert option in out
+
+
+@pytest.mark.skipif(not (have("sklearn") and have("matplotlib")), reason="needs the demo extras")
+def test_tiny_demo_runs_end_to_end_and_writes_its_pictures(tmp_path, capsys):
+    out_dir = tmp_path / "pictures"
+    assert main(["demo", *TINY, "--output", str(out_dir), "--surfaces", "ravine", "saddle", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    # the race table: every available method on both surfaces
+    for method in demo.METHODS:
+        assert re.search(rf"^\s*(ravine|saddle)?\s+{method}\s", out, re.M), method
+    assert "escaped" in out and "yes" in out
+    deviation = re.search(r"trace the same path on the ravine: largest difference over \d+ steps = (\S+)", out)
+    assert float(deviation.group(1)) < 1e-12
+    # the training table: one row per optimizer, kernel and reference runs identical
+    names = "|".join(demo.CONTENDERS)
+    rows = [line for line in out.splitlines() if re.match(rf"^({names})\s+\d", line)]
+    assert len(rows) == len(demo.CONTENDERS)
+    for row in rows:
+        assert row.split()[-1] == "0", row
+        assert row.split()[-2].endswith("x")
+    # the pictures
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["surface_ravine.png", "surface_saddle.png", "training_loss.png"]
+    for p in out_dir.iterdir():
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
+        assert p.name in out
+
+
+@pytest.mark.skipif(not have("sklearn"), reason="needs scikit-learn")
+def test_without_matplotlib_it_prints_the_tables_and_says_how_to_get_pictures(tmp_path, capsys, monkeypatch):
+    block(monkeypatch, "matplotlib")
+    out_dir = tmp_path / "none"
+    assert main(["demo", *TINY, "--output", str(out_dir), "--surfaces", "beale", "--optimizers", "sgd", "newton"]) == 0
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and 'pip install "fastdescent[demo]"' in out
+    assert "beale" in out and "held-out acc" in out
+    assert not out_dir.exists()
+
+
+def test_without_scikit_learn_it_says_so_and_still_races(tmp_path, capsys, monkeypatch):
+    block(monkeypatch, "sklearn", "matplotlib")
+    assert main(["demo", *TINY, "--output", str(tmp_path), "--surfaces", "rosenbrock", "--optimizers", "momentum"]) == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn is not installed" in out and "skipping the training" in out
+    assert re.search(r"^rosenbrock\s+momentum\s+\(40\)", out, re.M)
+
+
+def test_training_is_reproducible_and_backends_agree(capsys):
+    """Same seed, same batches and initialization: the kernel and reference runs
+    end with bit-identical parameters, and a rerun repeats the numbers."""
+    pytest.importorskip("sklearn")
+    args = demo.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["--epochs", "2", "--hidden", "8", "--seed", "3"])
+    data = demo.load_digits_split(args.seed)
+    progress = demo.Progress()
+    momentum = demo.CONTENDERS["momentum"]
+    first = demo.train_once(momentum, "kernel", data, args, progress)
+    again = demo.train_once(momentum, "kernel", data, args, progress)
+    reference = demo.train_once(momentum, "reference", data, args, progress)
+    for p, q, r in zip(first["model"].params, again["model"].params, reference["model"].params):
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(p, r)
+    assert first["history"]["loss"][1] < first["history"]["loss"][0]
+    assert first["held_out_accuracy"] > 0.5
+
+
+def test_every_surface_has_race_settings_for_every_family():
+    families = {c.family for c in demo.CONTENDERS.values()}
+    for name, surface in demo.SURFACES.items():
+        assert set(demo.RACES[name].lr) == families, name
