@@ -73,6 +73,15 @@ def test_every_variant_and_threshold(tmp_path):
     assert _dispatch.kernels.get_min_elements_per_thread() == previous  # and restored after it
 
 
+def test_idle_times_each_call_alone(tmp_path, capsys):
+    result = run_bench(tmp_path, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel",
+                       "--threads", "1", "--idle", "0.001", "--repeats", "2")
+    assert "busy waiting" in capsys.readouterr().out
+    timed = [r for r in result["records"] if "seconds" in r]
+    assert {r["method"] for r in timed} == {"ceiling", "kernel"}
+    assert all(r["seconds"]["calls"] == 1 and r["seconds"]["samples"] == 2 for r in timed)
+
+
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("1e5", 10**5), ("10**8", 10**8), ("100_000", 10**5)])
 def test_size_arg(text, value):
     assert size_arg(text) == value

@@ -1,7 +1,7 @@
 """Many small arrays in one multi-tensor call against one array of the same total
-size (the issue's goal: 200 x 1,000 float32 within 1.5x of 1 x 200,000)."""
+size (the goal: 200 x 1,000 float32 within 1.5x of 1 x 200,000)."""
 
-from .common import BACKENDS, MANY_SMALL, THREADS, CaseBenchmark, Prepared, rule_names
+from .common import BACKENDS, MANY_SMALL, THREADS, CaseBenchmark, rule_case, rule_names
 
 COUNT, SIZE = MANY_SMALL
 
@@ -12,7 +12,7 @@ class ManySmallArrays(CaseBenchmark):
 
     def prepare(self, rule, layout, threads, backend):
         count, size = (int(part) for part in layout.split("x"))
-        return Prepared(rule, size, "float32", threads, backend, n_tensors=count)
+        return rule_case(rule, size, "float32", threads, backend, n_tensors=count)
 
     def time_step(self, *params):
         self.case.step()

@@ -2,14 +2,16 @@
 thread count and backend; its memory, its GB/s and its fraction of the in-run
 bandwidth ceiling; and the kernel built for each instruction set."""
 
-from .common import BACKENDS, PROFILE, THREADS, CaseBenchmark, Prepared, rule_names
+from .common import BACKENDS, PROFILE, THREADS, CaseBenchmark, rule_case, rule_names, with_bandwidth_tracks
 
 RULES = rule_names()
+GRID = [RULES, PROFILE["sizes"], PROFILE["dtypes"], THREADS, BACKENDS]
+GRID_NAMES = ["rule", "size", "dtype", "threads", "backend"]
 
 
 class UpdateRule(CaseBenchmark):
-    params = [RULES, PROFILE["sizes"], PROFILE["dtypes"], THREADS, BACKENDS]
-    param_names = ["rule", "size", "dtype", "threads", "backend"]
+    params = GRID
+    param_names = GRID_NAMES
 
     def time_step(self, *params):
         self.case.step()
@@ -21,29 +23,16 @@ class UpdateRuleMemory(CaseBenchmark):
     torch its own state."""
 
     params = [RULES, PROFILE["memory_sizes"], PROFILE["dtypes"], [1], BACKENDS]
-    param_names = ["rule", "size", "dtype", "threads", "backend"]
+    param_names = GRID_NAMES
 
     def peakmem_step(self, *params):
         self.case.step()
 
 
+@with_bandwidth_tracks
 class Bandwidth(CaseBenchmark):
-    """Achieved GB/s (bytes read plus written per element, over the median step
-    time) and its fraction of the ceiling measured in the same process: the
-    bandwidth kernel with the rule's access pattern on the same buffers and threads."""
-
-    params = [RULES, PROFILE["sizes"], PROFILE["dtypes"], THREADS, BACKENDS]
-    param_names = ["rule", "size", "dtype", "threads", "backend"]
-
-    def track_gb_per_s(self, *params):
-        return self.case.gb_per_s(self.case.seconds_per_step())
-
-    track_gb_per_s.unit = "GB/s"
-
-    def track_ceiling_fraction(self, *params):
-        return self.case.ceiling_seconds() / self.case.seconds_per_step()
-
-    track_ceiling_fraction.unit = "fraction"
+    params = GRID
+    param_names = GRID_NAMES
 
 
 class Ceiling(CaseBenchmark):
@@ -53,10 +42,10 @@ class Ceiling(CaseBenchmark):
     param_names = ["rule", "size", "dtype", "threads"]
 
     def prepare(self, rule, size, dtype, threads):
-        return Prepared(rule, size, dtype, threads, "ceiling")
+        return rule_case(rule, size, dtype, threads, "ceiling")
 
     def track_gb_per_s(self, *params):
-        return self.case.gb_per_s(self.case.seconds_per_step())
+        return self.case.gb_per_s()
 
     track_gb_per_s.unit = "GB/s"
 
@@ -69,7 +58,7 @@ class KernelVariant(CaseBenchmark):
     param_names = ["rule", "size", "dtype", "variant"]
 
     def prepare(self, rule, size, dtype, variant):
-        return Prepared(rule, size, dtype, 1, "kernel", variant=variant)
+        return rule_case(rule, size, dtype, 1, "kernel", variant=variant)
 
     def time_step(self, *params):
         self.case.step()

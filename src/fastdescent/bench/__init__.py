@@ -37,7 +37,6 @@ from .cases import (
     METHODS,
     Timing,
     Unavailable,
-    as_list,
     make_problem,
     stepper,
     time_step,
@@ -104,6 +103,9 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per measurement (default: 7)")
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="seconds each sample lasts at least (default: 0.05)")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                        help="busy-wait this long before every timed call, which is then timed alone "
+                             "(a training loop's forward/backward: the thread team has gone to sleep)")
     parser.add_argument("--min-elements-per-thread", type=int, metavar="N",
                         help="set the kernels' serial threshold for this run (every variant)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
@@ -120,8 +122,8 @@ def run(args):
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
-    if args.repeats < 1 or args.min_time < 0:
-        raise SystemExit("--repeats must be >= 1 and --min-time >= 0")
+    if args.repeats < 1 or args.min_time < 0 or args.idle < 0:
+        raise SystemExit("--repeats must be >= 1, --min-time and --idle >= 0")
     torch = torch_or_none()
     methods = [m for m in args.methods if torch is not None or not m.startswith("torch")]
     with _threshold(args.min_elements_per_thread):
@@ -253,7 +255,7 @@ def _measure(groups, args):
                       "bytes_per_element": rule.bytes_per_element(dtype)}
             try:
                 with stepper(method, rule, problem, n_threads, variant) as step:
-                    timing = time_step(step, args.repeats, args.min_time)
+                    timing = time_step(step, args.repeats, args.min_time, idle=args.idle)
                 record["seconds"] = asdict(timing)
             except Unavailable as why:
                 record["unavailable"] = str(why)

@@ -13,9 +13,11 @@ Methods: ``ceiling`` (the bandwidth kernel with the rule's access pattern, run o
 rule's own buffers), ``kernel`` (the rule's functional face on a kernel variant),
 ``reference`` (the NumPy twin) and, when torch is importable, ``torch-forloop``,
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
-with the NumPy buffers; torch allocates its own state).
+with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
+(``fastdescent.torch``'s drop-in optimizer of the same name, where it exists).
 """
 
+import importlib
 import statistics
 import time
 from contextlib import contextmanager
@@ -25,11 +27,12 @@ import numpy as np
 
 from .. import _config, _dispatch
 
-METHODS = ("ceiling", "kernel", "reference", "torch-forloop", "torch-foreach", "torch-fused")
+METHODS = ("ceiling", "kernel", "reference", "torch-forloop", "torch-foreach", "torch-fused", "torch-adapter")
 TORCH_MODES = {
     "torch-forloop": {"foreach": False},
     "torch-foreach": {"foreach": True},
     "torch-fused": {"fused": True},
+    "torch-adapter": {},
 }
 
 # torch.optim peers of the catalog's rules: the optimizer and hyperparameters that
@@ -38,11 +41,12 @@ TORCH_PEERS = {
     "sgd": ("SGD", {"lr": 0.01}),
     "sgd_momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}),
     "nesterov": ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
-    "adam": ("Adam", {"lr": 1e-3}),
-    "adamw": ("AdamW", {"lr": 1e-3}),
-    "amsgrad": ("Adam", {"lr": 1e-3, "amsgrad": True}),
     "adagrad": ("Adagrad", {"lr": 0.01}),
     "rmsprop": ("RMSprop", {"lr": 0.01}),
+    "rmsprop_centered_momentum": ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
+    "adam": ("Adam", {"lr": 1e-3}),
+    "adamw": ("AdamW", {"lr": 1e-3}),
+    "adam_amsgrad": ("Adam", {"lr": 1e-3, "amsgrad": True}),
 }
 
 # Step number passed to every timed step: past the first, whose PyTorch-style
@@ -197,12 +201,20 @@ def _torch_step(method, rule, problem, n_threads):
     if rule.name not in TORCH_PEERS:
         raise Unavailable(f"torch has no peer for {rule.name}")
     name, hyper = TORCH_PEERS[rule.name]
+    library = torch.optim
+    if method == "torch-adapter":
+        try:
+            library = importlib.import_module("fastdescent.torch")
+        except ImportError as error:
+            raise Unavailable(f"no torch adapter: {error}") from None
+        if not hasattr(library, name):
+            raise Unavailable(f"fastdescent.torch has no {name}")
     tensors = [torch.from_numpy(p) for p in as_list(problem.params)]
     for tensor, grad in zip(tensors, as_list(problem.grads)):
         tensor.grad = torch.from_numpy(grad)
     with torch_threads(torch, n_threads):
         try:
-            optimizer = getattr(torch.optim, name)(tensors, **hyper, **TORCH_MODES[method])
+            optimizer = getattr(library, name)(tensors, **hyper, **TORCH_MODES[method])
             optimizer.step()  # creates torch's state: not part of the steady step
         except (RuntimeError, ValueError, TypeError) as error:
             raise Unavailable(f"{method} refused: {error}") from None
@@ -224,9 +236,31 @@ class Timing:
     samples: int
 
 
-def time_step(step, repeats=7, min_time=0.05, max_calls=100_000):
+def busy_wait(seconds):
+    """Keep the calling thread busy for ``seconds`` (a stand-in for a forward and
+    backward pass between two optimizer steps)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def time_step(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
     """Time ``step()``: one warm-up call, then ``repeats`` samples of enough calls
-    to last ``min_time`` seconds each (at least one call)."""
+    to last ``min_time`` seconds each (at least one call).
+
+    With ``idle`` > 0, each sample is one call after ``idle`` seconds of busy
+    waiting, as in a training loop: an OpenMP thread team has gone back to sleep
+    by then, and the sample includes waking it.
+    """
+    if idle > 0:
+        step()
+        samples = []
+        for _ in range(repeats):
+            busy_wait(idle)
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+        return Timing(statistics.median(samples), min(samples), max(samples), 1, repeats)
     start = time.perf_counter()
     step()  # warm-up: caches, lazily created state, the thread team
     elapsed = time.perf_counter() - start

@@ -87,6 +87,9 @@ def _heading(result):
         f"(built: {', '.join(c['variants_built'])}), up to {c['max_threads']} threads, serial below "
         f"{2 * c['min_elements_per_thread']:,} elements; torch {result['torch'] or 'not installed'}",
     ]
+    idle = result["options"].get("idle")
+    if idle:
+        lines.append(f"each call timed alone after {idle * 1e3:g} ms of busy waiting (--idle)")
     if result.get("environment"):
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in result["environment"].items()))
     if load:
