@@ -25,6 +25,7 @@ everything to ``--json`` if asked; ``--from-json`` prints the tables of a saved 
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -92,7 +93,8 @@ def add_arguments(parser):
                         help="thread counts for the kernel, the ceiling and torch (default: 1 2)")
     parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "ceiling"],
                         default=[m for m in METHODS if m != "ceiling"],
-                        help="methods to compare (default: all; torch ones only if torch imports)")
+                        help="methods to compare (default: all that are installed: the torch ones need "
+                             "torch, torch-adapter needs fastdescent.torch)")
     parser.add_argument("--variants", nargs="+", metavar="VARIANT",
                         help="kernel builds to run: names from show_config() or 'all' "
                              "(default: the one chosen at import)")
@@ -125,7 +127,7 @@ def run(args):
     if args.repeats < 1 or args.min_time < 0 or args.idle < 0:
         raise SystemExit("--repeats must be >= 1, --min-time and --idle >= 0")
     torch = torch_or_none()
-    methods = [m for m in args.methods if torch is not None or not m.startswith("torch")]
+    methods = [m for m in args.methods if _installed(m, torch)]
     with _threshold(args.min_elements_per_thread):
         meta = _metadata(args, torch, variants, threads, methods)
         groups = _plan(args, variants, threads, methods)
@@ -145,6 +147,15 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def _installed(method, torch):
+    """False for the torch methods without torch, and the adapter without fastdescent.torch."""
+    if not method.startswith("torch"):
+        return True
+    if method == "torch-adapter":
+        return torch is not None and importlib.util.find_spec("fastdescent.torch") is not None
+    return torch is not None
 
 
 def _variants(requested):
