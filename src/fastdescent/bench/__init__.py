@@ -30,7 +30,10 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
+
+import numpy as np
 
 from .. import _config, _dispatch
 from ..catalog import RULES
@@ -124,11 +127,11 @@ def run(args):
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
-    if args.repeats < 1 or args.min_time < 0 or args.idle < 0:
-        raise SystemExit("--repeats must be >= 1, --min-time and --idle >= 0")
+    if args.repeats < 1 or args.min_time < 0 or args.idle < 0 or (args.min_elements_per_thread or 1) < 1:
+        raise SystemExit("--repeats and --min-elements-per-thread must be >= 1, --min-time and --idle >= 0")
     torch = torch_or_none()
     methods = [m for m in args.methods if _installed(m, torch)]
-    with _threshold(args.min_elements_per_thread):
+    with _serial_threshold(args.min_elements_per_thread):
         meta = _metadata(args, torch, variants, threads, methods)
         groups = _plan(args, variants, threads, methods)
         records = _measure(groups, args)
@@ -180,22 +183,19 @@ def _thread_counts(requested, quiet):
     return kept or [1]
 
 
-class _threshold:
-    """Set the serial threshold of every variant for the run, then restore it."""
-
-    def __init__(self, n):
-        self.n = n
-        self.modules = [_dispatch.load_variant(v) for v in _dispatch.supported_variants()]
-
-    def __enter__(self):
-        self.previous = [m.get_min_elements_per_thread() for m in self.modules]
-        if self.n is not None:
-            for m in self.modules:
-                m.set_min_elements_per_thread(self.n)
-
-    def __exit__(self, *exc):
-        for m, n in zip(self.modules, self.previous):
+@contextmanager
+def _serial_threshold(n):
+    """Set the serial threshold of every kernel variant to ``n`` (None: leave it) for a run."""
+    modules = [_dispatch.load_variant(v) for v in _dispatch.supported_variants()]
+    previous = [m.get_min_elements_per_thread() for m in modules]
+    if n is not None:
+        for m in modules:
             m.set_min_elements_per_thread(n)
+    try:
+        yield
+    finally:
+        for m, p in zip(modules, previous):
+            m.set_min_elements_per_thread(p)
 
 
 def _now():
@@ -253,7 +253,7 @@ def _measure(groups, args):
         largest = max(groups, key=lambda g: g[3] * g[4] * RULES[g[1]].bytes_per_element(g[2]))
         case, name, dtype, n, count, _ = largest
         rule = RULES[name]
-        gb = n * count * (2 + len(rule.state)) * (4 if dtype == "float32" else 8) / 1e9
+        gb = n * count * (2 + len(rule.state)) * np.dtype(dtype).itemsize / 1e9
         print(f"bench: {total} measurements; largest buffers {gb:.2f} GB ({name} {dtype} {n * count:,} "
               f"elements), plus up to as much again for torch's state or the reference's temporaries",
               file=sys.stderr)

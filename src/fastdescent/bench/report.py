@@ -10,8 +10,7 @@ def _group(record):
 
 
 def _label(record):
-    label = record["method"] + (f"/{record['variant']}" if record["variant"] else "")
-    return label
+    return record["method"] + (f"/{record['variant']}" if record["variant"] else "")
 
 
 def derive(result):
@@ -167,9 +166,7 @@ def _overhead_tables(records):
 
 def render(result):
     """The tables of a bench run as text."""
-    records = result["records"]
-    if records and "melem_per_s" not in next((r for r in records if "seconds" in r), {"melem_per_s": 0}):
-        derive(result)
+    records = derive(result)["records"]
     parts = [_heading(result)]
     cases = defaultdict(list)
     for r in records:
