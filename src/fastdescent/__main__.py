@@ -52,6 +52,11 @@ def main(argv=None):
 
     demo.add_arguments(sub.add_parser("demo", help="optimizers on loss surfaces and on a small MLP, with pictures",
                                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    from . import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="throughput against the bandwidth ceiling, the reference and torch",
+                                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     if args.command in (None, "compare"):
         if args.command is None:
@@ -63,6 +68,8 @@ def main(argv=None):
         show_config()
     elif args.command == "demo":
         return demo.run(args)
+    elif args.command == "bench":
+        return bench.run(args)
     return 0
 
 

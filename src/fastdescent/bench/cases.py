@@ -1,0 +1,280 @@
+"""What the benchmarks run: prepared buffers, one step of each method, and its timing.
+
+Shared by ``python -m fastdescent bench`` and the asv suite (``asv_bench/``), so
+both measure the same thing the same way:
+
+* a :class:`Problem` holds the buffers of one case (parameters, gradients and the
+  rule's state), random, already touched;
+* :func:`stepper` turns a method name into a zero-argument callable taking one
+  in-place step, with its kernel variant and thread count in force;
+* :func:`time_step` times that callable: warm-up, then repeated samples.
+
+Methods: ``ceiling`` (the bandwidth kernel with the rule's access pattern, run on the
+rule's own buffers), ``kernel`` (the rule's functional face on a kernel variant),
+``reference`` (the NumPy twin) and, when torch is importable, ``torch-forloop``,
+``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
+with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
+(``fastdescent.torch``'s drop-in optimizer of the same name, where it exists).
+"""
+
+import importlib
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _config, _dispatch
+
+METHODS = ("ceiling", "kernel", "reference", "torch-forloop", "torch-foreach", "torch-fused", "torch-adapter")
+TORCH_MODES = {
+    "torch-forloop": {"foreach": False},
+    "torch-foreach": {"foreach": True},
+    "torch-fused": {"fused": True},
+    "torch-adapter": {},
+}
+
+# torch.optim peers of the catalog's rules: the optimizer and hyperparameters that
+# take the same branches as the catalog's configuration of that rule.
+TORCH_PEERS = {
+    "sgd": ("SGD", {"lr": 0.01}),
+    "sgd_momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}),
+    "nesterov": ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+    "adagrad": ("Adagrad", {"lr": 0.01}),
+    "rmsprop": ("RMSprop", {"lr": 0.01}),
+    "rmsprop_centered_momentum": ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
+    "adam": ("Adam", {"lr": 1e-3}),
+    "adamw": ("AdamW", {"lr": 1e-3}),
+    "adam_amsgrad": ("Adam", {"lr": 1e-3, "amsgrad": True}),
+}
+
+# Step number passed to every timed step: past the first, whose PyTorch-style
+# special cases (a momentum buffer taking the gradient) are not the steady state.
+STEADY_STEP = 10
+
+
+class Unavailable(NotImplementedError):
+    """This method cannot run this case here (asv skips a benchmark on it)."""
+
+
+def torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@dataclass
+class Problem:
+    """The buffers of one case: per role, one array or a list of arrays (one per tensor)."""
+
+    params: object
+    grads: object
+    state: list
+
+    @property
+    def dtype(self):
+        return as_list(self.params)[0].dtype
+
+    @property
+    def n_elements(self):
+        return sum(p.size for p in as_list(self.params))
+
+    @property
+    def nbytes(self):
+        arrays = [self.params, self.grads, *self.state]
+        return sum(a.nbytes for role in arrays for a in as_list(role))
+
+
+def as_list(role):
+    return role if isinstance(role, list) else [role]
+
+
+def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
+    """Random buffers for ``rule``: ``n_tensors`` tensors of ``n`` elements each (one
+    array per role if ``n_tensors`` is 1, else lists). Gradients are small and
+    nonzero, second-moment state positive, so repeated steps stay finite."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+
+    def tensors(make):
+        arrays = [make() for _ in range(n_tensors)]
+        return arrays[0] if n_tensors == 1 else arrays
+
+    def gradient():
+        g = rng.standard_normal(n, dtype=dtype)
+        g *= 0.1
+        return g
+
+    params = tensors(lambda: rng.standard_normal(n, dtype=dtype))
+    grads = tensors(gradient)
+    per_tensor = [rule.make_state(rng, n, dtype) for _ in range(n_tensors)]
+    state = [per_tensor[0][k] if n_tensors == 1 else [s[k] for s in per_tensor]
+             for k in range(len(rule.state))]
+    return Problem(params, grads, state)
+
+
+def ceiling_roles(rule, problem):
+    """The buffers the bandwidth kernel reads, written ones first, for ``rule``'s
+    pattern (``rule.reads`` read, ``rule.writes`` of them written back)."""
+    writable = [problem.params, *problem.state]
+    n_read_only = rule.reads - rule.writes
+    if rule.writes > len(writable) or n_read_only not in (0, 1):
+        raise Unavailable(f"no bandwidth pattern for {rule.reads} reads / {rule.writes} writes")
+    return writable[: rule.writes] + [problem.grads] * n_read_only
+
+
+def ceiling_variant():
+    """The bandwidth kernel always comes from the widest variant: the machine's limit."""
+    return _dispatch.supported_variants()[-1]
+
+
+@contextmanager
+def kernels_of_variant(variant):
+    """Route ``backend="kernel"`` to the kernels of ``variant`` (None: the dispatched one)."""
+    if variant is None or variant == _dispatch.variant:
+        yield _dispatch.kernels
+        return
+    try:
+        module = _dispatch.load_variant(variant)
+    except ValueError as error:
+        raise Unavailable(str(error)) from None
+    _config.resolve_backend("reference")  # fill the backend cache before patching it
+    previous = _config._BACKEND_MODULES["kernel"]
+    _config._BACKEND_MODULES["kernel"] = module
+    try:
+        yield module
+    finally:
+        _config._BACKEND_MODULES["kernel"] = previous
+
+
+@contextmanager
+def torch_threads(torch, n_threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def stepper(method, rule, problem, n_threads=1, variant=None):
+    """Yield a zero-argument callable taking one step of ``method`` on ``problem``.
+
+    The kernel variant (``kernel``; ``ceiling`` always uses the widest) and the
+    thread count stay in force until the block exits. Raises :class:`Unavailable`
+    when the method cannot run the case (no torch, no torch peer, a torch mode that
+    refuses the dtype, the reference with more than one thread...).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "kernel" and variant is not None:
+        raise Unavailable("only the kernel method has variants")
+    if n_threads > _config.max_threads():
+        raise Unavailable(f"{n_threads} threads asked, {_config.max_threads()} available")
+    state, t = problem.state, STEADY_STEP
+    if method == "ceiling":
+        roles = ceiling_roles(rule, problem)
+        stream = _dispatch.load_variant(ceiling_variant()).stream
+        yield lambda: stream(roles, rule.writes, n_threads)
+    elif method == "kernel":
+        with kernels_of_variant(variant):
+            yield lambda: rule.step(problem.params, problem.grads, *state, t=t,
+                                    backend="kernel", n_threads=n_threads)
+    elif method == "reference":
+        if n_threads != 1:
+            raise Unavailable("the reference is single-threaded")
+        yield lambda: rule.step(problem.params, problem.grads, *state, t=t, backend="reference")
+    else:
+        with _torch_step(method, rule, problem, n_threads) as step:
+            yield step
+
+
+@contextmanager
+def _torch_step(method, rule, problem, n_threads):
+    torch = torch_or_none()
+    if torch is None:
+        raise Unavailable("torch is not installed")
+    if rule.name not in TORCH_PEERS:
+        raise Unavailable(f"torch has no peer for {rule.name}")
+    name, hyper = TORCH_PEERS[rule.name]
+    library = torch.optim
+    if method == "torch-adapter":
+        try:
+            library = importlib.import_module("fastdescent.torch")
+        except ImportError as error:
+            raise Unavailable(f"no torch adapter: {error}") from None
+        if not hasattr(library, name):
+            raise Unavailable(f"fastdescent.torch has no {name}")
+    tensors = [torch.from_numpy(p) for p in as_list(problem.params)]
+    for tensor, grad in zip(tensors, as_list(problem.grads)):
+        tensor.grad = torch.from_numpy(grad)
+    with torch_threads(torch, n_threads):
+        try:
+            optimizer = getattr(library, name)(tensors, **hyper, **TORCH_MODES[method])
+            optimizer.step()  # creates torch's state: not part of the steady step
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise Unavailable(f"{method} refused: {error}") from None
+        try:
+            yield optimizer.step
+        finally:
+            optimizer.state.clear()
+
+
+@dataclass
+class Timing:
+    """Seconds per step: median, fastest and slowest sample of ``samples`` samples,
+    each averaging ``calls`` back-to-back calls."""
+
+    median: float
+    min: float
+    max: float
+    calls: int
+    samples: int
+
+
+def busy_wait(seconds):
+    """Keep the calling thread busy for ``seconds`` (a stand-in for a forward and
+    backward pass between two optimizer steps)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def time_step(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
+    """Time ``step()``: one warm-up call, then ``repeats`` samples of enough calls
+    to last ``min_time`` seconds each (at least one call).
+
+    With ``idle`` > 0, each sample is one call after ``idle`` seconds of busy
+    waiting, as in a training loop: an OpenMP thread team has gone back to sleep
+    by then, and the sample includes waking it.
+    """
+    if idle > 0:
+        step()
+        samples = []
+        for _ in range(repeats):
+            busy_wait(idle)
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+        return Timing(statistics.median(samples), min(samples), max(samples), 1, repeats)
+    start = time.perf_counter()
+    step()  # warm-up: caches, lazily created state, the thread team
+    elapsed = time.perf_counter() - start
+    calls = 1
+    while elapsed * calls < min_time and calls < max_calls:
+        calls = min(max_calls, max(2 * calls, int(min_time / max(elapsed, 1e-9))))
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        elapsed = (time.perf_counter() - start) / calls
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        samples.append((time.perf_counter() - start) / calls)
+    return Timing(statistics.median(samples), min(samples), max(samples), calls, repeats)

@@ -1,0 +1,163 @@
+"""The bench command and the bandwidth kernel: they run and report well-formed
+results. No timing is asserted here (speed lives in BENCHMARKS.md and asv_bench/)."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from fastdescent import _dispatch
+from fastdescent.__main__ import main
+from fastdescent.bench import cases, size_arg
+from fastdescent.catalog import RULES
+from support import DTYPES, assert_bitwise_equal, random_array
+
+TINY = ["--sizes", "1000", "--repeats", "1", "--min-time", "0", "--quiet"]
+TIMED_FIELDS = ("melem_per_s", "gb_per_s", "ceiling_fraction", "vs_reference", "vs_torch_fused", "vs_1_thread")
+
+
+def run_bench(tmp_path, *options):
+    path = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--json", str(path), *options]) == 0
+    return json.loads(path.read_text())
+
+
+def test_bench_json_is_well_formed(tmp_path, capsys):
+    result = run_bench(tmp_path, "--rules", "sgd_momentum", "--many", "3x100", "--overhead-size", "50")
+    tables = capsys.readouterr().out
+    assert "sgd_momentum, float32" in tables and "many small arrays" in tables and "per-call overhead" in tables
+    assert result["config"]["variant"] == _dispatch.variant
+    records = result["records"]
+    assert {r["case"] for r in records} == {"sizes", "many", "overhead"}
+    for r in records:
+        assert r["rule"] == "sgd_momentum" and r["dtype"] == "float32"
+        assert r["bytes_per_element"] == RULES["sgd_momentum"].bytes_per_element("float32")
+        assert ("seconds" in r) != ("unavailable" in r)
+        if "seconds" in r:
+            s = r["seconds"]
+            assert 0 < s["min"] <= s["median"] <= s["max"] and s["calls"] >= 1 and s["samples"] == 1
+            assert all(field in r for field in TIMED_FIELDS)
+            assert r["melem_per_s"] > 0 and r["gb_per_s"] > 0
+    timed = {(r["case"], r["size"], r["tensors"], r["method"], r["threads"]) for r in records if "seconds" in r}
+    max_threads = result["options"]["threads"][-1]
+    for threads in result["options"]["threads"]:
+        assert ("sizes", 1000, 1, "ceiling", threads) in timed
+        assert ("sizes", 1000, 1, "kernel", threads) in timed
+    assert ("sizes", 1000, 1, "reference", 1) in timed
+    assert ("many", 100, 3, "kernel", max_threads) in timed and ("many", 300, 1, "kernel", max_threads) in timed
+    assert ("overhead", 50, 1, "kernel", 1) in timed
+    kernel = next(r for r in records if r["case"] == "sizes" and r["method"] == "kernel" and r["threads"] == 1)
+    assert kernel["ceiling_fraction"] > 0 and kernel["vs_reference"] > 0
+    if cases.torch_or_none() is not None:
+        assert ("sizes", 1000, 1, "torch-fused", 1) in timed
+        assert kernel["vs_torch_fused"] > 0
+
+
+def test_saved_run_renders_the_same_tables(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    main(["bench", *TINY, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel", "reference",
+          "--json", str(path)])
+    live = capsys.readouterr().out
+    assert main(["bench", "--from-json", str(path)]) == 0
+    assert capsys.readouterr().out == live
+
+
+def test_every_variant_and_threshold(tmp_path):
+    previous = _dispatch.kernels.get_min_elements_per_thread()
+    result = run_bench(tmp_path, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel",
+                       "--variants", "all", "--threads", "1", "--min-elements-per-thread", "4096")
+    kernels = [r for r in result["records"] if r["method"] == "kernel"]
+    assert [r["variant"] for r in kernels] == _dispatch.supported_variants()
+    assert result["config"]["min_elements_per_thread"] == 4096  # in force during the run
+    assert _dispatch.kernels.get_min_elements_per_thread() == previous  # and restored after it
+
+
+def test_idle_times_each_call_alone(tmp_path, capsys):
+    result = run_bench(tmp_path, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel",
+                       "--threads", "1", "--idle", "0.001", "--repeats", "2")
+    assert "busy waiting" in capsys.readouterr().out
+    timed = [r for r in result["records"] if "seconds" in r]
+    assert {r["method"] for r in timed} == {"ceiling", "kernel"}
+    assert all(r["seconds"]["calls"] == 1 and r["seconds"]["samples"] == 2 for r in timed)
+
+
+@pytest.mark.parametrize("text, value", [("1000", 1000), ("1e5", 10**5), ("10**8", 10**8), ("100_000", 10**5)])
+def test_size_arg(text, value):
+    assert size_arg(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "ten", "1e-3", "2**x"])
+def test_size_arg_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        size_arg(text)
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="not available"):
+        main(["bench", *TINY, "--variants", "sse9"])
+
+
+def test_reference_runs_single_threaded():
+    rule = RULES["sgd"]
+    problem = cases.make_problem(rule, 10, "float32")
+    with pytest.raises(cases.Unavailable):
+        with cases.stepper("reference", rule, problem, n_threads=2):
+            pass
+    with pytest.raises(ValueError, match="method"):
+        with cases.stepper("numba", rule, problem):
+            pass
+
+
+def test_steps_change_the_parameters():
+    rule = RULES["nesterov"]
+    problem = cases.make_problem(rule, 300, "float64", n_tensors=3)
+    before = [p.copy() for p in problem.params]
+    with cases.stepper("kernel", rule, problem) as step:
+        step()
+    assert all(not np.array_equal(p, b) for p, b in zip(problem.params, before))
+
+
+# The bandwidth kernel: every supported pattern, both dtypes, one or several tensors.
+PATTERNS = [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (4, 3), (5, 4), (4, 4)]
+
+
+def stream_of(variant):
+    return _dispatch.load_variant(variant).stream
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("reads, writes", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stream_leaves_values_unchanged(reads, writes, dtype, n_threads, rng, tiny_parts):
+    sizes = [0, 1, 7, 4097, 130]
+    arrays = [[random_array(rng, n, dtype) for n in sizes] for _ in range(reads)]
+    before = [[a.copy() for a in role] for role in arrays]
+    for variant in _dispatch.supported_variants():
+        stream_of(variant)(arrays, writes, n_threads)
+        stream_of(variant)([role[3] for role in arrays], writes, n_threads)  # one array per role
+    for role, copies in zip(arrays, before):
+        for a, b in zip(role, copies):
+            assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("reads, writes", [(1, 2), (3, 1), (6, 5), (2, 0), (0, 0)])
+def test_stream_refuses_unsupported_patterns(reads, writes, rng):
+    arrays = [random_array(rng, 10, np.float32) for _ in range(reads)]
+    with pytest.raises(ValueError, match="stream supports"):
+        _dispatch.kernels.stream(arrays, writes, 1)
+
+
+def test_stream_refuses_bad_buffers(rng):
+    a, b = random_array(rng, 10, np.float32), random_array(rng, 10, np.float32)
+    a.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _dispatch.kernels.stream([a, b], 1, 1)
+    with pytest.raises(ValueError, match="one array per tensor"):
+        _dispatch.kernels.stream([[b, b.copy()], [b]], 1, 1)
+    with pytest.raises(ValueError, match="equal sizes"):
+        _dispatch.kernels.stream([b, random_array(rng, 11, np.float32)], 1, 1)
+    with pytest.raises(ValueError, match="one dtype"):
+        _dispatch.kernels.stream([b, random_array(rng, 10, np.float64)], 1, 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _dispatch.kernels.stream([np.arange(10, dtype=np.int32)], 0, 1)
