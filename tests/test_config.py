@@ -53,3 +53,16 @@ def test_show_config_reports_the_build(capsys):
     fd.show_config()
     out = capsys.readouterr().out
     assert "OpenMP" in out and _dispatch.variant in out and "-ffp-contract=off" in out
+
+
+def test_pinned_openmp_threads_do_not_cap_the_thread_count():
+    """OMP_PROC_BIND pins the importing thread; the default must still use every core."""
+    import subprocess
+    import sys
+
+    code = "import fastdescent as fd, fastdescent._runtime as r; print(fd.get_num_threads(), r.omp_num_procs())"
+    env = dict(os.environ, OMP_PROC_BIND="close", OMP_PLACES="cores")
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    threads, procs = map(int, out.stdout.split())
+    assert threads == (procs if _runtime.openmp_enabled() else 1)

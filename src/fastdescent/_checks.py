@@ -71,7 +71,7 @@ def tensor_lists(param, *others):
     absent role (None) stays None.
     """
     if isinstance(param, np.ndarray):
-        return (False, [param], *(None if o is None else [o] for o in others))
+        return (False, [param], *[None if o is None else [o] for o in others])
     if isinstance(param, (list, tuple)):
         return (True, list(param), *(None if o is None else _as_list(o) for o in others))
     raise TypeError(f"params must be a numpy.ndarray or a list of them, got {type(param).__name__}")

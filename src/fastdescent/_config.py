@@ -17,17 +17,13 @@ _default_threads = None
 _default_backend = None
 
 
-def _usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _max_threads():
+    # OpenMP's own count of usable processors, not os.sched_getaffinity: with
+    # OMP_PROC_BIND set, libgomp pins the importing thread to one core, and the
+    # affinity of that thread would then cap us at one thread.
     if not _runtime.openmp_enabled():
         return 1
-    return max(1, min(_runtime.omp_max_threads(), _usable_cores()))
+    return max(1, min(_runtime.omp_max_threads(), _runtime.omp_num_procs()))
 
 
 # Read once: OMP_NUM_THREADS and the affinity mask are fixed for the process's life

@@ -23,6 +23,7 @@ cdef extern from *:
     #else
     #define FD_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
+    static int omp_get_num_procs(void) { return 1; }
     #endif
 
     /* 1 if this CPU (and the OS, which must save the wide registers) can run
@@ -43,6 +44,7 @@ cdef extern from *:
     """
     int FD_OPENMP
     int omp_get_max_threads() noexcept nogil
+    int omp_get_num_procs() noexcept nogil
     int fd_cpu_level(int level) noexcept nogil
 
 
@@ -54,6 +56,12 @@ def openmp_enabled():
 def omp_max_threads():
     """``omp_get_max_threads()``: OMP_NUM_THREADS or the processor count (1 if serial)."""
     return omp_get_max_threads()
+
+
+def omp_num_procs():
+    """``omp_get_num_procs()``: the processors this process may use, as OpenMP saw
+    them at start-up (it honours ``taskset``; 1 if serial)."""
+    return omp_get_num_procs()
 
 
 _LEVELS = {"baseline": 1, "avx2": 3, "avx512": 4}

@@ -7,6 +7,8 @@ from .. import _checks
 
 def step_number(step):
     """``step`` as a Python int >= 1: the 1-based index of the step being taken."""
+    if type(step) is int and step >= 1:
+        return step
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got {step!r}")
     try:
