@@ -6,7 +6,7 @@
 
 cdef struct AdamArgs:
     double step_size               # lr / bias_correction1, from the face
-    double bias_correction2_sqrt   # sqrt(bias_correction2), from the face
+    double inv_bias_correction2_sqrt   # 1 / sqrt(bias_correction2), from the face
     double beta1
     double beta2
     double eps
@@ -19,7 +19,7 @@ cdef struct AdamArgs:
 
 cdef inline void adam_elements(floating* p, const floating* g, floating* m, floating* v,
                                floating* v_max, Py_ssize_t n, const AdamArgs* a) noexcept nogil:
-    cdef floating step_size = <floating>a.step_size, bc2_sqrt = <floating>a.bias_correction2_sqrt
+    cdef floating step_size = <floating>a.step_size, inv_bc2_sqrt = <floating>a.inv_bias_correction2_sqrt
     cdef floating eps = <floating>a.eps, scale = <floating>a.grad_scale
     cdef floating wd = <floating>a.weight_decay, decay = <floating>a.param_decay
     cdef Lerp toward = lerp_toward(a.beta1)
@@ -39,7 +39,7 @@ cdef inline void adam_elements(floating* p, const floating* g, floating* m, floa
             m[i] = mean
             sq = average_square(v[i], d, keep2, w2)
             v[i] = sq
-            p[i] = x - (step_size * mean) / (root(sq) / bc2_sqrt + eps)
+            p[i] = x - (step_size * mean) / (root(sq) * inv_bc2_sqrt + eps)
     else:
         for i in range(n):
             x = p[i]
@@ -55,7 +55,7 @@ cdef inline void adam_elements(floating* p, const floating* g, floating* m, floa
             sq_max = v_max[i]
             sq_max = sq_max if sq_max > sq else sq
             v_max[i] = sq_max
-            p[i] = x - (step_size * mean) / (root(sq_max) / bc2_sqrt + eps)
+            p[i] = x - (step_size * mean) / (root(sq_max) * inv_bc2_sqrt + eps)
 
 
 cdef void adam_segment_f32(void** rows, Py_ssize_t start, Py_ssize_t n, const void* args) noexcept nogil:
@@ -71,11 +71,11 @@ cdef void adam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
 
 
 def adam(list params, list grads, list exp_avgs, list exp_avg_sqs, max_exp_avg_sqs, *,
-         double lr, double step_size, double bias_correction2_sqrt, double beta1, double beta2,
+         double lr, double step_size, double inv_bias_correction2_sqrt, double beta1, double beta2,
          double eps, double weight_decay, bint decoupled, double grad_scale, int n_threads):
     """Fused Adam/AdamW step over many tensors (private: call ``fastdescent.adam_step``).
 
-    ``step_size`` = lr / bias_correction1 and ``bias_correction2_sqrt`` come from
+    ``step_size`` = lr / bias_correction1 and ``inv_bias_correction2_sqrt`` come from
     the face (1 and lr without bias correction). ``decoupled`` selects AdamW's
     weight decay, ``p *= 1 - lr * weight_decay``; else it is added to the gradient.
     ``max_exp_avg_sqs`` is a list (AMSGrad) or None. ``grad_scale`` multiplies
@@ -83,7 +83,7 @@ def adam(list params, list grads, list exp_avgs, list exp_avg_sqs, max_exp_avg_s
     """
     cdef AdamArgs a
     a.step_size = step_size
-    a.bias_correction2_sqrt = bias_correction2_sqrt
+    a.inv_bias_correction2_sqrt = inv_bias_correction2_sqrt
     a.beta1 = beta1
     a.beta2 = beta2
     a.eps = eps

@@ -10,7 +10,7 @@ from ._adaptive import average_square_, lerp_toward_, scaled_grad
 
 
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, lr, step_size,
-         bias_correction2_sqrt, beta1, beta2, eps, weight_decay, decoupled, grad_scale,
+         inv_bias_correction2_sqrt, beta1, beta2, eps, weight_decay, decoupled, grad_scale,
          n_threads=None):
     decoupled = decoupled and weight_decay != 0.0
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
@@ -24,4 +24,4 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, lr, step_size
             # The kernel's max: the old maximum unless the new average is larger.
             v_max[...] = np.where(v_max > v, v_max, v)
             v = v_max
-        p -= (step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
+        p -= (step_size * m) / (np.sqrt(v) * inv_bias_correction2_sqrt + eps)
