@@ -27,13 +27,13 @@ def kernel_variant(request, monkeypatch):
 def tiny_parts():
     """Let threads split even tiny updates, to exercise part boundaries."""
     kernels = _dispatch.kernels
-    previous = kernels.get_min_elements_per_thread()
+    previous = (kernels.get_min_elements_per_thread(), kernels.get_min_elements_per_thread(cold=True))
     kernels.set_min_elements_per_thread(1)
     for name in _dispatch.supported_variants():
         _dispatch.load_variant(name).set_min_elements_per_thread(1)
     yield
     for name in _dispatch.supported_variants():
-        _dispatch.load_variant(name).set_min_elements_per_thread(previous)
+        _dispatch.load_variant(name).set_min_elements_per_thread(*previous)
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ def config():
         "variant": _dispatch.variant,
         "variant_reason": _dispatch.reason,
         "min_elements_per_thread": _dispatch.kernels.get_min_elements_per_thread(),
+        "min_elements_per_thread_cold": _dispatch.kernels.get_min_elements_per_thread(cold=True),
     }
 
 
@@ -36,7 +37,8 @@ def show_config(file=None):
         f"fastdescent {c['version']} (Python {c['python']}, {c['machine']})",
         f"  OpenMP:           {'on' if c['openmp'] else 'OFF (serial build)'}",
         f"  threads:          {c['default_threads']} by default, {c['max_threads']} at most"
-        f" (serial below {2 * c['min_elements_per_thread']} elements)",
+        f" (serial below {2 * c['min_elements_per_thread']:,} elements, or"
+        f" {2 * c['min_elements_per_thread_cold']:,} when the thread team has slept)",
         f"  backend:          {c['backend']}",
         f"  compiler:         {c['compiler']}",
         f"  common flags:     {flags}",

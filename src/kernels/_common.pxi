@@ -15,6 +15,7 @@
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cnp.import_array()
 
@@ -25,23 +26,41 @@ cdef enum:
     PART_ALIGN = 64
 
 # A thread is only given a part of at least this many elements; smaller updates run
-# serially, without entering an OpenMP region. Measured on the 2-core development
-# machine (BENCHMARKS.md, "threading threshold"): below about 2**15 float32 Adam
-# elements the fork/join costs more than a second core saves.
+# serially, without entering an OpenMP region. Two thresholds, because waking a
+# sleeping thread team costs far more than reusing one that is still spinning:
+#
+# * warm: the team ran a region less than TEAM_WARM_SECONDS ago (back-to-back
+#   calls: several groups of one step, benchmarks). Measured on the 2-core
+#   development machine: 2 threads pay for float32 Adam from about 2**15 elements.
+# * cold: otherwise (a training loop, where the forward and backward passes sit
+#   between two steps). Measured after 20 ms of other work: 2 threads were 0.63x
+#   one thread at 65,536 elements and broke even at about 2**20 (BENCHMARKS.md).
 cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 32768
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 524288
+cdef double TEAM_WARM_SECONDS = 2e-3
+cdef double last_region_end = -1e300     # monotonic seconds; written by the calling thread
 
 
-def get_min_elements_per_thread():
-    """Smallest part a thread is given; updates below twice this run serially."""
-    return MIN_ELEMENTS_PER_THREAD
+cdef inline double monotonic_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
 
 
-def set_min_elements_per_thread(Py_ssize_t n):
-    """Change the serial threshold (for benchmarking the threshold itself)."""
-    global MIN_ELEMENTS_PER_THREAD
-    if n < 1:
-        raise ValueError(f"the minimum part size must be at least 1, got {n}")
+def get_min_elements_per_thread(bint cold=False):
+    """Smallest part a thread is given (``cold``: when the thread team is asleep)."""
+    return MIN_ELEMENTS_PER_THREAD_COLD if cold else MIN_ELEMENTS_PER_THREAD
+
+
+def set_min_elements_per_thread(Py_ssize_t n, cold=None):
+    """Change the serial thresholds (for benchmarking them): ``n`` for a warm team,
+    ``cold`` (default: ``n`` too) for a sleeping one."""
+    global MIN_ELEMENTS_PER_THREAD, MIN_ELEMENTS_PER_THREAD_COLD
+    cdef Py_ssize_t n_cold = n if cold is None else cold
+    if n < 1 or n_cold < 1:
+        raise ValueError(f"the minimum part size must be at least 1, got {n} and {n_cold}")
     MIN_ELEMENTS_PER_THREAD = n
+    MIN_ELEMENTS_PER_THREAD_COLD = n_cold
 
 
 # The element loop of a rule over one contiguous run of one tensor: ``rows[r]`` is
@@ -101,7 +120,10 @@ cdef int plan_init(Plan* plan, tuple roles, int n_threads) except -1:
     plan.total = plan.offsets[plan.n_tensors]
     if n_threads < 1:
         raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-    plan.n_parts = max(1, min(n_threads, plan.total // MIN_ELEMENTS_PER_THREAD))
+    cdef Py_ssize_t per_thread = MIN_ELEMENTS_PER_THREAD
+    if monotonic_seconds() - last_region_end > TEAM_WARM_SECONDS:
+        per_thread = MIN_ELEMENTS_PER_THREAD_COLD
+    plan.n_parts = max(1, min(n_threads, plan.total // per_thread))
     return 0
 
 
@@ -143,12 +165,14 @@ cdef void run_part(const Plan* plan, Py_ssize_t k, segment_fn fn, const void* ar
 
 cdef void run_plan(const Plan* plan, segment_fn fn, const void* args) noexcept nogil:
     """Run ``fn`` over the whole plan, one part per thread."""
+    global last_region_end
     cdef Py_ssize_t k
     if plan.n_parts == 1:
         run_part(plan, 0, fn, args)   # no OpenMP region at all
     else:
         for k in prange(plan.n_parts, num_threads=plan.n_parts, schedule="static"):
             run_part(plan, k, fn, args)
+        last_region_end = monotonic_seconds()
 
 
 cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64,

@@ -187,7 +187,7 @@ def _thread_counts(requested, quiet):
 def _serial_threshold(n):
     """Set the serial threshold of every kernel variant to ``n`` (None: leave it) for a run."""
     modules = [_dispatch.load_variant(v) for v in _dispatch.supported_variants()]
-    previous = [m.get_min_elements_per_thread() for m in modules]
+    previous = [(m.get_min_elements_per_thread(), m.get_min_elements_per_thread(cold=True)) for m in modules]
     if n is not None:
         for m in modules:
             m.set_min_elements_per_thread(n)
@@ -195,7 +195,7 @@ def _serial_threshold(n):
         yield
     finally:
         for m, p in zip(modules, previous):
-            m.set_min_elements_per_thread(p)
+            m.set_min_elements_per_thread(*p)
 
 
 def _now():
