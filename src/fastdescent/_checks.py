@@ -5,7 +5,7 @@ a bad call raises and changes nothing.
 """
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -57,6 +57,24 @@ def positive(name, value):
     return value
 
 
+def integer(name, value, minimum):
+    """``value`` as a Python int >= ``minimum``; TypeError if it is not an integer."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def open_unit_interval(name, value):
+    """A factor in (0, 1): a decay or reduction factor that must shrink the value."""
+    value = real(name, value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return value
+
+
 def choice(name, value, options):
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -83,4 +101,15 @@ def _as_list(value):
     raise TypeError(f"expected a list of arrays to match the list of params, got {type(value).__name__}")
 
 
-__all__ = ["check_buffers", "tensor_lists"]
+def validated_lists(state_names, params, grads, *states):
+    """The arrays of one update as lists (one entry per tensor), all validated.
+
+    ``params`` and every state buffer (roles ``state_names``) are written, ``grads``
+    only read. Returns ``[params, grads, *states]``; an absent state stays None.
+    """
+    indexed, *lists = tensor_lists(params, grads, *states)
+    check_buffers(("param", "grad", *state_names), tuple(lists), (True, False) + (True,) * len(states), indexed)
+    return lists
+
+
+__all__ = ["check_buffers", "tensor_lists", "validated_lists"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _checks, _runtime
 from .rules.averaging import ema_update, swa_update, swap_arrays
-from .schedules import integer, parameter_arrays
+from .schedules import parameter_arrays
 
 
 class _Averager:
@@ -40,8 +40,8 @@ class _Averager:
     def __init__(self, params, start, every):
         params = parameter_arrays(params)
         _runtime.check_distinct("params", params)
-        self.start = integer("start", start, 1)
-        self.every = integer("every", every, 1)
+        self.start = _checks.integer("start", start, 1)
+        self.every = _checks.integer("every", every, 1)
         # One kernel call takes one dtype: group the tensors by dtype, in order.
         by_dtype = {}
         for p in params:
@@ -124,8 +124,8 @@ class _Averager:
             saved = np.asarray(saved)
             if saved.shape != mine.shape or saved.dtype != mine.dtype:
                 raise ValueError(f"averages[{i}] is {saved.dtype}{saved.shape}, expected {mine.dtype}{mine.shape}")
-        last_step = integer("last_step", state["last_step"], 0)
-        n_averaged = integer("n_averaged", state["n_averaged"], 0)
+        last_step = _checks.integer("last_step", state["last_step"], 0)
+        n_averaged = _checks.integer("n_averaged", state["n_averaged"], 0)
         for saved, mine in zip(averages, self.averages):
             np.copyto(mine, saved)
         self.last_step, self.n_averaged = last_step, n_averaged

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from . import _checks
-from .schedules import Scheduler, _param_groups, integer, open_unit_interval, parameter_arrays
+from .schedules import Scheduler, _param_groups, parameter_arrays
 
 MODES = ("min", "max")
 THRESHOLD_MODES = ("rel", "abs")
@@ -73,8 +73,8 @@ class _MetricWatch:
 
     def _load_watch_state(self, state):
         self.best = _checks.real("best", state["best"])
-        self.num_bad_epochs = integer("num_bad_epochs", state["num_bad_epochs"], 0)
-        self.last_epoch = integer("last_epoch", state["last_epoch"], 0)
+        self.num_bad_epochs = _checks.integer("num_bad_epochs", state["num_bad_epochs"], 0)
+        self.last_epoch = _checks.integer("last_epoch", state["last_epoch"], 0)
 
 
 class _LearningRates:
@@ -134,9 +134,9 @@ class ReduceLROnPlateau(_MetricWatch):
         else:
             self.target, optimizer = _LearningRates(target), target
         n_groups = len(_param_groups(optimizer))
-        self.factor = open_unit_interval("factor", factor)
-        self.patience = integer("patience", patience, 0)
-        self.cooldown = integer("cooldown", cooldown, 0)
+        self.factor = _checks.open_unit_interval("factor", factor)
+        self.patience = _checks.integer("patience", patience, 0)
+        self.cooldown = _checks.integer("cooldown", cooldown, 0)
         self.eps = _checks.nonnegative("eps", eps)
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != n_groups:
@@ -169,7 +169,7 @@ class ReduceLROnPlateau(_MetricWatch):
 
     def load_state_dict(self, state):
         self._load_watch_state(state)
-        self.cooldown_counter = integer("cooldown_counter", state["cooldown_counter"], 0)
+        self.cooldown_counter = _checks.integer("cooldown_counter", state["cooldown_counter"], 0)
 
 
 class EarlyStopping(_MetricWatch):
@@ -208,7 +208,7 @@ class EarlyStopping(_MetricWatch):
         if optimizer is not None:
             _param_groups(optimizer)
         self.optimizer = optimizer
-        self.patience = integer("patience", patience, 0)
+        self.patience = _checks.integer("patience", patience, 0)
         self.min_lr = None if min_lr is None else _checks.nonnegative("min_lr", min_lr)
         self.restore_best = bool(restore_best)
         super().__init__(mode, _checks.nonnegative("min_delta", min_delta), "abs")
@@ -264,7 +264,7 @@ class EarlyStopping(_MetricWatch):
 
     def load_state_dict(self, state):
         self._load_watch_state(state)
-        self.best_epoch = integer("best_epoch", state["best_epoch"], 0)
+        self.best_epoch = _checks.integer("best_epoch", state["best_epoch"], 0)
         self.should_stop = bool(state["should_stop"])
         best = state["best_params"]
         self._best_params = None if best is None else [np.array(b, copy=True) for b in best]

@@ -36,24 +36,6 @@ from . import _checks
 # Argument checks shared by the schedules, the plateau rules and the averagers.
 
 
-def integer(name, value, minimum):
-    """``value`` as a Python int >= ``minimum``; TypeError if it is not an integer."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def open_unit_interval(name, value):
-    """A factor in (0, 1): a decay or reduction factor that must shrink the value."""
-    value = _checks.real(name, value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}")
-    return value
-
-
 # --------------------------------------------------------------------------
 # The schedule type.
 
@@ -124,7 +106,7 @@ def step_decay(init_value, step_size, gamma=0.1):
     """
     init_value = _checks.finite("init_value", init_value)
     step_size = _checks.positive("step_size", step_size)
-    gamma = open_unit_interval("gamma", gamma)
+    gamma = _checks.open_unit_interval("gamma", gamma)
     return Schedule("step_decay", lambda t: init_value * gamma ** np.floor(t / step_size),
                     init_value=init_value, step_size=step_size, gamma=gamma)
 
@@ -135,7 +117,7 @@ def multi_step(init_value, milestones, gamma=0.1):
     ``milestones`` must be strictly increasing and positive.
     """
     init_value = _checks.finite("init_value", init_value)
-    gamma = open_unit_interval("gamma", gamma)
+    gamma = _checks.open_unit_interval("gamma", gamma)
     milestones = _increasing("milestones", milestones)
     edges = np.array(milestones, dtype=np.float64)
     return Schedule("multi_step", lambda t: init_value * gamma ** np.searchsorted(edges, t, side="right"),
@@ -229,8 +211,8 @@ def cosine_warm_restarts(init_value, T_0, T_mult=1, eta_min=0.0):
     """
     init_value = _checks.finite("init_value", init_value)
     eta_min = _checks.finite("eta_min", eta_min)
-    T_0 = integer("T_0", T_0, 1)
-    T_mult = integer("T_mult", T_mult, 1)
+    T_0 = _checks.integer("T_0", T_0, 1)
+    T_mult = _checks.integer("T_mult", T_mult, 1)
 
     def start(i):  # step at which period i begins
         return T_0 * (float(T_mult) ** i - 1.0) / (T_mult - 1)
@@ -319,7 +301,7 @@ def one_cycle(max_value, total_steps, pct_start=0.3, anneal_strategy="cos", div_
     ``linear_onecycle_schedule`` (different phase boundaries).
     """
     max_value = _checks.finite("max_value", max_value)
-    total_steps = integer("total_steps", total_steps, 1)
+    total_steps = _checks.integer("total_steps", total_steps, 1)
     pct_start = _checks.real("pct_start", pct_start)
     if not 0.0 < pct_start < 1.0:
         raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
@@ -369,7 +351,7 @@ def swa_anneal(init_value, swa_value, anneal_steps=10, anneal_strategy="cos"):
     """
     init_value = _checks.finite("init_value", init_value)
     swa_value = _checks.finite("swa_value", swa_value)
-    anneal_steps = integer("anneal_steps", anneal_steps, 0)
+    anneal_steps = _checks.integer("anneal_steps", anneal_steps, 0)
     anneal_strategy = _checks.choice("anneal_strategy", anneal_strategy, ANNEAL_STRATEGIES)
 
     def values(t):
@@ -396,7 +378,7 @@ def swa_cyclic(max_value, min_value, cycle_length):
     """
     max_value = _checks.finite("max_value", max_value)
     min_value = _checks.finite("min_value", min_value)
-    cycle_length = integer("cycle_length", cycle_length, 1)
+    cycle_length = _checks.integer("cycle_length", cycle_length, 1)
 
     def values(t):
         tau = (np.mod(t, cycle_length) + 1.0) / cycle_length
@@ -417,7 +399,7 @@ def warmup(schedule, warmup_steps, start_value=0.0):
     for two particular schedules.)
     """
     schedule = _schedule("schedule", schedule)
-    warmup_steps = integer("warmup_steps", warmup_steps, 1)
+    warmup_steps = _checks.integer("warmup_steps", warmup_steps, 1)
     start_value = _checks.finite("start_value", start_value)
     peak = float(schedule._values(np.zeros(1))[0])
     ramp = Schedule("linear", lambda t: start_value + (peak - start_value) * (t / warmup_steps))
@@ -649,7 +631,7 @@ class Scheduler:
 
     def load_state_dict(self, state):
         """Restore the step (and plateau scaling), and write that step's values."""
-        last_step = integer("last_step", state["last_step"], 0)
+        last_step = _checks.integer("last_step", state["last_step"], 0)
         scale = [_checks.positive("scale", s) for s in state["scale"]]
         floor = [_checks.finite("floor", f) for f in state["floor"]]
         if len(scale) != len(self.schedules) or len(floor) != len(self.schedules):

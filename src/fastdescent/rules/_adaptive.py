@@ -35,15 +35,3 @@ def required_iff(name, buffers, needed, condition):
         raise ValueError(f"{condition} needs {name}")
     if not needed and buffers is not None:
         raise ValueError(f"{name} given, but they are only used when {condition}")
-
-
-def validated_lists(state_names, params, grads, *states):
-    """The arrays of one update as lists (one entry per tensor), all validated.
-
-    ``params`` and every state buffer (roles ``state_names``) are written, ``grads``
-    only read. Returns ``[params, grads, *states]``; an absent state stays None.
-    """
-    indexed, *lists = _checks.tensor_lists(params, grads, *states)
-    _checks.check_buffers(("param", "grad", *state_names), tuple(lists),
-                          (True, False) + (True,) * len(states), indexed)
-    return lists

@@ -2,7 +2,7 @@
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ._adaptive import step_number, validated_lists
+from ._adaptive import step_number
 
 
 def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
@@ -59,7 +59,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
                                   eps=eps, maximize=maximize, grad_scale=grad_scale)
     if state_sums is None:
         raise ValueError("adagrad_step needs state_sums")
-    params, grads, state_sums = validated_lists(("state_sum",), params, grads, state_sums)
+    params, grads, state_sums = _checks.validated_lists(("state_sum",), params, grads, state_sums)
     resolve_backend(backend).adagrad(params, grads, state_sums, **arguments,
                                      n_threads=effective_n_threads(n_threads))
 

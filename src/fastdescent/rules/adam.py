@@ -4,7 +4,7 @@ import math
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ._adaptive import betas_pair, required_iff, step_number, validated_lists
+from ._adaptive import betas_pair, required_iff, step_number
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
@@ -116,7 +116,7 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, be
     if exp_avgs is None or exp_avg_sqs is None:
         raise ValueError("Adam needs exp_avgs and exp_avg_sqs")
     required_iff("max_exp_avg_sqs", max_exp_avg_sqs, bool(amsgrad), "amsgrad=True")
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = validated_lists(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _checks.validated_lists(
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     resolve_backend(backend).adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **arguments,
                                   n_threads=effective_n_threads(n_threads))

@@ -8,7 +8,6 @@ kernels they call.
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ..schedules import integer
 
 
 def _resolve(params, averages, writable, names):
@@ -40,7 +39,7 @@ def swa_update(averages, params, *, n_averaged, n_threads=None, backend=None):
     n_averaged : int >= 0
     n_threads, backend : see :func:`fastdescent.sgd_step`.
     """
-    n_averaged = integer("n_averaged", n_averaged, 0)
+    n_averaged = _checks.integer("n_averaged", n_averaged, 0)
     params, averages = _resolve(params, averages, (False, True), ("param", "average"))
     resolve_backend(backend).swa(averages, params, n_averaged=n_averaged, n_threads=effective_n_threads(n_threads))
 

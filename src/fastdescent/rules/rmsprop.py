@@ -2,7 +2,7 @@
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
-from ._adaptive import required_iff, validated_lists
+from ._adaptive import required_iff
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr=1e-2,
@@ -68,7 +68,7 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
         raise ValueError("rmsprop_step needs square_avgs")
     required_iff("momentum_buffers", momentum_buffers, arguments["momentum"] > 0.0, "momentum > 0")
     required_iff("grad_avgs", grad_avgs, bool(centered), "centered=True")
-    params, grads, square_avgs, momentum_buffers, grad_avgs = validated_lists(
+    params, grads, square_avgs, momentum_buffers, grad_avgs = _checks.validated_lists(
         ("square_avg", "momentum_buffer", "grad_avg"), params, grads, square_avgs, momentum_buffers, grad_avgs)
     resolve_backend(backend).rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, **arguments,
                                      n_threads=effective_n_threads(n_threads))

@@ -76,13 +76,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
         raise ValueError("momentum > 0 needs momentum_buffers")
     if arguments["momentum"] == 0.0 and momentum_buffers is not None:
         raise ValueError("momentum_buffers were given but momentum is 0")
-    indexed, params, grads, momentum_buffers = _checks.tensor_lists(params, grads, momentum_buffers)
-    _checks.check_buffers(
-        ("param", "grad", "momentum_buffer"),
-        (params, grads, momentum_buffers),
-        (True, False, True),
-        indexed,
-    )
+    params, grads, momentum_buffers = _checks.validated_lists(("momentum_buffer",), params, grads, momentum_buffers)
     resolve_backend(backend).sgd(params, grads, momentum_buffers, **arguments,
                                  n_threads=effective_n_threads(n_threads))
 
