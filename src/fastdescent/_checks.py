@@ -91,9 +91,14 @@ def boolean(name, value):
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+#: Step counts stay below this (an int64, and a float that bias corrections can raise a
+#: coefficient to).
+MAX_STEP = 2**63
+
+
 def step_number(name, step):
-    """``step`` as a Python int >= 1: the 1-based index of the step being taken."""
-    if type(step) is int and step >= 1:
+    """``step`` as a Python int in [1, 2**63): the 1-based index of the step being taken."""
+    if type(step) is int and 1 <= step < MAX_STEP:
         return step
     if isinstance(step, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {step!r}")
@@ -103,6 +108,8 @@ def step_number(name, step):
         raise TypeError(f"{name} must be an int, got {step!r}") from None
     if step < 1:
         raise ValueError(f"{name} counts from 1 (the step being taken), got {step}")
+    if step >= MAX_STEP:
+        raise ValueError(f"{name} must be below 2**63, got {step}")
     return step
 
 

@@ -51,14 +51,15 @@ class Rule:
 
     @property
     def torch_peer(self):
-        """``(torch.optim class name, its arguments)`` taking the same branches, or
-        None (no peer, or an option the peer does not have)."""
+        """``(torch.optim class name, its arguments)`` taking the same branches (the
+        learning rate always given), or None (no peer, or an option the peer does
+        not have)."""
         if self.spec.torch is None:
             return None
         torch_names = {h.name for h in self.spec.hyper if h.torch}
         if any(k not in torch_names for k in self.options):
             return None
-        return self.spec.torch, self.options
+        return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
     def bytes_per_element(self, dtype):
         return (self.reads + self.writes) * np.dtype(dtype).itemsize
@@ -93,6 +94,13 @@ class Rule:
         options = {k: v for k, v in {**self.options, **hyper}.items() if k in face_options}
         FACES[self.spec.face_name](params, grads, *face_buffers, **options, **extra,
                                    grad_scale=grad_scale, backend=backend, n_threads=n_threads)
+
+
+def configure(spec, options=None, name=None, description=""):
+    """A :class:`Rule` of ``spec`` with ``options`` (any configuration, not only the
+    spec's examples)."""
+    options = dict(options or {})
+    return Rule(spec, Example(name or spec.name, options, description), spec.validate({**spec.defaults, **options}))
 
 
 def configurations(bench_only=False):

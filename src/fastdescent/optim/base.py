@@ -369,7 +369,7 @@ class Optimizer(Checkpointing):
         n_threads = effective_n_threads(self._n_threads)
         kernels = resolve_backend(self._backend)
         fresh = {g: self._allocate_state(g, hyper[g]) for g in selected}
-        scalar_state = {g: self._scalar_state(g) for g in selected}
+        scalar_state = {g: self._scalar_state(g, hyper[g]) for g in selected}
         for item in work:
             g = item.group
             buffers = {name: self._buffer_lists(item, name) for name in self.spec.buffer_names}
@@ -390,10 +390,11 @@ class Optimizer(Checkpointing):
             return None if arena is None else [arena]
         return item.bucket.buffers.get(name)
 
-    def _scalar_state(self, g):
+    def _scalar_state(self, g, hyper):
         """Group ``g``'s scalar states before this step (their initial values first)."""
         states = self._layouts[g].states
-        return {s.name: states[0].get(s.name, s.initial) if states else s.initial for s in self.spec.scalar_state}
+        return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
+                for s in self.spec.scalar_state}
 
     def _selected(self, group):
         if group is None:
@@ -490,7 +491,7 @@ class Optimizer(Checkpointing):
         if not layout.params or not (wanted or self.spec.counts_steps or self.spec.scalar_state):
             return frozenset()
         if layout.states is None:
-            initial = {s.name: s.initial for s in self.spec.scalar_state}
+            initial = {s.name: s.initial_value(hyper) for s in self.spec.scalar_state}
             if self.spec.counts_steps:
                 initial["step"] = 0
             layout.states = [dict(initial) for _ in layout.params]

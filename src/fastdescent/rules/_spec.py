@@ -19,7 +19,6 @@ contenders and the test grids. Every one of them reaches the kernel through
 :meth:`RuleSpec.run`, which passes the state buffers by name.
 """
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
@@ -121,11 +120,15 @@ class Buffer:
 class ScalarState:
     """A per-parameter scalar the rule keeps in its state besides ``step`` (for
     example NAdam's ``mu_product``): the face takes its current value by keyword
-    and returns the new one; the optimizers store it."""
+    and returns the new one; the optimizers store it. ``initial`` is a float or a
+    callable of the validated hyperparameters (ASGD's ``eta`` starts at ``lr``)."""
 
     name: str
-    initial: float
+    initial: Any
     doc: str
+
+    def initial_value(self, hyper):
+        return self.initial(hyper) if callable(self.initial) else self.initial
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,8 @@ class RuleSpec:
             if needed and not fresh:
                 raise ValueError("first_step=True, but no buffer of this configuration starts as the first gradient")
         if self.scalar_state:
-            scalar_state = {s.name: _checks.finite(s.name, scalar_state[s.name]) for s in self.scalar_state}
+            scalar_state = {s.name: s.initial_value(h) if scalar_state[s.name] is None
+                            else _checks.finite(s.name, scalar_state[s.name]) for s in self.scalar_state}
         lists = _checks.validated_lists(self.buffer_names, params, grads, *buffers)
         params, grads = lists[:2]
         self.run(resolve_backend(backend), params, grads, dict(zip(self.buffer_names, lists[2:])), h,
@@ -321,13 +325,6 @@ class RuleSpec:
 
 
 # ------------------------------------------------------------------ the face
-def _literal(value):
-    r = repr(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"float({r!r})"
-    return r
-
-
 def make_face(spec, module):
     """The functional face of ``spec`` (``fastdescent.<name>_step``): a function
     with a real signature (buffers positional, then keyword-only ``step``, the
@@ -339,7 +336,7 @@ def make_face(spec, module):
     args = ["params", "grads"]
     args += [b.face_argument if b.when is None else f"{b.face_argument}=None" for b in spec.buffers]
     kw = (["step"] if spec.uses_step else [])
-    kw += [f"{s.name}={_literal(s.initial)}" for s in spec.scalar_state]
+    kw += [f"{s.name}=None" for s in spec.scalar_state]
     kw += [h.name if h.default is REQUIRED else f"{h.name}=_d_{h.name}" for h in hyper]
     kw += (["first_step=False"] if first_gradient else []) + ["grad_scale=1.0", "n_threads=None", "backend=None"]
     values = ", ".join([f"{h.name!r}: {h.name}" for h in hyper]
@@ -378,7 +375,8 @@ def face_parameters(spec, first_gradient):
         lines += ["step : int", "    The 1-based index of the step being taken (PyTorch's ``state['step']`` after",
                   "    its increment)."]
     for s in spec.scalar_state:
-        lines += [f"{s.name} : float", f"    {s.doc} The face returns its new value in a dict."]
+        lines += [f"{s.name} : float or None", f"    {s.doc} None: its initial value, for the first step. The face",
+                  "    returns the values after the step in a dict: pass them to the next step."]
     for h in spec.hyper:
         if h.face:
             lines += [f"{h.name} : {h.type}", f"    {h.doc}"]

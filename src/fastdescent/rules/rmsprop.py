@@ -63,11 +63,12 @@ RMSPROP = RuleSpec(
     torch="RMSprop",
     examples=(
         Example("rmsprop", dict(lr=0.01), "RMSprop, alpha 0.99", bench=True, demo=("adaptive", 1e-3)),
-        Example("rmsprop-momentum-wd", dict(momentum=0.9, weight_decay=0.01)),
-        Example("rmsprop-centered-maximize", dict(centered=True, maximize=True)),
-        Example("rmsprop_centered_momentum", dict(lr=0.01, momentum=0.9, centered=True),
+        Example("rmsprop-momentum-wd", dict(lr=0.005, alpha=0.9, momentum=0.5, weight_decay=0.01)),
+        Example("rmsprop-centered-maximize", dict(lr=0.005, centered=True, maximize=True, eps=1e-6)),
+        Example("rmsprop_centered_momentum", dict(lr=0.001, momentum=0.9, centered=True),
                 "RMSprop, centered, momentum 0.9", bench=True),
-        Example("rmsprop-centered-momentum-wd", dict(centered=True, momentum=0.8, alpha=0.9, weight_decay=0.01)),
-        Example("rmsprop-centered-alpha0.3", dict(centered=True, alpha=0.3, eps=1e-4)),
+        Example("rmsprop-centered-momentum-wd", dict(lr=0.001, centered=True, momentum=0.8, alpha=0.9,
+                                                     weight_decay=0.01)),
+        Example("rmsprop-centered-alpha0.3", dict(lr=0.001, centered=True, alpha=0.3, eps=1e-4)),
     ),
 )

@@ -29,7 +29,7 @@ from .. import _checks
 from .._config import effective_n_threads, resolve_backend
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT
-from ._adapter import KernelOptimizer, init_like, kernel_doc, new_step_tensor
+from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
 
 
 def _plain(value):
@@ -61,7 +61,7 @@ class SpecOptimizer(KernelOptimizer):
         if self.spec.counts_steps:
             state["step"] = new_step_tensor(group)
         for s in self.spec.scalar_state:
-            state[s.name] = torch.tensor(s.initial, dtype=torch.float64)
+            state[s.name] = torch.tensor(s.initial_value(h), dtype=_scalar_dtype())
         fresh = False
         for b in self.spec.needed(h):
             fill = b.initial(h)
@@ -72,22 +72,26 @@ class SpecOptimizer(KernelOptimizer):
             state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
         return fresh
 
-    def _update(self, group, params, grads, buffers, step, fresh):
+    def _update(self, group, params, grads, buffers, step, fresh, states):
         h = self._hyper(group)
         names = tuple(b.name for b in self.spec.needed(h))
         params, grads, *buffers = _checks.validated_lists(names, params, grads, *buffers)
         fresh_names = frozenset(b.name for b in self.spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
-        self.spec.run(resolve_backend(None), params, grads, dict(zip(names, buffers)), h,
-                      step=None if step is None or not self.spec.uses_step else int(step), grad_scale=1.0,
-                      fresh=fresh_names, n_threads=effective_n_threads(None))
+        step = None if step is None or not self.spec.uses_step else int(step)
+        # The parameters of one call are at one step, so they share their scalar state.
+        scalar_state = {s.name: float(states[0][s.name]) for s in self.spec.scalar_state}
+        self.spec.run(resolve_backend(None), params, grads, dict(zip(names, buffers)), h, step=step,
+                      grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state,
+                      n_threads=effective_n_threads(None))
+        for name, value in self.spec.advanced(h, step, scalar_state).items():
+            for state in states:
+                state[name].fill_(value)
 
 
 def torch_class(spec):
     """The ``fastdescent.torch`` class of ``spec``: a subclass of
     ``torch.optim.<spec.torch>`` stepped by the rule's kernel."""
     peer = getattr(torch.optim, spec.torch)
-    if spec.scalar_state:
-        raise NotImplementedError(f"{spec.title}: scalar state in the torch adapter")
     return type(spec.title, (SpecOptimizer, peer), {
         "__doc__": kernel_doc(peer), "__init__": init_like(peer), "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
