@@ -26,6 +26,7 @@ from . import plots
 from .data import MiniBatches
 from .mlp import MLP
 from .newton import lookahead_nesterov, newton
+from .rules import SPECS
 from .surfaces import SURFACES
 from .trajectory import run_trajectory
 
@@ -47,15 +48,12 @@ class Contender:
     mlp_lr: float = 0.1
 
 
-CONTENDERS = {c.name: c for c in [
-    Contender("sgd", "SGD", {}, "sgd", 0.1),
-    Contender("momentum", "SGD", {"momentum": 0.9}, "momentum", 0.05),
-    Contender("nesterov", "SGD", {"momentum": 0.9, "nesterov": True}, "momentum", 0.05),
-    Contender("adagrad", "Adagrad", {}, "adagrad", 0.05),
-    Contender("rmsprop", "RMSprop", {}, "adaptive", 1e-3),
-    Contender("adam", "Adam", {}, "adaptive", 1e-3),
-    Contender("adamw", "AdamW", {"weight_decay": 1e-2}, "adaptive", 1e-3),
-]}
+#: The rules' examples marked for the demo (``Example.demo``), in the order of their papers.
+CONTENDERS = {
+    example.name: Contender(example.name, spec.title, {k: v for k, v in example.options.items() if k != "lr"},
+                            *example.demo)
+    for spec in SPECS.values() for example in spec.examples if example.demo is not None
+}
 #: everything ``--optimizers`` accepts; Newton runs on the surfaces only
 METHODS = (*CONTENDERS, "newton")
 #: a race is won when the gradient norm falls to this
