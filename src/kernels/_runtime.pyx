@@ -710,14 +710,18 @@ cdef class GroupPlan:
 
 
 cdef class StepPlan:
-    """An optimizer's step while nothing but the gradients changes, in C.
+    """An optimizer's step while nothing but the gradients and the hyperparameter
+    values changes, in C.
 
     The optimizer builds it (in Python) after a step that went its general way,
-    and uses it until anything changes: :meth:`run` returns False, before writing
-    anything, when a hyperparameter in ``param_groups`` is not the object
-    validated last time, a group or its parameter list was replaced, or a step
-    count is not a plain int in range; the optimizer then takes its general path,
-    which validates, allocates, raises as needed and builds a new plan. Otherwise
+    and uses it until anything else changes. When a hyperparameter in
+    ``param_groups`` is not the object validated last time (a schedule wrote
+    it), ``refresh(position, group_plan, grad_scale, step)`` (the optimizer's) validates
+    the group again and updates the group's plan, or returns False. :meth:`run`
+    returns False, before writing anything, when a refresh does, a group or its
+    parameter list was replaced, or a step count is not a plain int in range;
+    the optimizer then takes its general path, which validates, allocates,
+    raises as needed and builds a new plan. Otherwise
     it checks the arrays (:class:`WrittenBuffers`; a bad gradient raises), reads
     each group's step count, calls the rule's ``step_scalars`` (if the update uses
     the step), and only then writes: one kernel call per bucket, then the step
@@ -729,12 +733,12 @@ cdef class StepPlan:
     cdef WrittenBuffers written
     cdef bint flat
     cdef Py_ssize_t size
-    cdef object grad_scale
+    cdef object grad_scale, refresh
 
-    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, grad_scale):
+    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, grad_scale, refresh):
         cdef GroupPlan plan
         self.param_groups, self.groups, self.written, self.flat = param_groups, groups, written, flat
-        self.grad_scale = grad_scale
+        self.grad_scale, self.refresh = grad_scale, refresh
         self.size = 0
         for plan in groups:
             self.size += plan.size
@@ -752,8 +756,7 @@ cdef class StepPlan:
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
             group = (<list>param_groups)[g]
-            if (group is not plan.group or not same_values(group, plan.names, plan.values)
-                    or PyDict_GetItemWithError(group, "params") != <PyObject*>plan.param_list):
+            if group is not plan.group or PyDict_GetItemWithError(group, "params") != <PyObject*>plan.param_list:
                 return False
             step = 1
             if plan.counts_steps:
@@ -761,6 +764,8 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
+            if not same_values(group, plan.names, plan.values) and not self.refresh(g, plan, self.grad_scale, step):
+                return False
             steps.append(step)
         self.written.verify()
         if not self.flat:
@@ -819,13 +824,19 @@ cdef class KernelArguments:
         self.keyed_on_step, self.last = keyed_on_step, None
 
     cpdef tuple get(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants, varying)`` for step ``step``."""
+        cdef tuple constant = self.constant(step, grad_scale, fresh)
+        return constant[0], constant[1], () if self.step_scalars is None else self.step_scalars(self.hyper, step)
+
+    cpdef tuple constant(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants)`` for step ``step``: what does not change with it."""
         cdef object key = step if self.keyed_on_step else None
         cdef tuple last = self.last
         if last is None or last[0] is not key or last[1] is not grad_scale or last[2] is not fresh:
             invoke, constants = self.compute(step, grad_scale, fresh)
             last = (key, grad_scale, fresh, invoke, constants)
             self.last = last
-        return last[3], last[4], () if self.step_scalars is None else self.step_scalars(self.hyper, step)
+        return last[3], last[4]
 
 
 cdef class FaceRunner:

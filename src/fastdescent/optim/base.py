@@ -431,7 +431,8 @@ class Optimizer(Checkpointing):
         # The writes.
         for position, bucket, params, bucket_grads, flat in work:
             invoke, constants, varying = calls[position]
-            invoke(kernels, params, bucket_grads, self._kernel_buffers(bucket, flat), constants, varying, n_threads)
+            buffers = self._kernel_buffers(bucket, flat, groups[position][1])
+            invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
         for layout, config, step, scalar_state, fresh in groups:
             if layout.states:
                 update = self.spec.advanced(config.hyper, step, scalar_state)
@@ -458,24 +459,47 @@ class Optimizer(Checkpointing):
             if (not config.trusted or layout.complete is not config or group["params"] is not layout.param_list
                     or (spec.counts_steps and layout.params and not layout.states)):
                 return None
-            buckets = [_runtime.BucketPlan([b.arenas["param"]], self._kernel_buffers(b, True), b.positions, b.span,
-                                           [b.arenas["grad"]]) if flat else
-                       _runtime.BucketPlan(b.params, self._kernel_buffers(b, False), b.positions, b.span)
+            buckets = [_runtime.BucketPlan([b.arenas["param"]], self._kernel_buffers(b, True, config), b.positions,
+                                           b.span, [b.arenas["grad"]]) if flat else
+                       _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
                        for b in layout.buckets]
             groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
                                              layout.states or [], buckets, invoke, constants, config.hyper,
                                              spec.step_scalars, layout.first, len(layout.params),
                                              spec.counts_steps and bool(layout.states)))
-        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, grad_scale)
+        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, grad_scale,
+                                 self._refresh_plan)
 
-    def _kernel_buffers(self, bucket, flat):
+    def _refresh_plan(self, position, plan, grad_scale, step):
+        """A schedule wrote a hyperparameter of group ``position``: validate the
+        group again (only the values that changed) and update its part of the
+        StepPlan; False if the general path must run (a buffer to create, mutable
+        values). Raises, before any write, for a value validation refuses."""
+        layout = self._layouts[position]
+        config = self._config(layout)
+        if not config.trusted or self._missing(layout, config) is not NOTHING_FRESH:
+            return False
+        invoke, constants = config.arguments.constant(step, grad_scale, NOTHING_FRESH)
+        if type(invoke) is not _runtime.KernelCall:
+            return False
+        flat = bool(plan.buckets) and plan.buckets[0].grads is not None
+        for bucket, b in zip(plan.buckets, layout.buckets):
+            bucket.buffers = self._kernel_buffers(b, flat, config)
+        plan.values, plan.hyper, plan.constants, plan.kernel = config.values, config.hyper, constants, invoke
+        layout.complete = config
+        return True
+
+    def _kernel_buffers(self, bucket, flat, config):
         """A bucket's state buffers as its kernel call takes them: one list (or None)
-        per declared buffer, of the per-parameter arrays or (``flat``) of the arena."""
-        if bucket.kernel_buffers is None:
-            names = self.spec.buffer_names
+        per declared buffer, of the per-parameter arrays or (``flat``) of the arena;
+        only those ``config`` needs (a buffer kept from an earlier configuration,
+        such as AMSGrad's maximum after ``amsgrad`` was switched off, stays out)."""
+        kept = bucket.kernel_buffers
+        if kept is None or kept[0] is not config:
+            names = [n if n in config.needed else None for n in self.spec.buffer_names]
             arenas = tuple(None if bucket.arenas.get(n) is None else [bucket.arenas[n]] for n in names)
-            bucket.kernel_buffers = (tuple(bucket.buffers.get(n) for n in names), arenas)
-        return bucket.kernel_buffers[flat]
+            kept = bucket.kernel_buffers = (config, tuple(bucket.buffers.get(n) for n in names), arenas)
+        return kept[1 + flat]
 
     def _scalar_state(self, layout, config):
         """The group's scalar states before this step (their initial values first),
@@ -548,18 +572,24 @@ class Optimizer(Checkpointing):
 
     def _written_table(self):
         """The table of every array a step may write (the kernels' own lists of
-        parameters and state buffers), built again after a change."""
+        parameters and state buffers), built again after a change. It records the
+        arrays as they are, so it first checks that each still has its bucket's
+        dtype (the rest of its layout the table checks itself)."""
         if self._written is None:
             arrays, labels, groups = [], [], []
             for g, layout in enumerate(self._layouts):
                 for bucket in layout.buckets:
                     indices = [layout.first + k for k in bucket.positions]
-                    arrays += bucket.params
-                    labels += [f"params[{i}]" for i in indices]
-                    for name, buffers in bucket.buffers.items():
-                        arrays += buffers
-                        labels += [f"state[{i}][{name!r}]" for i in indices]
-                    groups += [g] * (len(arrays) - len(groups))
+                    roles = [("params[{}]", bucket.params)]
+                    roles += [(f"state[{{}}][{name!r}]", buffers) for name, buffers in bucket.buffers.items()]
+                    for label, role in roles:
+                        for i, array in zip(indices, role):
+                            if array.dtype != bucket.dtype:
+                                raise ValueError(f"{label.format(i)} was changed in place: its dtype is "
+                                                 f"{array.dtype}, not {bucket.dtype}")
+                            arrays.append(array)
+                            labels.append(label.format(i))
+                            groups.append(g)
             self._written = _runtime.WrittenBuffers(arrays, labels, groups)
         return self._written
 
