@@ -111,7 +111,7 @@ def test_many_tensors_are_checked_all_against_all(rng):
 
 # ------------------------------------------------------------------ optimizers
 def stepped_optimizer(name, rng, **options):
-    cls, config = RULES[name]
+    cls, config = RULES[RICHEST[name].name]
     params = make_params(rng, np.float32, [(10,), (3, 4)]) + make_params(rng, np.float64, [(20,)])
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], **config, **options)
     opt.step(make_grads(rng, params, 1)[0])

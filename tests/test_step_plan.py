@@ -122,7 +122,7 @@ def test_step_scalars_are_the_scalars_that_change_with_the_step(name, rule):
 def test_writes_between_steps_take_effect_on_the_plan_path(name, rng):
     """Steady steps (the C plan) with a rate written now and then equal the general
     path, forced at every step by writing a new (equal) rate object."""
-    cls, config = RULES[name]
+    cls, config = RULES[RICHEST[name].name]
     params = make_params(rng, np.float64, [(30,), (7,)])
     grad_steps = make_grads(rng, params, 8)
     lrs = [config["lr"]] * 4 + [config["lr"] * 0.5] * 2 + [config["lr"] * 0.25] * 2
@@ -209,7 +209,7 @@ def test_a_step_count_written_into_the_state_is_checked(rng):
 def test_plan_steps_equal_general_steps(name, flat, rng):
     """The C plan and the general path (forced by a new lr object every step) agree
     bit for bit, with mixed dtypes and groups."""
-    cls, config = RULES[name]
+    cls, config = RULES[RICHEST[name].name]
     shapes = [(5,), (3, 3), (0,)]
     params = make_params(rng, np.float32, shapes) + make_params(rng, np.float64, [(9,)])
     grad_steps = make_grads(rng, params, 6)
