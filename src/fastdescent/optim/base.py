@@ -466,7 +466,7 @@ class Optimizer(Checkpointing):
             groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
                                              layout.states or [], buckets, invoke, constants, config.hyper,
                                              spec.step_scalars, layout.first, len(layout.params),
-                                             spec.counts_steps and bool(layout.states)))
+                                             spec.counts_steps and bool(layout.states), config.present))
         return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, grad_scale,
                                  self._refresh_plan)
 
@@ -482,9 +482,11 @@ class Optimizer(Checkpointing):
         invoke, constants = config.arguments.constant(step, grad_scale, NOTHING_FRESH)
         if type(invoke) is not _runtime.KernelCall:
             return False
-        flat = bool(plan.buckets) and plan.buckets[0].grads is not None
-        for bucket, b in zip(plan.buckets, layout.buckets):
-            bucket.buffers = self._kernel_buffers(b, flat, config)
+        if config.present != plan.present:  # other buffers for the kernel
+            flat = bool(plan.buckets) and plan.buckets[0].grads is not None
+            for bucket, b in zip(plan.buckets, layout.buckets):
+                bucket.buffers = self._kernel_buffers(b, flat, config)
+            plan.present = config.present
         plan.values, plan.hyper, plan.constants, plan.kernel = config.values, config.hyper, constants, invoke
         layout.complete = config
         return True
@@ -495,10 +497,10 @@ class Optimizer(Checkpointing):
         only those ``config`` needs (a buffer kept from an earlier configuration,
         such as AMSGrad's maximum after ``amsgrad`` was switched off, stays out)."""
         kept = bucket.kernel_buffers
-        if kept is None or kept[0] is not config:
-            names = [n if n in config.needed else None for n in self.spec.buffer_names]
-            arenas = tuple(None if bucket.arenas.get(n) is None else [bucket.arenas[n]] for n in names)
-            kept = bucket.kernel_buffers = (config, tuple(bucket.buffers.get(n) for n in names), arenas)
+        if kept is None or kept[0] != config.present:
+            names = [n if needed else None for n, needed in zip(self.spec.buffer_names, config.present)]
+            arenas = tuple([None if bucket.arenas.get(n) is None else [bucket.arenas[n]] for n in names])
+            kept = bucket.kernel_buffers = (config.present, tuple([bucket.buffers.get(n) for n in names]), arenas)
         return kept[1 + flat]
 
     def _scalar_state(self, layout, config):

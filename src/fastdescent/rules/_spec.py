@@ -28,6 +28,7 @@ validation would refuse is never taken for one it accepted.
 """
 
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
@@ -231,6 +232,7 @@ class RuleSpec:
         object.__setattr__(self, "_roles", roles)
         object.__setattr__(self, "buffer_names", tuple(b.name for b in self.buffers))
         object.__setattr__(self, "hyper_names", tuple(h.name for h in self.hyper))
+        object.__setattr__(self, "_hyper_getter", _tuple_getter(self.hyper_names))
         object.__setattr__(self, "_writable", (True, False) + (True,) * len(self.buffers))
         if self.uses_step and not self.counts_steps:
             raise ValueError(f"{self.name}: a rule whose update uses the step must count steps")
@@ -283,7 +285,7 @@ class RuleSpec:
         """The hyperparameters of ``mapping`` as a tuple in declared order (the key
         of :meth:`configure`); ValueError naming a missing one."""
         try:
-            return tuple([mapping[name] for name in self.hyper_names])
+            return self._hyper_getter(mapping)
         except KeyError as error:
             raise ValueError(f"{where + ' ' if where else ''}lacks the hyperparameter {error}") from None
 
@@ -373,11 +375,12 @@ class RuleSpec:
         the scalars (``constants``, then ``varying``: the ``step_scalar_names``) by
         name. It is a :class:`~fastdescent._runtime.KernelCall`, made once per set
         of scalar names."""
-        names = tuple([name for name in scalars if name not in self.step_scalar_names])
-        invoke = self._invokers.get(names) or self._invoker(names)
-        return invoke, tuple([scalars[name] for name in names])
+        invoke, constants = self._invokers.get(tuple(scalars)) or self._invoker(tuple(scalars))
+        return invoke, constants(scalars)
 
-    def _invoker(self, constant_names):
+    def _invoker(self, scalar_names):
+        """``(invoke, getter of the constants)`` for scalars named ``scalar_names``."""
+        constant_names = tuple([name for name in scalar_names if name not in self.step_scalar_names])
         if self.runner is None:
             invoke = _runtime.KernelCall(self.kernel, self.buffer_names, constant_names, self.step_scalar_names)
         else:
@@ -386,8 +389,8 @@ class RuleSpec:
             def invoke(backend, params, grads, buffers, constants, varying, n_threads):
                 self.runner(backend, params, grads, dict(zip(self.buffer_names, buffers)),
                             dict(zip(all_names, constants + varying)), n_threads)
-        self._invokers[constant_names] = invoke
-        return invoke
+        self._invokers[scalar_names] = invoke, _tuple_getter(constant_names)
+        return self._invokers[scalar_names]
 
     def advanced(self, h, step, scalar_state):
         """The scalar states after step ``step`` (empty if the rule keeps none)."""
@@ -439,6 +442,14 @@ class RuleSpec:
                 for s in self.scalar_state}
 
 
+def _tuple_getter(keys):
+    """``mapping -> tuple(mapping[k] for k in keys)``, in C (``operator.itemgetter``)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda mapping: (mapping[key],)
+    return operator.itemgetter(*keys) if keys else (lambda mapping: ())
+
+
 class Config:
     """One validated configuration of a rule, and what follows from it, worked
     out once per change of the hyperparameters (:meth:`RuleSpec.configure`).
@@ -448,8 +459,8 @@ class Config:
     (see :func:`fastdescent._runtime.immutable`), so the very same objects mean the
     same values and an optimizer need not validate them again; ``needed``: the
     buffers they need (name -> initial value); ``present``: per declared buffer,
-    whether it is needed; ``fresh_first``: the buffers that start as the first
-    gradient.
+    whether it is needed (configs with equal ``present`` hand a kernel the same
+    buffers); ``fresh_first``: the buffers that start as the first gradient.
     """
 
     __slots__ = ("spec", "values", "hyper", "trusted", "needed", "present", "fresh_first", "arguments")
@@ -457,16 +468,11 @@ class Config:
     def __init__(self, spec, values, hyper):
         self.spec, self.values, self.hyper = spec, values, hyper
         self.trusted = _runtime.immutable(values)
-        needed = spec.needed(hyper)
-        self.needed = {b.name: b.initial(hyper) for b in needed}
-        self.present = tuple(b in needed for b in spec.buffers)
-        self.fresh_first = frozenset(name for name, fill in self.needed.items() if fill is FIRST_GRADIENT)
+        self.needed = {b.name: b.initial(hyper) for b in spec.needed(hyper)}
+        self.present = tuple([name in self.needed for name in spec.buffer_names])
+        self.fresh_first = frozenset([name for name, fill in self.needed.items() if fill is FIRST_GRADIENT])
         #: The kernel call and scalars step after step (computed again only when needed).
-        self.arguments = _runtime.KernelArguments(self._prepared, spec.step_scalars, hyper,
-                                                  spec.uses_step and spec.step_scalars is None)
-
-    def _prepared(self, step, grad_scale, fresh):
-        return self.spec.prepared(self.spec.scalars(self.hyper, step=step, grad_scale=grad_scale, fresh=fresh))
+        self.arguments = _runtime.KernelArguments(spec, hyper)
 
     def kernel_arguments(self, step, grad_scale, fresh=NOTHING_FRESH, scalar_state=None):
         """``(invoke, constants, varying)`` for a step (see :meth:`RuleSpec.prepared`).
