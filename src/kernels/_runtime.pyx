@@ -674,6 +674,58 @@ cdef class KernelCall:
         return PyObject_Vectorcall(function, args, 2, self.kwnames)
 
 
+cdef class KernelArguments:
+    """The kernel call of one validated configuration (a rule's Config), step
+    after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
+
+    ``spec.prepared(spec.scalars(hyper, step=, grad_scale=, fresh=))`` gives
+    ``(invoke, constants)``; it runs again only when ``grad_scale`` or ``fresh`` is
+    not the very object of the last call, or, if ``keyed_on_step`` (the scalars
+    change with the step and the rule declares no ``step_scalars``), ``step`` is
+    not. Otherwise only ``spec.step_scalars(hyper, step)`` runs, if declared: so a
+    rule computes its step-independent scalars once per change of its
+    hyperparameters. One tuple is read and one replaced, so threads sharing a
+    configuration never mix one call's key with another's scalars. (It holds the
+    spec, not the Config: no reference cycle, so a Config is freed at once.)
+    """
+
+    cdef object spec, step_scalars, hyper
+    cdef bint keyed_on_step
+    cdef tuple last          # (key, grad_scale, fresh, invoke, constants)
+    cdef tuple last_varying  # (step, step_scalars(hyper, step)): arrays stepped one by one share it
+
+    def __init__(self, spec, hyper):
+        self.spec, self.hyper, self.step_scalars = spec, hyper, spec.step_scalars
+        self.keyed_on_step, self.last, self.last_varying = spec.uses_step and spec.step_scalars is None, None, None
+
+    cpdef tuple get(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants, varying)`` for step ``step``."""
+        cdef tuple constant = self.constant(step, grad_scale, fresh)
+        return constant[0], constant[1], self.varying(step)
+
+    cpdef tuple varying(self, object step):
+        """``step_scalars(hyper, step)`` (``()`` if the rule declares none), kept for
+        the next call at the same step."""
+        cdef tuple last = self.last_varying
+        if self.step_scalars is None:
+            return ()
+        if last is None or type(step) is not int or type(last[0]) is not int or step != last[0]:
+            last = (step, self.step_scalars(self.hyper, step))
+            self.last_varying = last
+        return last[1]
+
+    cpdef tuple constant(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants)`` for step ``step``: what does not change with it."""
+        cdef object key = step if self.keyed_on_step else None
+        cdef tuple last = self.last
+        if last is None or last[0] is not key or last[1] is not grad_scale or last[2] is not fresh:
+            invoke, constants = self.spec.prepared(self.spec.scalars(self.hyper, step=step, grad_scale=grad_scale,
+                                                                     fresh=fresh))
+            last = (key, grad_scale, fresh, invoke, constants)
+            self.last = last
+        return last[3], last[4]
+
+
 cdef class BucketPlan:
     """One kernel call of an optimizer's step: a group's parameters of one dtype
     (or its flat arena), their state buffers as the kernel takes them, and where
@@ -692,22 +744,23 @@ cdef class GroupPlan:
     the group's dict and the hyperparameter objects last validated (``values``,
     by ``names``), its parameter list, its state dicts (the step count of
     ``states[0]``), the rule's kernel call and the scalars that do not change with
-    the step (``constants``; ``step_scalars(hyper, step)`` gives the others), and
+    the step (``constants``; the config's ``arguments.varying(step)`` gives the others), and
     which of the rule's buffers the kernel gets (``present``, as a Config's)."""
 
-    cdef public object group, param_list, hyper, step_scalars
+    cdef public object group, param_list
     cdef public tuple names, values, constants, present
     cdef public list states, buckets
     cdef public KernelCall kernel
+    cdef public KernelArguments arguments
     cdef public Py_ssize_t first, size
     cdef public bint counts_steps
 
     def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets, KernelCall kernel,
-                 tuple constants, hyper, step_scalars, Py_ssize_t first, Py_ssize_t size, bint counts_steps,
+                 tuple constants, KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps,
                  tuple present):
         self.group, self.names, self.values, self.param_list = group, names, values, param_list
         self.states, self.buckets, self.kernel, self.constants = states, buckets, kernel, constants
-        self.hyper, self.step_scalars = hyper, step_scalars
+        self.arguments = arguments
         self.first, self.size, self.counts_steps, self.present = first, size, counts_steps, present
 
 
@@ -788,7 +841,7 @@ cdef class StepPlan:
                 offset += plan.size
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
-            varying.append(() if plan.step_scalars is None else plan.step_scalars(plan.hyper, steps[g]))
+            varying.append(plan.arguments.varying(steps[g]))
         # The writes.
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
@@ -801,46 +854,6 @@ cdef class StepPlan:
             if plan.counts_steps:
                 update_each(plan.states, {"step": steps[g]})
         return True
-
-
-cdef class KernelArguments:
-    """The kernel call of one validated configuration (a rule's Config), step
-    after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
-
-    ``spec.prepared(spec.scalars(hyper, step=, grad_scale=, fresh=))`` gives
-    ``(invoke, constants)``; it runs again only when ``grad_scale`` or ``fresh`` is
-    not the very object of the last call, or, if ``keyed_on_step`` (the scalars
-    change with the step and the rule declares no ``step_scalars``), ``step`` is
-    not. Otherwise only ``spec.step_scalars(hyper, step)`` runs, if declared: so a
-    rule computes its step-independent scalars once per change of its
-    hyperparameters. One tuple is read and one replaced, so threads sharing a
-    configuration never mix one call's key with another's scalars. (It holds the
-    spec, not the Config: no reference cycle, so a Config is freed at once.)
-    """
-
-    cdef object spec, step_scalars, hyper
-    cdef bint keyed_on_step
-    cdef tuple last   # (key, grad_scale, fresh, invoke, constants)
-
-    def __init__(self, spec, hyper):
-        self.spec, self.hyper, self.step_scalars = spec, hyper, spec.step_scalars
-        self.keyed_on_step, self.last = spec.uses_step and spec.step_scalars is None, None
-
-    cpdef tuple get(self, object step, object grad_scale, object fresh):
-        """``(invoke, constants, varying)`` for step ``step``."""
-        cdef tuple constant = self.constant(step, grad_scale, fresh)
-        return constant[0], constant[1], () if self.step_scalars is None else self.step_scalars(self.hyper, step)
-
-    cpdef tuple constant(self, object step, object grad_scale, object fresh):
-        """``(invoke, constants)`` for step ``step``: what does not change with it."""
-        cdef object key = step if self.keyed_on_step else None
-        cdef tuple last = self.last
-        if last is None or last[0] is not key or last[1] is not grad_scale or last[2] is not fresh:
-            invoke, constants = self.spec.prepared(self.spec.scalars(self.hyper, step=step, grad_scale=grad_scale,
-                                                                     fresh=fresh))
-            last = (key, grad_scale, fresh, invoke, constants)
-            self.last = last
-        return last[3], last[4]
 
 
 cdef class FaceRunner:

@@ -20,6 +20,7 @@ microseconds per step with the spread of the samples (fastest-slowest) and
 The load average before and after the run is printed with it.
 """
 
+import itertools
 import os
 import sys
 import time
@@ -90,11 +91,14 @@ def stepper(method, rule, count, size, n_threads, torch):
             args = [a[0] if isinstance(a, list) else a for a in args]
         kwargs = {k: v for k, v in rule.options.items() if next(h for h in spec.hyper if h.name == k).face}
         kwargs["n_threads"] = n_threads
-        if spec.uses_step:
-            kwargs["step"] = STEADY_STEP
+        steps = itertools.count(STEADY_STEP)  # a training loop's step: a new one every call
 
-        def step():
-            face(*args, **kwargs)
+        if spec.uses_step:
+            def step():
+                face(*args, **kwargs, step=next(steps))
+        else:
+            def step():
+                face(*args, **kwargs)
     elif method.startswith("optimizer"):
         from ..optim import CLASSES
 

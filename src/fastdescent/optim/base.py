@@ -464,8 +464,8 @@ class Optimizer(Checkpointing):
                        _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
                        for b in layout.buckets]
             groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
-                                             layout.states or [], buckets, invoke, constants, config.hyper,
-                                             spec.step_scalars, layout.first, len(layout.params),
+                                             layout.states or [], buckets, invoke, constants, config.arguments,
+                                             layout.first, len(layout.params),
                                              spec.counts_steps and bool(layout.states), config.present))
         return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, grad_scale,
                                  self._refresh_plan)
@@ -487,7 +487,7 @@ class Optimizer(Checkpointing):
             for bucket, b in zip(plan.buckets, layout.buckets):
                 bucket.buffers = self._kernel_buffers(b, flat, config)
             plan.present = config.present
-        plan.values, plan.hyper, plan.constants, plan.kernel = config.values, config.hyper, constants, invoke
+        plan.values, plan.arguments, plan.constants, plan.kernel = config.values, config.arguments, constants, invoke
         layout.complete = config
         return True
 
