@@ -199,3 +199,24 @@ def test_parameters_changed_in_place_are_refused(rng):
         opt.step(grads)
     opt.state[0]["exp_avg"].dtype = np.float32
     assert opt.step(grads)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_many_buffers_in_any_address_order(seed):
+    """Views of one block in a random order (the sort's runs short), with or without
+    one overlap placed at random: found exactly when it is there."""
+    rng = np.random.default_rng(seed)
+    count, size = 60, 5
+    block = random_array(rng, 2 * count * size, np.float32)
+    views = [block[size * k:size * (k + 1)] for k in range(2 * count)]
+    order = rng.permutation(2 * count)
+    params, grads = [views[k] for k in order[:count]], [views[k] for k in order[count:]]
+    before = block.copy()
+    fd.sgd_step(params, grads, lr=0.1)
+    assert not np.array_equal(block, before)
+    k = rng.integers(count)
+    grads[k] = block[size * order[rng.integers(count)] + 2:][:size]  # overlaps a parameter
+    before = block.copy()
+    with pytest.raises(ValueError, match=rf"grads\[{k}\] shares memory with params\["):
+        fd.sgd_step(params, grads, lr=0.1)
+    np.testing.assert_array_equal(block, before)

@@ -271,3 +271,23 @@ def test_amsgrad_switched_off_leaves_its_buffer_out(rng):
                      betas=(0.9, 0.5))
     assert_bitwise_equal(opt.params[0], p)
     assert_bitwise_equal(opt.state[0]["max_exp_avg_sq"], vmax)
+
+
+def test_a_gradient_scale_that_changes_every_step_keeps_the_plan(rng):
+    params = make_params(rng, np.float64, [(9,)])
+    grad_steps = make_grads(rng, params, 6)
+    opt = fd.SGD([params[0].copy()], lr=0.1, momentum=0.9)
+    p, buffer = params[0].copy(), np.zeros(9)
+    for t, grads in enumerate(grad_steps):
+        scale = 1.0 / (t + 1.5)  # a new float every step (a loss scale, a world size)
+        opt.step(grads, grad_scale=scale)
+        fd.sgd_step(p, grads[0], buffer, lr=0.1, momentum=0.9, grad_scale=scale, first_step=t == 0)
+        if t == 2:
+            plan = opt._plan
+    assert opt._plan is plan is not None
+    assert_bitwise_equal(opt.params[0], p)
+    before = snapshot_optimizer(opt)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="grad_scale"):
+            opt.step(grad_steps[0], grad_scale=bad)
+    assert_same(opt, before)

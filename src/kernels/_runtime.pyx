@@ -90,7 +90,7 @@ from cpython.dict cimport PyDict_GetItemWithError, PyDict_Update
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 from libc.string cimport memcmp
 
@@ -154,18 +154,64 @@ cdef struct Span:
     bint writable
 
 
-cdef int _by_start(const void* a, const void* b) noexcept nogil:
-    cdef size_t x = (<const Span*>a).lo, y = (<const Span*>b).lo
-    return (x > y) - (x < y)
-
-
 cdef void _sort_spans(Span* spans, Py_ssize_t n) noexcept nogil:
-    """By start: insertion sort for the few buffers of a typical call, else qsort."""
-    cdef Py_ssize_t i, j
+    """By start. Insertion sort for the few buffers of a typical call; else a
+    natural merge sort: the arrays of one role usually lie in address order (they
+    were allocated one after another), so the runs are long and few merges do
+    (O(n log runs), at worst O(n log n)). Falls back to insertion sort if the
+    scratch space cannot be allocated."""
+    cdef Py_ssize_t i, j, width, lo, mid, hi, a, b, k
     cdef Span item
+    cdef Span* scratch
+    cdef Span* source
+    cdef Span* target
+    cdef Py_ssize_t* starts
+    cdef Py_ssize_t n_runs = 0
     if n > 16:
-        qsort(spans, n, sizeof(Span), _by_start)
-        return
+        scratch = <Span*>malloc(n * sizeof(Span))
+        starts = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+        if scratch != NULL and starts != NULL:
+            for i in range(n):  # the ascending runs
+                if i == 0 or spans[i].lo < spans[i - 1].lo:
+                    starts[n_runs] = i
+                    n_runs += 1
+            starts[n_runs] = n
+            source, target = spans, scratch
+            while n_runs > 1:  # merge runs pairwise until one is left
+                k = 0
+                for i in range(0, n_runs, 2):
+                    lo, mid = starts[i], starts[i + 1]
+                    hi = starts[i + 2] if i + 2 <= n_runs else mid
+                    a, b, j = lo, mid, lo
+                    while a < mid and b < hi:
+                        if source[b].lo < source[a].lo:
+                            target[j] = source[b]
+                            b += 1
+                        else:
+                            target[j] = source[a]
+                            a += 1
+                        j += 1
+                    while a < mid:
+                        target[j] = source[a]
+                        a += 1
+                        j += 1
+                    while b < hi:
+                        target[j] = source[b]
+                        b += 1
+                        j += 1
+                    starts[k] = lo
+                    k += 1
+                starts[k] = n
+                n_runs = k
+                source, target = target, source
+            if source != spans:
+                for i in range(n):
+                    spans[i] = source[i]
+            free(scratch)
+            free(starts)
+            return
+        free(scratch)
+        free(starts)
     for i in range(1, n):
         item = spans[i]
         j = i - 1
@@ -674,13 +720,25 @@ cdef class KernelCall:
         return PyObject_Vectorcall(function, args, 2, self.kwnames)
 
 
+cdef inline bint _same_scale(object a, object b):
+    """The same object, or two floats with the same bits (-0.0 is not 0.0)."""
+    cdef double x, y
+    if a is b:
+        return True
+    if type(a) is not float or type(b) is not float:
+        return False
+    x, y = PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b)
+    return memcmp(&x, &y, sizeof(double)) == 0
+
+
 cdef class KernelArguments:
     """The kernel call of one validated configuration (a rule's Config), step
     after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
 
     ``spec.prepared(spec.scalars(hyper, step=, grad_scale=, fresh=))`` gives
-    ``(invoke, constants)``; it runs again only when ``grad_scale`` or ``fresh`` is
-    not the very object of the last call, or, if ``keyed_on_step`` (the scalars
+    ``(invoke, constants)``; it runs again only when ``fresh`` is not the very
+    object of the last call, ``grad_scale`` neither is it nor a float of the same
+    bits, or, if ``keyed_on_step`` (the scalars
     change with the step and the rule declares no ``step_scalars``), ``step`` is
     not. Otherwise only ``spec.step_scalars(hyper, step)`` runs, if declared: so a
     rule computes its step-independent scalars once per change of its
@@ -718,7 +776,7 @@ cdef class KernelArguments:
         """``(invoke, constants)`` for step ``step``: what does not change with it."""
         cdef object key = step if self.keyed_on_step else None
         cdef tuple last = self.last
-        if last is None or last[0] is not key or last[1] is not grad_scale or last[2] is not fresh:
+        if last is None or last[0] is not key or not _same_scale(last[1], grad_scale) or last[2] is not fresh:
             invoke, constants = self.spec.prepared(self.spec.scalars(self.hyper, step=step, grad_scale=grad_scale,
                                                                      fresh=fresh))
             last = (key, grad_scale, fresh, invoke, constants)
@@ -743,70 +801,69 @@ cdef class GroupPlan:
     """What an optimizer's step needs of one parameter group while nothing changes:
     the group's dict and the hyperparameter objects last validated (``values``,
     by ``names``), its parameter list, its state dicts (the step count of
-    ``states[0]``), the rule's kernel call and the scalars that do not change with
-    the step (``constants``; the config's ``arguments.varying(step)`` gives the others), and
-    which of the rule's buffers the kernel gets (``present``, as a Config's)."""
+    ``states[0]``), its configuration's kernel call and scalars (``arguments``, a
+    :class:`KernelArguments`) and which of the rule's buffers the kernel gets
+    (``present``, as a Config's)."""
 
     cdef public object group, param_list
-    cdef public tuple names, values, constants, present
+    cdef public tuple names, values, present
     cdef public list states, buckets
-    cdef public KernelCall kernel
     cdef public KernelArguments arguments
     cdef public Py_ssize_t first, size
     cdef public bint counts_steps
 
-    def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets, KernelCall kernel,
-                 tuple constants, KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps,
-                 tuple present):
+    def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets,
+                 KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps, tuple present):
         self.group, self.names, self.values, self.param_list = group, names, values, param_list
-        self.states, self.buckets, self.kernel, self.constants = states, buckets, kernel, constants
-        self.arguments = arguments
+        self.states, self.buckets, self.arguments = states, buckets, arguments
         self.first, self.size, self.counts_steps, self.present = first, size, counts_steps, present
 
 
 cdef class StepPlan:
-    """An optimizer's step while nothing but the gradients and the hyperparameter
-    values changes, in C.
+    """An optimizer's step while nothing but the gradients, the gradient scale and
+    the hyperparameter values changes, in C.
 
     The optimizer builds it (in Python) after a step that went its general way,
     and uses it until anything else changes. When a hyperparameter in
     ``param_groups`` is not the object validated last time (a schedule wrote
-    it), ``refresh(position, group_plan, grad_scale, step)`` (the optimizer's) validates
-    the group again and updates the group's plan, or returns False. :meth:`run`
+    it), ``refresh(position, group_plan, step, flat)`` (the optimizer's) validates the
+    group again and updates the group's plan, or returns False. :meth:`run`
     returns False, before writing anything, when a refresh does, a group or its
-    parameter list was replaced, or a step count is not a plain int in range;
-    the optimizer then takes its general path, which validates, allocates,
-    raises as needed and builds a new plan. Otherwise
-    it checks the arrays (:class:`WrittenBuffers`; a bad gradient raises), reads
-    each group's step count, calls the rule's ``step_scalars`` (if the update uses
-    the step), and only then writes: one kernel call per bucket, then the step
-    counts. ``flat``: the plan steps the flat arenas (``run(None)``) rather than
-    gradients given per array.
+    parameter list was replaced, a step count is not a plain int in range, or
+    ``grad_scale`` is not a finite positive float; the optimizer then takes its
+    general path, which validates, allocates, raises as needed and builds a new
+    plan. Otherwise it checks the arrays (:class:`WrittenBuffers`; a bad gradient
+    raises), gets each group's scalars (:class:`KernelArguments`: the rule's
+    ``step_scalars`` each step, the others when the gradient scale changes), and
+    only then writes: one kernel call per bucket, then the step counts. ``flat``:
+    the plan steps the flat arenas (``run(None)``) rather than gradients given
+    per array. ``fresh`` is the "no buffer created" marker the configs key on.
     """
 
     cdef list param_groups, groups
     cdef WrittenBuffers written
     cdef bint flat
     cdef Py_ssize_t size
-    cdef object grad_scale, refresh
+    cdef object refresh, fresh
 
-    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, grad_scale, refresh):
+    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, refresh, fresh):
         cdef GroupPlan plan
         self.param_groups, self.groups, self.written, self.flat = param_groups, groups, written, flat
-        self.grad_scale, self.refresh = grad_scale, refresh
+        self.refresh, self.fresh = refresh, fresh
         self.size = 0
         for plan in groups:
             self.size += plan.size
 
     def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads):
         """Take the step; False if the optimizer must take its general path instead."""
-        cdef Py_ssize_t g, n = len(self.groups), offset = 0, count
+        cdef Py_ssize_t g, n = len(self.groups), offset = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
-        cdef object group, bucket_grads, step
-        cdef list steps = [], varying = []
-        if (param_groups is not self.param_groups or len(<list>param_groups) != n or grad_scale is not self.grad_scale
-                or (grads is None) != self.flat):
+        cdef object group, bucket_grads, step, invoke
+        cdef list steps = [], calls = []
+        cdef tuple call
+        if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
+                or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
             return False
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
@@ -819,7 +876,7 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
-            if not same_values(group, plan.names, plan.values) and not self.refresh(g, plan, self.grad_scale, step):
+            if not same_values(group, plan.names, plan.values) and not self.refresh(g, plan, step, self.flat):
                 return False
             steps.append(step)
         self.written.verify()
@@ -840,15 +897,18 @@ cdef class StepPlan:
                     bucket.grads = bucket_grads
                 offset += plan.size
         for g in range(n):
-            plan = <GroupPlan>self.groups[g]
-            varying.append(plan.arguments.varying(steps[g]))
+            call = (<GroupPlan>self.groups[g]).arguments.get(steps[g], grad_scale, self.fresh)
+            if type(call[0]) is not KernelCall:
+                return False
+            calls.append(call)
         # The writes.
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
-            function = getattr(backend, plan.kernel.kernel)
+            invoke, constants, varying = calls[g]
+            function = getattr(backend, (<KernelCall>invoke).kernel)
             for bucket in plan.buckets:
-                plan.kernel.call(function, bucket.params, bucket.grads, bucket.buffers, plan.constants, varying[g],
-                                 n_threads)
+                (<KernelCall>invoke).call(function, bucket.params, bucket.grads, bucket.buffers, constants, varying,
+                                          n_threads)
                 if not self.flat:
                     bucket.grads = None
             if plan.counts_steps:

@@ -440,10 +440,10 @@ class Optimizer(Checkpointing):
                     update["step"] = step
                 _runtime.update_each(layout.states, update)
         if group is None and scale is grad_scale:
-            self._plan = self._steady_plan(grads is None, grad_scale, calls)
+            self._plan = self._steady_plan(grads is None, calls)
         return True
 
-    def _steady_plan(self, flat, grad_scale, calls):
+    def _steady_plan(self, flat, calls):
         """The StepPlan that repeats this step while nothing but the gradients
         changes, or None where the general way must run every time: a rule with
         scalar state, a runner, or scalars that change with the step but no
@@ -457,20 +457,21 @@ class Optimizer(Checkpointing):
         for layout, (invoke, constants, varying) in zip(self._layouts, calls):
             config, group = layout.config, self.param_groups[layout.index]
             if (not config.trusted or layout.complete is not config or group["params"] is not layout.param_list
-                    or (spec.counts_steps and layout.params and not layout.states)):
+                    or (spec.counts_steps and layout.params and not layout.states)
+                    or type(invoke) is not _runtime.KernelCall):
                 return None
             buckets = [_runtime.BucketPlan([b.arenas["param"]], self._kernel_buffers(b, True, config), b.positions,
                                            b.span, [b.arenas["grad"]]) if flat else
                        _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
                        for b in layout.buckets]
             groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
-                                             layout.states or [], buckets, invoke, constants, config.arguments,
-                                             layout.first, len(layout.params),
-                                             spec.counts_steps and bool(layout.states), config.present))
-        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, grad_scale,
-                                 self._refresh_plan)
+                                             layout.states or [], buckets, config.arguments, layout.first,
+                                             len(layout.params), spec.counts_steps and bool(layout.states),
+                                             config.present))
+        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, self._refresh_plan,
+                                 NOTHING_FRESH)
 
-    def _refresh_plan(self, position, plan, grad_scale, step):
+    def _refresh_plan(self, position, plan, step, flat):
         """A schedule wrote a hyperparameter of group ``position``: validate the
         group again (only the values that changed) and update its part of the
         StepPlan; False if the general path must run (a buffer to create, mutable
@@ -479,15 +480,11 @@ class Optimizer(Checkpointing):
         config = self._config(layout)
         if not config.trusted or self._missing(layout, config) is not NOTHING_FRESH:
             return False
-        invoke, constants = config.arguments.constant(step, grad_scale, NOTHING_FRESH)
-        if type(invoke) is not _runtime.KernelCall:
-            return False
         if config.present != plan.present:  # other buffers for the kernel
-            flat = bool(plan.buckets) and plan.buckets[0].grads is not None
             for bucket, b in zip(plan.buckets, layout.buckets):
                 bucket.buffers = self._kernel_buffers(b, flat, config)
             plan.present = config.present
-        plan.values, plan.arguments, plan.constants, plan.kernel = config.values, config.arguments, constants, invoke
+        plan.values, plan.arguments = config.values, config.arguments
         layout.complete = config
         return True
 

@@ -554,5 +554,11 @@ def face_parameters(spec, first_gradient):
                   "    instead of updating them (PyTorch's lazily created buffer)."]
     lines += ["grad_scale : float", f"    {GRAD_SCALE_DOC}",
               "n_threads : int or None", "    See :func:`fastdescent.get_num_threads`.",
-              "backend : {'kernel', 'reference'} or None", "    None uses :func:`fastdescent.get_backend`."]
+              "backend : {'kernel', 'reference'} or None", "    None uses :func:`fastdescent.get_backend`.",
+              "", "Notes", "-----",
+              "Everything is checked before any array is written; a call that raises changes",
+              "nothing. No buffer that is written may share memory with any other buffer of",
+              "the call (the gradients, only read, may share memory with each other). The",
+              "face takes no lock: two threads updating the same arrays at once race, as",
+              "two NumPy in-place operations would; an optimizer serializes its steps."]
     return "\n".join("    " + line if line else "" for line in lines)
