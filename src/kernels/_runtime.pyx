@@ -844,18 +844,21 @@ cdef class StepPlan:
     cdef WrittenBuffers written
     cdef bint flat
     cdef Py_ssize_t size
-    cdef object refresh, fresh
+    cdef object fresh
 
-    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, refresh, fresh):
+    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, fresh):
         cdef GroupPlan plan
         self.param_groups, self.groups, self.written, self.flat = param_groups, groups, written, flat
-        self.refresh, self.fresh = refresh, fresh
+        self.fresh = fresh
         self.size = 0
         for plan in groups:
             self.size += plan.size
 
-    def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads):
-        """Take the step; False if the optimizer must take its general path instead."""
+    def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads,
+            object refresh):
+        """Take the step; False if the optimizer must take its general path instead.
+        (``refresh`` comes with each call: a plan that kept it would keep its
+        optimizer alive in a reference cycle.)"""
         cdef Py_ssize_t g, n = len(self.groups), offset = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
@@ -876,7 +879,7 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
-            if not same_values(group, plan.names, plan.values) and not self.refresh(g, plan, step, self.flat):
+            if not same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
                 return False
             steps.append(step)
         self.written.verify()

@@ -393,7 +393,8 @@ class Optimizer(Checkpointing):
             plan = self._plan
             if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale,
                                                                resolve_backend(self._backend),
-                                                               effective_n_threads(self._n_threads)):
+                                                               effective_n_threads(self._n_threads),
+                                                               self._refresh_plan):
                 return True
             return self._step(grads, group, grad_scale)
         finally:
@@ -468,8 +469,7 @@ class Optimizer(Checkpointing):
                                              layout.states or [], buckets, config.arguments, layout.first,
                                              len(layout.params), spec.counts_steps and bool(layout.states),
                                              config.present))
-        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, self._refresh_plan,
-                                 NOTHING_FRESH)
+        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, NOTHING_FRESH)
 
     def _refresh_plan(self, position, plan, step, flat):
         """A schedule wrote a hyperparameter of group ``position``: validate the
