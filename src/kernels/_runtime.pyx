@@ -284,9 +284,11 @@ def check_buffers(tuple names, tuple arrays, tuple writable, bint indexed=True):
 
 
 cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint indexed) except -1:
-    cdef Py_ssize_t n_roles = len(names), r, i, n_tensors, total = 0, n_spans = 0, hit, other
+    cdef Py_ssize_t n_roles = len(names), r, i, n_tensors, total = 0, n_spans = 0, capacity = 0, hit, other
+    cdef Py_ssize_t nbytes
     cdef list params = arrays[0], role
     cdef cnp.ndarray param, a
+    cdef object item
     cdef int typenum
     cdef bint write
     cdef Span local[LOCAL_SPANS]
@@ -300,42 +302,38 @@ cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint in
     if not cnp.PyArray_Check(params[0]):
         _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>params[0])
-    for r in range(n_roles):
-        if arrays[r] is None:
-            continue
-        role, write = <list>arrays[r], writable[r]
-        for i in range(n_tensors):
-            param = <cnp.ndarray>params[i] if r else None
-            if not _fits(role[i], typenum, param, write):
-                _check_array(role[i], names[r], i, indexed, write, param, names[0])
-                # Only a parameter passes that: one that differs from the first in dtype.
-                raise TypeError(f"{_label(names[0], i, indexed)} has dtype {(<cnp.ndarray>role[i]).dtype} but "
-                                f"{_label(names[0], 0, indexed)} has {(<cnp.ndarray>params[0]).dtype}: "
-                                "one call takes one dtype")
-            n_spans += cnp.PyArray_NBYTES(<cnp.ndarray>role[i]) != 0
-            if r == 0:
-                total += cnp.PyArray_SIZE(<cnp.ndarray>role[i])
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
         _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
-    if n_spans < 2:
-        return total
-    if n_spans > LOCAL_SPANS:
-        spans = <Span*>malloc(n_spans * sizeof(Span))
+    for r in range(n_roles):
+        capacity += n_tensors if arrays[r] is not None else 0
+    if capacity > LOCAL_SPANS:
+        spans = <Span*>malloc(capacity * sizeof(Span))
         if spans == NULL:
             raise MemoryError()
     try:
-        n_spans = 0
+        # Every array against its parameter, and the byte range of each non-empty one.
         for r in range(n_roles):
             if arrays[r] is None:
                 continue
-            role = <list>arrays[r]
+            role, write = <list>arrays[r], writable[r]
             for i in range(n_tensors):
-                a = <cnp.ndarray>role[i]
-                if cnp.PyArray_NBYTES(a):
+                item = role[i]
+                param = <cnp.ndarray>params[i] if r else None
+                if not _fits(item, typenum, param, write):
+                    _check_array(item, names[r], i, indexed, write, param, names[0])
+                    # Only a parameter passes that: one that differs from the first in dtype.
+                    raise TypeError(f"{_label(names[0], i, indexed)} has dtype {(<cnp.ndarray>item).dtype} but "
+                                    f"{_label(names[0], 0, indexed)} has {(<cnp.ndarray>params[0]).dtype}: "
+                                    "one call takes one dtype")
+                a = <cnp.ndarray>item
+                nbytes = cnp.PyArray_NBYTES(a)
+                if r == 0:
+                    total += nbytes // cnp.PyArray_ITEMSIZE(a)
+                if nbytes:
                     spans[n_spans].lo = <size_t>cnp.PyArray_BYTES(a)
-                    spans[n_spans].hi = spans[n_spans].lo + <size_t>cnp.PyArray_NBYTES(a)
+                    spans[n_spans].hi = spans[n_spans].lo + <size_t>nbytes
                     spans[n_spans].role, spans[n_spans].index = r, i
-                    spans[n_spans].writable = writable[r]
+                    spans[n_spans].writable = write
                     n_spans += 1
         hit = _first_conflict(spans, n_spans, &other)
         if hit >= 0:
