@@ -38,12 +38,17 @@ class ParamState(dict):
     ``torch.optim`` (``opt.state[p]``).
     """
 
-    def __init__(self, index_of):
+    def __init__(self, index_by_id):
         super().__init__()
-        self._index_of = index_of
+        self._index_by_id = index_by_id  # the optimizer's dict, not the optimizer: no cycle to keep it alive
 
     def _key(self, key):
-        return self._index_of(key) if isinstance(key, np.ndarray) else key
+        if not isinstance(key, np.ndarray):
+            return key
+        try:
+            return self._index_by_id[id(key)]
+        except KeyError:
+            raise KeyError("this array is not a parameter of the optimizer") from None
 
     def __getitem__(self, key):
         return super().__getitem__(self._key(key))
@@ -197,9 +202,9 @@ class Optimizer:
         self.skipped_steps = 0
         self.last_grad_norm = None
         self.param_groups = []
-        self.state = ParamState(self._index_of)
-        self._layouts = []
         self._index_by_id = {}
+        self.state = ParamState(self._index_by_id)
+        self._layouts = []
         self._registered = {}
         for group in _as_groups(params):
             self.add_param_group(group)
@@ -275,12 +280,6 @@ class Optimizer:
         for layout in self._layouts:
             for bucket in layout.buckets:
                 bucket.arenas["grad"].fill(0)
-
-    def _index_of(self, param):
-        try:
-            return self._index_by_id[id(param)]
-        except KeyError:
-            raise KeyError("this array is not a parameter of the optimizer") from None
 
     def add_param_group(self, param_group):
         """Add a group: a dict with ``"params"`` and any hyperparameters (the rest
@@ -678,8 +677,8 @@ class Optimizer:
         loaded = []
         try:
             for name in names:
+                loaded.append(name)  # before: a failing load_state_dict may have changed part of its object
                 self._registered[name].load_state_dict(extra[name])
-                loaded.append(name)
         except BaseException:
             for name in loaded:
                 self._registered[name].load_state_dict(backups[name])
@@ -710,39 +709,21 @@ class Optimizer:
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        arrays = {}
-        header = {
-            "optimizer": type(self).__name__,
-            "state_dict": checkpoint.encode(self._state_dict(copy_arrays=False), arrays),
-        }
-        if params:
-            values = self.params
-            header["params"] = len(values)
-            arrays.update((f"params/{i}", p) for i, p in enumerate(values))
-        checkpoint.write(path, header, arrays)
+        checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                        self.params if params else None)
 
     def load(self, path, *, params=True, strict=True):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
         (and, with ``params``, the parameter values it holds). Validates it all
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit."""
-        header, arrays = checkpoint.read(path)
-        kind = header.get("optimizer")
-        if kind != type(self).__name__:
-            raise checkpoint.CheckpointError(f"{path} holds a {kind} optimizer, not a {type(self).__name__}")
+        sd, values = checkpoint.load(path, type(self).__name__)
         try:
-            sd = checkpoint.decode(header["state_dict"], arrays)
-            values = None
-            if params and "params" in header:
-                values = [arrays[f"params/{i}"] for i in range(header["params"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
-        try:
-            self._load(sd, strict, values)
+            self._load(sd, strict, values if params else None)
         except checkpoint.CheckpointError:
             raise
-        except (TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error}") from error
+        except (LookupError, AttributeError, TypeError, ValueError) as error:  # from registered objects too
+            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error!r}") from error
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

@@ -4,10 +4,14 @@ import operator
 
 from .. import _checks
 
+#: The largest step: PyTorch's int64 step count (a float conversion of anything
+#: beyond 2**1024 would raise OverflowError in the bias corrections).
+MAX_STEP = 2**63 - 1
+
 
 def step_number(step):
     """``step`` as a Python int >= 1: the 1-based index of the step being taken."""
-    if type(step) is int and step >= 1:
+    if type(step) is int and 1 <= step <= MAX_STEP:
         return step
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got {step!r}")
@@ -17,6 +21,8 @@ def step_number(step):
         raise TypeError(f"step must be an int, got {step!r}") from None
     if step < 1:
         raise ValueError(f"step counts from 1 (the step being taken), got {step}")
+    if step > MAX_STEP:
+        raise ValueError(f"step must be <= 2**63 - 1, got {step}")
     return step
 
 
