@@ -340,8 +340,8 @@ def test_a_save_killed_with_sigkill_leaves_nothing_after_the_next_save(tmp_path)
     opt, objects, rng = build(seed=1)
     path = tmp_path / "run.ckpt"
     opt.save(path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(fd.__file__)),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    package_root = os.path.dirname(os.path.dirname(fd.__file__))  # this fastdescent, wherever it is
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], stdout=subprocess.PIPE, env=env)
     try:
         assert child.stdout.readline() == b"writing\n"
