@@ -2,7 +2,7 @@
 
 ::
 
-    from fastdescent.data import MiniBatches
+    from fastdescent.demo.data import MiniBatches
 
     batches = MiniBatches(X, y, batch_size=32, shuffle=True, seed=0)
     for epoch in range(10):

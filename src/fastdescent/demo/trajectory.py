@@ -4,8 +4,8 @@
 
     from functools import partial
     import fastdescent as fd
-    from fastdescent.surfaces import ROSENBROCK
-    from fastdescent.trajectory import run_trajectory
+    from fastdescent.demo.surfaces import ROSENBROCK
+    from fastdescent.demo.trajectory import run_trajectory
 
     path = run_trajectory(ROSENBROCK, partial(fd.Adam, lr=0.05), max_steps=2000)
     print(path.stop, path.steps, path.final_value)
@@ -123,7 +123,7 @@ def run_trajectory(surface, make_optimizer, start=None, *, tol=1e-6, max_steps=1
 
     Parameters
     ----------
-    surface : fastdescent.surfaces.Surface
+    surface : fastdescent.demo.surfaces.Surface
     make_optimizer : callable
         ``make_optimizer([w]) -> optimizer`` for the parameter array ``w``, e.g.
         ``functools.partial(fastdescent.Adam, lr=0.05, backend="reference")``.

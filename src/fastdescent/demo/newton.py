@@ -86,7 +86,7 @@ def newton_step(surface, x, *, damping=0.0, armijo=1e-4, shrink=0.5, max_halving
 def newton(surface, start=None, *, tol=1e-6, max_steps=100, damping=0.0, bounds=None):
     """Damped Newton's method from ``start`` until the gradient norm is at most
     ``tol`` (see :func:`newton_step`). Returns a
-    :class:`~fastdescent.trajectory.Trajectory` whose ``fallbacks`` counts the
+    :class:`~fastdescent.demo.trajectory.Trajectory` whose ``fallbacks`` counts the
     steps that fell back to a gradient step; ``stop="stalled"`` if the line
     search found no decrease."""
     recorder = Recorder(surface, tol=tol, max_steps=max_steps, bounds=bounds)
