@@ -41,3 +41,6 @@ def make_optimizer(contender, params, lr, backend="kernel", n_threads=None):
     """A ``fastdescent`` optimizer for ``contender`` over ``params``."""
     cls = getattr(fastdescent, contender.class_name)
     return cls(params, lr=lr, backend=backend, n_threads=n_threads, **contender.hyper)
+
+
+__all__ = ["CONTENDERS", "METHODS", "Contender", "make_optimizer"]

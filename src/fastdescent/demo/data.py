@@ -77,3 +77,6 @@ class MiniBatches:
                 picked = order[start:start + self.batch_size]
             batch = tuple(a[picked] for a in self.arrays)
             yield batch if len(batch) > 1 else batch[0]
+
+
+__all__ = ["MiniBatches"]

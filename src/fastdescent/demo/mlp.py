@@ -132,3 +132,6 @@ class MLP:
                 # a is the previous layer's output: relu'(z) = [a > 0], tanh'(z) = 1 - a^2
                 dz = da * (a > 0) if self.activation == "relu" else da * (1 - a * a)
         return loss, self.grads
+
+
+__all__ = ["ACTIVATIONS", "MLP"]

@@ -131,3 +131,6 @@ def lookahead_nesterov(surface, start=None, *, lr, momentum=0.9, tol=1e-6, max_s
         lookahead_nesterov_step(w, v, surface.gradient, lr=lr, momentum=momentum)
     lookahead.append(w + momentum * v)
     return recorder.result("nesterov (look-ahead)", extras={"lookahead": np.array(lookahead)})
+
+
+__all__ = ["NewtonStep", "lookahead_nesterov", "lookahead_nesterov_step", "newton", "newton_step"]

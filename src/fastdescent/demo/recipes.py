@@ -391,3 +391,6 @@ def run_section(args, parts):
             print(f"\n-- {title}\n")
             results[name] = part(setting, progress)
     return results
+
+
+__all__ = ["PARTS", "Setting", "run_section", "schedule_catalog"]

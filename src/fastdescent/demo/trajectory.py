@@ -158,3 +158,6 @@ def run_trajectory(surface, make_optimizer, start=None, *, tol=1e-6, max_steps=1
         t += 1
         gradient = recorder.record(w)
     return recorder.result(label or type(optimizer).__name__)
+
+
+__all__ = ["STOPS", "Recorder", "Trajectory", "run_trajectory"]
