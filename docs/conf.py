@@ -62,7 +62,8 @@ sphinx_gallery_conf = {
     "show_memory": False,
     "abort_on_example_error": True,
     "run_stale_examples": False,
-    "plot_gallery": os.environ.get("FASTDESCENT_DOCS_GALLERY", "True"),
+    # FASTDESCENT_DOCS_GALLERY=0: a quick build that does not run the scripts
+    "plot_gallery": os.environ.get("FASTDESCENT_DOCS_GALLERY", "1").lower() not in ("0", "false", "no"),
 }
 
 # -- HTML ------------------------------------------------------------------------

@@ -4,9 +4,10 @@ Optimizers racing on the Rosenbrock valley
 
 Rosenbrock's function :math:`(1 - x)^2 + 100 (y - x^2)^2` has its minimum at
 (1, 1), at the end of a long, curved, flat-bottomed valley: the gradient points
-at the steep walls, not along the floor. Plain SGD needs a small rate not to
-bounce between the walls and then crawls along the valley; momentum builds up
-speed along it; Adam rescales each coordinate and takes nearly constant steps.
+at the steep walls, not along the floor. Plain SGD, at a rate large enough to
+get anywhere, is thrown across the valley by the steep walls before it settles
+and then crawls along the floor; momentum builds up speed along the floor;
+Adam rescales each coordinate and takes steps of nearly constant size.
 """
 
 from functools import partial
