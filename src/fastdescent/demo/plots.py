@@ -192,7 +192,7 @@ def plot_plateau(result, filename):
     _finish(loss_axes)
     handles = loss_axes.get_legend_handles_labels()
     more = lr_axes.get_legend_handles_labels()
-    loss_axes.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="center right")
+    loss_axes.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper right")
     figure.savefig(filename)
 
 
