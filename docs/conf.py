@@ -4,7 +4,8 @@ Build (from the repository root, with the ``docs`` extra installed)::
 
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 
-Nothing is downloaded at build time: no intersphinx, no remote images. The API
+Nothing is downloaded at build time (no intersphinx, no remote images) nor when
+the pages are read (MathJax ships inside the site). The API
 pages are generated from ``__all__`` (``_ext/api_pages.py``) and the gallery runs
 the scripts in ``examples/`` (sphinx-gallery).
 """
@@ -28,6 +29,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",           # MathJax copied into the site: formulas render without a network
     "sphinx.ext.viewcode",
     "numpydoc",
     "sphinx_gallery.gen_gallery",

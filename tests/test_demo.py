@@ -129,7 +129,7 @@ def test_sections_select_parts(tmp_path, capsys):
 
 
 def test_schedule_catalog_covers_the_issue_and_peaks_at_the_peak_rate():
-    catalog = recipes.schedule_catalog(total_steps=300, steps_per_epoch=30)
+    catalog = recipes.schedule_catalog(total_steps=300)
     assert list(catalog) == ["constant", "step decay", "exponential", "cosine", "SGDR (T_mult 2)",
                              "triangular", "triangular2", "one-cycle"]
     steps = np.arange(301)

@@ -147,7 +147,7 @@ def scheduled_runs(setting, plans, hyperparameter, progress):
     return runs
 
 
-def schedule_catalog(total_steps, steps_per_epoch):
+def schedule_catalog(total_steps):
     """The learning-rate schedules compared, each peaking at ``PEAK_LR``, over ``total_steps``."""
     T = total_steps
     half_cycle = max(1, T // 10)  # five triangles
@@ -156,8 +156,8 @@ def schedule_catalog(total_steps, steps_per_epoch):
         "step decay": schedules.step_decay(PEAK_LR, step_size=max(1, -(-T // 4)), gamma=0.3),
         "exponential": schedules.exponential(PEAK_LR, gamma=0.01 ** (1 / T)),
         "cosine": schedules.cosine(PEAK_LR, T_max=T, eta_min=PEAK_LR / 100),
-        # periods T0, 2 T0, 4 T0, 8 T0: the fourth restart ends with the run
-        "SGDR (T_mult 2)": schedules.cosine_warm_restarts(PEAK_LR, T_0=max(1, T // 15), T_mult=2,
+        # periods T0, 2 T0, 4 T0, 8 T0 (15 T0 >= T): the fourth period ends with the run, no fifth begins
+        "SGDR (T_mult 2)": schedules.cosine_warm_restarts(PEAK_LR, T_0=-(-T // 15), T_mult=2,
                                                           eta_min=PEAK_LR / 100),
         "triangular": schedules.cyclic(PEAK_LR / 20, PEAK_LR, step_size_up=half_cycle, mode="triangular"),
         "triangular2": schedules.cyclic(PEAK_LR / 20, PEAK_LR, step_size_up=half_cycle, mode="triangular2"),
@@ -167,7 +167,7 @@ def schedule_catalog(total_steps, steps_per_epoch):
 
 def learning_rate_schedules(setting, progress):
     """SGD with momentum under each schedule of :func:`schedule_catalog`."""
-    catalog = schedule_catalog(setting.total_steps, setting.steps_per_epoch)
+    catalog = schedule_catalog(setting.total_steps)
     runs = scheduled_runs(setting, catalog, "lr", progress)
     rows = []
     for label, run in runs.items():
@@ -231,12 +231,12 @@ def plateau_and_early_stopping(setting, progress):
     # reduce at every plateau; once at the floor, stop after `patience` epochs without improvement
     plateau = fastdescent.ReduceLROnPlateau(optimizer, factor=PLATEAU_FACTOR, patience=1, min_lr=LR_FLOOR)
     stopping = fastdescent.EarlyStopping(optimizer, patience=3, min_lr=LR_FLOOR, restore_best=True)
-    reductions, test_accuracy, stop_loss = [], [], []
+    reductions, test_accuracy, test_loss = [], [], []
 
     def after_epoch(epoch, history):
         # the held-out set of train_epochs is the validation split here; the test set is scored on the side
         test_accuracy.append(model.accuracy(data.x_test, data.y_test))
-        stop_loss.append(model.loss(data.x_test, data.y_test))
+        test_loss.append(model.loss(data.x_test, data.y_test))
         validation_loss = history.held_out_loss[-1]
         lr = optimizer.param_groups[0]["lr"]
         if stopping.step(validation_loss):  # restores the best weights, in place
@@ -247,7 +247,6 @@ def plateau_and_early_stopping(setting, progress):
 
     history = train_epochs(model, optimizer, setting.batches(x=x_fit, y=y_fit), max_epochs, (x_val, y_val),
                            after_epoch=after_epoch, progress=progress, label="plateau + early stop")
-    stop_test_loss = stop_loss[-1]
     if not stopping.should_stop:
         stopping.restore()
     restored = {"test_accuracy": model.accuracy(data.x_test, data.y_test),
@@ -266,7 +265,7 @@ def plateau_and_early_stopping(setting, progress):
     else:
         print(f"Ran all {max_epochs} epochs without stopping; restored the best weights anyway.")
     print()
-    rows = [["at the stop", f"{history.epochs}", f"{history.held_out_loss[-1]:.4f}", f"{stop_test_loss:.4f}",
+    rows = [["at the stop", f"{history.epochs}", f"{history.held_out_loss[-1]:.4f}", f"{test_loss[-1]:.4f}",
              _percent(test_accuracy[-1])],
             ["restored (best)", f"{stopping.best_epoch}", f"{stopping.best:.4f}", f"{restored['test_loss']:.4f}",
              _percent(restored["test_accuracy"])]]
