@@ -86,10 +86,10 @@ def test_without_matplotlib_it_prints_the_tables_and_says_how_to_get_pictures(tm
 
 def test_without_scikit_learn_it_says_so_and_still_races(tmp_path, capsys, monkeypatch):
     block(monkeypatch, "sklearn", "matplotlib")
-    assert main(["demo", *TINY, "--output", str(tmp_path), "--surfaces", "rosenbrock", "--optimizers", "momentum"]) == 0
+    assert main(["demo", *TINY, "--output", str(tmp_path), "--surfaces", "rosenbrock", "--optimizers", "sgd_momentum"]) == 0
     out = capsys.readouterr().out
     assert "scikit-learn is not installed" in out and "skipping the training" in out
-    assert re.search(r"^rosenbrock\s+momentum\s+\(40\)", out, re.M)
+    assert re.search(r"^rosenbrock\s+sgd_momentum\s+\(40\)", out, re.M)
 
 
 def test_training_is_reproducible_and_backends_agree(capsys):
@@ -100,7 +100,7 @@ def test_training_is_reproducible_and_backends_agree(capsys):
         ["--epochs", "2", "--hidden", "8", "--seed", "3"])
     data = training.load_digits_split(args.seed)
     progress = None
-    momentum = contenders.CONTENDERS["momentum"]
+    momentum = contenders.CONTENDERS["sgd_momentum"]
     first = training.train_once(momentum, "kernel", data, args, progress)
     again = training.train_once(momentum, "kernel", data, args, progress)
     reference = training.train_once(momentum, "reference", data, args, progress)

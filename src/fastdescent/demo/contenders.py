@@ -1,12 +1,15 @@
-"""The optimizers the demo races: one registry, ``CONTENDERS``, name -> configuration.
+"""The optimizers the demo races: ``CONTENDERS``, name -> configuration.
 
-The race on the loss surfaces and the MLP comparison both iterate over this dict;
-add or change an optimizer here and both follow.
+Derived from the rule specs (``fastdescent.rules.SPECS``): every example a spec
+marks for the demo (``Example.demo``: surface family and MLP learning rate) is a
+contender. The race on the loss surfaces and the MLP comparison both iterate
+over this dict.
 """
 
 from dataclasses import dataclass, field
 
 import fastdescent
+from fastdescent.rules import SPECS
 
 
 @dataclass(frozen=True)
@@ -24,15 +27,12 @@ class Contender:
     mlp_lr: float = 0.1
 
 
-CONTENDERS = {c.name: c for c in [
-    Contender("sgd", "SGD", {}, "sgd", 0.1),
-    Contender("momentum", "SGD", {"momentum": 0.9}, "momentum", 0.05),
-    Contender("nesterov", "SGD", {"momentum": 0.9, "nesterov": True}, "momentum", 0.05),
-    Contender("adagrad", "Adagrad", {}, "adagrad", 0.05),
-    Contender("rmsprop", "RMSprop", {}, "adaptive", 1e-3),
-    Contender("adam", "Adam", {}, "adaptive", 1e-3),
-    Contender("adamw", "AdamW", {"weight_decay": 1e-2}, "adaptive", 1e-3),
-]}
+#: The rules' examples marked for the demo (``Example.demo``), in the order of their papers.
+CONTENDERS = {
+    example.name: Contender(example.name, spec.title, {k: v for k, v in example.options.items() if k != "lr"},
+                            *example.demo)
+    for spec in SPECS.values() for example in spec.examples if example.demo is not None
+}
 #: everything ``--optimizers`` accepts; Newton runs on the surfaces only
 METHODS = (*CONTENDERS, "newton")
 
