@@ -22,7 +22,7 @@ to use the library: ``surfaces`` (value, gradient and Hessian of each surface),
 ``trajectory`` (an optimizer's path on a surface), ``newton`` (damped Newton,
 look-ahead Nesterov), ``data`` (seeded shuffled mini-batches), ``mlp`` (a NumPy
 MLP with its backward pass), ``plots``; the sections ``race``, ``training`` and
-``recipes``; ``contenders`` (the one list of optimizers raced) and ``runner``
+``recipes``; ``contenders`` (the optimizers raced, from the rule specs) and ``runner``
 (the command line).
 """
 
