@@ -7,7 +7,9 @@ error; a build without OpenMP always runs one thread.
 """
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 from . import _runtime
 
@@ -31,7 +33,7 @@ def _max_threads():
 _MAX_THREADS = _max_threads()
 
 
-def max_threads():
+def max_threads() -> int:
     """Threads a kernel may use: OpenMP's maximum capped at the usable cores."""
     return _MAX_THREADS
 
@@ -45,7 +47,7 @@ def _check_thread_request(n_threads):
         raise ValueError("n_threads=0 is invalid: use None for the default, -1 for all cores")
 
 
-def effective_n_threads(n_threads=None):
+def effective_n_threads(n_threads: int | None = None) -> int:
     """The number of threads a kernel will use for the request ``n_threads``.
 
     ``None`` takes the process default (``set_num_threads``), itself ``None`` =
@@ -63,20 +65,20 @@ def effective_n_threads(n_threads=None):
     return min(n_threads, limit)
 
 
-def set_num_threads(n_threads):
+def set_num_threads(n_threads: int | None) -> None:
     """Set the process-wide default thread count (``None`` restores "all cores")."""
     global _default_threads
     _check_thread_request(n_threads)
     _default_threads = n_threads
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a kernel uses when called with ``n_threads=None``."""
     return effective_n_threads(None)
 
 
 @contextmanager
-def num_threads(n_threads):
+def num_threads(n_threads: int | None) -> Iterator[None]:
     """Context manager: ``with fastdescent.num_threads(1): ...`` runs serial kernels."""
     global _default_threads
     _check_thread_request(n_threads)
@@ -104,19 +106,19 @@ def _backend_from_env():
 _ENV_BACKEND = _backend_from_env()
 
 
-def get_backend():
+def get_backend() -> str:
     """The default backend: ``set_backend``, else ``FASTDESCENT_BACKEND`` (read at
     import), else "kernel"."""
     return _ENV_BACKEND if _default_backend is None else _default_backend
 
 
-def set_backend(name):
+def set_backend(name: str | None) -> None:
     """Set the process-wide default backend ("kernel" or "reference"; None = from env)."""
     global _default_backend
     _default_backend = None if name is None else _check_backend(name)
 
 
-def resolve_backend(backend):
+def resolve_backend(backend: str | None) -> ModuleType:
     """The backend module (kernels or reference) for ``backend`` (None = default)."""
     if backend is None:
         backend = _ENV_BACKEND if _default_backend is None else _default_backend
@@ -131,4 +133,4 @@ def resolve_backend(backend):
         return _BACKEND_MODULES[backend]
 
 
-_BACKEND_MODULES = {}
+_BACKEND_MODULES: dict[str, ModuleType] = {}

@@ -1,12 +1,13 @@
 """``fastdescent.show_config()``: how this installation was built and what it runs."""
 
 import platform
+from typing import IO, Any
 
 from . import _config, _dispatch, _runtime
 from ._build_info import BUILD_INFO
 
 
-def config():
+def config() -> dict[str, Any]:
     """The configuration as a dict (what ``show_config`` prints)."""
     from . import __version__
 
@@ -29,7 +30,7 @@ def config():
     }
 
 
-def show_config(file=None):
+def show_config(file: IO[str] | None = None) -> None:
     """Print the version, OpenMP, threads, compiler, flags and kernel variant."""
     c = config()
     flags = " ".join(c["common_flags"])

@@ -1,0 +1,19 @@
+"""Stub of the compiled run-time support module (src/kernels/_runtime.pyx)."""
+
+from collections.abc import Sequence
+
+from ._typing import FloatArray
+
+__test__: dict[str, str]  # Cython's doctest table
+
+def openmp_enabled() -> bool: ...
+def omp_max_threads() -> int: ...
+def omp_num_procs() -> int: ...
+def cpu_supports(variant: str) -> bool: ...
+def check_buffers(
+    names: tuple[str, ...],
+    arrays: tuple[Sequence[FloatArray] | None, ...],
+    writable: tuple[bool, ...],
+    indexed: bool = True,
+) -> int: ...
+def check_distinct(name: str, arrays: list[FloatArray]) -> None: ...
