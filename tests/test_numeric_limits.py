@@ -56,17 +56,6 @@ def test_the_largest_swa_count_gives_the_same_average_in_both_backends(rng):
     assert_bitwise_equal(*results)
 
 
-def test_a_saved_step_count_that_cannot_step_again_is_refused(rng):
-    params = [random_array(rng, 5, np.float32)]
-    opt = fd.Adam(params)
-    opt.step([random_array(rng, 5, np.float32)])
-    sd = opt.state_dict()
-    sd["state"][0]["step"] = 2**63 - 1
-    with pytest.raises(ValueError, match="step"):
-        opt.load_state_dict(sd)
-    assert opt.state[0]["step"] == 1
-
-
 # ----------------------------------------------------------------- NaN payloads
 def assert_equal_but_nan_payloads(actual, expected, name):
     """What the bit-identity promise covers: the same NaN positions, and every other
@@ -95,8 +84,8 @@ def test_kernel_and_reference_agree_on_hostile_values_up_to_nan_payloads(name, d
     rule = RULES[name]
     n = 4099
     state = {"param": hostile(rng, n, dtype), "grad": hostile(rng, n, dtype)}
-    for buffer in rule.state:
-        state[buffer] = hostile(rng, n, dtype, positive=buffer in rule.positive_state)
+    for buffer, sample in zip(rule.state, rule.make_state(rng, n, dtype)):
+        state[buffer] = hostile(rng, n, dtype, positive=bool(np.all(sample >= 0)))  # accumulators stay >= 0
     results = {}
     for backend in BACKENDS:
         arrays = {k: v.copy() for k, v in state.items()}
