@@ -225,3 +225,33 @@ def test_forked_child_runs_threaded_kernels_correctly():
         pytest.fail("the forked child hung in a threaded kernel")
     assert process.returncode == 0, err
     assert out.strip() == "ok"
+
+
+# --- the threading sweep of the bench command ------------------------------------
+
+
+def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
+    from fastdescent.__main__ import main
+
+    path = tmp_path / "sweep.json"
+    assert main(["bench", "--cases", "threads", "--sweep-sizes", "4096", "--sweep-gaps", "0.001",
+                 "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
+                 "--json", str(path)]) == 0
+    live = capsys.readouterr().out
+    assert "back to back" in live and "after 1 ms of busy waiting" in live and "vs fused" in live
+    import json
+
+    sweep = json.loads(path.read_text())["threads"]
+    assert sweep["gaps"] == [0.0, 0.001]
+    timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
+    assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
+    assert main(["bench", "--from-json", str(path)]) == 0
+    assert capsys.readouterr().out == live
+
+
+def test_sweep_goals():
+    from fastdescent.bench.threads import goal
+
+    assert goal(2**17, 0.0, 1.9, 1.6) == "ok" and goal(2**17, 0.0, 1.9, 1.4) == "MISSED"
+    assert goal(2**22, 0.0, 1.0, 1.1) == "ok" and goal(2**14, 0.0, 0.5, 0.5) == ""
+    assert goal(2**14, 0.005, 0.96, 1.0) == "ok" and goal(2**24, 0.02, 0.94, 2.0) == "MISSED"

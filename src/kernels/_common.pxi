@@ -47,6 +47,10 @@
 #   for a mid-sized update, since they will still be spinning for the next one.
 # * One caller at a time: a second Python thread finding the pool busy runs its
 #   update alone, correctly, rather than waiting.
+# * Back-off: the caller must wait for chunks already being run. If a worker lost
+#   its core mid-chunk (more runnable threads than cores), that wait is a time
+#   slice, milliseconds; when the wait was long against the job, updates run
+#   alone for the next 100 ms.
 # * Fork: a child has none of its parent's threads. A pthread_atfork handler
 #   empties the pool in the child, which starts fresh workers when it needs them.
 #
@@ -104,13 +108,15 @@ cdef extern from *:
         int sleepers;               /* workers parked on `wake` */
         unsigned int gate;          /* FD_GATE_OPEN while workers may join, | number inside */
         double spin_seconds;
+        double contended_until;     /* serial until then: a worker was preempted */
+        unsigned long backoffs;
         unsigned long forks_seen;
         /* The job: written by the caller while no worker is inside. */
         fd_range_fn fn;
         const void *ctx;
         Py_ssize_t n_items, align, chunk;
         int n_parts;
-    } fd_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 1e-3, 0,
+    } fd_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 1e-3, 0.0, 0, 0,
                  NULL, NULL, 0, 1, 1, 1};
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
@@ -244,6 +250,7 @@ cdef extern from *:
                             fd_range_fn fn, const void *ctx) {
         int k;
         Py_ssize_t n_chunks, limit;
+        double started, waiting, waited;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
             if (n_items > 0) fn(ctx, 0, n_items);
@@ -268,6 +275,7 @@ cdef extern from *:
             n_chunks = (fd_edge(k + 1) - fd_edge(k) + fd_pool.chunk - 1) / fd_pool.chunk;
             __atomic_store_n(&fd_parts[k].claim, (uint64_t)n_chunks << 32, __ATOMIC_RELAXED);
         }
+        started = fd_now();
         __atomic_store_n(&fd_pool.gate, FD_GATE_OPEN, __ATOMIC_RELEASE);
         __atomic_fetch_add(&fd_pool.generation, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
@@ -277,10 +285,19 @@ cdef extern from *:
         }
         fd_work(0);
         /* Close the job: late workers stay out; wait for the chunks still running. */
-        __atomic_fetch_and(&fd_pool.gate, ~FD_GATE_OPEN, __ATOMIC_ACQ_REL);
-        for (k = 1; __atomic_load_n(&fd_pool.gate, __ATOMIC_ACQUIRE) != 0; k++) {
-            if (k % 1024 == 0) sched_yield();   /* an overloaded machine: let it run */
-            else fd_cpu_relax();
+        if (__atomic_and_fetch(&fd_pool.gate, ~FD_GATE_OPEN, __ATOMIC_ACQ_REL) != 0) {
+            waiting = fd_now();
+            for (k = 1; __atomic_load_n(&fd_pool.gate, __ATOMIC_ACQUIRE) != 0; k++) {
+                if (k % 1024 == 0) sched_yield();   /* an overloaded machine: let it run */
+                else fd_cpu_relax();
+            }
+            /* A wait far longer than a chunk means a worker lost its core mid-chunk
+               (other processes want the cores): run alone for a while. */
+            waited = fd_now() - waiting;
+            if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
+                fd_pool.contended_until = waiting + waited + 0.1;
+                fd_pool.backoffs++;
+            }
         }
         __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
     }
@@ -291,6 +308,8 @@ cdef extern from *:
             && fd_pool.n_workers - __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) >= n_workers;
     }
 
+    static int fd_pool_contended(void) { return fd_now() < fd_pool.contended_until; }
+    static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
     static int fd_pool_workers(void) { return fd_pool.n_workers; }
     static int fd_pool_sleepers(void) { return __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED); }
     static unsigned long fd_pool_forks_seen(void) { return fd_pool.forks_seen; }
@@ -316,6 +335,8 @@ cdef extern from *:
     void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                      fd_range_fn fn, const void* ctx) noexcept nogil
     bint fd_pool_awake(int n_workers) noexcept nogil
+    bint fd_pool_contended() noexcept nogil
+    unsigned long fd_pool_backoffs() noexcept nogil
     int fd_pool_workers() noexcept nogil
     int fd_pool_sleepers() noexcept nogil
     unsigned long fd_pool_forks_seen() noexcept nogil
@@ -394,16 +415,18 @@ def set_spin_seconds(double seconds):
 
 
 def pool_state():
-    """The worker pool of this kernel module: workers started, parked, spin time,
-    and the forks this process has gone through since the pool was made."""
+    """The worker pool of this kernel module: workers started and parked, spin
+    time, back-offs to serial after a preempted worker (and whether one is in
+    force), and the forks this process has gone through since the pool was made."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
-            "spin_seconds": fd_pool_get_spin(), "forks_seen": fd_pool_forks_seen()}
+            "spin_seconds": fd_pool_get_spin(), "backoffs": fd_pool_backoffs(),
+            "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen()}
 
 
 cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
     """How many threads an update of ``total`` elements gets (the policy above)."""
     cdef Py_ssize_t n = min(<Py_ssize_t>n_threads, total // MIN_ELEMENTS_PER_THREAD)
-    if n <= 1:
+    if n <= 1 or fd_pool_contended():
         return 1
     if fd_pool_awake(<int>n - 1):
         return <int>n
