@@ -37,14 +37,16 @@
 #   would move it between cores on every call).
 # * Spin, then park. After a job a worker spins for SPIN seconds (1 ms by
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
-#   on a condition variable. A job costs the caller one atomic increment while the
+#   on a condition variable; at once if the spin was descheduled (other threads
+#   want the cores: spinning would take one from them or from our caller). A job costs the caller one atomic increment while the
 #   workers spin, and a futex wake-up (a system call, a few microseconds) while
 #   they sleep: the only price of a sleeping pool, so the "cold" threshold below
 #   only has to make that system call small against the update.
 # * The caller knows which is the case (the pool counts its sleepers), so the
 #   policy needs no clock to guess it. A clock only tells back-to-back calls: if
-#   the previous call ended less than SPIN ago, sleeping workers are woken even
+#   the previous call ended less than SPIN/2 ago, sleeping workers are woken even
 #   for a mid-sized update, since they will still be spinning for the next one.
+#   (Not up to SPIN: calls SPIN apart would wake them for nothing every time.)
 # * One caller at a time: a second Python thread finding the pool busy runs its
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
@@ -162,15 +164,22 @@ cdef extern from *:
             while (fd_take((self + i) % n, 1, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
     }
 
-    /* Spin for spin_seconds, then park, until the generation moves past `seen`. */
+    /* Spin for spin_seconds, then park, until the generation moves past `seen`.
+       Park early if the spin was descheduled (16 pauses took over 50 us): the
+       machine has more runnable threads than cores, and spinning would take a
+       core from them, or from the thread that will call us. */
     static unsigned long fd_wait_for_job(unsigned long seen) {
         unsigned long g;
-        double until = fd_now() + fd_pool.spin_seconds;
+        double now = fd_now(), before, until = now + fd_pool.spin_seconds;
         unsigned i;
         for (i = 1;; i++) {
             g = __atomic_load_n(&fd_pool.generation, __ATOMIC_ACQUIRE);
             if (g != seen) return g;
-            if ((i & 15) == 0 && fd_now() >= until) break;
+            if ((i & 15) == 0) {
+                before = now;
+                now = fd_now();
+                if (now >= until || now - before > 5e-5) break;
+            }
             fd_cpu_relax();
         }
         pthread_mutex_lock(&fd_pool.lock);
@@ -432,7 +441,7 @@ cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
         return <int>n
     if total // MIN_ELEMENTS_PER_THREAD_COLD >= 2:
         return <int>min(n, total // MIN_ELEMENTS_PER_THREAD_COLD)
-    if fd_now() - last_call_end < fd_pool_get_spin():
+    if fd_now() - last_call_end < 0.5 * fd_pool_get_spin():
         return <int>n   # back to back: wake the workers now, they stay awake for the next calls
     return 1
 
