@@ -255,3 +255,39 @@ def test_sweep_goals():
     assert goal(2**17, 0.0, 1.9, 1.6) == "ok" and goal(2**17, 0.0, 1.9, 1.4) == "MISSED"
     assert goal(2**22, 0.0, 1.0, 1.1) == "ok" and goal(2**14, 0.0, 0.5, 0.5) == ""
     assert goal(2**14, 0.005, 0.96, 1.0) == "ok" and goal(2**24, 0.02, 0.94, 2.0) == "MISSED"
+
+
+PINNED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import numpy as np
+    import fastdescent as fd
+    from fastdescent import _dispatch
+
+    def allowed_cpus():
+        found = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/status") as f:
+                found[tid] = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        return found
+
+    before = allowed_cpus()
+    _dispatch.kernels.set_min_elements_per_thread(1)
+    p, g = np.ones(100_000, np.float32), np.ones(100_000, np.float32)
+    fd.sgd_step(p, g, lr=0.5, n_threads=2)
+    assert (p == 0.5).all()
+    workers = sorted(cpus for tid, cpus in allowed_cpus().items() if tid not in before)
+    print(before[str(os.getpid())], *workers)
+    """
+)
+
+
+@needs_two_threads
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_are_not_pinned_to_the_importing_threads_cpu():
+    """OMP_PROC_BIND pins the importing thread to one CPU; its workers must not inherit that."""
+    env = dict(os.environ, OMP_PROC_BIND="close", OMP_PLACES="cores", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("OMP_NUM_THREADS", None)
+    main, *workers = subprocess.run([sys.executable, "-c", PINNED_SCRIPT], env=env, capture_output=True,
+                                    text=True, check=True, timeout=60).stdout.split()
+    assert len(workers) == 1 and workers[0] != main

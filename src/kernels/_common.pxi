@@ -195,7 +195,7 @@ cdef extern from *:
 
     /* Let workers run on every CPU of the OpenMP places: with OMP_PROC_BIND set,
        libgomp pinned the importing thread to one CPU, and threads inherit that. */
-    static void fd_unpin(void) {
+    static void fd_unpin(pthread_attr_t *attr) {
     #ifdef __linux__
         cpu_set_t set;
         int p, j, n, ids[CPU_SETSIZE];
@@ -208,7 +208,9 @@ cdef extern from *:
             for (j = 0; j < n; j++)
                 if (ids[j] >= 0 && ids[j] < CPU_SETSIZE) CPU_SET(ids[j], &set);
         }
-        if (CPU_COUNT(&set) > 0) pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+        if (CPU_COUNT(&set) > 0) pthread_attr_setaffinity_np(attr, sizeof(set), &set);
+    #else
+        (void)attr;
     #endif
     }
 
@@ -216,7 +218,6 @@ cdef extern from *:
         int self = (int)(intptr_t)arg;
         unsigned long seen = fd_first_generation[self];
         unsigned int gate;
-        fd_unpin();
         for (;;) {
             seen = fd_wait_for_job(seen);
             gate = __atomic_load_n(&fd_pool.gate, __ATOMIC_RELAXED);
@@ -240,6 +241,7 @@ cdef extern from *:
         if (fd_pool.n_workers >= want) return want;
         if (pthread_attr_init(&attr) != 0) return fd_pool.n_workers;
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        fd_unpin(&attr);
         sigfillset(&all);   /* signals stay with the interpreter's threads */
         pthread_sigmask(SIG_SETMASK, &all, &previous);
         while (fd_pool.n_workers < want) {
