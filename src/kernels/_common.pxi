@@ -38,7 +38,8 @@
 # * Spin, then park. After a job a worker spins for SPIN seconds (1 ms by
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
 #   on a condition variable; at once if the spin was descheduled (other threads
-#   want the cores: spinning would take one from them or from our caller). A job costs the caller one atomic increment while the
+#   want the cores: spinning would take one from them or from our caller), and
+#   then back-to-back calls do not wake it for 100 ms (it would not stay awake). A job costs the caller one atomic increment while the
 #   workers spin, and a futex wake-up (a system call, a few microseconds) while
 #   they sleep: the only price of a sleeping pool, so the "cold" threshold below
 #   only has to make that system call small against the update.
@@ -108,17 +109,20 @@ cdef extern from *:
         int busy;                   /* a caller owns the pool */
         unsigned long generation;   /* bumped once per job */
         int sleepers;               /* workers parked on `wake` */
+        int joined;                 /* a worker joined the current job */
         unsigned int gate;          /* FD_GATE_OPEN while workers may join, | number inside */
         double spin_seconds;
         double contended_until;     /* serial until then: a worker was preempted */
+        double no_burst_until;      /* no back-to-back wake-ups until then */
         unsigned long backoffs;
+        unsigned long jobs, wakeups;  /* parallel jobs run; of them, jobs that woke workers */
         unsigned long forks_seen;
         /* The job: written by the caller while no worker is inside. */
         fd_range_fn fn;
         const void *ctx;
         Py_ssize_t n_items, align, chunk;
         int n_parts;
-    } fd_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 1e-3, 0.0, 0, 0,
+    } fd_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 1e-3, 0.0, 0.0, 0, 0, 0, 0,
                  NULL, NULL, 0, 1, 1, 1};
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
@@ -155,11 +159,16 @@ cdef extern from *:
         return 1;
     }
 
-    /* Run part `self` from its front, then take what is left of the others. */
-    static void fd_work(int self) {
+    /* Run what is left of part `self`, from its front. */
+    static void fd_work_own(int self) {
+        Py_ssize_t begin, end;
+        while (fd_take(self, 0, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
+    }
+
+    /* Take what is left of the other parts, from their backs. */
+    static void fd_steal(int self) {
         Py_ssize_t begin, end;
         int i, n = fd_pool.n_parts;
-        while (fd_take(self, 0, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
         for (i = 1; i < n; i++)
             while (fd_take((self + i) % n, 1, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
     }
@@ -178,7 +187,11 @@ cdef extern from *:
             if ((i & 15) == 0) {
                 before = now;
                 now = fd_now();
-                if (now >= until || now - before > 5e-5) break;
+                if (now >= until) break;
+                if (now - before > 5e-5) {   /* descheduled */
+                    fd_pool.no_burst_until = now + 0.1;
+                    break;
+                }
             }
             fd_cpu_relax();
         }
@@ -226,7 +239,11 @@ cdef extern from *:
             } while (!__atomic_compare_exchange_n(&fd_pool.gate, &gate, gate + 1, 1,
                                                   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED));
             if (!(gate & FD_GATE_OPEN)) continue;
-            if (self < fd_pool.n_parts) fd_work(self);
+            __atomic_store_n(&fd_pool.joined, 1, __ATOMIC_RELAXED);
+            if (self < fd_pool.n_parts) {
+                fd_work_own(self);
+                fd_steal(self);
+            }
             __atomic_fetch_sub(&fd_pool.gate, 1, __ATOMIC_RELEASE);
         }
         return NULL;
@@ -259,9 +276,9 @@ cdef extern from *:
        parts aligned to `align` items, claimed `chunk` items at a time. */
     static void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                             fd_range_fn fn, const void *ctx) {
-        int k;
+        int k, woke = 0;
         Py_ssize_t n_chunks, limit;
-        double started, waiting, waited;
+        double started, own_done, waiting, waited;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
             if (n_items > 0) fn(ctx, 0, n_items);
@@ -286,15 +303,33 @@ cdef extern from *:
             n_chunks = (fd_edge(k + 1) - fd_edge(k) + fd_pool.chunk - 1) / fd_pool.chunk;
             __atomic_store_n(&fd_parts[k].claim, (uint64_t)n_chunks << 32, __ATOMIC_RELAXED);
         }
+        fd_pool.joined = 0;
         started = fd_now();
         __atomic_store_n(&fd_pool.gate, FD_GATE_OPEN, __ATOMIC_RELEASE);
         __atomic_fetch_add(&fd_pool.generation, 1, __ATOMIC_SEQ_CST);
+        fd_pool.jobs++;
         if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
+            fd_pool.wakeups++;
+            woke = 1;
             pthread_mutex_lock(&fd_pool.lock);
             pthread_cond_broadcast(&fd_pool.wake);
             pthread_mutex_unlock(&fd_pool.lock);
         }
-        fd_work(0);
+        fd_work_own(0);
+        /* No worker came while the caller ran its part: a spinning one would have
+           within a microsecond, a woken one within tens. It has no core: other
+           threads want them all. Run alone for a while (spinning), or stop waking
+           workers for back-to-back calls (woken). */
+        if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
+            own_done = fd_now();
+            if (!woke && own_done - started > 2e-5) {
+                fd_pool.contended_until = own_done + 0.1;
+                fd_pool.backoffs++;
+            } else if (woke && own_done - started > 2e-4) {
+                fd_pool.no_burst_until = own_done + 0.1;
+            }
+        }
+        fd_steal(0);
         /* Close the job: late workers stay out; wait for the chunks still running. */
         if (__atomic_and_fetch(&fd_pool.gate, ~FD_GATE_OPEN, __ATOMIC_ACQ_REL) != 0) {
             waiting = fd_now();
@@ -320,7 +355,10 @@ cdef extern from *:
     }
 
     static int fd_pool_contended(void) { return fd_now() < fd_pool.contended_until; }
+    static int fd_pool_burst_allowed(void) { return fd_now() >= fd_pool.no_burst_until; }
     static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
+    static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
+    static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }
     static int fd_pool_workers(void) { return fd_pool.n_workers; }
     static int fd_pool_sleepers(void) { return __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED); }
     static unsigned long fd_pool_forks_seen(void) { return fd_pool.forks_seen; }
@@ -347,7 +385,10 @@ cdef extern from *:
                      fd_range_fn fn, const void* ctx) noexcept nogil
     bint fd_pool_awake(int n_workers) noexcept nogil
     bint fd_pool_contended() noexcept nogil
+    bint fd_pool_burst_allowed() noexcept nogil
     unsigned long fd_pool_backoffs() noexcept nogil
+    unsigned long fd_pool_jobs() noexcept nogil
+    unsigned long fd_pool_wakeups() noexcept nogil
     int fd_pool_workers() noexcept nogil
     int fd_pool_sleepers() noexcept nogil
     unsigned long fd_pool_forks_seen() noexcept nogil
@@ -427,9 +468,11 @@ def set_spin_seconds(double seconds):
 
 def pool_state():
     """The worker pool of this kernel module: workers started and parked, spin
-    time, back-offs to serial after a preempted worker (and whether one is in
-    force), and the forks this process has gone through since the pool was made."""
+    time, parallel jobs run and how many of them had to wake workers, back-offs
+    to serial after a preempted worker (and whether one is in force), and the
+    forks this process has gone through since the pool was made."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
+            "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(),
             "spin_seconds": fd_pool_get_spin(), "backoffs": fd_pool_backoffs(),
             "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen()}
 
@@ -443,7 +486,7 @@ cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
         return <int>n
     if total // MIN_ELEMENTS_PER_THREAD_COLD >= 2:
         return <int>min(n, total // MIN_ELEMENTS_PER_THREAD_COLD)
-    if fd_now() - last_call_end < 0.5 * fd_pool_get_spin():
+    if fd_now() - last_call_end < 0.5 * fd_pool_get_spin() and fd_pool_burst_allowed():
         return <int>n   # back to back: wake the workers now, they stay awake for the next calls
     return 1
 
