@@ -52,8 +52,10 @@
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
-#   slice, milliseconds; when the wait was long against the job, updates run
-#   alone for the next 100 ms.
+#   slice, milliseconds; when the wait was long against the job, or no worker came
+#   while the caller ran its own part, or the caller itself lost its core for a
+#   fifth of a job that woke a worker or was long (it then reads its CPU time, a
+#   system call), updates run alone for the next 100 ms.
 # * Fork: a child has none of its parent's threads. A pthread_atfork handler
 #   empties the pool in the child, which starts fresh workers when it needs them.
 #
@@ -131,6 +133,13 @@ cdef extern from *:
     static double fd_now(void) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
+        return ts.tv_sec + 1e-9 * ts.tv_nsec;
+    }
+
+    /* CPU time of the calling thread: a system call, so only read around long jobs. */
+    static double fd_thread_cpu(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
         return ts.tv_sec + 1e-9 * ts.tv_nsec;
     }
 
@@ -276,9 +285,9 @@ cdef extern from *:
        parts aligned to `align` items, claimed `chunk` items at a time. */
     static void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                             fd_range_fn fn, const void *ctx) {
-        int k, woke = 0;
+        int k, woke = 0, timed;
         Py_ssize_t n_chunks, limit;
-        double started, own_done, waiting, waited;
+        double started, own_done, waiting, waited, cpu_started = 0.0, lost;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
             if (n_items > 0) fn(ctx, 0, n_items);
@@ -304,6 +313,9 @@ cdef extern from *:
             __atomic_store_n(&fd_parts[k].claim, (uint64_t)n_chunks << 32, __ATOMIC_RELAXED);
         }
         fd_pool.joined = 0;
+        /* Jobs that wake workers, and long ones, watch whether the caller loses its core. */
+        timed = __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) > 0 || n_items >= ((Py_ssize_t)1 << 18);
+        if (timed) cpu_started = fd_thread_cpu();
         started = fd_now();
         __atomic_store_n(&fd_pool.gate, FD_GATE_OPEN, __ATOMIC_RELEASE);
         __atomic_fetch_add(&fd_pool.generation, 1, __ATOMIC_SEQ_CST);
@@ -342,6 +354,16 @@ cdef extern from *:
             waited = fd_now() - waiting;
             if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
                 fd_pool.contended_until = waiting + waited + 0.1;
+                fd_pool.backoffs++;
+            }
+        }
+        /* The caller was off its core for a fifth of the job: waking a worker can
+           push the waker off its core when every core is busy. Run alone a while. */
+        if (timed) {
+            waited = fd_now() - started;
+            lost = waited - (fd_thread_cpu() - cpu_started);
+            if (lost > 5e-5 && lost > 0.2 * waited) {
+                fd_pool.contended_until = started + waited + 0.1;
                 fd_pool.backoffs++;
             }
         }
