@@ -178,6 +178,22 @@ def test_norms_are_identical_with_parked_and_spinning_workers(rng, tiny_parts):
         kernels.set_spin_seconds(previous)
 
 
+@pytest.mark.parametrize("policy, spin", [("passive", 0.0), ("active", float("inf")), ("", 1e-3)])
+def test_omp_wait_policy_sets_how_long_idle_workers_spin(policy, spin):
+    env = dict(os.environ, OMP_WAIT_POLICY=policy, PYTHONPATH=os.pathsep.join(sys.path))
+    code = "from fastdescent import _dispatch; print(_dispatch.kernels.get_spin_seconds())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) == spin
+
+
+def test_spin_time_is_validated():
+    with pytest.raises(ValueError):
+        _dispatch.kernels.set_spin_seconds(-1.0)
+    with pytest.raises(ValueError):
+        _dispatch.kernels.set_spin_seconds(float("nan"))
+    assert set(_dispatch.kernels.pool_state()) >= {"workers", "parked", "jobs", "wakeups", "backoffs"}
+
+
 # --- fork safety (issue 14 #3) -----------------------------------------------------
 
 FORK_SCRIPT = textwrap.dedent(
