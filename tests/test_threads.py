@@ -250,7 +250,7 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     from fastdescent.__main__ import main
 
     path = tmp_path / "sweep.json"
-    assert main(["bench", "--cases", "threads", "--sweep-sizes", "4096", "--sweep-gaps", "0.001",
+    assert main(["bench", "--cases", "threads", "--sweep-sizes", "4e3", "--sweep-gaps", "0.001",
                  "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
                  "--json", str(path)]) == 0
     live = capsys.readouterr().out
@@ -271,6 +271,7 @@ def test_sweep_goals():
     assert goal(2**17, 0.0, 1.9, 1.6) == "ok" and goal(2**17, 0.0, 1.9, 1.4) == "MISSED"
     assert goal(2**22, 0.0, 1.0, 1.1) == "ok" and goal(2**14, 0.0, 0.5, 0.5) == ""
     assert goal(2**14, 0.005, 0.96, 1.0) == "ok" and goal(2**24, 0.02, 0.94, 2.0) == "MISSED"
+    assert goal(10**8, 0.0, 0.96, 0.8) == "ok" and goal(10**8, 0.02, 0.9, 1.2) == "MISSED"
 
 
 PINNED_SCRIPT = textwrap.dedent(

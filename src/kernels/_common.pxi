@@ -124,8 +124,19 @@ cdef extern from *:
         const void *ctx;
         Py_ssize_t n_items, align, chunk;
         int n_parts;
-    } fd_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 1e-3, 0.0, 0.0, 0, 0, 0, 0,
-                 NULL, NULL, 0, 1, 1, 1};
+    } fd_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+                 .spin_seconds = 1e-3, .align = 1, .chunk = 1, .n_parts = 1};
+
+    /* Deadlines shared between threads: relaxed atomic doubles. */
+    static double fd_get_deadline(double *deadline) {
+        double value;
+        __atomic_load(deadline, &value, __ATOMIC_RELAXED);
+        return value;
+    }
+
+    static void fd_set_deadline(double *deadline, double value) {
+        __atomic_store(deadline, &value, __ATOMIC_RELAXED);
+    }
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
     static unsigned long fd_first_generation[FD_MAX_THREADS];
@@ -198,7 +209,7 @@ cdef extern from *:
                 now = fd_now();
                 if (now >= until) break;
                 if (now - before > 5e-5) {   /* descheduled */
-                    fd_pool.no_burst_until = now + 0.1;
+                    fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
                     break;
                 }
             }
@@ -312,7 +323,7 @@ cdef extern from *:
             n_chunks = (fd_edge(k + 1) - fd_edge(k) + fd_pool.chunk - 1) / fd_pool.chunk;
             __atomic_store_n(&fd_parts[k].claim, (uint64_t)n_chunks << 32, __ATOMIC_RELAXED);
         }
-        fd_pool.joined = 0;
+        __atomic_store_n(&fd_pool.joined, 0, __ATOMIC_RELAXED);
         /* Jobs that wake workers, and long ones, watch whether the caller loses its core. */
         timed = __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) > 0 || n_items >= ((Py_ssize_t)1 << 18);
         if (timed) cpu_started = fd_thread_cpu();
@@ -335,10 +346,10 @@ cdef extern from *:
         if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
             own_done = fd_now();
             if (!woke && own_done - started > 2e-5) {
-                fd_pool.contended_until = own_done + 0.1;
+                fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
                 fd_pool.backoffs++;
             } else if (woke && own_done - started > 2e-4) {
-                fd_pool.no_burst_until = own_done + 0.1;
+                fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
             }
         }
         fd_steal(0);
@@ -353,7 +364,7 @@ cdef extern from *:
                (other processes want the cores): run alone for a while. */
             waited = fd_now() - waiting;
             if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
-                fd_pool.contended_until = waiting + waited + 0.1;
+                fd_set_deadline(&fd_pool.contended_until, waiting + waited + 0.1);
                 fd_pool.backoffs++;
             }
         }
@@ -363,7 +374,7 @@ cdef extern from *:
             waited = fd_now() - started;
             lost = waited - (fd_thread_cpu() - cpu_started);
             if (lost > 5e-5 && lost > 0.2 * waited) {
-                fd_pool.contended_until = started + waited + 0.1;
+                fd_set_deadline(&fd_pool.contended_until, started + waited + 0.1);
                 fd_pool.backoffs++;
             }
         }
@@ -376,8 +387,8 @@ cdef extern from *:
             && fd_pool.n_workers - __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) >= n_workers;
     }
 
-    static int fd_pool_contended(void) { return fd_now() < fd_pool.contended_until; }
-    static int fd_pool_burst_allowed(void) { return fd_now() >= fd_pool.no_burst_until; }
+    static int fd_pool_contended(void) { return fd_now() < fd_get_deadline(&fd_pool.contended_until); }
+    static int fd_pool_burst_allowed(void) { return fd_now() >= fd_get_deadline(&fd_pool.no_burst_until); }
     static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
     static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
     static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }

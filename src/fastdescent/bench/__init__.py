@@ -118,7 +118,7 @@ def add_arguments(parser):
                              "(a training loop's forward/backward: the thread team has gone to sleep)")
     parser.add_argument("--min-elements-per-thread", type=int, metavar="N",
                         help="set the kernels' serial threshold for this run (every variant)")
-    threads_sweep.add_arguments(parser)
+    threads_sweep.add_arguments(parser, size_arg)
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run; measure nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
