@@ -114,6 +114,7 @@ cdef extern from *:
         int joined;                 /* a worker joined the current job */
         unsigned int gate;          /* FD_GATE_OPEN while workers may join, | number inside */
         double spin_seconds;
+        int backoff;                /* back off under overload (on unless an experiment) */
         double contended_until;     /* serial until then: a worker was preempted */
         double no_burst_until;      /* no back-to-back wake-ups until then */
         unsigned long backoffs;
@@ -125,7 +126,7 @@ cdef extern from *:
         Py_ssize_t n_items, align, chunk;
         int n_parts;
     } fd_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
-                 .spin_seconds = 1e-3, .align = 1, .chunk = 1, .n_parts = 1};
+                 .spin_seconds = 1e-3, .backoff = 1, .align = 1, .chunk = 1, .n_parts = 1};
 
     /* Deadlines shared between threads: relaxed atomic doubles. */
     static double fd_get_deadline(double *deadline) {
@@ -387,8 +388,14 @@ cdef extern from *:
             && fd_pool.n_workers - __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) >= n_workers;
     }
 
-    static int fd_pool_contended(void) { return fd_now() < fd_get_deadline(&fd_pool.contended_until); }
-    static int fd_pool_burst_allowed(void) { return fd_now() >= fd_get_deadline(&fd_pool.no_burst_until); }
+    static int fd_pool_contended(void) {
+        return fd_pool.backoff && fd_now() < fd_get_deadline(&fd_pool.contended_until);
+    }
+    static int fd_pool_burst_allowed(void) {
+        return !fd_pool.backoff || fd_now() >= fd_get_deadline(&fd_pool.no_burst_until);
+    }
+    static void fd_pool_set_backoff(int on) { fd_pool.backoff = on; }
+    static int fd_pool_get_backoff(void) { return fd_pool.backoff; }
     static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
     static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
     static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }
@@ -419,6 +426,8 @@ cdef extern from *:
     bint fd_pool_awake(int n_workers) noexcept nogil
     bint fd_pool_contended() noexcept nogil
     bint fd_pool_burst_allowed() noexcept nogil
+    void fd_pool_set_backoff(int on) noexcept nogil
+    bint fd_pool_get_backoff() noexcept nogil
     unsigned long fd_pool_backoffs() noexcept nogil
     unsigned long fd_pool_jobs() noexcept nogil
     unsigned long fd_pool_wakeups() noexcept nogil
@@ -499,6 +508,12 @@ def set_spin_seconds(double seconds):
     fd_pool_set_spin(seconds)
 
 
+def set_overload_backoff(bint enabled):
+    """Turn the overload back-offs off (to measure what threads could do on a
+    machine whose other processes are known to be idle) or on again (the default)."""
+    fd_pool_set_backoff(enabled)
+
+
 def pool_state():
     """The worker pool of this kernel module: workers started and parked, spin
     time, parallel jobs run and how many of them had to wake workers, back-offs
@@ -506,7 +521,8 @@ def pool_state():
     forks this process has gone through since the pool was made."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
             "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(),
-            "spin_seconds": fd_pool_get_spin(), "backoffs": fd_pool_backoffs(),
+            "spin_seconds": fd_pool_get_spin(), "backoff_enabled": fd_pool_get_backoff(),
+            "backoffs": fd_pool_backoffs(),
             "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen()}
 
 
