@@ -39,10 +39,11 @@
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
-#   then back-to-back calls do not wake it for 100 ms (it would not stay awake). A job costs the caller one atomic increment while the
-#   workers spin, and a futex wake-up (a system call, a few microseconds) while
-#   they sleep: the only price of a sleeping pool, so the "cold" threshold below
-#   only has to make that system call small against the update.
+#   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
+#   A job costs the caller one atomic increment while the workers spin, and a
+#   futex wake-up (a system call, a few microseconds) while they sleep: the only
+#   price of a sleeping pool, so the "cold" threshold below only has to make that
+#   system call small against the update.
 # * The caller knows which is the case (the pool counts its sleepers), so the
 #   policy needs no clock to guess it. A clock only tells back-to-back calls: if
 #   the previous call ended less than SPIN/2 ago, sleeping workers are woken even
