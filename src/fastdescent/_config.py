@@ -12,7 +12,9 @@ OpenMP always runs one thread.
 
 import contextvars
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 from . import _runtime
 
@@ -20,14 +22,15 @@ BACKENDS = ("kernel", "reference")
 
 _default_threads = None
 _default_backend = None
-_UNSET = object()
-# The thread count of the innermost ``num_threads`` block. A context variable is
-# per Python thread (and per asyncio task), and cheaper to read than threading.local.
-_block_threads = contextvars.ContextVar("fastdescent_num_threads", default=_UNSET)
+# ``(n_threads,)`` of the innermost ``num_threads`` block, None outside any. A context
+# variable is per Python thread (and per asyncio task), and cheaper to read than
+# threading.local.
+_block_threads: contextvars.ContextVar[tuple[int | None] | None] = contextvars.ContextVar(
+    "fastdescent_num_threads", default=None)
 _block_threads_get = _block_threads.get
 
 
-def max_threads():
+def max_threads() -> int:
     """Threads a kernel may use now, in this thread: OpenMP's maximum (which
     threadpoolctl limits) capped at the usable cores."""
     # OpenMP's own count of usable processors, not os.sched_getaffinity: with
@@ -45,7 +48,7 @@ def _check_thread_request(n_threads):
         raise ValueError("n_threads=0 is invalid: use None for the default, -1 for all cores")
 
 
-def effective_n_threads(n_threads=None):
+def effective_n_threads(n_threads: int | None = None) -> int:
     """The number of threads a kernel will use for the request ``n_threads``.
 
     ``None`` takes the default: this thread's ``num_threads`` block, else
@@ -53,9 +56,8 @@ def effective_n_threads(n_threads=None):
     for this thread (``OMP_NUM_THREADS``, threadpoolctl).
     """
     if n_threads is None:
-        n_threads = _block_threads_get()
-        if n_threads is _UNSET:
-            n_threads = _default_threads
+        block = _block_threads_get()
+        n_threads = _default_threads if block is None else block[0]
     else:
         _check_thread_request(n_threads)
     limit = _runtime.thread_limit()
@@ -66,7 +68,7 @@ def effective_n_threads(n_threads=None):
     return min(n_threads, limit)
 
 
-def set_num_threads(n_threads):
+def set_num_threads(n_threads: int | None) -> None:
     """Set the process-wide default thread count (``None`` restores "all cores").
     A ``num_threads`` block in a thread takes precedence there."""
     global _default_threads
@@ -74,20 +76,20 @@ def set_num_threads(n_threads):
     _default_threads = n_threads
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a kernel uses when called with ``n_threads=None``."""
     return effective_n_threads(None)
 
 
 @contextmanager
-def num_threads(n_threads):
+def num_threads(n_threads: int | None) -> Iterator[None]:
     """Context manager: ``with fastdescent.num_threads(1): ...`` runs serial kernels.
 
     It sets the default of the calling Python thread (and asyncio task) only, so
     blocks in several threads may overlap and each restores its own previous value.
     """
     _check_thread_request(n_threads)
-    token = _block_threads.set(n_threads)
+    token = _block_threads.set((n_threads,))
     try:
         yield
     finally:
@@ -110,19 +112,19 @@ def _backend_from_env():
 _ENV_BACKEND = _backend_from_env()
 
 
-def get_backend():
+def get_backend() -> str:
     """The default backend: ``set_backend``, else ``FASTDESCENT_BACKEND`` (read at
     import), else "kernel"."""
     return _ENV_BACKEND if _default_backend is None else _default_backend
 
 
-def set_backend(name):
+def set_backend(name: str | None) -> None:
     """Set the process-wide default backend ("kernel" or "reference"; None = from env)."""
     global _default_backend
     _default_backend = None if name is None else _check_backend(name)
 
 
-def resolve_backend(backend):
+def resolve_backend(backend: str | None) -> ModuleType:
     """The backend module (kernels or reference) for ``backend`` (None = default)."""
     if backend is None:
         backend = _ENV_BACKEND if _default_backend is None else _default_backend
@@ -137,4 +139,4 @@ def resolve_backend(backend):
         return _BACKEND_MODULES[backend]
 
 
-_BACKEND_MODULES = {}
+_BACKEND_MODULES: dict[str, ModuleType] = {}

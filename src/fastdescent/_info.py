@@ -1,12 +1,13 @@
 """``fastdescent.show_config()``: how this installation was built and what it runs."""
 
 import platform
+from typing import IO, Any
 
 from . import _config, _dispatch, _runtime
 from ._build_info import BUILD_INFO
 
 
-def config():
+def config() -> dict[str, Any]:
     """The configuration as a dict (what ``show_config`` prints)."""
     from . import __version__
 
@@ -30,7 +31,7 @@ def config():
     }
 
 
-def _idle_workers(spin_seconds):
+def _idle_workers(spin_seconds: float) -> str:
     if spin_seconds == float("inf"):
         return "idle workers spin (OMP_WAIT_POLICY=active)"
     if spin_seconds == 0:
@@ -38,7 +39,7 @@ def _idle_workers(spin_seconds):
     return f"idle workers spin {spin_seconds * 1e3:g} ms, then park"
 
 
-def show_config(file=None):
+def show_config(file: IO[str] | None = None) -> None:
     """Print the version, OpenMP, threads, compiler, flags and kernel variant."""
     c = config()
     flags = " ".join(c["common_flags"])
