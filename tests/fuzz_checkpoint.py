@@ -54,9 +54,13 @@ def main(argv):
         import atheris
 
         with atheris.instrument_imports(include=INSTRUMENTED):
-            import zipfile, json, ast  # noqa: F401, E401  (imported first here, to be instrumented)
-            import numpy.lib._format_impl  # noqa: F401
+            import ast, json, zipfile  # noqa: F401, E401  (imported first here, to be instrumented)
+
             import fastdescent.optim.checkpoint  # noqa: F401
+            try:
+                import numpy.lib._format_impl  # noqa: F401  (NumPy 2; NumPy 1's numpy.lib.format goes uninstrumented)
+            except ImportError:
+                pass
     from checkpoint_cases import LoadProperty
 
     with tempfile.TemporaryDirectory() as directory:
