@@ -25,6 +25,10 @@ gradients itself, as for any optimizer without native AMP support.
 import torch
 
 from .. import adagrad_step, adam_step, adamw_step, rmsprop_step, sgd_step
+from ..rules.adagrad import adagrad_arguments
+from ..rules.adam import adam_arguments
+from ..rules.rmsprop import rmsprop_arguments
+from ..rules.sgd import sgd_arguments
 from ._adapter import KernelOptimizer, init_like, kernel_doc, new_step_tensor
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
@@ -48,6 +52,14 @@ class SGD(KernelOptimizer, torch.optim.SGD):
                  momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                  weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                  maximize=bool(group["maximize"]), first_step=fresh)
+
+    _kernel, _kernel_buffers = "sgd", ("momentum_buffer",)
+
+    def _arguments(self, group, step, fresh):
+        return sgd_arguments(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                             nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                             convention="pytorch", first_step=fresh, grad_scale=1.0)
 
 
 class Adagrad(KernelOptimizer, torch.optim.Adagrad):
@@ -73,6 +85,13 @@ class Adagrad(KernelOptimizer, torch.optim.Adagrad):
                      lr_decay=float(group["lr_decay"]), weight_decay=float(group["weight_decay"]),
                      eps=float(group["eps"]), maximize=bool(group["maximize"]))
 
+    _kernel, _kernel_buffers = "adagrad", ("sum",)
+
+    def _arguments(self, group, step, fresh):
+        return adagrad_arguments(step=int(step), lr=float(group["lr"]), lr_decay=float(group["lr_decay"]),
+                                 weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                                 maximize=bool(group["maximize"]), grad_scale=1.0)
+
 
 class RMSprop(KernelOptimizer, torch.optim.RMSprop):
     __doc__ = kernel_doc(torch.optim.RMSprop)
@@ -92,6 +111,13 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
                      weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
                      centered=bool(group["centered"]), maximize=bool(group["maximize"]))
 
+    _kernel, _kernel_buffers = "rmsprop", ("square_avg", "momentum_buffer", "grad_avg")
+
+    def _arguments(self, group, step, fresh):
+        return rmsprop_arguments(lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+                                 weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+                                 maximize=bool(group["maximize"]), grad_scale=1.0)
+
 
 class _AdamRule(KernelOptimizer):
     """Adam and AdamW share state and step; ``decoupled_weight_decay`` picks the face."""
@@ -109,6 +135,15 @@ class _AdamRule(KernelOptimizer):
              betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
              maximize=bool(group["maximize"]))
+
+    _kernel, _kernel_buffers = "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _arguments(self, group, step, fresh):
+        beta1, beta2 = group["betas"]
+        return adam_arguments(step=int(step), lr=float(group["lr"]), betas=(float(beta1), float(beta2)),
+                              eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                              decoupled=bool(group.get("decoupled_weight_decay", False)),
+                              maximize=bool(group["maximize"]), bias_correction=True, grad_scale=1.0)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
