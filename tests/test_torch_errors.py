@@ -6,27 +6,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastdescent.torch as fdt  # noqa: E402
-from torch_support import batches, loss_fn, mlp, one_torch_thread  # noqa: E402, F401
+from torch_support import assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot  # noqa: E402, F401
 
 RULES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
 CAPTURABLE = ("RMSprop", "Adam", "AdamW")
-
-
-def snapshot(opt):
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(opt, before):
-    params, state = before
-    now = [p.detach() for g in opt.param_groups for p in g["params"]]
-    for a, b in zip(now, params):
-        assert torch.equal(a, b), "a parameter was written"
-    for p, s in opt.state.items():
-        assert list(s) == list(state[id(p)])
-        for k, v in state[id(p)].items():
-            assert torch.equal(s[k], v), f"state {k} was written"
 
 
 def assert_step_raises(opt, error, match):
