@@ -59,7 +59,8 @@ class _Entry:
     parameter itself if it is dense, else its block in the bucket's scratch arena
     (``scratch``); ``target`` is the parameter's detached alias, written back to."""
 
-    __slots__ = ("param", "index", "ptr", "state", "keys", "fresh", "ref", "scratch", "target", "position")
+    __slots__ = ("param", "index", "ptr", "state", "keys", "tensors", "fresh", "ref", "scratch", "target",
+                 "position")
 
 
 class _Bucket:
@@ -481,6 +482,81 @@ class KernelOptimizer:
         # in-place updates would, so a stale saved tensor is still detected.
         increment_version(torch_params)
 
+    # -- one parameter at a time (step_in_backward) ------------------------------
+
+    def _locate(self):
+        """{id(param): (group index, plan, bucket, position)} for the parameters
+        with state; the plans checked as at the start of a step."""
+        created = []
+        try:
+            located = {}
+            for group_index, group in enumerate(self.param_groups):
+                plan = self._plan(group_index, group, created)
+                for bucket in plan.buckets:
+                    for k, e in enumerate(bucket.entries):
+                        located[id(e.param)] = (group_index, plan, bucket, k)
+        except BaseException:
+            self._remove_created(created)
+            self._forget_plans()
+            raise
+        return located
+
+    def _parameter_update(self, located, p, before_rebuild=None):
+        """Check the update of parameter ``p`` from its ``.grad`` (everything a step
+        checks for it) and return ``write(kernels, n_threads)``, which only
+        writes, and the tensors it reads. ``located`` is from ``_locate``; it is
+        refreshed here (after ``before_rebuild()``) if ``p`` has no state yet or
+        its views are stale."""
+        found = located.get(id(p))
+        if found is not None:
+            group_index, plan, bucket, k = found
+            e = bucket.entries[k]
+            if p.data_ptr() != e.ptr or not all(e.state.get(key) is t for key, t in zip(e.keys, e.tensors)):
+                found = None
+        if found is None:  # a first gradient, or moved tensors: rebuild the plans
+            if before_rebuild is not None:
+                before_rebuild()
+            self._forget_plans()
+            located.clear()
+            located.update(self._locate())
+            found = located.get(id(p))
+            if found is None:
+                raise ValueError("step_in_backward: a parameter whose gradient hook fired "
+                                 "is in none of the optimizer's groups")
+            group_index, plan, bucket, k = found
+            e = bucket.entries[k]
+        group = self.param_groups[group_index]
+        grad = p.grad
+        view, copy = self._odd_grad_view(group_index, group, e, grad)
+        try:
+            check_buffers(("param", "grad") + bucket.names,
+                          ([bucket.param_views[k]], [view], *([views[k]] for views in bucket.state_views)),
+                          (True, False) + (True,) * len(bucket.names), False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{_where(group_index, e.index, group, p)}: {error}") from None
+        steps, following = bucket.steps, None
+        if steps is not None:
+            following = steps[k] + 1  # a NumPy scalar: torch's count in the step dtype
+        run = self._cached_call(plan, group, float(following) if self._step_in_math else None, e.fresh)
+        # Bookkeeping of the hook's thread, before the write is handed over.
+        if e.fresh:
+            e.fresh = False
+            bucket.n_fresh -= 1
+        bucket.count = None
+        params, grads = [bucket.param_views[k]], [view]
+        buffers = [[views[k]] for views in bucket.state_views]
+
+        def write(kernels, n_threads):
+            if e.scratch is not None:
+                e.scratch.copy_(e.target)
+            run(kernels, params, grads, buffers, n_threads)
+            if e.scratch is not None:
+                e.target.copy_(e.scratch)
+            if following is not None:
+                steps[k] = following
+            increment_version(p)
+        return write, (grad, copy)
+
     @staticmethod
     def _remove_created(created):
         """After a failed step: remove the state created for it, so that the
@@ -576,9 +652,11 @@ class KernelOptimizer:
                 e.state["step"] = block[i]
             b.step_block, b.steps = block, block.numpy()
             b.count = _uniform_count(b.steps)
+        for e in entries:
+            e.tensors = tuple(e.state[k] for k in e.keys)
         b.views = _tensorviews.BucketViews(
             b.params, [e.ptr for e in entries], [e.state for e in entries], entries[0].keys if entries else (),
-            [tuple(e.state[k] for k in e.keys) for e in entries], [v.size for v in b.param_views],
+            [e.tensors for e in entries], [v.size for v in b.param_views],
             _layout.real_dtype(entries[0].param.dtype) if entries else np.float32,
             [None if e.ref.is_contiguous() else tuple(e.ref.stride()) for e in entries],
             [[b.param_views[k], *(views[k] for views in b.state_views)] for k in range(len(entries))],
