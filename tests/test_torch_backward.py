@@ -104,3 +104,16 @@ def test_error_in_an_update_is_raised_by_backward(overlap):
     model(torch.randn(5, 3)).sum().backward()
     assert all(s["step"].item() == 1 for s in opt.state.values())
     handle.remove()
+
+
+def test_benchmark_reports_time_and_peak_gradient_memory():
+    """Only that it runs and measures (the figures live in BENCHMARKS.md)."""
+    from fastdescent.torch import benchmark
+
+    rows = benchmark.benchmark_step_in_backward(width=16, layers=3, batch=4, rounds=3, n_threads=1)
+    assert [r["mode"] for r in rows] == list(benchmark.BACKWARD_MODES)
+    assert all(r["median"] > 0 and r["tensors"] == 6 for r in rows)
+    everything = rows[0]["parameters"] * 4
+    assert rows[0]["peak_gradient_bytes"] == everything
+    assert rows[1]["peak_gradient_bytes"] < everything
+    assert "peak gradients MB" in benchmark.format_backward_rows(rows)

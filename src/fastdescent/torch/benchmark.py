@@ -3,6 +3,7 @@ implementations (for-loop, foreach, fused) on one model-like set of tensors."""
 
 import statistics
 import time
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -105,6 +106,97 @@ def _compare(total, n_tensors, dtype, steps, contenders, generator, seed):
             for name, seconds in times.items()]
 
 
+class GradientMeter:
+    """Peak bytes of gradient tensors alive at once, over the backward passes of
+    ``params`` (a hook sees each gradient as it completes; a finalizer sees it
+    freed). Create it before :func:`step_in_backward`, so that its hooks run first."""
+
+    def __init__(self, params):
+        self.alive = self.peak = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._seen) for p in params]
+
+    def _seen(self, param):
+        size = param.grad.nbytes
+        self.alive += size
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(param.grad, self._freed, size)
+
+    def _freed(self, size):
+        self.alive -= size
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def mlp_stack(width=912, layers=12, seed=0):
+    """``layers`` square linear layers with tanh between them: ``2 * layers``
+    tensors, about ``layers * width**2`` parameters (10**7 by default)."""
+    torch.manual_seed(seed)
+    blocks = []
+    for _ in range(layers):
+        blocks += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    return torch.nn.Sequential(*blocks)
+
+
+BACKWARD_MODES = ("backward + step", "step in backward", "step in backward, overlapped")
+
+
+def benchmark_step_in_backward(width=912, layers=12, batch=32, rounds=15, n_threads=2, lr=1e-4, seed=0):
+    """Wall time of one backward pass plus the Adam step, and the peak bytes of
+    gradients alive, for :data:`BACKWARD_MODES` on the same model (one copy each).
+
+    Each round runs every mode once (forward untimed, then the timed part), so a
+    noisy neighbour slows them alike. Returns rows ``{"mode", "median", "q1",
+    "q3", "peak_gradient_bytes", "parameters", "tensors", "n_threads"}`` (seconds).
+    """
+    from ._backward import step_in_backward
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.randn(batch, width, generator=generator), torch.randn(batch, width, generator=generator))
+            for _ in range(4)]
+    runs = {}
+    with _threads(n_threads):
+        for mode in BACKWARD_MODES:
+            model = mlp_stack(width, layers, seed)
+            opt = Adam(model.parameters(), lr=lr)
+            meter = GradientMeter(model.parameters())
+            handle = None if mode == BACKWARD_MODES[0] else step_in_backward(opt, overlap="overlapped" in mode)
+            runs[mode] = (model, opt, meter, handle, [])
+        for r in range(rounds + 2):  # two warm-up rounds: state allocation, first-touch page faults
+            x, y = data[r % len(data)]
+            for mode, (model, opt, meter, handle, times) in runs.items():
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                start = time.perf_counter()
+                loss.backward()
+                if handle is None:
+                    opt.step()
+                elapsed = time.perf_counter() - start
+                opt.zero_grad()
+                if r >= 2:
+                    times.append(elapsed)
+    rows = []
+    n_params = sum(p.numel() for p in runs[BACKWARD_MODES[0]][0].parameters())
+    for mode, (model, opt, meter, handle, times) in runs.items():
+        if handle is not None:
+            handle.remove()
+        meter.remove()
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        rows.append({"mode": mode, "median": statistics.median(times), "q1": q1, "q3": q3,
+                     "peak_gradient_bytes": meter.peak, "parameters": n_params,
+                     "tensors": len(list(model.parameters())), "n_threads": n_threads})
+    return rows
+
+
+def format_backward_rows(rows):
+    """The rows of :func:`benchmark_step_in_backward` as a text table."""
+    lines = [f"{'mode':<30} {'ms (median)':>11} {'q1-q3':>15} {'peak gradients MB':>18}"]
+    for r in rows:
+        lines.append(f"{r['mode']:<30} {r['median'] * 1e3:>11.1f} "
+                     f"{r['q1'] * 1e3:>7.1f}-{r['q3'] * 1e3:<7.1f} {r['peak_gradient_bytes'] / 1e6:>18.1f}")
+    return "\n".join(lines)
+
+
 def format_rows(rows):
     """The rows of :func:`benchmark_against_torch` as a text table."""
     lines = [f"{'elements':>10} {'tensors':>7} {'threads':>7} {'contender':<16} {'ms/step':>9} "
@@ -129,7 +221,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both libraries (default: each its own default)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default: by size)")
+    parser.add_argument("--in-backward", action="store_true",
+                        help="instead: backward + step against step_in_backward on a 10**7-parameter MLP")
     args = parser.parse_args(argv)
+    if args.in_backward:
+        rows = benchmark_step_in_backward(n_threads=args.threads or 2, rounds=args.steps or 15)
+        print(f"{rows[0]['parameters']:,} parameters in {rows[0]['tensors']} tensors, Adam, "
+              f"{rows[0]['n_threads']} threads")
+        print(format_backward_rows(rows))
+        return 0
     rows = benchmark_against_torch(tuple(args.totals), args.tensors, getattr(torch, args.dtype),
                                    steps=args.steps, n_threads=args.threads)
     print(format_rows(rows))

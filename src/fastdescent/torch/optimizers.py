@@ -11,15 +11,18 @@ per dtype. The update equations are those of the functional faces
 operation by operation.
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
-(real, imaginary) pairs, as ``torch.optim`` does), laid out densely (contiguous,
-channels_last or any other order without gaps). A gradient laid out differently
-from its parameter is copied to the parameter's layout first. What raises
-(naming the parameter): other devices, half/bfloat16/integer parameters,
-non-dense parameters, sparse gradients, ``differentiable=True``,
-``capturable=True``. ``foreach`` and ``fused`` are accepted and kept in the
-groups (for ``state_dict`` compatibility) but change nothing: the kernel is
-always the fused one. With ``torch.amp.GradScaler`` the scaler unscales the
-gradients itself, as for any optimizer without native AMP support.
+(real, imaginary) pairs, as ``torch.optim`` does), in any layout: dense ones
+(contiguous, channels_last or any other order without gaps) are stepped in place;
+gapped views (a slice with a step, a column) are gathered into a scratch block,
+stepped and scattered back. A gradient laid out differently from its parameter
+is copied first. What raises (naming the parameters): two parameters sharing an
+element, a parameter overlapping itself, other devices, half/bfloat16/integer
+parameters, sparse gradients, ``differentiable=True``, ``capturable=True``.
+``foreach`` and ``fused`` are accepted and kept in the groups (for
+``state_dict`` compatibility) but change nothing: the kernel is always the fused
+one. With ``torch.amp.GradScaler`` the scaler unscales the gradients itself, as
+for any optimizer without native AMP support. A step checks everything before
+it writes anything (see :mod:`fastdescent.torch._adapter`).
 """
 
 import torch
