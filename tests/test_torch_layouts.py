@@ -164,3 +164,23 @@ def test_parameter_carved_from_one_buffer():
             opt.step()
     for a, b in zip(fast, ref):
         assert_close(a.detach(), b.detach(), "carved parameter")
+
+
+def test_misaligned_parameter_and_gradient():
+    """Tensors made from a byte buffer at an odd offset: stepped through copies."""
+    def misaligned(values):
+        raw = bytearray(4 * values.numel() + 1)
+        t = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=values.numel())
+        t.copy_(values)
+        assert t.data_ptr() % 4
+        return t
+
+    start = torch.linspace(-1, 1, 7)
+    fast, ref = torch.nn.Parameter(misaligned(start)), torch.nn.Parameter(start.clone())
+    fast_opt, torch_opt = fdt.Adam([fast], lr=0.1), torch.optim.Adam([ref], lr=0.1, foreach=False)
+    for step in range(4):
+        grad = torch.linspace(0.5, -0.5, 7) * (step + 1)
+        fast.grad, ref.grad = misaligned(grad), grad
+        fast_opt.step()
+        torch_opt.step()
+    assert_close(fast.detach(), ref.detach(), "misaligned parameter")

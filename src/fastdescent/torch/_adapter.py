@@ -26,7 +26,6 @@ from operator import is_
 
 import numpy as np
 import torch
-from torch.autograd.graph import increment_version
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _tensorviews
@@ -37,7 +36,8 @@ from . import _layout
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
                    torch.Tensor.is_neg, torch.Tensor.is_conj)
-_DATA_PTR = torch.Tensor.data_ptr
+# torch.autograd.graph.increment_version without its argument handling (a list here).
+_increment_version = torch._C._increment_version
 _profiler_enabled = torch._C._autograd._profiler_enabled
 # Step hooks registered for every optimizer (torch.optim.optimizer.register_optimizer_step_*_hook).
 _GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks
@@ -393,13 +393,12 @@ class KernelOptimizer:
         if problem is not None:
             raise type(problem)(f"{_where(group_index, e.index, group, p)}: {problem}")
         g = g.detach()
-        if g.is_conj() or g.is_neg() or not _layout.same_layout(g, e.ref):
+        if (g.is_conj() or g.is_neg() or not _layout.same_layout(g, e.ref)
+                or g.data_ptr() % g.element_size()):  # the kernels need aligned elements
             g = _layout.in_layout_of(e.ref, g.resolve_conj().resolve_neg())
-        view = _layout.flat_view(g)
-        if view.ctypes.data % view.itemsize:  # misaligned: the kernels need aligned elements
-            g = _layout.in_layout_of(e.ref, g.clone())
-            view = _layout.flat_view(g)
-        return view, g
+            if g.data_ptr() % g.element_size():  # still: a view that was already in layout
+                g = _layout.in_layout_of(e.ref, g.clone())
+        return _layout.flat_view(g), g
 
     def _calls(self, plan, group, bucket, item):
         """The kernel calls of ``item``, hyperparameters validated: one, or one per
@@ -469,18 +468,17 @@ class KernelOptimizer:
                 if e.fresh:
                     e.fresh = False
                     bucket.n_fresh -= 1
-        if item.next_steps is not None:
-            if taken is None:
-                bucket.steps[...] = item.next_steps
+        following = item.next_steps
+        if following is not None:
+            if taken is None and type(following) is float:
+                bucket.steps.fill(following)
+                bucket.count = following
             else:
-                bucket.steps[taken] = item.next_steps
-            if taken is None and isinstance(item.next_steps, float):
-                bucket.count = item.next_steps
-            else:
+                bucket.steps[... if taken is None else taken] = following
                 bucket.count = _uniform_count(bucket.steps)
         # NumPy writes bypass autograd's version counters: bump them as torch's
         # in-place updates would, so a stale saved tensor is still detected.
-        increment_version(torch_params)
+        _increment_version(torch_params)
 
     # -- one parameter at a time (step_in_backward) ------------------------------
 
@@ -554,7 +552,7 @@ class KernelOptimizer:
                 e.target.copy_(e.scratch)
             if following is not None:
                 steps[k] = following
-            increment_version(p)
+            _increment_version([p])
         return write, (grad, copy)
 
     @staticmethod
@@ -631,7 +629,8 @@ class KernelOptimizer:
         b = _Bucket()
         b.entries, b.names = entries, names
         b.params = [e.param for e in entries]
-        b.gapped = [e for e in entries if not _layout.is_dense(e.param)]
+        # Gapped or misaligned (from a byte buffer): the kernel steps a scratch copy.
+        b.gapped = [e for e in entries if not _layout.is_dense(e.param) or e.ptr % e.param.element_size()]
         scratch = _scratch_blocks(b.gapped)
         for position, e in enumerate(entries):
             e.position = position
