@@ -237,7 +237,8 @@ class KernelOptimizer:
         # that costs microseconds, so take the wrapped path only when it matters.
         if (_GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks
                 or self._optimizer_step_post_hooks or _profiler_enabled()):
-            return self._hooked_step(closure)
+            # The hooks see the arguments as given, as torch's wrapper shows them.
+            return self._hooked_step() if closure is None else self._hooked_step(closure)
         return self._step(closure)
 
     step.hooked = True  # torch.optim.Optimizer must not wrap it again
