@@ -139,12 +139,15 @@ def mlp_stack(width=912, layers=12, seed=0):
     return torch.nn.Sequential(*blocks)
 
 
-BACKWARD_MODES = ("backward + step", "step in backward", "step in backward, overlapped")
+#: The last runs the worker's kernels on one thread, leaving the other core to autograd.
+BACKWARD_MODES = ("backward + step", "step in backward", "step in backward, overlapped",
+                  "overlapped, 1 kernel thread")
 
 
 def benchmark_step_in_backward(width=912, layers=12, batch=32, rounds=15, n_threads=2, lr=1e-4, seed=0):
     """Wall time of one backward pass plus the Adam step, and the peak bytes of
-    gradients alive, for :data:`BACKWARD_MODES` on the same model (one copy each).
+    gradients alive, for :data:`BACKWARD_MODES` on the same model (one copy each),
+    torch and the kernels on ``n_threads`` threads (but the last mode's kernels).
 
     Each round runs every mode once (forward untimed, then the timed part), so a
     noisy neighbour slows them alike. Returns rows ``{"mode", "median", "q1",
@@ -162,22 +165,24 @@ def benchmark_step_in_backward(width=912, layers=12, batch=32, rounds=15, n_thre
             opt = Adam(model.parameters(), lr=lr)
             meter = GradientMeter(model.parameters())
             handle = None if mode == BACKWARD_MODES[0] else step_in_backward(opt, overlap="overlapped" in mode)
-            runs[mode] = (model, opt, meter, handle, [])
+            kernel_threads = 1 if mode == BACKWARD_MODES[3] else n_threads
+            runs[mode] = (model, opt, meter, handle, kernel_threads, [])
         for r in range(rounds + 2):  # two warm-up rounds: state allocation, first-touch page faults
             x, y = data[r % len(data)]
-            for mode, (model, opt, meter, handle, times) in runs.items():
+            for mode, (model, opt, meter, handle, kernel_threads, times) in runs.items():
                 loss = torch.nn.functional.mse_loss(model(x), y)
-                start = time.perf_counter()
-                loss.backward()
-                if handle is None:
-                    opt.step()
-                elapsed = time.perf_counter() - start
+                with num_threads(kernel_threads):
+                    start = time.perf_counter()
+                    loss.backward()
+                    if handle is None:
+                        opt.step()
+                    elapsed = time.perf_counter() - start
                 opt.zero_grad()
                 if r >= 2:
                     times.append(elapsed)
     rows = []
     n_params = sum(p.numel() for p in runs[BACKWARD_MODES[0]][0].parameters())
-    for mode, (model, opt, meter, handle, times) in runs.items():
+    for mode, (model, opt, meter, handle, _, times) in runs.items():
         if handle is not None:
             handle.remove()
         meter.remove()
@@ -235,3 +240,7 @@ def main(argv=None):
     print(format_rows(rows))
     print("(median wall time per step; on a shared machine compare the ratios of one run only)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
