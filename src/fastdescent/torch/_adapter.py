@@ -85,6 +85,29 @@ class _Work:
     __slots__ = ("bucket", "taken", "grads", "keep", "calls", "next_steps")
 
 
+class _KernelCall(tuple):
+    """(kernel name, keyword scalars, position in the buffer list of each of the
+    kernel's buffers or None): a checked kernel call, from ``_kernel_call``."""
+
+    __slots__ = ()
+
+
+def _run(call, kernels, params, grads, states, n_threads):
+    """Run a call from ``_kernel_call`` on the arrays (``states`` in the order of
+    the rule's ``_buffer_names``) with the backend module ``kernels``."""
+    if type(call) is _KernelCall:
+        name, arguments, order = call
+        getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in order],
+                               **arguments, n_threads=n_threads)
+    else:
+        call(kernels, params, grads, states, n_threads)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_order(kernel_buffers, names):
+    return tuple(names.index(name) if name in names else None for name in kernel_buffers)
+
+
 class _Stale(Exception):
     """A cached view may no longer show the tensor's memory: rebuild the plan."""
 
@@ -215,14 +238,8 @@ class KernelOptimizer:
             def run(kernels, params, grads, buffers, n_threads):
                 self._update(group, params, grads, buffers, step, fresh)
             return run
-        arguments = self._arguments(group, step, fresh)
-        order = [names.index(name) if name in names else None for name in self._kernel_buffers]
-        kernel = self._kernel
-
-        def run(kernels, params, grads, buffers, n_threads):
-            getattr(kernels, kernel)(params, grads, *[None if i is None else buffers[i] for i in order],
-                                     **arguments, n_threads=n_threads)
-        return run
+        return _KernelCall((self._kernel, self._arguments(group, step, fresh),
+                            _kernel_order(self._kernel_buffers, names)))
 
     # -- step -----------------------------------------------------------------
 
@@ -412,7 +429,7 @@ class KernelOptimizer:
                 return [(self._cached_call(plan, group, None, False), None, None)]
             keys = [(None, e.fresh) for e in entries]
         elif bucket.count is not None and not bucket.n_fresh:
-            step = _next_count(bucket.count, bucket.steps.dtype)
+            step = _next_count(bucket.count, bucket.steps)
             item.next_steps = step
             if not self._step_in_math:
                 step = None
@@ -458,10 +475,10 @@ class KernelOptimizer:
         grads = item.grads
         for run, pick, _ in item.calls:
             if pick is None:
-                run(kernels, params, grads, states, n_threads)
+                _run(run, kernels, params, grads, states, n_threads)
             else:
-                run(kernels, [params[i] for i in pick], [grads[i] for i in pick],
-                    [[views[i] for i in pick] for views in states], n_threads)
+                _run(run, kernels, [params[i] for i in pick], [grads[i] for i in pick],
+                     [[views[i] for i in pick] for views in states], n_threads)
         for e in gapped:
             e.target.copy_(e.scratch)
         if bucket.n_fresh:
@@ -548,7 +565,7 @@ class KernelOptimizer:
         def write(kernels, n_threads):
             if e.scratch is not None:
                 e.scratch.copy_(e.target)
-            run(kernels, params, grads, buffers, n_threads)
+            _run(run, kernels, params, grads, buffers, n_threads)
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             if following is not None:
@@ -726,12 +743,12 @@ def _uniform_count(steps):
     return first if (steps == first).all() else None
 
 
-def _next_count(count, dtype):
-    """``count + 1`` as torch adds it in the step tensor's dtype (float32 stops
+def _next_count(count, steps):
+    """``count + 1`` as torch adds it in the dtype of ``steps`` (float32 stops
     counting exactly at 2**24)."""
     following = count + 1.0
-    if dtype == np.float32 and following > 2.0**24:
-        following = float(np.float32(following))
+    if following > 2.0**24:
+        following = float(steps.dtype.type(following))
     return following
 
 

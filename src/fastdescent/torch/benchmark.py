@@ -106,6 +106,95 @@ def _compare(total, n_tensors, dtype, steps, contenders, generator, seed):
             for name, seconds in times.items()]
 
 
+def benchmark_step_overhead(n_tensors=(1, 100), size=1000, rounds=2000, dtype=torch.float32, seed=0):
+    """Per-step cost on small tensors: ``fastdescent.torch.Adam`` against
+    ``torch.optim.Adam(fused=True)``, 1 thread each, interleaved step by step.
+
+    For each count in ``n_tensors`` (tensors of ``size`` elements, fixed
+    gradients) returns ``{"n_tensors", "fastdescent", "torch fused", "ratio"}``
+    with (median, q1, q3) seconds per step, and ``{"reach", "reach_new"}``: the
+    cost per tensor of reaching the gradients' memory (``BucketViews.collect``)
+    when the gradient objects are those of the previous step, and when every
+    gradient is a new tensor (as after ``zero_grad()``).
+    """
+    from .._tensorviews import BucketViews  # noqa: F401 (what is measured)
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    with _threads(1):
+        for n in n_tensors:
+            initial = [torch.randn(size, generator=generator, dtype=dtype) for _ in range(n)]
+            grads = [torch.randn(size, generator=generator, dtype=dtype) for _ in range(n)]
+            optimizers = {}
+            for name, make in (("torch fused", CONTENDERS["torch fused"]), ("fastdescent", CONTENDERS["fastdescent"])):
+                params = [torch.nn.Parameter(t.clone()) for t in initial]
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                optimizers[name] = make(params)
+            samples = _interleaved(optimizers, max(20, rounds // n))
+            row = {"n_tensors": n, "size": size}
+            for name, times in samples.items():
+                q1, median, q3 = statistics.quantiles(times, n=4)
+                row[name] = (median, q1, q3)
+            row["ratio"] = row["torch fused"][0] / row["fastdescent"][0]
+            row["reach"], row["reach_new"] = _reach_cost(optimizers["fastdescent"], max(20, rounds // n))
+            rows.append(row)
+    return rows
+
+
+def _interleaved(optimizers, rounds, warmup=20):
+    """Seconds per ``step()`` of each optimizer, one step of each per round."""
+    for _ in range(warmup):
+        for optimizer in optimizers.values():
+            optimizer.step()
+    samples = {name: [] for name in optimizers}
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for name, optimizer in optimizers.items():
+            start = clock()
+            optimizer.step()
+            samples[name].append(clock() - start)
+    return samples
+
+
+def _reach_cost(optimizer, rounds):
+    """Median seconds per tensor of ``collect()`` on the first bucket: with the
+    same gradient objects, and with new ones (the assignment timed apart)."""
+    bucket = optimizer._fd_plans[0].buckets[0]
+    views, params = bucket.views, bucket.params
+    clock = time.perf_counter
+    same, fresh, assign = [], [], []
+    spare = [[p.grad.clone() for p in params] for _ in range(2)]
+    for r in range(rounds):
+        start = clock()
+        views.collect()
+        same.append(clock() - start)
+        new = spare[r % 2]
+        start = clock()
+        for p, g in zip(params, new):
+            p.grad = g
+        assign.append(clock() - start)
+        start = clock()
+        for p, g in zip(params, new):
+            p.grad = g
+        views.collect()
+        fresh.append(clock() - start)
+    views.release()
+    n = len(params)
+    return statistics.median(same) / n, max(0.0, statistics.median(fresh) - statistics.median(assign)) / n
+
+
+def format_overhead_rows(rows):
+    """The rows of :func:`benchmark_step_overhead` as a text table."""
+    lines = [f"{'tensors':>7} {'fastdescent us (q1-q3)':>24} {'torch fused us (q1-q3)':>24} {'ratio':>6} "
+             f"{'reach us/tensor':>15} {'new grads':>9}"]
+    for r in rows:
+        cells = [f"{m * 1e6:.1f} ({a * 1e6:.1f}-{b * 1e6:.1f})" for m, a, b in (r["fastdescent"], r["torch fused"])]
+        lines.append(f"{r['n_tensors']:>7} {cells[0]:>24} {cells[1]:>24} {r['ratio']:>5.2f}x "
+                     f"{r['reach'] * 1e6:>15.3f} {r['reach_new'] * 1e6:>9.3f}")
+    return "\n".join(lines)
+
+
 class GradientMeter:
     """Peak bytes of gradient tensors alive at once, over the backward passes of
     ``params`` (a hook sees each gradient as it completes; a finalizer sees it
@@ -228,7 +317,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default: by size)")
     parser.add_argument("--in-backward", action="store_true",
                         help="instead: backward + step against step_in_backward on a 10**7-parameter MLP")
+    parser.add_argument("--overhead", action="store_true",
+                        help="instead: the per-step cost at 1 and 100 tensors of 1,000 against torch fused")
     args = parser.parse_args(argv)
+    if args.overhead:
+        print(format_overhead_rows(benchmark_step_overhead()))
+        print("(1 thread; median and quartiles per step; reach: per tensor, gradients viewed by collect())")
+        return 0
     if args.in_backward:
         rows = benchmark_step_in_backward(n_threads=args.threads or 2, rounds=args.steps or 15)
         print(f"{rows[0]['parameters']:,} parameters in {rows[0]['tensors']} tensors, Adam, "
