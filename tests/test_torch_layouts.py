@@ -184,3 +184,23 @@ def test_misaligned_parameter_and_gradient():
         fast_opt.step()
         torch_opt.step()
     assert_close(fast.detach(), ref.detach(), "misaligned parameter")
+
+
+def test_gradient_changed_in_place_between_steps_is_seen():
+    """The same gradient objects from step to step (zero_grad(set_to_none=False)):
+    transposed in place, then resized, the change is noticed (their version moved)."""
+    def make():
+        return torch.nn.Parameter(torch.arange(16.0).reshape(4, 4) / 10)
+
+    fast, ref = make(), make()
+    fast_opt, torch_opt = fdt.Adam([fast], lr=0.1), torch.optim.Adam([ref], lr=0.1, foreach=False)
+    grad = torch.linspace(-1, 1, 16).reshape(4, 4)
+    for p, opt in ((fast, fast_opt), (ref, torch_opt)):
+        p.grad = grad.clone()
+        opt.step()
+        p.grad.t_()
+        opt.step()
+    assert_close(fast.detach(), ref.detach(), "after a transposed gradient")
+    fast.grad.resize_(2)
+    with pytest.raises(ValueError, match=r"its gradient has shape \(2,\)"):
+        fast_opt.step()

@@ -6,8 +6,9 @@
 # with ``Tensor.numpy()`` costs about 0.8 us, and a step on a small model has a
 # hundred of them. Here each gradient has one flat ndarray that owns no memory and
 # is pointed at the gradient's data before each step. Reaching a gradient costs its
-# ``.grad`` and ``data_ptr()``; a gradient object not accepted at the previous step
-# also has its layout, size, alignment and aliasing checked.
+# ``.grad``, ``data_ptr()`` and ``_version`` (which in-place changes of its shape or
+# strides bump); a gradient object not accepted at the previous step, or changed
+# since, also has its layout, size, alignment and aliasing checked.
 #
 # The module never imports torch: the caller passes the tensor methods it uses. The
 # views are private to fastdescent.torch and are read only while the caller holds
@@ -64,11 +65,13 @@ cdef class BucketViews:
     cdef list refs, buffers, strides, nbytes, param_ptrs, states, tensors
     cdef tuple keys
     cdef Py_ssize_t* ptrs
+    cdef Py_ssize_t* versions
     cdef Py_ssize_t n, itemsize
     cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj
 
     def __cinit__(self):
         self.ptrs = NULL
+        self.versions = NULL
 
     def __init__(self, list params, list param_ptrs, list states, tuple keys, list tensors,
                  list numels, dtype, list strides, list buffers, tuple methods):
@@ -88,7 +91,8 @@ cdef class BucketViews:
         self.nbytes = [n * self.itemsize for n in numels]
         self.refs = [None] * self.n
         self.ptrs = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
-        if self.ptrs == NULL:
+        self.versions = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
+        if self.ptrs == NULL or self.versions == NULL:
             raise MemoryError()
         self.views = []
         for i in range(self.n):
@@ -104,6 +108,7 @@ cdef class BucketViews:
 
     def __dealloc__(self):
         free(self.ptrs)
+        free(self.versions)
 
     def collect(self):
         """Read every parameter's ``.grad`` into ``grads`` and point ``views`` at them.
@@ -144,12 +149,13 @@ cdef class BucketViews:
                 continue
             ref = self.refs[i]
             if ref is not None and <object>PyWeakref_GetObject(ref) is g:
-                # The object accepted at the previous step: only its memory can have moved.
+                # The object accepted at the previous step: unchanged if its memory is
+                # where it was and no in-place operation (resize_, t_...) touched it.
                 try:
                     ptr = _call(self.data_ptr, g)
                 except RuntimeError:  # it lost its storage
                     ptr = -1
-                if ptr == self.ptrs[i]:
+                if ptr == self.ptrs[i] and g._version == self.versions[i]:
                     continue
             if self._accept(i, g):
                 try:
@@ -187,6 +193,7 @@ cdef class BucketViews:
                 if <char*>ptr < lo + cnp.PyArray_NBYTES(buffer) and lo < <char*>ptr + size:
                     return False
         self.ptrs[i] = ptr
+        self.versions[i] = g._version
         view = <cnp.ndarray>self.views[i]
         (<PyArrayObject_fields*><PyObject*>view).data = <char*>ptr
         cnp.PyArray_ENABLEFLAGS(view, cnp.NPY_ARRAY_ALIGNED)
