@@ -50,7 +50,8 @@ cdef class BucketViews:
     """The gradients of ``params`` as flat NumPy views, refreshed by :meth:`collect`.
 
     ``views[i]`` is a 1-D ndarray of ``numels[i]`` elements of ``dtype`` that
-    shows the gradient of ``params[i]`` after a ``collect`` that accepted it.
+    shows the gradient of ``params[i]`` after a ``collect`` that accepted it
+    (``complex_``: the parameters are complex, seen as real pairs).
     ``strides[i]`` is None if that gradient must be C-contiguous, else the stride
     tuple it must have (its parameter's, for a channels_last or permuted one).
     ``buffers[i]`` are the arrays the kernel writes for parameter ``i``: its
@@ -67,6 +68,7 @@ cdef class BucketViews:
     cdef Py_ssize_t* ptrs
     cdef Py_ssize_t* versions
     cdef Py_ssize_t n, itemsize
+    cdef bint complex_
     cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj
 
     def __cinit__(self):
@@ -74,7 +76,7 @@ cdef class BucketViews:
         self.versions = NULL
 
     def __init__(self, list params, list param_ptrs, list states, tuple keys, list tensors,
-                 list numels, dtype, list strides, list buffers, tuple methods):
+                 list numels, dtype, bint complex_, list strides, list buffers, tuple methods):
         cdef Py_ssize_t i
         cdef cnp.npy_intp dim
         cdef cnp.dtype descr = cnp.dtype(dtype)
@@ -85,6 +87,7 @@ cdef class BucketViews:
         self.keys = keys
         self.tensors = list(tensors)
         self.itemsize = descr.itemsize
+        self.complex_ = complex_
         self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj = methods
         self.strides = list(strides)
         self.buffers = list(buffers)
@@ -180,7 +183,7 @@ cdef class BucketViews:
                     return False
             elif _call(self.stride_of, g) != self.strides[i]:
                 return False
-            if g.nbytes != size or _call(self.is_neg, g) or _call(self.is_conj, g):
+            if g.nbytes != size or _call(self.is_neg, g) or (self.complex_ and _call(self.is_conj, g)):
                 return False
             ptr = _call(self.data_ptr, g)
         except (RuntimeError, TypeError, AttributeError):  # sparse, another kind of object...

@@ -675,6 +675,7 @@ class KernelOptimizer:
             b.params, [e.ptr for e in entries], [e.state for e in entries], entries[0].keys if entries else (),
             [e.tensors for e in entries], [v.size for v in b.param_views],
             _layout.real_dtype(entries[0].param.dtype) if entries else np.float32,
+            bool(entries) and entries[0].param.is_complex(),
             [None if e.ref.is_contiguous() else tuple(e.ref.stride()) for e in entries],
             [[b.param_views[k], *(views[k] for views in b.state_views)] for k in range(len(entries))],
             _TENSOR_METHODS)
