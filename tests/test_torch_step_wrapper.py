@@ -56,3 +56,13 @@ def test_pre_hook_replacing_the_closure():
     opt = fdt.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
     opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: 42.0}))
     assert opt.step() == 42.0
+
+
+def test_overhead_benchmark_runs():
+    """Only that it runs and reports (the figures live in BENCHMARKS.md)."""
+    from fastdescent.torch import benchmark
+
+    rows = benchmark.benchmark_step_overhead(n_tensors=(1, 3), size=10, rounds=30)
+    assert [r["n_tensors"] for r in rows] == [1, 3]
+    assert all(r["ratio"] > 0 and r["reach"] > 0 and r["reach_new"] >= 0 for r in rows)
+    assert "torch fused" in benchmark.format_overhead_rows(rows)
