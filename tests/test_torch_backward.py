@@ -117,3 +117,17 @@ def test_benchmark_reports_time_and_peak_gradient_memory():
     assert rows[0]["peak_gradient_bytes"] == everything
     assert rows[1]["peak_gradient_bytes"] < everything
     assert "peak gradients MB" in benchmark.format_backward_rows(rows)
+
+
+def test_group_added_later_is_stepped_too():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = fdt.SGD(model[0].parameters(), lr=0.1)
+    handle = fdt.step_in_backward(opt)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.add_param_group({"params": model[1].parameters()})
+    before = [p.detach().clone() for p in model[1].parameters()]
+    for p in model[1].parameters():
+        p.grad = None
+    model(torch.randn(3, 4)).sum().backward()
+    assert all(not torch.equal(b, p) and p.grad is None for b, p in zip(before, model[1].parameters()))
+    handle.remove()

@@ -44,7 +44,8 @@ def step_in_backward(optimizer, overlap=False):
     parameter's update is checked before it writes, but one failing parameter
     leaves those updated earlier in the pass updated. Step hooks
     (``register_step_pre_hook``) do not run: there is no ``step()`` call.
-    Parameters added to the optimizer later need another ``step_in_backward``.
+    Parameters added to the optimizer later (``add_param_group``) are stepped
+    at the end of the next backward pass and hooked from then on.
 
     Returns a handle: ``handle.remove()`` takes the hooks off (and stops the
     worker), after which ``step()`` works as before.
@@ -75,8 +76,16 @@ class StepInBackward:
             self._queue = queue.Queue()
             self._worker = threading.Thread(target=self._work, name="fastdescent-step-in-backward", daemon=True)
             self._worker.start()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for group in optimizer.param_groups for p in group["params"]]
+        self._handles = {}
+        self._hook_new_parameters()
+
+    def _hook_new_parameters(self):
+        """Hook every parameter of the optimizer not hooked yet (groups added
+        later); return those."""
+        new = [p for group in self.optimizer.param_groups for p in group["params"] if id(p) not in self._handles]
+        for p in new:
+            self._handles[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
+        return new
 
     def _hook(self, param):
         if param.grad is None:
@@ -106,10 +115,18 @@ class StepInBackward:
                 raise error
 
     def _end_of_pass(self):
-        self._located = None
+        try:
+            self._drain()
+            # Parameters added since the last pass had no hook in this one: step them now.
+            for p in self._hook_new_parameters():
+                if p.grad is not None:
+                    write, keep = self.optimizer._parameter_update(self._located, p)
+                    p.grad = None
+                    write(*self._backend)
+        finally:
+            self._located = None
         # What a step() call tells the learning-rate schedulers (they warn otherwise).
         self.optimizer._opt_called = True
-        self._drain()
 
     def _work(self):
         while True:
@@ -133,9 +150,9 @@ class StepInBackward:
 
     def remove(self):
         """Take the hooks off and stop the worker."""
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
         if self._worker is not None:
             self._drain(raise_error=False)
             self._queue.put(None)
