@@ -33,6 +33,7 @@ from .._config import effective_n_threads, resolve_backend
 from .._runtime import check_buffers, check_distinct
 from . import _layout
 
+_COMPLETE = _tensorviews.COMPLETE
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
                    torch.Tensor.is_neg, torch.Tensor.is_conj)
@@ -66,8 +67,8 @@ class _Entry:
 class _Bucket:
     """The parameters of one group and one dtype that have state: one kernel call per step."""
 
-    __slots__ = ("entries", "params", "param_views", "state_views", "names", "views", "step_block", "steps",
-                 "count", "n_fresh", "gapped")
+    __slots__ = ("entries", "params", "param_views", "state_views", "names", "order", "views", "step_block",
+                 "steps", "count", "n_fresh", "gapped")
 
 
 class _Plan:
@@ -86,26 +87,22 @@ class _Work:
 
 
 class _KernelCall(tuple):
-    """(kernel name, keyword scalars, position in the buffer list of each of the
-    kernel's buffers or None): a checked kernel call, from ``_kernel_call``."""
+    """(kernel name, keyword scalars): a checked kernel call, from ``_kernel_call``;
+    the bucket's ``order`` places its buffers."""
 
     __slots__ = ()
 
 
-def _run(call, kernels, params, grads, states, n_threads):
+def _run(call, order, kernels, params, grads, states, n_threads):
     """Run a call from ``_kernel_call`` on the arrays (``states`` in the order of
-    the rule's ``_buffer_names``) with the backend module ``kernels``."""
+    the rule's ``_buffer_names``; ``order``: where each of the kernel's buffers
+    is among them) with the backend module ``kernels``."""
     if type(call) is _KernelCall:
-        name, arguments, order = call
+        name, arguments = call
         getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in order],
                                **arguments, n_threads=n_threads)
     else:
         call(kernels, params, grads, states, n_threads)
-
-
-@functools.lru_cache(maxsize=64)
-def _kernel_order(kernel_buffers, names):
-    return tuple(names.index(name) if name in names else None for name in kernel_buffers)
 
 
 class _Stale(Exception):
@@ -230,16 +227,15 @@ class KernelOptimizer:
         With ``_kernel`` set, through ``_arguments`` and the backend's kernel;
         else through the face: ``_update`` on empty arrays (which validates and
         writes nothing), then ``_update`` on the real ones."""
-        names = self._buffer_names(group)
         if self._kernel is None:
+            names = self._buffer_names(group)
             empty = np.empty(0)
             self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
 
             def run(kernels, params, grads, buffers, n_threads):
                 self._update(group, params, grads, buffers, step, fresh)
             return run
-        return _KernelCall((self._kernel, self._arguments(group, step, fresh),
-                            _kernel_order(self._kernel_buffers, names)))
+        return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
 
     # -- step -----------------------------------------------------------------
 
@@ -351,16 +347,29 @@ class KernelOptimizer:
 
     def _prepare_buckets(self, plan, group_index, group, work):
         for bucket in plan.buckets:
-            item = self._gather(group_index, group, bucket)
-            if item is not None:
+            views = bucket.views
+            status = views.collect()
+            if (status == _COMPLETE and not bucket.n_fresh
+                    and (bucket.count is not None or bucket.steps is None)):
+                # The usual step: every gradient there, one step count, one kernel call.
+                item = _Work()
+                item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
+                step = item.next_steps = None if bucket.steps is None else _next_count(bucket.count, bucket.steps)
+                if not self._step_in_math:
+                    step = None
+                item.calls = ((self._cached_call(plan, group, step, False), None, step),)
+            else:
+                item = self._gather(group_index, group, bucket, status)
+                if item is None:
+                    continue
                 item.calls = self._calls(plan, group, bucket, item)
-                work.append(item)
+            work.append(item)
 
-    def _gather(self, group_index, group, bucket):
-        """The bucket's work (gradient views, all checked), or None without gradients."""
+    def _gather(self, group_index, group, bucket, status):
+        """The bucket's work (gradient views, all checked), or None without
+        gradients; ``status``: what ``bucket.views.collect()`` returned."""
         views = bucket.views
-        status = views.collect()
-        if status == _tensorviews.COMPLETE:
+        if status == _COMPLETE:
             item = _Work()
             item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
             return item
@@ -475,9 +484,9 @@ class KernelOptimizer:
         grads = item.grads
         for run, pick, _ in item.calls:
             if pick is None:
-                _run(run, kernels, params, grads, states, n_threads)
+                _run(run, bucket.order, kernels, params, grads, states, n_threads)
             else:
-                _run(run, kernels, [params[i] for i in pick], [grads[i] for i in pick],
+                _run(run, bucket.order, kernels, [params[i] for i in pick], [grads[i] for i in pick],
                      [[views[i] for i in pick] for views in states], n_threads)
         for e in gapped:
             e.target.copy_(e.scratch)
@@ -565,7 +574,7 @@ class KernelOptimizer:
         def write(kernels, n_threads):
             if e.scratch is not None:
                 e.scratch.copy_(e.target)
-            _run(run, kernels, params, grads, buffers, n_threads)
+            _run(run, bucket.order, kernels, params, grads, buffers, n_threads)
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             if following is not None:
@@ -646,6 +655,7 @@ class KernelOptimizer:
     def _bucket(self, group_index, group, entries, names):
         b = _Bucket()
         b.entries, b.names = entries, names
+        b.order = tuple(names.index(n) if n in names else None for n in self._kernel_buffers)
         b.params = [e.param for e in entries]
         # Gapped or misaligned (from a byte buffer): the kernel steps a scratch copy.
         b.gapped = [e for e in entries if not _layout.is_dense(e.param) or e.ptr % e.param.element_size()]
