@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import fastdescent.torch as fdt  # noqa: E402
 from test_torch import FULL, RULES  # noqa: E402
-from torch_support import assert_close, one_torch_thread  # noqa: E402, F401
+from torch_support import assert_close, one_torch_thread, roundtrip  # noqa: E402, F401
 
 STEPS = 20
 LATE = 6  # the step at which ``late`` gets its first gradient
@@ -204,3 +204,28 @@ def test_gradient_changed_in_place_between_steps_is_seen():
     fast.grad.resize_(2)
     with pytest.raises(ValueError, match=r"its gradient has shape \(2,\)"):
         fast_opt.step()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_state_dict_of_every_layout_moves_between_implementations(rule):
+    """Trained by fastdescent, checkpointed, resumed by torch.optim on a copy of the
+    model (and the other way round): the same as training on with the first."""
+    _, kwargs = FULL[rule]
+    fast_model, fast_opt = train_layouts(rule, kwargs, fdt, torch.float32)
+    torch_model, torch_opt = train_layouts(rule, kwargs, torch.optim, torch.float32)
+    for source_model, source_opt, library in ((fast_model, fast_opt, torch.optim), (torch_model, torch_opt, fdt)):
+        resumed_model = Layouts(torch.float32)
+        resumed_model.load_state_dict(source_model.state_dict())
+        extra = dict(foreach=False) if library is torch.optim else {}
+        resumed = getattr(library, rule)(resumed_model.parameters(), **kwargs, **extra)
+        resumed.load_state_dict(roundtrip(source_opt.state_dict()))  # not sharing its tensors
+        g = torch.Generator().manual_seed(7)
+        for step in range(3):
+            x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+            for model, opt in ((source_model, source_opt), (resumed_model, resumed)):
+                opt.zero_grad()
+                sign = -1.0 if kwargs.get("maximize") else 1.0
+                (sign * torch.nn.functional.mse_loss(model(x, STEPS + step), y)).backward()
+                opt.step()
+        for (name, a), b in zip(resumed_model.named_parameters(), source_model.parameters()):
+            assert_close(a.detach(), b.detach(), name)
