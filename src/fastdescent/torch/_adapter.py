@@ -121,7 +121,10 @@ class KernelOptimizer:
       does when the parameter first has a gradient (by default: ``step`` and
       zeros); returns True if the new buffers must be initialised by the next
       update (SGD's momentum buffer);
-    * ``_update(group, params, grads, buffers, step, fresh)``: call the face.
+    * ``_update(group, params, grads, buffers, step, fresh)``: call the face on
+      flat arrays (``buffers``: one list per name of ``_buffer_names``). It is
+      called once on empty arrays to validate the hyperparameters before any
+      write (it must then write nothing), and again on the real ones.
 
     Optionally, to call the kernel without the face's per-call work (list
     normalisation, buffer checks the adapter has already made):
@@ -131,6 +134,11 @@ class KernelOptimizer:
       (absent ones are passed as None);
     * ``_arguments(group, step, fresh)``: validate the hyperparameters and
       return the kernel's keyword scalars (the rule's ``<rule>_arguments``).
+
+    In both, ``step`` is the number of the step being taken (a float, as
+    ``state["step"]`` holds it) for a rule with ``_step_in_math``, else None;
+    ``fresh`` is True for the parameters whose ``_init_state`` returned True and
+    that take their first update.
     """
 
     _counts_steps = False
