@@ -118,3 +118,26 @@ def test_failed_step_changes_nothing_and_training_goes_on(rule, failure):
         for opt in opts:
             opt.step()
     assert_same_training_state(models[0], opts[0], models[1], opts[1])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_face_path_checks_first_and_equals_the_kernel_path(rule):
+    """A class without ``_kernel`` steps through its face (``_update``): the same
+    results bit for bit, and a bad hyperparameter still writes nothing."""
+    _, kwargs = FULL[rule]
+    through_face = type(f"Face{rule}", (getattr(fdt, rule),), {"_kernel": None})
+    maximize = kwargs.get("maximize", False)
+    models = [mlp(), mlp()]
+    opts = [getattr(fdt, rule)(groups(models[0]), **kwargs), through_face(groups(models[1]), **kwargs)]
+    for x, y in batches((10,), steps=6):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            backward(model, x, y, maximize, first_grad=True)
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    opts[1].param_groups[1]["lr"] = -1.0
+    before = snapshot(opts[1])
+    with pytest.raises(ValueError, match="lr"):
+        opts[1].step()
+    assert_unchanged(opts[1], before)
