@@ -29,12 +29,6 @@ def is_dense(t):
     return True
 
 
-def dense_strides(t):
-    """The strides ``torch.empty_like(t)`` gives: ``t``'s own if it is dense, else
-    dense strides in the order of ``t``'s (the layout of its gradient and state)."""
-    return torch.empty_like(t, device="meta", memory_format=torch.preserve_format).stride()
-
-
 def flat_view(t):
     """1-D NumPy view of the memory of dense tensor ``t``, in memory order; complex
     elements as (real, imaginary) pairs. Elementwise rules may run on this view as
