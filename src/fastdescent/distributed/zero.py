@@ -373,10 +373,10 @@ class ShardedOptimizer:
             return grad_scale
         shards = self._shard_grad_views
         options = dict(n_threads=self.shard_optimizer.n_threads, backend=self.shard_optimizer.backend)
-        local = math.inf
+        local = None
         if self._skip_nonfinite and self._clip_grad_value is not None:
             local = global_norm(shards, **options)  # the guard looks at the gradients before clamping
-        if math.isfinite(local) or not self._skip_nonfinite:
+        if local is None or math.isfinite(local):
             if self._clip_grad_value is not None:
                 limit = self._clip_grad_value / grad_scale
                 for shard in shards:  # as the norm kernel clamps: NaN stays NaN
