@@ -1,8 +1,18 @@
 """Helpers shared by the MPI tests: the ranks' gradients, the single-process twin,
-and checks that every rank agrees on."""
+and checks that every rank agrees on.
+
+The tests in this folder run under plain pytest (one rank, plus the tests that
+launch ``mpiexec`` or spawn processes themselves) and under ``mpiexec -n 2`` and
+``-n 4`` (see .ci/run). Each module skips itself when mpi4py is not installed
+(``pip install '.[distributed]'``). Every test runs on every rank and ends with a
+collective check (:func:`assert_everywhere`), so a failure on any rank fails the
+test on all of them and the ranks stay in step.
+"""
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from functools import reduce
@@ -124,6 +134,18 @@ def optimizer_classes():
 
 def mpiexec():
     """The mpiexec of this Python's environment (the MPICH wheel puts it beside python)."""
-    here = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "mpiexec")
-    candidates = [os.path.join(os.path.dirname(os.sys.executable), "mpiexec"), here, shutil.which("mpiexec")]
+    candidates = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), shutil.which("mpiexec")]
     return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+launches = pytest.mark.skipif(SIZE > 1 or mpiexec() is None,
+                              reason="launches its own mpiexec: run by plain pytest, with mpiexec beside python")
+
+
+def launch(n_ranks, *args, timeout=120):
+    """Run ``mpiexec -n n_ranks python *args`` in a clean environment (nothing inherited
+    from this process's own MPI) with this test run's import path; the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.run([mpiexec(), "-n", str(n_ranks), sys.executable, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import pytest
+
+pytest.importorskip("mpi4py", reason="needs the distributed extra: pip install '.[distributed]'")
 from mpi4py import MPI
 
 import fastdescent as fd

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 
+pytest.importorskip("mpi4py", reason="needs the distributed extra: pip install '.[distributed]'")
+
 import fastdescent as fd
 from fastdescent.distributed import ShardedOptimizer
 from mpi_support import (

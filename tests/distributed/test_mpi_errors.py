@@ -2,20 +2,19 @@
 raise RankError) and changes nothing; a failure inside a collective step aborts
 the job instead of hanging it."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
 
+pytest.importorskip("mpi4py", reason="needs the distributed extra: pip install '.[distributed]'")
+
 import fastdescent as fd
 from fastdescent.distributed import RankError, ShardedOptimizer
 from mpi_support import (
-    COMM, RANK, SIZE, as_groups, assert_everywhere, expect_everywhere, first_difference, model_params, mpiexec,
-    needs_ranks, rank_grads,
+    COMM, RANK, SIZE, as_groups, assert_everywhere, expect_everywhere, first_difference, launch, launches,
+    model_params, needs_ranks, rank_grads,
 )
 
 
@@ -126,17 +125,12 @@ ABORTING_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(SIZE > 1, reason="launches its own mpiexec; run by plain pytest")
-@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec beside this Python")
+@launches
 def test_a_rank_failing_inside_a_step_aborts_the_job(tmp_path):
     script = tmp_path / "abort.py"
     script.write_text(ABORTING_SCRIPT)
-    # A clean environment for the launcher: nothing inherited from this (singleton) MPI process.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     started = time.monotonic()
-    result = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=120, env=env, stdin=subprocess.DEVNULL)
+    result = launch(2, script)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "finished normally" not in result.stdout

@@ -20,7 +20,8 @@ import socket
 
 import pytest
 
-from mpi_support import SIZE
+pytest.importorskip("mpi4py", reason="needs the distributed extra: pip install '.[distributed]'")
+from mpi_support import SIZE  # noqa: E402
 
 if SIZE > 1:
     pytest.skip("spawns its own processes; run by plain pytest, not under mpiexec", allow_module_level=True)
