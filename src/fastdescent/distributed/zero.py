@@ -81,8 +81,8 @@ class ShardedOptimizer:
         all-to-all, then a local sum): the result is bit for bit that of one
         process summing the ranks' gradients in that order. "mpi": MPI's own
         ``Reduce_scatter_block``, whose order is the library's; with 2 ranks it is
-        the same (``a + b == b + a`` exactly); with more, each summed element may
-        differ from the rank-ordered sum by at most
+        the same (``a + b == b + a`` exactly, so "rank" uses it too); with more,
+        each summed element may differ from the rank-ordered sum by at most
         :math:`\gamma_{N-1} \sum_r |g_r|` with :math:`\gamma_k = k u / (1 - k u)`
         (u: the dtype's unit roundoff).
     clip_grad_norm, clip_grad_value, skip_nonfinite
@@ -346,7 +346,7 @@ class ShardedOptimizer:
             return
         MPI = mpi()
         b, send, out = self._buckets[k], self._grad_arenas[k], self._shard_grads[k]
-        if self.reduce_order == "mpi":
+        if self.reduce_order == "mpi" or self.world_size == 2:  # two operands: one addition, in either order
             self.comm.Reduce_scatter_block(send, out, op=MPI.SUM)
             return
         n_ranks, mpi_type = self.world_size, datatype(b.dtype)
