@@ -211,7 +211,7 @@ class ShardedOptimizer:
             self._grad_arenas.append(grad_arena)
             self._shard_grad_views.append(shard_grad)
         self._scratch = {}
-        if self.world_size > 1 and self.reduce_order == "rank":
+        if self.world_size > 2 and self.reduce_order == "rank":
             for b in self._buckets:
                 n = self.world_size * min(b.chunk, _ROUND)
                 if n > len(self._scratch.get(b.dtype, ())):
@@ -439,14 +439,15 @@ class ShardedOptimizer:
                 flats[k, name] = self._gather(k, self.shard_optimizer.state[k][name], root)
         source = ckpt.StateSource()
         source.hyper = [_hyper(group) for group in self.param_groups]
-        source.group_state, source.extra = group_state, self._extra()
+        source.group_state = group_state
+        source.extra = self._extra() if root is None or root == self.rank else None
         source.read = lambda k, name, start, stop: flats[k, name][start:stop]
         return source
 
     def _gather(self, k, local, root):
         b = self._buckets[k]
         if self.world_size == 1:
-            return local
+            return local.copy()
         ranges = b.ranges()
         counts, displs = [e - s for s, e in ranges], [s for s, _ in ranges]
         full = np.empty(b.size, dtype=b.dtype) if root is None or root == self.rank else None
@@ -468,7 +469,7 @@ class ShardedOptimizer:
         if to is not None and to != self.rank:
             return None
         sd, _ = ckpt.full_state_dict(source, self._signature, params=False)
-        return copy.deepcopy(sd)
+        return sd  # its arrays are views of freshly gathered copies
 
     def load_state_dict(self, state_dict, *, strict=True):
         """Load a single-process state dict (as :meth:`state_dict` returns, or a plain
@@ -550,8 +551,11 @@ class ShardedOptimizer:
         each rank reads only the rank files that overlap its shards. A single
         file is read by rank 0, which sends each rank its shards.
         """
-        sharded = self.comm.bcast(ckpt.is_sharded(path) if self.rank == 0 else None, root=0)
-        if sharded:
+        sharded = None
+        with agreed(self.comm, "load()"):
+            if self.rank == 0:
+                sharded = ckpt.is_sharded(path)
+        if self.comm.bcast(sharded, root=0):
             with agreed(self.comm, "load()"):
                 source = ckpt.ShardedSource(path, self.optimizer_class.__name__, self._signature)
                 self._check_extra_names(source.extra, strict)
