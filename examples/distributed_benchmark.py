@@ -124,13 +124,17 @@ def table(paths):
             print(f"| {float(size):.0e} | {r['ranks']} x {r['threads_per_rank']} | {1e3 * rank['step']:.1f} "
                   f"({1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f}) | {1e3 * rank['reduce_scatter']:.1f} / "
                   f"{1e3 * mpi['reduce_scatter']:.1f} | {1e3 * rank['kernel']:.1f} | {1e3 * rank['all_gather']:.1f} | "
-                  f"{1e3 * rank['copy']:.1f} | {max(rank['state_bytes_per_rank']) / 1e6:.0f} | {r['load_before'][0]:.1f} / "
+                  f"{_ms(rank.get('copy'))} | {max(rank['state_bytes_per_rank']) / 1e6:.0f} | {r['load_before'][0]:.1f} / "
                   f"{r['load_after'][0]:.1f} |")
             if "one_process" in r["sizes"][size]:
                 one = r["sizes"][size]["one_process"]
                 print(f"| {float(size):.0e} | plain fd.Adam, 1 x {one['threads']} | {1e3 * one['step']:.1f} "
                       f"({1e3 * one['spread'][0]:.1f}-{1e3 * one['spread'][1]:.1f}) | - | {1e3 * one['step']:.1f} | - "
                       f"| - | {one['state_bytes'] / 1e6:.0f} | |")
+
+
+def _ms(seconds):
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"
 
 
 def main(argv=None):
