@@ -254,6 +254,17 @@ def test_corrupted_rank_file_fails_everywhere():
         assert "rank0" in str(caught) or "rank 0" in str(caught), caught
 
 
+def test_missing_rank_file_fails_everywhere():
+    with shared_directory() as directory:
+        path = trained_and_saved(directory)
+        if RANK == 0:
+            os.unlink(next(os.path.join(path, f) for f in os.listdir(path) if f"-rank{SIZE - 1}-" in f))
+        COMM.Barrier()
+        target = sharded(seed=1)
+        caught = unchanged_after_failed_load(target, path, (fd.CheckpointError, RankError))
+        assert "missing" in str(caught), caught
+
+
 def test_registered_objects_must_match():
     with shared_directory() as directory:
         path = os.path.join(directory, "ckpt")

@@ -248,7 +248,11 @@ class ShardedSource(StateSource):
     def _rank_arrays(self, rank):
         if rank not in self._open:
             path = os.path.join(self.path, self.files[rank])
-            header, arrays = files.read(path)
+            try:
+                header, arrays = files.read(path)
+            except FileNotFoundError:
+                raise CheckpointError(f"{path} is missing: the index names a file for each of the "
+                                      f"{self.world_size} ranks that saved it") from None
             info = header.get("shard")
             if not isinstance(info, Mapping) or info.get("save_id") != self.save_id or info.get("rank") != rank \
                     or info.get("world_size") != self.world_size:
