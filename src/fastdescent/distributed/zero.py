@@ -22,9 +22,8 @@ import secrets
 
 import numpy as np
 
-from .. import _checks
-from ..optim import ParamList, global_norm
-from ..optim.checkpoint import CheckpointError
+from .. import CheckpointError, _checks, global_norm
+from ..optim import ParamList
 from . import checkpoint as ckpt
 from ._layout import aligned_empty, buckets_of
 from ._mpi import agreed, datatype, mpi, or_abort
