@@ -2,7 +2,7 @@
 
 In tests/distributed (skipped without the distributed extra, like the MPI tests),
 run by plain pytest only: each world size is one spawn of processes importing
-torch, about 10-30 s on two cores.
+torch, 15-90 s on two cores depending on the load.
 
 2 and 4 processes on 127.0.0.1 (torch.multiprocessing spawn) train with
 ``ZeroRedundancyOptimizer(optimizer_class=fastdescent.torch.<Rule>)``, each rank
@@ -13,10 +13,6 @@ of ``torch_support.tolerance``: DDP's averaged gradients are summed in another
 order than one process's), and the consolidated state dict must load into
 ``torch.optim.<Rule>`` and equal its state.
 """
-
-import datetime
-import os
-import socket
 
 import pytest
 
@@ -30,57 +26,12 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import warnings  # noqa: E402
-
 import torch.multiprocessing as mp  # noqa: E402
 
-with warnings.catch_warnings():  # its import scripts functional optimizers with the deprecated torch.jit
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-import fastdescent.torch as fdt  # noqa: E402
 from torch_support import assert_close, batches, loss_fn, mlp  # noqa: E402
+from torch_zero_worker import RUNS, STEPS, free_port, zero_worker  # noqa: E402
 
-STEPS = 8
-TIMEOUT = 180  # seconds for a whole spawned run
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RUNS = {  # world size -> (rule, kwargs) trained one after the other in one process group
-    2: [("Adam", dict(lr=0.01, weight_decay=0.01)), ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True))],
-    4: [("Adam", dict(lr=0.01, amsgrad=True)), ("AdamW", dict(lr=0.01, weight_decay=0.1))],
-}
-
-
-def zero_worker(rank, world_size, port, configs, out):
-    """One rank: for each config, DDP over the MLP and ZeRO over fastdescent.torch.<rule>;
-    rank 0 saves the parameters and the consolidated state dict to ``out/<i>.pt``."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # stay on the loopback interface
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for i, (rule, kwargs) in enumerate(configs):
-            model = mlp()
-            ddp = DistributedDataParallel(model)
-            opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=getattr(fdt, rule), **kwargs)
-            for x, y in batches((10,), steps=STEPS):
-                opt.zero_grad()
-                loss_fn(ddp, x[rank::world_size], y[rank::world_size]).backward()  # DDP averages over ranks
-                opt.step()
-            opt.consolidate_state_dict(to=0)
-            if rank == 0:
-                torch.save({"params": [p.detach().clone() for p in model.parameters()],
-                            "state_dict": opt.state_dict(), "local_state": len(opt.optim.state)}, f"{out}/{i}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+TIMEOUT = 400  # seconds for a whole spawned run (about 15-90 s, depending on the load)
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS), ids=lambda n: f"{n}-processes")
