@@ -106,6 +106,10 @@ class ShardedOptimizer:
     4096-element blocks); the clip factor, rounded to float32 for float32
     parameters, then nearly always rounds to the same value.
 
+    Collective calls: the constructor, ``step``, ``state_dict``,
+    ``load_state_dict``, ``save`` and ``load`` communicate, so every rank of
+    ``comm`` must call them in the same order (as any MPI collective).
+
     Errors: a wrong argument on any rank raises on every rank (the others raise
     :class:`RankError`) and changes nothing. An exception on one rank in the
     middle of a collective step, save or load (after every rank has agreed to go
