@@ -3,7 +3,7 @@
     pip install '.[demo,distributed]'
     mpiexec -n 2 python examples/distributed_mlp.py          # or -n 1, -n 4, ...
 
-Every rank holds the whole model (``fastdescent.mlp.MLP``) and, of each global
+Every rank holds the whole model (``fastdescent.demo.mlp.MLP``) and, of each global
 batch of scikit-learn's handwritten digits, trains on its own slice; a
 ``fastdescent.distributed.ShardedOptimizer`` over ``fastdescent.Adam`` averages
 the gradients across ranks and keeps on each rank the Adam moments of 1/N of the
@@ -20,9 +20,9 @@ import numpy as np
 from mpi4py import MPI
 
 import fastdescent as fd
-from fastdescent.data import MiniBatches
+from fastdescent.demo.data import MiniBatches
 from fastdescent.distributed import ShardedOptimizer
-from fastdescent.mlp import MLP
+from fastdescent.demo.mlp import MLP
 
 
 def digits(seed):

@@ -9,23 +9,12 @@ import numpy as np
 import pytest
 
 import fastdescent as fd
+from rule_cases import EXAMPLES, initial_state, take_step
 from support import DTYPES, THREADS, assert_bitwise_equal, random_array
 
-RULES = {
-    "sgd": (fd.SGD, dict(lr=0.05)),
-    "sgd-momentum-dampening-wd": (fd.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)),
-    "sgd-nesterov-maximize": (fd.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)),
-    "sgd-classical": (fd.SGD, dict(lr=0.05, momentum=0.9, convention="classical")),
-    "adagrad": (fd.Adagrad, dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
-    "rmsprop": (fd.RMSprop, dict(lr=0.01)),
-    "rmsprop-centered-momentum": (fd.RMSprop, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01,
-                                                   maximize=True)),
-    "adam": (fd.Adam, dict(lr=0.01, weight_decay=0.01)),
-    "adam-amsgrad": (fd.Adam, dict(lr=0.01, amsgrad=True, betas=(0.8, 0.99))),
-    "adam-no-bias-correction": (fd.Adam, dict(lr=0.01, bias_correction=False)),
-    "adamw": (fd.AdamW, dict(lr=0.01)),
-    "adamw-amsgrad-maximize": (fd.AdamW, dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.1)),
-}
+#: Every example of every rule: name -> (optimizer class, its arguments).
+RULES = {name: (fd.optim.CLASSES[rule.spec.title], dict(rule.options, lr=rule.hyper["lr"]))
+         for name, rule in EXAMPLES.items()}
 #: Mixed shapes: empty arrays, odd sizes, 2-D arrays and one large array among small ones.
 SHAPES = [(0,), (1,), (7,), (10, 13), (0, 3), (4097,), (65,), (100_003,), (30, 100), (1,)]
 STEPS = 4
@@ -104,40 +93,15 @@ def test_multi_tensor_and_flat_steps_equal_per_array_steps(name, dtype, layout, 
 
 
 def face_run(name, params, grad_steps):
-    """The optimizer's run through the public functional faces, state kept here."""
-    cls, config = RULES[name]
-    config = dict(config)
-    params = [p.copy() for p in params]
-    zeros = lambda: [np.zeros_like(p) for p in params]  # noqa: E731
-    state = {}
+    """The optimizer's run through the public functional face, state kept here as
+    PyTorch initialises it."""
+    rule, lr = EXAMPLES[name], RULES[name][1]["lr"]
+    states = [initial_state(rule, p.copy()) for p in params]
+    lists = {key: [s[key] for s in states] for key in states[0]}
     for t, grads in enumerate(grad_steps, start=1):
-        c = dict(config, lr=config["lr"] * 0.9 ** (t - 1))
-        if cls is fd.SGD:
-            first = False
-            if c.get("momentum") and "momentum_buffer" not in state:
-                first = c.get("convention", "pytorch") == "pytorch"
-                state["momentum_buffer"] = [np.empty_like(p) for p in params] if first else zeros()
-            fd.sgd_step(params, grads, state.get("momentum_buffer"), first_step=first, **c)
-        elif cls is fd.Adagrad:
-            init = c.pop("initial_accumulator_value")
-            state.setdefault("sum", [np.full_like(p, init) for p in params])
-            fd.adagrad_step(params, grads, state["sum"], step=t, **c)
-        elif cls is fd.RMSprop:
-            state.setdefault("square_avg", zeros())
-            if c.get("momentum"):
-                state.setdefault("momentum_buffer", zeros())
-            if c.get("centered"):
-                state.setdefault("grad_avg", zeros())
-            fd.rmsprop_step(params, grads, state["square_avg"], state.get("momentum_buffer"),
-                            state.get("grad_avg"), **c)
-        else:
-            state.setdefault("exp_avg", zeros())
-            state.setdefault("exp_avg_sq", zeros())
-            if c.get("amsgrad"):
-                state.setdefault("max_exp_avg_sq", zeros())
-            face = fd.adamw_step if cls is fd.AdamW else fd.adam_step
-            face(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"), step=t, **c)
-    return params, state
+        take_step(rule, lists, grads, t=t, lr=lr * 0.9 ** (t - 1))
+    state = {key: arrays for key, arrays in lists.items() if key != "param"}
+    return lists["param"], state
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
@@ -153,20 +117,21 @@ def test_optimizer_steps_equal_face_steps(name, dtype, backend, rng):
         assert_bitwise_equal(opt.params[k], p, f"param {k}")
         for buffer, arrays in face_state.items():
             assert_bitwise_equal(opt.state[k][buffer], arrays[k], f"state[{k}][{buffer!r}]")
-        if opt.counts_steps:
+        if opt.spec.counts_steps:
             assert opt.state[k]["step"] == STEPS and type(opt.state[k]["step"]) is int
-    assert set(opt.state.get(0, {})) == set(face_state) | ({"step"} if opt.counts_steps else set())
+    assert set(opt.state.get(0, {})) == set(face_state) | ({"step"} if opt.spec.counts_steps else set())
 
 
-@pytest.mark.parametrize("name", [n for n in RULES if "classical" not in n and "no-bias" not in n])
+@pytest.mark.parametrize("name", [n for n, rule in EXAMPLES.items() if rule.torch_peer is not None])
 def test_close_to_torch_optim(name, rng):
     torch = pytest.importorskip("torch")
     cls, config = RULES[name]
+    peer, options = EXAMPLES[name].torch_peer
     params = make_params(rng, np.float64, [(3, 5), (0,), (40,)])
     grad_steps = make_grads(rng, params, 6)
     opt = cls([p.copy() for p in params], **config)
     tensors = [torch.tensor(p.copy(), requires_grad=True) for p in params]
-    reference = getattr(torch.optim, cls.__name__)(tensors, **config)
+    reference = getattr(torch.optim, peer)(tensors, **dict(options, lr=config["lr"]))
     for grads in grad_steps:
         opt.step(grads)
         for tensor, g in zip(tensors, grads):
@@ -549,9 +514,9 @@ def test_flat_step_takes_other_gradient_arrays_too(rng):
 
 # --------------------------------------------------------------------- state
 @pytest.mark.parametrize("name, expected", [
-    ("sgd", set()), ("sgd-momentum-dampening-wd", {"momentum_buffer"}),
+    ("sgd", set()), ("sgd-momentum-dampening", {"momentum_buffer"}),
     ("adagrad", {"step", "sum"}), ("rmsprop", {"step", "square_avg"}),
-    ("rmsprop-centered-momentum", {"step", "square_avg", "momentum_buffer", "grad_avg"}),
+    ("rmsprop_centered_momentum", {"step", "square_avg", "momentum_buffer", "grad_avg"}),
     ("adam", {"step", "exp_avg", "exp_avg_sq"}), ("adamw-amsgrad-maximize", {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
 ])
 def test_state_holds_pytorch_names_only_as_needed(name, expected, rng):

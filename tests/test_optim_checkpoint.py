@@ -13,6 +13,7 @@ import pytest
 import fastdescent as fd
 from fastdescent.optim import checkpoint
 from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer, take_steps
+from rule_cases import RICHEST
 
 CheckpointError = fd.CheckpointError
 
@@ -106,7 +107,7 @@ def test_file_checkpoint_resumes_bit_identically(name, layouts, tmp_path, rng):
     assert_same_schedule(resumed_schedule, uninterrupted_schedule)
 
 
-@pytest.mark.parametrize("name", ["sgd-momentum-dampening-wd", "adagrad", "rmsprop-centered-momentum", "adam-amsgrad"])
+@pytest.mark.parametrize("name", [rule.name for rule in RICHEST.values()])
 def test_state_dict_round_trip_resumes_bit_identically(name, rng):
     params = model(rng)
     grad_steps = make_grads(rng, params, 5)
@@ -170,7 +171,7 @@ def test_load_without_params_keeps_the_parameters(tmp_path, rng):
 
 def test_save_is_atomic(tmp_path, rng, monkeypatch):
     """Written to a temporary file, flushed and fsynced, then renamed over the target."""
-    opt, _ = build("sgd-momentum-dampening-wd", model(rng))
+    opt, _ = build("sgd-momentum-dampening", model(rng))
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
@@ -217,12 +218,12 @@ def test_an_existing_checkpoint_survives_a_failed_save(failure, tmp_path, rng, m
 @pytest.fixture
 def saved(tmp_path, rng):
     """A valid Adam checkpoint file and a different, running Adam to load it into."""
-    source, _ = build("adam-amsgrad", model(rng))
-    take_steps(source, RULES["adam-amsgrad"][1], make_grads(rng, source.params, 2))
+    source, _ = build("adam_amsgrad", model(rng))
+    take_steps(source, RULES["adam_amsgrad"][1], make_grads(rng, source.params, 2))
     path = tmp_path / "good.ckpt"
     source.save(path)
-    target, schedule = fresh_like("adam-amsgrad", rng)
-    take_steps(target, RULES["adam-amsgrad"][1], make_grads(rng, target.params, 1))
+    target, schedule = fresh_like("adam_amsgrad", rng)
+    take_steps(target, RULES["adam_amsgrad"][1], make_grads(rng, target.params, 1))
     return path, target, schedule
 
 
@@ -258,7 +259,7 @@ def test_a_damaged_file_raises_and_changes_nothing(how, saved, tmp_path):
 
 def test_any_flipped_byte_raises_or_loads_the_saved_content(saved, tmp_path, rng):
     path, target, schedule = saved
-    reference, reference_schedule = fresh_like("adam-amsgrad", rng)
+    reference, reference_schedule = fresh_like("adam_amsgrad", rng)
     reference.load(path)
     expected = state_of(reference, reference_schedule)
     size = path.stat().st_size
@@ -361,8 +362,8 @@ def bad_state_dicts(sd):
 @pytest.mark.parametrize("index", range(16))
 def test_a_bad_state_dict_raises_and_changes_nothing(index, saved, rng):
     _, target, schedule = saved
-    source, _ = fresh_like("adam-amsgrad", rng)
-    take_steps(source, RULES["adam-amsgrad"][1], make_grads(rng, source.params, 3))
+    source, _ = fresh_like("adam_amsgrad", rng)
+    take_steps(source, RULES["adam_amsgrad"][1], make_grads(rng, source.params, 3))
     description, sd = bad_state_dicts(source.state_dict())[index]
     before = state_of(target, schedule)
     with pytest.raises((TypeError, ValueError)):

@@ -18,21 +18,17 @@ torch = pytest.importorskip("torch")
 
 import fastdescent  # noqa: E402
 import fastdescent.torch as fdt  # noqa: E402
+from rule_cases import RICHEST  # noqa: E402
 from torch_support import (  # noqa: E402
     CONFIGS, MODELS, STEPS, assert_close, assert_same_training_state, batches, convnet, loss_fn,
     mlp, one_torch_thread, roundtrip, train,
 )
 
-RULES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+#: Every fastdescent.torch class.
+RULES = tuple(fdt.optimizers.CLASSES)
 #: One configuration per rule with every state buffer in use, for the tests of
 #: mechanics (state dicts, schedulers, skipped parameters...).
-FULL = {
-    "SGD": CONFIGS["sgd-momentum-dampening"],
-    "Adagrad": CONFIGS["adagrad-decay-wd-init"],
-    "RMSprop": ("RMSprop", dict(lr=0.001, centered=True, momentum=0.9, weight_decay=0.01)),
-    "Adam": CONFIGS["adam-amsgrad-maximize"],
-    "AdamW": CONFIGS["adamw-amsgrad-wd"],
-}
+FULL = {rule.spec.title: rule.torch_peer for rule in RICHEST.values() if rule.torch_peer is not None}
 
 
 def pair(rule, kwargs, make=mlp, dtype=torch.float32, **model_kwargs):

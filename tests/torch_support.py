@@ -5,27 +5,11 @@ import io
 import pytest
 import torch
 
-#: Rule and option combinations, each run with torch.optim and fastdescent.torch.
-CONFIGS = {
-    "sgd": ("SGD", dict(lr=0.05)),
-    "sgd-wd-maximize": ("SGD", dict(lr=0.05, weight_decay=0.01, maximize=True)),
-    "sgd-momentum-dampening": ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01)),
-    "sgd-nesterov-maximize": ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)),
-    "adagrad": ("Adagrad", dict(lr=0.05)),
-    "adagrad-decay-wd-init": ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.01,
-                                                initial_accumulator_value=0.1, eps=1e-8)),
-    "adagrad-maximize": ("Adagrad", dict(lr=0.05, maximize=True)),
-    "rmsprop": ("RMSprop", dict(lr=0.005)),
-    "rmsprop-momentum-wd": ("RMSprop", dict(lr=0.005, alpha=0.9, momentum=0.5, weight_decay=0.01)),
-    "rmsprop-centered": ("RMSprop", dict(lr=0.005, centered=True, eps=1e-6)),
-    "rmsprop-centered-momentum-maximize": ("RMSprop", dict(lr=0.001, centered=True, momentum=0.9, maximize=True)),
-    "adam": ("Adam", dict(lr=0.01)),
-    "adam-wd-betas": ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.01, eps=1e-6)),
-    "adam-amsgrad-maximize": ("Adam", dict(lr=0.01, amsgrad=True, maximize=True)),
-    "adam-decoupled": ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
-    "adamw": ("AdamW", dict(lr=0.01)),
-    "adamw-amsgrad-wd": ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-}
+from rule_cases import torch_examples
+
+#: Every example of every rule that torch.optim can run (derived from the rule
+#: specs), each run with torch.optim and fastdescent.torch: name -> (class, options).
+CONFIGS = torch_examples()
 
 STEPS = 50
 

@@ -16,14 +16,18 @@ from ._config import (
     set_num_threads,
 )
 from ._info import show_config
-from .rules import sgd_step
-from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
-from .optim import SGD, Adagrad, Adam, AdamW, CheckpointError, RMSprop, global_norm
+from . import rules, optim
 from .rules import ema_update, swa_update, swap_arrays
+from .optim import CheckpointError, global_norm
 from . import schedules
 from .averaging import EMA, SWA
 from .plateau import EarlyStopping, ReduceLROnPlateau
 from .schedules import Scheduler
+
+# Every rule's functional face (``sgd_step``...) and optimizer class (``SGD``...),
+# derived from its spec in fastdescent.rules.
+globals().update(rules.FACES)
+globals().update(optim.CLASSES)
 
 __version__ = "0.1.0"
 
@@ -34,13 +38,18 @@ __all__ = [
     "num_threads",
     "set_backend",
     "set_num_threads",
-    "sgd_step",
     "show_config",
-    "adagrad_step",
-    "adam_step",
-    "adamw_step",
-    "rmsprop_step",
+    *rules.FACES,
+    *optim.CLASSES,
+    "CheckpointError",
+    "global_norm",
+    "EMA",
+    "EarlyStopping",
+    "ReduceLROnPlateau",
+    "SWA",
+    "Scheduler",
+    "ema_update",
+    "schedules",
+    "swa_update",
+    "swap_arrays",
 ]
-__all__ += ["SGD", "Adagrad", "Adam", "AdamW", "CheckpointError", "RMSprop", "global_norm"]
-__all__ += ["EMA", "EarlyStopping", "ReduceLROnPlateau", "SWA", "Scheduler", "ema_update", "schedules",
-            "swa_update", "swap_arrays"]

@@ -5,6 +5,7 @@ a bad call raises and changes nothing.
 """
 
 import math
+import operator
 from numbers import Integral, Real
 
 import numpy as np
@@ -76,9 +77,49 @@ def open_unit_interval(name, value):
 
 
 def choice(name, value, options):
-    if value not in options:
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def boolean(name, value):
+    """``value`` as a Python bool; TypeError unless it is a bool (NumPy's too)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+#: Step counts stay below this (an int64, and a float that bias corrections can raise a
+#: coefficient to).
+MAX_STEP = 2**63
+
+
+def step_number(name, step):
+    """``step`` as a Python int in [1, 2**63): the 1-based index of the step being taken."""
+    if type(step) is int and 1 <= step < MAX_STEP:
+        return step
+    if isinstance(step, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {step!r}")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {step!r}") from None
+    if step < 1:
+        raise ValueError(f"{name} counts from 1 (the step being taken), got {step}")
+    if step >= MAX_STEP:
+        raise ValueError(f"{name} must be below 2**63, got {step}")
+    return step
+
+
+def betas_pair(name, betas):
+    """``(beta1, beta2)`` as Python floats, each in [0, 1)."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of floats, got {betas!r}") from None
+    return unit_interval(f"{name}[0]", beta1), unit_interval(f"{name}[1]", beta2)
 
 
 def tensor_lists(param, *others):

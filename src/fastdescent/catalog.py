@@ -1,5 +1,5 @@
-"""One registry of update-rule configurations, shared by the CLI, the benchmarks
-and the tests: how to set up state for a rule and take a step with it.
+"""The catalog: the rule configurations that the CLI, the benchmarks and the asv
+suite run, derived from the rule specs (each spec's examples marked ``bench``).
 
 Each entry knows the buffers its rule reads and writes per element, which is
 what its speed limit is made of: a step moves ``bytes_per_element`` bytes per
@@ -7,89 +7,108 @@ parameter element, and no kernel can beat memory bandwidth divided by that.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from .rules import sgd_step
-from .rules import adagrad_step, adam_step, adamw_step, rmsprop_step
+from .rules import FACES, SPECS
+from .rules._spec import FIRST_GRADIENT, Example, RuleSpec
 
 
 @dataclass(frozen=True)
 class Rule:
-    name: str
-    #: State buffers, in the order the face takes them after (params, grads).
-    state: tuple
-    #: ``step(params, grads, *state, t=..., backend=..., n_threads=...)``; t counts from 1.
-    step: Callable
-    #: Arrays read and written per element (param and grad included).
-    reads: int
-    writes: int
-    description: str = ""
-    #: State buffers that must start positive (second-moment accumulators).
-    positive_state: tuple = field(default=())
-    #: State buffers that start at zero, as PyTorch's do (where random values are
-    #: invalid: a centered RMSprop needs grad_avg**2 <= square_avg).
-    zero_state: tuple = field(default=())
+    """One configuration of one rule."""
+
+    spec: RuleSpec
+    example: Example
+    #: The validated hyperparameters of the configuration.
+    hyper: dict = field(repr=False)
+
+    @property
+    def name(self):
+        return self.example.name
+
+    @property
+    def description(self):
+        return self.example.description
+
+    @property
+    def options(self):
+        """The hyperparameters this configuration sets (the rest are defaults)."""
+        return dict(self.example.options)
+
+    @property
+    def state(self):
+        """The state buffers it keeps, in the face's order after (params, grads)."""
+        return tuple(b.name for b in self.spec.needed(self.hyper))
+
+    @property
+    def reads(self):
+        return self.spec.traffic(self.hyper)[0]
+
+    @property
+    def writes(self):
+        return self.spec.traffic(self.hyper)[1]
+
+    @property
+    def torch_peer(self):
+        """``(torch.optim class name, its arguments)`` taking the same branches (the
+        learning rate always given), or None (no peer, or an option the peer does
+        not have)."""
+        if self.spec.torch is None:
+            return None
+        torch_names = {h.name for h in self.spec.hyper if h.torch}
+        if any(k not in torch_names for k in self.options):
+            return None
+        return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
     def bytes_per_element(self, dtype):
         return (self.reads + self.writes) * np.dtype(dtype).itemsize
 
     def make_state(self, rng, n, dtype):
-        """Fresh random state buffers for ``n`` elements (positive where required)."""
+        """Fresh random state buffers for ``n`` elements (positive or zero where the
+        buffer's ``sample`` asks for it)."""
         out = []
-        for name in self.state:
+        for buffer in self.spec.needed(self.hyper):
             a = rng.standard_normal(n) * 0.1
-            if name in self.positive_state:
+            if buffer.sample == "positive":
                 a = np.abs(a) + 0.01
-            if name in self.zero_state:
+            elif buffer.sample == "zero":
                 a = np.zeros(n)
             out.append(a.astype(dtype))
         return out
 
-
-def _sgd(**hyper):
-    def step(params, grads, *state, t, backend=None, n_threads=None):
-        extra = {"first_step": t == 1} if state and hyper.get("convention", "pytorch") == "pytorch" else {}
-        sgd_step(params, grads, *state, **hyper, **extra, backend=backend, n_threads=n_threads)
-    return step
-
-
-def _counted(face, **hyper):
-    """A step for a face that takes the 1-based step index as ``step``."""
-    def step(params, grads, *state, t, backend=None, n_threads=None):
-        face(params, grads, *state, step=t, **hyper, backend=backend, n_threads=n_threads)
-    return step
-
-
-def _uncounted(face, **hyper):
-    def step(params, grads, *state, t, backend=None, n_threads=None):
-        face(params, grads, *state, **hyper, backend=backend, n_threads=n_threads)
-    return step
+    def step(self, params, grads, *state, t, backend=None, n_threads=None, grad_scale=1.0, **hyper):
+        """Step ``t`` (from 1) of the face on ``params`` with ``state`` (in the order of
+        :attr:`state`); ``hyper`` overrides hyperparameters of the configuration. At
+        ``t == 1`` a buffer that starts as the first gradient is initialised from
+        it, as PyTorch does."""
+        buffers = dict(zip(self.state, state))
+        face_buffers = [buffers.get(b.name) for b in self.spec.buffers]
+        extra = {}
+        if self.spec.uses_step:
+            extra["step"] = t
+        if self.spec.may_start_as_gradient:
+            extra["first_step"] = t == 1 and any(
+                b.initial(self.hyper) is FIRST_GRADIENT for b in self.spec.needed(self.hyper))
+        face_options = {h.name for h in self.spec.hyper if h.face}
+        options = {k: v for k, v in {**self.options, **hyper}.items() if k in face_options}
+        FACES[self.spec.face_name](params, grads, *face_buffers, **options, **extra,
+                                   grad_scale=grad_scale, backend=backend, n_threads=n_threads)
 
 
-RULES = {
-    r.name: r
-    for r in [
-        Rule("sgd", (), _sgd(lr=0.01), reads=2, writes=1, description="plain SGD"),
-        Rule("sgd_momentum", ("momentum_buffer",), _sgd(lr=0.01, momentum=0.9), reads=3, writes=2,
-             description="SGD, momentum 0.9 (PyTorch form)"),
-        Rule("nesterov", ("momentum_buffer",), _sgd(lr=0.01, momentum=0.9, nesterov=True), reads=3, writes=2,
-             description="SGD, Nesterov momentum 0.9"),
-        Rule("adagrad", ("sum",), _counted(adagrad_step, lr=0.01), reads=3, writes=2,
-             description="Adagrad", positive_state=("sum",)),
-        Rule("rmsprop", ("square_avg",), _uncounted(rmsprop_step, lr=0.01), reads=3, writes=2,
-             description="RMSprop, alpha 0.99", positive_state=("square_avg",)),
-        Rule("rmsprop_centered_momentum", ("square_avg", "momentum_buffer", "grad_avg"),
-             _uncounted(rmsprop_step, lr=0.01, momentum=0.9, centered=True), reads=5, writes=4,
-             description="RMSprop, centered, momentum 0.9", positive_state=("square_avg",),
-             zero_state=("grad_avg",)),
-        Rule("adam", ("exp_avg", "exp_avg_sq"), _counted(adam_step, lr=1e-3), reads=4, writes=3,
-             description="Adam", positive_state=("exp_avg_sq",)),
-        Rule("adamw", ("exp_avg", "exp_avg_sq"), _counted(adamw_step, lr=1e-3), reads=4, writes=3,
-             description="AdamW, weight decay 0.01", positive_state=("exp_avg_sq",)),
-        Rule("adam_amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-             _counted(adam_step, lr=1e-3, amsgrad=True), reads=5, writes=4,
-             description="Adam with AMSGrad", positive_state=("exp_avg_sq", "max_exp_avg_sq")),
-    ]
-}
+def configure(spec, options=None, name=None, description=""):
+    """A :class:`Rule` of ``spec`` with ``options`` (any configuration, not only the
+    spec's examples)."""
+    options = dict(options or {})
+    return Rule(spec, Example(name or spec.name, options, description), spec.validate({**spec.defaults, **options}))
+
+
+def configurations(bench_only=False):
+    """Every example of every rule as a :class:`Rule` (``bench_only``: those marked
+    for the catalog), by name."""
+    return {example.name: Rule(spec, example, spec.validate({**spec.defaults, **example.options}))
+            for spec in SPECS.values() for example in spec.examples if example.bench or not bench_only}
+
+
+#: The catalog: name -> Rule.
+RULES = configurations(bench_only=True)

@@ -34,7 +34,7 @@ cdef void adagrad_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      <double*>rows[2] + start, n, <const AdagradArgs*>args)
 
 
-def adagrad(list params, list grads, list state_sums, *, double clr, double grad_scale,
+def adagrad(list params, list grads, list sum, *, double clr, double grad_scale,
             double weight_decay, double eps, int n_threads):
     """Fused Adagrad step over many tensors (private: call ``fastdescent.adagrad_step``).
 
@@ -47,4 +47,4 @@ def adagrad(list params, list grads, list state_sums, *, double clr, double grad
     a.weight_decay = weight_decay
     a.eps = eps
     a.has_weight_decay = weight_decay != 0.0
-    run_kernel((params, grads, state_sums), n_threads, adagrad_segment_f32, adagrad_segment_f64, &a)
+    run_kernel((params, grads, sum), n_threads, adagrad_segment_f32, adagrad_segment_f64, &a)

@@ -70,7 +70,7 @@ cdef void adam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const AdamArgs*>args)
 
 
-def adam(list params, list grads, list exp_avgs, list exp_avg_sqs, max_exp_avg_sqs, *,
+def adam(list params, list grads, list exp_avg, list exp_avg_sq, max_exp_avg_sq=None, *,
          double lr, double step_size, double inv_bias_correction2_sqrt, double beta1, double beta2,
          double eps, double weight_decay, bint decoupled, double grad_scale, int n_threads):
     """Fused Adam/AdamW step over many tensors (private: call ``fastdescent.adam_step``).
@@ -78,7 +78,8 @@ def adam(list params, list grads, list exp_avgs, list exp_avg_sqs, max_exp_avg_s
     ``step_size`` = lr / bias_correction1 and ``inv_bias_correction2_sqrt`` come from
     the face (1 and lr without bias correction). ``decoupled`` selects AdamW's
     weight decay, ``p *= 1 - lr * weight_decay``; else it is added to the gradient.
-    ``max_exp_avg_sqs`` is a list (AMSGrad) or None. ``grad_scale`` multiplies
+    Each buffer is a list with one array per tensor, named as the optimizer's
+    state; ``max_exp_avg_sq`` is a list (AMSGrad) or None. ``grad_scale`` multiplies
     every gradient and carries the sign for ``maximize``.
     """
     cdef AdamArgs a
@@ -92,5 +93,5 @@ def adam(list params, list grads, list exp_avgs, list exp_avg_sqs, max_exp_avg_s
     a.grad_scale = grad_scale
     a.decoupled = decoupled and weight_decay != 0.0
     a.has_weight_decay = weight_decay != 0.0
-    run_kernel((params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), n_threads,
+    run_kernel((params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq), n_threads,
                adam_segment_f32, adam_segment_f64, &a)

@@ -72,12 +72,12 @@ cdef void rmsprop_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      n, <const RMSpropArgs*>args)
 
 
-def rmsprop(list params, list grads, list square_avgs, momentum_buffers, grad_avgs, *,
+def rmsprop(list params, list grads, list square_avg, momentum_buffer=None, grad_avg=None, *,
             double lr, double alpha, double eps, double weight_decay, double momentum,
             double grad_scale, int n_threads):
     """Fused RMSprop step over many tensors (private: call ``fastdescent.rmsprop_step``).
 
-    ``momentum_buffers`` (momentum) and ``grad_avgs`` (centered) are lists or None;
+    ``momentum_buffer`` (momentum) and ``grad_avg`` (centered) are lists or None;
     ``momentum`` is ignored without buffers. ``grad_scale`` multiplies every
     gradient and carries the sign for ``maximize``.
     """
@@ -89,5 +89,5 @@ def rmsprop(list params, list grads, list square_avgs, momentum_buffers, grad_av
     a.momentum = momentum
     a.grad_scale = grad_scale
     a.has_weight_decay = weight_decay != 0.0
-    run_kernel((params, grads, square_avgs, momentum_buffers, grad_avgs), n_threads,
+    run_kernel((params, grads, square_avg, momentum_buffer, grad_avg), n_threads,
                rmsprop_segment_f32, rmsprop_segment_f64, &a)

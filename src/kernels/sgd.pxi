@@ -68,12 +68,12 @@ cdef void sgd_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const voi
                  (<double*>rows[2] + start) if rows[2] != NULL else NULL, n, <const SGDArgs*>args)
 
 
-def sgd(list params, list grads, momentum_buffers, *, double lr, double grad_scale,
+def sgd(list params, list grads, momentum_buffer=None, *, double lr, double grad_scale,
         double weight_decay, double momentum, double dampening, bint nesterov,
         bint classical, bint first_step, int n_threads):
     """Fused SGD step over many tensors (private: call ``fastdescent.sgd_step``).
 
-    ``momentum_buffers`` is a list, or None for plain SGD (then ``momentum`` is
+    ``momentum_buffer`` is a list (one array per tensor), or None for plain SGD (then ``momentum`` is
     ignored). ``grad_scale`` multiplies every gradient and carries the sign for
     ``maximize``.
     """
@@ -87,4 +87,4 @@ def sgd(list params, list grads, momentum_buffers, *, double lr, double grad_sca
     a.nesterov = nesterov
     a.classical = classical
     a.first_step = first_step
-    run_kernel((params, grads, momentum_buffers), n_threads, sgd_segment_f32, sgd_segment_f64, &a)
+    run_kernel((params, grads, momentum_buffer), n_threads, sgd_segment_f32, sgd_segment_f64, &a)

@@ -35,20 +35,6 @@ TORCH_MODES = {
     "torch-adapter": {},
 }
 
-# torch.optim peers of the catalog's rules: the optimizer and hyperparameters that
-# take the same branches as the catalog's configuration of that rule.
-TORCH_PEERS = {
-    "sgd": ("SGD", {"lr": 0.01}),
-    "sgd_momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}),
-    "nesterov": ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
-    "adagrad": ("Adagrad", {"lr": 0.01}),
-    "rmsprop": ("RMSprop", {"lr": 0.01}),
-    "rmsprop_centered_momentum": ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
-    "adam": ("Adam", {"lr": 1e-3}),
-    "adamw": ("AdamW", {"lr": 1e-3}),
-    "adam_amsgrad": ("Adam", {"lr": 1e-3, "amsgrad": True}),
-}
-
 # Step number passed to every timed step: past the first, whose PyTorch-style
 # special cases (a momentum buffer taking the gradient) are not the steady state.
 STEADY_STEP = 10
@@ -198,9 +184,9 @@ def _torch_step(method, rule, problem, n_threads):
     torch = torch_or_none()
     if torch is None:
         raise Unavailable("torch is not installed")
-    if rule.name not in TORCH_PEERS:
+    if rule.torch_peer is None:
         raise Unavailable(f"torch has no peer for {rule.name}")
-    name, hyper = TORCH_PEERS[rule.name]
+    name, hyper = rule.torch_peer
     library = torch.optim
     if method == "torch-adapter":
         try:

@@ -6,7 +6,7 @@ A sharded checkpoint is a directory:
   ``k`` (a group's parameters of one dtype, see ``_layout``) the rank's elements of
   the parameters (``b<k>/param``) and of each state buffer (``b<k>/<name>``), flat;
 * ``index.npz``, written last by rank 0: the optimizer class, every group's
-  parameter shapes and dtypes, hyperparameters, step and state buffer names, each
+  parameter shapes and dtypes, hyperparameters, scalar state (the step...) and state buffer names, each
   bucket's split among the ranks, the registered objects' states (schedules,
   weight averages) and the names of the rank files.
 
@@ -48,7 +48,7 @@ def is_sharded(path):
 
 
 def _plain(value):
-    """A step count as a Python value (saved steps may be NumPy or torch scalars)."""
+    """A scalar state entry as a Python value (saved steps may be NumPy or torch scalars)."""
     return value.item() if hasattr(value, "item") else value
 
 
@@ -65,8 +65,9 @@ class StateSource:
     hyper : list of dict
         Each group's hyperparameters (no ``"params"``).
     group_state : list
-        Per group: None (no state yet) or ``(step, names)``: the step (None for
-        rules that count none) and the state buffers' names.
+        Per group: None (no state yet) or ``(scalars, names)``: the scalar state
+        entries every parameter of the group shares (``{"step": t}``, and any
+        per-parameter scalar a rule keeps) and the state buffers' names.
     extra : dict or None
         The registered objects' states.
     has_params : bool
@@ -126,7 +127,7 @@ class FullStateSource(StateSource):
                 if entry is not None and not isinstance(entry, Mapping):
                     raise TypeError(f"state[{i!r}] must be a dict, got {type(entry).__name__}")
                 for name, value in (entry or {}).items():
-                    if name != "step" and value is not None:
+                    if is_buffer(value):  # scalars (the step...) are the rule's to check
                         _check_array(value, shape, dtype, f"state[{i!r}][{name!r}]")
             self.hyper.append({k: v for k, v in saved.items() if k != "params"})
             self.group_state.append(_uniform_state(g, entries))
@@ -170,9 +171,14 @@ def _check_array(value, shape, dtype, where):
         raise ValueError(f"{where} has shape {value.shape}; the parameter has {tuple(shape)}")
 
 
+def is_buffer(value):
+    return isinstance(value, np.ndarray) and value.ndim > 0
+
+
 def _uniform_state(g, entries):
-    """``(step, names)`` of a group whose parameters hold the same state, or None if
-    none holds any; ValueError if they differ."""
+    """``(scalars, names)`` of a group whose parameters hold the same state, or None
+    if none holds any; ValueError if they differ. A flat shard spans parameters, so
+    their scalar state (the step...) must be one value per group."""
     present = [{k: v for k, v in (e or {}).items() if v is not None} for e in entries]
     if not any(present):
         return None
@@ -181,10 +187,13 @@ def _uniform_state(g, entries):
     names = set(present[0])
     if any(set(e) != names for e in present):
         raise ValueError(f"the parameters of group {g} hold different state entries")
-    steps = {_plain(e["step"]) for e in present} if "step" in names else {None}
-    if len(steps) != 1:
-        raise ValueError(f"the parameters of group {g} are at different steps {sorted(steps)}")
-    return steps.pop(), tuple(sorted(names - {"step"}))
+    scalars = {}
+    for name in sorted(n for n in names if not is_buffer(present[0][n])):
+        values = {_plain(e[name]) for e in present}
+        if len(values) != 1:
+            raise ValueError(f"the parameters of group {g} hold different {name!r}: {sorted(values)}")
+        scalars[name] = values.pop()
+    return scalars, tuple(sorted(n for n in names if n not in scalars))
 
 
 class ShardedSource(StateSource):
@@ -210,7 +219,8 @@ class ShardedSource(StateSource):
             saved_groups = [[(tuple(s), np.dtype(d)) for s, d in zip(g["shapes"], g["dtypes"])]
                             for g in header["groups"]]
             self.hyper = files.decode(header["param_groups"], arrays)
-            self.group_state = [None if s is None else (s["step"], tuple(s["names"])) for s in header["group_state"]]
+            self.group_state = [None if s is None else (files.decode(s["scalars"], arrays), tuple(s["names"]))
+                                for s in header["group_state"]]
             saved_buckets = header["buckets"]
             self.has_params = bool(header["params"])
             self.extra = files.decode(header["extra"], arrays) if "extra" in header else None
@@ -298,7 +308,8 @@ def write_index(directory, *, save_id, world_size, optimizer_name, signature, hy
         "optimizer": optimizer_name,
         "groups": [{"shapes": [list(s) for s, _ in group], "dtypes": [d.name for _, d in group]} for group in signature],
         "param_groups": files.encode(hyper, arrays),
-        "group_state": [None if s is None else {"step": s[0], "names": list(s[1])} for s in group_state],
+        "group_state": [None if s is None else {"scalars": files.encode(s[0], arrays), "names": list(s[1])}
+                        for s in group_state],
         "buckets": [{"group": b.group, "dtype": b.dtype.name, "ranges": [list(r) for r in b.ranges()]}
                     for b in buckets],
         "params": bool(has_params),
@@ -380,9 +391,9 @@ def full_state_dict(source, signature, *, params=True):
             entry = per_param[g][k] or {}
             if "param" in entry:
                 values.append(entry.pop("param"))
-            step = source.group_state[g]
-            if step is not None:
-                state[index] = ({"step": step[0]} if step[0] is not None else {}) | entry
+            group_state = source.group_state[g]
+            if group_state is not None:
+                state[index] = dict(group_state[0]) | entry
             index += 1
     sd = {"state": state, "param_groups": groups}
     if source.extra is not None:

@@ -420,13 +420,14 @@ class ShardedOptimizer:
         self._registered[name] = obj
 
     def _group_state(self):
-        """Per group: None or ``(step, names)`` of its state (from its first bucket)."""
+        """Per group: None or ``(scalars, names)`` of its state (from its first bucket):
+        the scalar entries (the step...) and the names of the state buffers."""
         out = [None] * len(self.param_groups)
         for k, b in enumerate(self._buckets):
             entry = self.shard_optimizer.state.get(k)
             if out[b.group] is None and entry:
-                names = tuple(sorted(n for n, v in entry.items() if isinstance(v, np.ndarray)))
-                out[b.group] = (entry.get("step"), names)
+                names = tuple(sorted(n for n, v in entry.items() if ckpt.is_buffer(v)))
+                out[b.group] = ({n: v for n, v in entry.items() if n not in names}, names)
         return out
 
     def _extra(self):
@@ -624,8 +625,8 @@ class ShardedOptimizer:
             inner["param_groups"].append({**meta.hyper[b.group], "params": [k]})
             state = meta.group_state[b.group]
             if state is not None:
-                step, names = state
-                entry = {} if step is None else {"step": step}
+                scalars, names = state
+                entry = dict(scalars)
                 for name in names:
                     entry[name] = read(k, name, start, stop)
                 inner["state"][k] = entry

@@ -2,15 +2,19 @@
 
 Parameter groups, one kernel call per (group, dtype) per step, an optional flat
 arena, clipping by global norm or by value, a non-finite gradient guard, and
-PyTorch-layout state dicts with atomic single-file checkpoints.
+PyTorch-layout state dicts with atomic single-file checkpoints. One class per
+rule (``SGD``, ``Adam``...), derived from the rule's spec by
+:func:`optimizer_class`.
 """
 
-from .adagrad import Adagrad
-from .adam import Adam, AdamW
+from ..rules import SPECS
 from .base import Optimizer, ParamList, ParamState
 from .checkpoint import CheckpointError
+from .classes import optimizer_class
 from .clipping import global_norm
-from .rmsprop import RMSprop
-from .sgd import SGD
 
-__all__ = ["Adagrad", "Adam", "AdamW", "CheckpointError", "Optimizer", "ParamList", "ParamState", "RMSprop", "SGD", "global_norm"]
+#: Every rule's optimizer class: class name -> class.
+CLASSES = {spec.title: optimizer_class(spec, __name__) for spec in SPECS.values()}
+globals().update(CLASSES)
+
+__all__ = [*CLASSES, "CheckpointError", "Optimizer", "ParamList", "ParamState", "global_norm", "optimizer_class"]

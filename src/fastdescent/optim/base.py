@@ -5,26 +5,24 @@ An :class:`Optimizer` holds parameter groups and per-parameter state the way
 dtype) bucket: all arrays of a bucket go to the kernel together, which splits
 their concatenated elements evenly among threads. Options add a flat arena (each
 role of a bucket in one contiguous block), clipping by global norm or by value,
-a non-finite gradient guard, and checkpoints. A rule subclass (``sgd.py``,
-``adam.py``...) only says which state buffers it needs and calls its face.
+a non-finite gradient guard, and checkpoints (``state.py``). The rule is the
+class's ``spec`` (:class:`~fastdescent.rules._spec.RuleSpec`): a rule's class is
+derived from it by :func:`fastdescent.optim.optimizer_class`.
 """
 
 import copy
 import math
 import operator
 from collections.abc import Mapping
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from . import checkpoint
+from ..rules._spec import FIRST_GRADIENT
 from .clipping import bucket_norm
-
-#: Fill value of a state buffer that the rule itself initializes on its first step
-#: (PyTorch's SGD momentum buffer starts as the first gradient).
-FIRST_GRADIENT = None
+from .state import Checkpointing
 
 # torch.nn.utils.clip_grad_norm_ divides by norm + 1e-6.
 _CLIP_EPS = 1e-6
@@ -90,7 +88,7 @@ class _Bucket:
 class _Layout:
     """How one group's parameters are stored and bucketed."""
 
-    __slots__ = ("first", "params", "buckets", "grad_views", "states", "checked")
+    __slots__ = ("first", "params", "buckets", "grad_views", "states", "checked", "hyper")
 
     def __init__(self, first, params, buckets, grad_views):
         self.first = first            # index of the group's first parameter
@@ -99,6 +97,7 @@ class _Layout:
         self.grad_views = grad_views  # flat layout: views into the gradient arenas
         self.states = None            # the parameters' state dicts, once they exist
         self.checked = None           # copies of the hyperparameters as last validated
+        self.hyper = None             # and their validated values
 
 
 class _Work:
@@ -110,20 +109,18 @@ class _Work:
         self.group, self.bucket, self.params, self.grads, self.flat = group, bucket, params, grads, flat
 
 
-class Optimizer:
+class Optimizer(Checkpointing):
     """Base class: parameter groups, state, steps, clipping, checkpoints.
 
-    Subclasses define ``buffer_names`` (every state buffer the rule may keep, in
-    PyTorch's names), ``counts_steps`` (whether ``state["step"]`` exists),
-    ``kernel`` (the name of the rule's kernel), ``_buffers(group)`` and
-    ``_arguments(...)``; see :class:`fastdescent.optim.SGD`.
+    A rule's class sets ``spec`` (its :class:`~fastdescent.rules._spec.RuleSpec`);
+    :func:`fastdescent.optim.optimizer_class` derives the whole class from it.
 
-    A step validates every group's hyperparameters with the same function the
-    rule's face uses (``rules.<rule>.<rule>_arguments``, which also computes the
-    step's scalars), and each gradient against its parameter (``check_buffers``,
-    in C); the state buffers are the optimizer's own, checked when created or
-    loaded. It then calls the kernel directly, once per bucket, so the per-array
-    cost of a step is one gradient check and one pointer gather.
+    A step validates a group's hyperparameters with the rule's own validation
+    (``spec.validate``, as the face does) only when a value changed since the last
+    check, and each gradient against its parameter (``check_buffers``, in C); the
+    state buffers are the optimizer's own, checked when created or loaded. It then
+    reaches the kernel by the rule's one path (``spec.run``), once per bucket, so
+    the per-array cost of a step is one gradient check and one pointer gather.
 
     Parameters
     ----------
@@ -181,9 +178,7 @@ class Optimizer:
         or the guard on), else None.
     """
 
-    kernel = None        # the rule's kernel (and reference twin) function name
-    buffer_names = ()    # every state buffer the rule may keep, in the kernel's argument order
-    counts_steps = True
+    spec = None  # the rule: a RuleSpec
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
                  skip_nonfinite=False, backend=None, n_threads=None):
@@ -297,7 +292,7 @@ class Optimizer:
         _runtime.check_distinct("params", self.params + params)
         group = {"params": params, **self.defaults}
         group.update((k, v) for k, v in param_group.items() if k != "params")
-        self._check_group(group, 1, f"param_groups[{g}]")
+        self.spec.validate(group, f"param_groups[{g}]")
         layout = self._layout(group, first=len(self._index_by_id))
         group["params"] = ParamList(layout.params)
         self.param_groups.append(group)
@@ -328,30 +323,23 @@ class Optimizer:
         return _Layout(first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
-    def _buffers(self, group):
-        """State buffers this group's configuration needs: name -> fill value
-        (a float, or FIRST_GRADIENT)."""
-        raise NotImplementedError
+    @property
+    def _scalar_state_names(self):
+        return tuple(state.name for state in self.spec.scalar_state)
 
-    def _arguments(self, group, *, step, fresh, grad_scale):
-        """Validate ``group``'s hyperparameters and return the kernel's keyword
-        arguments for this step (``step``: its 1-based index; ``fresh``: names of
-        the buffers created for it), through the rule's ``*_arguments`` function."""
-        raise NotImplementedError
+    def _wanted(self, hyper):
+        """The state buffers the validated hyperparameters ``hyper`` need: name ->
+        initial value (a float, or FIRST_GRADIENT)."""
+        return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
-    def _check_extra(self, group):
-        """Validate hyperparameters the face does not see (e.g. initial values)."""
-
-    def _check_group(self, group, step, where):
-        """Raise if a hyperparameter of ``group`` is invalid, with the checks of the
-        rule's face."""
-        try:
-            self._check_extra(group)
-            self._arguments(group, step=step, fresh=frozenset(self._buffers(group)), grad_scale=1.0)
-        except KeyError as error:
-            raise ValueError(f"{where} lacks the hyperparameter {error}") from None
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{where}: {error}") from None
+    def _group_hyper(self, g):
+        """Group ``g``'s validated hyperparameters: checked again only if a value
+        was written since the last check (a copy of each value is kept to tell)."""
+        group, layout = self.param_groups[g], self._layouts[g]
+        if not _unchanged(layout.checked, group):
+            layout.hyper = self.spec.validate(group, f"param_groups[{g}]")
+            layout.checked = {k: copy.copy(v) for k, v in group.items() if k != "params"}
+        return layout.hyper
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, group=None, *, grad_scale=1.0):
@@ -372,26 +360,41 @@ class Optimizer:
         selected = self._selected(group)
         grad_scale = _checks.positive("grad_scale", grad_scale)
         work = self._work(selected, grads)
+        hyper = {g: self._group_hyper(g) for g in selected}
         steps = {g: self._next_step(g) for g in selected}
-        for g in selected:
-            hyper, layout = self.param_groups[g], self._layouts[g]
-            if not _unchanged(layout.checked, hyper):  # hyperparameters written since the last check
-                self._check_group(hyper, steps[g], f"param_groups[{g}]")
-                layout.checked = {k: copy.copy(v) for k, v in hyper.items() if k != "params"}
         scale = self._clip(work, grad_scale)
         if scale is None:
             self.skipped_steps += 1
             return False
         n_threads = effective_n_threads(self._n_threads)
         kernels = resolve_backend(self._backend)
-        fresh = {g: self._allocate_state(g) for g in selected}
+        fresh = {g: self._allocate_state(g, hyper[g]) for g in selected}
+        scalar_state = {g: self._scalar_state(g, hyper[g]) for g in selected}
         for item in work:
-            self._run(kernels, item, steps[item.group], fresh[item.group], scale, n_threads)
-        if self.counts_steps:
-            for g in selected:
-                for state in self._layouts[g].states or ():
-                    state["step"] = steps[g]
+            g = item.group
+            buffers = {name: self._buffer_lists(item, name) for name in self.spec.buffer_names}
+            self.spec.run(kernels, item.params, item.grads, buffers, hyper[g], step=steps[g], grad_scale=scale,
+                          fresh=fresh[g], scalar_state=scalar_state[g], n_threads=n_threads)
+        for g in selected:
+            update = self.spec.advanced(hyper[g], steps[g], scalar_state[g])
+            if self.spec.counts_steps:
+                update["step"] = steps[g]
+            for state in self._layouts[g].states or ():
+                state.update(update)
         return True
+
+    def _buffer_lists(self, item, name):
+        """The arrays of buffer ``name`` for one kernel call (None if not kept)."""
+        if item.flat:
+            arena = item.bucket.arenas.get(name)
+            return None if arena is None else [arena]
+        return item.bucket.buffers.get(name)
+
+    def _scalar_state(self, g, hyper):
+        """Group ``g``'s scalar states before this step (their initial values first)."""
+        states = self._layouts[g].states
+        return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
+                for s in self.spec.scalar_state}
 
     def _selected(self, group):
         if group is None:
@@ -481,14 +484,17 @@ class Optimizer:
                 return grad_scale * factor
         return grad_scale
 
-    def _allocate_state(self, g):
+    def _allocate_state(self, g, hyper):
         """Create the state buffers group ``g`` needs and lacks; return their names."""
         layout = self._layouts[g]
-        wanted = self._buffers(self.param_groups[g])
-        if not layout.params or not (wanted or self.counts_steps):
+        wanted = self._wanted(hyper)
+        if not layout.params or not (wanted or self.spec.counts_steps or self.spec.scalar_state):
             return frozenset()
         if layout.states is None:
-            layout.states = [{"step": 0} if self.counts_steps else {} for _ in layout.params]
+            initial = {s.name: s.initial_value(hyper) for s in self.spec.scalar_state}
+            if self.spec.counts_steps:
+                initial["step"] = 0
+            layout.states = [dict(initial) for _ in layout.params]
             self.state.update(enumerate(layout.states, start=layout.first))
         missing = [name for name in wanted if name not in layout.states[0]]
         for name in missing:
@@ -507,242 +513,6 @@ class Optimizer:
             bucket.buffers[name] = buffers
             for k, buffer in zip(bucket.positions, buffers):
                 layout.states[k][name] = buffer
-
-    def _run(self, kernels, item, step, fresh, grad_scale, n_threads):
-        group = self.param_groups[item.group]
-        names = self._buffers(group)
-        if item.flat:
-            buffers = {name: [item.bucket.arenas[name]] for name in names}
-        else:
-            buffers = {name: item.bucket.buffers[name] for name in names}
-        arguments = self._arguments(group, step=step, fresh=fresh, grad_scale=grad_scale)
-        getattr(kernels, self.kernel)(item.params, item.grads, *(buffers.get(name) for name in self.buffer_names),
-                                      **arguments, n_threads=n_threads)
-
-    # ----------------------------------------------------------------- state
-    def register_state(self, name, obj):
-        """Save and restore ``obj`` (anything with ``state_dict()`` and
-        ``load_state_dict(sd)``, e.g. a schedule or a weight average) with the
-        optimizer: its state goes to ``state_dict()["extra"][name]`` and into
-        checkpoint files, so a resumed run continues it exactly."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"the name must be a non-empty str, got {name!r}")
-        if name in self._registered:
-            raise ValueError(f"a state named {name!r} is already registered")
-        for method in ("state_dict", "load_state_dict"):
-            if not callable(getattr(obj, method, None)):
-                raise TypeError(f"{type(obj).__name__} has no {method}() method")
-        self._registered[name] = obj
-
-    def state_dict(self):
-        """PyTorch's layout: ``{"state": {index: {...}}, "param_groups": [{..., "params":
-        [indices]}]}`` plus ``"extra"`` if objects are registered. Arrays are copies."""
-        return self._state_dict(copy_arrays=True)
-
-    def _state_dict(self, copy_arrays):
-        state = {
-            i: {k: v.copy() if copy_arrays and isinstance(v, np.ndarray) else v for k, v in self.state[i].items()}
-            for i in sorted(self.state)
-        }
-        groups = []
-        for group, layout in zip(self.param_groups, self._layouts):
-            saved = {k: v for k, v in group.items() if k != "params"}
-            saved["params"] = list(range(layout.first, layout.first + len(layout.params)))
-            groups.append(saved)
-        sd = {"state": state, "param_groups": groups}
-        if self._registered:
-            sd["extra"] = {name: obj.state_dict() for name, obj in self._registered.items()}
-        return sd
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Load a :meth:`state_dict` (hyperparameters, state, registered objects).
-
-        Everything is validated first (group sizes, every buffer's shape and
-        dtype, step counts, hyperparameters, the registered objects' states); on
-        any error nothing changes. ``strict``: the registered names must match
-        the saved ones exactly (else only the common ones load).
-        """
-        self._load(state_dict, strict, None)
-
-    def _load(self, sd, strict, param_values):
-        groups, state = self._validated(sd)
-        if param_values is not None:
-            params = self.params
-            if len(param_values) != len(params):
-                raise ValueError(f"{len(param_values)} parameter arrays for {len(params)} parameters")
-            for i, (p, value) in enumerate(zip(params, param_values)):
-                _check_like(value, p, f"parameter {i}")
-        self._load_extras(sd.get("extra"), strict)
-        for group, hyper in zip(self.param_groups, groups):
-            group.update(hyper)
-        self._replace_state(state)
-        if param_values is not None:
-            for p, value in zip(self.params, param_values):
-                np.copyto(p, value)
-
-    def _validated(self, sd):
-        """The hyperparameters per group and the state per index that ``sd`` holds,
-        checked against this optimizer; raises before anything changes."""
-        if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError("a state dict needs 'state' and 'param_groups'")
-        saved_groups = sd["param_groups"]
-        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
-            n = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else "no list of"
-            raise ValueError(f"the state dict has {n} parameter groups; this optimizer has {len(self.param_groups)}")
-        index_of_saved, groups = {}, []
-        for g, (saved, layout) in enumerate(zip(saved_groups, self._layouts)):
-            ids = saved.get("params") if isinstance(saved, Mapping) else None
-            if not isinstance(ids, (list, tuple)) or len(ids) != len(layout.params):
-                raise ValueError(f"saved param_groups[{g}] does not list {len(layout.params)} parameters like this group")
-            for k, saved_id in enumerate(ids):
-                if saved_id in index_of_saved:
-                    raise ValueError(f"parameter {saved_id!r} appears twice in the saved groups")
-                index_of_saved[saved_id] = layout.first + k
-            groups.append({k: v for k, v in saved.items() if k != "params"})
-        saved_state = sd["state"]
-        if not isinstance(saved_state, Mapping):
-            raise TypeError("the state dict's 'state' must be a dict")
-        state = {}
-        for saved_id, entry in saved_state.items():
-            if saved_id not in index_of_saved:
-                raise ValueError(f"the state dict has state for parameter {saved_id!r}, which no group lists")
-            state[index_of_saved[saved_id]] = self._checked_entry(entry, index_of_saved[saved_id], saved_id)
-        for g, layout in enumerate(self._layouts):
-            step = self._checked_group_state(g, groups[g], state)
-            self._check_group({**groups[g], "params": list(layout.params)}, step + 1, f"saved param_groups[{g}]")
-        return groups, state
-
-    def _checked_entry(self, entry, index, saved_id):
-        if not isinstance(entry, Mapping):
-            raise TypeError(f"state[{saved_id!r}] must be a dict, got {type(entry).__name__}")
-        param = self._param_at(index)
-        checked = {}
-        for name, value in entry.items():
-            if name == "step" and self.counts_steps:
-                checked["step"] = _step_count(value, f"state[{saved_id!r}]['step']")
-            elif name in self.buffer_names:
-                if value is not None:  # PyTorch keeps momentum_buffer=None when unused
-                    _check_like(value, param, f"state[{saved_id!r}][{name!r}]")
-                    checked[name] = value
-            else:
-                known = (("step",) if self.counts_steps else ()) + self.buffer_names
-                raise ValueError(
-                    f"state[{saved_id!r}] has an entry {name!r}; a {type(self).__name__} keeps only {known}"
-                )
-        return checked
-
-    def _checked_group_state(self, g, hyper, state):
-        """Check that group ``g``'s saved state is whole and uniform; return its step."""
-        layout = self._layouts[g]
-        entries = [state.get(i) for i in range(layout.first, layout.first + len(layout.params))]
-        present = [e for e in entries if e]
-        if not present:
-            return 0
-        if len(present) != len(entries):
-            raise ValueError(f"in group {g} some parameters have state and others none")
-        names = set(present[0])
-        if any(set(e) != names for e in present):
-            raise ValueError(f"the parameters of group {g} hold different state entries")
-        if self.counts_steps and "step" not in names:
-            raise ValueError(f"the state of group {g} lacks 'step'")
-        steps = {e.get("step", 0) for e in present}
-        if len(steps) != 1:
-            raise ValueError(f"the parameters of group {g} are at different steps {sorted(steps)}")
-        try:
-            wanted = self._buffers({**hyper, "params": list(layout.params)})
-        except KeyError as error:
-            raise ValueError(f"saved param_groups[{g}] lacks the hyperparameter {error}") from None
-        missing = [n for n, fill in wanted.items() if n not in names and fill is not FIRST_GRADIENT]
-        if missing:
-            raise ValueError(f"the state of group {g} lacks {missing}, which its hyperparameters need")
-        return steps.pop()
-
-    def _param_at(self, index):
-        for layout in reversed(self._layouts):
-            if index >= layout.first:
-                return layout.params[index - layout.first]
-        raise IndexError(index)
-
-    def _load_extras(self, extra, strict):
-        """Load the registered objects' states; on an error restore those already loaded."""
-        extra = {} if extra is None else extra
-        if not isinstance(extra, Mapping):
-            raise TypeError("the state dict's 'extra' must be a dict")
-        if strict and set(extra) != set(self._registered):
-            raise ValueError(
-                f"the state dict holds state for {sorted(extra)} but {sorted(self._registered)} are "
-                "registered; register_state() the same objects first (or load with strict=False)"
-            )
-        names = [name for name in self._registered if name in extra]
-        backups = {name: copy.deepcopy(self._registered[name].state_dict()) for name in names}
-        loaded = []
-        try:
-            for name in names:
-                self._registered[name].load_state_dict(extra[name])
-                loaded.append(name)
-        except BaseException:
-            for name in loaded:
-                self._registered[name].load_state_dict(backups[name])
-            raise
-
-    def _replace_state(self, state):
-        for g, layout in enumerate(self._layouts):
-            indices = range(layout.first, layout.first + len(layout.params))
-            for i in indices:
-                self.state.pop(i, None)
-            layout.states = None
-            for bucket in layout.buckets:
-                bucket.buffers.clear()
-                for role in [r for r in bucket.arenas if r not in ("param", "grad")]:
-                    del bucket.arenas[role]
-            if not any(state.get(i) for i in indices):
-                continue
-            first = state[layout.first]
-            layout.states = [{"step": state[i]["step"]} if "step" in first else {} for i in indices]
-            self.state.update(zip(indices, layout.states))
-            for name in [n for n in self.buffer_names if n in first]:
-                self._allocate_buffer(g, name, FIRST_GRADIENT)
-                for i, own in zip(indices, layout.states):
-                    np.copyto(own[name], state[i][name])
-
-    # ----------------------------------------------------------- checkpoints
-    def save(self, path, *, params=True):
-        """Write a checkpoint: the state dict, registered objects and (``params``)
-        the parameter values, to one ``.npz`` file, atomically (a failed save
-        leaves any existing file untouched). No pickle."""
-        arrays = {}
-        header = {
-            "optimizer": type(self).__name__,
-            "state_dict": checkpoint.encode(self._state_dict(copy_arrays=False), arrays),
-        }
-        if params:
-            values = self.params
-            header["params"] = len(values)
-            arrays.update((f"params/{i}", p) for i, p in enumerate(values))
-        checkpoint.write(path, header, arrays)
-
-    def load(self, path, *, params=True, strict=True):
-        """Restore a checkpoint written by :meth:`save` of the same optimizer class
-        (and, with ``params``, the parameter values it holds). Validates it all
-        first; raises :class:`CheckpointError` and changes nothing if the file is
-        unreadable, corrupted or does not fit."""
-        header, arrays = checkpoint.read(path)
-        kind = header.get("optimizer")
-        if kind != type(self).__name__:
-            raise checkpoint.CheckpointError(f"{path} holds a {kind} optimizer, not a {type(self).__name__}")
-        try:
-            sd = checkpoint.decode(header["state_dict"], arrays)
-            values = None
-            if params and "params" in header:
-                values = [arrays[f"params/{i}"] for i in range(header["params"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
-        try:
-            self._load(sd, strict, values)
-        except checkpoint.CheckpointError:
-            raise
-        except (TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error}") from error
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -785,24 +555,6 @@ def _check_param(p, where):
         _runtime.check_buffers(("param",), ([p],), (True,), False)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
-
-
-def _check_like(value, param, where):
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{where} must be a numpy.ndarray, got {type(value).__name__}")
-    if value.dtype != param.dtype:
-        raise TypeError(f"{where} has dtype {value.dtype}; the parameter has {param.dtype}")
-    if value.shape != param.shape:
-        raise ValueError(f"{where} has shape {value.shape}; the parameter has {param.shape}")
-
-
-def _step_count(value, where):
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < math.inf
-            or value != math.floor(value)):
-        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def _views(arena, shapes):

@@ -5,17 +5,30 @@ kernel in ``fastdescent._kernels_*`` (the ``n_threads`` argument is accepted and
 ignored), so the functional faces can call either. It is the oracle of the
 equivalence tests and the "reference mode" users can switch to
 (``backend="reference"`` or ``FASTDESCENT_BACKEND=reference``).
+
+The public functions of every public module of this package are collected here,
+so that a rule's twin is one new module.
 """
 
-from .averaging import ema, swa, swap
-from .norms import max_abs, sum_squares
-from .sgd import sgd
+import importlib
+import inspect
+import pkgutil
 
-__all__ = ["sgd"]
-from .adagrad import adagrad
-from .adam import adam
-from .rmsprop import rmsprop
 
-__all__ += ["adagrad", "adam", "rmsprop"]
-__all__ += ["max_abs", "sum_squares"]
-__all__ += ["ema", "swa", "swap"]
+def _find_twins():
+    twins = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_"):
+                if name in twins:
+                    raise ImportError(f"two reference functions are named {name!r}")
+                twins[name] = value
+    return twins
+
+
+_TWINS = _find_twins()
+globals().update(_TWINS)
+__all__ = sorted(_TWINS)

@@ -10,8 +10,8 @@ import numpy as np
 from ._adaptive import scaled_grad
 
 
-def adagrad(params, grads, state_sums, *, clr, grad_scale, weight_decay, eps, n_threads=None):
-    for p, g, s in zip(params, grads, state_sums):
+def adagrad(params, grads, sum, *, clr, grad_scale, weight_decay, eps, n_threads=None):
+    for p, g, s in zip(params, grads, sum):
         d = scaled_grad(g, p, grad_scale, weight_decay)
         s += d * d
         p -= (clr * d) / (np.sqrt(s) + eps)

@@ -7,16 +7,16 @@ as the kernel casts its double scalars.
 """
 
 
-def sgd(params, grads, momentum_buffers, *, lr, grad_scale, weight_decay, momentum,
+def sgd(params, grads, momentum_buffer=None, *, lr, grad_scale, weight_decay, momentum,
         dampening, nesterov, classical, first_step, n_threads=None):
     for i, (p, g) in enumerate(zip(params, grads)):
         d = grad_scale * g
         if weight_decay != 0.0:
             d = d + weight_decay * p
-        if momentum_buffers is None:
+        if momentum_buffer is None:
             p -= lr * d
             continue
-        buf = momentum_buffers[i]
+        buf = momentum_buffer[i]
         if classical:
             buf[...] = momentum * buf - lr * d
             if nesterov:

@@ -1,16 +1,11 @@
-"""Adam and AdamW, with optional AMSGrad."""
+"""Adam and AdamW (decoupled weight decay), with optional AMSGrad."""
 
 import math
 
-from .. import _checks
-from .._config import effective_n_threads, resolve_backend
-from ._adaptive import betas_pair, required_iff, step_number
+from . import _hyper
+from ._spec import Buffer, Example, RuleSpec, flag
 
-
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
-              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-              bias_correction=True, grad_scale=1.0, n_threads=None, backend=None):
-    r"""One in-place Adam step on one array or a list of arrays (Kingma & Ba 2015).
+ADAM_DOC = r"""One in-place Adam step on one array or a list of arrays (Kingma & Ba 2015).
 
     With gradient :math:`g_t` (times ``grad_scale``, negated if ``maximize``) and
     L2 weight decay folded in ("coupled"), :math:`d_t = g_t + \lambda \theta_{t-1}`:
@@ -47,43 +42,68 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
       bias correction; PyTorch (and this function) takes the maximum of
       :math:`v_t` and then divides by :math:`\sqrt{1-\beta_2^t}`;
     * weight decay: here it is an L2 term added to the gradient, which the
-      adaptive scaling then distorts; :func:`adamw_step` decouples it.
-
-    Parameters
-    ----------
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs : ndarray or list of ndarray
-        C-contiguous float32 or float64 arrays, all of one dtype, each shaped like
-        its parameter; all but ``grads`` are updated in place. PyTorch starts every
-        state buffer at zero. ``max_exp_avg_sqs`` is required iff ``amsgrad``.
-    step : int
-        The 1-based index of the step being taken (PyTorch's ``state["step"]``
-        after its increment), for the bias corrections.
-    lr : float
-        Learning rate :math:`\eta \ge 0`.
-    betas : (float, float)
-        :math:`\beta_1, \beta_2 \in [0, 1)`.
-    eps : float
-        :math:`\epsilon \ge 0`.
-    weight_decay : float
-        L2 penalty :math:`\lambda \ge 0`.
-    amsgrad, maximize, bias_correction : bool
-    grad_scale : float
-        Multiplies every gradient as it is read (loss-scale removal, norm
-        clipping), at no extra pass over memory.
-    n_threads : int or None
-        See :func:`fastdescent.get_num_threads`.
-    backend : {"kernel", "reference"} or None
-        None uses :func:`fastdescent.get_backend`.
-    """
-    _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, betas=betas,
-          eps=eps, weight_decay=weight_decay, decoupled=False, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, grad_scale=grad_scale, n_threads=n_threads, backend=backend)
+      adaptive scaling then distorts; :func:`adamw_step` decouples it
+      (as does ``decoupled_weight_decay=True``).
+"""
 
 
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
-               betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
-               bias_correction=True, grad_scale=1.0, n_threads=None, backend=None):
-    r"""One in-place AdamW step: Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+def adam_scalars(h, *, step, grad_scale, fresh):
+    """The bias corrections of step ``step`` in double precision (1 and lr
+    without them), and the gradient scale with its sign."""
+    beta1, beta2 = h["betas"]
+    if h["bias_correction"]:
+        step_size = h["lr"] / (1.0 - beta1**step)
+        inv_bias_correction2_sqrt = 1.0 / math.sqrt(1.0 - beta2**step)
+    else:
+        step_size, inv_bias_correction2_sqrt = h["lr"], 1.0
+    return dict(lr=h["lr"], step_size=step_size, inv_bias_correction2_sqrt=inv_bias_correction2_sqrt,
+                beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
+                decoupled=h["decoupled_weight_decay"], grad_scale=_hyper.signed_grad_scale(h, grad_scale))
+
+
+ADAM = RuleSpec(
+    name="adam",
+    year=2015,
+    title="Adam",
+    summary="Adam (Kingma & Ba 2015), AMSGrad (Reddi et al. 2018)",
+    doc=ADAM_DOC,
+    hyper=(
+        _hyper.lr(1e-3),
+        _hyper.betas(),
+        _hyper.eps(1e-8),
+        _hyper.weight_decay(),
+        _hyper.flag("amsgrad", False, "Keep the running maximum of the second moment (AMSGrad)."),
+        _hyper.maximize(),
+        _hyper.flag("decoupled_weight_decay", False, "Decay the parameters directly, as AdamW.",
+                    keyword_only=True),
+        _hyper.flag("bias_correction", True, "Divide by the bias corrections (not an option in PyTorch).",
+                    keyword_only=True, torch=False),
+    ),
+    buffers=(
+        Buffer("exp_avg", doc="first moment :math:`m`"),
+        Buffer("exp_avg_sq", sample="positive", doc="second moment :math:`v`"),
+        Buffer("max_exp_avg_sq", when=flag("amsgrad"), sample="positive",
+               doc=r"running maximum :math:`\hat v`"),
+    ),
+    scalars=adam_scalars,
+    torch="Adam",
+    examples=(
+        Example("adam", {}, "Adam", bench=True, demo=("adaptive", 1e-3)),
+        Example("adam-wd-maximize-scale", dict(weight_decay=0.05, maximize=True)),
+        Example("adam_amsgrad", dict(amsgrad=True), "Adam with AMSGrad", bench=True),
+        Example("adam-amsgrad-beta1_0-wd", dict(amsgrad=True, betas=(0.0, 0.99), weight_decay=0.01)),
+        Example("adam-beta1_0.2-no-bias-correction", dict(betas=(0.2, 0.9), bias_correction=False, eps=1e-3)),
+        Example("adam-decoupled", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ),
+)
+
+ADAMW = ADAM.variant(
+    name="adamw",
+    year=2019,
+    title="AdamW",
+    kernel="adam",
+    summary="AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019)",
+    doc=r"""One in-place AdamW step: Adam with decoupled weight decay (Loshchilov & Hutter 2019).
 
     The parameter decays before the Adam step, outside the adaptive scaling, and
     the gradient is used as is:
@@ -100,46 +120,14 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, st
     multiplier :math:`\eta_t` only, not by the base rate :math:`\alpha`, so
     :math:`\lambda_{\text{here}} = \lambda_{\text{article}} / \alpha`.
 
-    Takes the same arguments as :func:`adam_step`, with ``weight_decay``
-    (:math:`\lambda \ge 0`) decoupled.
-    """
-    _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, betas=betas,
-          eps=eps, weight_decay=weight_decay, decoupled=True, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, grad_scale=grad_scale, n_threads=n_threads, backend=backend)
-
-
-def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, betas, eps,
-          weight_decay, decoupled, amsgrad, maximize, bias_correction, grad_scale, n_threads, backend):
-    arguments = adam_arguments(step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                               decoupled=decoupled, maximize=maximize, bias_correction=bias_correction,
-                               grad_scale=grad_scale)
-    if exp_avgs is None or exp_avg_sqs is None:
-        raise ValueError("Adam needs exp_avgs and exp_avg_sqs")
-    required_iff("max_exp_avg_sqs", max_exp_avg_sqs, bool(amsgrad), "amsgrad=True")
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _checks.validated_lists(
-        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
-    resolve_backend(backend).adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **arguments,
-                                  n_threads=effective_n_threads(n_threads))
-
-
-def adam_arguments(*, step, lr, betas, eps, weight_decay, decoupled, maximize, bias_correction, grad_scale):
-    """Validate the hyperparameters; return the scalars the ``adam`` kernel takes:
-    the bias corrections of step ``step`` in double precision, the sign of the
-    gradient scale (``amsgrad`` is told by the presence of ``max_exp_avg_sqs``).
-
-    Shared by :func:`adam_step`, :func:`adamw_step` and the optimizer objects.
-    """
-    step = step_number(step)
-    lr = _checks.nonnegative("lr", lr)
-    beta1, beta2 = betas_pair(betas)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
-    if bias_correction:
-        step_size = lr / (1.0 - beta1**step)
-        inv_bias_correction2_sqrt = 1.0 / math.sqrt(1.0 - beta2**step)
-    else:
-        step_size, inv_bias_correction2_sqrt = lr, 1.0
-    return dict(
-        lr=lr, step_size=step_size, inv_bias_correction2_sqrt=inv_bias_correction2_sqrt, beta1=beta1, beta2=beta2,
-        eps=_checks.nonnegative("eps", eps), weight_decay=_checks.nonnegative("weight_decay", weight_decay),
-        decoupled=bool(decoupled), grad_scale=-grad_scale if maximize else grad_scale,
-    )
+    Takes the arguments of :func:`adam_step`, with ``weight_decay`` decoupled.
+""",
+    defaults={"weight_decay": 1e-2},
+    fixed={"decoupled_weight_decay": True},
+    torch="AdamW",
+    examples=(
+        Example("adamw", {}, "AdamW, weight decay 0.01", bench=True, demo=("adaptive", 1e-3)),
+        Example("adamw-amsgrad-maximize", dict(amsgrad=True, maximize=True, weight_decay=0.1)),
+        Example("adamw-no-decay", dict(weight_decay=0.0, betas=(0.5, 0.9))),
+    ),
+)

@@ -1,14 +1,21 @@
 """RMSprop: gradients divided by a running root mean square, optionally centered."""
 
-from .. import _checks
-from .._config import effective_n_threads, resolve_backend
-from ._adaptive import required_iff
+from . import _hyper
+from ._spec import Buffer, Example, RuleSpec, above_zero, flag
 
 
-def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr=1e-2,
-                 alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                 maximize=False, grad_scale=1.0, n_threads=None, backend=None):
-    r"""One in-place RMSprop step on one array or a list of arrays (Hinton, lecture 6e, 2012).
+def rmsprop_scalars(h, *, step, grad_scale, fresh):
+    """The kernel is told ``centered`` by the presence of ``grad_avg``."""
+    return dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
+                momentum=h["momentum"], grad_scale=_hyper.signed_grad_scale(h, grad_scale))
+
+
+RMSPROP = RuleSpec(
+    name="rmsprop",
+    year=2012,
+    title="RMSprop",
+    summary="RMSprop (Tieleman & Hinton 2012; centered: Graves 2013)",
+    doc=r"""One in-place RMSprop step on one array or a list of arrays (Hinton, lecture 6e, 2012).
 
     With gradient :math:`g_t` (times ``grad_scale``, negated if ``maximize``) and
     L2 weight decay folded in, :math:`d_t = g_t + \lambda \theta_{t-1}`:
@@ -35,57 +42,33 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
     inside the root, :math:`\sqrt{v_t + \epsilon}`, default :math:`\alpha` (their
     ``rho``) to 0.9 and keep :math:`\eta` inside the momentum buffer, so a
     changing learning rate acts differently there.
-
-    Parameters
-    ----------
-    params, grads, square_avgs, momentum_buffers, grad_avgs : ndarray or list of ndarray
-        C-contiguous float32 or float64 arrays, all of one dtype, each shaped like
-        its parameter; all but ``grads`` are updated in place. PyTorch starts every
-        state buffer at zero. ``momentum_buffers`` is required iff ``momentum > 0``,
-        ``grad_avgs`` iff ``centered``.
-    lr : float
-        Learning rate :math:`\eta \ge 0`.
-    alpha : float
-        Decay :math:`\alpha \in [0, 1)` of the averages.
-    eps : float
-        :math:`\epsilon \ge 0`, added to the root for numerical stability.
-    weight_decay : float
-        L2 penalty :math:`\lambda \ge 0`, added to the gradient.
-    momentum : float
-        :math:`\mu \in [0, 1)`.
-    centered, maximize : bool
-    grad_scale : float
-        Multiplies every gradient as it is read (loss-scale removal, norm
-        clipping), at no extra pass over memory.
-    n_threads : int or None
-        See :func:`fastdescent.get_num_threads`.
-    backend : {"kernel", "reference"} or None
-        None uses :func:`fastdescent.get_backend`.
-    """
-    arguments = rmsprop_arguments(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                  momentum=momentum, maximize=maximize, grad_scale=grad_scale)
-    if square_avgs is None:
-        raise ValueError("rmsprop_step needs square_avgs")
-    required_iff("momentum_buffers", momentum_buffers, arguments["momentum"] > 0.0, "momentum > 0")
-    required_iff("grad_avgs", grad_avgs, bool(centered), "centered=True")
-    params, grads, square_avgs, momentum_buffers, grad_avgs = _checks.validated_lists(
-        ("square_avg", "momentum_buffer", "grad_avg"), params, grads, square_avgs, momentum_buffers, grad_avgs)
-    resolve_backend(backend).rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, **arguments,
-                                     n_threads=effective_n_threads(n_threads))
-
-
-def rmsprop_arguments(*, lr, alpha, eps, weight_decay, momentum, maximize, grad_scale):
-    """Validate the hyperparameters; return the scalars the ``rmsprop`` kernel takes
-    (``centered`` is told by the presence of the ``grad_avgs`` buffers).
-
-    Shared by :func:`rmsprop_step` and the optimizer objects.
-    """
-    grad_scale = _checks.finite("grad_scale", grad_scale)
-    return dict(
-        lr=_checks.nonnegative("lr", lr),
-        alpha=_checks.unit_interval("alpha", alpha),
-        eps=_checks.nonnegative("eps", eps),
-        weight_decay=_checks.nonnegative("weight_decay", weight_decay),
-        momentum=_checks.unit_interval("momentum", momentum),
-        grad_scale=-grad_scale if maximize else grad_scale,
-    )
+""",
+    hyper=(
+        _hyper.lr(1e-2),
+        _hyper.unit("alpha", 0.99, r"Decay :math:`\alpha \in [0, 1)` of the averages."),
+        _hyper.eps(1e-8),
+        _hyper.weight_decay(),
+        _hyper.unit("momentum", 0.0, r"Momentum :math:`\mu \in [0, 1)`."),
+        _hyper.flag("centered", False, "Divide by an estimate of the standard deviation (Graves 2013)."),
+        _hyper.maximize(),
+    ),
+    buffers=(
+        Buffer("square_avg", sample="positive", doc="the average of squares :math:`v`"),
+        Buffer("momentum_buffer", when=above_zero("momentum"), doc="the momentum buffer :math:`b`"),
+        # Drawn as zeros in tests: a centered variance needs square_avg >= grad_avg**2.
+        Buffer("grad_avg", when=flag("centered"), sample="zero", doc="the average of gradients :math:`a`"),
+    ),
+    scalars=rmsprop_scalars,
+    uses_step=False,
+    torch="RMSprop",
+    examples=(
+        Example("rmsprop", dict(lr=0.01), "RMSprop, alpha 0.99", bench=True, demo=("adaptive", 1e-3)),
+        Example("rmsprop-momentum-wd", dict(lr=0.005, alpha=0.9, momentum=0.5, weight_decay=0.01)),
+        Example("rmsprop-centered-maximize", dict(lr=0.005, centered=True, maximize=True, eps=1e-6)),
+        Example("rmsprop_centered_momentum", dict(lr=0.001, momentum=0.9, centered=True),
+                "RMSprop, centered, momentum 0.9", bench=True),
+        Example("rmsprop-centered-momentum-wd", dict(lr=0.001, centered=True, momentum=0.8, alpha=0.9,
+                                                     weight_decay=0.01)),
+        Example("rmsprop-centered-alpha0.3", dict(lr=0.001, centered=True, alpha=0.3, eps=1e-4)),
+    ),
+)

@@ -1,15 +1,33 @@
 """Stochastic gradient descent, with momentum and Nesterov momentum."""
 
 from .. import _checks
-from .._config import effective_n_threads, resolve_backend
+from . import _hyper
+from ._spec import FIRST_GRADIENT, Buffer, Example, Hyper, RuleSpec, above_zero
 
 CONVENTIONS = ("pytorch", "classical")
 
 
-def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
-             weight_decay=0.0, nesterov=False, maximize=False, convention="pytorch",
-             first_step=False, grad_scale=1.0, n_threads=None, backend=None):
-    r"""One in-place SGD step, with optional momentum, on one array or a list of arrays.
+def sgd_check(h):
+    if h["nesterov"] and h["momentum"] == 0.0:
+        raise ValueError("nesterov=True requires momentum > 0")
+    if h["nesterov"] and h["dampening"] != 0.0:
+        raise ValueError("nesterov=True requires dampening=0 (as in PyTorch)")
+    if h["convention"] == "classical" and h["dampening"] != 0.0:
+        raise ValueError("dampening belongs to the 'pytorch' convention")
+
+
+def sgd_scalars(h, *, step, grad_scale, fresh):
+    return dict(lr=h["lr"], grad_scale=_hyper.signed_grad_scale(h, grad_scale), weight_decay=h["weight_decay"],
+                momentum=h["momentum"], dampening=h["dampening"], nesterov=h["nesterov"],
+                classical=h["convention"] == "classical", first_step="momentum_buffer" in fresh)
+
+
+SGD = RuleSpec(
+    name="sgd",
+    year=1951,
+    title="SGD",
+    summary="stochastic gradient descent with optional (Nesterov) momentum",
+    doc=r"""One in-place SGD step, with optional momentum, on one array or a list of arrays.
 
     With gradient :math:`g_t` (times ``grad_scale``, negated if ``maximize``) and
     L2 weight decay folded in, :math:`d_t = g_t + \lambda \theta_{t-1}`:
@@ -44,62 +62,38 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
       equals evaluating the gradient at the look-ahead point
       :math:`\theta + \mu v` after a change of variables, without a second
       gradient evaluation.
-
-    Parameters
-    ----------
-    params, grads, momentum_buffers : ndarray or list of ndarray
-        C-contiguous float32 or float64 arrays; all of one dtype, each gradient
-        and buffer shaped like its parameter. ``params`` and ``momentum_buffers``
-        are updated in place; ``momentum_buffers`` is required iff ``momentum > 0``.
-    lr : float
-        Learning rate :math:`\eta \ge 0`.
-    momentum, dampening : float
-        :math:`\mu \in [0, 1)` and :math:`\tau \in [0, 1]`.
-    weight_decay : float
-        L2 penalty :math:`\lambda \ge 0`, added to the gradient ("coupled").
-    nesterov, maximize : bool
-    convention : {"pytorch", "classical"}
-    first_step : bool
-        PyTorch form: initialise the buffer with the gradient instead of updating it.
-    grad_scale : float
-        Multiplies every gradient as it is read (loss-scale removal, norm
-        clipping), at no extra pass over memory.
-    n_threads : int or None
-        See :func:`fastdescent.get_num_threads`.
-    backend : {"kernel", "reference"} or None
-        None uses :func:`fastdescent.get_backend`.
-    """
-    arguments = sgd_arguments(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                              nesterov=nesterov, maximize=maximize, convention=convention,
-                              first_step=first_step, grad_scale=grad_scale)
-    if arguments["momentum"] > 0.0 and momentum_buffers is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
-    if arguments["momentum"] == 0.0 and momentum_buffers is not None:
-        raise ValueError("momentum_buffers were given but momentum is 0")
-    params, grads, momentum_buffers = _checks.validated_lists(("momentum_buffer",), params, grads, momentum_buffers)
-    resolve_backend(backend).sgd(params, grads, momentum_buffers, **arguments,
-                                 n_threads=effective_n_threads(n_threads))
-
-
-def sgd_arguments(*, lr, momentum, dampening, weight_decay, nesterov, maximize, convention, first_step,
-                  grad_scale):
-    """Validate the hyperparameters; return the scalars and flags the ``sgd`` kernel takes.
-
-    Shared by :func:`sgd_step` and the optimizer objects.
-    """
-    lr = _checks.nonnegative("lr", lr)
-    momentum = _checks.unit_interval("momentum", momentum)
-    dampening = _checks.closed_unit_interval("dampening", dampening)
-    grad_scale = _checks.finite("grad_scale", grad_scale)
-    classical = _checks.choice("convention", convention, CONVENTIONS) == "classical"
-    if nesterov and momentum == 0.0:
-        raise ValueError("nesterov=True requires momentum > 0")
-    if nesterov and dampening != 0.0:
-        raise ValueError("nesterov=True requires dampening=0 (as in PyTorch)")
-    if classical and (dampening != 0.0 or first_step):
-        raise ValueError("dampening and first_step belong to the 'pytorch' convention")
-    return dict(
-        lr=lr, grad_scale=-grad_scale if maximize else grad_scale,
-        weight_decay=_checks.nonnegative("weight_decay", weight_decay), momentum=momentum,
-        dampening=dampening, nesterov=bool(nesterov), classical=classical, first_step=bool(first_step),
-    )
+""",
+    hyper=(
+        _hyper.lr(1e-3),
+        _hyper.unit("momentum", 0.0, r"Momentum :math:`\mu \in [0, 1)`."),
+        Hyper("dampening", 0.0, _checks.closed_unit_interval, r"Dampening :math:`\tau \in [0, 1]` (PyTorch form)."),
+        _hyper.weight_decay(),
+        _hyper.flag("nesterov", False, "Nesterov momentum (needs momentum > 0 and no dampening)."),
+        _hyper.maximize(),
+        _hyper.choice("convention", "pytorch", CONVENTIONS,
+                      "Where the learning rate sits: outside the buffer (PyTorch) or inside it (classical)."),
+    ),
+    buffers=(
+        Buffer("momentum_buffer", when=above_zero("momentum"),
+               fill=lambda h: FIRST_GRADIENT if h["convention"] == "pytorch" else 0.0,
+               doc="the velocity :math:`v`"),
+    ),
+    scalars=sgd_scalars,
+    check=sgd_check,
+    counts_steps=False,
+    uses_step=False,
+    torch="SGD",
+    examples=(
+        Example("sgd", dict(lr=0.01), "plain SGD", bench=True, demo=("sgd", 0.1)),
+        Example("sgd-wd-maximize", dict(lr=0.05, weight_decay=0.01, maximize=True)),
+        Example("sgd_momentum", dict(lr=0.01, momentum=0.9), "SGD, momentum 0.9 (PyTorch form)", bench=True,
+                demo=("momentum", 0.05)),
+        Example("sgd-momentum-dampening", dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+        Example("nesterov", dict(lr=0.01, momentum=0.9, nesterov=True), "SGD, Nesterov momentum 0.9", bench=True,
+                demo=("momentum", 0.05)),
+        Example("nesterov-maximize-wd", dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True, weight_decay=0.01)),
+        Example("classical", dict(lr=0.05, momentum=0.9, convention="classical")),
+        Example("classical-nesterov-wd", dict(lr=0.05, momentum=0.7, nesterov=True, weight_decay=0.01,
+                                              convention="classical")),
+    ),
+)

@@ -1,9 +1,10 @@
 """PyTorch adapter: fastdescent kernels as drop-in ``torch.optim`` optimizers.
 
-``fastdescent.torch.Adam`` (and ``SGD``, ``Adagrad``, ``RMSprop``, ``AdamW``) take
-the arguments of their ``torch.optim`` namesakes and step CPU tensors in place
-with the fused kernels; see :mod:`fastdescent.torch.optimizers`. PyTorch is an
-optional dependency: ``import fastdescent`` never imports it, this module does.
+``fastdescent.torch.Adam`` (and one class per rule with a ``torch.optim`` peer:
+``SGD``, ``Adagrad``, ``RMSprop``, ``AdamW``...) take the arguments of their
+``torch.optim`` namesakes and step CPU tensors in place with the fused kernels;
+see :mod:`fastdescent.torch.optimizers`. PyTorch is an optional dependency:
+``import fastdescent`` never imports it, this module does.
 """
 
 try:
@@ -14,6 +15,8 @@ except ImportError as error:
     ) from error
 
 from .benchmark import benchmark_against_torch
-from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from .optimizers import CLASSES
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "benchmark_against_torch"]
+globals().update(CLASSES)
+
+__all__ = [*CLASSES, "benchmark_against_torch"]

@@ -121,7 +121,9 @@ class KernelOptimizer:
       does when the parameter first has a gradient (by default: ``step`` and
       zeros); returns True if the new buffers must be initialised by the next
       update (SGD's momentum buffer);
-    * ``_update(group, params, grads, buffers, step, fresh)``: call the face.
+    * ``_update(group, params, grads, buffers, step, fresh, states)``: update the
+      arrays (``states``: the parameters' torch state dicts, for a rule's scalar
+      state such as NAdam's ``mu_product``).
     """
 
     _counts_steps = False
@@ -330,14 +332,14 @@ class KernelOptimizer:
             keys = None
         if keys is None:
             step = None if next_steps is None else float(next_steps[0])
-            self._update(group, params, grads, state, step, False)
+            self._update(group, params, grads, state, step, False, [e.state for e in entries])
         else:
             for key in sorted(set(keys)):
                 pick = [i for i, k in enumerate(keys) if k == key]
                 step = None if next_steps is None else float(next_steps[pick[0]])
                 self._update(group, [params[i] for i in pick], [grads[i] for i in pick],
                              [[views[i] for i in pick] for views in state], step,
-                             entries[pick[0]].fresh)
+                             entries[pick[0]].fresh, [entries[i].state for i in pick])
         if bucket.n_fresh:
             for e in entries:
                 if e.fresh:

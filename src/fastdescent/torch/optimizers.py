@@ -1,14 +1,15 @@
 """Drop-in ``torch.optim`` optimizers that step with fastdescent's fused kernels.
 
-Each class subclasses its ``torch.optim`` namesake (so it takes the same
-arguments with the same defaults, keeps the same ``param_groups`` keys and the
-same ``state`` layout, and ``isinstance(opt, torch.optim.Adam)`` holds) and
-replaces only ``step``: the parameters of a group that have a gradient are
-updated in place, on the tensors' own memory, by one multi-tensor kernel call
-per dtype. The update equations are those of the functional faces
-(``fastdescent.sgd_step``, ``adagrad_step``, ``rmsprop_step``, ``adam_step``,
-``adamw_step``), which follow ``torch.optim``'s for-loop implementation
-operation by operation.
+One class per rule spec that names a ``torch.optim`` peer (``SGD``, ``Adam``...),
+derived from the spec by :func:`torch_class`. Each subclasses its ``torch.optim``
+namesake (so it takes the same arguments with the same defaults, keeps the same
+``param_groups`` keys and the same ``state`` layout, and
+``isinstance(opt, torch.optim.Adam)`` holds) and replaces only ``step``: the
+parameters of a group that have a gradient are updated in place, on the tensors'
+own memory, by one multi-tensor kernel call per dtype, through the rule's one
+path to the kernel (``spec.run``). The equations are those of the functional
+faces (``fastdescent.adam_step``...), which follow ``torch.optim``'s for-loop
+implementation operation by operation.
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
 (real, imaginary) pairs, as ``torch.optim`` does), laid out densely (contiguous,
@@ -24,98 +25,82 @@ gradients itself, as for any optimizer without native AMP support.
 
 import torch
 
-from .. import adagrad_step, adam_step, adamw_step, rmsprop_step, sgd_step
-from ._adapter import KernelOptimizer, init_like, kernel_doc, new_step_tensor
+from .. import _checks
+from .._config import effective_n_threads, resolve_backend
+from ..rules import SPECS
+from ..rules._spec import FIRST_GRADIENT
+from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+def _plain(value):
+    """A hyperparameter as ``torch.optim`` may hold it (a tensor, a tuple of
+    tensors) as the Python value the spec validates."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(map(_plain, value))
+    return value
 
 
-class SGD(KernelOptimizer, torch.optim.SGD):
-    __doc__ = kernel_doc(torch.optim.SGD)
-    __init__ = init_like(torch.optim.SGD)
+class SpecOptimizer(KernelOptimizer):
+    """The rule-specific hooks of :class:`KernelOptimizer`, read off ``spec``."""
+
+    spec = None
+
+    def _hyper(self, group):
+        """The group's hyperparameters, validated by the rule (the options
+        ``torch.optim`` lacks take their defaults)."""
+        values = {**self.spec.defaults, **{k: _plain(v) for k, v in group.items() if k != "params"}}
+        return self.spec.validate(values)
 
     def _buffer_names(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        return tuple(b.name for b in self.spec.needed(self._hyper(group)))
 
     def _init_state(self, param, group, state):
-        # torch.optim.SGD creates the buffer as a copy of the first (decayed) gradient;
-        # the kernel writes it in that first update (first_step=True).
-        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return True
+        h = self._hyper(group)
+        if self.spec.counts_steps:
+            state["step"] = new_step_tensor(group)
+        for s in self.spec.scalar_state:
+            state[s.name] = torch.tensor(s.initial_value(h), dtype=_scalar_dtype())
+        fresh = False
+        for b in self.spec.needed(h):
+            fill = b.initial(h)
+            if fill is FIRST_GRADIENT:  # the kernel writes it in its first update
+                fresh, fill = True, 0.0
+            if param.is_complex():
+                fill = complex(fill, fill)
+            state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
+        return fresh
 
-    def _update(self, group, params, grads, buffers, step, fresh):
-        sgd_step(params, grads, buffers[0] if buffers else None, lr=float(group["lr"]),
-                 momentum=float(group["momentum"]), dampening=float(group["dampening"]),
-                 weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                 maximize=bool(group["maximize"]), first_step=fresh)
-
-
-class Adagrad(KernelOptimizer, torch.optim.Adagrad):
-    __doc__ = kernel_doc(torch.optim.Adagrad)
-    __init__ = init_like(torch.optim.Adagrad)
-    _counts_steps = True
-    _step_in_math = True
-
-    def _buffer_names(self, group):
-        return ("sum",)
-
-    def _init_state(self, param, group, state):
-        # As torch.optim.Adagrad for a parameter added after construction: the
-        # optimizer's default initial value, not the group's.
-        state["step"] = new_step_tensor(group)
-        init = self.defaults["initial_accumulator_value"]
-        state["sum"] = torch.full_like(param, complex(init, init) if param.is_complex() else init,
-                                       memory_format=torch.preserve_format)
-        return False
-
-    def _update(self, group, params, grads, buffers, step, fresh):
-        adagrad_step(params, grads, buffers[0], step=int(step), lr=float(group["lr"]),
-                     lr_decay=float(group["lr_decay"]), weight_decay=float(group["weight_decay"]),
-                     eps=float(group["eps"]), maximize=bool(group["maximize"]))
+    def _update(self, group, params, grads, buffers, step, fresh, states):
+        h = self._hyper(group)
+        names = tuple(b.name for b in self.spec.needed(h))
+        params, grads, *buffers = _checks.validated_lists(names, params, grads, *buffers)
+        fresh_names = frozenset(b.name for b in self.spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
+        step = None if step is None or not self.spec.uses_step else int(step)
+        # The parameters of one call are at one step, so they share their scalar state.
+        scalar_state = {s.name: float(states[0][s.name]) for s in self.spec.scalar_state}
+        self.spec.run(resolve_backend(None), params, grads, dict(zip(names, buffers)), h, step=step,
+                      grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state,
+                      n_threads=effective_n_threads(None))
+        for name, value in self.spec.advanced(h, step, scalar_state).items():
+            for state in states:
+                state[name].fill_(value)
 
 
-class RMSprop(KernelOptimizer, torch.optim.RMSprop):
-    __doc__ = kernel_doc(torch.optim.RMSprop)
-    __init__ = init_like(torch.optim.RMSprop)
-    _counts_steps = True
-
-    def _buffer_names(self, group):
-        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
-                + (("grad_avg",) if group["centered"] else ()))
-
-    def _update(self, group, params, grads, buffers, step, fresh):
-        square_avgs, *rest = buffers
-        momentum_buffers = rest.pop(0) if group["momentum"] > 0 else None
-        grad_avgs = rest.pop(0) if group["centered"] else None
-        rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr=float(group["lr"]),
-                     alpha=float(group["alpha"]), eps=float(group["eps"]),
-                     weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
-                     centered=bool(group["centered"]), maximize=bool(group["maximize"]))
+def torch_class(spec):
+    """The ``fastdescent.torch`` class of ``spec``: a subclass of
+    ``torch.optim.<spec.torch>`` stepped by the rule's kernel."""
+    peer = getattr(torch.optim, spec.torch)
+    return type(spec.title, (SpecOptimizer, peer), {
+        "__doc__": kernel_doc(peer), "__init__": init_like(peer), "__module__": __name__,
+        "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
+    })
 
 
-class _AdamRule(KernelOptimizer):
-    """Adam and AdamW share state and step; ``decoupled_weight_decay`` picks the face."""
+#: Every rule with a ``torch.optim`` peer in this PyTorch: class name -> class.
+CLASSES = {spec.title: torch_class(spec) for spec in SPECS.values()
+           if spec.torch is not None and hasattr(torch.optim, spec.torch)}
+globals().update(CLASSES)
 
-    _counts_steps = True
-    _step_in_math = True
-
-    def _buffer_names(self, group):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-
-    def _update(self, group, params, grads, buffers, step, fresh):
-        face = adamw_step if group.get("decoupled_weight_decay", False) else adam_step
-        beta1, beta2 = group["betas"]
-        face(params, grads, *buffers, step=int(step), lr=float(group["lr"]),
-             betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
-             weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-             maximize=bool(group["maximize"]))
-
-
-class Adam(_AdamRule, torch.optim.Adam):
-    __doc__ = kernel_doc(torch.optim.Adam)
-    __init__ = init_like(torch.optim.Adam)
-
-
-class AdamW(_AdamRule, torch.optim.AdamW):
-    __doc__ = kernel_doc(torch.optim.AdamW)
-    __init__ = init_like(torch.optim.AdamW)
+__all__ = list(CLASSES)

@@ -1,0 +1,69 @@
+"""The test grids, derived from the rule specs: every example of every rule
+(``fastdescent.catalog.configurations()``), how to draw its state and how to step it.
+
+A new rule's examples join every grid here without any test being edited.
+"""
+
+import numpy as np
+
+from fastdescent.catalog import configurations
+from fastdescent.rules import SPECS
+from fastdescent.rules._spec import FIRST_GRADIENT
+from support import random_array
+
+#: Every example of every rule: name -> catalog.Rule.
+EXAMPLES = configurations()
+
+
+def richest(spec):
+    """The example of ``spec`` that keeps the most buffers (the first of those)."""
+    examples = [EXAMPLES[e.name] for e in spec.examples]
+    return max(examples, key=lambda rule: len(rule.state))
+
+
+#: One example per rule, the one with the most buffers: name -> catalog.Rule.
+RICHEST = {name: richest(spec) for name, spec in SPECS.items()}
+
+
+def torch_examples():
+    """The examples ``torch.optim`` can run: name -> (class name, options)."""
+    return {name: rule.torch_peer for name, rule in EXAMPLES.items() if rule.torch_peer is not None}
+
+
+def make_state(rng, rule, n, dtype):
+    """Random parameter and state buffers (``"param"`` and each buffer's name), drawn
+    as each buffer's ``sample`` says: never zeros or constants, except buffers that
+    must start at zero."""
+    state = {"param": random_array(rng, n, dtype)}
+    for buffer in rule.spec.needed(rule.hyper):
+        if buffer.sample == "positive":
+            state[buffer.name] = random_array(rng, n, dtype, scale=0.5, positive=True) * dtype(0.1)
+        elif buffer.sample == "zero":
+            state[buffer.name] = np.zeros(n, dtype)
+        else:
+            state[buffer.name] = random_array(rng, n, dtype, scale=0.1)
+    return state
+
+
+def initial_state(rule, param):
+    """The state PyTorch starts from: each buffer at its initial value (a buffer that
+    starts as the first gradient is allocated, and written by the first step)."""
+    state = {"param": param}
+    for buffer in rule.spec.needed(rule.hyper):
+        fill = buffer.initial(rule.hyper)
+        state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
+    return state
+
+
+def take_step(rule, state, grad, *, t, **call):
+    """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state``; ``call``
+    may override hyperparameters (``lr=...``) and pass ``grad_scale``,
+    ``backend``, ``n_threads``."""
+    rule.step(state["param"], grad, *(state[name] for name in rule.state), t=t, **call)
+
+
+def driver(rule):
+    """A ``step`` for support.check_backends_agree."""
+    def step(backend, state, grad, lr, t, n_threads):
+        take_step(rule, state, grad, t=t + 1, lr=lr, backend=backend, n_threads=n_threads)
+    return step
