@@ -1,4 +1,10 @@
-"""Time ZeRO stage 1 steps: the step, its phases, and the optimizer state per rank.
+"""
+Timing sharded optimizer steps on MPI
+=====================================
+
+The step of ``fastdescent.distributed.ShardedOptimizer``, its phases, and the
+optimizer state per rank: the figures of BENCHMARKS.md (not run when the
+documentation is built: it needs ``mpiexec`` and minutes)::
 
     mpiexec -n N python examples/distributed_benchmark.py --elements 1e7 1e8 --json runN.json
     python examples/distributed_benchmark.py --table run1.json run2.json run4.json
@@ -138,7 +144,8 @@ def _ms(seconds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="Time ShardedOptimizer steps, their phases and the state per rank "
+                                                 "(run under mpiexec)")
     parser.add_argument("--elements", nargs="+", default=["1e7", "1e8"])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / local ranks)")

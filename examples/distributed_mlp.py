@@ -1,4 +1,9 @@
-"""Data-parallel training of the demo MLP with Adam's state sharded across MPI ranks.
+"""
+Data-parallel training with Adam's state sharded across MPI ranks
+=================================================================
+
+The demo MLP trained data-parallel with ``fastdescent.distributed`` (not run when
+the documentation is built: it needs ``mpiexec``)::
 
     pip install '.[demo,distributed]'
     mpiexec -n 2 python examples/distributed_mlp.py          # or -n 1, -n 4, ...
@@ -21,8 +26,8 @@ from mpi4py import MPI
 
 import fastdescent as fd
 from fastdescent.demo.data import MiniBatches
-from fastdescent.distributed import ShardedOptimizer
 from fastdescent.demo.mlp import MLP
+from fastdescent.distributed import ShardedOptimizer
 
 
 def digits(seed):
@@ -57,7 +62,8 @@ def train(model, optimizer, batches, epochs, rank, n_ranks):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="Data-parallel training of the demo MLP with sharded Adam state "
+                                                 "(run under mpiexec)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split among the ranks")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128], help="hidden widths (demo: 128)")
