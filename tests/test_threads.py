@@ -51,6 +51,18 @@ def test_private_kernel_refuses_a_short_state_list(rng):
                               classical=False, first_step=False, n_threads=1)
 
 
+@pytest.mark.parametrize("missing", ["grads", "exp_avg"])
+def test_private_kernel_refuses_a_missing_required_list(missing, rng):
+    """None for a list every step reads used to reach the element loop as a NULL pointer."""
+    lists = {name: [rng.standard_normal(100).astype(np.float32)] for name in ("params", "grads", "exp_avg", "exp_avg_sq")}
+    lists[missing] = None
+    before = lists["params"][0].copy()
+    with pytest.raises(TypeError):
+        _dispatch.kernels.adam(*lists.values(), lr=0.1, step_size=0.1, inv_bias_correction2_sqrt=1.0, beta1=0.9,
+                               beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=False, grad_scale=1.0, n_threads=1)
+    assert lists["params"][0].tobytes() == before.tobytes()
+
+
 def test_private_norm_kernel_takes_a_list(rng):
     with pytest.raises(TypeError):
         _dispatch.kernels.max_abs((rng.standard_normal(10),), n_threads=1)

@@ -214,7 +214,7 @@ cdef double reduce_blocks(list arrays, int n_threads, lanes_fn fn32, lanes_fn fn
     return result
 
 
-def sum_squares(list arrays, *, double clip_value, double scale, int n_threads):
+def sum_squares(list arrays not None, *, double clip_value, double scale, int n_threads):
     """Sum of ``(scale * x)**2`` over every element of ``arrays``, in double, in the
     fixed blocked order (private: call ``fastdescent.global_norm``).
 
@@ -229,7 +229,7 @@ def sum_squares(list arrays, *, double clip_value, double scale, int n_threads):
     return reduce_blocks(arrays, n_threads, squares_f32, squares_f64, &a, False)
 
 
-def max_abs(list arrays, *, int n_threads):
+def max_abs(list arrays not None, *, int n_threads):
     """Largest ``abs(x)`` over every element of ``arrays`` (0 if none; NaN skipped)."""
     cdef NormArgs a
     a.limit = INFINITY
