@@ -10,12 +10,14 @@ members, with
   and SHA-256 (of its bytes in C order).
 
 Reading trusts nothing in the file (:func:`read`): the members must be exactly the
-header and the arrays it refers to, each once, all stored uncompressed, their
-declared sizes within the file and equal to what each ``.npy`` header implies,
-which must give the dtype and shape the JSON declares; every member is read to its
-end (so zip checks its CRC-32) and every array's SHA-256 must match. Anything else
-raises :class:`CheckpointError` before the caller sees a byte. Version 1 files (no
-``"arrays"`` table) still load, with every check but the JSON shapes and hashes.
+header and the arrays its table lists (every tag naming one of them), all stored
+uncompressed, their declared sizes within the file and equal to what each ``.npy``
+header implies, which must give the dtype and shape the JSON declares; every
+member is read to its end (so zip checks its CRC-32) and every array's SHA-256
+must match. Anything else raises :class:`CheckpointError` before the caller sees a
+byte. An optimizer checkpoint (:func:`load`) must also refer to each array exactly
+once. Version 1 files (no table: the arrays are those the header refers to) still
+load, with every check but the JSON shapes and hashes.
 
 Files are written atomically: to a temporary file in the same directory, flushed
 and fsynced, then renamed over the target (and the directory fsynced), so a crash
@@ -152,6 +154,10 @@ def load(path, kind):
     header, arrays = read(path)
     if header.get("optimizer") != kind:
         raise CheckpointError(f"{path} holds a {header.get('optimizer')} optimizer, not a {kind}")
+    if header["version"] > 1:
+        references = _references({k: v for k, v in header.items() if k != "arrays"})
+        if sorted(references) != sorted(arrays):
+            raise CheckpointError(f"{path}: an array is referred to twice, or by nothing")
     try:
         state_dict = decode(header["state_dict"], arrays)
         params = header.get("params")
@@ -340,8 +346,9 @@ def _read_archive(archive, size, path):
 
 
 def _expected_arrays(header, n_members, path):
-    """Array name -> what the header declares of it (dtype, shape and hash; nothing
-    in version 1). In version 2 each array must be referred to exactly once."""
+    """Array name -> what the header declares of it: version 2's table (dtype, shape
+    and hash); in version 1, every array a tag or the parameter count refers to,
+    with nothing declared."""
     references = _references({k: v for k, v in header.items() if k != "arrays"})
     if not all(isinstance(name, str) for name in references):
         raise CheckpointError(f"{path}: an array reference is not a string")
@@ -351,15 +358,16 @@ def _expected_arrays(header, n_members, path):
             raise CheckpointError(f"{path}: 'params' is not a count of the members")
         references += [f"params/{i}" for i in range(count)]
         return dict.fromkeys(references, {})
-    if len(set(references)) != len(references):
-        raise CheckpointError(f"{path}: an array is referred to twice")
     table = header.get("arrays")
-    if not isinstance(table, dict) or set(table) != set(references):
-        raise CheckpointError(f"{path}: the header's array table does not list exactly the arrays it refers to")
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path}: the header has no array table")
     for name, declared in table.items():
         if (not isinstance(declared, dict) or set(declared) != {"dtype", "shape", "sha256"}
                 or not isinstance(declared["shape"], list) or not isinstance(declared["sha256"], str)):
             raise CheckpointError(f"{path}: malformed entry for array {name!r}")
+    unlisted = sorted(set(references) - set(table))
+    if unlisted:
+        raise CheckpointError(f"{path}: the header refers to arrays its table does not list: {unlisted[:5]}")
     return table
 
 
