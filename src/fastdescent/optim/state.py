@@ -188,8 +188,8 @@ class Checkpointing:
         loaded = []
         try:
             for name in names:
+                loaded.append(name)  # before: a failing load_state_dict may have changed part of its object
                 self._registered[name].load_state_dict(extra[name])
-                loaded.append(name)
         except BaseException:
             for name in loaded:
                 self._registered[name].load_state_dict(backups[name])
@@ -221,40 +221,21 @@ class Checkpointing:
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        arrays = {}
-        header = {
-            "optimizer": type(self).__name__,
-            "state_dict": checkpoint.encode(self._state_dict(copy_arrays=False), arrays),
-        }
-        if params:
-            values = self.params
-            header["params"] = len(values)
-            arrays.update((f"params/{i}", p) for i, p in enumerate(values))
-        checkpoint.write(path, header, arrays)
+        checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                        self.params if params else None)
 
     def load(self, path, *, params=True, strict=True):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
         (and, with ``params``, the parameter values it holds). Validates it all
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit."""
-        header, arrays = checkpoint.read(path)
-        kind = header.get("optimizer")
-        if kind != type(self).__name__:
-            raise checkpoint.CheckpointError(f"{path} holds a {kind} optimizer, not a {type(self).__name__}")
+        sd, values = checkpoint.load(path, type(self).__name__)
         try:
-            sd = checkpoint.decode(header["state_dict"], arrays)
-            values = None
-            if params and "params" in header:
-                values = [arrays[f"params/{i}"] for i in range(header["params"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
-        try:
-            self._load(sd, strict, values)
+            self._load(sd, strict, values if params else None)
         except checkpoint.CheckpointError:
             raise
-        except (TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error}") from error
-
+        except (LookupError, AttributeError, TypeError, ValueError) as error:  # from registered objects too
+            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error!r}") from error
 
 
 def _scalar(value):
