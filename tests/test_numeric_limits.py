@@ -114,3 +114,21 @@ def test_averaging_agrees_on_hostile_values_up_to_nan_payloads(update, dtype, rn
             assert_bitwise_equal(p, average)  # a swap is exact, NaN payloads included
         results.append(a)
     assert_equal_but_nan_payloads(*results, update)
+
+
+def test_a_loaded_step_count_leaves_room_for_the_next_step(rng):
+    """The optimizers' next step is the saved count + 1: a count that would take it to
+    2**63 is refused when loaded, and nothing changes."""
+    p = rng.standard_normal(5)
+    opt = fd.Adam([p])
+    opt.step([rng.standard_normal(5)])
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = 2**63 - 1
+    before = p.copy()
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        opt.load_state_dict(sd)
+    assert opt.state[0]["step"] == 1 and np.array_equal(p, before)
+    sd["state"][0]["step"] = 2**63 - 2
+    opt.load_state_dict(sd)
+    opt.step([rng.standard_normal(5)])
+    assert opt.state[0]["step"] == 2**63 - 1

@@ -257,7 +257,8 @@ def _check_like(value, param, where):
 def _step_count(value, where):
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < math.inf
+    # The next step must still be a valid step number (_checks.MAX_STEP).
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < _checks.MAX_STEP - 1
             or value != math.floor(value)):
-        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{where} must be an integer in [0, 2**63 - 1), got {value!r}")
     return int(value)
