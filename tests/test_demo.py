@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastdescent import demo
+from fastdescent.demo import contenders, race, recipes, runner, training
 from fastdescent.__main__ import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def test_help_lists_the_options(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--output", "--optimizers", "--epochs", "--seed", "--threads", "--surfaces"):
+    for option in ("--output", "--sections", "--optimizers", "--epochs", "--seed", "--threads", "--surfaces"):
         assert option in out
 
 
@@ -43,21 +43,31 @@ def test_tiny_demo_runs_end_to_end_and_writes_its_pictures(tmp_path, capsys):
     assert main(["demo", *TINY, "--output", str(out_dir), "--surfaces", "ravine", "saddle", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     # the race table: every available method on both surfaces
-    for method in demo.METHODS:
+    for method in contenders.METHODS:
         assert re.search(rf"^\s*(ravine|saddle)?\s+{method}\s", out, re.M), method
     assert "escaped" in out and "yes" in out
     deviation = re.search(r"trace the same path on the ravine: largest difference over \d+ steps = (\S+)", out)
     assert float(deviation.group(1)) < 1e-12
     # the training table: one row per optimizer, kernel and reference runs identical
-    names = "|".join(demo.CONTENDERS)
+    names = "|".join(contenders.CONTENDERS)
     rows = [line for line in out.splitlines() if re.match(rf"^({names})\s+\d", line)]
-    assert len(rows) == len(demo.CONTENDERS)
+    assert len(rows) == len(contenders.CONTENDERS)
     for row in rows:
         assert row.split()[-1] == "0", row
         assert row.split()[-2].endswith("x")
     # the pictures
+    # section 3: every part ran and the averaged run repeated with the reference backend agrees
+    for title in ("3a. Batch size", "3b. Learning-rate schedules", "3c. Momentum", "3d. Reduce the rate",
+                  "3e. Weight averaging"):
+        assert title in out
+    for label in ("full batch", "single samples", "SGDR (T_mult 2)", "triangular2", "one-cycle",
+                  "annealed 0.5 -> 0.9", "restored (best)", "SWA (", "EMA ("):
+        assert label in out, label
+    assert re.search(r"largest difference of any parameter or average = 0$", out, re.M)
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == ["surface_ravine.png", "surface_saddle.png", "training_loss.png"]
+    assert names == sorted(["surface_ravine.png", "surface_saddle.png", "training_loss.png", "batch_size.png",
+                            "schedules.png", "schedules_training.png", "momentum.png", "plateau.png",
+                            "averaging.png"])
     for p in out_dir.iterdir():
         assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
         assert p.name in out
@@ -86,22 +96,44 @@ def test_training_is_reproducible_and_backends_agree(capsys):
     """Same seed, same batches and initialization: the kernel and reference runs
     end with bit-identical parameters, and a rerun repeats the numbers."""
     pytest.importorskip("sklearn")
-    args = demo.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+    args = runner.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
         ["--epochs", "2", "--hidden", "8", "--seed", "3"])
-    data = demo.load_digits_split(args.seed)
-    progress = demo.Progress()
-    momentum = demo.CONTENDERS["sgd_momentum"]
-    first = demo.train_once(momentum, "kernel", data, args, progress)
-    again = demo.train_once(momentum, "kernel", data, args, progress)
-    reference = demo.train_once(momentum, "reference", data, args, progress)
+    data = training.load_digits_split(args.seed)
+    progress = None
+    momentum = contenders.CONTENDERS["sgd_momentum"]
+    first = training.train_once(momentum, "kernel", data, args, progress)
+    again = training.train_once(momentum, "kernel", data, args, progress)
+    reference = training.train_once(momentum, "reference", data, args, progress)
     for p, q, r in zip(first["model"].params, again["model"].params, reference["model"].params):
         np.testing.assert_array_equal(p, q)
         np.testing.assert_array_equal(p, r)
-    assert first["history"]["loss"][1] < first["history"]["loss"][0]
+    assert first["history"].train_loss[1] < first["history"].train_loss[0]
     assert first["held_out_accuracy"] > 0.5
 
 
 def test_every_surface_has_race_settings_for_every_family():
-    families = {c.family for c in demo.CONTENDERS.values()}
-    for name, surface in demo.SURFACES.items():
-        assert set(demo.RACES[name].lr) == families, name
+    families = {c.family for c in contenders.CONTENDERS.values()}
+    for name in race.SURFACES:
+        assert set(race.RACES[name].lr) == families, name
+
+
+def test_sections_select_parts(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--sections", "momentum", *TINY, "--output", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "3c. Momentum" in out
+    for absent in ("== 1.", "== 2.", "3a.", "3b.", "3d.", "3e."):
+        assert absent not in out
+    if have("matplotlib"):
+        assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["momentum.png"]
+
+
+def test_schedule_catalog_covers_the_issue_and_peaks_at_the_peak_rate():
+    catalog = recipes.schedule_catalog(total_steps=300)
+    assert list(catalog) == ["constant", "step decay", "exponential", "cosine", "SGDR (T_mult 2)",
+                             "triangular", "triangular2", "one-cycle"]
+    steps = np.arange(301)
+    for name, schedule in catalog.items():
+        values = schedule(steps)
+        assert np.all(values > 0), name
+        assert values.max() == pytest.approx(recipes.PEAK_LR, rel=0.02), name

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 import fastdescent
-from fastdescent.data import MiniBatches
-from fastdescent.mlp import MLP
+from fastdescent.demo.data import MiniBatches
+from fastdescent.demo.mlp import MLP
 
 
 def random_batch(rng, n, sizes):

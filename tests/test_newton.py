@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 import fastdescent
-from fastdescent import surfaces
-from fastdescent.newton import lookahead_nesterov, lookahead_nesterov_step, newton, newton_step
-from fastdescent.surfaces import Quadratic
+from fastdescent.demo import surfaces
+from fastdescent.demo.newton import lookahead_nesterov, lookahead_nesterov_step, newton, newton_step
+from fastdescent.demo.surfaces import Quadratic
 
 
 def random_quadratic(rng, dim):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fastdescent import surfaces
-from fastdescent.surfaces import SURFACES, Quadratic, Rastrigin, Rosenbrock
+from fastdescent.demo import surfaces
+from fastdescent.demo.surfaces import SURFACES, Quadratic, Rastrigin, Rosenbrock
 
 EXTRA = {
     "rosenbrock_5d": Rosenbrock(dim=5),

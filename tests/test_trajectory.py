@@ -3,8 +3,9 @@ from functools import partial
 import numpy as np
 import pytest
 
-from fastdescent import SGD, Adam, surfaces
-from fastdescent.trajectory import run_trajectory
+from fastdescent import SGD, Adam
+from fastdescent.demo import surfaces
+from fastdescent.demo.trajectory import run_trajectory
 
 
 def manual_gradient_descent(surface, start, lr, steps):

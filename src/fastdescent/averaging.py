@@ -25,25 +25,27 @@ Models with batch normalization must recompute its statistics for the averaged
 weights (PyTorch's ``update_bn``); this module sees only parameter arrays.
 """
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 
 from . import _checks, _runtime
-from .rules.averaging import ema_update, swa_update, swap_arrays
+from ._typing import FloatArray, HasParamGroups, StateDict
+from .rules.averaging import MAX_N_AVERAGED, ema_update, swa_update, swap_arrays
 from .schedules import parameter_arrays
 
 
 class _Averager:
     """What SWA and EMA share: the averages, the step count, swapping, state."""
 
-    def __init__(self, params, start, every):
+    def __init__(self, params: HasParamGroups | FloatArray | Sequence[FloatArray], start: int, every: int) -> None:
         params = parameter_arrays(params)
         _runtime.check_distinct("params", params)
         self.start = _checks.integer("start", start, 1)
         self.every = _checks.integer("every", every, 1)
         # One kernel call takes one dtype: group the tensors by dtype, in order.
-        by_dtype = {}
+        by_dtype: dict[np.dtype, list[FloatArray]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for same_dtype in by_dtype.values():
@@ -60,7 +62,7 @@ class _Averager:
         if self._swapped:
             raise RuntimeError(f"cannot {action} while the averages are swapped into the parameters")
 
-    def step(self):
+    def step(self) -> bool:
         """Count one optimizer step; average the parameters in if it is due.
         Returns True if they were averaged."""
         self._check_not_swapped("step")
@@ -70,7 +72,7 @@ class _Averager:
             self.update()
         return due
 
-    def update(self):
+    def update(self) -> None:
         """Average the current parameters in now, whatever the step."""
         self._check_not_swapped("update")
         for params, averages in self._batches:
@@ -83,7 +85,7 @@ class _Averager:
     def _fold(self, averages, params):
         raise NotImplementedError
 
-    def swap(self):
+    def swap(self) -> None:
         """Exchange the averages and the parameters, in place."""
         if self.n_averaged == 0:
             raise RuntimeError("nothing has been averaged yet")
@@ -92,7 +94,7 @@ class _Averager:
         self._swapped = not self._swapped
 
     @contextmanager
-    def swapped(self):
+    def swapped(self) -> Iterator["_Averager"]:
         """``with avg.swapped(): ...`` runs the block with the averaged weights in
         the parameter arrays, and puts the trained weights back after it."""
         self._check_not_swapped("swap again")
@@ -102,7 +104,7 @@ class _Averager:
         finally:
             self.swap()
 
-    def copy_to_params(self):
+    def copy_to_params(self) -> None:
         """Overwrite the parameters with the averages (the end of training)."""
         self._check_not_swapped("copy")
         if self.n_averaged == 0:
@@ -110,22 +112,27 @@ class _Averager:
         for p, a in zip(self.params, self.averages):
             np.copyto(p, a)
 
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         self._check_not_swapped("save")
         return {"last_step": self.last_step, "n_averaged": self.n_averaged,
                 "averages": [a.copy() for a in self.averages]}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
         self._check_not_swapped("load")
-        averages = list(state["averages"])
+        last_step, n_averaged, averages = _checks.state_entries(
+            type(self).__name__, state, ("last_step", "n_averaged", "averages"))
+        if not isinstance(averages, (list, tuple)) or not all(isinstance(a, np.ndarray) for a in averages):
+            raise TypeError("averages must be a list of arrays")
         if len(averages) != len(self.averages):
             raise ValueError(f"the state holds {len(averages)} averages for {len(self.averages)} parameters")
         for i, (saved, mine) in enumerate(zip(averages, self.averages)):
-            saved = np.asarray(saved)
             if saved.shape != mine.shape or saved.dtype != mine.dtype:
                 raise ValueError(f"averages[{i}] is {saved.dtype}{saved.shape}, expected {mine.dtype}{mine.shape}")
-        last_step = _checks.integer("last_step", state["last_step"], 0)
-        n_averaged = _checks.integer("n_averaged", state["n_averaged"], 0)
+        last_step = _checks.integer("last_step", last_step, 0)
+        n_averaged = _checks.integer("n_averaged", n_averaged, 0)
+        if n_averaged > MAX_N_AVERAGED:
+            raise ValueError(f"n_averaged must be <= {MAX_N_AVERAGED}, got {n_averaged}")
         for saved, mine in zip(averages, self.averages):
             np.copyto(mine, saved)
         self.last_step, self.n_averaged = last_step, n_averaged
@@ -151,7 +158,8 @@ class SWA(_Averager):
         Average every ``every`` steps from ``start``.
     """
 
-    def __init__(self, params, *, start=1, every=1):
+    def __init__(self, params: HasParamGroups | FloatArray | Sequence[FloatArray], *, start: int = 1,
+                 every: int = 1) -> None:
         super().__init__(params, start, every)
 
     def _fold(self, averages, params):
@@ -179,12 +187,13 @@ class EMA(_Averager):
         As for :class:`SWA`.
     """
 
-    def __init__(self, params, *, decay=0.999, warmup=False, start=1, every=1):
+    def __init__(self, params: HasParamGroups | FloatArray | Sequence[FloatArray], *, decay: float = 0.999,
+                 warmup: bool = False, start: int = 1, every: int = 1) -> None:
         self.decay = _checks.unit_interval("decay", decay)
         self.warmup = bool(warmup)
         super().__init__(params, start, every)
 
-    def current_decay(self):
+    def current_decay(self) -> float:
         """The decay used by an update at the current step."""
         if not self.warmup:
             return self.decay

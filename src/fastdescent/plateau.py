@@ -18,10 +18,13 @@ floor is the two together with the same ``min_lr``.
 """
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _checks
+from ._typing import FloatArray, HasParamGroups, StateDict
 from .schedules import Scheduler, _param_groups, parameter_arrays
 
 MODES = ("min", "max")
@@ -47,7 +50,7 @@ class _MetricWatch:
         self.num_bad_epochs = 0
         self.last_epoch = 0
 
-    def improves(self, value):
+    def improves(self, value: float) -> bool:
         if self.mode == "min":
             bound = self.best * (1.0 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold
             return value < bound
@@ -71,10 +74,15 @@ class _MetricWatch:
     def _watch_state(self):
         return {"best": self.best, "num_bad_epochs": self.num_bad_epochs, "last_epoch": self.last_epoch}
 
-    def _load_watch_state(self, state):
-        self.best = _checks.real("best", state["best"])
-        self.num_bad_epochs = _checks.integer("num_bad_epochs", state["num_bad_epochs"], 0)
-        self.last_epoch = _checks.integer("last_epoch", state["last_epoch"], 0)
+    def _checked_state(self, state, counters, more=()):
+        """A saved state's entries, name -> value: the watch's, ``counters`` (integers
+        >= 0) and ``more`` (for the caller to check), validated before anything changes."""
+        names = ("best", "num_bad_epochs", "last_epoch") + counters + more
+        values = dict(zip(names, _checks.state_entries(type(self).__name__, state, names)))
+        values["best"] = _checks.real("best", values["best"])
+        for name in ("num_bad_epochs", "last_epoch") + counters:
+            values[name] = _checks.integer(name, values[name], 0)
+        return values
 
 
 class _LearningRates:
@@ -127,8 +135,10 @@ class ReduceLROnPlateau(_MetricWatch):
     eps : float >= 0
     """
 
-    def __init__(self, target, mode="min", factor=0.1, patience=10, threshold=1e-4, threshold_mode="rel",
-                 cooldown=0, min_lr=0.0, eps=1e-8):
+    def __init__(self, target: HasParamGroups | Scheduler, mode: str = "min", factor: float = 0.1, patience: int = 10,
+                 threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
+                 min_lr: float | Sequence[float] = 0.0, eps: float = 1e-8) -> None:
+        self.target: Scheduler | _LearningRates
         if isinstance(target, Scheduler):
             self.target, optimizer = target, target.optimizer
         else:
@@ -148,10 +158,10 @@ class ReduceLROnPlateau(_MetricWatch):
         self.cooldown_counter = 0
 
     @property
-    def in_cooldown(self):
+    def in_cooldown(self) -> bool:
         return self.cooldown_counter > 0
 
-    def step(self, metric):
+    def step(self, metric: float) -> bool:
         """Record one evaluation of the metric; True if the rate was reduced now."""
         self._record(metric)
         if self.in_cooldown:
@@ -164,12 +174,13 @@ class ReduceLROnPlateau(_MetricWatch):
         self.num_bad_epochs = 0
         return any(changed)
 
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         return {**self._watch_state(), "cooldown_counter": self.cooldown_counter}
 
-    def load_state_dict(self, state):
-        self._load_watch_state(state)
-        self.cooldown_counter = _checks.integer("cooldown_counter", state["cooldown_counter"], 0)
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
+        for name, value in self._checked_state(state, ("cooldown_counter",)).items():
+            setattr(self, name, value)
 
 
 class EarlyStopping(_MetricWatch):
@@ -202,7 +213,8 @@ class EarlyStopping(_MetricWatch):
         arrays, in place, when stopping. :meth:`restore` does it on demand.
     """
 
-    def __init__(self, optimizer=None, *, mode="min", patience=10, min_delta=0.0, min_lr=None, restore_best=False):
+    def __init__(self, optimizer: HasParamGroups | None = None, *, mode: str = "min", patience: int = 10,
+                 min_delta: float = 0.0, min_lr: float | None = None, restore_best: bool = False) -> None:
         if (min_lr is not None or restore_best) and optimizer is None:
             raise ValueError("min_lr and restore_best need the optimizer")
         if optimizer is not None:
@@ -214,7 +226,7 @@ class EarlyStopping(_MetricWatch):
         super().__init__(mode, _checks.nonnegative("min_delta", min_delta), "abs")
         self.best_epoch = 0
         self.should_stop = False
-        self._best_params = None
+        self._best_params: list[FloatArray] | None = None
 
     def _at_floor(self):
         if self.min_lr is None:
@@ -224,7 +236,7 @@ class EarlyStopping(_MetricWatch):
         ceiling = self.min_lr * (1.0 + FLOOR_TOLERANCE)
         return all(float(g["lr"]) <= ceiling for g in _param_groups(self.optimizer))
 
-    def step(self, metric):
+    def step(self, metric: float) -> bool:
         """Record one evaluation; True if training should stop (and stays True)."""
         if self._record(metric):
             self.best_epoch = self.last_epoch
@@ -247,27 +259,39 @@ class EarlyStopping(_MetricWatch):
             for best, p in zip(self._best_params, params):
                 np.copyto(best, p)
 
-    def restore(self):
+    def restore(self) -> None:
         """Copy the best parameters seen back into the optimizer's arrays, in place."""
         if self._best_params is None:
             raise RuntimeError("no best parameters saved (restore_best=False, or no evaluation yet)")
+        if self.optimizer is None:
+            raise RuntimeError("restore needs the optimizer (EarlyStopping(optimizer, ...))")
         params = parameter_arrays(self.optimizer)
         if [(p.shape, p.dtype) for p in params] != [(b.shape, b.dtype) for b in self._best_params]:
             raise ValueError("the optimizer's parameters no longer match the saved best parameters")
         for p, best in zip(params, self._best_params):
             np.copyto(p, best)
 
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         best_params = None if self._best_params is None else [b.copy() for b in self._best_params]
         return {**self._watch_state(), "best_epoch": self.best_epoch, "should_stop": self.should_stop,
                 "best_params": best_params}
 
-    def load_state_dict(self, state):
-        self._load_watch_state(state)
-        self.best_epoch = _checks.integer("best_epoch", state["best_epoch"], 0)
-        self.should_stop = bool(state["should_stop"])
-        best = state["best_params"]
-        self._best_params = None if best is None else [np.array(b, copy=True) for b in best]
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
+        values = self._checked_state(state, ("best_epoch",), ("should_stop", "best_params"))
+        values["should_stop"] = _checks.boolean("should_stop", values["should_stop"])
+        best = values.pop("best_params")
+        if best is not None:
+            if not isinstance(best, (list, tuple)) or not all(isinstance(b, np.ndarray) for b in best):
+                raise TypeError("best_params must be None or a list of arrays")
+            if self.optimizer is not None:
+                expected = [(p.shape, p.dtype) for p in parameter_arrays(self.optimizer)]
+                if [(b.shape, b.dtype) for b in best] != expected:
+                    raise ValueError("best_params do not match the optimizer's parameters (shapes, dtypes)")
+            best = [b.copy() for b in best]
+        for name, value in values.items():
+            setattr(self, name, value)
+        self._best_params = best
 
 
 __all__ = ["EarlyStopping", "ReduceLROnPlateau"]

@@ -26,11 +26,18 @@ values down when a metric stalls.
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from numbers import Integral
+from typing import Any, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _checks
+from ._typing import FloatArray, HasParamGroups, StateDict
+
+#: a schedule's vectorized body: 1-D float64 steps -> 1-D values
+_Values = Callable[[npt.NDArray[np.float64]], npt.NDArray[Any]]
 
 # --------------------------------------------------------------------------
 # Argument checks shared by the schedules, the plateau rules and the averagers.
@@ -68,17 +75,23 @@ class Schedule:
 
     __slots__ = ("name", "params", "_values")
 
-    def __init__(self, name, values, **params):
+    def __init__(self, name: str, values: _Values, **params: Any) -> None:
         self.name = name
         self.params = params
         self._values = values  # 1-D float64 steps -> 1-D float64 values
 
-    def __call__(self, step):
+    @overload
+    def __call__(self, step: float) -> float: ...
+
+    @overload
+    def __call__(self, step: npt.NDArray[Any] | Sequence[float]) -> npt.NDArray[np.float64]: ...
+
+    def __call__(self, step: float | npt.ArrayLike) -> float | npt.NDArray[np.float64]:
         steps, shape = _as_steps(step)
         values = self._values(steps)
         return float(values[0]) if shape is None else values.reshape(shape)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({args})"
 
@@ -93,13 +106,13 @@ def _schedule(name, value):
 # Schedules.
 
 
-def constant(value):
+def constant(value: float) -> Schedule:
     """The same value at every step (optax ``constant_schedule``)."""
     value = _checks.finite("value", value)
     return Schedule("constant", lambda t: np.full(t.shape, value), value=value)
 
 
-def step_decay(init_value, step_size, gamma=0.1):
+def step_decay(init_value: float, step_size: float, gamma: float = 0.1) -> Schedule:
     r"""Step decay ("simulated annealing" in older texts): multiply by ``gamma``
     every ``step_size`` steps, :math:`v_t = v_0 \gamma^{\lfloor t / s \rfloor}`
     (PyTorch ``StepLR``).
@@ -111,7 +124,7 @@ def step_decay(init_value, step_size, gamma=0.1):
                     init_value=init_value, step_size=step_size, gamma=gamma)
 
 
-def multi_step(init_value, milestones, gamma=0.1):
+def multi_step(init_value: float, milestones: Sequence[float], gamma: float = 0.1) -> Schedule:
     r"""Multiply by ``gamma`` at each milestone: :math:`v_t = v_0 \gamma^{|\{m \le t\}|}`
     (PyTorch ``MultiStepLR``; optax ``piecewise_constant_schedule`` with equal scales).
     ``milestones`` must be strictly increasing and positive.
@@ -124,7 +137,7 @@ def multi_step(init_value, milestones, gamma=0.1):
                     init_value=init_value, milestones=milestones, gamma=gamma)
 
 
-def exponential(init_value, gamma):
+def exponential(init_value: float, gamma: float) -> Schedule:
     r"""Exponential decay :math:`v_t = v_0 \gamma^t` (PyTorch ``ExponentialLR``; optax
     ``exponential_decay`` with ``transition_steps=1``). ``gamma > 1`` is allowed: an
     exponentially growing rate is the learning-rate range test (Smith 2017).
@@ -134,7 +147,7 @@ def exponential(init_value, gamma):
     return Schedule("exponential", lambda t: init_value * gamma**t, init_value=init_value, gamma=gamma)
 
 
-def inverse_time(init_value, decay_rate, power=1.0):
+def inverse_time(init_value: float, decay_rate: float, power: float = 1.0) -> Schedule:
     r"""Inverse-time decay :math:`v_t = v_0 / (1 + \lambda t)^p` (Keras
     ``InverseTimeDecay`` for :math:`p = 1`; scikit-learn's ``invscaling`` is the
     large-:math:`t` form). The :math:`1/t` rates of Robbins & Monro (1951) satisfy
@@ -147,7 +160,7 @@ def inverse_time(init_value, decay_rate, power=1.0):
                     init_value=init_value, decay_rate=decay_rate, power=power)
 
 
-def polynomial(init_value, total_iters, power=1.0, end_value=0.0):
+def polynomial(init_value: float, total_iters: float, power: float = 1.0, end_value: float = 0.0) -> Schedule:
     r"""Polynomial decay to ``end_value`` over ``total_iters`` steps, then constant:
 
     .. math:: v_t = v_{end} + (v_0 - v_{end}) (1 - \min(t, T) / T)^p
@@ -166,7 +179,7 @@ def polynomial(init_value, total_iters, power=1.0, end_value=0.0):
                     power=power, end_value=end_value)
 
 
-def linear(init_value, end_value, total_iters):
+def linear(init_value: float, end_value: float, total_iters: float) -> Schedule:
     """Straight line from ``init_value`` to ``end_value`` over ``total_iters`` steps,
     then constant: :func:`polynomial` with ``power=1`` (PyTorch ``LinearLR``, whose
     factors multiply the optimizer's rate; optax ``linear_schedule``). Annealing the
@@ -182,7 +195,7 @@ def _cosine_from(high, low, fraction):
     return low + (high - low) * (1.0 + np.cos(np.pi * fraction)) / 2.0
 
 
-def cosine(init_value, T_max, eta_min=0.0):
+def cosine(init_value: float, T_max: float, eta_min: float = 0.0) -> Schedule:
     r"""Cosine decay to a floor (Loshchilov & Hutter 2017), then constant:
 
     .. math:: v_t = \eta_{min} + \tfrac12 (v_0 - \eta_{min})(1 + \cos(\pi \min(t, T) / T))
@@ -198,7 +211,7 @@ def cosine(init_value, T_max, eta_min=0.0):
                     init_value=init_value, T_max=T_max, eta_min=eta_min)
 
 
-def cosine_warm_restarts(init_value, T_0, T_mult=1, eta_min=0.0):
+def cosine_warm_restarts(init_value: float, T_0: int, T_mult: int = 1, eta_min: float = 0.0) -> Schedule:
     r"""SGDR, cosine annealing with warm restarts (Loshchilov & Hutter 2017): a
     cosine from ``init_value`` to ``eta_min`` over :math:`T_i` steps, then a restart;
     the periods are :math:`T_0, T_0 m, T_0 m^2, \dots` for ``T_mult`` :math:`= m`.
@@ -232,7 +245,8 @@ def cosine_warm_restarts(init_value, T_0, T_mult=1, eta_min=0.0):
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 
 
-def cyclic(base_value, max_value, step_size_up=2000, step_size_down=None, mode="triangular", gamma=1.0):
+def cyclic(base_value: float, max_value: float, step_size_up: float = 2000, step_size_down: float | None = None,
+           mode: str = "triangular", gamma: float = 1.0) -> Schedule:
     r"""Cyclical learning rates (Smith 2017), PyTorch ``CyclicLR``.
 
     A cycle rises from ``base_value`` to ``max_value`` in ``step_size_up`` steps and
@@ -283,8 +297,9 @@ def _anneal(strategy, start, end, fraction):
     return (end - start) * fraction + start
 
 
-def one_cycle(max_value, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
-              final_div_factor=1e4, three_phase=False, initial_value=None, final_value=None):
+def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal_strategy: str = "cos",
+              div_factor: float = 25.0, final_div_factor: float = 1e4, three_phase: bool = False,
+              initial_value: float | None = None, final_value: float | None = None) -> Schedule:
     r"""The 1cycle policy (Smith & Topin 2019), PyTorch ``OneCycleLR``.
 
     From ``initial_value`` (default ``max_value / div_factor``) up to ``max_value``
@@ -338,7 +353,7 @@ def one_cycle(max_value, total_steps, pct_start=0.3, anneal_strategy="cos", div_
                     initial_value=initial_value, final_value=final_value)
 
 
-def swa_anneal(init_value, swa_value, anneal_steps=10, anneal_strategy="cos"):
+def swa_anneal(init_value: float, swa_value: float, anneal_steps: int = 10, anneal_strategy: str = "cos") -> Schedule:
     r"""The learning rate of an SWA phase, PyTorch ``SWALR``: from ``init_value``
     (the rate when averaging starts) to the constant ``swa_value`` in
     ``anneal_steps`` steps (:math:`A`), by half a cosine or a line, then constant:
@@ -363,7 +378,7 @@ def swa_anneal(init_value, swa_value, anneal_steps=10, anneal_strategy="cos"):
                     anneal_steps=anneal_steps, anneal_strategy=anneal_strategy)
 
 
-def swa_cyclic(max_value, min_value, cycle_length):
+def swa_cyclic(max_value: float, min_value: float, cycle_length: int) -> Schedule:
     r"""The cyclical rate of Stochastic Weight Averaging (Izmailov et al. 2018, eq. 2):
     in each cycle of :math:`c` steps the value falls linearly from near
     ``max_value`` (:math:`\alpha_1`) to ``min_value`` (:math:`\alpha_2`), reached at
@@ -387,7 +402,7 @@ def swa_cyclic(max_value, min_value, cycle_length):
     return Schedule("swa_cyclic", values, max_value=max_value, min_value=min_value, cycle_length=cycle_length)
 
 
-def warmup(schedule, warmup_steps, start_value=0.0):
+def warmup(schedule: Schedule, warmup_steps: int, start_value: float = 0.0) -> Schedule:
     r"""A linear warm-up (Goyal et al. 2017) from ``start_value`` to ``schedule(0)``
     over ``warmup_steps`` steps, then ``schedule`` shifted to begin where the
     warm-up ends:
@@ -407,7 +422,7 @@ def warmup(schedule, warmup_steps, start_value=0.0):
     return Schedule("warmup", joined._values, schedule=schedule, warmup_steps=warmup_steps, start_value=start_value)
 
 
-def join(schedules, boundaries):
+def join(schedules: Sequence[Schedule], boundaries: Sequence[float]) -> Schedule:
     r"""Schedules in sequence (optax ``join_schedules``, PyTorch ``SequentialLR``):
     ``schedules[0]`` until step ``boundaries[0]``, then ``schedules[i + 1]``
     evaluated at :math:`t - b_i` (each schedule starts from its own step 0) for
@@ -433,7 +448,7 @@ def join(schedules, boundaries):
     return Schedule("join", values, schedules=schedules, boundaries=boundaries)
 
 
-def from_function(fn):
+def from_function(fn: Callable[[Any], float]) -> Schedule:
     """A schedule from any function of one step (PyTorch ``LambdaLR`` without the
     factor): ``fn`` is called once per step with the step as an int (a float for
     a fractional step) and must return a real number. Lets custom shapes take
@@ -473,8 +488,11 @@ class Hyperparameter:
     """
 
     __slots__ = ("name", "key", "index")
+    name: str
+    key: str
+    index: int | None
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         if not isinstance(name, str):
             raise TypeError(f"hyperparameter must be a string, got {name!r}")
         self.name = name
@@ -486,7 +504,7 @@ class Hyperparameter:
         else:
             self.key, self.index = name, None
 
-    def check(self, groups):
+    def check(self, groups: list[dict[str, Any]]) -> None:
         """Raise ValueError unless every group has this hyperparameter as a real number."""
         for i, group in enumerate(groups):
             if self.key not in group:
@@ -498,11 +516,11 @@ class Hyperparameter:
                 value = value[self.index]
             _checks.real(f"param_groups[{i}][{self.name!r}]", value)
 
-    def get(self, group):
+    def get(self, group: dict[str, Any]) -> float:
         value = group[self.key]
         return float(value if self.index is None else value[self.index])
 
-    def set(self, group, value):
+    def set(self, group: dict[str, Any], value: float) -> None:
         if self.index is None:
             group[self.key] = value
             return
@@ -519,7 +537,7 @@ def _param_groups(optimizer):
     return groups
 
 
-def parameter_arrays(source):
+def parameter_arrays(source: HasParamGroups | FloatArray | Sequence[FloatArray]) -> list[FloatArray]:
     """The parameter arrays of ``source``: every ``"params"`` entry of an optimizer's
     groups (in order), or one array, or a list of arrays."""
     if isinstance(source, np.ndarray):
@@ -560,7 +578,8 @@ class Scheduler:
     (``opt.register_state("lr_schedule", sched)``) to resume the schedule exactly.
     """
 
-    def __init__(self, optimizer, schedule, hyperparameter="lr"):
+    def __init__(self, optimizer: HasParamGroups, schedule: Callable[[int], float] | Sequence[Callable[[int], float]],
+                 hyperparameter: str = "lr") -> None:
         self.optimizer = optimizer
         groups = _param_groups(optimizer)
         self.hyperparameter = Hyperparameter(hyperparameter)
@@ -597,16 +616,16 @@ class Scheduler:
             value = self._value(self._scheduled(i), self.scale[i], self.floor[i])
             self.hyperparameter.set(group, value)
 
-    def step(self):
+    def step(self) -> None:
         """Advance one step and write the new values into the groups."""
         self.last_step += 1
         self._apply()
 
-    def get_last_value(self):
+    def get_last_value(self) -> list[float]:
         """The values last written, one per group (PyTorch's ``get_last_lr``)."""
         return [self.hyperparameter.get(g) for g in _param_groups(self.optimizer)]
 
-    def reduce(self, factor, floors, eps=0.0):
+    def reduce(self, factor: float, floors: Sequence[float], eps: float = 0.0) -> list[bool]:
         """Scale every group's values by ``factor`` from now on, never below its
         floor (``floors``, one per group); a group whose value would fall by no
         more than ``eps`` is left alone. Returns one bool per group: reduced.
@@ -626,20 +645,28 @@ class Scheduler:
             changed.append(reduce)
         return changed
 
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         return {"last_step": self.last_step, "scale": list(self.scale), "floor": list(self.floor)}
 
-    def load_state_dict(self, state):
-        """Restore the step (and plateau scaling), and write that step's values."""
-        last_step = _checks.integer("last_step", state["last_step"], 0)
-        scale = [_checks.positive("scale", s) for s in state["scale"]]
-        floor = [_checks.finite("floor", f) for f in state["floor"]]
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore the step (and plateau scaling), and write that step's values.
+        Validates the state first; on any error nothing changes."""
+        last_step, scale, floor = _checks.state_entries("Scheduler", state, ("last_step", "scale", "floor"))
+        last_step = _checks.integer("last_step", last_step, 0)
+        scale = [_checks.positive(f"scale[{i}]", s) for i, s in enumerate(_checks.real_list("scale", scale))]
+        floor = [_checks.finite(f"floor[{i}]", f) for i, f in enumerate(_checks.real_list("floor", floor))]
         if len(scale) != len(self.schedules) or len(floor) != len(self.schedules):
             raise ValueError(f"the state has {len(scale)} groups, this scheduler {len(self.schedules)}")
+        previous = self.last_step, self.scale, self.floor
         self.last_step, self.scale, self.floor = last_step, scale, floor
-        self._apply()
+        try:
+            self._apply()  # the schedule itself may refuse the step
+        except BaseException:
+            self.last_step, self.scale, self.floor = previous
+            self._apply()
+            raise
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Scheduler({self.hyperparameter.name!r}, step {self.last_step}, {self.schedules[0]!r})"
 
 

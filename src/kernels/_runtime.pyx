@@ -14,6 +14,7 @@ find out which kernel variant this CPU can run.
   and a face validate hyperparameters once per change rather than once per step.
 """
 
+cimport cython
 cimport numpy as cnp
 
 cnp.import_array()
@@ -65,6 +66,22 @@ def omp_num_procs():
     """``omp_get_num_procs()``: the processors this process may use, as OpenMP saw
     them at start-up (it honours ``taskset``; 1 if serial)."""
     return omp_get_num_procs()
+
+
+# Read once: libgomp asks the kernel for the thread's affinity on every call (a
+# system call), and the processors a process may use do not change in practice.
+cdef int NUM_PROCS = max(1, omp_get_num_procs())
+
+
+def thread_limit():
+    """Threads a kernel may use now: ``omp_get_max_threads()`` for the calling
+    thread (``OMP_NUM_THREADS``, or what threadpoolctl or ``omp_set_num_threads``
+    set in this thread) capped at the usable processors; 1 in a serial build.
+
+    Read on every call, as scikit-learn does, so that threadpoolctl's limits apply;
+    it costs a thread-local read in libgomp.
+    """
+    return max(1, min(omp_get_max_threads(), NUM_PROCS))
 
 
 _LEVELS = {"baseline": 1, "avx2": 3, "avx512": 4}
@@ -420,6 +437,7 @@ cdef struct Recorded:
     int typenum
 
 
+@cython.auto_pickle(False)
 cdef class WrittenBuffers:
     """The arrays an optimizer's step writes: its parameters and state buffers.
 
@@ -445,11 +463,13 @@ cdef class WrittenBuffers:
     cdef Recorded* recorded
     cdef Span* spans       # sorted by start, disjoint; Span.index = position in arrays, Span.role = group
 
-    def __cinit__(self, list arrays, list labels, list groups):
+    def __init__(self, list arrays, list labels, list groups):
         cdef Py_ssize_t i
         cdef cnp.ndarray a
         if len(labels) != len(arrays) or len(groups) != len(arrays):
             raise ValueError("arrays, labels and groups must have the same length")
+        if self.recorded != NULL:
+            raise RuntimeError("a WrittenBuffers table is built once")
         self.arrays, self.labels, self.n = list(arrays), list(labels), len(arrays)
         self.recorded = <Recorded*>malloc((self.n + 1) * sizeof(Recorded))
         self.spans = <Span*>malloc((self.n + 1) * sizeof(Span))
@@ -588,6 +608,7 @@ cdef bint _same_objects(tuple a, tuple b):
     return True
 
 
+@cython.auto_pickle(False)
 cdef class ExactCache:
     """A cache keyed on tuples of values that hands out an entry only for the very
     values it was stored with: the same types, floats bit for bit.
@@ -668,6 +689,7 @@ cdef enum:
     MAX_KERNEL_ARGUMENTS = 48
 
 
+@cython.auto_pickle(False)
 cdef class KernelCall:
     """One rule's kernel (or reference twin) called with its buffers and scalars by
     name: ``backend.<kernel>(params, grads, <buffer>=..., <scalar>=...,
@@ -729,6 +751,7 @@ cdef inline bint _same_scale(object a, object b):
     return memcmp(&x, &y, sizeof(double)) == 0
 
 
+@cython.auto_pickle(False)
 cdef class KernelArguments:
     """The kernel call of one validated configuration (a rule's Config), step
     after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
@@ -782,6 +805,7 @@ cdef class KernelArguments:
         return last[3], last[4]
 
 
+@cython.auto_pickle(False)
 cdef class BucketPlan:
     """One kernel call of an optimizer's step: a group's parameters of one dtype
     (or its flat arena), their state buffers as the kernel takes them, and where
@@ -795,6 +819,7 @@ cdef class BucketPlan:
         self.params, self.buffers, self.positions, self.span, self.grads = params, buffers, positions, span, grads
 
 
+@cython.auto_pickle(False)
 cdef class GroupPlan:
     """What an optimizer's step needs of one parameter group while nothing changes:
     the group's dict and the hyperparameter objects last validated (``values``,
@@ -817,6 +842,7 @@ cdef class GroupPlan:
         self.first, self.size, self.counts_steps, self.present = first, size, counts_steps, present
 
 
+@cython.auto_pickle(False)
 cdef class StepPlan:
     """An optimizer's step while nothing but the gradients, the gradient scale and
     the hyperparameter values changes, in C.
@@ -917,6 +943,7 @@ cdef class StepPlan:
         return True
 
 
+@cython.auto_pickle(False)
 cdef class FaceRunner:
     """What a rule's functional face does, the common case in C.
 

@@ -4,6 +4,8 @@
 # average and the parameter, writing the average (both, for the exchange).
 # Equations: fastdescent.rules.averaging. Reference twin: fastdescent/reference/averaging.py.
 
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
 cdef struct SWAArgs:
     double count               # n + 1: the average then holds n + 1 snapshots
     bint first                 # n = 0: the average is the parameter itself
@@ -64,21 +66,23 @@ cdef void swap_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
     swap_elements(<double*>rows[0] + start, <double*>rows[1] + start, n)
 
 
-def swa(list averages, list params, *, Py_ssize_t n_averaged, int n_threads):
+def swa(list averages not None, list params not None, *, Py_ssize_t n_averaged, int n_threads):
     """Fold ``params`` into the equal running averages (private: call ``fastdescent.swa_update``)."""
     cdef SWAArgs a
+    if n_averaged < 0 or n_averaged == PY_SSIZE_T_MAX:  # n_averaged + 1 would overflow
+        raise ValueError(f"n_averaged must be in [0, {PY_SSIZE_T_MAX - 1}], got {n_averaged}")
     a.count = <double>(n_averaged + 1)
     a.first = n_averaged == 0
     run_kernel((averages, params), n_threads, swa_segment_f32, swa_segment_f64, &a)
 
 
-def ema(list averages, list params, *, double decay, int n_threads):
+def ema(list averages not None, list params not None, *, double decay, int n_threads):
     """Blend ``params`` into the exponential averages (private: call ``fastdescent.ema_update``)."""
     cdef EMAArgs a
     a.decay = decay
     run_kernel((averages, params), n_threads, ema_segment_f32, ema_segment_f64, &a)
 
 
-def swap(list first, list second, *, int n_threads):
+def swap(list first not None, list second not None, *, int n_threads):
     """Exchange the contents of two lists of arrays (private: call ``fastdescent.swap_arrays``)."""
     run_kernel((first, second), n_threads, swap_segment_f32, swap_segment_f64, NULL)

@@ -36,12 +36,17 @@ class ParamState(dict):
     ``torch.optim`` (``opt.state[p]``).
     """
 
-    def __init__(self, index_of):
+    def __init__(self, index_by_id):
         super().__init__()
-        self._index_of = index_of
+        self._index_by_id = index_by_id  # the optimizer's dict, not the optimizer: no cycle to keep it alive
 
     def _key(self, key):
-        return self._index_of(key) if isinstance(key, np.ndarray) else key
+        if not isinstance(key, np.ndarray):
+            return key
+        try:
+            return self._index_by_id[id(key)]
+        except KeyError:
+            raise KeyError("this array is not a parameter of the optimizer") from None
 
     def __getitem__(self, key):
         return super().__getitem__(self._key(key))
@@ -201,9 +206,9 @@ class Optimizer(Checkpointing):
         self.skipped_steps = 0
         self.last_grad_norm = None
         self.param_groups = []
-        self.state = ParamState(self._index_of)
-        self._layouts = []
         self._index_by_id = {}
+        self.state = ParamState(self._index_by_id)
+        self._layouts = []
         self._registered = {}
         self._lock = threading.RLock()
         self._written = None  # WrittenBuffers of every parameter and state buffer, built when needed
@@ -286,12 +291,6 @@ class Optimizer(Checkpointing):
             for layout in self._layouts:
                 for bucket in layout.buckets:
                     bucket.arenas["grad"].fill(0)
-
-    def _index_of(self, param):
-        try:
-            return self._index_by_id[id(param)]
-        except KeyError:
-            raise KeyError("this array is not a parameter of the optimizer") from None
 
     def add_param_group(self, param_group):
         """Add a group: a dict with ``"params"`` and any hyperparameters (the rest

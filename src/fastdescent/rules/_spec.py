@@ -352,11 +352,23 @@ class RuleSpec:
         """One update of validated lists: compute the step's scalars and call the
         kernel (or reference twin) of ``backend`` with every buffer (``buffers``:
         name -> list or None) by name."""
-        scalars = self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
-                               **({"scalar_state": scalar_state} if self.scalar_state else {}))
-        invoke, constants = self.prepared(scalars)
-        invoke(backend, params, grads, tuple(buffers.get(name) for name in self.buffer_names), constants,
-               self.varying(scalars), n_threads)
+        kwargs = self.kernel_arguments(h, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
+        self.call(backend, params, grads, buffers, kwargs, n_threads)
+
+    def kernel_arguments(self, h, *, step, grad_scale, fresh=NOTHING_FRESH, scalar_state=None):
+        """The kernel's keyword scalars for one step (the first half of :meth:`run`,
+        for callers that compute them once and call many times)."""
+        return self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
+                            **({"scalar_state": scalar_state} if self.scalar_state else {}))
+
+    def call(self, backend, params, grads, buffers, kwargs, n_threads):
+        """Call the kernel (or reference twin, or the rule's ``runner``) of
+        ``backend`` with every buffer (name -> list or None) by name and the
+        scalars ``kwargs`` (the second half of :meth:`run`), through the
+        :meth:`prepared` invoker."""
+        invoke, constants = self.prepared(kwargs)
+        invoke(backend, params, grads, tuple([buffers.get(name) for name in self.buffer_names]), constants,
+               self.varying(kwargs), n_threads)
 
     def varying(self, scalars):
         """The values of the ``step_scalar_names`` in ``scalars`` (a dict), in order."""

@@ -12,21 +12,22 @@ faces (``fastdescent.adam_step``...), which follow ``torch.optim``'s for-loop
 implementation operation by operation.
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
-(real, imaginary) pairs, as ``torch.optim`` does), laid out densely (contiguous,
-channels_last or any other order without gaps). A gradient laid out differently
-from its parameter is copied to the parameter's layout first. What raises
-(naming the parameter): other devices, half/bfloat16/integer parameters,
-non-dense parameters, sparse gradients, ``differentiable=True``,
-``capturable=True``. ``foreach`` and ``fused`` are accepted and kept in the
-groups (for ``state_dict`` compatibility) but change nothing: the kernel is
-always the fused one. With ``torch.amp.GradScaler`` the scaler unscales the
-gradients itself, as for any optimizer without native AMP support.
+(real, imaginary) pairs, as ``torch.optim`` does), in any layout: dense ones
+(contiguous, channels_last or any other order without gaps) are stepped in place;
+gapped views (a slice with a step, a column) are gathered into a scratch block,
+stepped and scattered back. A gradient laid out differently from its parameter
+is copied first. What raises (naming the parameters): two parameters sharing an
+element, a parameter overlapping itself, other devices, half/bfloat16/integer
+parameters, sparse gradients, ``differentiable=True``, ``capturable=True``.
+``foreach`` and ``fused`` are accepted and kept in the groups (for
+``state_dict`` compatibility) but change nothing: the kernel is always the fused
+one. With ``torch.amp.GradScaler`` the scaler unscales the gradients itself, as
+for any optimizer without native AMP support. A step checks everything before
+it writes anything (see :mod:`fastdescent.torch._adapter`).
 """
 
 import torch
 
-from .. import _checks
-from .._config import effective_n_threads, resolve_backend
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT
 from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
@@ -72,20 +73,26 @@ class SpecOptimizer(KernelOptimizer):
             state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
         return fresh
 
-    def _update(self, group, params, grads, buffers, step, fresh, states):
-        h = self._hyper(group)
-        names = tuple(b.name for b in self.spec.needed(h))
-        params, grads, *buffers = _checks.validated_lists(names, params, grads, *buffers)
-        fresh_names = frozenset(b.name for b in self.spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
-        step = None if step is None or not self.spec.uses_step else int(step)
-        # The parameters of one call are at one step, so they share their scalar state.
-        scalar_state = {s.name: float(states[0][s.name]) for s in self.spec.scalar_state}
-        self.spec.run(resolve_backend(None), params, grads, dict(zip(names, buffers)), h, step=step,
-                      grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state,
-                      n_threads=effective_n_threads(None))
-        for name, value in self.spec.advanced(h, step, scalar_state).items():
-            for state in states:
-                state[name].fill_(value)
+    def _scalar_key(self, entry):
+        return tuple(float(entry.state[s.name]) for s in self.spec.scalar_state)
+
+    def _kernel_call(self, group, step, fresh, scalars=()):
+        """Validate the group's hyperparameters and compute the kernel's scalars for
+        step ``step`` once; return ``run(kernels, params, grads, buffers,
+        n_threads)``, which only writes, through the rule's one path
+        (``spec.call``). ``run.advanced`` holds the scalar state after the step."""
+        spec, h = self.spec, self._hyper(group)
+        names = tuple(b.name for b in spec.needed(h))
+        fresh_names = frozenset(b.name for b in spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
+        step = None if step is None or not spec.uses_step else int(step)
+        scalar_state = dict(zip((s.name for s in spec.scalar_state), scalars))
+        kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
+
+        def run(kernels, params, grads, buffers, n_threads):
+            spec.call(kernels, params, grads, dict(zip(names, buffers)), kwargs, n_threads)
+
+        run.advanced = spec.advanced(h, step, scalar_state)
+        return run
 
 
 def torch_class(spec):

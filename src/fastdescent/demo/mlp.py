@@ -20,7 +20,11 @@ Backward (backpropagation, Rumelhart, Hinton & Williams 1986):
    \frac{\partial \ell}{\partial z_{l-1}} = \frac{\partial \ell}{\partial z_l} W_l^\top \odot \sigma'(z_{l-1}).
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -49,7 +53,8 @@ class MLP:
         Same shapes; :meth:`loss_and_gradients` overwrites them in place.
     """
 
-    def __init__(self, sizes, activation="relu", dtype=np.float32, seed=None):
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype: npt.DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
@@ -68,7 +73,7 @@ class MLP:
         self.grads = [np.zeros_like(p) for p in self.params]
 
     @property
-    def n_parameters(self):
+    def n_parameters(self) -> int:
         return sum(p.size for p in self.params)
 
     def _forward(self, x):
@@ -86,17 +91,17 @@ class MLP:
                 a = z
         return a, inputs
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """Logits, shape ``(n, n_classes)``."""
         return self._forward(x)[0]
 
-    def predict(self, x):
+    def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.intp]:
         return np.argmax(self.forward(x), axis=1)
 
-    def accuracy(self, x, y):
+    def accuracy(self, x: npt.ArrayLike, y: npt.ArrayLike) -> float:
         return float(np.mean(self.predict(x) == np.asarray(y)))
 
-    def loss(self, x, y):
+    def loss(self, x: npt.ArrayLike, y: npt.ArrayLike) -> float:
         """Mean softmax cross-entropy of the labels ``y`` (integers in ``[0, n_classes)``)."""
         return self._loss_and_dlogits(self.forward(x), y)[0]
 
@@ -117,7 +122,7 @@ class MLP:
         dlogits /= n
         return loss, dlogits
 
-    def loss_and_gradients(self, x, y):
+    def loss_and_gradients(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, list[npt.NDArray[Any]]]:
         """Mean cross-entropy on the batch, and its gradient with respect to each
         parameter (written into ``self.grads``, which is returned)."""
         logits, inputs = self._forward(x)
@@ -132,3 +137,6 @@ class MLP:
                 # a is the previous layer's output: relu'(z) = [a > 0], tanh'(z) = 1 - a^2
                 dz = da * (a > 0) if self.activation == "relu" else da * (1 - a * a)
         return loss, self.grads
+
+
+__all__ = ["ACTIVATIONS", "MLP"]

@@ -29,11 +29,17 @@ records both :math:`w_t` and :math:`\theta_t = w_t + \mu v_t`; the latter is
 the path the kernels trace.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
-from .trajectory import Recorder
+from .trajectory import Recorder, Trajectory
+
+if TYPE_CHECKING:
+    from .surfaces import Surface
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class NewtonStep:
     step_size: float
 
 
-def newton_step(surface, x, *, damping=0.0, armijo=1e-4, shrink=0.5, max_halvings=60):
+def newton_step(surface: "Surface", x: npt.ArrayLike, *, damping: float = 0.0, armijo: float = 1e-4,
+                shrink: float = 0.5, max_halvings: int = 60) -> NewtonStep:
     r"""One damped Newton step on ``surface`` from the point ``x`` (shape ``(d,)``).
 
     Direction: :math:`p = -(H + \lambda I)^{-1} g`, found by solving the linear
@@ -83,10 +90,11 @@ def newton_step(surface, x, *, damping=0.0, armijo=1e-4, shrink=0.5, max_halving
     return NewtonStep(x.copy(), kind, 0.0)
 
 
-def newton(surface, start=None, *, tol=1e-6, max_steps=100, damping=0.0, bounds=None):
+def newton(surface: "Surface", start: npt.ArrayLike | None = None, *, tol: float = 1e-6, max_steps: int = 100,
+           damping: float = 0.0, bounds: Sequence[tuple[float, float]] | None = None) -> Trajectory:
     """Damped Newton's method from ``start`` until the gradient norm is at most
     ``tol`` (see :func:`newton_step`). Returns a
-    :class:`~fastdescent.trajectory.Trajectory` whose ``fallbacks`` counts the
+    :class:`~fastdescent.demo.trajectory.Trajectory` whose ``fallbacks`` counts the
     steps that fell back to a gradient step; ``stop="stalled"`` if the line
     search found no decrease."""
     recorder = Recorder(surface, tol=tol, max_steps=max_steps, bounds=bounds)
@@ -102,7 +110,8 @@ def newton(surface, start=None, *, tol=1e-6, max_steps=100, damping=0.0, bounds=
     return recorder.result("newton", fallbacks=fallbacks)
 
 
-def lookahead_nesterov_step(w, v, gradient, *, lr, momentum):
+def lookahead_nesterov_step(w: np.ndarray, v: np.ndarray, gradient: Callable[[np.ndarray], np.ndarray], *, lr: float,
+                            momentum: float) -> None:
     r"""Sutskever et al.'s Nesterov step, in place on ``w`` and ``v``:
     :math:`v \leftarrow \mu v - \eta \nabla f(w + \mu v)`, then :math:`w \leftarrow w + v`.
     ``gradient(point)`` returns the gradient at a point."""
@@ -112,7 +121,9 @@ def lookahead_nesterov_step(w, v, gradient, *, lr, momentum):
     w += v
 
 
-def lookahead_nesterov(surface, start=None, *, lr, momentum=0.9, tol=1e-6, max_steps=1000, bounds=None):
+def lookahead_nesterov(surface: "Surface", start: npt.ArrayLike | None = None, *, lr: float, momentum: float = 0.9,
+                       tol: float = 1e-6, max_steps: int = 1000,
+                       bounds: Sequence[tuple[float, float]] | None = None) -> Trajectory:
     r"""Nesterov's method with the gradient taken at the look-ahead point
     :math:`w + \mu v` (see the module docstring), from ``start`` with
     :math:`v_0 = 0`.
@@ -131,3 +142,6 @@ def lookahead_nesterov(surface, start=None, *, lr, momentum=0.9, tol=1e-6, max_s
         lookahead_nesterov_step(w, v, surface.gradient, lr=lr, momentum=momentum)
     lookahead.append(w + momentum * v)
     return recorder.result("nesterov (look-ahead)", extras={"lookahead": np.array(lookahead)})
+
+
+__all__ = ["NewtonStep", "lookahead_nesterov", "lookahead_nesterov_step", "newton", "newton_step"]

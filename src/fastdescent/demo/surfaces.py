@@ -24,8 +24,10 @@ The catalogue (``SURFACES``) is the classic test bed of optimization:
 """
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
 def _points(x, dim):
@@ -59,19 +61,28 @@ class Surface:
         self.window = tuple(tuple(float(v) for v in lim) for lim in window)
         self.start = np.asarray(start, dtype=np.float64)
 
-    def value(self, x):
+    def _value(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _gradient(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _hessian(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def value(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """f(x) for points ``x`` of shape ``(..., dim)``; returns shape ``(...)``."""
         return self._value(_points(x, self.dim))
 
-    def gradient(self, x):
+    def gradient(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """The gradient, shape ``(..., dim)``."""
         return self._gradient(_points(x, self.dim))
 
-    def hessian(self, x):
+    def hessian(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """The Hessian, shape ``(..., dim, dim)`` (symmetric)."""
         return self._hessian(_points(x, self.dim))
 
-    def grid(self, n=200):
+    def grid(self, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(xs, ys, values)`` on an ``n`` x ``n`` grid over the window (2-D surfaces)."""
         if self.dim != 2:
             raise ValueError(f"grid() needs a 2-D surface; {self.name} has dim={self.dim}")

@@ -4,8 +4,8 @@
 
     from functools import partial
     import fastdescent as fd
-    from fastdescent.surfaces import ROSENBROCK
-    from fastdescent.trajectory import run_trajectory
+    from fastdescent.demo.surfaces import ROSENBROCK
+    from fastdescent.demo.trajectory import run_trajectory
 
     path = run_trajectory(ROSENBROCK, partial(fd.Adam, lr=0.05), max_steps=2000)
     print(path.stop, path.steps, path.final_value)
@@ -15,9 +15,15 @@ arrays, ``opt.step(grads)`` with the gradients aligned to them, learning rates i
 ``opt.param_groups[i]["lr"]``.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from .surfaces import Surface
 
 #: Why a run stopped.
 STOPS = ("converged", "budget", "left bounds", "diverged", "stalled")
@@ -43,22 +49,22 @@ class Trajectory:
     extras: dict = field(default_factory=dict)
 
     @property
-    def steps(self):
+    def steps(self) -> int:
         return len(self.path) - 1
 
     @property
-    def converged(self):
+    def converged(self) -> bool:
         return self.stop == "converged"
 
     @property
-    def final_point(self):
+    def final_point(self) -> np.ndarray:
         return self.path[-1]
 
     @property
-    def final_value(self):
+    def final_value(self) -> float:
         return float(self.values[-1])
 
-    def escaped(self, surface, radius=0.5):
+    def escaped(self, surface: "Surface", radius: float = 0.5) -> bool | None:
         """Whether the run got away from the surface's saddle points: it ended
         farther than ``radius`` from each of them, lower than the saddle. None if
         the surface has no saddles."""
@@ -81,18 +87,21 @@ class Recorder:
     ``(low, high)`` per coordinate) a point outside the box.
     """
 
-    def __init__(self, surface, *, tol, max_steps, bounds=None):
+    def __init__(self, surface: "Surface", *, tol: float, max_steps: int,
+                 bounds: Sequence[tuple[float, float]] | None = None) -> None:
         if max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}")
         if tol < 0:
             raise ValueError(f"tol must be >= 0, got {tol}")
         self.surface, self.tol, self.max_steps = surface, tol, max_steps
         self.bounds = None if bounds is None else np.asarray(bounds, dtype=np.float64).reshape(-1, 2)
-        self.path, self.values, self.grad_norms = [], [], []
+        self.path: list[np.ndarray] = []
+        self.values: list[float] = []
+        self.grad_norms: list[float] = []
         self.gradient = None
-        self.stop = None
+        self.stop: str | None = None
 
-    def record(self, point):
+    def record(self, point: npt.ArrayLike) -> np.ndarray | None:
         """Record ``point``; return its gradient (float64), or None once the run must stop."""
         point = np.array(point, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is an outcome, reported below
@@ -112,18 +121,22 @@ class Recorder:
             self.stop = "budget"
         return None if self.stop else gradient
 
-    def result(self, label, **kwargs):
+    def result(self, label: str, **kwargs: Any) -> Trajectory:
+        assert self.stop is not None, "the run has not stopped yet"
         return Trajectory(label, np.array(self.path), np.array(self.values), np.array(self.grad_norms),
                           self.stop, **kwargs)
 
 
-def run_trajectory(surface, make_optimizer, start=None, *, tol=1e-6, max_steps=1000, schedule=None,
-                   bounds=None, dtype=np.float64, label=None):
+def run_trajectory(surface: "Surface", make_optimizer: Callable[[list[np.ndarray]], Any],
+                   start: npt.ArrayLike | None = None, *, tol: float = 1e-6, max_steps: int = 1000,
+                   schedule: Callable[[int], float] | None = None,
+                   bounds: Sequence[tuple[float, float]] | None = None, dtype: npt.DTypeLike = np.float64,
+                   label: str | None = None) -> Trajectory:
     """Descend ``surface`` from ``start`` with an optimizer; return the :class:`Trajectory`.
 
     Parameters
     ----------
-    surface : fastdescent.surfaces.Surface
+    surface : fastdescent.demo.surfaces.Surface
     make_optimizer : callable
         ``make_optimizer([w]) -> optimizer`` for the parameter array ``w``, e.g.
         ``functools.partial(fastdescent.Adam, lr=0.05, backend="reference")``.
@@ -158,3 +171,6 @@ def run_trajectory(surface, make_optimizer, start=None, *, tol=1e-6, max_steps=1
         t += 1
         gradient = recorder.record(w)
     return recorder.result(label or type(optimizer).__name__)
+
+
+__all__ = ["STOPS", "Recorder", "Trajectory", "run_trajectory"]
