@@ -1,7 +1,7 @@
 """Drop-in ``torch.optim`` optimizers that step with fastdescent's fused kernels.
 
-One class per rule spec that names a ``torch.optim`` peer (``SGD``, ``Adam``...),
-derived from the spec by :func:`torch_class`. Each subclasses its ``torch.optim``
+One class per rule spec, derived from the spec by :func:`torch_class`. A rule
+with a ``torch.optim`` peer (``SGD``, ``Adam``...) subclasses its ``torch.optim``
 namesake (so it takes the same arguments with the same defaults, keeps the same
 ``param_groups`` keys and the same ``state`` layout, and
 ``isinstance(opt, torch.optim.Adam)`` holds) and replaces only ``step``: the
@@ -9,7 +9,9 @@ parameters of a group that have a gradient are updated in place, on the tensors'
 own memory, by one multi-tensor kernel call per dtype, through the rule's one
 path to the kernel (``spec.run``). The equations are those of the functional
 faces (``fastdescent.adam_step``...), which follow ``torch.optim``'s for-loop
-implementation operation by operation.
+implementation operation by operation. A rule ``torch.optim`` lacks (``Lion``...)
+subclasses ``torch.optim.Optimizer`` with the constructor of the fastdescent
+class (the rule's hyperparameters, without the NumPy-side options).
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
 (real, imaginary) pairs, as ``torch.optim`` does), laid out densely (contiguous,
@@ -27,6 +29,7 @@ import torch
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
+from ..optim.classes import class_doc, generated_init
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT
 from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
@@ -60,8 +63,10 @@ class SpecOptimizer(KernelOptimizer):
         h = self._hyper(group)
         if self.spec.counts_steps:
             state["step"] = new_step_tensor(group)
+        # torch.optim's precision for its rules' scalar states; Python's for the others.
+        dtype = _scalar_dtype() if self.spec.torch else torch.float64
         for s in self.spec.scalar_state:
-            state[s.name] = torch.tensor(s.initial_value(h), dtype=_scalar_dtype())
+            state[s.name] = torch.tensor(s.initial_value(h), dtype=dtype)
         fresh = False
         for b in self.spec.needed(h):
             fill = b.initial(h)
@@ -89,18 +94,27 @@ class SpecOptimizer(KernelOptimizer):
 
 
 def torch_class(spec):
-    """The ``fastdescent.torch`` class of ``spec``: a subclass of
-    ``torch.optim.<spec.torch>`` stepped by the rule's kernel."""
-    peer = getattr(torch.optim, spec.torch)
-    return type(spec.title, (SpecOptimizer, peer), {
-        "__doc__": kernel_doc(peer), "__init__": init_like(peer), "__module__": __name__,
+    """The ``fastdescent.torch`` class of ``spec``, stepped by the rule's kernel: a
+    subclass of ``torch.optim.<spec.torch>``, or of ``torch.optim.Optimizer`` with
+    the spec's constructor if the rule has no ``torch.optim`` peer."""
+    if spec.torch is not None:
+        peer = getattr(torch.optim, spec.torch)
+        bases, init, doc = (SpecOptimizer, peer), init_like(peer), kernel_doc(peer)
+    else:
+        body = ("    torch.optim.Optimizer.__init__(self, params, defaults)\n"
+                "    self._after_init()\n"
+                "    self.__dict__['_fd_plans'] = []\n")
+        init = generated_init(spec, __name__, spec.title, body, {"torch": torch})
+        bases, doc = (SpecOptimizer, torch.optim.Optimizer), class_doc(spec, torch=True)
+    return type(spec.title, bases, {
+        "__doc__": doc, "__init__": init, "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
     })
 
 
-#: Every rule with a ``torch.optim`` peer in this PyTorch: class name -> class.
+#: Every rule whose ``torch.optim`` peer (if it has one) this PyTorch has: class name -> class.
 CLASSES = {spec.title: torch_class(spec) for spec in SPECS.values()
-           if spec.torch is not None and hasattr(torch.optim, spec.torch)}
+           if spec.torch is None or hasattr(torch.optim, spec.torch)}
 globals().update(CLASSES)
 
 __all__ = list(CLASSES)
