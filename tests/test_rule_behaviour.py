@@ -96,6 +96,9 @@ RUNS = [
     ("rosenbrock", "adam", dict(amsgrad=True), 0.1, 3000, 1.0),
     ("quadratic", "adamw", dict(weight_decay=1e-4), 0.1, 3000, 1.0),
     ("rosenbrock", "adamw", dict(weight_decay=1e-4), 0.01, 5000, 1.0),
+    # Lion moves every coordinate by lr: it needs a decaying rate to settle.
+    ("quadratic", "lion", {}, 0.02, 3000, 0.998),
+    ("rosenbrock", "lion", {}, 0.003, 5000, 0.999),
 ]
 
 
