@@ -8,7 +8,7 @@ import numpy as np
 
 from fastdescent.catalog import configurations
 from fastdescent.rules import SPECS
-from fastdescent.rules._spec import FIRST_GRADIENT
+from fastdescent.rules._spec import FIRST_GRADIENT, PARAMETER
 from support import random_array
 
 #: Every example of every rule: name -> catalog.Rule.
@@ -47,11 +47,15 @@ def make_state(rng, rule, n, dtype):
 
 def initial_state(rule, param):
     """The state PyTorch starts from: each buffer at its initial value (a buffer that
-    starts as the first gradient is allocated, and written by the first step)."""
+    starts as the first gradient is allocated, and written by the first step; one that
+    starts as the parameter is its copy)."""
     state = {"param": param}
     for buffer in rule.spec.needed(rule.hyper):
         fill = buffer.initial(rule.hyper)
-        state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
+        if fill is PARAMETER:
+            state[buffer.name] = param.copy()
+        else:
+            state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
     return state
 
 

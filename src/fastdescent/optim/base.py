@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
 from .clipping import bucket_norm
 from .state import Checkpointing
 
@@ -329,7 +329,7 @@ class Optimizer(Checkpointing):
 
     def _wanted(self, hyper):
         """The state buffers the validated hyperparameters ``hyper`` need: name ->
-        initial value (a float, or FIRST_GRADIENT)."""
+        initial value (a float, FIRST_GRADIENT or PARAMETER)."""
         return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
     def _group_hyper(self, g):
@@ -570,6 +570,8 @@ def _views(arena, shapes):
 def _new_buffer(like, fill):
     if fill is FIRST_GRADIENT:
         return np.empty_like(like)
+    if fill is PARAMETER:
+        return like.copy()
     if fill == 0.0:
         return np.zeros_like(like)
     return np.full_like(like, fill)

@@ -31,7 +31,7 @@ from .. import _checks
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
 from ..rules import SPECS
-from ..rules._spec import FIRST_GRADIENT
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
 from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
 
 
@@ -70,6 +70,9 @@ class SpecOptimizer(KernelOptimizer):
         fresh = False
         for b in self.spec.needed(h):
             fill = b.initial(h)
+            if fill is PARAMETER:
+                state[b.name] = param.detach().clone(memory_format=torch.preserve_format)
+                continue
             if fill is FIRST_GRADIENT:  # the kernel writes it in its first update
                 fresh, fill = True, 0.0
             if param.is_complex():
