@@ -396,6 +396,23 @@ class Optimizer(Checkpointing):
         return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
                 for s in self.spec.scalar_state}
 
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): if group ``g`` has the buffers
+        ``names``, call ``update(hyper, params, buffers, backend, n_threads)`` once
+        per dtype, with the group's validated hyperparameters, its parameters and
+        their buffers (name -> arrays), the backend module and thread count a step
+        would use."""
+        layout = self._layouts[g]
+        hyper = self._group_hyper(g)
+        if layout.states is None or any(name not in layout.states[0] for name in names):
+            return
+        backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
+        for bucket in layout.buckets:
+            if self.flat:
+                update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend, n_threads)
+            else:
+                update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
+
     def _selected(self, group):
         if group is None:
             return range(len(self.param_groups))

@@ -43,7 +43,8 @@ def optimizer_class(spec, module):
     options = ", ".join(f"{o.split('=')[0]}={o.split('=')[0]}" for o in OPTIONS)
     init = generated_init(spec, module, spec.title, f"    Optimizer.__init__(self, params, defaults, {options})\n",
                           {"Optimizer": Optimizer}, OPTIONS)
-    return type(spec.title, (Optimizer,), {"spec": spec, "__init__": init, "__module__": module,
+    bases = (Optimizer,) if spec.mixin is None else (spec.mixin, Optimizer)
+    return type(spec.title, bases, {"spec": spec, "__init__": init, "__module__": module,
                                            "__doc__": class_doc(spec)})
 
 

@@ -189,6 +189,11 @@ class RuleSpec:
     runner: Callable | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
+    #: A class whose methods the rule adds to its optimizer classes, ``fastdescent.<Rule>``
+    #: and ``fastdescent.torch.<Rule>`` (it comes first among their bases), such as
+    #: Schedule-Free's ``train()`` and ``eval()``. It reaches the arrays through
+    #: ``self._update_state(g, names, update)``, which both classes provide.
+    mixin: type | None = None
     examples: tuple = ()
     #: One line for tables and class docstrings.
     summary: str = ""

@@ -26,13 +26,16 @@ gradients itself, as for any optimizer without native AMP support.
 """
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT, PARAMETER
-from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
+from ._adapter import (
+    KernelOptimizer, _flat_view, _in_layout_of, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor,
+)
 
 
 def _plain(value):
@@ -95,6 +98,33 @@ class SpecOptimizer(KernelOptimizer):
             for state in states:
                 state[name].fill_(value)
 
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,
+        buffers, backend, n_threads)`` once per dtype of group ``g``, with the
+        group's validated hyperparameters and NumPy views of its parameters that
+        have the buffers ``names`` and of those buffers (name -> arrays). Every
+        buffer is checked against its parameter before anything is written."""
+        group = self.param_groups[g]
+        h = self._hyper(group)
+        by_dtype, touched = {}, []
+        for index, p in enumerate(group["params"]):
+            state = self.state[p] if p in self.state else {}
+            if not all(name in state for name in names):
+                continue
+            params, buffers = by_dtype.setdefault(p.dtype, ([], {name: [] for name in names}))
+            for name in names:
+                t = state[name]
+                if (not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape
+                        or t.device != p.device):
+                    raise ValueError(f"{_where(g, index, group, p)}: state[{name!r}] does not match it")
+                state[name] = _in_layout_of(p, t)
+                buffers[name].append(_flat_view(state[name]))
+            params.append(_flat_view(p))
+            touched.append(p)
+        for params, buffers in by_dtype.values():
+            update(h, params, buffers, resolve_backend(None), effective_n_threads(None))
+        increment_version(touched)  # as torch's in-place writes would
+
 
 def torch_class(spec):
     """The ``fastdescent.torch`` class of ``spec``, stepped by the rule's kernel: a
@@ -109,6 +139,8 @@ def torch_class(spec):
                 "    self.__dict__['_fd_plans'] = []\n")
         init = generated_init(spec, __name__, spec.title, body, {"torch": torch})
         bases, doc = (SpecOptimizer, torch.optim.Optimizer), class_doc(spec, torch=True)
+    if spec.mixin is not None:
+        bases = (spec.mixin, *bases)
     return type(spec.title, bases, {
         "__doc__": doc, "__init__": init, "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
