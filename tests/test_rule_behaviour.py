@@ -30,7 +30,7 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     start = random_array(rng, n, dtype)
     grads = [random_array(rng, n, dtype) for _ in range(steps)]
     lrs = [0.05 * 0.8**t for t in range(steps)]
-    state = initial_state(rule, start.copy())  # PyTorch's initial state
+    state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
     theirs = torch.tensor(start.copy(), requires_grad=True)
     optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
     for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
@@ -112,7 +112,7 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    state = {"param": start.copy(), **{b: np.zeros_like(start) for b in rule.state}}
+    state = initial_state(rule, start.copy(), lr=lr * gamma)
     for t in range(1, steps + 1):
         take_step(rule, state, gradient(state["param"]), t=t, lr=lr * gamma**t)
     x = state["param"]

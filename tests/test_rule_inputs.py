@@ -69,6 +69,8 @@ def bad_calls(rule, rng):
         values = BAD_VALUES.get(validator(hyper))
         assert values is not None, f"add the bad values of {hyper.check} to BAD_VALUES"
         cases += [(f"{hyper.name}={value!r}", error, call(**{hyper.name: value})) for value, error in values]
+    for s in spec.scalar_state:  # its value before the step, as the face takes it
+        cases += [(f"{s.name}={value!r}", error, call(**{s.name: value})) for value, error in BAD_VALUES[_checks.finite]]
     if spec.uses_step:
         cases += [("step 0", ValueError, call(step=0)), ("step -3", ValueError, call(step=-3)),
                   ("step 2.5", TypeError, call(step=2.5)), ("step True", TypeError, call(step=True)),
