@@ -66,10 +66,12 @@ class SpecOptimizer(KernelOptimizer):
         h = self._hyper(group)
         if self.spec.counts_steps:
             state["step"] = new_step_tensor(group)
-        # torch.optim's precision for its rules' scalar states; Python's for the others.
-        dtype = _scalar_dtype() if self.spec.torch else torch.float64
+        # A scalar state is a tensor of torch.optim's dtype where torch.optim has the rule,
+        # else a Python float: load_state_dict keeps floats, but casts tensors to the
+        # parameter's dtype, which would round a float64 sum to float32.
         for s in self.spec.scalar_state:
-            state[s.name] = torch.tensor(s.initial_value(h), dtype=dtype)
+            value = s.initial_value(h)
+            state[s.name] = torch.tensor(value, dtype=_scalar_dtype()) if self.spec.torch else value
         fresh = False
         for b in self.spec.needed(h):
             fill = b.initial(h)
@@ -96,7 +98,10 @@ class SpecOptimizer(KernelOptimizer):
                       n_threads=effective_n_threads(None))
         for name, value in self.spec.advanced(h, step, scalar_state).items():
             for state in states:
-                state[name].fill_(value)
+                if isinstance(state[name], torch.Tensor):
+                    state[name].fill_(value)
+                else:
+                    state[name] = value
 
     def _update_state(self, g, names, update):
         """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,
