@@ -99,6 +99,12 @@ RUNS = [
     # Lion moves every coordinate by lr: it needs a decaying rate to settle.
     ("quadratic", "lion", {}, 0.02, 3000, 0.998),
     ("rosenbrock", "lion", {}, 0.003, 5000, 0.999),
+    # Schedule-Free's x averages every z so far: warmup (which weighs the first steps
+    # less) or a polynomial weighting r forgets the start sooner.
+    ("quadratic", "schedule_free_adamw", dict(warmup_steps=100), 0.3, 3000, 1.0),
+    ("rosenbrock", "schedule_free_adamw", {}, 0.03, 6000, 1.0),
+    ("quadratic", "schedule_free_sgd", dict(r=1.0), 1e-3, 4000, 1.0),
+    ("rosenbrock", "schedule_free_sgd", dict(r=1.0, momentum=0.95), 1.5e-3, 10000, 1.0),
 ]
 
 

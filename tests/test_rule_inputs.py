@@ -25,6 +25,8 @@ BAD_VALUES = {
     _checks.finite: [(INF, ValueError), (NAN, ValueError), ("1", TypeError)],
     _checks.unit_interval: [(1.0, ValueError), (-0.1, ValueError), (NAN, ValueError), ("0.9", TypeError)],
     _checks.closed_unit_interval: [(1.5, ValueError), (-0.1, ValueError), (NAN, ValueError)],
+    _checks.open_unit_interval: [(0.0, ValueError), (1.0, ValueError), (NAN, ValueError), ("0.5", TypeError)],
+    _checks.integer: [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError), (None, TypeError)],
     _checks.betas_pair: [((1.0, 0.999), ValueError), ((0.9, -0.1), ValueError), ((0.9, NAN), ValueError),
                          ((0.9,), TypeError), (0.9, TypeError), ((0.9, 0.99, 0.999), TypeError),
                          (("0.9", 0.999), TypeError)],
