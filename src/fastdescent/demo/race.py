@@ -117,6 +117,9 @@ def race(args, methods):
     if "lion" in methods:
         print("lion moves every coordinate by exactly lr: it reaches a minimum only if the minimum lies on its lattice"
               " of spacing lr from the start.")
+    if any(name.startswith("schedule_free") for name in methods):
+        print("schedule_free_*: the averaged iterate x lags ever more behind z at a fixed rate, so y (shown here, where"
+              " gradients are taken) slows down near a minimum or a saddle.")
     if "nesterov" in methods:
         steps, deviation = nesterov_check(args)
         print(f"\nNesterov with the gradient at the look-ahead point w + mu*v and the kernels' look-ahead-free"
