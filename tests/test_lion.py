@@ -150,3 +150,37 @@ def test_state_dicts_interchange_with_lion_pytorch(direction):
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert_close(b.detach(), a.detach(), "parameter")
         assert list(resumed.state[b]) == ["exp_avg"]
+
+
+def test_channels_last_and_missing_gradients_as_lion_pytorch():
+    """A channels_last conv net whose parameters miss gradients at some steps (they keep
+    their values and momenta): as lion_pytorch, updated in place in the tensors' layout."""
+    torch = pytest.importorskip("torch")
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    import fastdescent.torch as fdt
+    from torch_support import assert_close, batches, convnet, loss_fn
+
+    models = [convnet(memory_format=torch.channels_last) for _ in range(2)]
+    optimizers = [fdt.Lion(models[0].parameters(), lr=1e-3, weight_decay=0.1),
+                  lion_pytorch.Lion(models[1].parameters(), lr=1e-3, weight_decay=0.1)]
+    weight = models[0][0].weight
+    address = weight.data_ptr()
+    for model, opt in zip(models, optimizers):
+        params = list(model.parameters())
+        for step, (x, y) in enumerate(batches((2, 8, 8), steps=20)):
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            if step < 5:
+                params[0].grad = None  # joins late
+            if step % 3 == 1:
+                params[3].grad = None  # intermittent
+            params[5].grad = None  # never
+            opt.step()
+    assert weight.data_ptr() == address and not weight.is_contiguous()
+    assert optimizers[0].state[weight]["exp_avg"].stride() == weight.stride()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert_close(a.detach(), b.detach(), name)
+        if b in optimizers[1].state:
+            assert_close(optimizers[0].state[a]["exp_avg"], optimizers[1].state[b]["exp_avg"], name)
+        else:
+            assert a not in optimizers[0].state or not optimizers[0].state[a]

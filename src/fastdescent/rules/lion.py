@@ -43,7 +43,10 @@ LION = RuleSpec(
       then subtracts :math:`\eta u_t` (the same value to a rounding or two); and its
       ``torch.sign`` maps NaN to 0, which freezes a parameter whose momentum went
       NaN instead of showing it;
-    * optax's ``lion`` computes :math:`-\eta (u_t + \lambda\theta)` as here.
+    * optax's ``lion`` computes :math:`-\eta (u_t + \lambda\theta)` as here;
+    * complex parameters (in ``fastdescent.torch``) are (real, imaginary) pairs, as
+      ``torch.optim`` treats them: each part moves by its own sign, where
+      ``lion_pytorch`` takes the complex sign :math:`c / |c|`.
 """,
     hyper=(
         _hyper.lr(1e-4),
