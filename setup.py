@@ -4,6 +4,8 @@ All metadata lives in pyproject.toml; this file only declares the extensions:
 
 * ``fastdescent._runtime``: OpenMP queries, CPU feature detection and buffer
   validation. Built once, for the baseline instruction set.
+* ``fastdescent._tensorviews``: NumPy views of torch gradients for
+  ``fastdescent.torch`` (never imports torch). Built once, like ``_runtime``.
 * ``fastdescent._kernels_<variant>``: every update-rule kernel, compiled once per
   instruction-set variant from the same source (``src/kernels/kernels.pxi``); the
   variants differ only in compiler flags. ``fastdescent._dispatch`` picks one at
@@ -195,7 +197,8 @@ def extensions():
             extra_link_args=omp,
         )
 
-    exts = [extension("fastdescent._runtime", KERNEL_DIR / "_runtime.pyx", [])]
+    exts = [extension("fastdescent._runtime", KERNEL_DIR / "_runtime.pyx", []),
+            extension("fastdescent._tensorviews", KERNEL_DIR / "_tensorviews.pyx", [])]
     GENERATED_DIR.mkdir(parents=True, exist_ok=True)
     for name, flags in variant_flags.items():
         # One stub per variant: the same kernels.pxi under another module name.

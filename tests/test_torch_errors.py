@@ -1,32 +1,18 @@
 """Every input fastdescent.torch does not run raises a clear error naming the
 parameter, before any parameter or state is written."""
 
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import fastdescent.torch as fdt  # noqa: E402
-from torch_support import batches, loss_fn, mlp, one_torch_thread  # noqa: E402, F401
+from test_torch import RULES  # noqa: E402
+from torch_support import assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot  # noqa: E402, F401
 
-RULES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
-CAPTURABLE = ("RMSprop", "Adam", "AdamW")
-
-
-def snapshot(opt):
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(opt, before):
-    params, state = before
-    now = [p.detach() for g in opt.param_groups for p in g["params"]]
-    for a, b in zip(now, params):
-        assert torch.equal(a, b), "a parameter was written"
-    for p, s in opt.state.items():
-        assert list(s) == list(state[id(p)])
-        for k, v in state[id(p)].items():
-            assert torch.equal(s[k], v), f"state {k} was written"
+#: The classes whose torch.optim peer has a ``capturable`` option.
+CAPTURABLE = tuple(r for r in RULES if "capturable" in inspect.signature(getattr(fdt, r).__init__).parameters)
 
 
 def assert_step_raises(opt, error, match):
@@ -113,21 +99,36 @@ def test_parameter_on_another_device_raises():
         fdt.Adam([torch.nn.Parameter(torch.empty(3, device="meta"))])
 
 
-def test_non_dense_parameter_raises():
-    strided = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
-    assert not strided.is_contiguous()
-    with pytest.raises(ValueError, match=r"not dense in memory \(strides \(6, 2\)\)"):
-        fdt.Adam([strided])
+def test_parameter_overlapping_itself_raises():
+    expanded = torch.nn.Parameter(torch.randn(3).expand(4, 3))
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*elements that share memory \(strides \(0, 1\)\)"):
+        fdt.Adam([expanded])
 
 
-def test_overlapping_parameters_raise():
+@pytest.mark.parametrize("second_group", [False, True], ids=["one-group", "two-groups"])
+def test_overlapping_parameters_raise_naming_both(second_group):
     base = torch.randn(10)
     first, second = torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[4:])
-    opt = fdt.SGD([first, second], lr=0.1)
-    first.grad, second.grad = torch.randn(6), torch.randn(6)
+    groups = [{"params": [first]}, {"params": [second]}] if second_group else [first, second]
+    where = r"param_groups\[1\]\['params'\]\[0\]" if second_group else r"param_groups\[0\]\['params'\]\[1\]"
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[0\].* and parameter .*{where}.*share memory"):
+        fdt.SGD(groups, lr=0.1)
+
+
+def test_interleaved_parameters_of_one_storage_are_accepted():
+    """Columns 0, 2, 4 and 1, 3, 5 of one matrix share a storage, not an element."""
+    base = torch.randn(4, 6)
+    fdt.SGD([torch.nn.Parameter(base[:, ::2]), torch.nn.Parameter(base[:, 1::2])], lr=0.1)
     with pytest.raises(ValueError, match="share memory"):
-        opt.step()
-    assert torch.equal(torch.cat([first.detach()[:4], second.detach()]), base)
+        fdt.SGD([torch.nn.Parameter(base[:, ::2]), torch.nn.Parameter(base[:, 2:])], lr=0.1)
+
+
+def test_parameter_moved_onto_another_raises_at_step():
+    """``bias.data`` becomes a column of the weight: found when the plan is rebuilt."""
+    model, opt = trained("SGD")
+    model[0].bias.data = model[0].weight.data[:, 0]
+    backward(model)
+    assert_step_raises(opt, ValueError, r"'0\.weight'.* and parameter '0\.bias'.*share memory")
 
 
 def test_added_group_with_a_bad_parameter_raises():

@@ -84,6 +84,31 @@ def assert_same_training_state(fast_model, fast_opt, torch_model, torch_opt):
                 assert_close(got, value, f"state[{index}][{key!r}]")
 
 
+def snapshot(opt):
+    """Copies of every parameter, state tensor and step counter of ``opt``."""
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, before):
+    """Every parameter, state tensor and step counter is byte-identical to ``before``
+    (a ``snapshot``), and no state entry was added or removed."""
+    params, state = before
+    now = [p.detach() for g in opt.param_groups for p in g["params"]]
+    for a, b in zip(now, params):
+        assert a.dtype == b.dtype and torch.equal(a, b), "a parameter was written"
+    assert {id(p) for p in opt.state} == set(state), "state entries were added or removed"
+    for p, s in opt.state.items():
+        assert list(s) == list(state[id(p)]), "state keys changed"
+        for k, v in state[id(p)].items():
+            if isinstance(v, torch.Tensor):
+                assert s[k].dtype == v.dtype and torch.equal(s[k], v), f"state {k} was written"
+            else:
+                assert s[k] == v, f"state {k} was written"
+
+
 def roundtrip(state_dict):
     """Through torch.save and torch.load, as a checkpoint goes."""
     buffer = io.BytesIO()

@@ -39,6 +39,8 @@ TYPES = {
 #: functions that return something (the embedded signature does not say); the others return None
 RETURNS = {
     "get_min_elements_per_thread": "int",
+    "get_spin_seconds": "float",
+    "pool_state": "dict[str, Any]",
     "max_abs": "float",
     "sum_squares": "float",
 }

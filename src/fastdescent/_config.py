@@ -1,11 +1,16 @@
-"""Process-wide defaults: thread count and backend.
+"""Defaults: thread count and backend.
 
-Thread counts resolve the way scikit-learn's do: ``None`` means the OpenMP maximum
-(``OMP_NUM_THREADS`` or the processor count) capped at the cores this process may
-run on; a negative count counts back from that (-1 = all, -2 = all but one); 0 is an
-error; a build without OpenMP always runs one thread.
+Thread counts resolve the way scikit-learn's do. The ceiling is read on every call:
+``omp_get_max_threads()`` of the calling thread (``OMP_NUM_THREADS``, or a
+``threadpoolctl.threadpool_limits(n, user_api="openmp")`` block), capped at the
+cores this process may run on. Under it, a request of ``None`` means the default:
+the innermost ``with num_threads(n)`` block of the calling thread, else the
+process-wide ``set_num_threads(n)``, else the ceiling. A negative count counts back
+from the ceiling (-1 = all, -2 = all but one); 0 is an error; a build without
+OpenMP always runs one thread.
 """
 
+import contextvars
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,25 +22,21 @@ BACKENDS = ("kernel", "reference")
 
 _default_threads = None
 _default_backend = None
-
-
-def _max_threads():
-    # OpenMP's own count of usable processors, not os.sched_getaffinity: with
-    # OMP_PROC_BIND set, libgomp pins the importing thread to one core, and the
-    # affinity of that thread would then cap us at one thread.
-    if not _runtime.openmp_enabled():
-        return 1
-    return max(1, min(_runtime.omp_max_threads(), _runtime.omp_num_procs()))
-
-
-# Read once: OMP_NUM_THREADS and the affinity mask are fixed for the process's life
-# in practice, and asking on every step would cost more than a small update.
-_MAX_THREADS = _max_threads()
+# ``(n_threads,)`` of the innermost ``num_threads`` block, None outside any. A context
+# variable is per Python thread (and per asyncio task), and cheaper to read than
+# threading.local.
+_block_threads: contextvars.ContextVar[tuple[int | None] | None] = contextvars.ContextVar(
+    "fastdescent_num_threads", default=None)
+_block_threads_get = _block_threads.get
 
 
 def max_threads() -> int:
-    """Threads a kernel may use: OpenMP's maximum capped at the usable cores."""
-    return _MAX_THREADS
+    """Threads a kernel may use now, in this thread: OpenMP's maximum (which
+    threadpoolctl limits) capped at the usable cores."""
+    # OpenMP's own count of usable processors, not os.sched_getaffinity: with
+    # OMP_PROC_BIND set, libgomp pins the importing thread to one core, and the
+    # affinity of that thread would then cap us at one thread.
+    return _runtime.thread_limit()
 
 
 def _check_thread_request(n_threads):
@@ -50,14 +51,16 @@ def _check_thread_request(n_threads):
 def effective_n_threads(n_threads: int | None = None) -> int:
     """The number of threads a kernel will use for the request ``n_threads``.
 
-    ``None`` takes the process default (``set_num_threads``), itself ``None`` =
-    all usable cores unless set.
+    ``None`` takes the default: this thread's ``num_threads`` block, else
+    ``set_num_threads``, else all usable cores. Never more than OpenMP's maximum
+    for this thread (``OMP_NUM_THREADS``, threadpoolctl).
     """
     if n_threads is None:
-        n_threads = _default_threads
+        block = _block_threads_get()
+        n_threads = _default_threads if block is None else block[0]
     else:
         _check_thread_request(n_threads)
-    limit = _MAX_THREADS
+    limit = _runtime.thread_limit()
     if n_threads is None:
         return limit
     if n_threads < 0:
@@ -66,7 +69,8 @@ def effective_n_threads(n_threads: int | None = None) -> int:
 
 
 def set_num_threads(n_threads: int | None) -> None:
-    """Set the process-wide default thread count (``None`` restores "all cores")."""
+    """Set the process-wide default thread count (``None`` restores "all cores").
+    A ``num_threads`` block in a thread takes precedence there."""
     global _default_threads
     _check_thread_request(n_threads)
     _default_threads = n_threads
@@ -79,15 +83,17 @@ def get_num_threads() -> int:
 
 @contextmanager
 def num_threads(n_threads: int | None) -> Iterator[None]:
-    """Context manager: ``with fastdescent.num_threads(1): ...`` runs serial kernels."""
-    global _default_threads
+    """Context manager: ``with fastdescent.num_threads(1): ...`` runs serial kernels.
+
+    It sets the default of the calling Python thread (and asyncio task) only, so
+    blocks in several threads may overlap and each restores its own previous value.
+    """
     _check_thread_request(n_threads)
-    previous = _default_threads
-    _default_threads = n_threads
+    token = _block_threads.set((n_threads,))
     try:
         yield
     finally:
-        _default_threads = previous
+        _block_threads.reset(token)
 
 
 def _check_backend(name):

@@ -27,7 +27,16 @@ def config() -> dict[str, Any]:
         "variant_reason": _dispatch.reason,
         "min_elements_per_thread": _dispatch.kernels.get_min_elements_per_thread(),
         "min_elements_per_thread_cold": _dispatch.kernels.get_min_elements_per_thread(cold=True),
+        "spin_seconds": _dispatch.kernels.get_spin_seconds(),
     }
+
+
+def _idle_workers(spin_seconds: float) -> str:
+    if spin_seconds == float("inf"):
+        return "idle workers spin (OMP_WAIT_POLICY=active)"
+    if spin_seconds == 0:
+        return "idle workers park at once (OMP_WAIT_POLICY=passive)"
+    return f"idle workers spin {spin_seconds * 1e3:g} ms, then park"
 
 
 def show_config(file: IO[str] | None = None) -> None:
@@ -39,7 +48,8 @@ def show_config(file: IO[str] | None = None) -> None:
         f"  OpenMP:           {'on' if c['openmp'] else 'OFF (serial build)'}",
         f"  threads:          {c['default_threads']} by default, {c['max_threads']} at most"
         f" (serial below {2 * c['min_elements_per_thread']:,} elements, or"
-        f" {2 * c['min_elements_per_thread_cold']:,} when the thread team has slept)",
+        f" {2 * c['min_elements_per_thread_cold']:,} when the workers are parked;"
+        f" {_idle_workers(c['spin_seconds'])})",
         f"  backend:          {c['backend']}",
         f"  compiler:         {c['compiler']}",
         f"  common flags:     {flags}",

@@ -3,64 +3,547 @@
 #
 # A call updates T tensors, each with R buffers of equal length (the roles: param,
 # grad, and the rule's state). The T lengths are concatenated into one index space
-# [0, total) and cut into n_parts nearly equal, contiguous parts, one per thread
-# (OpenMP static schedule). A part may cover the tail of one tensor, many small
-# tensors and the head of another: small arrays are grouped and large ones split,
-# so the threads share the work evenly whatever the sizes. A rule supplies only a
-# *segment function*: the element loop over one contiguous run of one tensor.
+# [0, total) and cut into n_parts nearly equal, contiguous parts, one per thread.
+# A part may cover the tail of one tensor, many small tensors and the head of
+# another: small arrays are grouped and large ones split, so the threads share the
+# work evenly whatever the sizes. A rule supplies only a *segment function*: the
+# element loop over one contiguous run of one tensor.
 #
 # Every rule is elementwise, so the result does not depend on how the index space
-# is cut: any thread count gives bit-identical results.
+# is cut, nor on which thread runs which piece: any thread count, and any timing
+# of the threads, gives bit-identical results.
+#
+# Threads: a small pool of our own, not an OpenMP region
+# -------------------------------------------------------
+# An OpenMP region ends with a barrier: the caller returns only when every thread
+# of the team has woken up, run its share and arrived. A worker that went to sleep
+# between two optimizer steps (libgomp parks it after about 3 ms of spinning on
+# this machine) takes tens of microseconds to wake up, more when another process
+# holds its core, and the caller waits for it. That made 2 threads slower than 1
+# up to about 10^6 elements in a training loop, so a "warm team" rule kept
+# mid-sized updates serial, and back-to-back mid-sized calls, never entering a
+# region, never warmed the team up (issue 20).
+#
+# The pool below removes the wait instead of guessing when it is short:
+#
+# * Work stealing in fixed chunks. Part k is owned by thread k (the caller owns
+#   part 0) and is taken CHUNK elements at a time from its front; a thread that
+#   has finished its own part takes chunks from the back of the others' parts.
+#   The caller starts on its part at once. A worker still waking up finds its part
+#   partly or wholly done by the caller, and the caller never waits for a thread
+#   that has not started: it waits at most for chunks already being run. In the
+#   steady state each thread runs exactly its own part, the same elements every
+#   call, so data that fits in a core's L2 cache stays there (a dynamic schedule
+#   would move it between cores on every call).
+# * Spin, then park. After a job a worker spins for SPIN seconds (1 ms by
+#   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
+#   on a condition variable; at once if the spin was descheduled (other threads
+#   want the cores: spinning would take one from them or from our caller), and
+#   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
+#   A job costs the caller one atomic increment while the workers spin, and a
+#   futex wake-up (a system call, a few microseconds) while they sleep: the only
+#   price of a sleeping pool, so the "cold" threshold below only has to make that
+#   system call small against the update.
+# * The caller knows which is the case (the pool counts its sleepers), so the
+#   policy needs no clock to guess it. A clock only tells back-to-back calls: if
+#   the previous call ended less than SPIN/2 ago, sleeping workers are woken even
+#   for a mid-sized update, since they will still be spinning for the next one.
+#   (Not up to SPIN: calls SPIN apart would wake them for nothing every time.)
+# * One caller at a time: a second Python thread finding the pool busy runs its
+#   update alone, correctly, rather than waiting.
+# * Back-off: the caller must wait for chunks already being run. If a worker lost
+#   its core mid-chunk (more runnable threads than cores), that wait is a time
+#   slice, milliseconds; when the wait was long against the job, or no worker came
+#   while the caller ran its own part, or the caller itself lost its core for a
+#   fifth of a job that woke a worker or was long (it then reads its CPU time, a
+#   system call), updates run alone for the next 100 ms.
+# * Fork: a child has none of its parent's threads. A pthread_atfork handler
+#   empties the pool in the child, which starts fresh workers when it needs them.
+#
+# Thread counts still come from OpenMP (fastdescent._config reads
+# omp_get_max_threads per call, which threadpoolctl and OMP_NUM_THREADS set), and
+# workers are allowed every CPU of the OpenMP places when OMP_PROC_BIND pinned
+# the importing thread. Each kernel variant module has its own pool; only the
+# dispatched one starts threads in normal use.
 
 cimport numpy as cnp
-from cython.parallel cimport prange
-from libc.stdlib cimport malloc, free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from libc.stdlib cimport malloc, free
+from libc.math cimport INFINITY
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <sched.h>
+    #include <time.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    #else
+    static int omp_get_num_places(void) { return 0; }
+    static int omp_get_place_num_procs(int p) { (void)p; return 0; }
+    static void omp_get_place_proc_ids(int p, int *ids) { (void)p; (void)ids; }
+    #endif
+
+    #if defined(__x86_64__) || defined(__i386__)
+    #define fd_cpu_relax() __builtin_ia32_pause()
+    #elif defined(__aarch64__)
+    #define fd_cpu_relax() __asm__ __volatile__("yield")
+    #else
+    #define fd_cpu_relax() ((void)0)
+    #endif
+
+    #define FD_MAX_THREADS 64
+    #define FD_GATE_OPEN 0x80000000u
+
+    typedef void (*fd_range_fn)(const void *ctx, Py_ssize_t begin, Py_ssize_t end);
+
+    /* Chunks of part k not yet taken: [front, back), packed in one word so that
+       the owner (front) and thieves (back) claim with one compare-and-swap. */
+    typedef struct { uint64_t claim; char pad[56]; } fd_part;
+
+    static struct {
+        pthread_mutex_t lock;
+        pthread_cond_t wake;
+        int n_workers;              /* started (the caller is not one) */
+        int busy;                   /* a caller owns the pool */
+        unsigned long generation;   /* bumped once per job */
+        int sleepers;               /* workers parked on `wake` */
+        int joined;                 /* a worker joined the current job */
+        unsigned int gate;          /* FD_GATE_OPEN while workers may join, | number inside */
+        double spin_seconds;
+        int backoff;                /* back off under overload (on unless an experiment) */
+        double contended_until;     /* serial until then: a worker was preempted */
+        double no_burst_until;      /* no back-to-back wake-ups until then */
+        unsigned long backoffs;
+        unsigned long jobs, wakeups;  /* parallel jobs run; of them, jobs that woke workers */
+        unsigned long forks_seen;
+        /* The job: written by the caller while no worker is inside. */
+        fd_range_fn fn;
+        const void *ctx;
+        Py_ssize_t n_items, align, chunk;
+        int n_parts;
+    } fd_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+                 .spin_seconds = 1e-3, .backoff = 1, .align = 1, .chunk = 1, .n_parts = 1};
+
+    /* Deadlines shared between threads: relaxed atomic doubles. */
+    static double fd_get_deadline(double *deadline) {
+        double value;
+        __atomic_load(deadline, &value, __ATOMIC_RELAXED);
+        return value;
+    }
+
+    static void fd_set_deadline(double *deadline, double value) {
+        __atomic_store(deadline, &value, __ATOMIC_RELAXED);
+    }
+
+    static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
+    static unsigned long fd_first_generation[FD_MAX_THREADS];
+
+    static double fd_now(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return ts.tv_sec + 1e-9 * ts.tv_nsec;
+    }
+
+    /* CPU time of the calling thread: a system call, so only read around long jobs. */
+    static double fd_thread_cpu(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        return ts.tv_sec + 1e-9 * ts.tv_nsec;
+    }
+
+    /* Start of part k of the current job (k = n_parts gives n_items). */
+    static Py_ssize_t fd_edge(int k) {
+        if (k >= fd_pool.n_parts) return fd_pool.n_items;
+        return (fd_pool.n_items * k / fd_pool.n_parts) / fd_pool.align * fd_pool.align;
+    }
+
+    /* Claim one chunk of part k, from its front (the owner) or its back (a thief). */
+    static int fd_take(int k, int from_back, Py_ssize_t *begin, Py_ssize_t *end) {
+        uint64_t s = __atomic_load_n(&fd_parts[k].claim, __ATOMIC_RELAXED), t;
+        uint32_t front, back, c;
+        for (;;) {
+            front = (uint32_t)s;
+            back = (uint32_t)(s >> 32);
+            if (front >= back) return 0;
+            c = from_back ? back - 1 : front;
+            t = from_back ? ((uint64_t)c << 32) | front : ((uint64_t)back << 32) | (front + 1);
+            if (__atomic_compare_exchange_n(&fd_parts[k].claim, &s, t, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                break;
+        }
+        *begin = fd_edge(k) + (Py_ssize_t)c * fd_pool.chunk;
+        *end = *begin + fd_pool.chunk;
+        if (*end > fd_edge(k + 1)) *end = fd_edge(k + 1);
+        return 1;
+    }
+
+    /* Run what is left of part `self`, from its front. */
+    static void fd_work_own(int self) {
+        Py_ssize_t begin, end;
+        while (fd_take(self, 0, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
+    }
+
+    /* Take what is left of the other parts, from their backs. */
+    static void fd_steal(int self) {
+        Py_ssize_t begin, end;
+        int i, n = fd_pool.n_parts;
+        for (i = 1; i < n; i++)
+            while (fd_take((self + i) % n, 1, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
+    }
+
+    /* Spin for spin_seconds, then park, until the generation moves past `seen`.
+       Park early if the spin was descheduled (16 pauses took over 50 us): the
+       machine has more runnable threads than cores, and spinning would take a
+       core from them, or from the thread that will call us. */
+    static unsigned long fd_wait_for_job(unsigned long seen) {
+        unsigned long g;
+        double now = fd_now(), before, until = now + fd_pool.spin_seconds;
+        unsigned i;
+        for (i = 1;; i++) {
+            g = __atomic_load_n(&fd_pool.generation, __ATOMIC_ACQUIRE);
+            if (g != seen) return g;
+            if ((i & 15) == 0) {
+                before = now;
+                now = fd_now();
+                if (now >= until) break;
+                if (now - before > 5e-5) {   /* descheduled */
+                    fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
+                    break;
+                }
+            }
+            fd_cpu_relax();
+        }
+        pthread_mutex_lock(&fd_pool.lock);
+        /* Sequentially consistent with the caller's (generation++, read sleepers):
+           either we see the new generation or it sees us asleep and signals. */
+        __atomic_fetch_add(&fd_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+        while ((g = __atomic_load_n(&fd_pool.generation, __ATOMIC_SEQ_CST)) == seen)
+            pthread_cond_wait(&fd_pool.wake, &fd_pool.lock);
+        __atomic_fetch_sub(&fd_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&fd_pool.lock);
+        return g;
+    }
+
+    /* Let workers run on every CPU of the OpenMP places: with OMP_PROC_BIND set,
+       libgomp pinned the importing thread to one CPU, and threads inherit that. */
+    static void fd_unpin(pthread_attr_t *attr) {
+    #ifdef __linux__
+        cpu_set_t set;
+        int p, j, n, ids[CPU_SETSIZE];
+        if (omp_get_num_places() <= 0) return;
+        CPU_ZERO(&set);
+        for (p = 0; p < omp_get_num_places(); p++) {
+            n = omp_get_place_num_procs(p);
+            if (n <= 0 || n > CPU_SETSIZE) continue;
+            omp_get_place_proc_ids(p, ids);
+            for (j = 0; j < n; j++)
+                if (ids[j] >= 0 && ids[j] < CPU_SETSIZE) CPU_SET(ids[j], &set);
+        }
+        if (CPU_COUNT(&set) > 0) pthread_attr_setaffinity_np(attr, sizeof(set), &set);
+    #else
+        (void)attr;
+    #endif
+    }
+
+    static void *fd_worker_main(void *arg) {
+        int self = (int)(intptr_t)arg;
+        unsigned long seen = fd_first_generation[self];
+        unsigned int gate;
+        for (;;) {
+            seen = fd_wait_for_job(seen);
+            gate = __atomic_load_n(&fd_pool.gate, __ATOMIC_RELAXED);
+            do {
+                if (!(gate & FD_GATE_OPEN)) break;   /* too late: the caller did it all */
+            } while (!__atomic_compare_exchange_n(&fd_pool.gate, &gate, gate + 1, 1,
+                                                  __ATOMIC_ACQUIRE, __ATOMIC_RELAXED));
+            if (!(gate & FD_GATE_OPEN)) continue;
+            __atomic_store_n(&fd_pool.joined, 1, __ATOMIC_RELAXED);
+            if (self < fd_pool.n_parts) {
+                fd_work_own(self);
+                fd_steal(self);
+            }
+            __atomic_fetch_sub(&fd_pool.gate, 1, __ATOMIC_RELEASE);
+        }
+        return NULL;
+    }
+
+    /* Start workers up to `want`; returns how many exist (thread creation may fail). */
+    static int fd_start_workers(int want) {
+        pthread_attr_t attr;
+        pthread_t thread;
+        sigset_t all, previous;
+        if (want > FD_MAX_THREADS - 1) want = FD_MAX_THREADS - 1;
+        if (fd_pool.n_workers >= want) return want;
+        if (pthread_attr_init(&attr) != 0) return fd_pool.n_workers;
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        fd_unpin(&attr);
+        sigfillset(&all);   /* signals stay with the interpreter's threads */
+        pthread_sigmask(SIG_SETMASK, &all, &previous);
+        while (fd_pool.n_workers < want) {
+            int self = fd_pool.n_workers + 1;
+            fd_first_generation[self] = __atomic_load_n(&fd_pool.generation, __ATOMIC_ACQUIRE);
+            if (pthread_create(&thread, &attr, fd_worker_main, (void *)(intptr_t)self) != 0) break;
+            fd_pool.n_workers++;
+        }
+        pthread_sigmask(SIG_SETMASK, &previous, NULL);
+        pthread_attr_destroy(&attr);
+        return fd_pool.n_workers < want ? fd_pool.n_workers : want;
+    }
+
+    /* Run fn over [0, n_items) with up to n_parts threads (the caller is one):
+       parts aligned to `align` items, claimed `chunk` items at a time. */
+    static void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
+                            fd_range_fn fn, const void *ctx) {
+        int k, woke = 0, timed;
+        Py_ssize_t n_chunks, limit;
+        double started, own_done, waiting, waited, cpu_started = 0.0, lost;
+        if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
+        if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
+            if (n_items > 0) fn(ctx, 0, n_items);
+            return;
+        }
+        n_parts = 1 + fd_start_workers(n_parts - 1);
+        if (n_parts == 1) {
+            __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
+            fn(ctx, 0, n_items);
+            return;
+        }
+        /* Chunks are whole multiples of align, and few enough to count in 32 bits. */
+        chunk = (chunk < align ? align : chunk) / align * align;
+        limit = ((n_items >> 30) / align + 1) * align;
+        fd_pool.fn = fn;
+        fd_pool.ctx = ctx;
+        fd_pool.n_items = n_items;
+        fd_pool.align = align;
+        fd_pool.chunk = chunk > limit ? chunk : limit;
+        fd_pool.n_parts = n_parts;
+        for (k = 0; k < n_parts; k++) {
+            n_chunks = (fd_edge(k + 1) - fd_edge(k) + fd_pool.chunk - 1) / fd_pool.chunk;
+            __atomic_store_n(&fd_parts[k].claim, (uint64_t)n_chunks << 32, __ATOMIC_RELAXED);
+        }
+        __atomic_store_n(&fd_pool.joined, 0, __ATOMIC_RELAXED);
+        /* Jobs that wake workers, and long ones, watch whether the caller loses its core. */
+        timed = __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) > 0 || n_items >= ((Py_ssize_t)1 << 18);
+        if (timed) cpu_started = fd_thread_cpu();
+        started = fd_now();
+        __atomic_store_n(&fd_pool.gate, FD_GATE_OPEN, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&fd_pool.generation, 1, __ATOMIC_SEQ_CST);
+        fd_pool.jobs++;
+        if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
+            fd_pool.wakeups++;
+            woke = 1;
+            pthread_mutex_lock(&fd_pool.lock);
+            pthread_cond_broadcast(&fd_pool.wake);
+            pthread_mutex_unlock(&fd_pool.lock);
+        }
+        fd_work_own(0);
+        /* No worker came while the caller ran its part: a spinning one would have
+           within a microsecond, a woken one within tens. It has no core: other
+           threads want them all. Run alone for a while (spinning), or stop waking
+           workers for back-to-back calls (woken). */
+        if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
+            own_done = fd_now();
+            if (!woke && own_done - started > 2e-5) {
+                fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
+                fd_pool.backoffs++;
+            } else if (woke && own_done - started > 2e-4) {
+                fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
+            }
+        }
+        fd_steal(0);
+        /* Close the job: late workers stay out; wait for the chunks still running. */
+        if (__atomic_and_fetch(&fd_pool.gate, ~FD_GATE_OPEN, __ATOMIC_ACQ_REL) != 0) {
+            waiting = fd_now();
+            for (k = 1; __atomic_load_n(&fd_pool.gate, __ATOMIC_ACQUIRE) != 0; k++) {
+                if (k % 1024 == 0) sched_yield();   /* an overloaded machine: let it run */
+                else fd_cpu_relax();
+            }
+            /* A wait far longer than a chunk means a worker lost its core mid-chunk
+               (other processes want the cores): run alone for a while. */
+            waited = fd_now() - waiting;
+            if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
+                fd_set_deadline(&fd_pool.contended_until, waiting + waited + 0.1);
+                fd_pool.backoffs++;
+            }
+        }
+        /* The caller was off its core for a fifth of the job: waking a worker can
+           push the waker off its core when every core is busy. Run alone a while. */
+        if (timed) {
+            waited = fd_now() - started;
+            lost = waited - (fd_thread_cpu() - cpu_started);
+            if (lost > 5e-5 && lost > 0.2 * waited) {
+                fd_set_deadline(&fd_pool.contended_until, started + waited + 0.1);
+                fd_pool.backoffs++;
+            }
+        }
+        __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
+    }
+
+    /* True if a job of `n_workers` workers would run without waking one up. */
+    static int fd_pool_awake(int n_workers) {
+        return fd_pool.n_workers >= n_workers
+            && fd_pool.n_workers - __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) >= n_workers;
+    }
+
+    static int fd_pool_contended(void) {
+        return fd_pool.backoff && fd_now() < fd_get_deadline(&fd_pool.contended_until);
+    }
+    static int fd_pool_burst_allowed(void) {
+        return !fd_pool.backoff || fd_now() >= fd_get_deadline(&fd_pool.no_burst_until);
+    }
+    static void fd_pool_set_backoff(int on) { fd_pool.backoff = on; }
+    static int fd_pool_get_backoff(void) { return fd_pool.backoff; }
+    static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
+    static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
+    static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }
+    static int fd_pool_workers(void) { return fd_pool.n_workers; }
+    static int fd_pool_sleepers(void) { return __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED); }
+    static unsigned long fd_pool_forks_seen(void) { return fd_pool.forks_seen; }
+    static double fd_pool_get_spin(void) { return fd_pool.spin_seconds; }
+    static void fd_pool_set_spin(double seconds) { fd_pool.spin_seconds = seconds; }
+
+    /* In a forked child only the forking thread exists: forget the workers. */
+    static void fd_pool_after_fork_in_child(void) {
+        pthread_mutex_init(&fd_pool.lock, NULL);
+        pthread_cond_init(&fd_pool.wake, NULL);
+        fd_pool.n_workers = 0;
+        fd_pool.sleepers = 0;
+        fd_pool.gate = 0;
+        fd_pool.busy = 0;
+        fd_pool.forks_seen++;
+    }
+
+    static int fd_pool_install_fork_handler(void) {
+        return pthread_atfork(NULL, NULL, fd_pool_after_fork_in_child);
+    }
+    """
+    ctypedef void (*fd_range_fn)(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
+    void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
+                     fd_range_fn fn, const void* ctx) noexcept nogil
+    bint fd_pool_awake(int n_workers) noexcept nogil
+    bint fd_pool_contended() noexcept nogil
+    bint fd_pool_burst_allowed() noexcept nogil
+    void fd_pool_set_backoff(int on) noexcept nogil
+    bint fd_pool_get_backoff() noexcept nogil
+    unsigned long fd_pool_backoffs() noexcept nogil
+    unsigned long fd_pool_jobs() noexcept nogil
+    unsigned long fd_pool_wakeups() noexcept nogil
+    int fd_pool_workers() noexcept nogil
+    int fd_pool_sleepers() noexcept nogil
+    unsigned long fd_pool_forks_seen() noexcept nogil
+    double fd_pool_get_spin() noexcept nogil
+    void fd_pool_set_spin(double seconds) noexcept nogil
+    int fd_pool_install_fork_handler() noexcept nogil
+    double fd_now() noexcept nogil
+
+
 cdef enum:
     MAX_ROLES = 8
-    # Part boundaries fall on multiples of 64 elements (whole cache lines for either
-    # dtype), so two threads never write the same line.
+    # Part and chunk boundaries fall on multiples of 64 elements (whole cache lines
+    # for either dtype), so two threads never write the same line.
     PART_ALIGN = 64
+    # Elements a thread claims at a time: small enough that a thread arriving late
+    # still finds work, and that nobody waits long for the last chunk; large
+    # enough that claiming (one compare-and-swap) costs well under 1 %.
+    CHUNK_ELEMENTS = 16384
 
 # A thread is only given a part of at least this many elements; smaller updates run
-# serially, without entering an OpenMP region. Two thresholds, because waking a
-# sleeping thread team costs far more than reusing one that is still spinning:
+# on the calling thread alone. Two thresholds (measured on the 2-core development
+# machine, float32 Adam; BENCHMARKS.md, "Threading policy"):
 #
-# * warm: the team ran a region less than TEAM_WARM_SECONDS ago (back-to-back
-#   calls: several groups of one step, benchmarks). Measured on the 2-core
-#   development machine: 2 threads pay for float32 Adam from about 2**15 elements.
-# * cold: otherwise (a training loop, where the forward and backward passes sit
-#   between two steps). Measured after 20 ms of other work: 2 threads were 0.63x
-#   one thread at 65,536 elements and broke even at about 2**20 (BENCHMARKS.md).
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 32768
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 524288
-cdef double TEAM_WARM_SECONDS = 2e-3
-cdef double last_region_end = -1e300     # monotonic seconds; written by the calling thread
+# * workers awake (spinning): handing them a job costs a fraction of a microsecond;
+# * workers parked: waking them costs the caller a system call, which must stay a
+#   few percent of the update. Back-to-back calls wake them at the warm threshold.
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 131072
+cdef double last_call_end = -INFINITY   # monotonic seconds; written by calling threads
 
 
-cdef inline double monotonic_seconds() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + 1e-9 * ts.tv_nsec
+def _spin_from_environment():
+    """OMP_WAIT_POLICY, as libgomp reads it: passive never spins, active never parks."""
+    import os
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    if policy == "passive":
+        return 0.0
+    if policy == "active":
+        return INFINITY
+    return 1e-3
+
+
+fd_pool_set_spin(_spin_from_environment())
+if fd_pool_install_fork_handler() != 0:
+    raise ImportError("fastdescent: pthread_atfork failed; threads would not be fork-safe")
 
 
 def get_min_elements_per_thread(bint cold=False):
-    """Smallest part a thread is given (``cold``: when the thread team is asleep)."""
+    """Smallest part a thread is given (``cold``: when the workers are parked)."""
     return MIN_ELEMENTS_PER_THREAD_COLD if cold else MIN_ELEMENTS_PER_THREAD
 
 
 def set_min_elements_per_thread(Py_ssize_t n, cold=None):
-    """Change the serial thresholds (for benchmarking them): ``n`` for a warm team,
-    ``cold`` (default: ``n`` too) for a sleeping one."""
+    """Change the serial thresholds (for benchmarking them): ``n`` for awake
+    workers, ``cold`` (default: ``n`` too) for parked ones."""
     global MIN_ELEMENTS_PER_THREAD, MIN_ELEMENTS_PER_THREAD_COLD
     cdef Py_ssize_t n_cold = n if cold is None else cold
     if n < 1 or n_cold < 1:
         raise ValueError(f"the minimum part size must be at least 1, got {n} and {n_cold}")
     MIN_ELEMENTS_PER_THREAD = n
     MIN_ELEMENTS_PER_THREAD_COLD = n_cold
+
+
+def get_spin_seconds():
+    """How long an idle worker spins before it parks (inf: never parks)."""
+    return fd_pool_get_spin()
+
+
+def set_spin_seconds(double seconds):
+    """Change how long idle workers spin before parking (0: park at once). Workers
+    already spinning keep their current deadline."""
+    if not seconds >= 0:
+        raise ValueError(f"the spin time must be >= 0 seconds, got {seconds}")
+    fd_pool_set_spin(seconds)
+
+
+def set_overload_backoff(bint enabled):
+    """Turn the overload back-offs off (to measure what threads could do on a
+    machine whose other processes are known to be idle) or on again (the default)."""
+    fd_pool_set_backoff(enabled)
+
+
+def pool_state():
+    """The worker pool of this kernel module: workers started and parked, spin
+    time, parallel jobs run and how many of them had to wake workers, back-offs
+    to serial after a preempted worker (and whether one is in force), and the
+    forks this process has gone through since the pool was made."""
+    return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
+            "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(),
+            "spin_seconds": fd_pool_get_spin(), "backoff_enabled": fd_pool_get_backoff(),
+            "backoffs": fd_pool_backoffs(),
+            "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen()}
+
+
+cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
+    """How many threads an update of ``total`` elements gets (the policy above)."""
+    cdef Py_ssize_t n = min(<Py_ssize_t>n_threads, total // MIN_ELEMENTS_PER_THREAD)
+    if n <= 1 or fd_pool_contended():
+        return 1
+    if fd_pool_awake(<int>n - 1):
+        return <int>n
+    if total // MIN_ELEMENTS_PER_THREAD_COLD >= 2:
+        return <int>min(n, total // MIN_ELEMENTS_PER_THREAD_COLD)
+    if fd_now() - last_call_end < 0.5 * fd_pool_get_spin() and fd_pool_burst_allowed():
+        return <int>n   # back to back: wake the workers now, they stay awake for the next calls
+    return 1
+
+
+cdef inline void call_finished() noexcept nogil:
+    global last_call_end
+    last_call_end = fd_now()
 
 
 # The element loop of a rule over one contiguous run of one tensor: ``rows[r]`` is
@@ -72,7 +555,7 @@ cdef struct Plan:
     Py_ssize_t n_tensors
     Py_ssize_t n_roles
     Py_ssize_t total
-    Py_ssize_t n_parts
+    int n_parts
     int typenum                # NPY_FLOAT32 or NPY_FLOAT64
     Py_ssize_t* offsets        # n_tensors + 1 prefix sums of the tensor sizes
     void** rows                # rows[t * n_roles + r]: data of role r of tensor t
@@ -85,15 +568,22 @@ cdef int plan_init(Plan* plan, tuple roles, int n_threads) except -1:
 
     The functional faces validate every buffer first (``_runtime.check_buffers``);
     the checks here are only the cheap ones that keep a direct call of a private
-    kernel from reading out of bounds.
+    kernel from reading out of bounds: list lengths, types, sizes and layout.
     """
     cdef Py_ssize_t r, t, n
     cdef list params = <list?>roles[0]
+    cdef list role
     cdef cnp.ndarray a
     plan.n_roles = len(roles)
     plan.n_tensors = len(params)
     if plan.n_roles > MAX_ROLES:
         raise ValueError(f"at most {MAX_ROLES} buffer roles")
+    for r in range(1, plan.n_roles):
+        if roles[r] is not None and len(<list?>roles[r]) != plan.n_tensors:
+            raise ValueError(f"{len(<list>roles[r])} arrays for {plan.n_tensors} parameters "
+                             f"in buffer role {r}: every role needs one array per parameter")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
     plan.offsets = <Py_ssize_t*>malloc((plan.n_tensors + 1) * sizeof(Py_ssize_t))
     plan.rows = <void**>malloc((plan.n_tensors * plan.n_roles + 1) * sizeof(void*))
     if plan.offsets == NULL or plan.rows == NULL:
@@ -110,7 +600,8 @@ cdef int plan_init(Plan* plan, tuple roles, int n_threads) except -1:
             if roles[r] is None:
                 plan.rows[t * plan.n_roles + r] = NULL
                 continue
-            a = <cnp.ndarray?>(<list?>roles[r])[t]
+            role = <list>roles[r]
+            a = <cnp.ndarray?>role[t]
             if (cnp.PyArray_TYPE(a) != plan.typenum or cnp.PyArray_SIZE(a) != n
                     or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
                 raise ValueError("kernel buffers must be contiguous, of one dtype and equal sizes")
@@ -118,12 +609,7 @@ cdef int plan_init(Plan* plan, tuple roles, int n_threads) except -1:
     if plan.typenum != cnp.NPY_FLOAT32 and plan.typenum != cnp.NPY_FLOAT64:
         raise TypeError("kernels take float32 or float64 buffers")
     plan.total = plan.offsets[plan.n_tensors]
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-    cdef Py_ssize_t per_thread = MIN_ELEMENTS_PER_THREAD
-    if monotonic_seconds() - last_region_end > TEAM_WARM_SECONDS:
-        per_thread = MIN_ELEMENTS_PER_THREAD_COLD
-    plan.n_parts = max(1, min(n_threads, plan.total // per_thread))
+    plan.n_parts = choose_parts(plan.total, n_threads)
     return 0
 
 
@@ -134,19 +620,25 @@ cdef void plan_free(Plan* plan) noexcept:
     plan.rows = NULL
 
 
-cdef inline Py_ssize_t part_edge(const Plan* plan, Py_ssize_t k) noexcept nogil:
-    """Start of part k (k = n_parts gives total), aligned down to PART_ALIGN."""
-    if k >= plan.n_parts:
-        return plan.total
-    return (plan.total * k // plan.n_parts) // PART_ALIGN * PART_ALIGN
+cdef Py_ssize_t chunk_items(Py_ssize_t elements_per_item) noexcept nogil:
+    """Items per chunk. Never above the thread threshold, so that tests lowering it
+    to 1 also cut updates into many chunks and exercise stealing."""
+    cdef Py_ssize_t elements = min(<Py_ssize_t>CHUNK_ELEMENTS, MIN_ELEMENTS_PER_THREAD)
+    return max(1, elements // elements_per_item)
 
 
-cdef void run_part(const Plan* plan, Py_ssize_t k, segment_fn fn, const void* args) noexcept nogil:
-    """Call ``fn`` on every tensor run inside part k, in index order."""
-    cdef Py_ssize_t begin = part_edge(plan, k), end = part_edge(plan, k + 1)
+cdef struct SegmentJob:
+    const Plan* plan
+    segment_fn fn
+    const void* args
+
+
+cdef void run_range(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """Call the job's segment function on every tensor run inside [begin, end), in
+    index order."""
+    cdef const SegmentJob* job = <const SegmentJob*>ctx
+    cdef const Plan* plan = job.plan
     cdef Py_ssize_t lo = 0, hi = plan.n_tensors, mid, t, stop
-    if begin >= end:
-        return
     # The tensor holding index ``begin``: the last t with offsets[t] <= begin.
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -158,21 +650,18 @@ cdef void run_part(const Plan* plan, Py_ssize_t k, segment_fn fn, const void* ar
     while begin < end:
         stop = min(end, plan.offsets[t + 1])
         if stop > begin:
-            fn(&plan.rows[t * plan.n_roles], begin - plan.offsets[t], stop - begin, args)
+            job.fn(&plan.rows[t * plan.n_roles], begin - plan.offsets[t], stop - begin, job.args)
             begin = stop
         t += 1
 
 
 cdef void run_plan(const Plan* plan, segment_fn fn, const void* args) noexcept nogil:
-    """Run ``fn`` over the whole plan, one part per thread."""
-    global last_region_end
-    cdef Py_ssize_t k
-    if plan.n_parts == 1:
-        run_part(plan, 0, fn, args)   # no OpenMP region at all
-    else:
-        for k in prange(plan.n_parts, num_threads=plan.n_parts, schedule="static"):
-            run_part(plan, k, fn, args)
-        last_region_end = monotonic_seconds()
+    """Run ``fn`` over the whole plan with ``plan.n_parts`` threads."""
+    cdef SegmentJob job
+    job.plan = plan
+    job.fn = fn
+    job.args = args
+    fd_pool_run(plan.n_parts, plan.total, PART_ALIGN, chunk_items(1), run_range, &job)
 
 
 cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64,
@@ -187,6 +676,7 @@ cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64
         fn = fn32 if plan.typenum == cnp.NPY_FLOAT32 else fn64
         with nogil:
             run_plan(&plan, fn, args)
+            call_finished()
     finally:
         plan_free(&plan)
     return 0

@@ -64,6 +64,22 @@ def omp_num_procs():
     return omp_get_num_procs()
 
 
+# Read once: libgomp asks the kernel for the thread's affinity on every call (a
+# system call), and the processors a process may use do not change in practice.
+cdef int NUM_PROCS = max(1, omp_get_num_procs())
+
+
+def thread_limit():
+    """Threads a kernel may use now: ``omp_get_max_threads()`` for the calling
+    thread (``OMP_NUM_THREADS``, or what threadpoolctl or ``omp_set_num_threads``
+    set in this thread) capped at the usable processors; 1 in a serial build.
+
+    Read on every call, as scikit-learn does, so that threadpoolctl's limits apply;
+    it costs a thread-local read in libgomp.
+    """
+    return max(1, min(omp_get_max_threads(), NUM_PROCS))
+
+
 _LEVELS = {"baseline": 1, "avx2": 3, "avx512": 4}
 
 

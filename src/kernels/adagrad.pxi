@@ -34,8 +34,8 @@ cdef void adagrad_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      <double*>rows[2] + start, n, <const AdagradArgs*>args)
 
 
-def adagrad(list params, list grads, list sum, *, double clr, double grad_scale,
-            double weight_decay, double eps, int n_threads):
+def adagrad(list params not None, list grads not None, list sum not None, *, double clr,
+            double grad_scale, double weight_decay, double eps, int n_threads):
     """Fused Adagrad step over many tensors (private: call ``fastdescent.adagrad_step``).
 
     ``clr`` is the step's decayed learning rate; ``grad_scale`` multiplies every

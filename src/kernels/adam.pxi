@@ -70,7 +70,8 @@ cdef void adam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const AdamArgs*>args)
 
 
-def adam(list params, list grads, list exp_avg, list exp_avg_sq, max_exp_avg_sq=None, *,
+def adam(list params not None, list grads not None, list exp_avg not None, list exp_avg_sq not None,
+         max_exp_avg_sq=None, *,
          double lr, double step_size, double inv_bias_correction2_sqrt, double beta1, double beta2,
          double eps, double weight_decay, bint decoupled, double grad_scale, int n_threads):
     """Fused Adam/AdamW step over many tensors (private: call ``fastdescent.adam_step``).

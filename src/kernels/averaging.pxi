@@ -64,7 +64,7 @@ cdef void swap_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
     swap_elements(<double*>rows[0] + start, <double*>rows[1] + start, n)
 
 
-def swa(list averages, list params, *, Py_ssize_t n_averaged, int n_threads):
+def swa(list averages not None, list params not None, *, Py_ssize_t n_averaged, int n_threads):
     """Fold ``params`` into the equal running averages (private: call ``fastdescent.swa_update``)."""
     cdef SWAArgs a
     a.count = <double>(n_averaged + 1)
@@ -72,13 +72,13 @@ def swa(list averages, list params, *, Py_ssize_t n_averaged, int n_threads):
     run_kernel((averages, params), n_threads, swa_segment_f32, swa_segment_f64, &a)
 
 
-def ema(list averages, list params, *, double decay, int n_threads):
+def ema(list averages not None, list params not None, *, double decay, int n_threads):
     """Blend ``params`` into the exponential averages (private: call ``fastdescent.ema_update``)."""
     cdef EMAArgs a
     a.decay = decay
     run_kernel((averages, params), n_threads, ema_segment_f32, ema_segment_f64, &a)
 
 
-def swap(list first, list second, *, int n_threads):
+def swap(list first not None, list second not None, *, int n_threads):
     """Exchange the contents of two lists of arrays (private: call ``fastdescent.swap_arrays``)."""
     run_kernel((first, second), n_threads, swap_segment_f32, swap_segment_f64, NULL)

@@ -154,6 +154,23 @@ cdef double reduce_block(const Plan* plan, Py_ssize_t b, Py_ssize_t t, lanes_fn 
     return acc[0]
 
 
+cdef struct BlockJob:
+    const Plan* plan
+    const Py_ssize_t* first     # the tensor holding each block's first element
+    double* partial             # each block's result
+    lanes_fn fn
+    const NormArgs* args
+    bint take_max
+
+
+cdef void reduce_block_range(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """The partial results of blocks [begin, end)."""
+    cdef const BlockJob* job = <const BlockJob*>ctx
+    cdef Py_ssize_t b
+    for b in range(begin, end):
+        job.partial[b] = reduce_block(job.plan, b, job.first[b], job.fn, job.args, job.take_max)
+
+
 cdef double reduce_blocks(list arrays, int n_threads, lanes_fn fn32, lanes_fn fn64,
                           const NormArgs* a, bint take_max) except? -1.0:
     """Every block's partial result, then their sum (or maximum) in block order."""
@@ -163,6 +180,7 @@ cdef double reduce_blocks(list arrays, int n_threads, lanes_fn fn32, lanes_fn fn
     cdef double* partial = NULL
     cdef Py_ssize_t* first = NULL
     cdef double result = 0.0
+    cdef BlockJob job
     plan.offsets = NULL
     plan.rows = NULL
     try:
@@ -180,12 +198,9 @@ cdef double reduce_blocks(list arrays, int n_threads, lanes_fn fn32, lanes_fn fn
                 while plan.offsets[t + 1] <= b * NORM_BLOCK:
                     t += 1
                 first[b] = t
-            if plan.n_parts == 1:
-                for b in range(n_blocks):
-                    partial[b] = reduce_block(&plan, b, first[b], fn, a, take_max)
-            else:
-                for b in prange(n_blocks, num_threads=plan.n_parts, schedule="static"):
-                    partial[b] = reduce_block(&plan, b, first[b], fn, a, take_max)
+            job = BlockJob(&plan, first, partial, fn, a, take_max)
+            fd_pool_run(plan.n_parts, n_blocks, 1, chunk_items(NORM_BLOCK), reduce_block_range, &job)
+            call_finished()
             for b in range(n_blocks):
                 if take_max:
                     if partial[b] > result:
@@ -199,7 +214,7 @@ cdef double reduce_blocks(list arrays, int n_threads, lanes_fn fn32, lanes_fn fn
     return result
 
 
-def sum_squares(list arrays, *, double clip_value, double scale, int n_threads):
+def sum_squares(list arrays not None, *, double clip_value, double scale, int n_threads):
     """Sum of ``(scale * x)**2`` over every element of ``arrays``, in double, in the
     fixed blocked order (private: call ``fastdescent.global_norm``).
 
@@ -214,7 +229,7 @@ def sum_squares(list arrays, *, double clip_value, double scale, int n_threads):
     return reduce_blocks(arrays, n_threads, squares_f32, squares_f64, &a, False)
 
 
-def max_abs(list arrays, *, int n_threads):
+def max_abs(list arrays not None, *, int n_threads):
     """Largest ``abs(x)`` over every element of ``arrays`` (0 if none; NaN skipped)."""
     cdef NormArgs a
     a.limit = INFINITY

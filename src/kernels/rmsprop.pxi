@@ -72,7 +72,8 @@ cdef void rmsprop_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      n, <const RMSpropArgs*>args)
 
 
-def rmsprop(list params, list grads, list square_avg, momentum_buffer=None, grad_avg=None, *,
+def rmsprop(list params not None, list grads not None, list square_avg not None, momentum_buffer=None,
+            grad_avg=None, *,
             double lr, double alpha, double eps, double weight_decay, double momentum,
             double grad_scale, int n_threads):
     """Fused RMSprop step over many tensors (private: call ``fastdescent.rmsprop_step``).

@@ -68,7 +68,7 @@ cdef void sgd_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const voi
                  (<double*>rows[2] + start) if rows[2] != NULL else NULL, n, <const SGDArgs*>args)
 
 
-def sgd(list params, list grads, momentum_buffer=None, *, double lr, double grad_scale,
+def sgd(list params not None, list grads not None, momentum_buffer=None, *, double lr, double grad_scale,
         double weight_decay, double momentum, double dampening, bint nesterov,
         bint classical, bint first_step, int n_threads):
     """Fused SGD step over many tensors (private: call ``fastdescent.sgd_step``).

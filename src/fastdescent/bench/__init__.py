@@ -14,7 +14,10 @@ Three cases:
   fused paths at each thread count;
 * ``many``: many small arrays in one multi-tensor call (200 x 1,000 by default)
   against one array of the same total size;
-* ``overhead``: microseconds per step from Python on one small array.
+* ``overhead``: microseconds per step from Python on one small array;
+* ``threads`` (only when asked): the threading sweep of ``bench.threads``, float32
+  Adam from 2**14 to 2**24 elements, 1 and 2 threads beside torch fused, back to
+  back and after idle gaps.
 
 Timing: data prepared and touched first, one warm-up call, then ``--repeats``
 samples each averaging enough back-to-back calls to last ``--min-time`` seconds;
@@ -46,11 +49,13 @@ from .cases import (
     time_step,
     torch_or_none,
 )
+from . import threads as threads_sweep
 from .report import derive, render
 
 __all__ = ["add_arguments", "run", "main"]
 
-CASES = ("sizes", "many", "overhead")
+CASES = ("sizes", "many", "overhead", "threads")
+DEFAULT_CASES = ("sizes", "many", "overhead")
 DEFAULT_SIZES = tuple(10**k for k in range(3, 9))
 JSON_FORMAT = 1
 
@@ -85,8 +90,8 @@ def shape_arg(text):
 
 def add_arguments(parser):
     """Add the bench command's options to ``parser``."""
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
-                        help="what to measure (default: all)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
+                        help="what to measure (default: all but threads)")
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES),
                         help="rules from fastdescent.catalog (default: all)")
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(DEFAULT_SIZES),
@@ -113,6 +118,7 @@ def add_arguments(parser):
                              "(a training loop's forward/backward: the thread team has gone to sleep)")
     parser.add_argument("--min-elements-per-thread", type=int, metavar="N",
                         help="set the kernels' serial threshold for this run (every variant)")
+    threads_sweep.add_arguments(parser, size_arg)
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run; measure nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -124,6 +130,8 @@ def run(args):
         with open(args.from_json) as f:
             saved = json.load(f)
         print(render(saved))
+        if "threads" in saved:
+            print(threads_sweep.render(saved["threads"]))
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
@@ -138,6 +146,9 @@ def run(args):
     result = {**meta, "records": records, "finished": _now()}
     derive(result)
     print(render(result))
+    if "threads" in args.cases:
+        result["threads"] = threads_sweep.measure(args)
+        print(threads_sweep.render(result["threads"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

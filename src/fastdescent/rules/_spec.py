@@ -294,8 +294,18 @@ class RuleSpec:
             scalar_state=None, n_threads):
         """One update of validated lists: compute the step's scalars and call the
         kernel (or reference twin) of ``backend`` with every buffer by name."""
-        kwargs = self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
-                              **({"scalar_state": scalar_state} if self.scalar_state else {}))
+        kwargs = self.kernel_arguments(h, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
+        self.call(backend, params, grads, buffers, kwargs, n_threads)
+
+    def kernel_arguments(self, h, *, step, grad_scale, fresh=frozenset(), scalar_state=None):
+        """The kernel's keyword scalars for one step (the first half of :meth:`run`,
+        for callers that compute them once and call many times)."""
+        return self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
+                            **({"scalar_state": scalar_state} if self.scalar_state else {}))
+
+    def call(self, backend, params, grads, buffers, kwargs, n_threads):
+        """Call the kernel (or reference twin, or the rule's ``runner``) of
+        ``backend`` with every buffer by name (the second half of :meth:`run`)."""
         if self.runner is not None:
             self.runner(backend, params, grads, buffers, kwargs, n_threads)
         else:

@@ -3,8 +3,10 @@
 ``fastdescent.torch.Adam`` (and one class per rule with a ``torch.optim`` peer:
 ``SGD``, ``Adagrad``, ``RMSprop``, ``AdamW``...) take the arguments of their
 ``torch.optim`` namesakes and step CPU tensors in place with the fused kernels;
-see :mod:`fastdescent.torch.optimizers`. PyTorch is an optional dependency:
-``import fastdescent`` never imports it, this module does.
+see :mod:`fastdescent.torch.optimizers`. :func:`step_in_backward` makes
+``loss.backward()`` itself update each parameter as soon as its gradient is
+complete. PyTorch is an optional dependency: ``import fastdescent`` never
+imports it, this module does.
 """
 
 try:
@@ -14,9 +16,10 @@ except ImportError as error:
         "fastdescent.torch needs PyTorch, which is not installed: pip install torch"
     ) from error
 
+from ._backward import step_in_backward
 from .benchmark import benchmark_against_torch
 from .optimizers import CLASSES
 
 globals().update(CLASSES)
 
-__all__ = [*CLASSES, "benchmark_against_torch"]
+__all__ = [*CLASSES, "benchmark_against_torch", "step_in_backward"]

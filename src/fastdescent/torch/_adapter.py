@@ -3,34 +3,46 @@ their cache, and one multi-tensor kernel call per parameter group and dtype.
 
 Each optimizer keeps, per parameter group, a *plan*: NumPy views (sharing memory,
 never copies) of every parameter and state buffer, sorted into one bucket per
-parameter dtype. A step then only has to look up the gradients, view them, and
-hand the lists to the functional face (``fastdescent.adam_step``...), which checks
-every buffer in C and runs the fused kernel. A plan is rebuilt when anything it
-caches may have moved: another ``state`` mapping (``load_state_dict``), another
-group dict or parameter list, a parameter whose storage moved (``param.data = ...``),
-a state tensor that was replaced, or a parameter that gets its first gradient
-(its state is created then, as ``torch.optim`` does).
+parameter dtype. A plan is rebuilt when anything it caches may have moved:
+another ``state`` mapping (``load_state_dict``), another group dict or parameter
+list, a parameter whose storage moved (``param.data = ...``), a state tensor that
+was replaced, or a parameter that gets its first gradient (its state is created
+then, as ``torch.optim`` does).
+
+A step runs in two phases. The first reads and checks everything: the plans, every
+gradient (``_tensorviews.BucketViews`` views them in one C loop), every
+hyperparameter (through the rule class's ``_kernel_call``). The second only writes:
+it gathers the gapped parameters into their scratch blocks, runs the kernels,
+scatters back and counts the steps. So a step that raises has written nothing;
+the state it created for parameters with a first gradient is removed again.
 
 ``state["step"]`` stays what ``torch.optim`` stores (a scalar float tensor per
 parameter), but the scalars of one bucket are views into one small tensor, so a
-step increments them all with one NumPy operation instead of one torch call each.
+step sets them all with one NumPy operation instead of one torch call each.
 """
 
 import functools
-from itertools import repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from operator import is_
 
 import numpy as np
 import torch
-from torch.autograd.graph import increment_version
+from torch.optim import optimizer as _torch_optimizer
 
+from .. import _tensorviews
+from .._config import effective_n_threads, resolve_backend
+from .._runtime import check_buffers, check_distinct
+from . import _layout
+
+_COMPLETE = _tensorviews.COMPLETE
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
-_REAL_OF = {np.dtype(np.complex64): np.float32, np.dtype(np.complex128): np.float64}
-# Unbound, to loop over many tensors in C with map().
-_GRAD = attrgetter("grad")
-_DATA_PTR = torch.Tensor.data_ptr
-_IS_CONTIGUOUS = torch.Tensor.is_contiguous
-_NUMPY = torch.Tensor.numpy
+_TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
+                   torch.Tensor.is_neg, torch.Tensor.is_conj)
+# torch.autograd.graph.increment_version without its argument handling (a list here).
+_increment_version = torch._C._increment_version
+_profiler_enabled = torch._C._autograd._profiler_enabled
+# Step hooks registered for every optimizer (torch.optim.optimizer.register_optimizer_step_*_hook).
+_GLOBAL_PRE_HOOKS = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST_HOOKS = _torch_optimizer._global_optimizer_post_hooks
 
 
 def _where(group_index, index, group, param):
@@ -41,72 +53,60 @@ def _where(group_index, index, group, param):
             f"shape {tuple(param.shape)}, dtype {param.dtype}, device {param.device})")
 
 
-def _is_dense(t):
-    """True if ``t`` covers one block of memory without gaps or overlap, in any
-    dimension order (contiguous, channels_last, a transposed contiguous tensor...)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _is_plain(t):
-    """Real and C-contiguous: its ``.numpy()`` view can go to a kernel as it is."""
-    return t.is_contiguous() and not t.is_complex()
-
-
-def _flat_view(t):
-    """1-D NumPy view of the memory of dense tensor ``t``, in memory order; complex
-    elements as (real, imaginary) pairs. Elementwise rules may run on this view as
-    long as every buffer of the update has the same layout."""
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.as_strided((t.numel(),), (1,))
-    a = t.numpy().reshape(-1)
-    real = _REAL_OF.get(a.dtype)
-    return a if real is None else a.view(real)
-
-
-def _view(t, plain):
-    return t.detach().numpy() if plain else _flat_view(t)
-
-
-def _same_layout(t, p):
-    """True if ``t`` is laid out in memory as parameter ``p`` (so one elementwise
-    pass may run over both memory blocks side by side)."""
-    return t.is_contiguous() if p.is_contiguous() else t.stride() == p.stride()
-
-
-def _in_layout_of(p, t):
-    """``t`` itself if it is laid out as ``p``, else a copy in ``p``'s layout."""
-    if _same_layout(t, p):
-        return t
-    return torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
-
-
 class _Entry:
-    """One parameter that has state: its tensors and where to check for changes."""
+    """One parameter that has state: its tensors and the layout the kernel sees.
 
-    __slots__ = ("param", "index", "ptr", "state", "keys", "tensors", "plain", "fresh")
+    ``ref`` is the tensor whose layout the gradient and state must share: the
+    parameter itself if it is dense, else its block in the bucket's scratch arena
+    (``scratch``); ``target`` is the parameter's detached alias, written back to."""
+
+    __slots__ = ("param", "index", "ptr", "state", "keys", "tensors", "fresh", "ref", "scratch", "target",
+                 "position")
 
 
 class _Bucket:
-    """The parameters of one group and one dtype: one kernel call per step."""
+    """The parameters of one group and one dtype that have state: one kernel call per step."""
 
-    __slots__ = ("entries", "params", "param_views", "state_views", "steps", "n_fresh",
-                 "ptrs", "states", "checks", "all_plain")
+    __slots__ = ("entries", "params", "param_views", "state_views", "names", "order", "views", "step_block",
+                 "steps", "count", "n_fresh", "gapped")
 
 
 class _Plan:
-    __slots__ = ("group", "state_map", "param_list", "n_params", "buffer_names", "buckets", "pending")
+    __slots__ = ("group", "state_map", "param_list", "params", "buffer_names", "buckets", "pending",
+                 "values", "calls")
+
+
+class _Work:
+    """One bucket's share of a step, checked and ready to write.
+
+    ``taken``: the positions updated (None: all); ``grads``: their gradient views;
+    ``keep``: tensors those views point into; ``calls``: (run, positions or None,
+    step) per kernel call; ``next_steps``: the new step counts."""
+
+    __slots__ = ("bucket", "taken", "grads", "keep", "calls", "next_steps")
+
+
+class _KernelCall(tuple):
+    """(kernel name, keyword scalars): a checked kernel call, from ``_kernel_call``;
+    the bucket's ``order`` places its buffers."""
+
+    __slots__ = ()
+
+
+def _run(call, order, kernels, params, grads, states, n_threads):
+    """Run a call from ``_kernel_call`` on the arrays (``states`` in the order of
+    the rule's ``_buffer_names``; ``order``: where each of the kernel's buffers
+    is among them) with the backend module ``kernels``."""
+    if type(call) is _KernelCall:
+        name, arguments = call
+        getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in order],
+                               **arguments, n_threads=n_threads)
+    else:
+        call(kernels, params, grads, states, n_threads)
 
 
 class _Stale(Exception):
-    """A cached view may no longer point at the tensor's memory: rebuild the plan."""
+    """A cached view may no longer show the tensor's memory: rebuild the plan."""
 
 
 class KernelOptimizer:
@@ -121,13 +121,30 @@ class KernelOptimizer:
       does when the parameter first has a gradient (by default: ``step`` and
       zeros); returns True if the new buffers must be initialised by the next
       update (SGD's momentum buffer);
-    * ``_update(group, params, grads, buffers, step, fresh, states)``: update the
-      arrays (``states``: the parameters' torch state dicts, for a rule's scalar
-      state such as NAdam's ``mu_product``).
+    * ``_update(group, params, grads, buffers, step, fresh)``: call the face on
+      flat arrays (``buffers``: one list per name of ``_buffer_names``). It is
+      called once on empty arrays to validate the hyperparameters before any
+      write (it must then write nothing), and again on the real ones.
+
+    Optionally, to call the kernel without the face's per-call work (list
+    normalisation, buffer checks the adapter has already made):
+
+    * ``_kernel``: the kernel's name in the backend module (``"adam"``);
+    * ``_kernel_buffers``: every state buffer the kernel takes, in its order
+      (absent ones are passed as None);
+    * ``_arguments(group, step, fresh)``: validate the hyperparameters and
+      return the kernel's keyword scalars (the rule's ``<rule>_arguments``).
+
+    In both, ``step`` is the number of the step being taken (a float, as
+    ``state["step"]`` holds it) for a rule with ``_step_in_math``, else None;
+    ``fresh`` is True for the parameters whose ``_init_state`` returned True and
+    that take their first update.
     """
 
     _counts_steps = False
     _step_in_math = False
+    _kernel = None
+    _kernel_buffers = ()
 
     # -- construction ---------------------------------------------------------
 
@@ -139,6 +156,7 @@ class KernelOptimizer:
             self._check_group(group_index, group)
             for index, p in enumerate(group["params"]):
                 self._check_param(group_index, index, group, p)
+        self._check_overlaps()
 
     def __setstate__(self, state):
         # load_state_dict and unpickling come here: the cached views show old tensors.
@@ -150,9 +168,14 @@ class KernelOptimizer:
         if "_fd_plans" in self.__dict__:  # not while torch's __init__ adds the first groups
             group_index = len(self.param_groups) - 1
             group = self.param_groups[group_index]
-            self._check_group(group_index, group)
-            for index, p in enumerate(group["params"]):
-                self._check_param(group_index, index, group, p)
+            try:
+                self._check_group(group_index, group)
+                for index, p in enumerate(group["params"]):
+                    self._check_param(group_index, index, group, p)
+                self._check_overlaps()
+            except BaseException:
+                self.param_groups.pop()
+                raise
 
     def _check_group(self, group_index, group):
         name = type(self).__name__
@@ -175,10 +198,27 @@ class KernelOptimizer:
             raise TypeError(
                 f"{where()}: fastdescent kernels take float32, float64 (and complex64/128 "
                 f"as real pairs) parameters; cast the parameter or use torch.optim")
-        if not _is_dense(p):
+        if p.is_conj() or p.is_neg():
+            raise TypeError(f"{where()} is a conjugate or negative view; resolve it first "
+                            "(param.resolve_conj(), param.resolve_neg())")
+        if _layout.overlaps_itself(p):
             raise ValueError(
-                f"{where()} is not dense in memory (strides {p.stride()}): the kernels "
-                "need parameters that fill one block (contiguous, channels_last...)")
+                f"{where()} has elements that share memory (strides {p.stride()}): an "
+                "in-place update is undefined for it, as in torch")
+
+    def _check_overlaps(self):
+        """Raise naming both if two parameters of any groups share an element."""
+        found = [(group_index, index, group, p) for group_index, group in enumerate(self.param_groups)
+                 for index, p in enumerate(group["params"])]
+        key = tuple((p.data_ptr(), p.shape, p.stride()) for *_, p in found)
+        if self.__dict__.get("_fd_checked") == key:
+            return
+        pair = _layout.first_overlap([p for *_, p in found])
+        if pair is not None:
+            first, second = (_where(*found[i]) for i in pair)
+            raise ValueError(f"{first} and {second} share memory: each element may belong "
+                             "to one parameter only")
+        self.__dict__["_fd_checked"] = key
 
     def _init_state(self, param, group, state):
         if self._counts_steps:
@@ -186,6 +226,29 @@ class KernelOptimizer:
         for name in self._buffer_names(group):
             state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return False
+
+    def _scalar_key(self, entry):
+        """The rule's scalar state of ``entry`` (NAdam's ``mu_product``...) as a tuple:
+        parameters are stepped together only if theirs are equal. None here."""
+        return ()
+
+    def _kernel_call(self, group, step, fresh, scalars=()):
+        """Validate the group's hyperparameters for step number ``step`` (None if
+        the rule does not count) and return ``run(kernels, params, grads, buffers,
+        n_threads)``, which only writes.
+
+        With ``_kernel`` set, through ``_arguments`` and the backend's kernel;
+        else through the face: ``_update`` on empty arrays (which validates and
+        writes nothing), then ``_update`` on the real ones."""
+        if self._kernel is None:
+            names = self._buffer_names(group)
+            empty = np.empty(0)
+            self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
+
+            def run(kernels, params, grads, buffers, n_threads):
+                self._update(group, params, grads, buffers, step, fresh)
+            return run
+        return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
 
     # -- step -----------------------------------------------------------------
 
@@ -196,20 +259,58 @@ class KernelOptimizer:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss; it runs with gradients enabled.
         """
+        # torch.optim wraps every step in a profiler range and its hook loops;
+        # that costs microseconds, so take the wrapped path only when it matters.
+        if (_GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks or _profiler_enabled()):
+            # The hooks see the arguments as given, as torch's wrapper shows them.
+            return self._hooked_step() if closure is None else self._hooked_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch.optim.Optimizer must not wrap it again
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        try:
-            # Every group is checked and viewed before any is updated.
-            work = [self._prepare(group_index, group) for group_index, group in enumerate(self.param_groups)]
-            for group, calls in work:
-                for bucket, taken, grads in calls:
-                    self._run(group, bucket, taken, grads)
-        except BaseException:
-            self._forget_fresh_state()
-            raise
+        self._apply_all(self._check_all())
         return loss
+
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _check_all(self):
+        """Phase one of a step: every read and check, for every group; no write
+        (state created for first gradients is removed again if anything fails)."""
+        created = []
+        work = []
+        try:
+            for group_index, group in enumerate(self.param_groups):
+                self._prepare(group_index, group, work, created)
+        except BaseException:
+            self._remove_created(created)
+            for plan in self._plans():
+                for bucket in plan.buckets if plan is not None else ():
+                    bucket.views.release()
+            self._forget_plans()
+            raise
+        return work
+
+    def _apply_all(self, work):
+        """Phase two: the writes."""
+        try:
+            n_threads = effective_n_threads(None)
+            kernels = resolve_backend(None)
+            for item in work:
+                self._apply(item, kernels, n_threads)
+        finally:
+            self._release(work)
+
+    @staticmethod
+    def _release(work):
+        for item in work:
+            item.bucket.views.release()
+            item.keep = item.grads = None
 
     def _plans(self):
         plans = self.__dict__.get("_fd_plans")
@@ -217,83 +318,108 @@ class KernelOptimizer:
             plans = self.__dict__["_fd_plans"] = []
         return plans
 
-    def _prepare(self, group_index, group):
-        """(group, [(bucket, taken, grad views)]) for the parameters that have a gradient."""
+    def _plan(self, group_index, group, created):
+        """The group's plan, rebuilt if anything it caches changed; its
+        hyperparameters checked if they changed since the last step."""
         plans = self._plans()
         while len(plans) <= group_index:
             plans.append(None)
         plan = plans[group_index]
         if (plan is None or plan.group is not group or plan.state_map is not self.state
-                or plan.param_list is not group["params"] or plan.n_params != len(group["params"])
-                or plan.buffer_names != self._buffer_names(group)):
-            plan = plans[group_index] = self._build(group_index, group)
-        else:
+                or plan.param_list is not group["params"] or len(plan.params) != len(group["params"])
+                or not all(map(is_, plan.params, group["params"]))):
+            plan = plans[group_index] = self._build(group_index, group, created)
+        values = tuple(group.values())
+        if values != plan.values:
             self._check_group(group_index, group)
-        try:
-            return group, self._gather(group_index, group, plan)
-        except _Stale:
-            plan = plans[group_index] = self._build(group_index, group)
-            return group, self._gather(group_index, group, plan)
-
-    def _gather(self, group_index, group, plan):
-        """[(bucket, taken, grad views)] for the buckets with gradients; ``taken``
-        lists the positions that have one (None: all of them)."""
+            if self._buffer_names(group) != plan.buffer_names:
+                plan = plans[group_index] = self._build(group_index, group, created)
+            plan.calls = {}
+            # A tensor hyperparameter may change in place (schedulers fill_ it): never cache it.
+            plan.values = None if any(map(_holds_tensor, values)) else values
         for p in plan.pending:
-            if p.grad is not None:
-                raise _Stale  # its first gradient: create its state
-        calls = []
-        for bucket in plan.buckets:
-            grads = list(map(_GRAD, bucket.params))
-            if all(map(is_not, grads, repeat(None))):
-                self._check_fresh(bucket)
-                views = self._plain_grad_views(bucket, grads)
-                if views is None:
-                    views = [self._grad_view(group_index, group, e, g) for e, g in zip(bucket.entries, grads)]
-                calls.append((bucket, None, views))
-                continue
-            taken = [k for k, g in enumerate(grads) if g is not None]
-            if taken:
-                entries = [bucket.entries[k] for k in taken]
-                for e in entries:
-                    if e.param.data_ptr() != e.ptr or not all(map(is_, map(e.state.get, e.keys), e.tensors)):
-                        raise _Stale
-                views = [self._grad_view(group_index, group, e, grads[k]) for e, k in zip(entries, taken)]
-                calls.append((bucket, taken, views))
-        return calls
+            if p.grad is not None:  # its first gradient: create its state
+                plan = plans[group_index] = self._build(group_index, group, created)
+                break
+        return plan
 
-    @staticmethod
-    def _check_fresh(bucket):
-        """Raise _Stale unless every cached view still shows its tensor (in C loops:
-        this runs for every parameter at every step)."""
-        if list(map(_DATA_PTR, bucket.params)) != bucket.ptrs:
-            raise _Stale
-        for get, tensors in bucket.checks:
-            if not all(map(is_, map(get, bucket.states), tensors)):
-                raise _Stale
-
-    @staticmethod
-    def _plain_grad_views(bucket, grads):
-        """``.numpy()`` of every gradient if all are plain and as their parameters
-        (the common case), else None."""
-        if not (bucket.all_plain and all(map(_IS_CONTIGUOUS, grads))):
-            return None
+    def _prepare(self, group_index, group, work, created):
+        """Append the group's share of the step to ``work``, everything checked."""
+        plan = self._plan(group_index, group, created)
+        start = len(work)
         try:
-            return list(map(_NUMPY, grads))  # fails for sparse, requires_grad, other devices...
-        except (TypeError, RuntimeError):
-            return None
-
-    def _grad_view(self, group_index, group, e, g):
-        """The gradient of ``e`` as a view the kernel can take, or a clear error.
-
-        A gradient laid out differently from its parameter is copied into the
-        parameter's layout (it is only read); everything else is a view.
-        """
-        p = e.param
-        if e.plain and g.is_contiguous():
+            self._prepare_buckets(plan, group_index, group, work)
+        except _Stale:  # rebuild once: a new plan's views are current
+            self._release(work[start:])
+            del work[start:]
+            plan = self._plans()[group_index] = self._build(group_index, group, created)
             try:
-                return g.numpy()
-            except (TypeError, RuntimeError):
-                pass
+                self._prepare_buckets(plan, group_index, group, work)
+            except _Stale:
+                raise RuntimeError("fastdescent.torch: a tensor moved while its views were built") from None
+
+    def _prepare_buckets(self, plan, group_index, group, work):
+        for bucket in plan.buckets:
+            views = bucket.views
+            status = views.collect()
+            if (status == _COMPLETE and not bucket.n_fresh
+                    and (bucket.count is not None or bucket.steps is None)):
+                # The usual step: every gradient there, one step count, one kernel call.
+                item = _Work()
+                item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
+                step = item.next_steps = None if bucket.steps is None else _next_count(bucket.count, bucket.steps)
+                if not self._step_in_math:
+                    step = None
+                scalars = self._scalar_key(bucket.entries[0]) if bucket.entries else ()
+                item.calls = ((self._cached_call(plan, group, step, False, scalars), None, step),)
+            else:
+                item = self._gather(group_index, group, bucket, status)
+                if item is None:
+                    continue
+                item.calls = self._calls(plan, group, bucket, item)
+            work.append(item)
+
+    def _gather(self, group_index, group, bucket, status):
+        """The bucket's work (gradient views, all checked), or None without
+        gradients; ``status``: what ``bucket.views.collect()`` returned."""
+        views = bucket.views
+        if status == _COMPLETE:
+            item = _Work()
+            item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
+            return item
+        if status == _tensorviews.STALE:
+            raise _Stale
+        missing = set(views.missing)
+        taken = [k for k in range(len(bucket.entries)) if k not in missing]
+        if not taken:
+            return None
+        grads = list(views.views)
+        keep = list(views.grads)
+        for k in views.odd:
+            e = bucket.entries[k]
+            view, copy = self._odd_grad_view(group_index, group, e, views.grads[k])
+            grads[k] = view
+            keep.append(copy)
+            roles = (bucket.param_views[k], view, *(s[k] for s in bucket.state_views))
+            try:
+                check_buffers(("param", "grad") + bucket.names, tuple([r] for r in roles),
+                              (True, False) + (True,) * len(bucket.state_views), False)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+        item = _Work()
+        item.bucket, item.keep = bucket, keep
+        if len(taken) == len(bucket.entries):
+            item.taken, item.grads = None, grads
+        else:
+            item.taken, item.grads = taken, [grads[k] for k in taken]
+        return item
+
+    def _odd_grad_view(self, group_index, group, e, g):
+        """(view, tensor it shows) of a gradient the fast path did not take, or a
+        clear error. A gradient laid out unlike its parameter is copied into the
+        parameter's layout (it is only read); else it is viewed where it is, so
+        that the aliasing check sees its real memory."""
+        p = e.param
         problem = None
         if g.layout != torch.strided:
             name = type(self).__name__
@@ -307,72 +433,203 @@ class KernelOptimizer:
             problem = ValueError(f"its gradient has shape {tuple(g.shape)}")
         if problem is not None:
             raise type(problem)(f"{_where(group_index, e.index, group, p)}: {problem}")
-        return _view(_in_layout_of(p, g.detach().resolve_conj().resolve_neg()), e.plain)
+        g = g.detach()
+        if (g.is_conj() or g.is_neg() or not _layout.same_layout(g, e.ref)
+                or g.data_ptr() % g.element_size()):  # the kernels need aligned elements
+            g = _layout.in_layout_of(e.ref, g.resolve_conj().resolve_neg())
+            if g.data_ptr() % g.element_size():  # still: a view that was already in layout
+                g = _layout.in_layout_of(e.ref, g.clone())
+        return _layout.flat_view(g), g
 
-    def _run(self, group, bucket, taken, grads):
-        """Update the parameters ``taken`` (None: all) of ``bucket``: one face call,
-        or one per step count (and per fresh/old SGD buffer) if they differ."""
-        steps = bucket.steps
+    def _calls(self, plan, group, bucket, item):
+        """The kernel calls of ``item``, hyperparameters validated: one, or one per
+        step count (and per fresh/old SGD buffer) if they differ."""
+        taken = item.taken
+        entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
+        if bucket.steps is None:
+            item.next_steps = None
+            if not bucket.n_fresh:
+                return [(self._cached_call(plan, group, None, False), None, None)]
+            keys = [(None, e.fresh, ()) for e in entries]
+        elif bucket.count is not None and not bucket.n_fresh:
+            step = _next_count(bucket.count, bucket.steps)
+            item.next_steps = step
+            if not self._step_in_math:
+                step = None
+            return [(self._cached_call(plan, group, step, False, self._scalar_key(entries[0])), None, step)]
+        else:
+            steps = bucket.steps if taken is None else bucket.steps[taken]
+            next_steps = steps + 1  # in the step dtype, as torch counts
+            item.next_steps = next_steps
+            counts = next_steps.tolist() if self._step_in_math else [None] * len(entries)
+            keys = list(zip(counts, (e.fresh for e in entries), map(self._scalar_key, entries)))
+        calls = []
+        for key in sorted(set(keys), key=lambda k: (k[0] or 0, k[1], k[2])):
+            pick = [i for i, k in enumerate(keys) if k == key]
+            calls.append((self._cached_call(plan, group, *key),
+                          None if len(pick) == len(keys) else pick, key[0]))
+        return calls
+
+    def _cached_call(self, plan, group, step, fresh, scalars=()):
+        """``_kernel_call`` for this step and group, reused while the group's
+        hyperparameters are unchanged (and, if the rule counts, for the same step
+        and scalar state)."""
+        key = (step, fresh, scalars)
+        call = plan.calls.get(key) if plan.values is not None else None
+        if call is None:
+            if len(plan.calls) > 4:
+                plan.calls.clear()
+            call = plan.calls[key] = self._kernel_call(group, step, fresh, scalars)
+        return call
+
+    def _apply(self, item, kernels, n_threads):
+        """Write ``item``: gather gapped parameters, run the kernels, scatter, count."""
+        bucket, taken = item.bucket, item.taken
         if taken is None:
-            entries, params, state = bucket.entries, bucket.param_views, bucket.state_views
-            torch_params = bucket.params
+            params, states, torch_params = bucket.param_views, bucket.state_views, bucket.params
+            gapped = bucket.gapped
         else:
-            entries = [bucket.entries[k] for k in taken]
             params = [bucket.param_views[k] for k in taken]
-            state = [[views[k] for k in taken] for views in bucket.state_views]
+            states = [[views[k] for k in taken] for views in bucket.state_views]
             torch_params = [bucket.params[k] for k in taken]
-            if steps is not None:
-                steps = steps[taken]
-        next_steps = None if steps is None else steps + 1  # in the step dtype, as torch counts
-        if self._step_in_math and not (next_steps == next_steps[0]).all():
-            keys = next_steps.tolist()
-        elif bucket.n_fresh:
-            keys = [e.fresh for e in entries]
-        else:
-            keys = None
-        if keys is None:
-            step = None if next_steps is None else float(next_steps[0])
-            self._update(group, params, grads, state, step, False, [e.state for e in entries])
-        else:
-            for key in sorted(set(keys)):
-                pick = [i for i, k in enumerate(keys) if k == key]
-                step = None if next_steps is None else float(next_steps[pick[0]])
-                self._update(group, [params[i] for i in pick], [grads[i] for i in pick],
-                             [[views[i] for i in pick] for views in state], step,
-                             entries[pick[0]].fresh, [entries[i].state for i in pick])
+            chosen = set(taken)
+            gapped = [e for e in bucket.gapped if e.position in chosen]
+        for e in gapped:
+            e.scratch.copy_(e.target)
+        grads = item.grads
+        for run, pick, _ in item.calls:
+            if pick is None:
+                _run(run, bucket.order, kernels, params, grads, states, n_threads)
+            else:
+                _run(run, bucket.order, kernels, [params[i] for i in pick], [grads[i] for i in pick],
+                     [[views[i] for i in pick] for views in states], n_threads)
+            advanced = getattr(run, "advanced", None)
+            if advanced:  # the rule's scalar state after the step, in each parameter's state
+                entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
+                for e in entries if pick is None else [entries[i] for i in pick]:
+                    for name, value in advanced.items():
+                        _set_scalar_state(e.state, name, value)
+        for e in gapped:
+            e.target.copy_(e.scratch)
         if bucket.n_fresh:
-            for e in entries:
+            for e in (bucket.entries if taken is None else [bucket.entries[k] for k in taken]):
                 if e.fresh:
                     e.fresh = False
                     bucket.n_fresh -= 1
-        if steps is not None:
-            if taken is None:
-                bucket.steps[...] = next_steps
+        following = item.next_steps
+        if following is not None:
+            if taken is None and type(following) is float:
+                bucket.steps.fill(following)
+                bucket.count = following
             else:
-                bucket.steps[taken] = next_steps
+                bucket.steps[... if taken is None else taken] = following
+                bucket.count = _uniform_count(bucket.steps)
         # NumPy writes bypass autograd's version counters: bump them as torch's
         # in-place updates would, so a stale saved tensor is still detected.
-        increment_version(torch_params)
+        _increment_version(torch_params)
 
-    def _forget_fresh_state(self):
-        """After a failed step: drop buffers that were created for it and never
-        written (SGD's momentum), so that no later step takes them for real state."""
-        for plan in self._plans():
-            for bucket in plan.buckets if plan is not None else ():
-                for e in bucket.entries:
-                    if e.fresh:
-                        for name in e.keys:
-                            e.state.pop(name, None)
+    # -- one parameter at a time (step_in_backward) ------------------------------
+
+    def _locate(self):
+        """{id(param): (group index, plan, bucket, position)} for the parameters
+        with state; the plans checked as at the start of a step."""
+        created = []
+        try:
+            located = {}
+            for group_index, group in enumerate(self.param_groups):
+                plan = self._plan(group_index, group, created)
+                for bucket in plan.buckets:
+                    for k, e in enumerate(bucket.entries):
+                        located[id(e.param)] = (group_index, plan, bucket, k)
+        except BaseException:
+            self._remove_created(created)
+            self._forget_plans()
+            raise
+        return located
+
+    def _parameter_update(self, located, p, before_rebuild=None):
+        """Check the update of parameter ``p`` from its ``.grad`` (everything a step
+        checks for it) and return ``write(kernels, n_threads)``, which only
+        writes, and the tensors it reads. ``located`` is from ``_locate``; it is
+        refreshed here (after ``before_rebuild()``) if ``p`` has no state yet or
+        its views are stale."""
+        found = located.get(id(p))
+        if found is not None:
+            group_index, plan, bucket, k = found
+            e = bucket.entries[k]
+            if p.data_ptr() != e.ptr or not all(e.state.get(key) is t for key, t in zip(e.keys, e.tensors)):
+                found = None
+        if found is None:  # a first gradient, or moved tensors: rebuild the plans
+            if before_rebuild is not None:
+                before_rebuild()
+            self._forget_plans()
+            located.clear()
+            located.update(self._locate())
+            found = located.get(id(p))
+            if found is None:
+                raise ValueError("step_in_backward: a parameter whose gradient hook fired "
+                                 "is in none of the optimizer's groups")
+            group_index, plan, bucket, k = found
+            e = bucket.entries[k]
+        group = self.param_groups[group_index]
+        grad = p.grad
+        view, copy = self._odd_grad_view(group_index, group, e, grad)
+        try:
+            check_buffers(("param", "grad") + bucket.names,
+                          ([bucket.param_views[k]], [view], *([views[k]] for views in bucket.state_views)),
+                          (True, False) + (True,) * len(bucket.names), False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{_where(group_index, e.index, group, p)}: {error}") from None
+        steps, following = bucket.steps, None
+        if steps is not None:
+            following = steps[k] + 1  # a NumPy scalar: torch's count in the step dtype
+        run = self._cached_call(plan, group, float(following) if self._step_in_math else None, e.fresh,
+                                self._scalar_key(e))
+        # Bookkeeping of the hook's thread, before the write is handed over.
+        if e.fresh:
+            e.fresh = False
+            bucket.n_fresh -= 1
+        bucket.count = None
+        params, grads = [bucket.param_views[k]], [view]
+        buffers = [[views[k]] for views in bucket.state_views]
+
+        def write(kernels, n_threads):
+            if e.scratch is not None:
+                e.scratch.copy_(e.target)
+            _run(run, bucket.order, kernels, params, grads, buffers, n_threads)
+            if e.scratch is not None:
+                e.target.copy_(e.scratch)
+            for name, value in (getattr(run, "advanced", None) or {}).items():
+                _set_scalar_state(e.state, name, value)
+            if following is not None:
+                steps[k] = following
+            _increment_version([p])
+        return write, (grad, copy)
+
+    @staticmethod
+    def _remove_created(created):
+        """After a failed step: remove the state created for it, so that the
+        optimizer is as before the call."""
+        for state, keys in reversed(created):
+            for key in keys:
+                state.pop(key, None)
+
+    def _forget_plans(self):
         self.__dict__["_fd_plans"] = []
 
     # -- plans ----------------------------------------------------------------
 
-    def _build(self, group_index, group):
+    def _build(self, group_index, group, created):
         """Views of every parameter with state (creating the state of those that
-        now have a first gradient), one bucket per dtype."""
+        now have a first gradient), one bucket per dtype. Appends what it creates
+        to ``created`` as (mapping, keys) pairs."""
         self._check_group(group_index, group)
         names = self._buffer_names(group)
         keys = names + (("step",) if self._counts_steps else ())
+        plans = self._plans()
+        old = plans[group_index] if group_index < len(plans) else None
+        old_ptrs = {id(e.param): e.ptr for b in old.buckets for e in b.entries} if old is not None else {}
+        moved = old is not None and (old.param_list is not group["params"] or len(old.params) != len(group["params"]))
         by_dtype = {}
         pending = []
         for index, p in enumerate(group["params"]):
@@ -383,19 +640,26 @@ class KernelOptimizer:
                 if p.grad is None:
                     pending.append(p)
                     continue
-                state = self.state[p]
+                if state is None:
+                    created.append((self.state, [p]))
+                    state = self.state[p]
+                before = set(state)
+                created.append((state, []))
                 fresh = self._init_state(p, group, state)
+                created[-1][1].extend(k for k in state if k not in before)
             e = _Entry()
-            e.param, e.index, e.ptr, e.keys, e.fresh = p, index, p.data_ptr(), keys, fresh
+            e.param, e.index, e.keys, e.fresh, e.ptr = p, index, keys, fresh, p.data_ptr()
+            moved = moved or old_ptrs.get(id(p), e.ptr) != e.ptr
             e.state = {} if state is None else state  # stateless rule (plain SGD)
-            e.plain = _is_plain(p)
-            self._conform_state(group_index, index, group, e, names)
             by_dtype.setdefault(p.dtype, []).append(e)
+        if moved:
+            self._check_overlaps()
         plan = _Plan()
         plan.group, plan.state_map = group, self.state
-        plan.param_list, plan.n_params = group["params"], len(group["params"])
+        plan.param_list, plan.params = group["params"], tuple(group["params"])
         plan.buffer_names, plan.pending = names, pending
-        plan.buckets = [self._bucket(entries, names) for entries in by_dtype.values()]
+        plan.buckets = [self._bucket(group_index, group, entries, names) for entries in by_dtype.values()]
+        plan.values, plan.calls = None, {}
         return plan
 
     def _has_state(self, state, names):
@@ -412,46 +676,124 @@ class KernelOptimizer:
                 f"after the state was created; torch.optim.{type(self).__name__} fails the same way)")
         return not missing
 
-    def _conform_state(self, group_index, index, group, e, names):
-        """Check each state buffer against its parameter; give it the parameter's
-        layout if it has another (e.g. loaded from a contiguous checkpoint)."""
-        p = e.param
-        for name in names:
-            t = e.state[name]
-            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
-                desc = (f"{type(t).__name__}" if not isinstance(t, torch.Tensor)
-                        else f"{t.dtype} {tuple(t.shape)} on {t.device}")
-                raise ValueError(f"{_where(group_index, index, group, p)}: state[{name!r}] is {desc}")
-            e.state[name] = _in_layout_of(p, t)
-
-    def _bucket(self, entries, names):
+    def _bucket(self, group_index, group, entries, names):
         b = _Bucket()
-        b.entries = entries
+        b.entries, b.names = entries, names
+        b.order = tuple(names.index(n) if n in names else None for n in self._kernel_buffers)
         b.params = [e.param for e in entries]
-        b.param_views = [_view(e.param, e.plain) for e in entries]
-        b.state_views = [[_view(e.state[name], e.plain) for e in entries] for name in names]
+        # Gapped or misaligned (from a byte buffer): the kernel steps a scratch copy.
+        b.gapped = [e for e in entries if not _layout.is_dense(e.param) or e.ptr % e.param.element_size()]
+        scratch = _scratch_blocks(b.gapped)
+        for position, e in enumerate(entries):
+            e.position = position
+            e.target = e.param.detach()
+            e.scratch = scratch.get(id(e))
+            e.ref = e.target if e.scratch is None else e.scratch
+            self._conform_state(group_index, group, e, names)
+        b.param_views = [_layout.flat_view(e.ref) for e in entries]
+        b.state_views = [[_layout.flat_view(e.state[name]) for e in entries] for name in names]
+        _check_distinct(group_index, group, entries, names, b.param_views, b.state_views)
         b.n_fresh = sum(e.fresh for e in entries)
-        from .._runtime import check_distinct
-
-        check_distinct("param", b.param_views)
-        for name, views in zip(names, b.state_views):
-            check_distinct(name, views)
-        b.steps = None
+        b.steps, b.step_block, b.count = None, None, None
         if self._counts_steps and entries:
             first = entries[0].state["step"]
             dtype = first.dtype if isinstance(first, torch.Tensor) else _scalar_dtype()
             block = torch.tensor([float(e.state["step"]) for e in entries], dtype=dtype)
             for i, e in enumerate(entries):
                 e.state["step"] = block[i]
-            b.steps = block.numpy()
+            b.step_block, b.steps = block, block.numpy()
+            b.count = _uniform_count(b.steps)
         for e in entries:
             e.tensors = tuple(e.state[k] for k in e.keys)
-        b.ptrs = [e.ptr for e in entries]
-        b.states = [e.state for e in entries]
-        keys = entries[0].keys if entries else ()
-        b.checks = [(itemgetter(key), [e.state[key] for e in entries]) for key in keys]
-        b.all_plain = all(e.plain for e in entries)
+        b.views = _tensorviews.BucketViews(
+            b.params, [e.ptr for e in entries], [e.state for e in entries], entries[0].keys if entries else (),
+            [e.tensors for e in entries], [v.size for v in b.param_views],
+            _layout.real_dtype(entries[0].param.dtype) if entries else np.float32,
+            bool(entries) and entries[0].param.is_complex(),
+            [None if e.ref.is_contiguous() else tuple(e.ref.stride()) for e in entries],
+            [[b.param_views[k], *(views[k] for views in b.state_views)] for k in range(len(entries))],
+            _TENSOR_METHODS)
         return b
+
+    def _conform_state(self, group_index, group, e, names):
+        """Check each state buffer against its parameter; give it the layout the
+        kernel sees the parameter in if it has another (e.g. loaded from a
+        contiguous checkpoint)."""
+        p = e.param
+        for name in names:
+            t = e.state[name]
+            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
+                desc = (f"{type(t).__name__}" if not isinstance(t, torch.Tensor)
+                        else f"{t.dtype} {tuple(t.shape)} on {t.device}")
+                raise ValueError(f"{_where(group_index, e.index, group, p)}: state[{name!r}] is {desc}")
+            if not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
+                e.state[name] = _layout.in_layout_of(e.ref, t.resolve_conj().resolve_neg())
+
+
+def _check_distinct(group_index, group, entries, names, param_views, state_views):
+    """No two parameters share a state buffer, and no buffer of a parameter shares
+    memory with another of its buffers (checked when a plan is built)."""
+    for name, views in zip(names, state_views):
+        try:
+            check_distinct(name, views)
+        except ValueError as error:
+            raise ValueError(f"param_groups[{group_index}]: state buffers {error}") from None
+    if not names:
+        return
+    for k, e in enumerate(entries):
+        try:
+            check_buffers(("param",) + names, ([param_views[k]], *([views[k]] for views in state_views)),
+                          (True,) * (1 + len(names)), False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+
+
+def _scratch_blocks(entries):
+    """{id(entry): a contiguous block of one arena shaped like the entry's parameter}
+    for the gapped parameters of a bucket: each is gathered there, stepped and
+    scattered back. Contiguous, because that is the layout autograd gives the
+    gradient of a parameter that is not dense."""
+    if not entries:
+        return {}
+    align = 16  # elements: each block starts on a 64-byte line (float32) or better
+    offsets, total = [], 0
+    for e in entries:
+        offsets.append(total)
+        total += -(-e.param.numel() // align) * align
+    arena = torch.empty(total, dtype=entries[0].param.dtype)
+    return {id(e): arena[offset:offset + e.param.numel()].view(e.param.shape)
+            for e, offset in zip(entries, offsets)}
+
+
+def _set_scalar_state(state, name, value):
+    """Write a rule's scalar state after a step: fill a tensor (torch.optim's layout)
+    in place, replace a Python float (a rule torch.optim lacks keeps floats)."""
+    if isinstance(state[name], torch.Tensor):
+        state[name].fill_(value)
+    else:
+        state[name] = value
+
+
+def _holds_tensor(value):
+    """True for a tensor hyperparameter, or a tuple holding one (``betas``)."""
+    return isinstance(value, torch.Tensor) or (type(value) is tuple and any(isinstance(v, torch.Tensor) for v in value))
+
+
+def _uniform_count(steps):
+    """The common step count of a bucket (a float), or None if they differ."""
+    if not len(steps):
+        return None
+    first = float(steps[0])
+    return first if (steps == first).all() else None
+
+
+def _next_count(count, steps):
+    """``count + 1`` as torch adds it in the dtype of ``steps`` (float32 stops
+    counting exactly at 2**24)."""
+    following = count + 1.0
+    if following > 2.0**24:
+        following = float(steps.dtype.type(following))
+    return following
 
 
 def _scalar_dtype():

@@ -14,28 +14,29 @@ subclasses ``torch.optim.Optimizer`` with the constructor of the fastdescent
 class (the rule's hyperparameters, without the NumPy-side options).
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
-(real, imaginary) pairs, as ``torch.optim`` does), laid out densely (contiguous,
-channels_last or any other order without gaps). A gradient laid out differently
-from its parameter is copied to the parameter's layout first. What raises
-(naming the parameter): other devices, half/bfloat16/integer parameters,
-non-dense parameters, sparse gradients, ``differentiable=True``,
-``capturable=True``. ``foreach`` and ``fused`` are accepted and kept in the
-groups (for ``state_dict`` compatibility) but change nothing: the kernel is
-always the fused one. With ``torch.amp.GradScaler`` the scaler unscales the
-gradients itself, as for any optimizer without native AMP support.
+(real, imaginary) pairs, as ``torch.optim`` does), in any layout: dense ones
+(contiguous, channels_last or any other order without gaps) are stepped in place;
+gapped views (a slice with a step, a column) are gathered into a scratch block,
+stepped and scattered back. A gradient laid out differently from its parameter
+is copied first. What raises (naming the parameters): two parameters sharing an
+element, a parameter overlapping itself, other devices, half/bfloat16/integer
+parameters, sparse gradients, ``differentiable=True``, ``capturable=True``.
+``foreach`` and ``fused`` are accepted and kept in the groups (for
+``state_dict`` compatibility) but change nothing: the kernel is always the fused
+one. With ``torch.amp.GradScaler`` the scaler unscales the gradients itself, as
+for any optimizer without native AMP support. A step checks everything before
+it writes anything (see :mod:`fastdescent.torch._adapter`).
 """
 
 import torch
 from torch.autograd.graph import increment_version
 
-from .. import _checks
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT, PARAMETER
-from ._adapter import (
-    KernelOptimizer, _flat_view, _in_layout_of, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor,
-)
+from . import _layout
+from ._adapter import KernelOptimizer, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor
 
 
 def _plain(value):
@@ -85,49 +86,60 @@ class SpecOptimizer(KernelOptimizer):
             state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
         return fresh
 
-    def _update(self, group, params, grads, buffers, step, fresh, states):
-        h = self._hyper(group)
-        names = tuple(b.name for b in self.spec.needed(h))
-        params, grads, *buffers = _checks.validated_lists(names, params, grads, *buffers)
-        fresh_names = frozenset(b.name for b in self.spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
-        step = None if step is None or not self.spec.uses_step else int(step)
-        # The parameters of one call are at one step, so they share their scalar state.
-        scalar_state = {s.name: float(states[0][s.name]) for s in self.spec.scalar_state}
-        self.spec.run(resolve_backend(None), params, grads, dict(zip(names, buffers)), h, step=step,
-                      grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state,
-                      n_threads=effective_n_threads(None))
-        for name, value in self.spec.advanced(h, step, scalar_state).items():
-            for state in states:
-                if isinstance(state[name], torch.Tensor):
-                    state[name].fill_(value)
-                else:
-                    state[name] = value
+    def _scalar_key(self, entry):
+        return tuple(float(entry.state[s.name]) for s in self.spec.scalar_state)
+
+    def _kernel_call(self, group, step, fresh, scalars=()):
+        """Validate the group's hyperparameters and compute the kernel's scalars for
+        step ``step`` once; return ``run(kernels, params, grads, buffers,
+        n_threads)``, which only writes, through the rule's one path
+        (``spec.call``). ``run.advanced`` holds the scalar state after the step."""
+        spec, h = self.spec, self._hyper(group)
+        names = tuple(b.name for b in spec.needed(h))
+        fresh_names = frozenset(b.name for b in spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
+        step = None if step is None or not spec.uses_step else int(step)
+        scalar_state = dict(zip((s.name for s in spec.scalar_state), scalars))
+        kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
+
+        def run(kernels, params, grads, buffers, n_threads):
+            spec.call(kernels, params, grads, dict(zip(names, buffers)), kwargs, n_threads)
+
+        run.advanced = spec.advanced(h, step, scalar_state)
+        return run
 
     def _update_state(self, g, names, update):
         """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,
         buffers, backend, n_threads)`` once per dtype of group ``g``, with the
         group's validated hyperparameters and NumPy views of its parameters that
         have the buffers ``names`` and of those buffers (name -> arrays). Every
-        buffer is checked against its parameter before anything is written."""
+        buffer is checked against its parameter before anything is written; a
+        gapped parameter is stepped in a scratch copy and written back, as in a step."""
         group = self.param_groups[g]
         h = self._hyper(group)
-        by_dtype, touched = {}, []
+        by_dtype, touched, scattered = {}, [], []
         for index, p in enumerate(group["params"]):
             state = self.state[p] if p in self.state else {}
             if not all(name in state for name in names):
                 continue
+            ref = p.detach()
+            if not _layout.is_dense(p) or p.data_ptr() % p.element_size():
+                ref = torch.empty(p.shape, dtype=p.dtype).copy_(ref)
+                scattered.append((p, ref))
             params, buffers = by_dtype.setdefault(p.dtype, ([], {name: [] for name in names}))
             for name in names:
                 t = state[name]
                 if (not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape
                         or t.device != p.device):
                     raise ValueError(f"{_where(g, index, group, p)}: state[{name!r}] does not match it")
-                state[name] = _in_layout_of(p, t)
-                buffers[name].append(_flat_view(state[name]))
-            params.append(_flat_view(p))
+                state[name] = _layout.in_layout_of(ref, t)
+                buffers[name].append(_layout.flat_view(state[name]))
+            params.append(_layout.flat_view(ref))
             touched.append(p)
         for params, buffers in by_dtype.values():
             update(h, params, buffers, resolve_backend(None), effective_n_threads(None))
+        with torch.no_grad():
+            for p, ref in scattered:
+                p.copy_(ref)
         increment_version(touched)  # as torch's in-place writes would
 
 

@@ -1,0 +1,322 @@
+"""Threads: the worker pool, how thread counts combine with threadpoolctl and
+``fd.num_threads``, fork safety, and the private kernels' entry checks.
+
+Results must be bit-identical whatever the thread count and whoever does which
+chunk; speed is never asserted here (BENCHMARKS.md has the figures).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fastdescent as fd
+from fastdescent import _config, _dispatch, _runtime
+
+needs_two_threads = pytest.mark.skipif(
+    not _runtime.openmp_enabled() or _config.max_threads() < 2, reason="needs OpenMP and 2 usable cores"
+)
+
+
+def sgd_inputs(rng, n, dtype=np.float32):
+    return rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+
+
+# --- the private kernels refuse mismatched lists (issue 14 #8) -------------------
+
+
+@pytest.mark.parametrize("n_params, n_grads", [(3, 1), (1, 3), (2, 0)])
+def test_private_kernel_refuses_mismatched_list_lengths(n_params, n_grads, rng):
+    """Positional call of the private kernel: 3 params and 1 grad used to read past the list."""
+    params = [rng.standard_normal(1000).astype(np.float32) for _ in range(n_params)]
+    grads = [rng.standard_normal(1000).astype(np.float32) for _ in range(n_grads)]
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match="arrays for"):
+        _dispatch.kernels.sgd(params, grads, None, lr=0.1, grad_scale=1.0, weight_decay=0.0, momentum=0.0,
+                              dampening=0.0, nesterov=False, classical=False, first_step=False, n_threads=2)
+    for p, b in zip(params, before):
+        assert p.tobytes() == b.tobytes()
+
+
+def test_private_kernel_refuses_a_short_state_list(rng):
+    params = [rng.standard_normal(100).astype(np.float32) for _ in range(3)]
+    grads = [rng.standard_normal(100).astype(np.float32) for _ in range(3)]
+    with pytest.raises(ValueError, match="arrays for"):
+        _dispatch.kernels.sgd(params, grads, [np.zeros(100, np.float32)], lr=0.1, grad_scale=1.0,
+                              weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+                              classical=False, first_step=False, n_threads=1)
+
+
+@pytest.mark.parametrize("missing", ["grads", "exp_avg"])
+def test_private_kernel_refuses_a_missing_required_list(missing, rng):
+    """None for a list every step reads used to reach the element loop as a NULL pointer."""
+    lists = {name: [rng.standard_normal(100).astype(np.float32)] for name in ("params", "grads", "exp_avg", "exp_avg_sq")}
+    lists[missing] = None
+    before = lists["params"][0].copy()
+    with pytest.raises(TypeError):
+        _dispatch.kernels.adam(*lists.values(), lr=0.1, step_size=0.1, inv_bias_correction2_sqrt=1.0, beta1=0.9,
+                               beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=False, grad_scale=1.0, n_threads=1)
+    assert lists["params"][0].tobytes() == before.tobytes()
+
+
+def test_private_norm_kernel_takes_a_list(rng):
+    with pytest.raises(TypeError):
+        _dispatch.kernels.max_abs((rng.standard_normal(10),), n_threads=1)
+
+
+# --- thread counts: threadpoolctl, num_threads, set_num_threads -------------------
+
+
+@needs_two_threads
+def test_threadpoolctl_limits_fastdescent_as_it_limits_openmp_libraries():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    assert fd.get_num_threads() == 2
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert fd.get_num_threads() == 1
+        assert fd.effective_n_threads(None) == 1
+        assert fd.effective_n_threads(-1) == 1
+        with fd.num_threads(2):  # threadpoolctl is a ceiling: a request cannot exceed it
+            assert fd.get_num_threads() == 1
+    assert fd.get_num_threads() == 2
+
+
+@needs_two_threads
+def test_num_threads_blocks_in_two_python_threads_do_not_interfere():
+    """Overlapping ``with fd.num_threads`` blocks used to leave the default at 1 (issue 14 #10)."""
+    entered, left_first = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def first():
+        with fd.num_threads(1):
+            entered.wait()
+            seen["first inside"] = fd.get_num_threads()
+        left_first.set()
+
+    def second():
+        entered.wait()
+        with fd.num_threads(2):
+            left_first.wait()
+            seen["second inside"] = fd.get_num_threads()
+        seen["second after"] = fd.get_num_threads()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == {"first inside": 1, "second inside": 2, "second after": 2}
+    assert fd.get_num_threads() == 2
+
+
+def test_set_num_threads_is_process_wide_and_num_threads_overrides_it_per_thread():
+    fd.set_num_threads(1)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("other", fd.get_num_threads()))
+    with fd.num_threads(-1):
+        worker.start()
+        worker.join(30)
+        assert fd.get_num_threads() == _config.max_threads()
+    assert result["other"] == 1 and fd.get_num_threads() == 1
+
+
+# --- the worker pool: any chunking gives the same bits ----------------------------
+
+
+def adam_run(n_threads, params, grads, steps=3):
+    p = [x.copy() for x in params]
+    m = [np.zeros_like(x) for x in params]
+    v = [np.zeros_like(x) for x in params]
+    for t in range(1, steps + 1):
+        fd.adam_step(p, grads, m, v, step=t, lr=1e-2, n_threads=n_threads)
+    return [x.tobytes() for x in p + m + v]
+
+
+@needs_two_threads
+@pytest.mark.parametrize("spin", [0.0, 1.0], ids=["parked workers", "spinning workers"])
+def test_sleeping_or_spinning_workers_give_identical_results(spin, rng, tiny_parts):
+    kernels = _dispatch.kernels
+    sizes = [1, 63, 64, 65, 1000, 4097, 30_000]
+    params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    serial = adam_run(1, params, grads)
+    previous = kernels.get_spin_seconds()
+    kernels.set_spin_seconds(spin)
+    try:
+        for _ in range(5):
+            assert adam_run(2, params, grads) == serial
+    finally:
+        kernels.set_spin_seconds(previous)
+
+
+@needs_two_threads
+def test_concurrent_calls_from_python_threads_are_each_correct(rng, tiny_parts):
+    """Two Python threads share one pool: whoever finds it busy runs alone, correctly."""
+    jobs = []
+    for _ in range(4):
+        params = [rng.standard_normal(50_000).astype(np.float32) for _ in range(3)]
+        grads = [rng.standard_normal(50_000).astype(np.float32) for _ in range(3)]
+        jobs.append((params, grads, adam_run(1, params, grads)))
+    failures = []
+
+    def run(job):
+        params, grads, expected = job
+        for _ in range(20):
+            if adam_run(2, params, grads) != expected:
+                failures.append(job)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+
+
+@needs_two_threads
+def test_norms_are_identical_with_parked_and_spinning_workers(rng, tiny_parts):
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (10, 5000, 40_000)]
+    expected = fd.global_norm(arrays, n_threads=1)
+    kernels = _dispatch.kernels
+    previous = kernels.get_spin_seconds()
+    try:
+        for spin in (0.0, 1.0):
+            kernels.set_spin_seconds(spin)
+            assert fd.global_norm(arrays, n_threads=2) == expected
+    finally:
+        kernels.set_spin_seconds(previous)
+
+
+@pytest.mark.parametrize("policy, spin", [("passive", 0.0), ("active", float("inf")), ("", 1e-3)])
+def test_omp_wait_policy_sets_how_long_idle_workers_spin(policy, spin):
+    env = dict(os.environ, OMP_WAIT_POLICY=policy, PYTHONPATH=os.pathsep.join(sys.path))
+    code = "from fastdescent import _dispatch; print(_dispatch.kernels.get_spin_seconds())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) == spin
+
+
+def test_spin_time_is_validated():
+    with pytest.raises(ValueError):
+        _dispatch.kernels.set_spin_seconds(-1.0)
+    with pytest.raises(ValueError):
+        _dispatch.kernels.set_spin_seconds(float("nan"))
+    assert set(_dispatch.kernels.pool_state()) >= {"workers", "parked", "jobs", "wakeups", "backoffs"}
+
+
+# --- fork safety (issue 14 #3) -----------------------------------------------------
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import fastdescent as fd
+
+    def adam(n_threads):
+        rng = np.random.default_rng(7)
+        p, g = rng.standard_normal(2_000_000).astype(np.float32), rng.standard_normal(2_000_000).astype(np.float32)
+        m, v = np.zeros_like(p), np.zeros_like(p)
+        for t in range(1, 4):
+            fd.adam_step(p, g, m, v, step=t, lr=1e-2, n_threads=n_threads)
+        return p.tobytes() + m.tobytes() + v.tobytes()
+
+    parent = adam(2)                      # the parent ran the worker threads
+    assert parent == adam(1)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                          # the child: a 2-thread-sized update
+        os.close(read)
+        ok = adam(2) == parent and adam(2) == parent
+        os.write(write, b"ok" if ok else b"WRONG")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 16)
+    os.waitpid(pid, 0)
+    print(answer.decode())
+    """
+)
+
+
+@needs_two_threads
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_threaded_kernels_correctly():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the parent and the hung child
+        process.communicate()
+        pytest.fail("the forked child hung in a threaded kernel")
+    assert process.returncode == 0, err
+    assert out.strip() == "ok"
+
+
+# --- the threading sweep of the bench command ------------------------------------
+
+
+def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
+    from fastdescent.__main__ import main
+
+    path = tmp_path / "sweep.json"
+    assert main(["bench", "--cases", "threads", "--sweep-sizes", "4e3", "--sweep-gaps", "0.001",
+                 "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
+                 "--json", str(path)]) == 0
+    live = capsys.readouterr().out
+    assert "back to back" in live and "after 1 ms of busy waiting" in live and "vs fused" in live
+    import json
+
+    sweep = json.loads(path.read_text())["threads"]
+    assert sweep["gaps"] == [0.0, 0.001]
+    timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
+    assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
+    assert main(["bench", "--from-json", str(path)]) == 0
+    assert capsys.readouterr().out == live
+
+
+def test_sweep_goals():
+    from fastdescent.bench.threads import goal
+
+    assert goal(2**17, 0.0, 1.9, 1.6) == "ok" and goal(2**17, 0.0, 1.9, 1.4) == "MISSED"
+    assert goal(2**22, 0.0, 1.0, 1.1) == "ok" and goal(2**14, 0.0, 0.5, 0.5) == ""
+    assert goal(2**14, 0.005, 0.96, 1.0) == "ok" and goal(2**24, 0.02, 0.94, 2.0) == "MISSED"
+    assert goal(10**8, 0.0, 0.96, 0.8) == "ok" and goal(10**8, 0.02, 0.9, 1.2) == "MISSED"
+
+
+PINNED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import numpy as np
+    import fastdescent as fd
+    from fastdescent import _dispatch
+
+    def allowed_cpus():
+        found = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/status") as f:
+                found[tid] = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        return found
+
+    before = allowed_cpus()
+    _dispatch.kernels.set_min_elements_per_thread(1)
+    p, g = np.ones(100_000, np.float32), np.ones(100_000, np.float32)
+    fd.sgd_step(p, g, lr=0.5, n_threads=2)
+    assert (p == 0.5).all()
+    workers = sorted(cpus for tid, cpus in allowed_cpus().items() if tid not in before)
+    print(before[str(os.getpid())], *workers)
+    """
+)
+
+
+@needs_two_threads
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_are_not_pinned_to_the_importing_threads_cpu():
+    """OMP_PROC_BIND pins the importing thread to one CPU; its workers must not inherit that."""
+    env = dict(os.environ, OMP_PROC_BIND="close", OMP_PLACES="cores", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("OMP_NUM_THREADS", None)
+    main, *workers = subprocess.run([sys.executable, "-c", PINNED_SCRIPT], env=env, capture_output=True,
+                                    text=True, check=True, timeout=60).stdout.split()
+    assert len(workers) == 1 and workers[0] != main
