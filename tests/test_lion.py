@@ -184,3 +184,16 @@ def test_channels_last_and_missing_gradients_as_lion_pytorch():
             assert_close(optimizers[0].state[a]["exp_avg"], optimizers[1].state[b]["exp_avg"], name)
         else:
             assert a not in optimizers[0].state or not optimizers[0].state[a]
+
+
+@pytest.mark.parametrize("missing", ["grads", "exp_avg"])
+def test_private_kernel_refuses_a_missing_list(missing, rng):
+    from fastdescent import _dispatch
+
+    lists = {name: [random_array(rng, 100, np.float32)] for name in ("params", "grads", "exp_avg")}
+    lists[missing] = None
+    before = lists["params"][0].copy()
+    with pytest.raises(TypeError):
+        _dispatch.kernels.lion(*lists.values(), lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, grad_scale=1.0,
+                               n_threads=1)
+    assert_bitwise_equal(lists["params"][0], before)

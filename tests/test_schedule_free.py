@@ -291,3 +291,23 @@ def test_torch_classes_switch_modes_and_resume_from_state_dicts(kind):
     train(resumed_model, resumed, data[10:])
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel, names, scalars", [
+    ("schedule_free_adamw", ("params", "grads", "z", "exp_avg_sq", "x"),
+     dict(lr=0.1, weight_decay=0.0, decay_at_z=False, beta1=0.9, beta2=0.99, bias_correction2=0.1, eps=1e-8, ckp1=0.5,
+          grad_scale=1.0)),
+    ("schedule_free_sgd", ("params", "grads", "z", "x"), dict(lr=0.1, weight_decay=0.0, momentum=0.9, ckp1=0.5,
+                                                              grad_scale=1.0)),
+    ("schedule_free_y", ("params", "x", "z"), dict(beta=0.9)),
+])
+def test_private_kernels_refuse_a_missing_list(kernel, names, scalars, rng):
+    from fastdescent import _dispatch
+
+    for missing in names[1:]:
+        lists = {name: [random_array(rng, 100, np.float32)] for name in names}
+        lists[missing] = None
+        before = lists["params"][0].copy()
+        with pytest.raises(TypeError):
+            getattr(_dispatch.kernels, kernel)(*lists.values(), **scalars, n_threads=1)
+        assert_bitwise_equal(lists["params"][0], before)

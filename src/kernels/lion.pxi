@@ -53,8 +53,8 @@ cdef void lion_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const LionArgs*>args)
 
 
-def lion(list params, list grads, list exp_avg, *, double lr, double beta1, double beta2,
-         double weight_decay, double grad_scale, int n_threads):
+def lion(list params not None, list grads not None, list exp_avg not None, *, double lr, double beta1,
+         double beta2, double weight_decay, double grad_scale, int n_threads):
     """Fused Lion step over many tensors (private: call ``fastdescent.lion_step``).
 
     ``exp_avg`` is a list with one array per tensor (the momentum). ``grad_scale``

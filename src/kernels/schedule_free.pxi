@@ -117,8 +117,8 @@ cdef void schedule_free_y_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t 
                              <const double*>rows[2] + start, n, <const ScheduleFreeArgs*>args)
 
 
-def schedule_free_adamw(list params, list grads, list z, list exp_avg_sq, list x, *, double lr,
-                        double weight_decay, bint decay_at_z, double beta1, double beta2,
+def schedule_free_adamw(list params not None, list grads not None, list z not None, list exp_avg_sq not None,
+                        list x not None, *, double lr, double weight_decay, bint decay_at_z, double beta1, double beta2,
                         double bias_correction2, double eps, double ckp1, double grad_scale, int n_threads):
     """Fused Schedule-Free AdamW step over many tensors (private: call
     ``fastdescent.schedule_free_adamw_step``).
@@ -145,8 +145,8 @@ def schedule_free_adamw(list params, list grads, list z, list exp_avg_sq, list x
                schedule_free_adamw_segment_f64, &a)
 
 
-def schedule_free_sgd(list params, list grads, list z, list x, *, double lr, double weight_decay,
-                      double momentum, double ckp1, double grad_scale, int n_threads):
+def schedule_free_sgd(list params not None, list grads not None, list z not None, list x not None, *,
+                      double lr, double weight_decay, double momentum, double ckp1, double grad_scale, int n_threads):
     """Fused Schedule-Free SGD step over many tensors (private: call
     ``fastdescent.schedule_free_sgd_step``).
 
@@ -165,7 +165,7 @@ def schedule_free_sgd(list params, list grads, list z, list x, *, double lr, dou
     run_kernel((params, grads, z, x), n_threads, schedule_free_sgd_segment_f32, schedule_free_sgd_segment_f64, &a)
 
 
-def schedule_free_y(list params, list x, list z, *, double beta, int n_threads):
+def schedule_free_y(list params not None, list x not None, list z not None, *, double beta, int n_threads):
     """``params = beta*x + (1 - beta)*z``, the y of a Schedule-Free step, computed as
     the step computes it (private: the optimizers' ``train()``)."""
     cdef ScheduleFreeArgs a
