@@ -197,3 +197,27 @@ def test_private_kernel_refuses_a_missing_list(missing, rng):
         _dispatch.kernels.lion(*lists.values(), lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, grad_scale=1.0,
                                n_threads=1)
     assert_bitwise_equal(lists["params"][0], before)
+
+
+def test_every_layout_as_lion_pytorch():
+    """Gapped, transposed, channels_last, interleaved, 0-d and late parameters
+    (test_torch_layouts' model): as lion_pytorch, within torch_support's bound."""
+    torch = pytest.importorskip("torch")
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    import fastdescent.torch as fdt
+    from test_torch_layouts import STEPS, Layouts
+    from torch_support import assert_close
+
+    models = [Layouts(torch.float32) for _ in range(2)]
+    optimizers = [fdt.Lion(models[0].parameters(), lr=1e-3, weight_decay=0.1),
+                  lion_pytorch.Lion(models[1].parameters(), lr=1e-3, weight_decay=0.1)]
+    for model, opt in zip(models, optimizers):
+        g = torch.Generator().manual_seed(1)
+        for step in range(STEPS):
+            x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x, step), y).backward()
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert_close(a.detach(), b.detach(), name)
+        assert_close(optimizers[0].state[a]["exp_avg"], optimizers[1].state[b]["exp_avg"], name)

@@ -311,3 +311,42 @@ def test_private_kernels_refuse_a_missing_list(kernel, names, scalars, rng):
         with pytest.raises(TypeError):
             getattr(_dispatch.kernels, kernel)(*lists.values(), **scalars, n_threads=1)
         assert_bitwise_equal(lists["params"][0], before)
+
+
+@pytest.mark.parametrize("config", ["adamw-warmup-wd-r", "sgd-warmup-wd-r"])
+def test_every_layout_as_the_reference_and_exact_mode_switches(config):
+    """Gapped, transposed, channels_last, interleaved and 0-d parameters (test_torch_layouts'
+    model, every parameter in the loss from the start: the package weighs the average
+    of a parameter that joins late by the group's step count, fastdescent by its own):
+    as the reference class, and eval()/train() exact on every layout."""
+    torch = pytest.importorskip("torch")
+    schedulefree = pytest.importorskip("schedulefree")
+    import fastdescent.torch as fdt
+    from test_torch_layouts import LATE, STEPS, Layouts
+    from torch_support import max_relative_error
+
+    ours_name, theirs_name, options = CONFIGS[config]
+    models, optimizers = [Layouts(torch.float64) for _ in range(2)], []
+    optimizers = [getattr(fdt, ours_name)(models[0].parameters(), **options),
+                  getattr(schedulefree, theirs_name)(models[1].parameters(), **options)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        for model, opt in zip(models, optimizers):
+            opt.train()
+            g = torch.Generator().manual_seed(1)
+            for step in range(STEPS):
+                x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g,
+                                                                                       dtype=torch.float64)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x, LATE + step), y).backward()
+                opt.step()
+        y_ours = {name: p.detach().clone() for name, p in models[0].named_parameters()}
+        for mode in ("eval", "train"):
+            for opt in optimizers:
+                getattr(opt, mode)()
+            for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+                assert max_relative_error(a.detach(), b.detach()) <= EPS_FACTOR * 2.0**-52, f"{mode}: {name}"
+                if mode == "eval":
+                    assert torch.equal(a, optimizers[0].state[a]["x"]), name
+                else:
+                    assert torch.equal(a, y_ours[name]), name
+    assert models[0].even.stride() == (10, 2) and models[0].conv.stride() == models[1].conv.stride()
