@@ -350,3 +350,26 @@ def test_every_layout_as_the_reference_and_exact_mode_switches(config):
                 else:
                     assert torch.equal(a, y_ours[name]), name
     assert models[0].even.stride() == (10, 2) and models[0].conv.stride() == models[1].conv.stride()
+
+
+@pytest.mark.parametrize("kind", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+def test_step_in_backward_equals_the_plain_loop_and_refuses_eval_mode(kind):
+    torch = pytest.importorskip("torch")
+    import fastdescent.torch as fdt
+    from torch_support import batches, loss_fn, mlp, train
+
+    data = batches((10,), steps=12)
+    plain, hooked = mlp(), mlp()
+    plain_opt = getattr(fdt, kind)(plain.parameters(), lr=0.01, warmup_steps=3)
+    hooked_opt = getattr(fdt, kind)(hooked.parameters(), lr=0.01, warmup_steps=3)
+    train(plain, plain_opt, data)
+    handle = fdt.step_in_backward(hooked_opt)
+    for x, y in data:
+        loss_fn(hooked, x, y).backward()
+    for a, b in zip(plain.parameters(), hooked.parameters()):
+        assert torch.equal(a, b)
+        assert plain_opt.state[a]["weight_sum"] == hooked_opt.state[b]["weight_sum"]
+    hooked_opt.eval()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        loss_fn(hooked, *data[0]).backward()
+    handle.remove()

@@ -126,10 +126,18 @@ class ScheduleFreeModes:
 
     def step(self, *args, **kwargs):
         """Take one step, in train mode only (see the base class's ``step``)."""
-        if not all(group["train_mode"] for group in self.param_groups):
-            raise RuntimeError(f"{type(self).__name__}.step() in eval mode: the parameters hold the averaged "
-                               "iterate x; call train() first")
+        self._refuse_eval_mode("step()")
         return super().step(*args, **kwargs)
+
+    def _parameter_update(self, *args, **kwargs):
+        # fastdescent.torch.step_in_backward steps each parameter through this.
+        self._refuse_eval_mode("a step in backward")
+        return super()._parameter_update(*args, **kwargs)
+
+    def _refuse_eval_mode(self, what):
+        if not all(group["train_mode"] for group in self.param_groups):
+            raise RuntimeError(f"{type(self).__name__}: {what} in eval mode: the parameters hold the averaged "
+                               "iterate x; call train() first")
 
     def add_param_group(self, param_group):
         """Add a group, in the mode of the others (train mode for the first)."""
