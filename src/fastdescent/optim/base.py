@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
 from .clipping import bucket_norm
 from .state import Checkpointing
 
@@ -328,7 +328,7 @@ class Optimizer(Checkpointing):
 
     def _wanted(self, hyper):
         """The state buffers the validated hyperparameters ``hyper`` need: name ->
-        initial value (a float, or FIRST_GRADIENT)."""
+        initial value (a float, FIRST_GRADIENT or PARAMETER)."""
         return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
     def _group_hyper(self, g):
@@ -394,6 +394,23 @@ class Optimizer(Checkpointing):
         states = self._layouts[g].states
         return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
                 for s in self.spec.scalar_state}
+
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): if group ``g`` has the buffers
+        ``names``, call ``update(hyper, params, buffers, backend, n_threads)`` once
+        per dtype, with the group's validated hyperparameters, its parameters and
+        their buffers (name -> arrays), the backend module and thread count a step
+        would use."""
+        layout = self._layouts[g]
+        hyper = self._group_hyper(g)
+        if layout.states is None or any(name not in layout.states[0] for name in names):
+            return
+        backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
+        for bucket in layout.buckets:
+            if self.flat:
+                update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend, n_threads)
+            else:
+                update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
 
     def _selected(self, group):
         if group is None:
@@ -569,6 +586,8 @@ def _views(arena, shapes):
 def _new_buffer(like, fill):
     if fill is FIRST_GRADIENT:
         return np.empty_like(like)
+    if fill is PARAMETER:
+        return like.copy()
     if fill == 0.0:
         return np.zeros_like(like)
     return np.full_like(like, fill)
