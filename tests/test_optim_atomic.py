@@ -12,7 +12,19 @@ import pytest
 
 from fastdescent.optim import base
 from rule_cases import RICHEST
-from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer
+from test_optim import RULES, make_grads, make_params
+
+
+def snapshot_optimizer(opt):
+    """Every byte the optimizer could change: parameters, state buffers, step counts
+    and scalar states (as their reprs, so that a NaN equals itself)."""
+    state = {i: {k: v.tobytes() if isinstance(v, np.ndarray) else repr(v) for k, v in s.items()}
+             for i, s in opt.state.items()}
+    return [p.tobytes() for p in opt.params], state
+
+
+def assert_same(opt, before):
+    assert snapshot_optimizer(opt) == before
 
 
 def two_groups(name, rng, **options):

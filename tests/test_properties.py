@@ -19,7 +19,6 @@ default 30 per test, drawn deterministically; a larger count draws at random).
 import contextlib
 import math
 import os
-from functools import partial
 
 import numpy as np
 import pytest
@@ -34,7 +33,8 @@ from test_rule_inputs import BAD_VALUES, validator
 
 EXAMPLES = int(os.environ.get("FASTDESCENT_HYPOTHESIS_EXAMPLES", "30"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 30,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
 
 SPECIAL = [0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 1e-310, 1.4e-45, -1e-40,
            3.4028235e38, -3.4028235e38, 1.7976931348623157e308, 1e-30, 65504.0]
@@ -65,11 +65,16 @@ def valid_value(hyper):
         _checks.positive: st.floats(5e-324, 4.0),
         _checks.finite: st.floats(-4.0, 4.0),
         _checks.unit_interval: unit,
-        _checks.closed_unit_interval: st.floats(0.0, 1.0),
+        _checks.closed_unit_interval: st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
         _checks.betas_pair: st.tuples(unit, unit),
         _checks.boolean: st.booleans(),
-        _checks.choice: st.sampled_from(hyper.check.keywords["options"] if isinstance(hyper.check, partial) else ()),
+        _checks.open_unit_interval: st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
     }
+    if check is _checks.choice:
+        return st.sampled_from(hyper.check.keywords["options"])
+    if check is _checks.integer:
+        minimum = hyper.check.keywords["minimum"]
+        return st.one_of(st.integers(minimum, minimum + 5), st.sampled_from([minimum + 1000]))
     if check not in strategies:
         raise AssertionError(f"add a strategy for {check} ({hyper.name}) to valid_value")
     return strategies[check]

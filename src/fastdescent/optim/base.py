@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH
+from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from .clipping import bucket_norm
 from .state import Checkpointing, _step_count
 
@@ -349,7 +349,7 @@ class Optimizer(Checkpointing):
 
     def _wanted(self, hyper):
         """The state buffers the validated hyperparameters ``hyper`` need: name ->
-        initial value (a float, or FIRST_GRADIENT)."""
+        initial value (a float, FIRST_GRADIENT or PARAMETER)."""
         return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
     def _config(self, layout):
@@ -512,6 +512,25 @@ class Optimizer(Checkpointing):
             else:
                 values[s.name] = s.initial_value(config.hyper)
         return values
+
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): if group ``g`` has the buffers
+        ``names``, call ``update(hyper, params, buffers, backend, n_threads)`` once
+        per dtype, with the group's validated hyperparameters, its parameters and
+        their buffers (name -> arrays), the backend module and thread count a step
+        would use."""
+        with self._lock:
+            layout = self._layouts[g]
+            hyper = self._config(layout).hyper
+            if layout.states is None or any(name not in layout.states[0] for name in names):
+                return
+            backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
+            for bucket in layout.buckets:
+                if self.flat:
+                    update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend,
+                           n_threads)
+                else:
+                    update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
 
     def _selected(self, group):
         """The layout of group ``group`` (an index), in a list."""
@@ -744,6 +763,8 @@ def _views(arena, shapes):
 def _new_buffer(like, fill):
     if fill is FIRST_GRADIENT:
         return np.empty_like(like)
+    if fill is PARAMETER:
+        return like.copy()
     if fill == 0.0:
         return np.zeros_like(like)
     return np.full_like(like, fill)
