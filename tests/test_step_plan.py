@@ -291,3 +291,24 @@ def test_a_gradient_scale_that_changes_every_step_keeps_the_plan(rng):
         with pytest.raises(ValueError, match="grad_scale"):
             opt.step(grad_steps[0], grad_scale=bad)
     assert_same(opt, before)
+
+
+@pytest.mark.parametrize("kind", [np.float64, np.float32])
+def test_numpy_scalar_rates_are_cached_exactly_and_keep_the_plan(kind, rng):
+    cache = _runtime.ExactCache()
+    cache.put((kind(0.0),), "zero")
+    assert cache.get((kind(0.0),)) == "zero"
+    assert cache.get((kind(-0.0),)) is None and cache.get((0.0,)) is None and cache.get((0,)) is None
+    params = make_params(rng, np.float32, [(8,)])
+    grad_steps = make_grads(rng, params, 6)
+    opt = fd.SGD([params[0].copy()], lr=0.1, momentum=0.5)
+    p, buffer = params[0].copy(), np.zeros(8, np.float32)
+    for t, grads in enumerate(grad_steps):
+        lr = kind(0.1 * 0.8**t)
+        opt.param_groups[0]["lr"] = lr
+        opt.step(grads)
+        fd.sgd_step(p, grads[0], buffer, lr=lr, momentum=0.5, first_step=t == 0)
+        if t == 2:
+            plan = opt._plan
+    assert opt._plan is plan is not None
+    assert_bitwise_equal(opt.params[0], p)

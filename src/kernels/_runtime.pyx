@@ -554,11 +554,21 @@ cdef class WrittenBuffers:
 
 
 # --------------------------------------------------- hyperparameter cache support
+import numpy
+
+# NumPy's scalars are immutable too (a schedule may well compute a rate as one).
+cdef tuple _NUMPY_FLOATS = (numpy.float64, numpy.float32)
+cdef tuple _NUMPY_EXACT = (numpy.bool_, numpy.int64, numpy.int32)
+
+
 cdef bint _immutable(object value):
-    """True for the values a cache may key on: float, int, bool, str, None, and
-    tuples of them (exact types: no subclass can change its value or its equality)."""
+    """True for the values a cache may key on: float, int, bool, str, None, NumPy's
+    float64, float32, int64, int32 and bool scalars, and tuples of them (exact
+    types: no subclass can change its value or its equality)."""
     cdef type kind = type(value)
     if kind is float or kind is int or kind is bool or kind is str or value is None:
+        return True
+    if kind in _NUMPY_FLOATS or kind in _NUMPY_EXACT:
         return True
     if kind is tuple:
         for item in <tuple>value:
@@ -570,7 +580,7 @@ cdef bint _immutable(object value):
 
 cdef bint _identical(object a, object b):
     """Same type and value, floats bit for bit: unlike ==, True is not 1, 1 is not
-    1.0 and -0.0 is not 0.0."""
+    1.0, -0.0 is not 0.0 and numpy.float64(0.5) is not 0.5."""
     cdef double x, y
     cdef Py_ssize_t i
     if a is b:
@@ -581,8 +591,11 @@ cdef bint _identical(object a, object b):
     if kind is float:
         x, y = PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b)
         return memcmp(&x, &y, sizeof(double)) == 0
-    if kind is int or kind is str:
-        return a == b
+    if kind in _NUMPY_FLOATS:  # exactly representable as doubles
+        x, y = float(a), float(b)
+        return memcmp(&x, &y, sizeof(double)) == 0
+    if kind is int or kind is str or kind in _NUMPY_EXACT:
+        return bool(a == b)
     if kind is tuple:
         if len(<tuple>a) != len(<tuple>b):
             return False
@@ -594,7 +607,8 @@ cdef bint _identical(object a, object b):
 
 
 def immutable(value):
-    """True if ``value`` is built only of float, int, bool, str, None and tuples."""
+    """True if ``value`` is built only of float, int, bool, str, None, NumPy's
+    float64, float32, int64, int32 and bool scalars, and tuples."""
     return _immutable(value)
 
 
@@ -615,7 +629,7 @@ cdef class ExactCache:
 
     A dict alone would not do: ``True == 1 == 1.0`` and ``-0.0 == 0.0``, and they
     hash alike, so a result computed (validated) for one would be handed out for
-    another. Only keys of immutable built-in values are stored (see
+    another. Only keys of immutable values are stored (see
     :func:`immutable`): nothing can change them after the entry was made, so the
     very same objects as the last hit are a hit at once, without hashing.
     The cache is emptied when it holds ``limit`` entries.
