@@ -45,7 +45,8 @@ class Checkpointing:
     def state_dict(self):
         """PyTorch's layout: ``{"state": {index: {...}}, "param_groups": [{..., "params":
         [indices]}]}`` plus ``"extra"`` if objects are registered. Arrays are copies."""
-        return self._state_dict(copy_arrays=True)
+        with self._lock:
+            return self._state_dict(copy_arrays=True)
 
     def _state_dict(self, copy_arrays):
         state = {
@@ -70,7 +71,8 @@ class Checkpointing:
         any error nothing changes. ``strict``: the registered names must match
         the saved ones exactly (else only the common ones load).
         """
-        self._load(state_dict, strict, None)
+        with self._lock:
+            self._load(state_dict, strict, None)
 
     def _load(self, sd, strict, param_values):
         groups, state = self._validated(sd)
@@ -83,7 +85,7 @@ class Checkpointing:
         self._load_extras(sd.get("extra"), strict)
         for group, layout, hyper in zip(self.param_groups, self._layouts, groups):
             group.update(hyper)
-            layout.checked = None  # validate again at the next step
+            layout.config = None  # validate again at the next step
         self._replace_state(state)
         if param_values is not None:
             for p, value in zip(self.params, param_values):
@@ -215,20 +217,26 @@ class Checkpointing:
                 self._allocate_buffer(g, name, FIRST_GRADIENT)
                 for i, own in zip(indices, layout.states):
                     np.copyto(own[name], state[i][name])
+        self._state_changed()
 
     # ----------------------------------------------------------- checkpoints
     def save(self, path, *, params=True):
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
-                        self.params if params else None)
+        with self._lock:
+            checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                            self.params if params else None)
 
     def load(self, path, *, params=True, strict=True):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
         (and, with ``params``, the parameter values it holds). Validates it all
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit."""
+        with self._lock:
+            self._load_file(path, params, strict)
+
+    def _load_file(self, path, params, strict):
         sd, values = checkpoint.load(path, type(self).__name__)
         try:
             self._load(sd, strict, values if params else None)
