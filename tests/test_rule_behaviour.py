@@ -1,12 +1,14 @@
 """Every rule, derived from its spec: agreement with its torch.optim peer's for-loop
 implementation, and convergence on a badly conditioned quadratic and on Rosenbrock."""
 
+import math
+
 import numpy as np
 import pytest
 
 from fastdescent.catalog import configure
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, initial_state, take_step, torch_examples
+from rule_cases import EXAMPLES, grid_shapes, initial_state, take_step, torch_examples
 from support import DTYPES, random_array
 
 # ----------------------------------------------------------------------------
@@ -26,23 +28,24 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     torch = pytest.importorskip("torch")
     rule = EXAMPLES[name]
     peer, options = rule.torch_peer
-    n, steps, scale = 1000, 10, 0.5
-    start = random_array(rng, n, dtype)
-    grads = [random_array(rng, n, dtype) for _ in range(steps)]
+    steps, scale = 10, 0.5
     lrs = [0.05 * 0.8**t for t in range(steps)]
-    state = initial_state(rule, start.copy())  # PyTorch's initial state
-    theirs = torch.tensor(start.copy(), requires_grad=True)
-    optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
-    for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
-        take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
-        optimizer.param_groups[0]["lr"] = lr
-        theirs.grad = torch.from_numpy(scale * grad)
-        optimizer.step()
-    expected = theirs.detach().numpy()
-    bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
-    deviation = np.max(np.abs(state["param"] - expected))
-    assert deviation <= bound, f"{deviation} > {bound}"
-    assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, "the steps barely moved"
+    for shape in grid_shapes(rule.spec, 1000):
+        start = random_array(rng, math.prod(shape), dtype).reshape(shape)
+        grads = [random_array(rng, start.size, dtype).reshape(shape) for _ in range(steps)]
+        state = initial_state(rule, start.copy())  # PyTorch's initial state
+        theirs = torch.tensor(start.copy(), requires_grad=True)
+        optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
+        for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
+            take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
+            optimizer.param_groups[0]["lr"] = lr
+            theirs.grad = torch.from_numpy(scale * grad)
+            optimizer.step()
+        expected = theirs.detach().numpy()
+        bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
+        deviation = np.max(np.abs(state["param"] - expected))
+        assert deviation <= bound, f"{shape}: {deviation} > {bound}"
+        assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, f"{shape}: the steps barely moved"
 
 
 # ----------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    state = {"param": start.copy(), **{b: np.zeros_like(start) for b in rule.state}}
+    state = initial_state(rule, start.copy())
     for t in range(1, steps + 1):
         take_step(rule, state, gradient(state["param"]), t=t, lr=lr * gamma**t)
     x = state["param"]

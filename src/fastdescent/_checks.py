@@ -153,4 +153,60 @@ def validated_lists(state_names, params, grads, *states):
     return lists
 
 
-__all__ = ["check_buffers", "tensor_lists", "validated_lists"]
+def shaped_list(name, value, params, shapes, indexed):
+    """The arrays of a state buffer shaped otherwise than its parameters, validated.
+
+    ``shapes[k]`` is the shape parameter k's array must have, or None if that
+    parameter keeps none (its entry must then be None). ``value`` is None (no
+    parameter keeps one), one array (the face got one parameter) or a sequence
+    with one entry per parameter. Returns a list with one entry per parameter:
+    each a writable, aligned, C-contiguous array of its parameter's dtype and of
+    its shape, or None. Raises TypeError or ValueError naming the entry.
+    """
+    if value is None:
+        return [None] * len(params)
+    if not indexed:
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray for one parameter, got {type(value).__name__}")
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of arrays to match the list of params, got {type(value).__name__}")
+    if len(value) != len(params):
+        raise ValueError(f"{len(value)} {name} arrays for {len(params)} parameters")
+    arrays = list(value)
+    for k, (a, p, shape) in enumerate(zip(arrays, params, shapes)):
+        label = f"{name}[{k}]" if indexed else name
+        if shape is None:
+            if a is not None:
+                raise ValueError(f"{label} given, but a parameter of shape {p.shape} keeps none")
+            continue
+        if a is None:
+            raise ValueError(f"{label} is None, but a parameter of shape {p.shape} keeps one of shape {shape}")
+        check_buffers((label,), ([a],), (True,), False)
+        if a.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {a.dtype}, but its parameter has dtype {p.dtype}: dtypes must match")
+        if a.shape != shape:
+            raise ValueError(f"{label} has shape {a.shape}, but a parameter of shape {p.shape} keeps one of shape {shape}")
+    return arrays
+
+
+def check_disjoint(written, others, indexed):
+    """ValueError if an array of ``written`` (name -> list, entries may be None)
+    shares memory with another array of the same parameter in ``written`` or
+    ``others`` (name -> list or None). The arrays are C-contiguous, so two share
+    memory iff their byte ranges intersect."""
+    roles = [(name, arrays) for name, arrays in {**others, **written}.items() if arrays is not None]
+    for name, arrays in written.items():
+        for k, a in enumerate(arrays):
+            if a is None or not a.nbytes:
+                continue
+            for other, other_arrays in roles:
+                b = other_arrays[k]
+                if other == name or b is None or not b.nbytes:
+                    continue
+                if np.may_share_memory(a, b):
+                    first, second = (f"{n}[{k}]" if indexed else n for n in (name, other))
+                    raise ValueError(f"{first} shares memory with {second}; every buffer of an update must be distinct")
+
+
+__all__ = ["check_buffers", "check_disjoint", "shaped_list", "tensor_lists", "validated_lists"]

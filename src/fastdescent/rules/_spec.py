@@ -5,7 +5,8 @@ Each rule is declared once, as a :class:`RuleSpec` in ``fastdescent/rules/<rule>
 * its equations and references (the docstring of its functional face);
 * its hyperparameters (:class:`Hyper`: name, default, validation, documentation),
   in ``torch.optim``'s order;
-* its state buffers (:class:`Buffer`: name, initial value, the option that needs it);
+* its state buffers (:class:`Buffer`: name, initial value, the option that needs it,
+  and, for a buffer not shaped like its parameter, its shape);
 * the scalars its kernel takes at each step (``scalars``), computed once per call
   in Python doubles so that both backends round the same numbers;
 * its ``torch.optim`` peer, and the configurations (:class:`Example`) that the
@@ -90,7 +91,8 @@ def above_zero(name):
 
 @dataclass(frozen=True)
 class Buffer:
-    """A state buffer, shaped like its parameter and updated in place.
+    """A state buffer, updated in place, shaped like its parameter unless ``shape``
+    says otherwise.
 
     ``name`` is the key in the optimizer's state (PyTorch's name); ``fill`` its
     initial value: a float, :data:`FIRST_GRADIENT`, or a callable of the validated
@@ -98,6 +100,12 @@ class Buffer:
     option that needs it. ``argument`` names the face's argument (default
     ``name + "s"``). ``sample`` says how tests and benchmarks draw random state:
     ``"signed"``, ``"positive"`` (second moments) or ``"zero"``.
+
+    ``shape(param_shape)`` gives the buffer's shape for a parameter of that shape,
+    or None if such a parameter keeps no such buffer (``torch.optim.Adafactor``
+    keeps ``row_var`` and ``col_var`` for parameters of two or more dimensions and
+    ``variance`` for the others); None (the default): shaped like its parameter. A
+    rule with such buffers is ``tensorwise``.
     """
 
     name: str
@@ -106,10 +114,17 @@ class Buffer:
     argument: str | None = None
     sample: str = "signed"
     doc: str = ""
+    shape: Callable | None = None
 
     @property
     def face_argument(self):
         return self.argument or self.name + "s"
+
+    def shape_for(self, param_shape):
+        """The buffer's shape for a parameter of ``param_shape``, or None if such a
+        parameter keeps none."""
+        param_shape = tuple(param_shape)
+        return param_shape if self.shape is None else self.shape(param_shape)
 
     def initial(self, hyper):
         """The buffer's initial value for the validated hyperparameters ``hyper``."""
@@ -182,8 +197,16 @@ class RuleSpec:
     advance: Callable | None = None
     #: ``runner(backend, params, grads, buffers, kwargs, n_threads)`` for a rule that
     #: is more than one elementwise kernel call (a reduction pass first, a matmul);
-    #: None: one call of ``backend.<kernel>``.
+    #: None: one call of ``backend.<kernel>``. A buffer list it gets may hold None
+    #: for the parameters that keep no such buffer (``Buffer.shape``).
     runner: Callable | None = None
+    #: The update of a parameter depends on the whole parameter in its shape (its
+    #: norms, its rows and columns: Adafactor), not on each element alone. Its
+    #: parameters are then never concatenated: a flat arena hands the ``runner``
+    #: each parameter's own view, ``fastdescent.torch`` hands it each parameter
+    #: contiguous in its logical order (a scratch copy of one laid out otherwise)
+    #: and refuses complex ones, and the ZeRO-sharded optimizer refuses the rule.
+    tensorwise: bool = False
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
     examples: tuple = ()
@@ -206,6 +229,10 @@ class RuleSpec:
         names = [h.name for h in self.hyper]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: a hyperparameter is declared twice")
+        if any(b.shape is not None for b in self.buffers) and not self.tensorwise:
+            raise ValueError(f"{self.name}: a rule with buffers shaped otherwise than their parameter is tensorwise")
+        if self.tensorwise and self.runner is None:
+            raise ValueError(f"{self.name}: a tensorwise rule needs a runner (one elementwise kernel cannot see shapes)")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -262,10 +289,18 @@ class RuleSpec:
         """The buffers the validated hyperparameters ``h`` need, in declared order."""
         return [b for b in self.buffers if b.when is None or b.when(h)]
 
+    def kept(self, h, shape):
+        """The buffers a parameter of ``shape`` keeps under the validated
+        hyperparameters ``h`` (those it needs, less those its shape has none of)."""
+        return [b for b in self.needed(h) if b.shape is None or b.shape_for(shape) is not None]
+
     def check_present(self, h, buffers, fresh_requested=False):
         """ValueError unless ``buffers`` (name -> list or None) holds exactly the
-        buffers ``h`` needs."""
+        buffers ``h`` needs (those shaped otherwise than their parameters are
+        checked by :meth:`shaped_lists`, which sees the parameters' shapes)."""
         for b in self.buffers:
+            if b.shape is not None:
+                continue
             given = buffers.get(b.name) is not None
             if b.when is None:
                 if not given:
@@ -274,6 +309,32 @@ class RuleSpec:
                 raise ValueError(f"{b.when.text} needs {b.face_argument}")
             elif given and not b.when(h):
                 raise ValueError(f"{b.face_argument} given, but they are only used when {b.when.text}")
+
+    def shaped_lists(self, h, named, params, grads, indexed):
+        """The validated lists of the buffers shaped otherwise than their parameters
+        (name -> list, None where a parameter keeps none) from the face's arguments
+        ``named`` (name -> None, an array or a list), for validated ``params`` and
+        ``grads`` (``indexed``: the face got lists). Each parameter must have
+        exactly the buffers its shape keeps, of that shape, of its dtype, writable,
+        C-contiguous and sharing no memory with its other arrays."""
+        shaped = [b for b in self.buffers if b.shape is not None]
+        lists = {}
+        for b in shaped:
+            needed = b.when is None or b.when(h)
+            shapes = [b.shape_for(p.shape) if needed else None for p in params]
+            value = named.get(b.name)
+            if value is not None and not needed:
+                raise ValueError(f"{b.face_argument} given, but they are only used when {b.when.text}")
+            if value is None and any(s is not None for s in shapes):
+                need = self.face_name if b.when is None else b.when.text
+                raise ValueError(f"{need} needs {b.face_argument} for parameters of shape "
+                                 f"{params[next(k for k, s in enumerate(shapes) if s is not None)].shape}")
+            lists[b.name] = _checks.shaped_list(b.face_argument, value, params, shapes, indexed)
+        by_argument = {b.face_argument: b for b in self.buffers}
+        written = {b.face_argument: lists[b.name] for b in shaped}
+        others = {arg: named.get(b.name) for arg, b in by_argument.items() if b.shape is None}
+        _checks.check_disjoint(written, {"params": params, "grads": grads, **others}, indexed)
+        return lists
 
     def traffic(self, h):
         """(arrays read, arrays written) per element by one step: the parameter,
@@ -326,9 +387,14 @@ class RuleSpec:
         if self.scalar_state:
             scalar_state = {s.name: s.initial_value(h) if scalar_state[s.name] is None
                             else _checks.finite(s.name, scalar_state[s.name]) for s in self.scalar_state}
-        lists = _checks.validated_lists(self.buffer_names, params, grads, *buffers)
+        like = [b.name for b in self.buffers if b.shape is None]
+        lists = _checks.validated_lists(like, params, grads, *(named[name] for name in like))
+        buffers = dict(zip(like, lists[2:]))
+        if len(like) < len(self.buffers):
+            indexed = _checks.tensor_lists(params)[0]
+            buffers.update(self.shaped_lists(h, {**named, **buffers}, lists[0], lists[1], indexed))
         params, grads = lists[:2]
-        self.run(resolve_backend(backend), params, grads, dict(zip(self.buffer_names, lists[2:])), h,
+        self.run(resolve_backend(backend), params, grads, {name: buffers[name] for name in self.buffer_names}, h,
                  step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state,
                  n_threads=effective_n_threads(n_threads))
         return self.advanced(h, step, scalar_state) or None
@@ -375,7 +441,7 @@ def face_parameters(spec, first_gradient):
     names = ", ".join(["params", "grads"] + [b.face_argument for b in spec.buffers])
     lines += [f"{names} : ndarray or list of ndarray",
               "    C-contiguous float32 or float64 arrays, all of one dtype, each shaped like its",
-              "    parameter; all but ``grads`` are updated in place."]
+              "    parameter unless said otherwise below; all but ``grads`` are updated in place."]
     for b in spec.buffers:
         need = "always" if b.when is None else f"iff {b.when.text}"
         start = ("the first gradient (pass ``first_step=True``)" if b.fill is FIRST_GRADIENT
