@@ -420,8 +420,7 @@ class Optimizer(Checkpointing):
         if grads is None:
             if not self.flat:
                 raise TypeError("step() needs grads, one per parameter, unless the optimizer is flat=True")
-            return [_Work(g, b, [b.arenas["param"]], [b.arenas["grad"]], True)
-                    for g in selected for b in self._layouts[g].buckets]
+            return [self._flat_work(g, b) for g in selected for b in self._layouts[g].buckets]
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list of arrays, got {type(grads).__name__}")
         expected = sum(len(self._layouts[g].params) for g in selected)
@@ -434,7 +433,7 @@ class Optimizer(Checkpointing):
             group_grads = grads if n == len(grads) else grads[offset:offset + n]
             offset += n
             if self.flat and all(map(operator.is_, group_grads, layout.grad_views)):
-                work += [_Work(g, b, [b.arenas["param"]], [b.arenas["grad"]], True) for b in layout.buckets]
+                work += [self._flat_work(g, b) for b in layout.buckets]
                 continue
             for b in layout.buckets:
                 if b.span is None:
@@ -451,6 +450,14 @@ class Optimizer(Checkpointing):
                 except (TypeError, ValueError) as error:
                     raise type(error)(f"param_groups[{item.group}] ({item.bucket.dtype}): {error}") from None
         return work
+
+    def _flat_work(self, g, bucket):
+        """The kernel call of a flat bucket: its whole arena at once, or for a
+        tensorwise rule (which must see each parameter whole) each parameter's view."""
+        if not self.spec.tensorwise:
+            return _Work(g, bucket, [bucket.arenas["param"]], [bucket.arenas["grad"]], True)
+        grad_views = self._layouts[g].grad_views
+        return _Work(g, bucket, bucket.params, [grad_views[k] for k in bucket.positions], False)
 
     def _reads_grads_first(self):
         return self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None
@@ -496,23 +503,35 @@ class Optimizer(Checkpointing):
                 initial["step"] = 0
             layout.states = [dict(initial) for _ in layout.params]
             self.state.update(enumerate(layout.states, start=layout.first))
-        missing = [name for name in wanted if name not in layout.states[0]]
+        missing = [name for name in wanted if name not in layout.buckets[0].buffers]
         for name in missing:
             self._allocate_buffer(g, name, wanted[name])
         return frozenset(missing)
 
     def _allocate_buffer(self, g, name, fill):
+        """Create buffer ``name`` for every parameter of group ``g`` that keeps one
+        (``bucket.buffers[name]`` holds None for those whose shape keeps none)."""
         layout = self._layouts[g]
+        buffer = self._buffer_specs[name]
         for bucket in layout.buckets:
+            shapes = [buffer.shape_for(p.shape) for p in bucket.params]
             if self.flat:
-                arena = _new_buffer(bucket.arenas["param"], fill)
+                arena = _new_buffer(bucket.arenas["param"], fill, sum(math.prod(s) for s in shapes if s is not None))
                 bucket.arenas[name] = arena
-                buffers = _views(arena, [p.shape for p in bucket.params])
-            else:
+                kept = iter(_views(arena, [s for s in shapes if s is not None]))
+                buffers = [None if s is None else next(kept) for s in shapes]
+            elif buffer.shape is None:
                 buffers = [_new_buffer(p, fill) for p in bucket.params]
+            else:
+                buffers = [None if s is None else _new_buffer(p, fill, s) for p, s in zip(bucket.params, shapes)]
             bucket.buffers[name] = buffers
-            for k, buffer in zip(bucket.positions, buffers):
-                layout.states[k][name] = buffer
+            for k, array in zip(bucket.positions, buffers):
+                if array is not None:
+                    layout.states[k][name] = array
+
+    @property
+    def _buffer_specs(self):
+        return {b.name: b for b in self.spec.buffers}
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -567,9 +586,11 @@ def _views(arena, shapes):
     return views
 
 
-def _new_buffer(like, fill):
+def _new_buffer(like, fill, shape=None):
+    """A buffer of ``like``'s dtype and shape (or ``shape``: an int or a tuple)
+    holding ``fill``."""
     if fill is FIRST_GRADIENT:
-        return np.empty_like(like)
+        return np.empty_like(like, shape=shape)
     if fill == 0.0:
-        return np.zeros_like(like)
-    return np.full_like(like, fill)
+        return np.zeros_like(like, shape=shape)
+    return np.full_like(like, fill, shape=shape)
