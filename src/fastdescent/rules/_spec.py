@@ -20,6 +20,7 @@ contenders and the test grids. Every one of them reaches the kernel through
 :meth:`RuleSpec.run`, which passes the state buffers by name.
 """
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
@@ -207,6 +208,11 @@ class RuleSpec:
     #: contiguous in its logical order (a scratch copy of one laid out otherwise)
     #: and refuses complex ones, and the ZeRO-sharded optimizer refuses the rule.
     tensorwise: bool = False
+    #: ``passes(h)`` -> the memory passes of a runner's kernel calls, in order, each
+    #: ``(arrays read, arrays written)`` per element (for a parameter of
+    #: :meth:`sample_shape`, the shape the benchmarks use); None: the one pass of
+    #: :meth:`kernel_passes`. What the benchmarks count, and their ceiling models.
+    passes: Callable | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
     examples: tuple = ()
@@ -336,11 +342,28 @@ class RuleSpec:
         _checks.check_disjoint(written, {"params": params, "grads": grads, **others}, indexed)
         return lists
 
-    def traffic(self, h):
-        """(arrays read, arrays written) per element by one step: the parameter,
-        the gradient and every needed buffer are read; all but the gradient written."""
+    def sample_shape(self, n):
+        """A shape of ``n`` elements for tests and benchmarks: ``(n,)``, or for a
+        tensorwise rule the squarest matrix (rows <= columns) of ``n`` elements,
+        so that its shape-dependent work (Adafactor's factors) is what is measured."""
+        if not self.tensorwise:
+            return (n,)
+        rows = max((r for r in range(1, math.isqrt(n) + 1) if n % r == 0), default=0)
+        return (rows, n // rows) if rows else (0, 1)
+
+    def kernel_passes(self, h):
+        """``[(arrays read, arrays written)]`` per element, one pair per memory pass
+        of a step: ``passes(h)`` if declared, else one pass in which the parameter,
+        the gradient and every needed buffer are read, and all but the gradient written."""
+        if self.passes is not None:
+            return list(self.passes(h))
         n = len(self.needed(h))
-        return 2 + n, 1 + n
+        return [(2 + n, 1 + n)]
+
+    def traffic(self, h):
+        """(arrays read, arrays written) per element by all the memory passes of a step."""
+        passes = self.kernel_passes(h)
+        return sum(reads for reads, _ in passes), sum(writes for _, writes in passes)
 
     # ------------------------------------------------------------------- run
     def run(self, backend, params, grads, buffers, h, *, step, grad_scale, fresh=frozenset(),
