@@ -81,7 +81,16 @@ def rosenbrock():
     return value, gradient, np.array([1.0, 1.0]), np.array([-1.2, 1.0])
 
 
-PROBLEMS = {"quadratic": rotated_quadratic, "rosenbrock": rosenbrock}
+def matrix_quadratic():
+    """The rotated quadratic in 20 dimensions, its variable a 4 x 5 matrix (for a rule
+    whose update depends on the shape: Adafactor factors it)."""
+    value, gradient, x_star, start = rotated_quadratic(dim=20, condition=100.0)
+    shape = (4, 5)
+    return (lambda x: value(x.reshape(-1))), (lambda x: gradient(x.reshape(-1)).reshape(shape)), \
+        x_star.reshape(shape), start.reshape(shape)
+
+
+PROBLEMS = {"quadratic": rotated_quadratic, "rosenbrock": rosenbrock, "matrix-quadratic": matrix_quadratic}
 #: (problem, example, options, initial lr, steps, lr decay per step): hand-tuned,
 #: fixed. Every rule must appear (test_every_rule_has_convergence_runs).
 RUNS = [
@@ -99,6 +108,10 @@ RUNS = [
     ("rosenbrock", "adam", dict(amsgrad=True), 0.1, 3000, 1.0),
     ("quadratic", "adamw", dict(weight_decay=1e-4), 0.1, 3000, 1.0),
     ("rosenbrock", "adamw", dict(weight_decay=1e-4), 0.01, 5000, 1.0),
+    ("quadratic", "adafactor", {}, 0.05, 3000, 0.999),
+    ("rosenbrock", "adafactor", {}, 0.1, 8000, 0.999),
+    ("matrix-quadratic", "adafactor", {}, 0.05, 3000, 0.999),
+    ("matrix-quadratic", "adafactor", dict(beta2_decay=-0.5), 0.1, 8000, 0.999),
 ]
 
 

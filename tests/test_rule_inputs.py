@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _checks
-from fastdescent.rules import FACES
+from fastdescent.rules import FACES, adafactor
 from rule_cases import RICHEST, make_state
 from support import assert_unchanged, random_array, snapshot
 
@@ -31,6 +31,11 @@ BAD_VALUES = {
                          (("0.9", 0.999), TypeError)],
     _checks.boolean: [("yes", TypeError), (None, TypeError), (1, TypeError)],
     _checks.choice: [("nope", ValueError), (1, ValueError)],
+    adafactor._nonpositive: [(0.1, ValueError), (NAN, ValueError), ("-0.8", TypeError), (None, TypeError)],
+    adafactor._eps_pair: [((-1e-30, 1e-3), ValueError), ((None, -1.0), ValueError), ((None, NAN), ValueError),
+                          ((INF, 1e-3), ValueError), ((None,), TypeError), (1e-3, TypeError),
+                          (("1e-3", 1e-3), TypeError)],
+    adafactor._clipping_threshold: [(0.0, ValueError), (0.999, ValueError), (NAN, ValueError), ("1", TypeError)],
 }
 
 
