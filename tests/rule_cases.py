@@ -10,7 +10,7 @@ import numpy as np
 
 from fastdescent.catalog import configurations
 from fastdescent.rules import SPECS
-from fastdescent.rules._spec import FIRST_GRADIENT
+from fastdescent.rules._spec import FIRST_GRADIENT, PARAMETER
 from support import random_array
 
 #: Every example of every rule: name -> catalog.Rule.
@@ -32,6 +32,12 @@ def torch_examples():
     return {name: rule.torch_peer for name, rule in EXAMPLES.items() if rule.torch_peer is not None}
 
 
+def scalar_states(rule, hyper):
+    """The rule's scalar states (NAdam's mu_product...) at their initial values, each a
+    0-d float64 array, so that the grids copy and compare them like the buffers."""
+    return {s.name: np.array(s.initial_value(hyper), dtype=np.float64) for s in rule.spec.scalar_state}
+
+
 def grid_shapes(spec, n):
     """The parameter shapes the grids run for about ``n`` elements: ``(n,)``, and
     for a tensorwise rule (Adafactor factors matrices) also an odd square-ish
@@ -49,7 +55,8 @@ def make_state(rng, rule, shape, dtype):
     """Random parameter and state buffers (``"param"`` and each buffer's name) for a
     parameter of ``shape`` (an int: 1-D), drawn as each buffer's ``sample`` says:
     never zeros or constants, except buffers that must start at zero. A buffer the
-    parameter's shape keeps none of is left out."""
+    parameter's shape keeps none of is left out; the scalar states at their initial
+    values."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     state = {"param": random_array(rng, math.prod(shape), dtype).reshape(shape)}
     for buffer in rule.spec.needed(rule.hyper):
@@ -64,19 +71,26 @@ def make_state(rng, rule, shape, dtype):
         else:
             a = random_array(rng, n, dtype, scale=0.1)
         state[buffer.name] = a.reshape(buffer_shape)
-    return state
+    return {**state, **scalar_states(rule, rule.hyper)}
 
 
-def initial_state(rule, param):
+def initial_state(rule, param, **hyper):
     """The state PyTorch starts from: each buffer the parameter keeps at its initial
     value (a buffer that starts as the first gradient is allocated, and written by
-    the first step)."""
+    the first step; one that starts as the parameter is its copy) and the scalar
+    states at theirs. ``hyper`` overrides hyperparameters of the configuration (the
+    ``lr`` of the first step: Rprop's step sizes and ASGD's eta start at it)."""
+    h = rule.spec.validate({**rule.hyper, **hyper})
     state = {"param": param}
-    for buffer in rule.spec.kept(rule.hyper, param.shape):
-        fill = buffer.initial(rule.hyper)
+    for buffer in rule.spec.kept(h, param.shape):
+        fill = buffer.initial(h)
         shape = buffer.shape_for(param.shape)
-        state[buffer.name] = np.empty(shape, param.dtype) if fill is FIRST_GRADIENT else np.full(shape, fill, param.dtype)
-    return state
+        if fill is PARAMETER:
+            state[buffer.name] = param.copy()
+        else:
+            state[buffer.name] = np.empty(shape, param.dtype) if fill is FIRST_GRADIENT else np.full(shape, fill,
+                                                                                                    param.dtype)
+    return {**state, **scalar_states(rule, h)}
 
 
 def stacked(states):
@@ -87,11 +101,21 @@ def stacked(states):
 
 
 def take_step(rule, state, grad, *, t, **call):
-    """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state`` (one
-    parameter's, or one from :func:`stacked`); ``call`` may override
-    hyperparameters (``lr=...``) and pass ``grad_scale``, ``backend``,
-    ``n_threads``."""
-    rule.step(state["param"], grad, *(state.get(name) for name in rule.state), t=t, **call)
+    """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state``, whose scalar
+    states are passed in and replaced by the values after the step; ``call`` may
+    override hyperparameters (``lr=...``) and pass ``grad_scale``, ``backend``,
+    ``n_threads``. ``state`` holds arrays, or lists of arrays (one per tensor, as
+    :func:`stacked` makes them; a scalar state is then read from the first and
+    written to all)."""
+    scalars = {}
+    for s in rule.spec.scalar_state:
+        value = state[s.name]
+        scalars[s.name] = float(value[0] if isinstance(value, list) else value)
+    after = rule.step(state["param"], grad, *(state.get(name) for name in rule.state), t=t,
+                      scalar_state=scalars, **call)
+    for name, value in (after or {}).items():
+        for array in state[name] if isinstance(state[name], list) else [state[name]]:
+            array[...] = value
 
 
 def driver(rule):

@@ -115,9 +115,9 @@ def test_optimizer_steps_equal_face_steps(name, dtype, backend, rng):
     face_params, face_state = face_run(name, params, grad_steps)
     for k, p in enumerate(face_params):
         assert_bitwise_equal(opt.params[k], p, f"param {k}")
-        kept = {buffer for buffer, arrays in face_state.items() if arrays[k] is not None}
-        for buffer in kept:
-            assert_bitwise_equal(opt.state[k][buffer], face_state[buffer][k], f"state[{k}][{buffer!r}]")
+        kept = {name for name, arrays in face_state.items() if arrays[k] is not None}
+        for name in kept:  # buffers, and scalar states (floats, 0-d arrays here)
+            assert_bitwise_equal(np.asarray(opt.state[k][name]), face_state[name][k], f"state[{k}][{name!r}]")
         if opt.spec.counts_steps:
             assert opt.state[k]["step"] == STEPS and type(opt.state[k]["step"]) is int
         if k in opt.state:

@@ -6,11 +6,12 @@ a bad call raises and changes nothing.
 
 import math
 import operator
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
 
-from ._runtime import check_buffers
+from ._runtime import MAX_STEP, check_buffers, checked_lists  # noqa: F401 - MAX_STEP: step counts stay below it
 
 
 def real(name, value):
@@ -82,6 +83,27 @@ def choice(name, value, options):
     return value
 
 
+def state_entries(owner, state, keys):
+    """The values of ``keys`` in a saved state dict, in order: what a
+    ``load_state_dict`` reads before it validates each one. TypeError unless
+    ``state`` is a dict, ValueError unless its keys are exactly ``keys``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"the state of a {owner} must be a dict, got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    unknown = [k for k in state if k not in keys]
+    if missing or unknown:
+        raise ValueError(f"the state of a {owner} needs exactly the entries {list(keys)}; "
+                         f"missing {missing}, unknown {unknown}")
+    return [state[k] for k in keys]
+
+
+def real_list(name, values):
+    """``values`` as a list of Python floats; TypeError unless it is a list or tuple of reals."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of numbers, got {type(values).__name__}")
+    return [real(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
 def boolean(name, value):
     """``value`` as a Python bool; TypeError unless it is a bool (NumPy's too)."""
     if value is True or value is False:
@@ -91,9 +113,6 @@ def boolean(name, value):
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-#: Step counts stay below this (an int64, and a float that bias corrections can raise a
-#: coefficient to).
-MAX_STEP = 2**63
 
 
 def step_number(name, step):
@@ -146,11 +165,11 @@ def validated_lists(state_names, params, grads, *states):
     """The arrays of one update as lists (one entry per tensor), all validated.
 
     ``params`` and every state buffer (roles ``state_names``) are written, ``grads``
-    only read. Returns ``[params, grads, *states]``; an absent state stays None.
+    only read; no written buffer may share memory with any other buffer of the
+    call. Returns ``[params, grads, *states]``; an absent state stays None.
     """
-    indexed, *lists = tensor_lists(params, grads, *states)
-    check_buffers(("param", "grad", *state_names), tuple(lists), (True, False) + (True,) * len(states), indexed)
-    return lists
+    return list(checked_lists(("param", "grad", *state_names), (params, grads, *states),
+                              (True, False) + (True,) * len(states)))
 
 
 def shaped_list(name, value, params, shapes, indexed):
@@ -190,23 +209,33 @@ def shaped_list(name, value, params, shapes, indexed):
     return arrays
 
 
-def check_disjoint(written, others, indexed):
-    """ValueError if an array of ``written`` (name -> list, entries may be None)
-    shares memory with another array of the same parameter in ``written`` or
-    ``others`` (name -> list or None). The arrays are C-contiguous, so two share
-    memory iff their byte ranges intersect."""
-    roles = [(name, arrays) for name, arrays in {**others, **written}.items() if arrays is not None]
-    for name, arrays in written.items():
-        for k, a in enumerate(arrays):
-            if a is None or not a.nbytes:
-                continue
-            for other, other_arrays in roles:
-                b = other_arrays[k]
-                if other == name or b is None or not b.nbytes:
-                    continue
-                if np.may_share_memory(a, b):
-                    first, second = (f"{n}[{k}]" if indexed else n for n in (name, other))
-                    raise ValueError(f"{first} shares memory with {second}; every buffer of an update must be distinct")
+def check_disjoint(written, read_only, indexed):
+    """ValueError if an array of ``written`` shares memory with any other array of
+    the call, of any parameter (``written`` and ``read_only``: name -> list with an
+    entry per parameter, entries may be None, or None). Read-only arrays may overlap
+    each other. The arrays are C-contiguous: two share memory iff their byte ranges
+    intersect, which one sort and sweep of the ranges finds (as check_buffers)."""
+    spans = []
+    for writable, roles in ((True, written), (False, read_only)):
+        for name, arrays in roles.items():
+            for k, a in enumerate(arrays or ()):
+                if a is not None and a.nbytes:
+                    start = a.__array_interface__["data"][0]
+                    spans.append((start, start + a.nbytes, writable, f"{name}[{k}]" if indexed else name))
+    spans.sort()
+    end_any = end_written = 0
+    last_any = last_written = None
+    for start, end, writable, label in spans:
+        other = last_any if writable and last_any is not None and start < end_any else None
+        if other is None and last_written is not None and start < end_written:
+            other = last_written
+        if other is not None:
+            raise ValueError(f"{label} shares memory with {other}; a buffer that is written may share no byte "
+                             "with any other buffer of the update")
+        if end > end_any:
+            end_any, last_any = end, label
+        if writable and end > end_written:
+            end_written, last_written = end, label
 
 
-__all__ = ["check_buffers", "check_disjoint", "shaped_list", "tensor_lists", "validated_lists"]
+__all__ = ["check_buffers", "check_disjoint", "checked_lists", "shaped_list", "tensor_lists", "validated_lists"]

@@ -45,7 +45,8 @@ class Checkpointing:
     def state_dict(self):
         """PyTorch's layout: ``{"state": {index: {...}}, "param_groups": [{..., "params":
         [indices]}]}`` plus ``"extra"`` if objects are registered. Arrays are copies."""
-        return self._state_dict(copy_arrays=True)
+        with self._lock:
+            return self._state_dict(copy_arrays=True)
 
     def _state_dict(self, copy_arrays):
         state = {
@@ -70,7 +71,8 @@ class Checkpointing:
         any error nothing changes. ``strict``: the registered names must match
         the saved ones exactly (else only the common ones load).
         """
-        self._load(state_dict, strict, None)
+        with self._lock:
+            self._load(state_dict, strict, None)
 
     def _load(self, sd, strict, param_values):
         groups, state = self._validated(sd)
@@ -83,7 +85,7 @@ class Checkpointing:
         self._load_extras(sd.get("extra"), strict)
         for group, layout, hyper in zip(self.param_groups, self._layouts, groups):
             group.update(hyper)
-            layout.checked = None  # validate again at the next step
+            layout.config = None  # validate again at the next step
         self._replace_state(state)
         if param_values is not None:
             for p, value in zip(self.params, param_values):
@@ -197,8 +199,8 @@ class Checkpointing:
         loaded = []
         try:
             for name in names:
+                loaded.append(name)  # before: a failing load_state_dict may have changed part of its object
                 self._registered[name].load_state_dict(extra[name])
-                loaded.append(name)
         except BaseException:
             for name in loaded:
                 self._registered[name].load_state_dict(backups[name])
@@ -226,46 +228,33 @@ class Checkpointing:
                 for i, own in zip(indices, layout.states):
                     if name in own:
                         np.copyto(own[name], state[i][name])
+        self._state_changed()
 
     # ----------------------------------------------------------- checkpoints
     def save(self, path, *, params=True):
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        arrays = {}
-        header = {
-            "optimizer": type(self).__name__,
-            "state_dict": checkpoint.encode(self._state_dict(copy_arrays=False), arrays),
-        }
-        if params:
-            values = self.params
-            header["params"] = len(values)
-            arrays.update((f"params/{i}", p) for i, p in enumerate(values))
-        checkpoint.write(path, header, arrays)
+        with self._lock:
+            checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                            self.params if params else None)
 
     def load(self, path, *, params=True, strict=True):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
         (and, with ``params``, the parameter values it holds). Validates it all
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit."""
-        header, arrays = checkpoint.read(path)
-        kind = header.get("optimizer")
-        if kind != type(self).__name__:
-            raise checkpoint.CheckpointError(f"{path} holds a {kind} optimizer, not a {type(self).__name__}")
+        with self._lock:
+            self._load_file(path, params, strict)
+
+    def _load_file(self, path, params, strict):
+        sd, values = checkpoint.load(path, type(self).__name__)
         try:
-            sd = checkpoint.decode(header["state_dict"], arrays)
-            values = None
-            if params and "params" in header:
-                values = [arrays[f"params/{i}"] for i in range(header["params"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
-        try:
-            self._load(sd, strict, values)
+            self._load(sd, strict, values if params else None)
         except checkpoint.CheckpointError:
             raise
-        except (TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error}") from error
-
+        except (LookupError, AttributeError, TypeError, ValueError) as error:  # from registered objects too
+            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error!r}") from error
 
 
 def _scalar(value):
@@ -293,7 +282,8 @@ def _check_like(value, param, where, buffer=None):
 def _step_count(value, where):
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < math.inf
+    # The next step must still be a valid step number (_checks.MAX_STEP).
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < _checks.MAX_STEP - 1
             or value != math.floor(value)):
-        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{where} must be an integer in [0, 2**63 - 1), got {value!r}")
     return int(value)

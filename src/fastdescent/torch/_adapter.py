@@ -523,7 +523,7 @@ class KernelOptimizer:
                 entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
                 for e in entries if pick is None else [entries[i] for i in pick]:
                     for name, value in advanced.items():
-                        e.state[name].fill_(value)
+                        _set_scalar_state(e.state, name, value)
         for e in gapped:
             e.target.copy_(e.scratch)
         if bucket.n_fresh:
@@ -613,7 +613,7 @@ class KernelOptimizer:
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             for name, value in (getattr(run, "advanced", None) or {}).items():
-                e.state[name].fill_(value)
+                _set_scalar_state(e.state, name, value)
             if following is not None:
                 steps[k] = following
             _increment_version([p])
@@ -758,8 +758,9 @@ class KernelOptimizer:
         check_buffers(tuple(n for n, _ in roles), tuple([v] for _, v in roles), tuple(n != "grad" for n, _ in roles),
                       False)
         if len(like) < len(bucket.names):
-            shaped = {n: [views[k]] for n, views in zip(bucket.names, bucket.state_views) if n in self._shaped}
-            check_disjoint(shaped, {n: [v] for n, v in roles}, False)
+            written = {n: [views[k]] for n, views in zip(bucket.names, bucket.state_views)}
+            written["param"] = [bucket.param_views[k]]
+            check_disjoint(written, {"grad": [grad_view]}, False)
 
     def _check_distinct(self, group_index, group, bucket):
         """No two parameters share a state buffer, and no buffer of a parameter shares
@@ -793,6 +794,15 @@ def _scratch_blocks(entries):
     arena = torch.empty(total, dtype=entries[0].param.dtype)
     return {id(e): arena[offset:offset + e.param.numel()].view(e.param.shape)
             for e, offset in zip(entries, offsets)}
+
+
+def _set_scalar_state(state, name, value):
+    """Write a rule's scalar state after a step: fill a tensor (torch.optim's layout)
+    in place, replace a Python float (a rule torch.optim lacks keeps floats)."""
+    if isinstance(state[name], torch.Tensor):
+        state[name].fill_(value)
+    else:
+        state[name] = value
 
 
 def _holds_tensor(value):
