@@ -292,3 +292,27 @@ def test_the_tensorwise_rule_refuses_complex_parameters_in_fastdescent_torch():
     with pytest.raises(TypeError, match=r"\['params'\]\[1\].*does not support complex"):
         fdt.Adafactor([torch.nn.Parameter(torch.randn(3)),
                        torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))])
+
+
+def test_factors_may_share_no_memory_with_any_array_of_the_call(rng):
+    """A row_var or col_var, written by the step, overlapping another array of the
+    call (of any parameter and role) is refused before anything is written."""
+    shapes = [(4, 6), (5, 3)]
+    params = [random(rng, s, np.float32) for s in shapes]
+    grads = [random(rng, s, np.float32) for s in shapes]
+    rows = [np.ones(s[:-1] + (1,), np.float32) for s in shapes]
+    cols = [np.ones(s[:-2] + (1, s[-1]), np.float32) for s in shapes]
+    every = params + grads + rows + cols
+    before = [a.copy() for a in every]
+    block = np.ones(8, np.float32)  # two factors' memory, overlapping by one element
+    cases = [
+        ("row_vars[1] inside params[0]", [rows[0], params[0].reshape(-1)[:5].reshape(5, 1)], cols),
+        ("col_vars[0] inside grads[1]", rows, [grads[1].reshape(-1)[:6].reshape(1, 6), cols[1]]),
+        ("row_vars[0] overlaps row_vars[1]", [block[:4].reshape(4, 1), block[3:8].reshape(5, 1)], cols),
+        ("col_vars[1] overlaps row_vars[0]", [block[:4].reshape(4, 1), rows[1]], [cols[0], block[1:4].reshape(1, 3)]),
+    ]
+    for description, row_vars, col_vars in cases:
+        with pytest.raises(ValueError, match="shares memory"):
+            fd.adafactor_step(params, grads, row_vars, col_vars, None, step=1)
+        for a, b in zip(every + [block], before + [np.ones(8, np.float32)]):
+            assert_bitwise_equal(a, b, description)

@@ -115,13 +115,18 @@ def _vector_shape(shape):
     return shape if len(shape) < 2 else None
 
 
-def adafactor_scalars(h, *, step, grad_scale, fresh):
+def adafactor_step_scalars(h, step):
     """The averaging weight :math:`1 - \\hat\\beta_{2t} = t^\\tau` and the relative
-    step size :math:`\\rho_t` of step ``step``, as PyTorch computes them (Python
-    floats); the rest as given."""
-    eps1, eps2 = h["eps"]
+    step size :math:`\\rho_t` of step ``step``, as PyTorch computes them (Python floats)."""
     t = float(step)
-    return dict(weight=t ** h["beta2_decay"], rho=min(h["lr"], 1 / (t ** 0.5)), eps1=eps1, eps2=eps2, d=h["d"],
+    return t ** h["beta2_decay"], min(h["lr"], 1 / (t ** 0.5))
+
+
+def adafactor_scalars(h, *, step, grad_scale, fresh):
+    """The runner's scalars: those of :func:`adafactor_step_scalars`, and the rest as given."""
+    eps1, eps2 = h["eps"]
+    weight, rho = adafactor_step_scalars(h, step)
+    return dict(weight=weight, rho=rho, eps1=eps1, eps2=eps2, d=h["d"],
                 param_decay=1.0 - h["lr"] * h["weight_decay"], grad_scale=_hyper.signed_grad_scale(h, grad_scale))
 
 
@@ -199,6 +204,8 @@ ADAFACTOR = RuleSpec(
                    "than two dimensions (None for the others)"),
     ),
     scalars=adafactor_scalars,
+    step_scalar_names=("weight", "rho"),
+    step_scalars=adafactor_step_scalars,
     runner=adafactor_runner,
     tensorwise=True,
     passes=adafactor_passes,
