@@ -17,7 +17,9 @@
 # dimensions; torch factors those). The results must not depend on the thread
 # count, so every sum has an order fixed by the shape alone. The work is cut into
 # tiles of AF_ROW_BLOCK rows x AF_STRIP columns of one matrix (a vector of n is one
-# row of n columns), which threads claim one at a time:
+# row of n columns), which threads claim several at a time (as many as hold
+# CHUNK_ELEMENTS elements of the largest tile: small matrices, such as a network's
+# convolution kernels, cost few claims); each tile's sums go to its own slot:
 #
 # * along one row of a tile, element j goes to lane j % AF_LANES; each lane adds
 #   its squares in column order, in the dtype over each chunk of AF_CHUNK columns,
@@ -63,6 +65,7 @@ cdef struct AfPlan:
     Py_ssize_t n_tensors
     Py_ssize_t n_tiles
     Py_ssize_t total
+    Py_ssize_t tiles_per_claim  # tiles a thread takes at a time: CHUNK_ELEMENTS of the largest
     int n_parts
     int typenum
     AfTensor* tensors
@@ -98,6 +101,21 @@ cdef inline double lanes_tree(double* acc) noexcept nogil:
     return acc[0]
 
 
+cdef inline double narrow_tree(double* values, Py_ssize_t n) noexcept nogil:
+    """``lanes_tree`` of lanes of which only the first ``n`` (1 to AF_LANES) hold a
+    value, given in ``values``: the others hold +0.0, and adding +0.0 to a sum of
+    squares (never -0.0) changes no bit, so the pairs with a zero are skipped. A
+    narrow row (a 3 x 3 convolution kernel) costs its elements, not 16 lanes."""
+    cdef Py_ssize_t j, m = n
+    while m > 1:
+        for j in range(m // 2):
+            values[j] = values[2 * j] + values[2 * j + 1]
+        if m % 2:
+            values[m // 2] = values[m - 1]
+        m = (m + 1) // 2
+    return values[0]
+
+
 cdef inline floating capped(floating f, floating cap) noexcept nogil:
     """min(f, cap) that keeps a NaN f: 1/sqrt(max(v, eps1^2)) = min(1/sqrt(v), 1/eps1)."""
     return cap if cap < f else f
@@ -121,6 +139,18 @@ cdef inline void square_run(const floating* p, const floating* g, Py_ssize_t n, 
     cdef floating cp[AF_LANES]
     cdef floating d, s, x
     cdef Py_ssize_t c, q, l, i, at, m, full
+    if n < AF_LANES:  # each lane holds one square (0 + s = s, exactly)
+        lg[0] = lp[0] = 0.0  # a tile row has n >= 1; this tells the compiler so
+        for l in range(n):
+            d = scale * g[l]
+            s = d * d
+            col[l] = col[l] + s
+            lg[l] = <double>s
+            x = p[l]
+            lp[l] = <double>(x * x)
+        row_sum[0] = narrow_tree(lg, n)
+        p_sum[0] = narrow_tree(lp, n)
+        return
     for l in range(AF_LANES):
         lg[l] = lp[l] = 0.0
         cg[l] = cp[l] = 0
@@ -158,6 +188,12 @@ cdef inline double update_squares_run(const floating* g, const floating* col_fac
     cdef floating cu[AF_LANES]
     cdef floating u
     cdef Py_ssize_t c, q, l, i, at, m, full
+    if n < AF_LANES:  # each lane holds one square
+        lu[0] = 0.0
+        for l in range(n):
+            u = (scale * g[l]) * capped(row_factor * col_factor[l], cap)
+            lu[l] = <double>(u * u)
+        return narrow_tree(lu, n)
     for l in range(AF_LANES):
         lu[l] = 0.0
         cu[l] = 0
@@ -460,7 +496,7 @@ cdef int af_plan_init(AfPlan* plan, list params, list grads, list row_var, list 
     direct call of the private kernel inside its arrays. On error the caller still
     owns what was allocated: call ``af_plan_free``."""
     cdef Py_ssize_t t, n, rows, cols, d
-    cdef Py_ssize_t n_rows = 0, n_cols = 0, n_row_strips = 0, n_block_cols = 0
+    cdef Py_ssize_t n_rows = 0, n_cols = 0, n_row_strips = 0, n_block_cols = 0, largest_tile = 1
     cdef cnp.ndarray p, g, rv, cv, v
     cdef AfTensor* T
     plan.n_tensors = len(params)
@@ -525,6 +561,8 @@ cdef int af_plan_init(AfPlan* plan, list params, list grads, list row_var, list 
         T.row_blocks = af_blocks(rows, AF_ROW_BLOCK)
         T.strips = af_blocks(cols, AF_STRIP)
         T.n_tiles = T.batches * T.row_blocks * T.strips if n else 0
+        if n:
+            largest_tile = max(largest_tile, min(rows, <Py_ssize_t>AF_ROW_BLOCK) * min(cols, <Py_ssize_t>AF_STRIP))
         T.first_tile = plan.n_tiles
         plan.n_tiles += T.n_tiles
         plan.total += n
@@ -537,6 +575,7 @@ cdef int af_plan_init(AfPlan* plan, list params, list grads, list row_var, list 
             n_row_strips += T.batches * rows * T.strips
             n_block_cols += T.batches * T.row_blocks * cols
     plan.n_parts = choose_parts(plan.total, n_threads)
+    plan.tiles_per_claim = chunk_items(largest_tile)
     # Doubles everywhere: a factor (a float or a double) fits in one.
     plan.row_factor = <double*>malloc((n_rows + 1) * sizeof(double))
     plan.col_factor = <double*>malloc((n_cols + 1) * sizeof(double))
@@ -607,15 +646,15 @@ def adafactor_statistics(list params not None, list grads not None, list row_var
         af_plan_init(&plan, params, grads, row_var, col_var, variance, n_threads, True)
         with nogil:
             if plan.typenum == cnp.NPY_FLOAT32:
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, statistics_range_f32, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, statistics_range_f32, &job)
                 average_factors(&plan, &a, <float>0)
                 compute_factors(&plan, &a, <float>0)
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, update_squares_range_f32, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, update_squares_range_f32, &job)
             else:
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, statistics_range_f64, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, statistics_range_f64, &job)
                 average_factors(&plan, &a, <double>0)
                 compute_factors(&plan, &a, <double>0)
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, update_squares_range_f64, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, update_squares_range_f64, &job)
             call_finished()
             for t in range(plan.n_tensors):
                 sp = 0.0
@@ -658,10 +697,10 @@ def adafactor_update(list params not None, list grads not None, list row_var not
         with nogil:
             if plan.typenum == cnp.NPY_FLOAT32:
                 compute_factors(&plan, &a, <float>0)
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, update_range_f32, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, update_range_f32, &job)
             else:
                 compute_factors(&plan, &a, <double>0)
-                fd_pool_run(plan.n_parts, plan.n_tiles, 1, 1, update_range_f64, &job)
+                fd_pool_run(plan.n_parts, plan.n_tiles, 1, plan.tiles_per_claim, update_range_f64, &job)
             call_finished()
     finally:
         af_plan_free(&plan)
