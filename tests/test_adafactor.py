@@ -316,3 +316,109 @@ def test_factors_may_share_no_memory_with_any_array_of_the_call(rng):
             fd.adafactor_step(params, grads, row_vars, col_vars, None, step=1)
         for a, b in zip(every + [block], before + [np.ones(8, np.float32)]):
             assert_bitwise_equal(a, b, description)
+
+
+# -- small and narrow matrices ---------------------------------------------------------
+
+#: Rows narrower than a vector of lanes (1 to 17 columns), convolution kernels, and
+#: enough small matrices that threads claim several tiles at a time.
+SMALL_SHAPES = [(5, w) for w in range(1, 18)] + [(8, 4, 3, 3), (6, 2, 1, 1), (3, 1, 7), (1, 1)] + [(40, 15)] * 60
+
+
+@pytest.mark.parametrize("min_elements", [1, 2000], ids=["one-tile-claims", "several-tile-claims"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_and_narrow_matrices_match_the_twin(dtype, min_elements, rng, kernel_variant):
+    """Kernel on 1 and 2 threads (cut into parts of ``min_elements``, claimed a tile
+    or several tiles at a time) and the twin: the same bits over four steps."""
+    kernels = [_dispatch.load_variant(name) for name in _dispatch.supported_variants()]
+    previous = (kernels[0].get_min_elements_per_thread(), kernels[0].get_min_elements_per_thread(cold=True))
+    params = [random(rng, s, dtype) for s in SMALL_SHAPES]
+    runs = {}
+    try:
+        for module in kernels:
+            module.set_min_elements_per_thread(min_elements, cold=min_elements)
+        for backend, n_threads in (("kernel", 1), ("kernel", 2), ("reference", 1)):
+            steps = np.random.default_rng(3)
+            opt_params = [p.copy() for p in params]
+            rows = [np.zeros(s[:-1] + (1,), dtype) for s in SMALL_SHAPES]
+            cols = [np.zeros(s[:-2] + (1, s[-1]), dtype) for s in SMALL_SHAPES]
+            for t in range(1, 5):
+                grads = [random(steps, s, dtype) for s in SMALL_SHAPES]
+                fd.adafactor_step(opt_params, grads, rows, cols, None, step=t, weight_decay=0.1,
+                                  n_threads=n_threads, backend=backend)
+            runs[backend, n_threads] = opt_params + rows + cols
+    finally:
+        for module in kernels:
+            module.set_min_elements_per_thread(*previous)
+    expected = runs["reference", 1]
+    for key, arrays in runs.items():
+        for k, (a, b) in enumerate(zip(arrays, expected)):
+            assert_bitwise_equal(a, b, f"{key} array {k}")
+    assert not np.array_equal(expected[0], params[0])
+
+
+# -- torch.optim's own error inputs and checkpoints ------------------------------------
+
+def test_optim_db_error_inputs_raise_as_torch_says():
+    """Every error input of torch's optimizer test database for Adafactor raises the
+    error torch's own test expects (or warns), with its message. Two differences, by
+    the adapter's design (it checks every parameter when it is added): a complex
+    parameter is refused then (TypeError), not at the first step (RuntimeError); a
+    parameter given twice in a group, which torch warns of and steps twice, is
+    warned of and then refused as two parameters sharing memory."""
+    torch = pytest.importorskip("torch")
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    import fastdescent.torch as fdt
+
+    info = next(i for i in common.optim_db if i.name == "Adafactor")
+    inputs = info.optim_error_inputs_func("cpu", torch.float32)
+    assert len(inputs) >= 8
+    for error in inputs:
+        given = error.optimizer_error_input
+        expect = pytest.warns if issubclass(error.error_type, Warning) else pytest.raises
+        if "duplicate parameters" in str(error.error_regex) and issubclass(error.error_type, Warning):
+            with pytest.warns(error.error_type, match=error.error_regex), pytest.raises(ValueError, match="share"):
+                fdt.Adafactor(given.params, **given.kwargs)
+        elif error.error_on == common.OptimizerErrorEnum.CONSTRUCTION_ERROR:
+            with expect(error.error_type, match=error.error_regex):
+                fdt.Adafactor(given.params, **given.kwargs)
+        elif any(p.is_complex() for p in given.params):
+            with pytest.raises(TypeError, match=error.error_regex):
+                fdt.Adafactor(given.params, **given.kwargs)
+        else:
+            opt = fdt.Adafactor(given.params, **given.kwargs)
+            with expect(error.error_type, match=error.error_regex):
+                opt.step()
+
+
+@pytest.mark.parametrize("first", ["torch", "fastdescent"])
+def test_convnet_checkpoints_move_between_torch_and_fastdescent(first):
+    """A convolutional network's state (4-D row_var (o, i, k, 1) and col_var
+    (o, i, 1, k), 2-D, 1-D variance) saved by one implementation is loaded by the
+    other as is, and training on agrees with the first within the bound of
+    ``test_fifty_steps_on_a_real_model_agree_with_torch``."""
+    torch = pytest.importorskip("torch")
+    import fastdescent.torch as fdt
+    from torch_support import batches, convnet, max_relative_error, roundtrip, train
+
+    torch.set_num_threads(1)
+    kinds = {"torch": lambda ps: torch.optim.Adafactor(ps, weight_decay=0.01, foreach=False),
+             "fastdescent": lambda ps: fdt.Adafactor(ps, weight_decay=0.01)}
+    then = "fastdescent" if first == "torch" else "torch"
+    data = batches((2, 8, 8), steps=20)
+    model = convnet()
+    opt = kinds[first](model.parameters())
+    train(model, opt, data[:10])
+    resumed_model = convnet(seed=1)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = kinds[then](resumed_model.parameters())
+    saved = opt.state_dict()
+    assert saved["state"][0]["row_var"].shape == (6, 2, 3, 1) and saved["state"][0]["col_var"].shape == (6, 2, 1, 3)
+    resumed.load_state_dict(roundtrip(saved))  # test_torch.py checks that it loads as saved
+    train(model, opt, data[10:])
+    train(resumed_model, resumed, data[10:])
+    bound = 16 * torch.finfo(torch.float32).eps
+    for a, b in zip(resumed_model.parameters(), model.parameters()):
+        assert max_relative_error(a.detach(), b.detach()) <= bound
+        for key, value in opt.state[b].items():
+            assert max_relative_error(resumed.state[a][key], value) <= bound, key
