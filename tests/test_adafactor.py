@@ -18,6 +18,17 @@ def random(rng, shape, dtype=np.float64, positive=False):
     return random_array(rng, math.prod(shape), dtype, positive=positive).reshape(shape)
 
 
+@pytest.fixture
+def serial_torch():
+    """torch on one thread for the test (the models are tiny), restored after: the
+    thread count is OpenMP's, which fastdescent's default follows."""
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(previous)
+
+
 def step_by_hand(p, g, state, t, *, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
                  maximize=False):
     """torch.optim.Adafactor's equations in plain float64 NumPy (the docstring's)."""
@@ -75,18 +86,17 @@ def test_first_step_takes_the_means_whole_and_moves_by_rho_times_rms(rng):
 
 # -- agreement with torch.optim.Adafactor on a real model --------------------------
 
-def test_fifty_steps_on_a_real_model_agree_with_torch():
+def test_fifty_steps_on_a_real_model_agree_with_torch(serial_torch):
     """fastdescent.torch.Adafactor and torch.optim.Adafactor (for-loop) train a small
     convolutional network (4-D, 2-D and 1-D parameters) for 50 steps. Bound: every
     parameter and state tensor within 16 epsilons of its dtype, relative to its
     largest magnitude (measured over the examples, MLP and convnet: at most 3 for
     parameters, 5 for row_var, col_var and variance; the sums differ only in
     rounding, see fastdescent.adafactor_step)."""
-    torch = pytest.importorskip("torch")
+    torch = serial_torch
     import fastdescent.torch as fdt
     from torch_support import batches, convnet, max_relative_error, train
 
-    torch.set_num_threads(1)
     for dtype in (torch.float32, torch.float64):
         ours, theirs = convnet(dtype), convnet(dtype)
         opt = fdt.Adafactor(ours.parameters(), weight_decay=0.01)
@@ -392,16 +402,15 @@ def test_optim_db_error_inputs_raise_as_torch_says():
 
 
 @pytest.mark.parametrize("first", ["torch", "fastdescent"])
-def test_convnet_checkpoints_move_between_torch_and_fastdescent(first):
+def test_convnet_checkpoints_move_between_torch_and_fastdescent(first, serial_torch):
     """A convolutional network's state (4-D row_var (o, i, k, 1) and col_var
     (o, i, 1, k), 2-D, 1-D variance) saved by one implementation is loaded by the
     other as is, and training on agrees with the first within the bound of
     ``test_fifty_steps_on_a_real_model_agree_with_torch``."""
-    torch = pytest.importorskip("torch")
+    torch = serial_torch
     import fastdescent.torch as fdt
     from torch_support import batches, convnet, max_relative_error, roundtrip, train
 
-    torch.set_num_threads(1)
     kinds = {"torch": lambda ps: torch.optim.Adafactor(ps, weight_decay=0.01, foreach=False),
              "fastdescent": lambda ps: fdt.Adafactor(ps, weight_decay=0.01)}
     then = "fastdescent" if first == "torch" else "torch"
