@@ -106,9 +106,23 @@ def _factors(row_var, col_var, eps1):
     rv = row_var.reshape(batches, rows, 1).astype(np.float64)
     mean = (_in_order(rv, 1) / rows).astype(dtype)[:, None, :]
     mean = np.where(dtype(eps1) > mean, dtype(eps1), mean)  # clamp_(min=eps1), NaN kept
-    row_factor = (1.0 / np.sqrt(rv / mean.astype(np.float64))).astype(dtype)
-    col_factor = (1.0 / np.sqrt(col_var.reshape(batches, 1, cols).astype(np.float64))).astype(dtype)
+    with _zero_is_infinite():
+        row_factor = (1.0 / np.sqrt(rv / mean.astype(np.float64))).astype(dtype)
+        col_factor = (1.0 / np.sqrt(col_var.reshape(batches, 1, cols).astype(np.float64))).astype(dtype)
     return row_factor, col_factor
+
+
+def _zero_is_infinite():
+    """No warning for 1/sqrt(0) = inf (a row, a column or an element whose gradients
+    were all zero: ``_capped`` then takes 1/eps1), or for 0/0 with eps1 = 0: the
+    kernels' C arithmetic gives the same values silently."""
+    return np.errstate(divide="ignore", invalid="ignore")
+
+
+def _inverse_root(variance):
+    """1/sqrt(variance) in its dtype (an unfactored tensor's factor)."""
+    with _zero_is_infinite():
+        return variance.dtype.type(1) / np.sqrt(variance)
 
 
 def _capped(f, inv_eps1):
@@ -134,7 +148,7 @@ def adafactor_statistics(params, grads, row_var, col_var, variance, *, weight, e
         if rv is None:
             flat = v.reshape(1, 1, -1)
             _lerp_(flat, d * d, weight)
-            u = d * _capped(p.dtype.type(1) / np.sqrt(flat), inv_eps1)
+            u = d * _capped(_inverse_root(flat), inv_eps1)
             sums[t] = _tensor_sum(_lanes(p3 * p3)), _tensor_sum(_lanes(u * u))
             continue
         squares = d * d
@@ -158,7 +172,7 @@ def adafactor_update(params, grads, row_var, col_var, variance, *, step_sizes, p
         batches, rows, cols = _geometry(p, rv, cv)
         d = grad_scale * g.reshape(batches, rows, cols)
         if rv is None:
-            f = _capped(p.dtype.type(1) / np.sqrt(v.reshape(batches, rows, cols)), inv_eps1)
+            f = _capped(_inverse_root(v.reshape(batches, rows, cols)), inv_eps1)
         else:
             row_factor, col_factor = _factors(rv, cv, eps1)
             f = _capped(row_factor * col_factor, inv_eps1)
