@@ -11,8 +11,9 @@ import fastdescent.torch as fdt  # noqa: E402
 from test_torch import RULES  # noqa: E402
 from torch_support import assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot  # noqa: E402, F401
 
-#: The classes whose torch.optim peer has a ``capturable`` option.
+#: The classes whose torch.optim peer has a ``capturable`` (``differentiable``) option.
 CAPTURABLE = tuple(r for r in RULES if "capturable" in inspect.signature(getattr(fdt, r).__init__).parameters)
+DIFFERENTIABLE = tuple(r for r in RULES if "differentiable" in inspect.signature(getattr(fdt, r).__init__).parameters)
 
 
 def assert_step_raises(opt, error, match):
@@ -40,7 +41,7 @@ def trained(rule, steps=3, **kwargs):
 
 # -- options ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", DIFFERENTIABLE)
 def test_differentiable_raises(rule):
     with pytest.raises(ValueError, match="differentiable=True"):
         getattr(fdt, rule)(mlp().parameters(), differentiable=True)

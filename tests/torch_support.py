@@ -50,6 +50,19 @@ def train(model, optimizer, data, maximize=False, scheduler=None):
             scheduler.step()
 
 
+def torch_steps(rule, shape, dtype):
+    """True if ``torch.optim.<rule>`` can step a parameter of ``shape`` and ``dtype``
+    (torch.optim.Adafactor refuses complex ones and divides by an empty one's size)."""
+    p = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
+    opt = getattr(torch.optim, rule)([p])
+    p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except (RuntimeError, ZeroDivisionError):
+        return False
+    return True
+
+
 def tolerance(dtype):
     """The bound the tests assert, relative to a tensor's largest magnitude."""
     return 2.0**-16 if dtype in (torch.float32, torch.complex64) else 2.0**-40

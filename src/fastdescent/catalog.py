@@ -42,6 +42,11 @@ class Rule:
         return tuple(b.name for b in self.spec.needed(self.hyper))
 
     @property
+    def passes(self):
+        """``[(arrays read, arrays written)]`` per element of each memory pass of a step."""
+        return self.spec.kernel_passes(self.hyper)
+
+    @property
     def reads(self):
         return self.spec.traffic(self.hyper)[0]
 
@@ -62,18 +67,25 @@ class Rule:
         return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
     def bytes_per_element(self, dtype):
+        """Bytes read and written per parameter element by a step (all its passes)."""
         return (self.reads + self.writes) * np.dtype(dtype).itemsize
 
     def make_state(self, rng, n, dtype):
-        """Fresh random state buffers for ``n`` elements (positive or zero where the
-        buffer's ``sample`` asks for it)."""
+        """Fresh random state buffers for a parameter of ``n`` elements in the rule's
+        sample shape (``spec.sample_shape``), positive or zero where the buffer's
+        ``sample`` asks for it; None for a buffer that shape keeps none of."""
+        shape = self.spec.sample_shape(n)
         out = []
         for buffer in self.spec.needed(self.hyper):
-            a = rng.standard_normal(n) * 0.1
+            buffer_shape = buffer.shape_for(shape)
+            if buffer_shape is None:
+                out.append(None)
+                continue
+            a = rng.standard_normal(buffer_shape) * 0.1
             if buffer.sample == "positive":
                 a = np.abs(a) + 0.01
             elif buffer.sample == "zero":
-                a = np.zeros(n)
+                a = np.zeros(buffer_shape)
             out.append(a.astype(dtype))
         return out
 

@@ -28,6 +28,8 @@ def test_bad_construction_arguments():
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, reduce="max")
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, lr=-1.0)
     expect_everywhere(TypeError, ShardedOptimizer, [np.zeros(3, np.int64)], fd.Adam, COMM)
+    # A rule that sees whole tensors (Adafactor's norms and factors) cannot run on shards.
+    expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adafactor, COMM)
 
 
 @needs_ranks(2)

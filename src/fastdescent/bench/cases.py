@@ -10,7 +10,8 @@ both measure the same thing the same way:
 * :func:`time_step` times that callable: warm-up, then repeated samples.
 
 Methods: ``ceiling`` (the bandwidth kernel with the rule's access pattern, run on the
-rule's own buffers), ``kernel`` (the rule's functional face on a kernel variant),
+rule's own buffers, once per memory pass of a rule of several passes: Adafactor's
+reductions, then its update), ``kernel`` (the rule's functional face on a kernel variant),
 ``reference`` (the NumPy twin) and, when torch is importable, ``torch-forloop``,
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
 with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
@@ -71,7 +72,7 @@ class Problem:
     @property
     def nbytes(self):
         arrays = [self.params, self.grads, *self.state]
-        return sum(a.nbytes for role in arrays for a in as_list(role))
+        return sum(a.nbytes for role in arrays for a in as_list(role) if a is not None)
 
 
 def as_list(role):
@@ -80,21 +81,24 @@ def as_list(role):
 
 def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     """Random buffers for ``rule``: ``n_tensors`` tensors of ``n`` elements each (one
-    array per role if ``n_tensors`` is 1, else lists). Gradients are small and
-    nonzero, second-moment state positive, so repeated steps stay finite."""
+    array per role if ``n_tensors`` is 1, else lists), in the rule's sample shape
+    (``spec.sample_shape``: 1-D, or a matrix for a tensorwise rule). Gradients are
+    small and nonzero, second-moment state positive, so repeated steps stay finite;
+    a buffer that shape keeps none of is None."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
+    shape = rule.spec.sample_shape(n)
 
     def tensors(make):
         arrays = [make() for _ in range(n_tensors)]
         return arrays[0] if n_tensors == 1 else arrays
 
     def gradient():
-        g = rng.standard_normal(n, dtype=dtype)
+        g = rng.standard_normal(shape, dtype=dtype)
         g *= 0.1
         return g
 
-    params = tensors(lambda: rng.standard_normal(n, dtype=dtype))
+    params = tensors(lambda: rng.standard_normal(shape, dtype=dtype))
     grads = tensors(gradient)
     per_tensor = [rule.make_state(rng, n, dtype) for _ in range(n_tensors)]
     state = [per_tensor[0][k] if n_tensors == 1 else [s[k] for s in per_tensor]
@@ -102,14 +106,20 @@ def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     return Problem(params, grads, state)
 
 
-def ceiling_roles(rule, problem):
-    """The buffers the bandwidth kernel reads, written ones first, for ``rule``'s
-    pattern (``rule.reads`` read, ``rule.writes`` of them written back)."""
-    writable = [problem.params, *problem.state]
-    n_read_only = rule.reads - rule.writes
-    if rule.writes > len(writable) or n_read_only not in (0, 1):
-        raise Unavailable(f"no bandwidth pattern for {rule.reads} reads / {rule.writes} writes")
-    return writable[: rule.writes] + [problem.grads] * n_read_only
+def ceiling_passes(rule, problem):
+    """``[(roles, n_written)]``: for each memory pass of ``rule`` (``rule.passes``),
+    the buffers the bandwidth kernel reads with that pass's pattern, written ones
+    first, taken from ``problem``'s arrays (the read-only ones: the gradients, then
+    the parameters)."""
+    writable = [problem.params, *(s for s in problem.state if s is not None)]
+    passes = []
+    for reads, writes in rule.passes:
+        read_only = ([problem.grads] + writable[writes:])[:reads - writes]
+        if writes > len(writable) or len(read_only) != reads - writes or not (
+                len(read_only) <= 1 or (writes == 0 and len(read_only) <= 2)):
+            raise Unavailable(f"no bandwidth pattern for {reads} reads / {writes} writes")
+        passes.append((writable[:writes] + read_only, writes))
+    return passes
 
 
 def ceiling_variant():
@@ -164,9 +174,13 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
     state, t = problem.state, STEADY_STEP
     scalars = rule.scalar_state_at(t)
     if method == "ceiling":
-        roles = ceiling_roles(rule, problem)
+        passes = ceiling_passes(rule, problem)
         stream = _dispatch.load_variant(ceiling_variant()).stream
-        yield lambda: stream(roles, rule.writes, n_threads)
+        if len(passes) == 1:
+            (roles, writes), = passes
+            yield lambda: stream(roles, writes, n_threads)
+        else:
+            yield lambda: [stream(roles, writes, n_threads) for roles, writes in passes]
     elif method == "kernel":
         with kernels_of_variant(variant):
             yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,

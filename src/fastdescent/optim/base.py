@@ -559,8 +559,7 @@ class Optimizer(Checkpointing):
         if grads is None:
             if not self.flat:
                 raise TypeError("step() needs grads, one per parameter, unless the optimizer is flat=True")
-            return [(i, b, [b.arenas["param"]], [b.arenas["grad"]], True)
-                    for i, layout in enumerate(layouts) for b in layout.buckets]
+            return [self._flat_work(i, layout, b) for i, layout in enumerate(layouts) for b in layout.buckets]
         if type(grads) is not list and not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list of arrays, got {type(grads).__name__}")
         n = len(layouts[0].params) if len(layouts) == 1 else sum(len(layout.params) for layout in layouts)
@@ -574,7 +573,7 @@ class Optimizer(Checkpointing):
             flat = self.flat and all(map(operator.is_, group_grads, layout.grad_views))
             for b in layout.buckets:
                 if flat:
-                    work.append((position, b, [b.arenas["param"]], [b.arenas["grad"]], True))
+                    work.append(self._flat_work(position, layout, b))
                     continue
                 if b.span is None:
                     bucket_grads = list(map(group_grads.__getitem__, b.positions))
@@ -586,6 +585,14 @@ class Optimizer(Checkpointing):
                 work.append((position, b, b.params, bucket_grads, False))
             offset += n
         return work
+
+    def _flat_work(self, position, layout, bucket):
+        """The kernel call of a flat bucket: its whole arena at once, or for a
+        tensorwise rule (which must see each parameter whole) each parameter's
+        view (the optimizer's own arrays: nothing to check)."""
+        if not self.spec.tensorwise:
+            return (position, bucket, [bucket.arenas["param"]], [bucket.arenas["grad"]], True)
+        return (position, bucket, bucket.params, [layout.grad_views[k] for k in bucket.positions], False)
 
     def _written_table(self):
         """The table of every array a step may write (the kernels' own lists of
@@ -601,6 +608,8 @@ class Optimizer(Checkpointing):
                     roles += [(f"state[{{}}][{name!r}]", buffers) for name, buffers in bucket.buffers.items()]
                     for label, role in roles:
                         for i, array in zip(indices, role):
+                            if array is None:  # a buffer this parameter's shape keeps none of
+                                continue
                             if array.dtype != bucket.dtype:
                                 raise ValueError(f"{label.format(i)} was changed in place: its dtype is "
                                                  f"{array.dtype}, not {bucket.dtype}")
@@ -653,7 +662,8 @@ class Optimizer(Checkpointing):
             return NOTHING_FRESH
         if layout.states is None:
             return frozenset(config.needed)
-        missing = [name for name in config.needed if name not in layout.states[0]]
+        # Created once the buckets hold it: a parameter may keep none (Buffer.shape).
+        missing = [name for name in config.needed if name not in layout.buckets[0].buffers]
         return frozenset(missing) if missing else NOTHING_FRESH
 
     def _allocate_state(self, groups):
@@ -705,17 +715,30 @@ class Optimizer(Checkpointing):
                 bucket.kernel_buffers = None
 
     def _allocate_buffer(self, g, name, fill):
+        """Create buffer ``name`` for every parameter of group ``g`` that keeps one
+        (``bucket.buffers[name]`` holds None for those whose shape keeps none)."""
         layout = self._layouts[g]
+        buffer = self._buffer_specs[name]
         for bucket in layout.buckets:
+            shapes = [buffer.shape_for(p.shape) for p in bucket.params]
             if self.flat:
-                arena = _new_buffer(bucket.arenas["param"], fill)
+                size = sum(math.prod(s) for s in shapes if s is not None)
+                arena = _new_buffer(bucket.arenas["param"], fill, None if buffer.shape is None else size)
                 bucket.arenas[name] = arena
-                buffers = _views(arena, [p.shape for p in bucket.params])
-            else:
+                kept = iter(_views(arena, [s for s in shapes if s is not None]))
+                buffers = [None if s is None else next(kept) for s in shapes]
+            elif buffer.shape is None:
                 buffers = [_new_buffer(p, fill) for p in bucket.params]
+            else:
+                buffers = [None if s is None else _new_buffer(p, fill, s) for p, s in zip(bucket.params, shapes)]
             bucket.buffers[name] = buffers
-            for k, buffer in zip(bucket.positions, buffers):
-                layout.states[k][name] = buffer
+            for k, array in zip(bucket.positions, buffers):
+                if array is not None:
+                    layout.states[k][name] = array
+
+    @property
+    def _buffer_specs(self):
+        return {b.name: b for b in self.spec.buffers}
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -760,11 +783,13 @@ def _views(arena, shapes):
     return views
 
 
-def _new_buffer(like, fill):
+def _new_buffer(like, fill, shape=None):
+    """A buffer holding ``fill``, of ``like``'s dtype and shape, or of ``shape`` (an
+    int or a tuple: a buffer shaped otherwise than its parameter)."""
     if fill is FIRST_GRADIENT:
-        return np.empty_like(like)
+        return np.empty_like(like, shape=shape)
     if fill is PARAMETER:
         return like.copy()
     if fill == 0.0:
-        return np.zeros_like(like)
-    return np.full_like(like, fill)
+        return np.zeros_like(like, shape=shape)
+    return np.full_like(like, fill, shape=shape)

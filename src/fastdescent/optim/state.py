@@ -135,7 +135,7 @@ class Checkpointing:
                 checked[name] = _checks.finite(f"state[{saved_id!r}][{name!r}]", _scalar(value))
             elif name in self.spec.buffer_names:
                 if value is not None:  # PyTorch keeps momentum_buffer=None when unused
-                    _check_like(value, param, f"state[{saved_id!r}][{name!r}]")
+                    _check_like(value, param, f"state[{saved_id!r}][{name!r}]", self._buffer_specs[name])
                     checked[name] = value
             else:
                 known = self._state_keys()
@@ -154,8 +154,10 @@ class Checkpointing:
             return
         if len(present) != len(entries):
             raise ValueError(f"in group {g} some parameters have state and others none")
-        names = set(present[0])
-        if any(set(e) != names for e in present):
+        # Every parameter holds the same entries, but the buffers its shape keeps none of.
+        names = set().union(*present)
+        params = layout.params
+        if any(set(e) != {n for n in names if self._keeps(n, p)} for e, p in zip(entries, params)):
             raise ValueError(f"the parameters of group {g} hold different state entries")
         missing_keys = [k for k in self._state_keys(buffers=False) if k not in names]
         if missing_keys:
@@ -165,9 +167,16 @@ class Checkpointing:
             if len(values) != 1:
                 raise ValueError(f"the parameters of group {g} hold different {key!r}: {sorted(values)}")
         wanted = self._wanted(hyper)
-        missing = [n for n, fill in wanted.items() if n not in names and fill is not FIRST_GRADIENT]
+        missing = [n for n, fill in wanted.items() if n not in names and fill is not FIRST_GRADIENT
+                   and any(self._keeps(n, p) for p in params)]
         if missing:
             raise ValueError(f"the state of group {g} lacks {missing}, which its hyperparameters need")
+
+    def _keeps(self, name, param):
+        """True if ``param`` keeps state entry ``name`` when its rule needs it (a
+        scalar, or a buffer its shape keeps)."""
+        buffer = self._buffer_specs.get(name)
+        return buffer is None or buffer.shape is None or buffer.shape_for(param.shape) is not None
 
     def _param_at(self, index):
         for layout in reversed(self._layouts):
@@ -213,10 +222,12 @@ class Checkpointing:
             scalars = [k for k in self._state_keys(buffers=False) if k in first]
             layout.states = [{k: state[i][k] for k in scalars} for i in indices]
             self.state.update(zip(indices, layout.states))
-            for name in [n for n in self.spec.buffer_names if n in first]:
+            saved = set().union(*(state[i] for i in indices))
+            for name in [n for n in self.spec.buffer_names if n in saved]:
                 self._allocate_buffer(g, name, FIRST_GRADIENT)
                 for i, own in zip(indices, layout.states):
-                    np.copyto(own[name], state[i][name])
+                    if name in own:
+                        np.copyto(own[name], state[i][name])
         self._state_changed()
 
     # ----------------------------------------------------------- checkpoints
@@ -253,13 +264,19 @@ def _scalar(value):
     return value
 
 
-def _check_like(value, param, where):
+def _check_like(value, param, where, buffer=None):
+    """``value`` suits ``param``: an array of its dtype and shape, or of the shape
+    ``buffer`` (a :class:`~fastdescent.rules._spec.Buffer`) has for it."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(value).__name__}")
     if value.dtype != param.dtype:
         raise TypeError(f"{where} has dtype {value.dtype}; the parameter has {param.dtype}")
-    if value.shape != param.shape:
-        raise ValueError(f"{where} has shape {value.shape}; the parameter has {param.shape}")
+    shape = param.shape if buffer is None else buffer.shape_for(param.shape)
+    if shape is None:
+        raise ValueError(f"{where} is given, but a parameter of shape {param.shape} keeps none")
+    if value.shape != shape:
+        expected = "the parameter has" if shape == param.shape else f"a parameter of shape {param.shape} keeps"
+        raise ValueError(f"{where} has shape {value.shape}; {expected} {shape}")
 
 
 def _step_count(value, where):
