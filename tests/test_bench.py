@@ -161,3 +161,13 @@ def test_stream_refuses_bad_buffers(rng):
         _dispatch.kernels.stream([b, random_array(rng, 10, np.float64)], 1, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
         _dispatch.kernels.stream([np.arange(10, dtype=np.int32)], 0, 1)
+
+
+def test_the_accumulate_case_runs_and_renders(tmp_path, capsys):
+    result = run_bench(tmp_path, "--cases", "accumulate", "--accumulate-sizes", "5000", "--accumulate-threads", "1")
+    records = result["accumulate"]["records"]
+    assert [r["method"] for r in records] == ["ceiling", "fused", "unfused", "add", "step", "zero"]
+    assert {r["method"]: r["bytes_per_element"] for r in records}["fused"] == 36
+    assert {r["method"]: r["bytes_per_element"] for r in records}["unfused"] == 44
+    assert all(r["seconds"]["median"] > 0 for r in records)
+    assert "gradient accumulation, Adam float32" in capsys.readouterr().out

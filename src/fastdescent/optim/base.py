@@ -187,7 +187,7 @@ class Optimizer(Checkpointing):
         in call order; it returns True. Only that call counts as a step (bias
         corrections, ``state[i]["step"]``): step a scheduler when ``step``
         returns True (``if opt.step(grads): sched.step()``), or read
-        :attr:`pending_micro_steps`. For an elementwise rule that call is one
+        the property ``pending_micro_steps``. For an elementwise rule that call is one
         fused pass (the accumulators are read once, then zeroed, in the pass
         that updates the parameters); clipping and the non-finite guard apply
         to the accumulated gradient (:math:`S` first, then the norm of
@@ -212,9 +212,6 @@ class Optimizer(Checkpointing):
     last_grad_norm : float or None
         The global norm of the last step's gradients if it was computed (clipping
         or the guard on), else None.
-    pending_micro_steps : int
-        Micro-steps taken in the current accumulation window (0 .. k-1; always 0
-        without accumulation).
     """
 
     spec = None  # the rule: a RuleSpec
