@@ -376,3 +376,21 @@ def test_the_accumulators_are_zero_between_windows(rng, monkeypatch, backend, fu
                                flat=flat, backend=backend, n_threads=2)
         accumulated = [a for arrays, arena in opt._accumulation._arrays.values() for a in arrays]
         assert len(accumulated) == len(params) and not any(a.any() for a in accumulated)
+
+
+def test_accumulate_steps_can_change_between_windows(rng):
+    """k = 3, then plain steps, then k = 2: each part as its own optimizer would step."""
+    params = make_params(rng, np.float32)
+    windows = make_windows(rng, params, 3, windows=1) + make_windows(rng, params, 1, windows=2)
+    windows += make_windows(rng, params, 2, windows=2)
+    opt = fd.Adam([p.copy() for p in params], lr=1e-2, accumulate_steps=3)
+    expected = fd.Adam([p.copy() for p in params], lr=1e-2, backend="reference")
+    for window in windows:
+        opt.accumulate_steps = len(window)
+        for grads, scale in window:
+            opt.step(grads, grad_scale=scale)
+        if len(window) == 1:
+            expected.step(window[0][0], grad_scale=window[0][1])
+        else:
+            expected.step(summed(window), grad_scale=1 / len(window))
+    assert_same_optimizer(opt, expected)

@@ -70,6 +70,8 @@ class Accumulation:
             raise ValueError(f"accumulate_steps cannot change {self.pending} micro-steps into a window of "
                              f"{self._steps}; change it after the window's last step")
         self._steps = value
+        if value == 1:
+            self._arrays = {}  # no accumulation: free the accumulators
 
     # ------------------------------------------------------------- arrays
     def _allocate(self, opt):

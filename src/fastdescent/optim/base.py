@@ -303,6 +303,7 @@ class Optimizer(Checkpointing):
     def accumulate_steps(self, value):
         with self._lock:
             self._accumulation.steps = value
+            self._written = None  # the accumulators may have gone
 
     @property
     def pending_micro_steps(self):
