@@ -149,6 +149,8 @@ class ShardedOptimizer:
             raise TypeError(f"optimizer_class must be an optimizer class such as fastdescent.Adam, got {optimizer_class!r}")
         if "flat" in kwargs:
             raise TypeError("ShardedOptimizer is always flat: do not pass flat=")
+        if "accumulate_steps" in kwargs:  # it would reduce, clip and all-gather at every micro-step
+            raise TypeError("ShardedOptimizer does not accumulate: sum the micro-batches' gradients, then step()")
         self.optimizer_class = optimizer_class
         self.reduce = _checks.choice("reduce", reduce, REDUCTIONS)
         self.reduce_order = _checks.choice("reduce_order", reduce_order, REDUCE_ORDERS)
