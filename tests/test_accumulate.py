@@ -394,3 +394,52 @@ def test_accumulate_steps_can_change_between_windows(rng):
         else:
             expected.step(summed(window), grad_scale=1 / len(window))
     assert_same_optimizer(opt, expected)
+
+
+def mixed_groups(rng):
+    """Two groups with their own rates, each mixing float32 and float64 parameters
+    (four buckets, their positions interleaved)."""
+    shapes = [(5,), (40_001,), (3, 4), (1,), (4097,)]
+    dtypes = [np.float32, np.float64, np.float32, np.float64, np.float32]
+    params = [random_array(rng, math.prod(s), d).reshape(s) for s, d in zip(shapes, dtypes)]
+    return params, lambda ps: [{"params": ps[:3], "lr": 1e-2}, {"params": ps[3:], "lr": 3e-3, "weight_decay": 0.1}]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_groups_of_mixed_dtypes_and_a_resume(rng, tmp_path, backend, flat):
+    params, groups = mixed_groups(rng)
+    calls = [call for window in make_windows(rng, params, 3, windows=3) for call in window]
+    expected = fd.Adam(groups([p.copy() for p in params]), backend="reference")
+    for w in range(3):
+        expected.step(summed(calls[3 * w:3 * w + 3]), grad_scale=1 / 3)
+    opt = fd.Adam(groups([p.copy() for p in params]), accumulate_steps=3, flat=flat, backend=backend, n_threads=2)
+    for grads, scale in calls[:4]:
+        opt.step(grads, grad_scale=scale)
+    opt.save(tmp_path / "mixed.npz")
+    resumed = fd.Adam(groups([p.copy() for p in params]), accumulate_steps=3, flat=flat, backend=backend,
+                      n_threads=2)
+    resumed.load(tmp_path / "mixed.npz")
+    for grads, scale in calls[4:]:
+        resumed.step(grads, grad_scale=scale)
+    assert_same_optimizer(resumed, expected)
+
+
+def test_optimizers_in_two_threads_at_once(rng):
+    """Each Python thread's fused step finishes its own accumulation (thread-local)."""
+    import threading
+
+    params = make_params(rng, np.float32)
+    runs = [make_windows(rng, params, 2, windows=6) for _ in range(2)]
+    results = [None, None]
+
+    def train(i):
+        results[i] = run_accumulating(fd.Adam, dict(lr=1e-2), params, runs[i], 2, n_threads=2)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert_same_optimizer(results[i], run_plain(fd.Adam, dict(lr=1e-2), params, runs[i], 2))
