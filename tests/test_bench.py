@@ -177,3 +177,13 @@ def test_a_rule_of_several_passes_is_measured_by_its_passes(tmp_path):
     timed = {(r["method"], r["threads"]) for r in result["records"] if "seconds" in r}
     assert ("ceiling", 1) in timed and ("kernel", 1) in timed and ("reference", 1) in timed
     assert all(r["bytes_per_element"] == 24 for r in result["records"])
+
+
+def test_the_accumulate_case_runs_and_renders(tmp_path, capsys):
+    result = run_bench(tmp_path, "--cases", "accumulate", "--accumulate-sizes", "5000", "--accumulate-threads", "1")
+    records = result["accumulate"]["records"]
+    assert [r["method"] for r in records] == ["ceiling", "fused", "unfused", "add", "step", "zero"]
+    assert {r["method"]: r["bytes_per_element"] for r in records}["fused"] == 36
+    assert {r["method"]: r["bytes_per_element"] for r in records}["unfused"] == 44
+    assert all(r["seconds"]["median"] > 0 for r in records)
+    assert "gradient accumulation, Adam float32" in capsys.readouterr().out

@@ -24,6 +24,7 @@ def adam():
 
 def test_bad_construction_arguments():
     expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, flat=True)
+    expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, accumulate_steps=2)
     expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], "Adam", COMM)
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, reduce="max")
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, lr=-1.0)

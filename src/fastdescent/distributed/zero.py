@@ -153,6 +153,8 @@ class ShardedOptimizer:
         if spec is not None and spec.tensorwise:
             raise TypeError(f"{optimizer_class.__name__} updates each parameter as a whole (its norms, its rows and "
                             "columns): it cannot run on shards of a flat arena")
+        if "accumulate_steps" in kwargs:  # it would reduce, clip and all-gather at every micro-step
+            raise TypeError("ShardedOptimizer does not accumulate: sum the micro-batches' gradients, then step()")
         self.optimizer_class = optimizer_class
         self.reduce = _checks.choice("reduce", reduce, REDUCTIONS)
         self.reduce_order = _checks.choice("reduce_order", reduce_order, REDUCE_ORDERS)

@@ -59,12 +59,16 @@ class Checkpointing:
             saved["params"] = list(range(layout.first, layout.first + len(layout.params)))
             groups.append(saved)
         sd = {"state": state, "param_groups": groups}
+        accumulation = self._accumulation.state_dict(self, copy_arrays)
+        if accumulation is not None:  # an open gradient-accumulation window
+            sd["accumulation"] = accumulation
         if self._registered:
             sd["extra"] = {name: obj.state_dict() for name, obj in self._registered.items()}
         return sd
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load a :meth:`state_dict` (hyperparameters, state, registered objects).
+        """Load a :meth:`state_dict` (hyperparameters, state, registered objects, an
+        open gradient-accumulation window: none if it holds no ``"accumulation"``).
 
         Everything is validated first (group sizes, every buffer's shape and
         dtype, step counts, hyperparameters, the registered objects' states); on
@@ -76,6 +80,7 @@ class Checkpointing:
 
     def _load(self, sd, strict, param_values):
         groups, state = self._validated(sd)
+        accumulation = self._accumulation.checked(self, sd.get("accumulation"))
         if param_values is not None:
             params = self.params
             if len(param_values) != len(params):
@@ -87,6 +92,7 @@ class Checkpointing:
             group.update(hyper)
             layout.config = None  # validate again at the next step
         self._replace_state(state)
+        self._accumulation.load(self, accumulation)
         if param_values is not None:
             for p, value in zip(self.params, param_values):
                 np.copyto(p, value)
