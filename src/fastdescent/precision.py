@@ -1,0 +1,270 @@
+r"""Low-precision storage: bfloat16 and 8-bit optimizer state, bfloat16 parameters.
+
+An optimizer step is bound by the bytes it moves. Keeping a rule's state buffers
+(Adam's :math:`m` and :math:`v`...) in 16 or 8 bits moves fewer of them; the
+arithmetic still runs in float32. This module defines the formats, exactly: the
+kernels (``src/kernels/_storage.pxi``) and the NumPy reference
+(:mod:`fastdescent.reference.storage`) both follow it, bit for bit.
+
+How a step runs on stored arrays
+--------------------------------
+Every rule's element loop is elementwise over float32 arrays. A step on stored
+arrays cuts each tensor into blocks of :data:`BLOCK` elements (aligned to the
+tensor's own element index, so blocks never depend on how the work is split
+among threads) and, block by block: decodes the stored roles into float32, runs
+the rule's own float32 loop, and rounds the written roles back (or requantizes
+them) in the same pass. So the update is the float32 rule applied to the decoded
+values, and the only new arithmetic is the encoding below.
+
+Formats
+-------
+``"bfloat16"``
+    The upper 16 bits of a float32 (what ``ml_dtypes.bfloat16`` and
+    ``torch.bfloat16`` hold). Decoding is exact. Encoding rounds to nearest even
+    (as ``ml_dtypes`` and ``torch`` convert) or stochastically (below); NaN stays
+    NaN, values past the largest bfloat16 become infinite.
+``"float16"`` (parameters and gradients only)
+    IEEE half precision, rounded to nearest even.
+``"int8"``: block-wise 8-bit codes
+    Each block of :data:`BLOCK` elements has its own *scale*, a power of two
+    stored as a float32 (``<name>_scales`` in the optimizer state): the smallest
+    power of two above the block's largest finite magnitude. Each element is an
+    8-bit floating-point code of ``x / scale`` (the "dynamic" idea of bitsandbytes'
+    8-bit optimizers, with a structured map so that encoding is a few integer
+    operations on the float32 bits, like a bfloat16 rounding):
+
+    * buffers that may be negative (first moments, momentum): int8 codes with a
+      sign bit, 4 exponent bits and 3 mantissa bits: magnitudes
+      :math:`2^{e-15}(1 + f/8)` for :math:`e = 1..15`, times the scale, so
+      from :math:`2^{-14}` of the scale up to the scale with 3 significant bits
+      (relative error at most 1/16, 1/32 on average for round to nearest);
+    * non-negative buffers (second moments, sums of squares): uint8 codes with 5
+      exponent bits and 3 mantissa bits, :math:`2^{e-31}(1 + f/8)`, from
+      :math:`2^{-30}` of the scale up;
+    * code 0 is zero (with its sign), and magnitudes below the smallest code round
+      to zero or to it (nearest, or stochastically with the right probability);
+      the largest magnitude code (all ones) is NaN: non-finite values (NaN and
+      infinities) encode as NaN; negative values in a non-negative buffer encode
+      as 0; scales are at least :math:`2^{-111}` (int8) / :math:`2^{-95}` (uint8),
+      so that every code is a normal float32, and at most :math:`2^{127}`.
+
+    Why not a linear code (absmax / 127): an adaptive rule divides by the root
+    of its second moment. A linear code keeps 2 to 3 significant decimal digits
+    only near the block's largest value, and turns second moments 100 times
+    smaller than it into 0 or 1 code step: the update of those elements is then
+    :math:`m / \epsilon`. The floating-point code keeps every element to 3
+    significant bits over 4 (int8) or 9 (uint8) decades. The demo's
+    ``precision`` section and BENCHMARKS.md compare the two on training runs.
+
+Stochastic rounding
+-------------------
+``rounding="stochastic"`` rounds up with probability equal to the distance to
+the lower neighbour over the gap, so the rounded value is right on average and
+small updates are not lost (round to nearest leaves a bfloat16 parameter
+unchanged by any update below half its spacing). The random bits come from a
+counter-based hash, so they do not depend on the thread count, on how the work
+is split, or on the backend:
+
+* per call and buffer, a 64-bit key
+  ``key = splitmix64(splitmix64(splitmix64(seed) ^ step) ^ stream)`` where
+  ``step`` is the step number being taken and ``stream`` is 0 for the
+  parameters and 1 + the buffer's position in the rule's ``buffers``;
+* per element, with ``i`` its index in the call's concatenated index space
+  (the elements of all the call's tensors, one after the other),
+  ``bits(i) = lowbias32(lo32(i) ^ lowbias32(hi32(i) ^ key_hi) ^ key_lo)``, where
+  ``lowbias32`` is Chris Wellons' 32-bit integer hash
+  (``x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16``);
+* bfloat16 adds the low 16 bits to the float32's bits and truncates; the int8
+  codes add the low 20 bits below their mantissa, and compare the top 24 bits
+  with the magnitude below the smallest code.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Elements per block of the int8 codes, and per chunk of the stored pass.
+BLOCK = 256
+
+#: The state dtypes a rule's buffers may be kept in (``None``: the parameters' dtype).
+STATE_DTYPES = ("float32", "float64", "bfloat16", "int8")
+ROUNDINGS = ("nearest", "stochastic")
+
+# Storage kinds, as the kernels number them (src/kernels/_storage.pxi).
+NATIVE, BF16, F16, INT8, UINT8 = 0, 1, 2, 3, 4
+KIND_NAMES = {NATIVE: "float32", BF16: "bfloat16", F16: "float16", INT8: "int8", UINT8: "uint8"}
+
+_M64 = (1 << 64) - 1
+_MASK32 = np.uint32(0xFFFFFFFF)
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# ------------------------------------------------------------------ the hash
+def splitmix64(x):
+    """One step of Steele, Lea & Flood's SplitMix64 finalizer on a Python int (64 bits)."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed, step, stream):
+    """The 64-bit key of one buffer (``stream``) at one step (see the module docstring)."""
+    return splitmix64(splitmix64(splitmix64(seed & _M64) ^ (step & _M64)) ^ stream)
+
+
+def lowbias32(x):
+    """Chris Wellons' ``lowbias32`` integer hash, on a uint32 array (wrapping)."""
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def random_bits(key, start, n):
+    """The 32 random bits of elements ``start .. start + n - 1`` under ``key``."""
+    index = np.arange(start, start + n, dtype=np.uint64)
+    high = (index >> np.uint64(32)).astype(np.uint32)
+    low = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    mixed = lowbias32(high ^ np.uint32(key >> 32)) ^ np.uint32(key & 0xFFFFFFFF)
+    return lowbias32(low ^ mixed)
+
+
+# ------------------------------------------------------------------ bfloat16
+def bits_of(x):
+    """The bits of a float32 array as uint32 (a view)."""
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def float_of(bits):
+    return np.ascontiguousarray(bits, dtype=np.uint32).view(np.float32)
+
+
+def bf16_decode(half):
+    """float32 values of bfloat16 bits (uint16, or an ``ml_dtypes.bfloat16`` array): exact."""
+    return float_of(np.asarray(half).view(np.uint16).astype(np.uint32) << np.uint32(16))
+
+
+def bf16_encode(x, random=None):
+    """bfloat16 bits (uint16) of float32 ``x``: round to nearest even, or stochastically
+    with ``random`` (uint32 bits, one per element). NaN stays a (quiet) NaN."""
+    u = bits_of(x)
+    if random is None:
+        add = np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    else:
+        add = random & np.uint32(0xFFFF)
+    rounded = ((u + add) >> np.uint32(16)).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, ((u >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16), rounded)
+
+
+# ------------------------------------------------------------------ int8 codes
+@dataclass(frozen=True)
+class Code:
+    """An 8-bit floating-point code of ``y = x / scale`` in [-1, 1] (or [0, 1]):
+    ``exponent`` and ``mantissa`` bits, with or without a sign bit."""
+
+    signed: bool
+    exponent: int
+    mantissa: int
+
+    @property
+    def top(self):
+        """The exponent field of 1.0: binades [2**(e - top), 2**(e + 1 - top)) for e = 1 .. top - 1."""
+        return (1 << self.exponent) - 1
+
+    @property
+    def bias(self):
+        """float32 biased exponent = exponent field + bias."""
+        return 127 - self.top
+
+    @property
+    def nan(self):
+        """The magnitude code of NaN (all ones)."""
+        return (1 << (self.exponent + self.mantissa)) - 1
+
+    @property
+    def dropped(self):
+        """float32 mantissa bits below the code's."""
+        return 23 - self.mantissa
+
+    @property
+    def smallest(self):
+        """The smallest normal magnitude of ``y`` (subnormals reach down to 2**-mantissa of it)."""
+        return 2.0 ** (1 - self.top)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.int8 if self.signed else np.uint8)
+
+
+#: Buffers that may be negative: sign, 4 exponent bits, 3 mantissa bits (int8).
+SIGNED_CODE = Code(True, 4, 3)
+#: Non-negative buffers: 5 exponent bits, 3 mantissa bits (uint8).
+UNSIGNED_CODE = Code(False, 5, 3)
+
+
+def code_of(kind):
+    return SIGNED_CODE if kind == INT8 else UNSIGNED_CODE
+
+
+def n_blocks(n):
+    """Blocks (and scales) of a tensor of ``n`` elements."""
+    return -(-n // BLOCK)
+
+
+def _blocks(a, fill=0):
+    """``a`` (1-D) padded to whole blocks and shaped (blocks, BLOCK)."""
+    pad = n_blocks(a.size) * BLOCK - a.size
+    if pad:
+        a = np.concatenate([a, np.full(pad, fill, a.dtype)])
+    return a.reshape(-1, BLOCK)
+
+
+def _per_element(per_block, n):
+    return np.repeat(per_block, BLOCK)[:n]
+
+
+def int8_decode(codes, scales, code):
+    """float32 values of one tensor's codes (int8 or uint8, any shape) and its
+    block ``scales`` (float32, one per block of the flat order)."""
+    flat = np.ascontiguousarray(codes).reshape(-1).view(np.uint8).astype(np.uint32)
+    magnitude = flat & np.uint32(0x7F) if code.signed else flat
+    y = np.where(magnitude == code.nan, np.uint32(0x7FC00000), magnitude << np.uint32(code.dropped))
+    if code.signed:
+        y |= (flat & np.uint32(0x80)) << np.uint32(24)
+    scale = _per_element(np.asarray(scales, np.float32), flat.size)
+    return ((float_of(y) * np.float32(2.0**code.bias)) * scale).reshape(np.shape(codes))
+
+
+def int8_encode(x, code, random=None):
+    """``(codes, scales)`` of float32 ``x`` (any shape, blocks along its flat
+    order): round to nearest even or, with ``random`` (uint32 bits per element),
+    stochastically."""
+    u = bits_of(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+    magnitude = u & np.uint32(0x7FFFFFFF)
+    finite = magnitude < np.uint32(0x7F800000)
+    if not code.signed:  # negative values of a non-negative buffer: 0
+        magnitude = np.where(u >> np.uint32(31) != 0, np.uint32(0), magnitude)
+    largest = _blocks(np.where(finite, magnitude, np.uint32(0))).max(axis=1)
+    scales = float_of(largest)
+    inverse = np.where(largest != 0, np.float32(1) / np.where(largest != 0, scales, np.float32(1)), np.float32(1))
+    y = bits_of((float_of(magnitude) * _per_element(inverse.astype(np.float32), u.size))
+                * np.float32(2.0**-code.bias))
+    d = np.uint32(code.dropped)
+    if random is None:
+        add = np.uint32((1 << (code.dropped - 1)) - 1) + ((y >> d) & np.uint32(1))
+    else:
+        add = np.asarray(random, dtype=np.uint32).reshape(-1) & np.uint32((1 << code.dropped) - 1)
+    c = np.minimum((y + add) >> d, np.uint32(code.top << code.mantissa))
+    c = np.where(finite, c, np.uint32(code.nan))
+    if code.signed:
+        c |= (u >> np.uint32(24)) & np.uint32(0x80)
+    return c.astype(np.uint8).view(code.dtype).reshape(np.shape(x)), scales
