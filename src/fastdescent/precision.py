@@ -118,6 +118,11 @@ def stream_key(seed, step, stream):
     return splitmix64(splitmix64(splitmix64(seed & _M64) ^ (step & _M64)) ^ stream)
 
 
+def tensor_key(key, tensor):
+    """The key of one tensor (its ``tensor`` id) under a buffer's ``key``."""
+    return splitmix64(key ^ (tensor & _M64))
+
+
 def lowbias32(x):
     """Chris Wellons' ``lowbias32`` integer hash, on a uint32 array (wrapping)."""
     x = np.asarray(x, dtype=np.uint32)
@@ -159,7 +164,7 @@ def bf16_encode(x, random=None):
     if random is None:
         add = np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
     else:
-        add = random & np.uint32(0xFFFF)
+        add = np.asarray(random, dtype=np.uint32).reshape(u.shape) & np.uint32(0xFFFF)
     rounded = ((u + add) >> np.uint32(16)).astype(np.uint16)
     nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     return np.where(nan, ((u >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16), rounded)
@@ -268,3 +273,194 @@ def int8_encode(x, code, random=None):
     if code.signed:
         c |= (u >> np.uint32(24)) & np.uint32(0x80)
     return c.astype(np.uint8).view(code.dtype).reshape(np.shape(x)), scales
+
+
+class StateConversion(UserWarning):
+    """A state dict or checkpoint was loaded into other storage (``convert=True``)."""
+
+
+# ------------------------------------------------------------------ options
+def dtype_name(dtype):
+    """``"float32"``, ``"bfloat16"``... for a NumPy dtype (``ml_dtypes.bfloat16`` too)."""
+    return np.dtype(dtype).name
+
+
+def _state_dtype(value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = repr(value)
+    if name not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None (the parameters' dtype), got {value!r}")
+    return name
+
+
+PARAM_KINDS = {"float32": NATIVE, "bfloat16": BF16, "float16": F16}
+GRAD_KINDS = PARAM_KINDS
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an optimizer keeps its state and parameters (validated options).
+
+    ``state_dtype``: the dtype of the rule's state buffers, None for the
+    parameters' (float32 with ``master_weights``, since the master copy is what
+    the rule updates). ``rounding``: ``"nearest"`` or ``"stochastic"`` for every
+    value written in 16 or 8 bits (state buffers, bfloat16 parameters without a
+    master; a master's copy is always rounded to nearest). ``seed``: the
+    stochastic rounding's seed (required with it). ``master_weights``: keep a
+    float32 copy of bfloat16/float16 parameters in the state, step it, and write
+    its rounding into the parameters.
+    """
+
+    state_dtype: str | None = None
+    rounding: str = "nearest"
+    seed: int | None = None
+    master_weights: bool = False
+
+    @classmethod
+    def of(cls, state_dtype=None, rounding="nearest", seed=None, master_weights=False):
+        """Validated options (TypeError/ValueError for a bad value or combination)."""
+        state_dtype = _state_dtype(state_dtype)
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if seed is not None:
+            if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+                raise TypeError(f"seed must be an int or None, got {seed!r}")
+            if not 0 <= int(seed) < 2**64:
+                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+            seed = int(seed)
+        if not isinstance(master_weights, (bool, np.bool_)):
+            raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
+        if rounding == "stochastic" and seed is None:
+            raise ValueError("rounding='stochastic' needs a seed (an int): the random bits are a function of "
+                             "(seed, step, buffer, parameter, element), so that a run can be repeated exactly")
+        return cls(state_dtype, rounding, seed, bool(master_weights))
+
+    @property
+    def stochastic(self):
+        return self.rounding == "stochastic"
+
+    @property
+    def is_default(self):
+        return self == Storage()
+
+    def as_dict(self):
+        return {"state_dtype": self.state_dtype, "rounding": self.rounding, "seed": self.seed,
+                "master_weights": self.master_weights}
+
+    # ----------------------------------------------------- what goes where
+    def param_kind(self, param_dtype):
+        """How the kernel sees parameters of ``param_dtype``: (kind of the params
+        role, kind of the copy written from a float32 master or NATIVE)."""
+        name = dtype_name(param_dtype)
+        if self.master_weights:
+            return NATIVE, PARAM_KINDS[name]
+        return PARAM_KINDS.get(name, NATIVE), NATIVE
+
+    def resolved_state_dtype(self, param_dtype):
+        """The state dtype for parameters of ``param_dtype`` (the default resolved)."""
+        if self.state_dtype is not None:
+            return self.state_dtype
+        name = dtype_name(param_dtype)
+        if self.master_weights or name == "float16":
+            return "float32"
+        return name
+
+    def buffer_kind(self, buffer, param_dtype):
+        """The storage kind of ``buffer`` (a rules._spec.Buffer)."""
+        name = self.resolved_state_dtype(param_dtype)
+        if name in ("float32", "float64"):
+            return NATIVE
+        if name == "bfloat16":
+            return BF16
+        return UINT8 if buffer.nonnegative else INT8
+
+    def check(self, spec, hyper, param_dtype, where=""):
+        """Raise ValueError/TypeError, naming the problem, if these options make no
+        sense for rule ``spec`` (validated hyperparameters ``hyper``) on
+        parameters of ``param_dtype``."""
+        prefix = f"{where}: " if where else ""
+        name = dtype_name(param_dtype)
+        state = self.resolved_state_dtype(param_dtype)
+        low_precision = name != "float64" and (name != "float32" or state != "float32")
+        if name not in ("float32", "float64", "bfloat16", "float16"):
+            raise TypeError(f"{prefix}parameters of dtype {name}: fastdescent steps float32, float64, "
+                            "bfloat16 and float16 parameters")
+        if self.master_weights and name not in ("bfloat16", "float16"):
+            raise ValueError(f"{prefix}master_weights=True keeps a float32 master copy of bfloat16 or float16 "
+                             f"parameters; {name} parameters are their own master")
+        if name == "float64" and state != "float64":
+            raise ValueError(f"{prefix}state_dtype={state!r} with float64 parameters: low-precision state "
+                             "runs its arithmetic in float32, so it needs float32 (or bfloat16/float16) parameters")
+        if name in ("float32", "bfloat16") and state == "float64":
+            raise ValueError(f"{prefix}state_dtype='float64' needs float64 parameters")
+        if name == "float16" and not self.master_weights and self.stochastic:
+            raise ValueError(f"{prefix}stochastic rounding into float16 parameters is not supported: "
+                             "use master_weights=True (or bfloat16 parameters)")
+        if self.stochastic and not (low_precision or self.master_weights):
+            raise ValueError(f"{prefix}rounding='stochastic' has nothing to round: state and parameters are "
+                             f"{name}; ask for state_dtype='bfloat16' or 'int8', or bfloat16 parameters")
+        if not low_precision:
+            return
+        if spec.runner is not None:
+            raise ValueError(f"{prefix}{spec.title} runs more than one elementwise kernel per step: its state "
+                             "and parameters must stay float32/float64 (no state_dtype, bfloat16 parameters "
+                             "or master weights)")
+        for buffer in spec.needed(hyper):
+            if state in ("bfloat16", "int8") and state not in buffer.storage:
+                allowed = ", ".join(repr(s) for s in buffer.storage) or "no low-precision dtype"
+                raise ValueError(f"{prefix}state_dtype={state!r}: {spec.title}'s {buffer.name!r} may only be "
+                                 f"kept in {allowed} (besides the parameters' dtype)")
+        if spec.check_storage is not None and state in ("bfloat16", "int8"):
+            try:
+                spec.check_storage(hyper, state)
+            except ValueError as error:
+                raise ValueError(f"{prefix}{error}") from None
+
+    # ----------------------------------------------------- arrays
+    def new_buffer(self, kind, shape, fill):
+        """``(values, scales)`` of a new state buffer of ``kind`` filled with
+        ``fill`` (a float): the array the state shows (float32, bfloat16 or
+        int8/uint8 codes) and its block scales (int8/uint8 only, else None)."""
+        if kind == NATIVE:
+            return np.full(shape, fill, np.float32), None
+        if kind == BF16:
+            return np.full(shape, fill, np.float32).astype(_bfloat16()), None
+        codes, scales = int8_encode(np.full(int(np.prod(shape)), fill, np.float32), code_of(kind))
+        return codes.reshape(shape), scales
+
+
+def kernel_view(array):
+    """The array a kernel takes for stored values: bfloat16 as uint16 bits."""
+    return array.view(np.uint16) if array.dtype == _bfloat16() else array
+
+
+def decoded(kind, array, scales=None):
+    """float32 values of a stored array (NATIVE: ``array`` as float32)."""
+    if kind == NATIVE:
+        return np.asarray(array, np.float32)
+    if kind == BF16:
+        return bf16_decode(array).reshape(array.shape)
+    if kind == F16:
+        return array.astype(np.float32)
+    return int8_decode(array, scales, code_of(kind))
+
+
+def formats(storage, step, roles):
+    """The ``formats`` of one kernel call (see ``stored`` in the kernels):
+    ``roles`` lists ``(arrays, kind, scales, copies, copy_kind, written, stream)``
+    for every role that is not plain float32; the keys of stochastic rounding
+    come from ``storage.seed``, ``step`` and each role's ``stream``."""
+    out = []
+    for arrays, kind, scales, copies, copy_kind, written, stream in roles:
+        key = None
+        if storage.stochastic and written and kind != NATIVE:
+            key = stream_key(storage.seed, step, stream)
+        out.append((arrays, kind, scales, copies, copy_kind, written, key))
+    return out

@@ -671,9 +671,9 @@ cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64
     ``fn32`` runs block by block on float32 copies of them."""
     cdef Plan plan
     cdef segment_fn fn
-    cdef void* formats = fd_take_pending_storage()
+    cdef void* formats = fd_take_pending_storage()   # (formats, tensor ids) of stored()
     if formats != NULL:
-        return run_stored(<list>formats, roles, n_threads, fn32, args)
+        return run_stored(<tuple>formats, roles, n_threads, fn32, args)
     plan.offsets = NULL
     plan.rows = NULL
     try:

@@ -49,6 +49,14 @@ cdef extern from *:
     static inline uint32_t fd_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
     static inline float fd_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
+    /* Steele, Lea & Flood's SplitMix64 finalizer. */
+    static inline uint64_t fd_splitmix64(uint64_t x) {
+        uint64_t z = x + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+
     /* Chris Wellons' lowbias32 (hash-prospector). */
     static inline uint32_t fd_lowbias32(uint32_t x) {
         x ^= x >> 16;
@@ -59,7 +67,7 @@ cdef extern from *:
         return x;
     }
 
-    /* Random bits of elements start .. start + n - 1 of the call's index space. */
+    /* Random bits of elements start .. start + n - 1 of a tensor whose key is `key`. */
     static void fd_random_run(uint32_t low, uint32_t mixed, int n, uint32_t *restrict out) {
         int j;
         for (j = 0; j < n; j++) out[j] = fd_lowbias32((low + (uint32_t)j) ^ mixed);
@@ -201,6 +209,7 @@ cdef extern from *:
     """
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
+    uint64_t fd_splitmix64(uint64_t x) noexcept nogil
     void fd_random_bits(uint64_t key, uint64_t start, int n, uint32_t* out) noexcept nogil
     void fd_bf16_load(const uint16_t* src, float* dst, int n) noexcept nogil
     void fd_bf16_store(const float* src, uint16_t* dst, int n, const uint32_t* random) noexcept nogil
@@ -236,6 +245,7 @@ cdef struct RoleStorage:
 
 cdef struct Storage:
     RoleStorage roles[MAX_ROLES]
+    uint64_t* tensor_ids   # the tensors' ids in the random bits' keys
     float** scales         # scales[t * n_roles + r]: the block scales of an int8/uint8 role
     void** copies          # copies[t * n_roles + r]: the copy of a master role
     Py_ssize_t* block_offsets   # n_tensors + 1 prefix sums of the tensors' block counts
@@ -307,7 +317,7 @@ cdef void stored_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssi
             continue
         if role.kind != KIND_NATIVE:
             if role.stochastic:
-                fd_random_bits(role.key, <uint64_t>(plan.offsets[t] + lo), <int>n, random)
+                fd_random_bits(fd_splitmix64(role.key ^ storage.tensor_ids[t]), <uint64_t>lo, <int>n, random)
             for b in range(n_blocks):
                 store_row(role.kind, &scratch[r][b * BLOCK], base, lo + b * BLOCK,
                           <int>min(<Py_ssize_t>BLOCK, n - b * BLOCK), storage.scales[k],
@@ -352,7 +362,8 @@ cdef int check_stored_array(object obj, int kind, Py_ssize_t n, str what) except
     return 0
 
 
-cdef int stored_plan_init(Plan* plan, Storage* storage, tuple roles, list formats, int n_threads) except -1:
+cdef int stored_plan_init(Plan* plan, Storage* storage, tuple roles, list formats, object tensor_ids,
+                          int n_threads) except -1:
     """Gather the pointers of ``roles`` as ``plan_init`` does, each role in the
     format ``formats`` gives its list (native float32 if none does)."""
     cdef Py_ssize_t r, t, n, k, n_tensors, n_roles = len(roles)
@@ -373,9 +384,14 @@ cdef int stored_plan_init(Plan* plan, Storage* storage, tuple roles, list format
     storage.scales = <float**>malloc((n_tensors * n_roles + 1) * sizeof(float*))
     storage.copies = <void**>malloc((n_tensors * n_roles + 1) * sizeof(void*))
     storage.block_offsets = <Py_ssize_t*>malloc((n_tensors + 1) * sizeof(Py_ssize_t))
+    storage.tensor_ids = <uint64_t*>malloc((n_tensors + 1) * sizeof(uint64_t))
     if (plan.offsets == NULL or plan.rows == NULL or storage.scales == NULL or storage.copies == NULL
-            or storage.block_offsets == NULL):
+            or storage.block_offsets == NULL or storage.tensor_ids == NULL):
         raise MemoryError()
+    if tensor_ids is not None and len(tensor_ids) != n_tensors:
+        raise ValueError(f"{len(tensor_ids)} tensor ids for {n_tensors} tensors")
+    for t in range(n_tensors):
+        storage.tensor_ids[t] = t if tensor_ids is None else <uint64_t>tensor_ids[t]
     for r in range(n_roles):
         role = &storage.roles[r]
         role.kind = KIND_NATIVE
@@ -442,7 +458,7 @@ cdef int stored_plan_init(Plan* plan, Storage* storage, tuple roles, list format
     return 0
 
 
-cdef int run_stored(list formats, tuple roles, int n_threads, segment_fn fn32, const void* args) except -1:
+cdef int run_stored(tuple pending, tuple roles, int n_threads, segment_fn fn32, const void* args) except -1:
     """``run_kernel`` on stored roles: the rule's float32 segment function, block by block."""
     cdef Plan plan
     cdef Storage storage
@@ -452,8 +468,9 @@ cdef int run_stored(list formats, tuple roles, int n_threads, segment_fn fn32, c
     storage.scales = NULL
     storage.copies = NULL
     storage.block_offsets = NULL
+    storage.tensor_ids = NULL
     try:
-        stored_plan_init(&plan, &storage, roles, formats, n_threads)
+        stored_plan_init(&plan, &storage, roles, pending[0], pending[1], n_threads)
         job.plan = &plan
         job.storage = &storage
         job.fn = fn32
@@ -467,10 +484,11 @@ cdef int run_stored(list formats, tuple roles, int n_threads, segment_fn fn32, c
         free(storage.scales)
         free(storage.copies)
         free(storage.block_offsets)
+        free(storage.tensor_ids)
     return 0
 
 
-def stored(kernel, tuple args, dict kwargs, list formats):
+def stored(kernel, tuple args, dict kwargs, list formats, tensor_ids=None):
     """Call ``kernel(*args, **kwargs)``, a rule's entry of this module, with some
     of its buffer lists in low-precision storage (private: optimizers call it
     through ``RuleSpec.call``).
@@ -483,9 +501,11 @@ def stored(kernel, tuple args, dict kwargs, list formats):
     float16 arrays (``copy_kind``) that receive the updated values of a float32
     master role, ``written`` whether the role is stored back, ``key`` the 64-bit
     key of its stochastic rounding (None: round to nearest even).
+    ``tensor_ids`` (default: the positions) enter each tensor's random bits.
     """
+    cdef tuple pending = (formats, tensor_ids)
     cdef void* unused
-    fd_set_pending_storage(<void*>formats)
+    fd_set_pending_storage(<void*>pending)
     try:
         kernel(*args, **kwargs)
     finally:

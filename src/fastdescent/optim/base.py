@@ -22,6 +22,7 @@ from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
 from ..rules._spec import FIRST_GRADIENT
 from .clipping import bucket_norm
+from .lowprec import LowPrecision, check_low_precision_param, is_low_precision_param, scales_name, views as _views
 from .state import Checkpointing
 
 # torch.nn.utils.clip_grad_norm_ divides by norm + 1e-6.
@@ -73,7 +74,7 @@ class ParamList(list):
 class _Bucket:
     """The parameters of one group with one dtype: what one kernel call updates."""
 
-    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers")
+    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers", "stored")
 
     def __init__(self, dtype, positions, params):
         self.dtype = dtype
@@ -82,7 +83,8 @@ class _Bucket:
         contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
         self.span = slice(positions[0], positions[-1] + 1) if contiguous else None
         self.arenas = {}  # flat layout: role -> one 1-D array for every parameter
-        self.buffers = {}  # state buffer name -> its arrays, one per parameter (views if flat)
+        self.buffers = {}  # state buffer name -> the kernel's arrays (one per parameter, or the arena)
+        self.stored = None  # low-precision storage: a lowprec.StoredBucket
 
 
 class _Layout:
@@ -109,7 +111,7 @@ class _Work:
         self.group, self.bucket, self.params, self.grads, self.flat = group, bucket, params, grads, flat
 
 
-class Optimizer(Checkpointing):
+class Optimizer(LowPrecision, Checkpointing):
     """Base class: parameter groups, state, steps, clipping, checkpoints.
 
     A rule's class sets ``spec`` (its :class:`~fastdescent.rules._spec.RuleSpec`);
@@ -160,6 +162,23 @@ class Optimizer(Checkpointing):
         None follows :func:`fastdescent.get_backend` at each step.
     n_threads : int or None
         See :func:`fastdescent.get_num_threads`.
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
+        The dtype of the rule's state buffers (:mod:`fastdescent.precision`); None:
+        the parameters' dtype (float32 for float16 parameters or a master copy).
+        ``"bfloat16"`` keeps ``ml_dtypes.bfloat16`` arrays; ``"int8"`` keeps 8-bit
+        codes (int8, or uint8 for non-negative buffers) and a float32 scale per
+        block of 256 elements (``state[name + "_scales"]``). The arithmetic runs in
+        float32 either way, in the same single pass.
+    rounding : {"nearest", "stochastic"}
+        How values are rounded to 16 or 8 bits: to nearest even, or stochastically
+        (unbiased; needs ``seed``; every rule then keeps ``state["step"]``).
+    seed : int or None
+        Seed of stochastic rounding's counter-based random bits.
+    master_weights : bool
+        For bfloat16 or float16 parameters: keep a float32 master copy
+        (``state["master_param"]``), step it, and write its rounding to nearest
+        into the parameters. Without it, bfloat16 parameters are rounded
+        (``rounding``) from the float32 result of each step.
 
     Attributes
     ----------
@@ -181,7 +200,9 @@ class Optimizer(Checkpointing):
     spec = None  # the rule: a RuleSpec
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
-                 skip_nonfinite=False, backend=None, n_threads=None):
+                 skip_nonfinite=False, backend=None, n_threads=None, state_dtype=None, rounding="nearest",
+                 seed=None, master_weights=False):
+        self._init_storage(state_dtype, rounding, seed, master_weights)
         self.defaults = dict(defaults)
         self._flat = bool(flat)
         self.backend = backend
@@ -292,7 +313,8 @@ class Optimizer(Checkpointing):
         _runtime.check_distinct("params", self.params + params)
         group = {"params": params, **self.defaults}
         group.update((k, v) for k, v in param_group.items() if k != "params")
-        self.spec.validate(group, f"param_groups[{g}]")
+        hyper = self.spec.validate(group, f"param_groups[{g}]")
+        self._check_storage(g, hyper, {p.dtype for p in params})
         layout = self._layout(group, first=len(self._index_by_id))
         group["params"] = ParamList(layout.params)
         self.param_groups.append(group)
@@ -320,6 +342,7 @@ class Optimizer(Checkpointing):
         for dtype, positions in by_dtype.items():
             buckets.append(_Bucket(dtype, positions, [params[k] for k in positions]))
             buckets[-1].arenas.update(arenas.get(dtype, {}))
+            buckets[-1].stored = self._new_stored_bucket(buckets[-1], first)
         return _Layout(first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
@@ -337,7 +360,9 @@ class Optimizer(Checkpointing):
         was written since the last check (a copy of each value is kept to tell)."""
         group, layout = self.param_groups[g], self._layouts[g]
         if not _unchanged(layout.checked, group):
-            layout.hyper = self.spec.validate(group, f"param_groups[{g}]")
+            hyper = self.spec.validate(group, f"param_groups[{g}]")
+            self._check_storage(g, hyper, {b.dtype for b in layout.buckets})
+            layout.hyper = hyper
             layout.checked = {k: copy.copy(v) for k, v in group.items() if k != "params"}
         return layout.hyper
 
@@ -373,11 +398,13 @@ class Optimizer(Checkpointing):
         for item in work:
             g = item.group
             buffers = {name: self._buffer_lists(item, name) for name in self.spec.buffer_names}
-            self.spec.run(kernels, item.params, item.grads, buffers, hyper[g], step=steps[g], grad_scale=scale,
-                          fresh=fresh[g], scalar_state=scalar_state[g], n_threads=n_threads)
+            params, grads, buffers, formats, ids = self._kernel_arrays(item, buffers, steps[g])
+            self.spec.run(kernels, params, grads, buffers, hyper[g], step=steps[g], grad_scale=scale,
+                          fresh=fresh[g], scalar_state=scalar_state[g], n_threads=n_threads, formats=formats,
+                          tensor_ids=ids)
         for g in selected:
             update = self.spec.advanced(hyper[g], steps[g], scalar_state[g])
-            if self.spec.counts_steps:
+            if self._counts_steps:
                 update["step"] = steps[g]
             for state in self._layouts[g].states or ():
                 state.update(update)
@@ -445,7 +472,9 @@ class Optimizer(Checkpointing):
                     bucket_grads = list(group_grads[b.span])
                 work.append(_Work(g, b, b.params, bucket_grads, False))
         for item in work:
-            if not item.flat:
+            if item.bucket.stored is not None and not item.flat:
+                self._check_stored_grads(item)
+            elif not item.flat:
                 try:
                     _checks.check_buffers(("param", "grad"), (item.params, item.grads), (True, False))
                 except (TypeError, ValueError) as error:
@@ -488,14 +517,17 @@ class Optimizer(Checkpointing):
         """Create the state buffers group ``g`` needs and lacks; return their names."""
         layout = self._layouts[g]
         wanted = self._wanted(hyper)
-        if not layout.params or not (wanted or self.spec.counts_steps or self.spec.scalar_state):
+        masters = self._storage.master_weights
+        if not layout.params or not (wanted or self._counts_steps or self.spec.scalar_state or masters):
             return frozenset()
         if layout.states is None:
             initial = {s.name: s.initial_value(hyper) for s in self.spec.scalar_state}
-            if self.spec.counts_steps:
+            if self._counts_steps:
                 initial["step"] = 0
             layout.states = [dict(initial) for _ in layout.params]
             self.state.update(enumerate(layout.states, start=layout.first))
+            if masters:
+                self._allocate_masters(g)
         missing = [name for name in wanted if name not in layout.states[0]]
         for name in missing:
             self._allocate_buffer(g, name, wanted[name])
@@ -504,15 +536,14 @@ class Optimizer(Checkpointing):
     def _allocate_buffer(self, g, name, fill):
         layout = self._layouts[g]
         for bucket in layout.buckets:
-            if self.flat:
-                arena = _new_buffer(bucket.arenas["param"], fill)
-                bucket.arenas[name] = arena
-                buffers = _views(arena, [p.shape for p in bucket.params])
-            else:
-                buffers = [_new_buffer(p, fill) for p in bucket.params]
-            bucket.buffers[name] = buffers
-            for k, buffer in zip(bucket.positions, buffers):
-                layout.states[k][name] = buffer
+            arrays, kernel_arrays, scales = self._new_state_buffer(bucket, name, fill)
+            bucket.buffers[name] = kernel_arrays
+            for k, array in zip(bucket.positions, arrays):
+                layout.states[k][name] = array
+            if scales is not None:
+                bucket.stored.scales[name] = scales
+                for k, scale in zip(bucket.positions, scales):
+                    layout.states[k][scales_name(name)] = scale
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -551,25 +582,10 @@ def _as_groups(params):
 def _check_param(p, where):
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
+    if is_low_precision_param(p):
+        check_low_precision_param(p, where)
+        return
     try:
         _runtime.check_buffers(("param",), ([p],), (True,), False)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
-
-
-def _views(arena, shapes):
-    """Consecutive views of ``arena`` with ``shapes``."""
-    views, offset = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        views.append(arena[offset:offset + n].reshape(shape))
-        offset += n
-    return views
-
-
-def _new_buffer(like, fill):
-    if fill is FIRST_GRADIENT:
-        return np.empty_like(like)
-    if fill == 0.0:
-        return np.zeros_like(like)
-    return np.full_like(like, fill)

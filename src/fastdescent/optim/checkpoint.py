@@ -50,7 +50,11 @@ def encode(value, arrays):
         if value.dtype.hasobject:
             raise TypeError("cannot save an array of Python objects in a checkpoint")
         name = f"arrays/{len(arrays)}"
-        arrays[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if array.dtype.name == "bfloat16":  # .npy has no bfloat16: its bits, as uint16
+            arrays[name] = array.view(np.uint16)
+            return {"__array__": name, "scalar": isinstance(value, np.generic), "dtype": "bfloat16"}
+        arrays[name] = array
         return {"__array__": name, "scalar": isinstance(value, np.generic)}
     if isinstance(value, list):
         return [encode(v, arrays) for v in value]
@@ -80,6 +84,12 @@ def decode(data, arrays):
             array = arrays[data["__array__"]]
         except KeyError:
             raise CheckpointError(f"the header refers to a missing array {data['__array__']!r}") from None
+        if data.get("dtype") == "bfloat16":
+            if array.dtype != np.uint16:
+                raise CheckpointError(f"the bfloat16 array {data['__array__']!r} is stored as {array.dtype}")
+            import ml_dtypes
+
+            array = array.view(ml_dtypes.bfloat16)
         return array[()] if data.get("scalar") else array
     return {k: decode(v, arrays) for k, v in data.items()}
 

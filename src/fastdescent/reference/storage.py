@@ -31,7 +31,7 @@ def _encode_into(kind, values, array, scales, random):
         scales[...] = new_scales
 
 
-def stored(kernel, args, kwargs, formats):
+def stored(kernel, args, kwargs, formats, tensor_ids=None):
     """Call ``kernel(*args, **kwargs)`` (a reference twin) with some of its buffer
     lists in low-precision storage; same contract as the kernel's ``stored``."""
     decoded = {}
@@ -44,15 +44,12 @@ def stored(kernel, args, kwargs, formats):
         return decoded.get(id(value), value) if isinstance(value, list) else value
 
     kernel(*map(swap, args), **{name: swap(value) for name, value in kwargs.items()})
-    starts, start = [], 0
-    for p in args[0]:
-        starts.append(start)
-        start += p.size
+    ids = range(len(args[0])) if tensor_ids is None else tensor_ids
     for arrays, kind, scales, copies, copy_kind, written, key in formats:
         values = decoded.get(id(arrays), arrays)
         for t, array in enumerate(arrays):
             if written and kind != precision.NATIVE:
-                random = None if key is None else precision.random_bits(key, starts[t], array.size)
+                random = None if key is None else precision.random_bits(precision.tensor_key(key, ids[t]), 0, array.size)
                 _encode_into(kind, values[t], array, None if scales is None else scales[t], random)
             if copies is not None:
                 _encode_into(copy_kind, values[t], copies[t], None, None)

@@ -1,0 +1,232 @@
+"""Low-precision storage in the optimizer objects: bfloat16 and int8 state,
+bfloat16 and float16 parameters, with or without a float32 master copy.
+
+:class:`LowPrecision` is the part of :class:`~fastdescent.optim.Optimizer` that
+decides how each bucket's arrays are stored (:class:`fastdescent.precision.Storage`)
+and hands the kernel their formats, so that the step itself stays one call of the
+rule's kernel per bucket (``RuleSpec.run``).
+
+State layout per parameter (PyTorch's names for the rule's buffers):
+
+* ``state[name]``: the buffer, as a float32, ``ml_dtypes.bfloat16`` or int8/uint8
+  (codes) array shaped like the parameter;
+* ``state[name + "_scales"]``: for int8/uint8 buffers, the float32 scale of each
+  block of :data:`~fastdescent.precision.BLOCK` elements (in the parameter's flat order);
+* ``state["master_param"]``: with ``master_weights=True``, the float32 master copy.
+"""
+
+import numpy as np
+
+from .. import precision
+from ..precision import NATIVE
+from ..rules._spec import FIRST_GRADIENT
+
+MASTER = "master_param"
+_LOW_PARAM_DTYPES = ("bfloat16", "float16")
+
+
+def scales_name(name):
+    """The state key of the block scales of int8 buffer ``name``."""
+    return f"{name}_scales"
+
+
+class StoredBucket:
+    """How one bucket's arrays are stored, and the arrays the kernel takes."""
+
+    __slots__ = ("param_kind", "copy_kind", "kinds", "kernel_params", "copies", "scales", "ids")
+
+    def __init__(self, storage, spec, dtype, ids):
+        self.param_kind, self.copy_kind = storage.param_kind(dtype)
+        self.kinds = {b.name: storage.buffer_kind(b, dtype) for b in spec.buffers}
+        self.kernel_params = None  # masters, or uint16 views of bfloat16 parameters
+        self.copies = None         # the parameters a master's rounding is written to
+        self.scales = {}           # int8 buffer name -> its scales, one array per parameter
+        self.ids = ids             # the parameters' indices: their stochastic rounding keys
+
+
+def is_low_precision_param(p):
+    return isinstance(p, np.ndarray) and precision.dtype_name(p.dtype) in _LOW_PARAM_DTYPES
+
+
+def check_low_precision_param(p, where):
+    """The checks ``check_buffers`` makes on a float parameter, for bfloat16/float16 ones."""
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{where} must be C-contiguous")
+    if not p.flags.aligned:
+        raise ValueError(f"{where} is not aligned to its dtype")
+    if not p.flags.writeable:
+        raise ValueError(f"{where} is read-only; it is updated in place")
+
+
+def _span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+class LowPrecision:
+    """Mixin of :class:`~fastdescent.optim.Optimizer`: the ``state_dtype``,
+    ``rounding``, ``seed`` and ``master_weights`` options."""
+
+    def _init_storage(self, state_dtype, rounding, seed, master_weights):
+        self._storage = precision.Storage.of(state_dtype, rounding, seed, master_weights)
+
+    @property
+    def storage(self):
+        """The storage options (:class:`fastdescent.precision.Storage`), fixed at construction."""
+        return self._storage
+
+    @property
+    def _counts_steps(self):
+        """The state keeps ``step``: the rule counts, or stochastic rounding needs
+        the step in its random bits' key."""
+        return self.spec.counts_steps or self._storage.stochastic
+
+    def _check_storage(self, g, hyper, dtypes):
+        """Raise if the storage options do not fit group ``g`` (validated ``hyper``,
+        parameter ``dtypes``)."""
+        for dtype in dtypes:
+            self._storage.check(self.spec, hyper, dtype, where=f"param_groups[{g}]")
+            if self.flat and self._storage.resolved_state_dtype(dtype) == "int8":
+                raise ValueError(f"param_groups[{g}]: state_dtype='int8' with flat=True: int8 blocks are per "
+                                 "parameter, so the state cannot be an arena; use flat=False")
+
+    def _stored(self, bucket):
+        """The bucket's StoredBucket, or None if every array of it is plain float."""
+        return bucket.stored
+
+    def _new_stored_bucket(self, bucket, first):
+        dtype = bucket.dtype
+        if self._storage.is_default and precision.dtype_name(dtype) in ("float32", "float64"):
+            return None
+        ids = tuple(first + k for k in bucket.positions)
+        stored = StoredBucket(self._storage, self.spec, dtype, ids)
+        if stored.param_kind != NATIVE and stored.copy_kind == NATIVE:
+            stored.kernel_params = [precision.kernel_view(p) for p in bucket.params]
+        return stored
+
+    # ------------------------------------------------------------ state
+    def _stored_state_keys(self):
+        """State keys besides ``step``, the scalar states and the buffers."""
+        keys = (MASTER,) if self._storage.master_weights else ()
+        return keys + tuple(scales_name(b.name) for b in self.spec.buffers)
+
+    def _new_state_buffer(self, bucket, name, fill):
+        """Create buffer ``name`` of ``bucket`` (filled with ``fill`` or, for a buffer
+        the kernel initializes, zeros); returns (per-parameter state arrays, the
+        kernel's arrays, their scales or None)."""
+        stored = bucket.stored
+        fill = 0.0 if fill is FIRST_GRADIENT else fill
+        shapes = [p.shape for p in bucket.params]
+        if stored is None:
+            dtype = bucket.dtype
+            kind = NATIVE
+        else:
+            kind = stored.kinds[name]
+            dtype = np.float64 if precision.dtype_name(bucket.dtype) == "float64" else np.float32
+        if self.flat:
+            n = bucket.arenas["param"].size
+            if kind == NATIVE:
+                arena = np.full(n, fill, dtype)
+            else:
+                arena, _ = self._storage.new_buffer(kind, (n,), fill)
+            bucket.arenas[name] = arena
+            arrays = views(arena, shapes)
+            return arrays, [precision.kernel_view(a) for a in arrays], None
+        if kind == NATIVE:
+            arrays = [np.full(shape, fill, dtype) for shape in shapes]
+            return arrays, arrays, None
+        made = [self._storage.new_buffer(kind, shape, fill) for shape in shapes]
+        arrays = [a for a, _ in made]
+        scales = None if made and made[0][1] is None else [s for _, s in made]
+        return arrays, [precision.kernel_view(a) for a in arrays], scales
+
+    def _allocate_masters(self, g):
+        """The float32 master copies of group ``g``'s parameters (master_weights)."""
+        layout = self._layouts[g]
+        for bucket in layout.buckets:
+            stored = bucket.stored
+            if stored is None or stored.copy_kind == NATIVE:
+                continue
+            if self.flat:
+                arena = bucket.arenas["param"].astype(np.float32)
+                bucket.arenas[MASTER] = arena
+                masters = views(arena, [p.shape for p in bucket.params])
+            else:
+                masters = [p.astype(np.float32) for p in bucket.params]
+            stored.kernel_params = masters
+            stored.copies = [precision.kernel_view(p) for p in bucket.params]
+            for k, master in zip(bucket.positions, masters):
+                layout.states[k][MASTER] = master
+
+    # ------------------------------------------------------------ a step
+    def _check_stored_grads(self, item):
+        """Validate the gradients of a bucket with low-precision parameters or
+        gradients (``check_buffers`` takes float32/float64 only): ndarrays shaped
+        like their parameters, C-contiguous and aligned, float32 or the parameters'
+        dtype, one dtype per call, sharing no memory with their parameter."""
+        where = f"param_groups[{item.group}] ({item.bucket.dtype})"
+        allowed = {"float32", precision.dtype_name(item.bucket.dtype)}
+        first = None
+        for k, (p, grad) in enumerate(zip(item.params, item.grads)):
+            if not isinstance(grad, np.ndarray):
+                raise TypeError(f"{where}: grad[{k}] must be a numpy.ndarray, got {type(grad).__name__}")
+            name = precision.dtype_name(grad.dtype)
+            if name not in allowed:
+                raise TypeError(f"{where}: grad[{k}] has dtype {name}; with {precision.dtype_name(p.dtype)} "
+                                f"parameters gradients are {' or '.join(sorted(allowed))}")
+            if first is None:
+                first = name
+            elif name != first:
+                raise TypeError(f"{where}: grad[{k}] has dtype {name} but grad[0] has {first}: one dtype per call")
+            if grad.shape != p.shape:
+                raise ValueError(f"{where}: grad[{k}] has shape {grad.shape}, but its parameter has {p.shape}")
+            if not grad.flags.c_contiguous or not grad.flags.aligned:
+                raise ValueError(f"{where}: grad[{k}] must be C-contiguous and aligned")
+            a, b = _span(p), _span(grad)
+            if p.size and a[0] < b[1] and b[0] < a[1]:
+                raise ValueError(f"{where}: grad[{k}] shares memory with its parameter")
+
+    def _kernel_arrays(self, item, buffers, step):
+        """``(params, grads, buffers, formats, tensor_ids)`` for the kernel call of
+        ``item`` (``buffers``: name -> the bucket's arrays or None)."""
+        bucket = item.bucket
+        stored = bucket.stored
+        if stored is None:
+            return item.params, item.grads, buffers, None, None
+        roles = []
+        params = item.params
+        if item.flat:  # one tensor: the arenas
+            kernel_params = [bucket.arenas.get(MASTER, precision.kernel_view(bucket.arenas["param"]))]
+            copies = [precision.kernel_view(bucket.arenas["param"])]
+            buffers = {name: None if arrays is None else [precision.kernel_view(bucket.arenas[name])]
+                       for name, arrays in buffers.items()}
+        else:
+            kernel_params, copies = stored.kernel_params, stored.copies
+        if stored.copy_kind != NATIVE:
+            params = kernel_params
+            roles.append((params, NATIVE, None, copies, stored.copy_kind, True, 0))
+        elif stored.param_kind != NATIVE:
+            params = kernel_params
+            roles.append((params, stored.param_kind, None, None, NATIVE, True, 0))
+        grads = item.grads
+        grad_kind = precision.GRAD_KINDS.get(precision.dtype_name(grads[0].dtype), NATIVE) if grads else NATIVE
+        if grad_kind != NATIVE:
+            grads = [precision.kernel_view(grad) for grad in grads]
+            roles.append((grads, grad_kind, None, None, NATIVE, False, None))
+        for stream, buffer in enumerate(self.spec.buffers, start=1):
+            arrays = buffers.get(buffer.name)
+            kind = stored.kinds[buffer.name]
+            if arrays is not None and kind != NATIVE:
+                roles.append((arrays, kind, stored.scales.get(buffer.name), None, NATIVE, True, stream))
+        formats = precision.formats(self._storage, step, roles)
+        return params, grads, buffers, formats, (stored.ids[:1] if item.flat else stored.ids)
+
+
+def views(arena, shapes):
+    """Consecutive views of ``arena`` with ``shapes``."""
+    views, offset = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        views.append(arena[offset:offset + n].reshape(shape))
+        offset += n
+    return views
