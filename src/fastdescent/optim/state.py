@@ -331,6 +331,10 @@ class Checkpointing:
             values = self.params
             header["params"] = len(values)
             arrays.update((f"params/{i}", p) for i, p in enumerate(values))
+            bfloat16 = [i for i, p in enumerate(values) if p.dtype.name == "bfloat16"]
+            if bfloat16:  # .npy has no bfloat16: their bits, as uint16
+                header["bfloat16_params"] = bfloat16
+                arrays.update((f"params/{i}", values[i].view(np.uint16)) for i in bfloat16)
         checkpoint.write(path, header, arrays)
 
     def load(self, path, *, params=True, strict=True, convert=False):
@@ -348,6 +352,8 @@ class Checkpointing:
             values = None
             if params and "params" in header:
                 values = [arrays[f"params/{i}"] for i in range(header["params"])]
+                for i in header.get("bfloat16_params", ()):
+                    values[i] = values[i].view(precision.bfloat16_dtype())
         except (KeyError, TypeError, ValueError) as error:
             raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
         try:
@@ -371,7 +377,7 @@ def _stored_dtype(kind, param_dtype):
     if kind == precision.NATIVE:
         return np.dtype(np.float64 if np.dtype(param_dtype) == np.float64 else np.float32)
     if kind == precision.BF16:
-        return precision._bfloat16()
+        return precision.bfloat16_dtype()
     return precision.code_of(kind).dtype
 
 
