@@ -8,7 +8,7 @@ import numpy as np
 
 from fastdescent.catalog import configurations
 from fastdescent.rules import SPECS
-from fastdescent.rules._spec import FIRST_GRADIENT
+from fastdescent.rules._spec import FIRST_GRADIENT, PARAMETER
 from support import random_array
 
 #: Every example of every rule: name -> catalog.Rule.
@@ -30,10 +30,16 @@ def torch_examples():
     return {name: rule.torch_peer for name, rule in EXAMPLES.items() if rule.torch_peer is not None}
 
 
+def scalar_states(rule, hyper):
+    """The rule's scalar states (NAdam's mu_product...) at their initial values, each a
+    0-d float64 array, so that the grids copy and compare them like the buffers."""
+    return {s.name: np.array(s.initial_value(hyper), dtype=np.float64) for s in rule.spec.scalar_state}
+
+
 def make_state(rng, rule, n, dtype):
     """Random parameter and state buffers (``"param"`` and each buffer's name), drawn
     as each buffer's ``sample`` says: never zeros or constants, except buffers that
-    must start at zero."""
+    must start at zero; and the scalar states at their initial values."""
     state = {"param": random_array(rng, n, dtype)}
     for buffer in rule.spec.needed(rule.hyper):
         if buffer.sample == "positive":
@@ -42,24 +48,41 @@ def make_state(rng, rule, n, dtype):
             state[buffer.name] = np.zeros(n, dtype)
         else:
             state[buffer.name] = random_array(rng, n, dtype, scale=0.1)
-    return state
+    return {**state, **scalar_states(rule, rule.hyper)}
 
 
-def initial_state(rule, param):
+def initial_state(rule, param, **hyper):
     """The state PyTorch starts from: each buffer at its initial value (a buffer that
-    starts as the first gradient is allocated, and written by the first step)."""
+    starts as the first gradient is allocated, and written by the first step; one that
+    starts as the parameter is its copy) and the scalar states at theirs. ``hyper``
+    overrides hyperparameters of the configuration (the ``lr`` of the first step:
+    Rprop's step sizes and ASGD's eta start at it)."""
+    h = rule.spec.validate({**rule.hyper, **hyper})
     state = {"param": param}
-    for buffer in rule.spec.needed(rule.hyper):
-        fill = buffer.initial(rule.hyper)
-        state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
-    return state
+    for buffer in rule.spec.needed(h):
+        fill = buffer.initial(h)
+        if fill is PARAMETER:
+            state[buffer.name] = param.copy()
+        else:
+            state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
+    return {**state, **scalar_states(rule, h)}
 
 
 def take_step(rule, state, grad, *, t, **call):
-    """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state``; ``call``
-    may override hyperparameters (``lr=...``) and pass ``grad_scale``,
-    ``backend``, ``n_threads``."""
-    rule.step(state["param"], grad, *(state[name] for name in rule.state), t=t, **call)
+    """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state``, whose scalar
+    states are passed in and replaced by the values after the step; ``call`` may
+    override hyperparameters (``lr=...``) and pass ``grad_scale``, ``backend``,
+    ``n_threads``. ``state`` holds arrays, or lists of arrays (one per tensor: a
+    scalar state is then read from the first and written to all)."""
+    scalars = {}
+    for s in rule.spec.scalar_state:
+        value = state[s.name]
+        scalars[s.name] = float(value[0] if isinstance(value, list) else value)
+    after = rule.step(state["param"], grad, *(state[name] for name in rule.state), t=t,
+                      scalar_state=scalars, **call)
+    for name, value in (after or {}).items():
+        for array in state[name] if isinstance(state[name], list) else [state[name]]:
+            array[...] = value
 
 
 def driver(rule):

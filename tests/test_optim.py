@@ -115,8 +115,8 @@ def test_optimizer_steps_equal_face_steps(name, dtype, backend, rng):
     face_params, face_state = face_run(name, params, grad_steps)
     for k, p in enumerate(face_params):
         assert_bitwise_equal(opt.params[k], p, f"param {k}")
-        for buffer, arrays in face_state.items():
-            assert_bitwise_equal(opt.state[k][buffer], arrays[k], f"state[{k}][{buffer!r}]")
+        for name, arrays in face_state.items():  # buffers, and scalar states (floats, 0-d arrays here)
+            assert_bitwise_equal(np.asarray(opt.state[k][name]), arrays[k], f"state[{k}][{name!r}]")
         if opt.spec.counts_steps:
             assert opt.state[k]["step"] == STEPS and type(opt.state[k]["step"]) is int
     assert set(opt.state.get(0, {})) == set(face_state) | ({"step"} if opt.spec.counts_steps else set())

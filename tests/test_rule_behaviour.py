@@ -30,7 +30,7 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     start = random_array(rng, n, dtype)
     grads = [random_array(rng, n, dtype) for _ in range(steps)]
     lrs = [0.05 * 0.8**t for t in range(steps)]
-    state = initial_state(rule, start.copy())  # PyTorch's initial state
+    state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
     theirs = torch.tensor(start.copy(), requires_grad=True)
     optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
     for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
@@ -96,6 +96,15 @@ RUNS = [
     ("rosenbrock", "adam", dict(amsgrad=True), 0.1, 3000, 1.0),
     ("quadratic", "adamw", dict(weight_decay=1e-4), 0.1, 3000, 1.0),
     ("rosenbrock", "adamw", dict(weight_decay=1e-4), 0.01, 5000, 1.0),
+    # Lion moves every coordinate by lr: it needs a decaying rate to settle.
+    ("quadratic", "lion", {}, 0.02, 3000, 0.998),
+    ("rosenbrock", "lion", {}, 0.003, 5000, 0.999),
+    # Schedule-Free's x averages every z so far: warmup (which weighs the first steps
+    # less) or a polynomial weighting r forgets the start sooner.
+    ("quadratic", "schedule_free_adamw", dict(warmup_steps=100), 0.3, 3000, 1.0),
+    ("rosenbrock", "schedule_free_adamw", {}, 0.03, 6000, 1.0),
+    ("quadratic", "schedule_free_sgd", dict(r=1.0), 1e-3, 4000, 1.0),
+    ("rosenbrock", "schedule_free_sgd", dict(r=1.0, momentum=0.95), 1.5e-3, 10000, 1.0),
 ]
 
 
@@ -109,7 +118,7 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    state = {"param": start.copy(), **{b: np.zeros_like(start) for b in rule.state}}
+    state = initial_state(rule, start.copy(), lr=lr * gamma)
     for t in range(1, steps + 1):
         take_step(rule, state, gradient(state["param"]), t=t, lr=lr * gamma**t)
     x = state["param"]

@@ -25,6 +25,8 @@ BAD_VALUES = {
     _checks.finite: [(INF, ValueError), (NAN, ValueError), ("1", TypeError)],
     _checks.unit_interval: [(1.0, ValueError), (-0.1, ValueError), (NAN, ValueError), ("0.9", TypeError)],
     _checks.closed_unit_interval: [(1.5, ValueError), (-0.1, ValueError), (NAN, ValueError)],
+    _checks.open_unit_interval: [(0.0, ValueError), (1.0, ValueError), (NAN, ValueError), ("0.5", TypeError)],
+    _checks.integer: [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError), (None, TypeError)],
     _checks.betas_pair: [((1.0, 0.999), ValueError), ((0.9, -0.1), ValueError), ((0.9, NAN), ValueError),
                          ((0.9,), TypeError), (0.9, TypeError), ((0.9, 0.99, 0.999), TypeError),
                          (("0.9", 0.999), TypeError)],
@@ -69,6 +71,8 @@ def bad_calls(rule, rng):
         values = BAD_VALUES.get(validator(hyper))
         assert values is not None, f"add the bad values of {hyper.check} to BAD_VALUES"
         cases += [(f"{hyper.name}={value!r}", error, call(**{hyper.name: value})) for value, error in values]
+    for s in spec.scalar_state:  # its value before the step, as the face takes it
+        cases += [(f"{s.name}={value!r}", error, call(**{s.name: value})) for value, error in BAD_VALUES[_checks.finite]]
     if spec.uses_step:
         cases += [("step 0", ValueError, call(step=0)), ("step -3", ValueError, call(step=-3)),
                   ("step 2.5", TypeError, call(step=2.5)), ("step True", TypeError, call(step=True)),

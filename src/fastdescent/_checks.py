@@ -6,6 +6,7 @@ a bad call raises and changes nothing.
 
 import math
 import operator
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -80,6 +81,27 @@ def choice(name, value, options):
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def state_entries(owner, state, keys):
+    """The values of ``keys`` in a saved state dict, in order: what a
+    ``load_state_dict`` reads before it validates each one. TypeError unless
+    ``state`` is a dict, ValueError unless its keys are exactly ``keys``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"the state of a {owner} must be a dict, got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    unknown = [k for k in state if k not in keys]
+    if missing or unknown:
+        raise ValueError(f"the state of a {owner} needs exactly the entries {list(keys)}; "
+                         f"missing {missing}, unknown {unknown}")
+    return [state[k] for k in keys]
+
+
+def real_list(name, values):
+    """``values`` as a list of Python floats; TypeError unless it is a list or tuple of reals."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of numbers, got {type(values).__name__}")
+    return [real(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def boolean(name, value):

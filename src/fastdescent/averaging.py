@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _checks, _runtime
 from ._typing import FloatArray, HasParamGroups, StateDict
-from .rules.averaging import ema_update, swa_update, swap_arrays
+from .rules.averaging import MAX_N_AVERAGED, ema_update, swa_update, swap_arrays
 from .schedules import parameter_arrays
 
 
@@ -118,16 +118,21 @@ class _Averager:
                 "averages": [a.copy() for a in self.averages]}
 
     def load_state_dict(self, state: StateDict) -> None:
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
         self._check_not_swapped("load")
-        averages = list(state["averages"])
+        last_step, n_averaged, averages = _checks.state_entries(
+            type(self).__name__, state, ("last_step", "n_averaged", "averages"))
+        if not isinstance(averages, (list, tuple)) or not all(isinstance(a, np.ndarray) for a in averages):
+            raise TypeError("averages must be a list of arrays")
         if len(averages) != len(self.averages):
             raise ValueError(f"the state holds {len(averages)} averages for {len(self.averages)} parameters")
         for i, (saved, mine) in enumerate(zip(averages, self.averages)):
-            saved = np.asarray(saved)
             if saved.shape != mine.shape or saved.dtype != mine.dtype:
                 raise ValueError(f"averages[{i}] is {saved.dtype}{saved.shape}, expected {mine.dtype}{mine.shape}")
-        last_step = _checks.integer("last_step", state["last_step"], 0)
-        n_averaged = _checks.integer("n_averaged", state["n_averaged"], 0)
+        last_step = _checks.integer("last_step", last_step, 0)
+        n_averaged = _checks.integer("n_averaged", n_averaged, 0)
+        if n_averaged > MAX_N_AVERAGED:
+            raise ValueError(f"n_averaged must be <= {MAX_N_AVERAGED}, got {n_averaged}")
         for saved, mine in zip(averages, self.averages):
             np.copyto(mine, saved)
         self.last_step, self.n_averaged = last_step, n_averaged

@@ -77,11 +77,22 @@ class Rule:
             out.append(a.astype(dtype))
         return out
 
-    def step(self, params, grads, *state, t, backend=None, n_threads=None, grad_scale=1.0, **hyper):
+    def scalar_state_at(self, t):
+        """The scalar states (ASGD's eta and mu...) before step ``t`` (from 1) of this
+        configuration: the initial values advanced through steps 1 to t - 1."""
+        state = {s.name: s.initial_value(self.hyper) for s in self.spec.scalar_state}
+        for step in range(1, t):
+            state = self.spec.advanced(self.hyper, step, state)
+        return state
+
+    def step(self, params, grads, *state, t, backend=None, n_threads=None, grad_scale=1.0, scalar_state=None,
+             **hyper):
         """Step ``t`` (from 1) of the face on ``params`` with ``state`` (in the order of
         :attr:`state`); ``hyper`` overrides hyperparameters of the configuration. At
         ``t == 1`` a buffer that starts as the first gradient is initialised from
-        it, as PyTorch does."""
+        it, as PyTorch does. ``scalar_state`` (name -> value; None: the initial
+        values) goes to the face, and the face's result (the scalar states after the
+        step, or None) is returned."""
         buffers = dict(zip(self.state, state))
         face_buffers = [buffers.get(b.name) for b in self.spec.buffers]
         extra = {}
@@ -92,8 +103,8 @@ class Rule:
                 b.initial(self.hyper) is FIRST_GRADIENT for b in self.spec.needed(self.hyper))
         face_options = {h.name for h in self.spec.hyper if h.face}
         options = {k: v for k, v in {**self.options, **hyper}.items() if k in face_options}
-        FACES[self.spec.face_name](params, grads, *face_buffers, **options, **extra,
-                                   grad_scale=grad_scale, backend=backend, n_threads=n_threads)
+        return FACES[self.spec.face_name](params, grads, *face_buffers, **options, **extra, **(scalar_state or {}),
+                                          grad_scale=grad_scale, backend=backend, n_threads=n_threads)
 
 
 def configure(spec, options=None, name=None, description=""):

@@ -74,10 +74,15 @@ class _MetricWatch:
     def _watch_state(self):
         return {"best": self.best, "num_bad_epochs": self.num_bad_epochs, "last_epoch": self.last_epoch}
 
-    def _load_watch_state(self, state):
-        self.best = _checks.real("best", state["best"])
-        self.num_bad_epochs = _checks.integer("num_bad_epochs", state["num_bad_epochs"], 0)
-        self.last_epoch = _checks.integer("last_epoch", state["last_epoch"], 0)
+    def _checked_state(self, state, counters, more=()):
+        """A saved state's entries, name -> value: the watch's, ``counters`` (integers
+        >= 0) and ``more`` (for the caller to check), validated before anything changes."""
+        names = ("best", "num_bad_epochs", "last_epoch") + counters + more
+        values = dict(zip(names, _checks.state_entries(type(self).__name__, state, names)))
+        values["best"] = _checks.real("best", values["best"])
+        for name in ("num_bad_epochs", "last_epoch") + counters:
+            values[name] = _checks.integer(name, values[name], 0)
+        return values
 
 
 class _LearningRates:
@@ -173,8 +178,9 @@ class ReduceLROnPlateau(_MetricWatch):
         return {**self._watch_state(), "cooldown_counter": self.cooldown_counter}
 
     def load_state_dict(self, state: StateDict) -> None:
-        self._load_watch_state(state)
-        self.cooldown_counter = _checks.integer("cooldown_counter", state["cooldown_counter"], 0)
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
+        for name, value in self._checked_state(state, ("cooldown_counter",)).items():
+            setattr(self, name, value)
 
 
 class EarlyStopping(_MetricWatch):
@@ -271,11 +277,21 @@ class EarlyStopping(_MetricWatch):
                 "best_params": best_params}
 
     def load_state_dict(self, state: StateDict) -> None:
-        self._load_watch_state(state)
-        self.best_epoch = _checks.integer("best_epoch", state["best_epoch"], 0)
-        self.should_stop = bool(state["should_stop"])
-        best = state["best_params"]
-        self._best_params = None if best is None else [np.array(b, copy=True) for b in best]
+        """Restore a :meth:`state_dict`; validates it first, and on any error nothing changes."""
+        values = self._checked_state(state, ("best_epoch",), ("should_stop", "best_params"))
+        values["should_stop"] = _checks.boolean("should_stop", values["should_stop"])
+        best = values.pop("best_params")
+        if best is not None:
+            if not isinstance(best, (list, tuple)) or not all(isinstance(b, np.ndarray) for b in best):
+                raise TypeError("best_params must be None or a list of arrays")
+            if self.optimizer is not None:
+                expected = [(p.shape, p.dtype) for p in parameter_arrays(self.optimizer)]
+                if [(b.shape, b.dtype) for b in best] != expected:
+                    raise ValueError("best_params do not match the optimizer's parameters (shapes, dtypes)")
+            best = [b.copy() for b in best]
+        for name, value in values.items():
+            setattr(self, name, value)
+        self._best_params = best
 
 
 __all__ = ["EarlyStopping", "ReduceLROnPlateau"]

@@ -434,6 +434,9 @@ class Storage:
             raise ValueError(f"{prefix}{spec.title} runs more than one elementwise kernel per step: its state "
                              "and parameters must stay float32/float64 (no state_dtype, bfloat16 parameters "
                              "or master weights)")
+        if spec.mixin is not None and name != "float32":
+            raise ValueError(f"{prefix}{spec.title}'s own methods ({spec.mixin.__name__}) run kernels on the "
+                             f"parameters themselves: they must be float32, not {name}")
         for buffer in spec.needed(hyper):
             if state in ("bfloat16", "int8") and state not in buffer.storage:
                 allowed = ", ".join(repr(s) for s in buffer.storage) or "no low-precision dtype"
@@ -446,6 +449,15 @@ class Storage:
                 raise ValueError(f"{prefix}{error}") from None
 
     # ----------------------------------------------------- arrays
+    def encoded(self, kind, values):
+        """``(stored, scales)`` of float32 ``values`` in ``kind`` (rounded to nearest)."""
+        if kind == NATIVE:
+            return np.array(values, np.float32), None
+        if kind == BF16:
+            return bf16_encode(values).view(bfloat16_dtype()).reshape(np.shape(values)), None
+        codes, scales = int8_encode(values, code_of(kind))
+        return codes.reshape(np.shape(values)), scales
+
     def new_buffer(self, kind, shape, fill):
         """``(values, scales)`` of a new state buffer of ``kind`` filled with
         ``fill`` (a float): the array the state shows (float32, bfloat16 or

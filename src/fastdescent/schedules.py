@@ -649,14 +649,22 @@ class Scheduler:
         return {"last_step": self.last_step, "scale": list(self.scale), "floor": list(self.floor)}
 
     def load_state_dict(self, state: StateDict) -> None:
-        """Restore the step (and plateau scaling), and write that step's values."""
-        last_step = _checks.integer("last_step", state["last_step"], 0)
-        scale = [_checks.positive("scale", s) for s in state["scale"]]
-        floor = [_checks.finite("floor", f) for f in state["floor"]]
+        """Restore the step (and plateau scaling), and write that step's values.
+        Validates the state first; on any error nothing changes."""
+        last_step, scale, floor = _checks.state_entries("Scheduler", state, ("last_step", "scale", "floor"))
+        last_step = _checks.integer("last_step", last_step, 0)
+        scale = [_checks.positive(f"scale[{i}]", s) for i, s in enumerate(_checks.real_list("scale", scale))]
+        floor = [_checks.finite(f"floor[{i}]", f) for i, f in enumerate(_checks.real_list("floor", floor))]
         if len(scale) != len(self.schedules) or len(floor) != len(self.schedules):
             raise ValueError(f"the state has {len(scale)} groups, this scheduler {len(self.schedules)}")
+        previous = self.last_step, self.scale, self.floor
         self.last_step, self.scale, self.floor = last_step, scale, floor
-        self._apply()
+        try:
+            self._apply()  # the schedule itself may refuse the step
+        except BaseException:
+            self.last_step, self.scale, self.floor = previous
+            self._apply()
+            raise
 
     def __repr__(self) -> str:
         return f"Scheduler({self.hyperparameter.name!r}, step {self.last_step}, {self.schedules[0]!r})"

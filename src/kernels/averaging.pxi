@@ -4,6 +4,8 @@
 # average and the parameter, writing the average (both, for the exchange).
 # Equations: fastdescent.rules.averaging. Reference twin: fastdescent/reference/averaging.py.
 
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
 cdef struct SWAArgs:
     double count               # n + 1: the average then holds n + 1 snapshots
     bint first                 # n = 0: the average is the parameter itself
@@ -67,6 +69,8 @@ cdef void swap_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
 def swa(list averages not None, list params not None, *, Py_ssize_t n_averaged, int n_threads):
     """Fold ``params`` into the equal running averages (private: call ``fastdescent.swa_update``)."""
     cdef SWAArgs a
+    if n_averaged < 0 or n_averaged == PY_SSIZE_T_MAX:  # n_averaged + 1 would overflow
+        raise ValueError(f"n_averaged must be in [0, {PY_SSIZE_T_MAX - 1}], got {n_averaged}")
     a.count = <double>(n_averaged + 1)
     a.first = n_averaged == 0
     run_kernel((averages, params), n_threads, swa_segment_f32, swa_segment_f64, &a)

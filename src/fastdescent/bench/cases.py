@@ -162,18 +162,20 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
     if n_threads > _config.max_threads():
         raise Unavailable(f"{n_threads} threads asked, {_config.max_threads()} available")
     state, t = problem.state, STEADY_STEP
+    scalars = rule.scalar_state_at(t)
     if method == "ceiling":
         roles = ceiling_roles(rule, problem)
         stream = _dispatch.load_variant(ceiling_variant()).stream
         yield lambda: stream(roles, rule.writes, n_threads)
     elif method == "kernel":
         with kernels_of_variant(variant):
-            yield lambda: rule.step(problem.params, problem.grads, *state, t=t,
+            yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
                                     backend="kernel", n_threads=n_threads)
     elif method == "reference":
         if n_threads != 1:
             raise Unavailable("the reference is single-threaded")
-        yield lambda: rule.step(problem.params, problem.grads, *state, t=t, backend="reference")
+        yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
+                                backend="reference")
     else:
         with _torch_step(method, rule, problem, n_threads) as step:
             yield step

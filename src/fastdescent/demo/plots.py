@@ -251,7 +251,8 @@ def _finish(*axes_list):
 
 
 def _colors(n):
+    """``n`` distinct colours (up to 20: beyond ten methods, tab20's lighter shades join)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]

@@ -30,8 +30,11 @@ class Race:
     Hessian eigenvalue, momentum 0.9 needs about half of that for Nesterov);
     adaptive methods step about ``lr`` per coordinate, so theirs are set by the
     size of the window (Adagrad's steps shrink as its sums grow, so it starts
-    larger). Each was picked from a sweep over powers of about 3 as one that
-    reaches the tolerance on that surface if any does, without tuning further.
+    larger). Sign methods (Lion) move every coordinate by exactly ``lr``, so
+    they walk a lattice of spacing ``lr`` from the start: they reach the tolerance
+    only where a minimum lies on it, and otherwise circle it at about ``lr``.
+    Each was picked from a sweep over powers of about 3 as one that reaches the
+    tolerance on that surface if any does, without tuning further.
     """
 
     lr: dict
@@ -39,13 +42,15 @@ class Race:
 
 
 RACES = {
-    "ravine": Race({"sgd": 0.019, "momentum": 0.01, "adagrad": 1.0, "adaptive": 0.1}),
-    "rosenbrock": Race({"sgd": 2e-3, "momentum": 1e-3, "adagrad": 1.0, "adaptive": 0.03}, max_steps=5000),
-    "beale": Race({"sgd": 0.03, "momentum": 3e-3, "adagrad": 1.0, "adaptive": 0.1}),
-    "himmelblau": Race({"sgd": 0.01, "momentum": 3e-3, "adagrad": 0.5, "adaptive": 0.1}),
-    "saddle": Race({"sgd": 0.01, "momentum": 0.01, "adagrad": 0.1, "adaptive": 0.01}, max_steps=1000),
-    "monkey_saddle": Race({"sgd": 0.01, "momentum": 0.01, "adagrad": 0.1, "adaptive": 0.01}, max_steps=1000),
-    "rastrigin": Race({"sgd": 3e-3, "momentum": 3e-3, "adagrad": 0.1, "adaptive": 0.01}),
+    "ravine": Race({"sgd": 0.019, "momentum": 0.01, "adagrad": 1.0, "adaptive": 0.1, "sign": 0.01}),
+    "rosenbrock": Race({"sgd": 2e-3, "momentum": 1e-3, "adagrad": 1.0, "adaptive": 0.03, "sign": 0.01},
+                       max_steps=5000),
+    "beale": Race({"sgd": 0.03, "momentum": 3e-3, "adagrad": 1.0, "adaptive": 0.1, "sign": 0.01}),
+    "himmelblau": Race({"sgd": 0.01, "momentum": 3e-3, "adagrad": 0.5, "adaptive": 0.1, "sign": 0.01}),
+    "saddle": Race({"sgd": 0.01, "momentum": 0.01, "adagrad": 0.1, "adaptive": 0.01, "sign": 0.01}, max_steps=1000),
+    "monkey_saddle": Race({"sgd": 0.01, "momentum": 0.01, "adagrad": 0.1, "adaptive": 0.01, "sign": 0.01},
+                          max_steps=1000),
+    "rastrigin": Race({"sgd": 3e-3, "momentum": 3e-3, "adagrad": 0.1, "adaptive": 0.01, "sign": 0.01}),
 }
 
 
@@ -109,6 +114,12 @@ def race(args, methods):
     print(table(rows, headers, "<<>>><<"))
     if "adamw" in methods:
         print("adamw's decoupled weight decay (0.01) pulls towards the origin: its fixed point is not f's minimum.")
+    if "lion" in methods:
+        print("lion moves every coordinate by exactly lr: it reaches a minimum only if the minimum lies on its lattice"
+              " of spacing lr from the start.")
+    if any(name.startswith("schedule_free") for name in methods):
+        print("schedule_free_*: the averaged iterate x lags ever more behind z at a fixed rate, so y (shown here, where"
+              " gradients are taken) slows down near a minimum or a saddle.")
     if "nesterov" in methods:
         steps, deviation = nesterov_check(args)
         print(f"\nNesterov with the gradient at the look-ahead point w + mu*v and the kernels' look-ahead-free"

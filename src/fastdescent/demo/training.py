@@ -9,6 +9,7 @@ between the two runs (0: the backends agree bit for bit).
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,21 @@ class History:
         return len(self.train_loss)
 
 
+@contextmanager
+def evaluation_point(optimizer):
+    """The parameters hold the point to evaluate inside this block: Schedule-Free's
+    averaged iterate (its ``eval()``, then ``train()`` back), else the parameters as
+    they are."""
+    if not hasattr(optimizer, "eval"):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+
+
 def train_epochs(model, optimizer, batches, epochs, held_out, *, after_step=None, after_epoch=None,
                  trace=None, trace_every=1, progress=None, label=""):
     """Train ``model`` for up to ``epochs`` passes over ``batches``; returns a :class:`History`.
@@ -74,13 +90,15 @@ def train_epochs(model, optimizer, batches, epochs, held_out, *, after_step=None
     ``after_epoch(epoch, history)`` after each evaluation, and training stops early
     when it returns True. ``trace=(x, y)`` records the loss on that whole set every
     ``trace_every`` steps (the path of the training loss within epochs). Hooks,
-    evaluations and traces are not counted in ``epoch_seconds``.
+    evaluations and traces are not counted in ``epoch_seconds``. Evaluations and
+    traces take place at the optimizer's :func:`evaluation_point`.
     """
     x_held_out, y_held_out = held_out
     history = History()
     step, total_seconds = 0, 0.0
     if trace is not None:
-        history.trace.append((0, 0.0, model.loss(*trace)))
+        with evaluation_point(optimizer):
+            history.trace.append((0, 0.0, model.loss(*trace)))
     for epoch in range(1, epochs + 1):
         losses, seconds = [], 0.0
         for xb, yb in batches:
@@ -94,12 +112,14 @@ def train_epochs(model, optimizer, batches, epochs, held_out, *, after_step=None
             losses.append(loss)
             step += 1
             if trace is not None and step % trace_every == 0:
-                history.trace.append((step, total_seconds + seconds, model.loss(*trace)))
+                with evaluation_point(optimizer):
+                    history.trace.append((step, total_seconds + seconds, model.loss(*trace)))
             if after_step is not None:
                 after_step(step, loss)
         history.train_loss.append(float(np.mean(losses)))
-        history.held_out_loss.append(model.loss(x_held_out, y_held_out))
-        history.held_out_accuracy.append(model.accuracy(x_held_out, y_held_out))
+        with evaluation_point(optimizer):
+            history.held_out_loss.append(model.loss(x_held_out, y_held_out))
+            history.held_out_accuracy.append(model.accuracy(x_held_out, y_held_out))
         history.lr.append(float(optimizer.param_groups[0]["lr"]))
         history.epoch_seconds.append(seconds)
         total_seconds += seconds
@@ -126,6 +146,8 @@ def train_once(contender, backend, data, args, progress):
     batches = MiniBatches(data.x_train, data.y_train, batch_size=args.batch_size, seed=args.seed)
     history = train_epochs(model, optimizer, batches, args.epochs, (data.x_test, data.y_test),
                            progress=progress, label=f"{contender.name} [{backend}]")
+    if hasattr(optimizer, "eval"):
+        optimizer.eval()  # the model to keep is Schedule-Free's averaged iterate
     return {
         "model": model,
         "history": history,
@@ -179,4 +201,4 @@ def train(args, contenders):
     return results
 
 
-__all__ = ["Digits", "History", "load_digits_split", "train_epochs"]
+__all__ = ["Digits", "History", "evaluation_point", "load_digits_split", "train_epochs"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
 from .clipping import bucket_norm
 from .lowprec import LowPrecision, check_low_precision_param, is_low_precision_param, scales_name, views as _views
 from .state import Checkpointing
@@ -37,12 +37,17 @@ class ParamState(dict):
     ``torch.optim`` (``opt.state[p]``).
     """
 
-    def __init__(self, index_of):
+    def __init__(self, index_by_id):
         super().__init__()
-        self._index_of = index_of
+        self._index_by_id = index_by_id  # the optimizer's dict, not the optimizer: no cycle to keep it alive
 
     def _key(self, key):
-        return self._index_of(key) if isinstance(key, np.ndarray) else key
+        if not isinstance(key, np.ndarray):
+            return key
+        try:
+            return self._index_by_id[id(key)]
+        except KeyError:
+            raise KeyError("this array is not a parameter of the optimizer") from None
 
     def __getitem__(self, key):
         return super().__getitem__(self._key(key))
@@ -213,9 +218,9 @@ class Optimizer(LowPrecision, Checkpointing):
         self.skipped_steps = 0
         self.last_grad_norm = None
         self.param_groups = []
-        self.state = ParamState(self._index_of)
-        self._layouts = []
         self._index_by_id = {}
+        self.state = ParamState(self._index_by_id)
+        self._layouts = []
         self._registered = {}
         for group in _as_groups(params):
             self.add_param_group(group)
@@ -292,12 +297,6 @@ class Optimizer(LowPrecision, Checkpointing):
             for bucket in layout.buckets:
                 bucket.arenas["grad"].fill(0)
 
-    def _index_of(self, param):
-        try:
-            return self._index_by_id[id(param)]
-        except KeyError:
-            raise KeyError("this array is not a parameter of the optimizer") from None
-
     def add_param_group(self, param_group):
         """Add a group: a dict with ``"params"`` and any hyperparameters (the rest
         from the constructor's defaults), validated before anything changes."""
@@ -352,7 +351,7 @@ class Optimizer(LowPrecision, Checkpointing):
 
     def _wanted(self, hyper):
         """The state buffers the validated hyperparameters ``hyper`` need: name ->
-        initial value (a float, or FIRST_GRADIENT)."""
+        initial value (a float, FIRST_GRADIENT or PARAMETER)."""
         return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
     def _group_hyper(self, g):
@@ -422,6 +421,23 @@ class Optimizer(LowPrecision, Checkpointing):
         states = self._layouts[g].states
         return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
                 for s in self.spec.scalar_state}
+
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): if group ``g`` has the buffers
+        ``names``, call ``update(hyper, params, buffers, backend, n_threads)`` once
+        per dtype, with the group's validated hyperparameters, its parameters and
+        their buffers (name -> arrays), the backend module and thread count a step
+        would use."""
+        layout = self._layouts[g]
+        hyper = self._group_hyper(g)
+        if layout.states is None or any(name not in layout.states[0] for name in names):
+            return
+        backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
+        for bucket in layout.buckets:
+            if self.flat:
+                update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend, n_threads)
+            else:
+                update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
 
     def _selected(self, group):
         if group is None:

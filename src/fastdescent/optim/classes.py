@@ -16,42 +16,58 @@ OPTIONS = ("flat=False", "clip_grad_norm=None", "clip_grad_value=None", "skip_no
            "master_weights=False")
 
 
-def optimizer_class(spec, module):
-    """A subclass of :class:`Optimizer` for ``spec``, named ``spec.title``, placed
-    in ``module``."""
+def generated_init(spec, module, qualname, body, namespace, options=()):
+    """``__init__(self, params, <hyperparameters>, *, <keyword-only ones>, <options>)``
+    with the spec's defaults, generated as :mod:`dataclasses` generates one.
+    ``body`` is its source (indented lines), which sees ``defaults``: every
+    hyperparameter's value and the fixed ones, the parameter groups' defaults."""
     positional = [h for h in spec.hyper if not h.keyword_only]
     keyword = [h for h in spec.hyper if h.keyword_only]
 
     def parameter(h):
         return h.name if h.default is REQUIRED else f"{h.name}=_d_{h.name}"
 
-    signature = ", ".join(["self", "params", *map(parameter, positional), "*", *map(parameter, keyword), *OPTIONS])
+    signature = ", ".join(["self", "params", *map(parameter, positional), "*", *map(parameter, keyword), *options])
     defaults = ", ".join([f"{h.name}={h.name}" for h in spec.hyper] + [f"{k}={v!r}" for k, v in spec.fixed.items()])
-    options = ", ".join(f"{o.split('=')[0]}={o.split('=')[0]}" for o in OPTIONS)
-    source = (f"def __init__({signature}):\n"
-              f"    Optimizer.__init__(self, params, dict({defaults}), {options})\n")
-    namespace = {"Optimizer": Optimizer, **{f"_d_{h.name}": h.default for h in spec.hyper}}
+    source = f"def __init__({signature}):\n    defaults = dict({defaults})\n{body}"
+    namespace = {**namespace, **{f"_d_{h.name}": h.default for h in spec.hyper}}
     exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
     init = namespace["__init__"]
-    init.__qualname__ = f"{spec.title}.__init__"
+    init.__qualname__ = f"{qualname}.__init__"
     init.__module__ = module
-    cls = type(spec.title, (Optimizer,), {"spec": spec, "__init__": init, "__module__": module,
-                                          "__doc__": class_doc(spec)})
-    return cls
+    return init
 
 
-def class_doc(spec):
-    """The class docstring: what it is, its hyperparameters and its state."""
+def optimizer_class(spec, module):
+    """A subclass of :class:`Optimizer` for ``spec``, named ``spec.title``, placed
+    in ``module``."""
+    options = ", ".join(f"{o.split('=')[0]}={o.split('=')[0]}" for o in OPTIONS)
+    init = generated_init(spec, module, spec.title, f"    Optimizer.__init__(self, params, defaults, {options})\n",
+                          {"Optimizer": Optimizer}, OPTIONS)
+    bases = (Optimizer,) if spec.mixin is None else (spec.mixin, Optimizer)
+    return type(spec.title, bases, {"spec": spec, "__init__": init, "__module__": module,
+                                           "__doc__": class_doc(spec)})
+
+
+def class_doc(spec, torch=False):
+    """The class docstring: what it is, its hyperparameters and its state
+    (``torch``: of the ``fastdescent.torch`` class of a rule ``torch.optim`` lacks)."""
     peer = f", as ``torch.optim.{spec.torch}``" if spec.torch else ""
     lines = [f"{spec.summary[0].upper()}{spec.summary[1:]}{peer}.", "",
-             f"Equations, conventions and references: :func:`fastdescent.{spec.face_name}`. The keyword",
-             "options shared by every optimizer (``flat``, ``clip_grad_norm``, ``clip_grad_value``,",
-             "``skip_nonfinite``, ``backend``, ``n_threads``, ``state_dtype``, ``rounding``, ``seed``,",
-             "``master_weights``) are described in",
-             ":class:`fastdescent.optim.Optimizer`.", "", "Parameters", "----------",
-             "params : list of ndarray, or list of dict",
-             "    The parameters, or parameter groups (dicts with ``'params'`` and any",
-             "    hyperparameters that differ from the defaults below)."]
+             f"Equations, conventions and references: :func:`fastdescent.{spec.face_name}`."]
+    if torch:
+        lines += ["A ``torch.optim.Optimizer`` stepped by fastdescent's fused multi-tensor kernel (``torch.optim``",
+                  "has no such rule); see :mod:`fastdescent.torch` for what runs and what raises.", "",
+                  "Parameters", "----------", "params : iterable of torch.Tensor, or of dict",
+                  "    The parameters, or parameter groups (dicts with ``'params'`` and any"]
+    else:
+        lines += ["The keyword options shared by every optimizer (``flat``, ``clip_grad_norm``, ``clip_grad_value``,",
+                  "``skip_nonfinite``, ``backend``, ``n_threads``, ``state_dtype``, ``rounding``, ``seed``,",
+                  "``master_weights``) are described in",
+                  ":class:`fastdescent.optim.Optimizer`.", "", "Parameters", "----------",
+                  "params : list of ndarray, or list of dict",
+                  "    The parameters, or parameter groups (dicts with ``'params'`` and any"]
+    lines += ["    hyperparameters that differ from the defaults below)."]
     for h in spec.hyper:
         lines += [f"{h.name} : {h.type}", f"    {h.doc}"]
     state = ["step"] if spec.counts_steps else []  # (every rule counts with stochastic rounding)

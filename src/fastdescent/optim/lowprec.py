@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import precision
 from ..precision import NATIVE
-from ..rules._spec import FIRST_GRADIENT
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
 
 MASTER = "master_param"
 _LOW_PARAM_DTYPES = ("bfloat16", "float16")
@@ -115,7 +115,8 @@ class LowPrecision:
         the kernel initializes, zeros); returns (per-parameter state arrays, the
         kernel's arrays, their scales or None)."""
         stored = bucket.stored
-        fill = 0.0 if fill is FIRST_GRADIENT else fill
+        copies_parameter = fill is PARAMETER
+        fill = 0.0 if fill is FIRST_GRADIENT or copies_parameter else fill
         shapes = [p.shape for p in bucket.params]
         if stored is None:
             dtype = bucket.dtype
@@ -123,9 +124,17 @@ class LowPrecision:
         else:
             kind = stored.kinds[name]
             dtype = np.float64 if precision.dtype_name(bucket.dtype) == "float64" else np.float32
+        if copies_parameter:  # the values the rule updates: the masters if there are
+            values = ([bucket.arenas.get(MASTER, bucket.arenas["param"])] if self.flat
+                      else stored.kernel_params if stored is not None and stored.copy_kind != NATIVE
+                      else bucket.params)
+            values = [np.asarray(v, np.float64 if kind == NATIVE and dtype == np.float64 else np.float32)
+                      for v in values]
         if self.flat:
             n = bucket.arenas["param"].size
-            if kind == NATIVE:
+            if copies_parameter:
+                arena = values[0].copy() if kind == NATIVE else self._storage.encoded(kind, values[0])[0]
+            elif kind == NATIVE:
                 arena = np.full(n, fill, dtype)
             else:
                 arena, _ = self._storage.new_buffer(kind, (n,), fill)
@@ -133,9 +142,12 @@ class LowPrecision:
             arrays = views(arena, shapes)
             return arrays, [precision.kernel_view(a) for a in arrays], None
         if kind == NATIVE:
-            arrays = [np.full(shape, fill, dtype) for shape in shapes]
+            arrays = [v.copy() for v in values] if copies_parameter else [np.full(shape, fill, dtype) for shape in shapes]
             return arrays, arrays, None
-        made = [self._storage.new_buffer(kind, shape, fill) for shape in shapes]
+        if copies_parameter:
+            made = [self._storage.encoded(kind, v) for v in values]
+        else:
+            made = [self._storage.new_buffer(kind, shape, fill) for shape in shapes]
         arrays = [a for a, _ in made]
         scales = None if made and made[0][1] is None else [s for _, s in made]
         return arrays, [precision.kernel_view(a) for a in arrays], scales

@@ -245,8 +245,8 @@ class Checkpointing:
         loaded = []
         try:
             for name in names:
+                loaded.append(name)  # before: a failing load_state_dict may have changed part of its object
                 self._registered[name].load_state_dict(extra[name])
-                loaded.append(name)
         except BaseException:
             for name in loaded:
                 self._registered[name].load_state_dict(backups[name])
@@ -322,20 +322,8 @@ class Checkpointing:
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        arrays = {}
-        header = {
-            "optimizer": type(self).__name__,
-            "state_dict": checkpoint.encode(self._state_dict(copy_arrays=False), arrays),
-        }
-        if params:
-            values = self.params
-            header["params"] = len(values)
-            arrays.update((f"params/{i}", p) for i, p in enumerate(values))
-            bfloat16 = [i for i, p in enumerate(values) if p.dtype.name == "bfloat16"]
-            if bfloat16:  # .npy has no bfloat16: their bits, as uint16
-                header["bfloat16_params"] = bfloat16
-                arrays.update((f"params/{i}", values[i].view(np.uint16)) for i in bfloat16)
-        checkpoint.write(path, header, arrays)
+        checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                        self.params if params else None)
 
     def load(self, path, *, params=True, strict=True, convert=False):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
@@ -343,26 +331,13 @@ class Checkpointing:
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit. ``convert``: as in
         :meth:`load_state_dict` (other storage options)."""
-        header, arrays = checkpoint.read(path)
-        kind = header.get("optimizer")
-        if kind != type(self).__name__:
-            raise checkpoint.CheckpointError(f"{path} holds a {kind} optimizer, not a {type(self).__name__}")
+        sd, values = checkpoint.load(path, type(self).__name__)
         try:
-            sd = checkpoint.decode(header["state_dict"], arrays)
-            values = None
-            if params and "params" in header:
-                values = [arrays[f"params/{i}"] for i in range(header["params"])]
-                for i in header.get("bfloat16_params", ()):
-                    values[i] = values[i].view(precision.bfloat16_dtype())
-        except (KeyError, TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path}: malformed checkpoint ({error!r})") from error
-        try:
-            self._load(sd, strict, values, convert)
+            self._load(sd, strict, values if params else None, convert)
         except checkpoint.CheckpointError:
             raise
-        except (TypeError, ValueError) as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error}") from error
-
+        except (LookupError, AttributeError, TypeError, ValueError) as error:  # from registered objects too
+            raise checkpoint.CheckpointError(f"{path} does not fit this optimizer: {error!r}") from error
 
 
 def _scalar(value):
@@ -405,7 +380,8 @@ def _check_scales(value, param, where):
 def _step_count(value, where):
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < math.inf
+    # The next step must still be a valid step number (_checks.MAX_STEP).
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, Real) or not 0 <= value < _checks.MAX_STEP - 1
             or value != math.floor(value)):
-        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{where} must be an integer in [0, 2**63 - 1), got {value!r}")
     return int(value)

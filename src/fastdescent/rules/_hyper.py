@@ -22,10 +22,9 @@ def weight_decay(default=0.0, doc=r'L2 penalty :math:`\lambda \ge 0`, added to t
     return Hyper("weight_decay", default, _checks.nonnegative, doc)
 
 
-def betas(default=(0.9, 0.999)):
-    return Hyper("betas", default, _checks.betas_pair,
-                 r"Decay rates :math:`\beta_1, \beta_2 \in [0, 1)` of the first and second moments.",
-                 type="(float, float)")
+def betas(default=(0.9, 0.999),
+          doc=r"Decay rates :math:`\beta_1, \beta_2 \in [0, 1)` of the first and second moments."):
+    return Hyper("betas", default, _checks.betas_pair, doc, type="(float, float)")
 
 
 def unit(name, default, doc):

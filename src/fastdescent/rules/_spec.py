@@ -39,6 +39,9 @@ REQUIRED = _Marker("REQUIRED")
 #: Initial value of a buffer that the kernel itself initializes at the step that
 #: creates it (PyTorch's SGD momentum buffer starts as the first gradient).
 FIRST_GRADIENT = _Marker("FIRST_GRADIENT")
+#: Initial value of a buffer that starts as a copy of its parameter (Schedule-Free's
+#: iterates ``z`` and ``x``).
+PARAMETER = _Marker("PARAMETER")
 
 #: The keyword arguments every face takes after the rule's hyperparameters.
 GRAD_SCALE_DOC = ("Multiplies every gradient as it is read (loss-scale removal, norm clipping), "
@@ -93,8 +96,8 @@ class Buffer:
     """A state buffer, shaped like its parameter and updated in place.
 
     ``name`` is the key in the optimizer's state (PyTorch's name); ``fill`` its
-    initial value: a float, :data:`FIRST_GRADIENT`, or a callable of the validated
-    hyperparameters. ``when`` is None for a buffer every step needs, else the
+    initial value: a float, :data:`FIRST_GRADIENT`, :data:`PARAMETER`, or a callable
+    of the validated hyperparameters. ``when`` is None for a buffer every step needs, else the
     option that needs it. ``argument`` names the face's argument (default
     ``name + "s"``). ``sample`` says how tests and benchmarks draw random state:
     ``"signed"``, ``"positive"`` (second moments) or ``"zero"``.
@@ -207,6 +210,11 @@ class RuleSpec:
     check_storage: Callable | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
+    #: A class whose methods the rule adds to its optimizer classes, ``fastdescent.<Rule>``
+    #: and ``fastdescent.torch.<Rule>`` (it comes first among their bases), such as
+    #: Schedule-Free's ``train()`` and ``eval()``. It reaches the arrays through
+    #: ``self._update_state(g, names, update)``, which both classes provide.
+    mixin: type | None = None
     examples: tuple = ()
     #: One line for tables and class docstrings.
     summary: str = ""
@@ -408,6 +416,7 @@ def face_parameters(spec, first_gradient):
     for b in spec.buffers:
         need = "always" if b.when is None else f"iff {b.when.text}"
         start = ("the first gradient (pass ``first_step=True``)" if b.fill is FIRST_GRADIENT
+                 else "a copy of the parameter" if b.fill is PARAMETER
                  else "zero" if b.fill == 0.0 else repr(b.fill) if not callable(b.fill) else "see the optimizer")
         lines.append(f"    ``{b.face_argument}`` ({b.name}; needed {need}; PyTorch starts it at {start}){': ' + b.doc if b.doc else ''}.")
     if spec.uses_step:

@@ -6,8 +6,13 @@ keep the averages and decide when to update them; these faces are the fused
 kernels they call.
 """
 
+import sys
+
 from .. import _checks
 from .._config import effective_n_threads, resolve_backend
+
+#: The largest ``n_averaged``: the kernel counts ``n_averaged + 1`` in a C ``Py_ssize_t``.
+MAX_N_AVERAGED = sys.maxsize - 1
 
 
 def _resolve(params, averages, writable, names):
@@ -36,10 +41,12 @@ def swa_update(averages, params, *, n_averaged, n_threads=None, backend=None):
         The running averages, updated in place; each shaped like its parameter.
     params : ndarray or list of ndarray
         C-contiguous float32 or float64 arrays, all of one dtype; read only.
-    n_averaged : int >= 0
+    n_averaged : int, 0 <= n_averaged <= MAX_N_AVERAGED (2**63 - 2 on 64-bit systems)
     n_threads, backend : see :func:`fastdescent.sgd_step`.
     """
     n_averaged = _checks.integer("n_averaged", n_averaged, 0)
+    if n_averaged > MAX_N_AVERAGED:
+        raise ValueError(f"n_averaged must be <= {MAX_N_AVERAGED}, got {n_averaged}")
     params, averages = _resolve(params, averages, (False, True), ("param", "average"))
     resolve_backend(backend).swa(averages, params, n_averaged=n_averaged, n_threads=effective_n_threads(n_threads))
 

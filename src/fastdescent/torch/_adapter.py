@@ -508,7 +508,7 @@ class KernelOptimizer:
                 entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
                 for e in entries if pick is None else [entries[i] for i in pick]:
                     for name, value in advanced.items():
-                        e.state[name].fill_(value)
+                        _set_scalar_state(e.state, name, value)
         for e in gapped:
             e.target.copy_(e.scratch)
         if bucket.n_fresh:
@@ -600,7 +600,7 @@ class KernelOptimizer:
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             for name, value in (getattr(run, "advanced", None) or {}).items():
-                e.state[name].fill_(value)
+                _set_scalar_state(e.state, name, value)
             if following is not None:
                 steps[k] = following
             _increment_version([p])
@@ -763,6 +763,15 @@ def _scratch_blocks(entries):
     arena = torch.empty(total, dtype=entries[0].param.dtype)
     return {id(e): arena[offset:offset + e.param.numel()].view(e.param.shape)
             for e, offset in zip(entries, offsets)}
+
+
+def _set_scalar_state(state, name, value):
+    """Write a rule's scalar state after a step: fill a tensor (torch.optim's layout)
+    in place, replace a Python float (a rule torch.optim lacks keeps floats)."""
+    if isinstance(state[name], torch.Tensor):
+        state[name].fill_(value)
+    else:
+        state[name] = value
 
 
 def _holds_tensor(value):

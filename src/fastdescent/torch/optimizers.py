@@ -1,7 +1,7 @@
 """Drop-in ``torch.optim`` optimizers that step with fastdescent's fused kernels.
 
-One class per rule spec that names a ``torch.optim`` peer (``SGD``, ``Adam``...),
-derived from the spec by :func:`torch_class`. Each subclasses its ``torch.optim``
+One class per rule spec, derived from the spec by :func:`torch_class`. A rule
+with a ``torch.optim`` peer (``SGD``, ``Adam``...) subclasses its ``torch.optim``
 namesake (so it takes the same arguments with the same defaults, keeps the same
 ``param_groups`` keys and the same ``state`` layout, and
 ``isinstance(opt, torch.optim.Adam)`` holds) and replaces only ``step``: the
@@ -9,7 +9,9 @@ parameters of a group that have a gradient are updated in place, on the tensors'
 own memory, by one multi-tensor kernel call per dtype, through the rule's one
 path to the kernel (``spec.run``). The equations are those of the functional
 faces (``fastdescent.adam_step``...), which follow ``torch.optim``'s for-loop
-implementation operation by operation.
+implementation operation by operation. A rule ``torch.optim`` lacks (``Lion``...)
+subclasses ``torch.optim.Optimizer`` with the constructor of the fastdescent
+class (the rule's hyperparameters, without the NumPy-side options).
 
 What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
 (real, imaginary) pairs, as ``torch.optim`` does), in any layout: dense ones
@@ -27,10 +29,14 @@ it writes anything (see :mod:`fastdescent.torch._adapter`).
 """
 
 import torch
+from torch.autograd.graph import increment_version
 
+from .._config import effective_n_threads, resolve_backend
+from ..optim.classes import class_doc, generated_init
 from ..rules import SPECS
-from ..rules._spec import FIRST_GRADIENT
-from ._adapter import KernelOptimizer, _scalar_dtype, init_like, kernel_doc, new_step_tensor
+from ..rules._spec import FIRST_GRADIENT, PARAMETER
+from . import _layout
+from ._adapter import KernelOptimizer, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor
 
 
 def _plain(value):
@@ -61,11 +67,18 @@ class SpecOptimizer(KernelOptimizer):
         h = self._hyper(group)
         if self.spec.counts_steps:
             state["step"] = new_step_tensor(group)
+        # A scalar state is a tensor of torch.optim's dtype where torch.optim has the rule,
+        # else a Python float: load_state_dict keeps floats, but casts tensors to the
+        # parameter's dtype, which would round a float64 sum to float32.
         for s in self.spec.scalar_state:
-            state[s.name] = torch.tensor(s.initial_value(h), dtype=_scalar_dtype())
+            value = s.initial_value(h)
+            state[s.name] = torch.tensor(value, dtype=_scalar_dtype()) if self.spec.torch else value
         fresh = False
         for b in self.spec.needed(h):
             fill = b.initial(h)
+            if fill is PARAMETER:
+                state[b.name] = param.detach().clone(memory_format=torch.preserve_format)
+                continue
             if fill is FIRST_GRADIENT:  # the kernel writes it in its first update
                 fresh, fill = True, 0.0
             if param.is_complex():
@@ -94,20 +107,66 @@ class SpecOptimizer(KernelOptimizer):
         run.advanced = spec.advanced(h, step, scalar_state)
         return run
 
+    def _update_state(self, g, names, update):
+        """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,
+        buffers, backend, n_threads)`` once per dtype of group ``g``, with the
+        group's validated hyperparameters and NumPy views of its parameters that
+        have the buffers ``names`` and of those buffers (name -> arrays). Every
+        buffer is checked against its parameter before anything is written; a
+        gapped parameter is stepped in a scratch copy and written back, as in a step."""
+        group = self.param_groups[g]
+        h = self._hyper(group)
+        by_dtype, touched, scattered = {}, [], []
+        for index, p in enumerate(group["params"]):
+            state = self.state[p] if p in self.state else {}
+            if not all(name in state for name in names):
+                continue
+            ref = p.detach()
+            if not _layout.is_dense(p) or p.data_ptr() % p.element_size():
+                ref = torch.empty(p.shape, dtype=p.dtype).copy_(ref)
+                scattered.append((p, ref))
+            params, buffers = by_dtype.setdefault(p.dtype, ([], {name: [] for name in names}))
+            for name in names:
+                t = state[name]
+                if (not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape
+                        or t.device != p.device):
+                    raise ValueError(f"{_where(g, index, group, p)}: state[{name!r}] does not match it")
+                state[name] = _layout.in_layout_of(ref, t)
+                buffers[name].append(_layout.flat_view(state[name]))
+            params.append(_layout.flat_view(ref))
+            touched.append(p)
+        for params, buffers in by_dtype.values():
+            update(h, params, buffers, resolve_backend(None), effective_n_threads(None))
+        with torch.no_grad():
+            for p, ref in scattered:
+                p.copy_(ref)
+        increment_version(touched)  # as torch's in-place writes would
+
 
 def torch_class(spec):
-    """The ``fastdescent.torch`` class of ``spec``: a subclass of
-    ``torch.optim.<spec.torch>`` stepped by the rule's kernel."""
-    peer = getattr(torch.optim, spec.torch)
-    return type(spec.title, (SpecOptimizer, peer), {
-        "__doc__": kernel_doc(peer), "__init__": init_like(peer), "__module__": __name__,
+    """The ``fastdescent.torch`` class of ``spec``, stepped by the rule's kernel: a
+    subclass of ``torch.optim.<spec.torch>``, or of ``torch.optim.Optimizer`` with
+    the spec's constructor if the rule has no ``torch.optim`` peer."""
+    if spec.torch is not None:
+        peer = getattr(torch.optim, spec.torch)
+        bases, init, doc = (SpecOptimizer, peer), init_like(peer), kernel_doc(peer)
+    else:
+        body = ("    torch.optim.Optimizer.__init__(self, params, defaults)\n"
+                "    self._after_init()\n"
+                "    self.__dict__['_fd_plans'] = []\n")
+        init = generated_init(spec, __name__, spec.title, body, {"torch": torch})
+        bases, doc = (SpecOptimizer, torch.optim.Optimizer), class_doc(spec, torch=True)
+    if spec.mixin is not None:
+        bases = (spec.mixin, *bases)
+    return type(spec.title, bases, {
+        "__doc__": doc, "__init__": init, "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
     })
 
 
-#: Every rule with a ``torch.optim`` peer in this PyTorch: class name -> class.
+#: Every rule whose ``torch.optim`` peer (if it has one) this PyTorch has: class name -> class.
 CLASSES = {spec.title: torch_class(spec) for spec in SPECS.values()
-           if spec.torch is not None and hasattr(torch.optim, spec.torch)}
+           if spec.torch is None or hasattr(torch.optim, spec.torch)}
 globals().update(CLASSES)
 
 __all__ = list(CLASSES)
