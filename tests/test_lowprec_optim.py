@@ -26,7 +26,7 @@ MODES = {
     "bf16-master-bf16grads": (BF, BF, dict(master_weights=True)),
     "bf16-master-int8state-stochastic": (BF, np.float32, dict(master_weights=True, state_dtype="int8",
                                                               rounding="stochastic", seed=3)),
-    "bf16-direct": (BF, BF, dict()),
+    "bf16-direct": (BF, BF, dict(rounding="nearest")),
     "bf16-direct-stochastic-int8state": (BF, BF, dict(rounding="stochastic", seed=5, state_dtype="int8")),
     "f16-master": (np.float16, np.float16, dict(master_weights=True)),
 }
@@ -133,7 +133,7 @@ def test_master_weights_and_stochastic_rounding_on_tiny_updates():
         return p.astype(np.float64), opt
 
     exact, _ = train(np.float32)
-    nearest, _ = train(BF)
+    nearest, _ = train(BF, rounding="nearest")
     master, opt = train(BF, master_weights=True)
     stochastic, sgd = train(BF, rounding="stochastic", seed=1)
     assert np.all(nearest == 1.0), "round to nearest stalls"
@@ -223,7 +223,7 @@ def test_loading_other_storage_needs_convert_and_says_what_it_did():
 def test_master_copies_are_made_from_the_parameters_when_converting():
     rng = np.random.default_rng(3)
     params = arrays(rng, BF, [(10, 10)])
-    plain = fd.Adam([p.copy() for p in params])
+    plain = fd.Adam([p.copy() for p in params], rounding="nearest")
     plain.step(arrays(rng, BF, [(10, 10)]))
     mastered_params = [p.copy() for p in params]
     mastered = fd.Adam(mastered_params, master_weights=True)
@@ -271,6 +271,8 @@ def test_bad_combinations_are_refused_before_anything_changes():
         fd.RMSprop(f32, centered=True, state_dtype="bfloat16")
     with pytest.raises(ValueError, match="stochastic rounding into float16"):
         fd.Adam([np.ones(4, np.float16)], rounding="stochastic", seed=1)
+    with pytest.raises(TypeError, match="master_weights=True.*or choose how each update is rounded"):
+        fd.Adam([np.ones(4, BF)])
 
 
 def test_a_buffer_that_may_not_be_compressed_refuses_int8():
@@ -287,7 +289,7 @@ def test_a_buffer_that_may_not_be_compressed_refuses_int8():
 
 def test_a_bad_step_writes_nothing():
     p = np.ones((4, 5), BF)
-    opt = fd.RMSprop([p], lr=0.1, state_dtype="int8")
+    opt = fd.RMSprop([p], lr=0.1, state_dtype="int8", rounding="nearest")
     opt.step([np.ones((4, 5), BF)])
     before = p.copy()
     state = {k: v.copy() for k, v in opt.state[0].items() if isinstance(v, np.ndarray)}

@@ -93,7 +93,7 @@ A flat arena (``flat=True``) is one tensor to the kernel: its elements are
 numbered along the arena, under the key of its first parameter.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -334,23 +334,28 @@ class Storage:
     parameters' (float32 with ``master_weights``, since the master copy is what
     the rule updates). ``rounding``: ``"nearest"`` or ``"stochastic"`` for every
     value written in 16 or 8 bits (state buffers, bfloat16 parameters without a
-    master; a master's copy is always rounded to nearest). ``seed``: the
-    stochastic rounding's seed (required with it). ``master_weights``: keep a
-    float32 copy of bfloat16/float16 parameters in the state, step it, and write
-    its rounding into the parameters.
+    master; a master's copy is always rounded to nearest); None is
+    ``"nearest"``, except that bfloat16/float16 parameters without a master need
+    the choice made explicitly (``rounding_chosen``). ``seed``: the stochastic
+    rounding's seed (required with it). ``master_weights``: keep a float32 copy
+    of bfloat16/float16 parameters in the state, step it, and write its rounding
+    into the parameters.
     """
 
     state_dtype: str | None = None
     rounding: str = "nearest"
     seed: int | None = None
     master_weights: bool = False
+    rounding_chosen: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
-    def of(cls, state_dtype=None, rounding="nearest", seed=None, master_weights=False):
+    def of(cls, state_dtype=None, rounding=None, seed=None, master_weights=False):
         """Validated options (TypeError/ValueError for a bad value or combination)."""
         state_dtype = _state_dtype(state_dtype)
+        chosen = rounding is not None
+        rounding = "nearest" if rounding is None else rounding
         if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+            raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
         if seed is not None:
             if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
                 raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -362,7 +367,7 @@ class Storage:
         if rounding == "stochastic" and seed is None:
             raise ValueError("rounding='stochastic' needs a seed (an int): the random bits are a function of "
                              "(seed, step, buffer, parameter, element), so that a run can be repeated exactly")
-        return cls(state_dtype, rounding, seed, bool(master_weights))
+        return cls(state_dtype, rounding, seed, bool(master_weights), chosen)
 
     @property
     def stochastic(self):
@@ -422,6 +427,10 @@ class Storage:
                              "runs its arithmetic in float32, so it needs float32 (or bfloat16/float16) parameters")
         if name in ("float32", "bfloat16") and state == "float64":
             raise ValueError(f"{prefix}state_dtype='float64' needs float64 parameters")
+        if name in ("bfloat16", "float16") and not self.master_weights and not self.rounding_chosen:
+            raise TypeError(f"{prefix}{name} parameters: pass master_weights=True (a float32 master copy is "
+                            "stepped and rounded into them) or choose how each update is rounded into them, "
+                            f"rounding='stochastic' or 'nearest' (which loses updates below half a {name} spacing)")
         if name == "float16" and not self.master_weights and self.stochastic:
             raise ValueError(f"{prefix}stochastic rounding into float16 parameters is not supported: "
                              "use master_weights=True (or bfloat16 parameters)")
@@ -484,6 +493,38 @@ def decoded(kind, array, scales=None):
     if kind == F16:
         return array.astype(np.float32)
     return int8_decode(array, scales, code_of(kind))
+
+
+_KIND_OF_DTYPE = {"float32": NATIVE, "float64": NATIVE, "uint16": BF16, "bfloat16": BF16, "float16": F16,
+                  "int8": INT8, "uint8": UINT8}
+
+
+def kind_of(array):
+    """The storage kind of a kernel's array, from its dtype (bfloat16 as uint16 bits)."""
+    return _KIND_OF_DTYPE[array.dtype.name]
+
+
+def kernel_call(storage, spec, step, params, grads, buffers, masters=None, scales=None):
+    """``(params, grads, formats)`` for one call of ``spec``'s kernel on stored
+    arrays, every kind read off the arrays' dtypes: ``params`` and ``grads``
+    (bfloat16 as uint16 bits, float16, float32), ``buffers`` (name -> arrays or
+    None), ``masters`` (the float32 master copies of ``params``, or None),
+    ``scales`` (name -> the block scales of an int8/uint8 buffer). With masters
+    the kernel steps them and writes their rounding into ``params``."""
+    roles = []
+    if masters is not None:
+        roles.append((masters, NATIVE, None, params, kind_of(params[0]), True, 0))
+        params = masters
+    elif params and kind_of(params[0]) != NATIVE:
+        roles.append((params, kind_of(params[0]), None, None, NATIVE, True, 0))
+    grads = [kernel_view(g) for g in grads]
+    if grads and kind_of(grads[0]) != NATIVE:
+        roles.append((grads, kind_of(grads[0]), None, None, NATIVE, False, None))
+    for stream, buffer in enumerate(spec.buffers, start=1):
+        arrays = buffers.get(buffer.name)
+        if arrays and kind_of(arrays[0]) != NATIVE:
+            roles.append((arrays, kind_of(arrays[0]), (scales or {}).get(buffer.name), None, NATIVE, True, stream))
+    return params, grads, formats(storage, step, roles)
 
 
 def formats(storage, step, roles):

@@ -174,9 +174,12 @@ class Optimizer(LowPrecision, Checkpointing):
         codes (int8, or uint8 for non-negative buffers) and a float32 scale per
         block of 256 elements (``state[name + "_scales"]``). The arithmetic runs in
         float32 either way, in the same single pass.
-    rounding : {"nearest", "stochastic"}
-        How values are rounded to 16 or 8 bits: to nearest even, or stochastically
-        (unbiased; needs ``seed``; every rule then keeps ``state["step"]``).
+    rounding : {None, "nearest", "stochastic"}
+        How values are rounded to 16 or 8 bits: to nearest even (None), or
+        stochastically (unbiased; needs ``seed``; every rule then keeps
+        ``state["step"]``). bfloat16/float16 parameters without a master copy need
+        it given explicitly: round to nearest loses every update smaller than half
+        their spacing.
     seed : int or None
         Seed of stochastic rounding's counter-based random bits.
     master_weights : bool
@@ -205,7 +208,7 @@ class Optimizer(LowPrecision, Checkpointing):
     spec = None  # the rule: a RuleSpec
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
-                 skip_nonfinite=False, backend=None, n_threads=None, state_dtype=None, rounding="nearest",
+                 skip_nonfinite=False, backend=None, n_threads=None, state_dtype=None, rounding=None,
                  seed=None, master_weights=False):
         self._init_storage(state_dtype, rounding, seed, master_weights)
         self.defaults = dict(defaults)

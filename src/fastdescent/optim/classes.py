@@ -12,7 +12,7 @@ from .base import Optimizer
 
 #: The options of :class:`Optimizer` itself, after the rule's hyperparameters.
 OPTIONS = ("flat=False", "clip_grad_norm=None", "clip_grad_value=None", "skip_nonfinite=False",
-           "backend=None", "n_threads=None", "state_dtype=None", "rounding='nearest'", "seed=None",
+           "backend=None", "n_threads=None", "state_dtype=None", "rounding=None", "seed=None",
            "master_weights=False")
 
 

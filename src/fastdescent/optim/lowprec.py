@@ -205,32 +205,16 @@ class LowPrecision:
         stored = bucket.stored
         if stored is None:
             return item.params, item.grads, buffers, None, None
-        roles = []
-        params = item.params
         if item.flat:  # one tensor: the arenas
-            kernel_params = [bucket.arenas.get(MASTER, precision.kernel_view(bucket.arenas["param"]))]
-            copies = [precision.kernel_view(bucket.arenas["param"])]
+            params = [precision.kernel_view(bucket.arenas["param"])]
+            masters = [bucket.arenas[MASTER]] if MASTER in bucket.arenas else None
             buffers = {name: None if arrays is None else [precision.kernel_view(bucket.arenas[name])]
                        for name, arrays in buffers.items()}
         else:
-            kernel_params, copies = stored.kernel_params, stored.copies
-        if stored.copy_kind != NATIVE:
-            params = kernel_params
-            roles.append((params, NATIVE, None, copies, stored.copy_kind, True, 0))
-        elif stored.param_kind != NATIVE:
-            params = kernel_params
-            roles.append((params, stored.param_kind, None, None, NATIVE, True, 0))
-        grads = item.grads
-        grad_kind = precision.GRAD_KINDS.get(precision.dtype_name(grads[0].dtype), NATIVE) if grads else NATIVE
-        if grad_kind != NATIVE:
-            grads = [precision.kernel_view(grad) for grad in grads]
-            roles.append((grads, grad_kind, None, None, NATIVE, False, None))
-        for stream, buffer in enumerate(self.spec.buffers, start=1):
-            arrays = buffers.get(buffer.name)
-            kind = stored.kinds[buffer.name]
-            if arrays is not None and kind != NATIVE:
-                roles.append((arrays, kind, stored.scales.get(buffer.name), None, NATIVE, True, stream))
-        formats = precision.formats(self._storage, step, roles)
+            params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or item.params
+            masters = stored.kernel_params if stored.copy_kind != NATIVE else None
+        params, grads, formats = precision.kernel_call(self._storage, self.spec, step, params, item.grads, buffers,
+                                                       masters, stored.scales)
         return params, grads, buffers, formats, (stored.ids[:1] if item.flat else stored.ids)
 
 

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-from .. import _tensorviews
+from .. import _tensorviews, precision
 from .._config import effective_n_threads, resolve_backend
 from .._runtime import check_buffers, check_distinct
-from . import _layout
+from . import _layout, _lowprec
 
 _COMPLETE = _tensorviews.COMPLETE
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16, torch.float16)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
                    torch.Tensor.is_neg, torch.Tensor.is_conj)
 # torch.autograd.graph.increment_version without its argument handling (a list here).
@@ -61,14 +61,14 @@ class _Entry:
     (``scratch``); ``target`` is the parameter's detached alias, written back to."""
 
     __slots__ = ("param", "index", "ptr", "state", "keys", "tensors", "fresh", "ref", "scratch", "target",
-                 "position")
+                 "position", "global_index")
 
 
 class _Bucket:
     """The parameters of one group and one dtype that have state: one kernel call per step."""
 
     __slots__ = ("entries", "params", "param_views", "state_views", "names", "order", "views", "step_block",
-                 "steps", "count", "n_fresh", "gapped")
+                 "steps", "count", "n_fresh", "gapped", "ids", "stored")
 
 
 class _Plan:
@@ -93,16 +93,17 @@ class _KernelCall(tuple):
     __slots__ = ()
 
 
-def _run(call, order, kernels, params, grads, states, n_threads):
+def _run(call, order, kernels, params, grads, states, n_threads, ids=None):
     """Run a call from ``_kernel_call`` on the arrays (``states`` in the order of
     the rule's ``_buffer_names``; ``order``: where each of the kernel's buffers
-    is among them) with the backend module ``kernels``."""
+    is among them) with the backend module ``kernels``; ``ids``: the parameters'
+    indices in the optimizer (their stochastic rounding keys)."""
     if type(call) is _KernelCall:
         name, arguments = call
         getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in order],
                                **arguments, n_threads=n_threads)
     else:
-        call(kernels, params, grads, states, n_threads)
+        call(kernels, params, grads, states, n_threads, ids)
 
 
 class _Stale(Exception):
@@ -145,6 +146,21 @@ class KernelOptimizer:
     _step_in_math = False
     _kernel = None
     _kernel_buffers = ()
+    _fd_storage = precision.Storage()
+
+    def _set_storage(self, state_dtype, rounding, seed, master_weights):
+        """The storage options (:class:`fastdescent.precision.Storage`), validated;
+        with stochastic rounding every rule counts steps (its random bits' key)."""
+        storage = precision.Storage.of(state_dtype, rounding, seed, master_weights)
+        self.__dict__["_fd_storage"] = storage
+        if storage.stochastic:
+            self.__dict__["_counts_steps"] = self.__dict__["_step_in_math"] = True
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update((k, self.__dict__[k]) for k in ("_fd_storage", "_counts_steps", "_step_in_math")
+                     if k in self.__dict__)
+        return state
 
     # -- construction ---------------------------------------------------------
 
@@ -196,8 +212,8 @@ class KernelOptimizer:
             raise TypeError(f"{where()}: only dense (strided) parameters are supported, not {p.layout}")
         if p.dtype not in _KERNEL_DTYPES:
             raise TypeError(
-                f"{where()}: fastdescent kernels take float32, float64 (and complex64/128 "
-                f"as real pairs) parameters; cast the parameter or use torch.optim")
+                f"{where()}: fastdescent kernels take float32, float64, bfloat16, float16 (and "
+                f"complex64/128 as real pairs) parameters; cast the parameter or use torch.optim")
         if p.is_conj() or p.is_neg():
             raise TypeError(f"{where()} is a conjugate or negative view; resolve it first "
                             "(param.resolve_conj(), param.resolve_neg())")
@@ -245,7 +261,7 @@ class KernelOptimizer:
             empty = np.empty(0)
             self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
 
-            def run(kernels, params, grads, buffers, n_threads):
+            def run(kernels, params, grads, buffers, n_threads, ids=None):
                 self._update(group, params, grads, buffers, step, fresh)
             return run
         return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
@@ -401,11 +417,9 @@ class KernelOptimizer:
             grads[k] = view
             keep.append(copy)
             roles = (bucket.param_views[k], view, *(s[k] for s in bucket.state_views))
-            try:
-                check_buffers(("param", "grad") + bucket.names, tuple([r] for r in roles),
-                              (True, False) + (True,) * len(bucket.state_views), False)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+            self._check_views(bucket, ("param", "grad") + bucket.names, tuple([r] for r in roles),
+                              (True, False) + (True,) * len(bucket.state_views),
+                              lambda: _where(group_index, e.index, group, e.param))
         item = _Work()
         item.bucket, item.keep = bucket, keep
         if len(taken) == len(bucket.entries):
@@ -497,12 +511,13 @@ class KernelOptimizer:
         for e in gapped:
             e.scratch.copy_(e.target)
         grads = item.grads
+        ids = bucket.ids if taken is None else [bucket.ids[k] for k in taken]
         for run, pick, _ in item.calls:
             if pick is None:
-                _run(run, bucket.order, kernels, params, grads, states, n_threads)
+                _run(run, bucket.order, kernels, params, grads, states, n_threads, ids)
             else:
                 _run(run, bucket.order, kernels, [params[i] for i in pick], [grads[i] for i in pick],
-                     [[views[i] for i in pick] for views in states], n_threads)
+                     [[views[i] for i in pick] for views in states], n_threads, [ids[i] for i in pick])
             advanced = getattr(run, "advanced", None)
             if advanced:  # the rule's scalar state after the step, in each parameter's state
                 entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
@@ -574,12 +589,9 @@ class KernelOptimizer:
         group = self.param_groups[group_index]
         grad = p.grad
         view, copy = self._odd_grad_view(group_index, group, e, grad)
-        try:
-            check_buffers(("param", "grad") + bucket.names,
+        self._check_views(bucket, ("param", "grad") + bucket.names,
                           ([bucket.param_views[k]], [view], *([views[k]] for views in bucket.state_views)),
-                          (True, False) + (True,) * len(bucket.names), False)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{_where(group_index, e.index, group, p)}: {error}") from None
+                          (True, False) + (True,) * len(bucket.names), lambda: _where(group_index, e.index, group, p))
         steps, following = bucket.steps, None
         if steps is not None:
             following = steps[k] + 1  # a NumPy scalar: torch's count in the step dtype
@@ -592,11 +604,12 @@ class KernelOptimizer:
         bucket.count = None
         params, grads = [bucket.param_views[k]], [view]
         buffers = [[views[k]] for views in bucket.state_views]
+        ids = [bucket.ids[k]]
 
         def write(kernels, n_threads):
             if e.scratch is not None:
                 e.scratch.copy_(e.target)
-            _run(run, bucket.order, kernels, params, grads, buffers, n_threads)
+            _run(run, bucket.order, kernels, params, grads, buffers, n_threads, ids)
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             for name, value in (getattr(run, "advanced", None) or {}).items():
@@ -632,6 +645,7 @@ class KernelOptimizer:
         moved = old is not None and (old.param_list is not group["params"] or len(old.params) != len(group["params"]))
         by_dtype = {}
         pending = []
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])  # state_dict's numbering
         for index, p in enumerate(group["params"]):
             self._check_param(group_index, index, group, p)
             state = self.state[p] if p in self.state else None
@@ -649,6 +663,7 @@ class KernelOptimizer:
                 created[-1][1].extend(k for k in state if k not in before)
             e = _Entry()
             e.param, e.index, e.keys, e.fresh, e.ptr = p, index, keys, fresh, p.data_ptr()
+            e.global_index = first + index
             moved = moved or old_ptrs.get(id(p), e.ptr) != e.ptr
             e.state = {} if state is None else state  # stateless rule (plain SGD)
             by_dtype.setdefault(p.dtype, []).append(e)
@@ -692,7 +707,9 @@ class KernelOptimizer:
             self._conform_state(group_index, group, e, names)
         b.param_views = [_layout.flat_view(e.ref) for e in entries]
         b.state_views = [[_layout.flat_view(e.state[name]) for e in entries] for name in names]
-        _check_distinct(group_index, group, entries, names, b.param_views, b.state_views)
+        b.ids = [e.global_index for e in entries]
+        b.stored = bool(entries) and self._stored_dtype(entries[0].param.dtype)
+        self._check_distinct(group_index, group, b, entries, names)
         b.n_fresh = sum(e.fresh for e in entries)
         b.steps, b.step_block, b.count = None, None, None
         if self._counts_steps and entries:
@@ -715,6 +732,44 @@ class KernelOptimizer:
             _TENSOR_METHODS)
         return b
 
+    def _stored_dtype(self, dtype):
+        """True if parameters of ``dtype`` are stepped through stored formats
+        (low-precision storage: see ``SpecOptimizer``)."""
+        return False
+
+    def _expected_state(self, name, p):
+        """``(dtype, shape)`` of state tensor ``name`` of ``p`` (shape None: ``p``'s, in its layout)."""
+        return p.dtype, None
+
+    def _relayout(self, name, t, ref, state):
+        """State tensor ``t`` in the layout of ``ref``."""
+        return _layout.in_layout_of(ref, t)
+
+    def _check_views(self, bucket, names, arrays, writable, where):
+        """``check_buffers`` on one update's views; ``where()`` names the parameter in errors."""
+        try:
+            if bucket.stored:
+                _lowprec.check_views(names, arrays, writable, "buffers")
+            else:
+                check_buffers(names, arrays, writable, False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where()}: {error}") from None
+
+    def _check_distinct(self, group_index, group, bucket, entries, names):
+        """No two parameters share a state buffer, and no buffer of a parameter shares
+        memory with another of its buffers (checked when a plan is built)."""
+        for name, views in zip(names, bucket.state_views):
+            try:
+                check_distinct(name, views)
+            except ValueError as error:
+                raise ValueError(f"param_groups[{group_index}]: state buffers {error}") from None
+        if not names:
+            return
+        for k, e in enumerate(entries):
+            self._check_views(bucket, ("param",) + names,
+                              ([bucket.param_views[k]], *([views[k]] for views in bucket.state_views)),
+                              (True,) * (1 + len(names)), lambda: _where(group_index, e.index, group, e.param))
+
     def _conform_state(self, group_index, group, e, names):
         """Check each state buffer against its parameter; give it the layout the
         kernel sees the parameter in if it has another (e.g. loaded from a
@@ -722,30 +777,17 @@ class KernelOptimizer:
         p = e.param
         for name in names:
             t = e.state[name]
-            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
+            dtype, shape = self._expected_state(name, p)
+            if (not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != dtype
+                    or t.shape != (p.shape if shape is None else shape)):
                 desc = (f"{type(t).__name__}" if not isinstance(t, torch.Tensor)
                         else f"{t.dtype} {tuple(t.shape)} on {t.device}")
                 raise ValueError(f"{_where(group_index, e.index, group, p)}: state[{name!r}] is {desc}")
-            if not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
-                e.state[name] = _layout.in_layout_of(e.ref, t.resolve_conj().resolve_neg())
-
-
-def _check_distinct(group_index, group, entries, names, param_views, state_views):
-    """No two parameters share a state buffer, and no buffer of a parameter shares
-    memory with another of its buffers (checked when a plan is built)."""
-    for name, views in zip(names, state_views):
-        try:
-            check_distinct(name, views)
-        except ValueError as error:
-            raise ValueError(f"param_groups[{group_index}]: state buffers {error}") from None
-    if not names:
-        return
-    for k, e in enumerate(entries):
-        try:
-            check_buffers(("param",) + names, ([param_views[k]], *([views[k]] for views in state_views)),
-                          (True,) * (1 + len(names)), False)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+            if shape is not None:
+                if not t.is_contiguous():
+                    e.state[name] = t.contiguous()
+            elif not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
+                e.state[name] = self._relayout(name, t.resolve_conj().resolve_neg(), e.ref, e.state)
 
 
 def _scratch_blocks(entries):
@@ -802,10 +844,13 @@ def _scalar_dtype():
 
 
 def init_like(torch_class):
-    """An ``__init__`` with ``torch_class``'s signature and defaults, which then
-    checks the options and parameters fastdescent cannot run."""
+    """An ``__init__`` with ``torch_class``'s signature and defaults, plus the storage
+    options (keyword only: ``state_dtype``, ``rounding``, ``seed``,
+    ``master_weights``), which then checks the options and parameters
+    fastdescent cannot run."""
     @functools.wraps(torch_class.__init__)
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, state_dtype=None, rounding=None, seed=None, master_weights=False, **kwargs):
+        self._set_storage(state_dtype, rounding, seed, master_weights)
         torch_class.__init__(self, *args, **kwargs)
         self._after_init()
         self.__dict__["_fd_plans"] = []
