@@ -75,6 +75,15 @@ class SpecOptimizer(KernelOptimizer):
             for index, p in first.values():
                 _lowprec.check(self._fd_storage, self.spec, h, p, _where(group_index, index, group, p))
 
+    def _after_init(self):
+        super()._after_init()
+        for group in self.param_groups:  # state torch.optim made in __init__ (Adagrad's), in our storage
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and self._stored_dtype(p.dtype):
+                    state.clear()
+                    self._init_state(p, group, state)
+
     def _buffer_names(self, group):
         """The kernel's buffers, then the master copy and the int8 scales."""
         names = tuple(b.name for b in self.spec.needed(self._hyper(group)))
