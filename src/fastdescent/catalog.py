@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import precision
 from .rules import FACES, SPECS
 from .rules._spec import FIRST_GRADIENT, Example, RuleSpec
 
@@ -61,8 +62,24 @@ class Rule:
             return None
         return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
-    def bytes_per_element(self, dtype):
-        return (self.reads + self.writes) * np.dtype(dtype).itemsize
+    def bytes_per_element(self, dtype, state_dtype=None):
+        """Bytes one step moves per parameter element: the parameter read and
+        written, the gradient read, every buffer read and written, each at its own
+        width (``state_dtype``: :class:`fastdescent.precision.Storage`; int8
+        buffers also move their block scales)."""
+        if state_dtype is None:
+            return (self.reads + self.writes) * np.dtype(dtype).itemsize
+        storage = precision.Storage.of(state_dtype)
+        total = 3 * np.dtype(dtype).itemsize
+        for buffer in self.spec.needed(self.hyper):
+            kind = storage.buffer_kind(buffer, dtype)
+            if kind == precision.NATIVE:
+                total += 2 * np.dtype(dtype).itemsize
+            elif kind == precision.BF16:
+                total += 4
+            else:
+                total += 2 + 2 * 4 / precision.BLOCK
+        return total
 
     def make_state(self, rng, n, dtype):
         """Fresh random state buffers for ``n`` elements (positive or zero where the

@@ -470,13 +470,16 @@ class Storage:
     def new_buffer(self, kind, shape, fill):
         """``(values, scales)`` of a new state buffer of ``kind`` filled with
         ``fill`` (a float): the array the state shows (float32, bfloat16 or
-        int8/uint8 codes) and its block scales (int8/uint8 only, else None)."""
+        int8/uint8 codes) and its block scales (int8/uint8 only, else None).
+        Every element encodes alike, so one is encoded and broadcast (no float32
+        temporary of the buffer's size)."""
         if kind == NATIVE:
             return np.full(shape, fill, np.float32), None
+        one = np.full(1, fill, np.float32)
         if kind == BF16:
-            return np.full(shape, fill, np.float32).astype(bfloat16_dtype()), None
-        codes, scales = int8_encode(np.full(int(np.prod(shape)), fill, np.float32), code_of(kind))
-        return codes.reshape(shape), scales
+            return np.full(shape, bf16_encode(one).view(bfloat16_dtype())[0]), None
+        code, scale = int8_encode(one, code_of(kind))
+        return np.full(shape, code[0]), np.full(n_blocks(int(np.prod(shape))), scale[0])
 
 
 def kernel_view(array):

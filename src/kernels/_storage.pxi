@@ -488,7 +488,7 @@ cdef int run_stored(tuple pending, tuple roles, int n_threads, segment_fn fn32, 
     return 0
 
 
-def stored(kernel, tuple args, dict kwargs, list formats, tensor_ids=None):
+def stored(kernel, tuple args, dict kwargs, formats, tensor_ids=None):
     """Call ``kernel(*args, **kwargs)``, a rule's entry of this module, with some
     of its buffer lists in low-precision storage (private: optimizers call it
     through ``RuleSpec.call``).
@@ -503,7 +503,7 @@ def stored(kernel, tuple args, dict kwargs, list formats, tensor_ids=None):
     key of its stochastic rounding (None: round to nearest even).
     ``tensor_ids`` (default: the positions) enter each tensor's random bits.
     """
-    cdef tuple pending = (formats, tensor_ids)
+    cdef tuple pending = (list(formats), tensor_ids)
     cdef void* unused
     fd_set_pending_storage(<void*>pending)
     try:
