@@ -286,15 +286,24 @@ def _torch_step(method, rule, problem, n_threads):
             raise Unavailable(f"no torch adapter: {error}") from None
         if not hasattr(library, name):
             raise Unavailable(f"fastdescent.torch has no {name}")
+    with _optimizer_step(torch, lambda tensors: getattr(library, name)(tensors, **hyper, **TORCH_MODES[method]),
+                         problem, n_threads, method) as step:
+        yield step
+
+
+@contextmanager
+def _optimizer_step(torch, make, problem, n_threads, label):
+    """Yield ``optimizer.step`` of ``make(tensors)``, a torch optimizer over tensors
+    sharing the problem's parameters and gradients, its state made by a first step."""
     tensors = [torch.from_numpy(p) for p in as_list(problem.params)]
     for tensor, grad in zip(tensors, as_list(problem.grads)):
         tensor.grad = torch.from_numpy(grad)
     with torch_threads(torch, n_threads):
         try:
-            optimizer = getattr(library, name)(tensors, **hyper, **TORCH_MODES[method])
-            optimizer.step()  # creates torch's state: not part of the steady step
+            optimizer = make(tensors)
+            optimizer.step()  # creates the optimizer's state: not part of the steady step
         except (RuntimeError, ValueError, TypeError) as error:
-            raise Unavailable(f"{method} refused: {error}") from None
+            raise Unavailable(f"{label} refused: {error}") from None
         try:
             yield optimizer.step
         finally:
@@ -314,19 +323,9 @@ def _bnb_step(rule, problem, n_threads):
     name = BNB_CLASSES.get(rule.spec.name)
     if name is None or rule.torch_peer is None:
         raise Unavailable(f"bitsandbytes has no 8-bit {rule.name}")
-    tensors = [torch.from_numpy(p) for p in as_list(problem.params)]
-    for tensor, grad in zip(tensors, as_list(problem.grads)):
-        tensor.grad = torch.from_numpy(grad)
-    with torch_threads(torch, n_threads):
-        try:
-            optimizer = getattr(bitsandbytes.optim, name)(tensors, **rule.torch_peer[1])
-            optimizer.step()
-        except (RuntimeError, ValueError, TypeError) as error:
-            raise Unavailable(f"bitsandbytes refused: {error}") from None
-        try:
-            yield optimizer.step
-        finally:
-            optimizer.state.clear()
+    with _optimizer_step(torch, lambda tensors: getattr(bitsandbytes.optim, name)(tensors, **rule.torch_peer[1]),
+                         problem, n_threads, "bitsandbytes") as step:
+        yield step
 
 
 @dataclass
