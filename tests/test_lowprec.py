@@ -64,6 +64,8 @@ def test_int8_codes(code, rng):
     if not code.signed:
         x = np.abs(x)
     codes, scales = precision.int8_encode(x, code)
+    tie = np.array([1.0, 0.53125], np.float32)  # halfway between the codes of 0.5 and 0.5625
+    assert precision.int8_decode(*precision.int8_encode(tie, code), code)[1] == 0.5625  # ties away from zero
     assert codes.dtype == code.dtype and scales.shape == (precision.n_blocks(x.size),)
     y = precision.int8_decode(codes, scales, code)
     finite = np.isfinite(x)
@@ -77,9 +79,9 @@ def test_int8_codes(code, rng):
     tiny = finite & ~normal
     assert np.all(np.abs(y[tiny] - x[tiny]) <= scale[tiny] * code.smallest * 2.0**-code.mantissa)
     assert_same(np.signbit(y[finite & (x != 0)]), np.signbit(x[finite & (x != 0)]))
-    if not code.signed:
-        negative, _ = precision.int8_encode(np.array([-1.0, -0.0, 2.0], np.float32), code)
-        assert negative[0] == 0 and negative[1] == 0
+    if not code.signed:  # the code of a non-negative buffer holds |x|
+        negative, _ = precision.int8_encode(np.array([-1.0, -0.0, 1.0, -np.nan], np.float32), code)
+        assert negative[0] == negative[2] and negative[1] == 0 and negative[3] == code.nan
     zeros, zero_scales = precision.int8_encode(np.zeros(300, np.float32), code)
     assert not zeros.any() and not zero_scales.any()
 

@@ -45,9 +45,13 @@ Formats
     * non-negative buffers (second moments, sums of squares): uint8 with 5
       exponent bits and 3 mantissa bits (bias 96), normal down to
       :math:`2^{-30}` of the block's largest value;
+    * encoding: ``y = |x| * inverse`` with ``inverse`` = 1 / scale rounded toward
+      zero (so ``y <= 1``), then the top 8 bits of the float32 ``y * 2**-bias``
+      rounded to nearest (ties away from zero) or stochastically; a
+      non-negative buffer's code holds ``|x|`` (its values are never negative);
     * the magnitude code with every bit set is NaN: non-finite values (NaN and
-      infinities) encode as NaN; negative values of a non-negative buffer encode
-      as 0; decoding is ``float32(code bits << 20) * 2**bias * scale``.
+      infinities) encode as NaN; decoding is
+      ``float32(code bits << 20) * 2**bias * scale``.
 
     Why the block's maximum and not a power of two as the scale: with 3
     mantissa bits, an exponential average that moves by less than half a code
@@ -271,27 +275,35 @@ def int8_decode(codes, scales, code):
     return ((float_of(y) * np.float32(2.0**code.bias)) * scale).reshape(np.shape(codes))
 
 
+def inverse_toward_zero(scales):
+    """``1 / scales`` in float32, rounded toward zero (so that ``|x| * inverse <= 1``
+    for every ``|x| <= scale``): the reciprocal to nearest, one ulp lower if it is
+    above the exact value (decided exactly: a product of two float32 is exact in
+    float64)."""
+    scales = np.asarray(scales, np.float32)
+    inverse = np.float32(1) / scales
+    above = inverse.astype(np.float64) * scales.astype(np.float64) > 1.0
+    return np.where(above, float_of(bits_of(inverse) - np.uint32(1)), inverse)
+
+
 def int8_encode(x, code, random=None):
     """``(codes, scales)`` of float32 ``x`` (any shape, blocks along its flat
-    order): round to nearest even or, with ``random`` (uint32 bits per element),
-    stochastically."""
+    order): round to nearest (ties away from zero) or, with ``random`` (uint32
+    bits per element), stochastically."""
     u = bits_of(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
     magnitude = u & np.uint32(0x7FFFFFFF)
     finite = magnitude < np.uint32(0x7F800000)
-    if not code.signed:  # negative values of a non-negative buffer: 0
-        magnitude = np.where(u >> np.uint32(31) != 0, np.uint32(0), magnitude)
     largest = _blocks(np.where(finite, magnitude, np.uint32(0))).max(axis=1)
     scales = float_of(largest)
-    inverse = np.where(largest != 0, np.float32(1) / np.where(largest != 0, scales, np.float32(1)), np.float32(1))
+    inverse = np.where(largest != 0, inverse_toward_zero(np.where(largest != 0, scales, np.float32(1))),
+                       np.float32(1))
     y = bits_of((float_of(magnitude) * _per_element(inverse.astype(np.float32), u.size))
                 * np.float32(2.0**-code.bias))
-    d = np.uint32(code.dropped)
     if random is None:
-        add = np.uint32((1 << (code.dropped - 1)) - 1) + ((y >> d) & np.uint32(1))
+        add = np.uint32(1 << (code.dropped - 1))
     else:
         add = np.asarray(random, dtype=np.uint32).reshape(-1) & np.uint32((1 << code.dropped) - 1)
-    c = np.minimum((y + add) >> d, np.uint32(code.top << code.mantissa))
-    c = np.where(finite, c, np.uint32(code.nan))
+    c = np.minimum((y + add) >> np.uint32(code.dropped), np.uint32(code.nan))
     if code.signed:
         c |= (u >> np.uint32(24)) & np.uint32(0x80)
     return c.astype(np.uint8).view(code.dtype).reshape(np.shape(x)), scales

@@ -130,64 +130,72 @@ cdef extern from *:
     /* ---- 8-bit codes (precision.py, Code): with y = |x| / scale in [0, 1], the
        code is the top 8 bits of the float32 y * 2**-bias, whose exponents 1..top
        are the code's binades and whose subnormals are the code's subnormals. */
+    #define FD_CODE_DROPPED 20   /* float32 mantissa bits below the code's 3 */
 
-    /* |x| as the code sees it: a negative value of a non-negative buffer is 0. */
-    static inline uint32_t fd_code_magnitude(uint32_t u, int is_signed) {
-        uint32_t magnitude = u & 0x7fffffffU;
-        if (!is_signed) magnitude &= ~(uint32_t)((int32_t)u >> 31);
-        return magnitude;
+    /* 1 / scale rounded toward zero, so that |x| * inverse <= 1 for every |x| <= scale. */
+    static inline float fd_inverse(float scale) {
+        float inverse = 1.0f / scale;
+        if ((double)inverse * (double)scale > 1.0) inverse = fd_float(fd_bits(inverse) - 1U);
+        return inverse;
     }
 
     /* Encode n values; returns the block's scale (its largest finite magnitude).
-       `down` = 2**-bias; `one` = the code of 1.0; branch-free, so that gcc
-       vectorizes every loop. */
+       `down` = 2**-bias; branch-free, so that gcc vectorizes every loop. A code
+       past every finite one (non-finite input) becomes the NaN code. */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
                                       const uint32_t *restrict random, int is_signed, float down,
-                                      uint32_t one, uint32_t nan_code) {
+                                      uint32_t nan_code) {
         int i;
-        uint32_t u, magnitude, largest = 0, y, c, sign;
+        uint32_t u, magnitude, largest = 0, y, c;
         float inverse;
         for (i = 0; i < n; i++) {
-            magnitude = fd_code_magnitude(fd_bits(src[i]), is_signed);
+            magnitude = fd_bits(src[i]) & 0x7fffffffU;
             magnitude &= -(uint32_t)(magnitude < 0x7f800000U);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
         }
-        inverse = largest ? 1.0f / fd_float(largest) : 1.0f;
+        inverse = largest ? fd_inverse(fd_float(largest)) : 1.0f;
         if (random == NULL) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_bits((fd_float(fd_code_magnitude(u, is_signed)) * inverse) * down);
-                c = (y + 0x7ffffU + ((y >> 20) & 1U)) >> 20;
-                c = c < one ? c : one;
-                c = (u & 0x7fffffffU) < 0x7f800000U ? c : nan_code;
-                sign = is_signed ? (u >> 24) & 0x80U : 0U;
-                dst[i] = (uint8_t)(c | sign);
+                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
+                c = c < nan_code ? c : nan_code;
+                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         } else {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_bits((fd_float(fd_code_magnitude(u, is_signed)) * inverse) * down);
-                c = (y + (random[i] & 0xfffffU)) >> 20;
-                c = c < one ? c : one;
-                c = (u & 0x7fffffffU) < 0x7f800000U ? c : nan_code;
-                sign = is_signed ? (u >> 24) & 0x80U : 0U;
-                dst[i] = (uint8_t)(c | sign);
+                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                c = (y + (random[i] & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
+                c = c < nan_code ? c : nan_code;
+                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         }
         return fd_float(largest);
     }
 
-    /* `up` = 2**bias. */
+    /* `up` = 2**bias; up * scale is one exact factor unless it overflows. */
     static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
                                     int is_signed, float up, uint32_t nan_code) {
         int i;
         uint32_t c, magnitude, sign, y;
-        for (i = 0; i < n; i++) {
-            c = src[i];
-            magnitude = is_signed ? c & 0x7fU : c;
-            sign = is_signed ? (c & 0x80U) << 24 : 0U;
-            y = magnitude == nan_code ? 0x7fc00000U : magnitude << 20;
-            dst[i] = (fd_float(y | sign) * up) * scale;
+        float factor = up * scale;
+        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                dst[i] = fd_float(y | sign) * factor;
+            }
+        } else {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                dst[i] = (fd_float(y | sign) * up) * scale;
+            }
         }
     }
 
@@ -200,11 +208,11 @@ cdef extern from *:
     }
     static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n,
                                const uint32_t *restrict random) {
-        return fd_code_store(src, dst, n, random, 1, 0x1p-112f, 0x78U, 0x7fU);
+        return fd_code_store(src, dst, n, random, 1, 0x1p-112f, 0x7fU);
     }
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n,
                                 const uint32_t *restrict random) {
-        return fd_code_store(src, dst, n, random, 0, 0x1p-96f, 0xf8U, 0xffU);
+        return fd_code_store(src, dst, n, random, 0, 0x1p-96f, 0xffU);
     }
     """
     void fd_set_pending_storage(void* s) noexcept nogil
