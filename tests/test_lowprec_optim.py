@@ -46,7 +46,8 @@ def arrays(rng, dtype, shapes=SHAPES):
 
 
 def state_arrays(opt):
-    return [(i, k, v) for i in sorted(opt.state) for k, v in opt.state[i].items() if isinstance(v, np.ndarray)]
+    return [(i, k, opt.state[i][k]) for i in sorted(opt.state) for k in sorted(opt.state[i])
+            if isinstance(opt.state[i][k], np.ndarray)]
 
 
 def run(rule, mode, backend, steps=4, flat=False, seed=0):
@@ -307,3 +308,46 @@ def test_a_bad_step_writes_nothing():
         warnings.simplefilter("error")
         opt.param_groups[0]["centered"] = False
         opt.step([np.ones((4, 5), BF)])
+
+
+@pytest.mark.parametrize("mode", ["f32-int8state", "bf16-master-int8state-stochastic", "bf16-direct"])
+def test_a_gradient_sharing_memory_with_any_written_array_is_refused(mode):
+    """The cross-tensor aliasing check of the step path covers low-precision buckets:
+    a gradient viewing a parameter, a state buffer, an int8 block scale or a
+    master copy is refused before anything is written."""
+    param_dtype, grad_dtype, options = MODES[mode]
+    rng = np.random.default_rng(4)
+    params = arrays(rng, param_dtype, [(300,), (1,)])
+    opt = fd.Adam(params, lr=0.01, **options)
+    grads = arrays(rng, grad_dtype, [(300,), (1,)])
+    opt.step(grads)
+    before = [(i, k, v.copy()) for i, k, v in state_arrays(opt)], [p.copy() for p in params]
+    written = [(i, k, v) for i, k, v in state_arrays(opt)] + [(i, "param", p) for i, p in enumerate(params)]
+    assert {"exp_avg", "param"} <= {k for _, k, _ in written}
+    size = np.dtype(grad_dtype).itemsize
+    if "int8" in mode:
+        assert any(k == "exp_avg_scales" for _, k, _ in written)
+    for i, key, array in [w for w in written if w[2].nbytes >= size]:  # (not the one-byte int8 codes)
+        alias = array.reshape(-1).view(np.uint8)[:size].view(grad_dtype)  # as grads[1]
+        with pytest.raises(ValueError, match="shares memory"):
+            opt.step([grads[0], alias])
+    for (i, k, a), (_, _, b) in zip(state_arrays(opt), before[0]):
+        assert_same(a, b, f"{i} {k}")
+    for a, b in zip(params, before[1]):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_low_precision_steps_take_the_python_path(mode):
+    """Low-precision buckets never get a StepPlan (the C plan takes float buckets
+    only); float32 optimizers keep theirs."""
+    param_dtype, grad_dtype, options = MODES[mode]
+    rng = np.random.default_rng(5)
+    opt = fd.Adam(arrays(rng, param_dtype, [(50,)]), lr=0.01, **options)
+    for _ in range(3):
+        opt.step(arrays(rng, grad_dtype, [(50,)]))
+    assert opt._plan is None
+    plain = fd.Adam(arrays(rng, np.float32, [(50,)]), lr=0.01)
+    for _ in range(3):
+        plain.step(arrays(rng, np.float32, [(50,)]))
+    assert plain._plan is not None

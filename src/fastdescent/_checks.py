@@ -11,7 +11,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ._runtime import check_buffers
+from ._runtime import MAX_STEP, check_buffers, checked_lists  # noqa: F401 - MAX_STEP: step counts stay below it
 
 
 def real(name, value):
@@ -113,9 +113,6 @@ def boolean(name, value):
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-#: Step counts stay below this (an int64, and a float that bias corrections can raise a
-#: coefficient to).
-MAX_STEP = 2**63
 
 
 def step_number(name, step):
@@ -168,11 +165,11 @@ def validated_lists(state_names, params, grads, *states):
     """The arrays of one update as lists (one entry per tensor), all validated.
 
     ``params`` and every state buffer (roles ``state_names``) are written, ``grads``
-    only read. Returns ``[params, grads, *states]``; an absent state stays None.
+    only read; no written buffer may share memory with any other buffer of the
+    call. Returns ``[params, grads, *states]``; an absent state stays None.
     """
-    indexed, *lists = tensor_lists(params, grads, *states)
-    check_buffers(("param", "grad", *state_names), tuple(lists), (True, False) + (True,) * len(states), indexed)
-    return lists
+    return list(checked_lists(("param", "grad", *state_names), (params, grads, *states),
+                              (True, False) + (True,) * len(states)))
 
 
-__all__ = ["check_buffers", "tensor_lists", "validated_lists"]
+__all__ = ["check_buffers", "checked_lists", "tensor_lists", "validated_lists"]

@@ -1,6 +1,9 @@
 """Stub of the compiled run-time support module (src/kernels/_runtime.pyx)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from typing_extensions import disjoint_base
 
 from ._typing import FloatArray
 
@@ -18,3 +21,112 @@ def check_buffers(
     indexed: bool = True,
 ) -> int: ...
 def check_distinct(name: str, arrays: list[FloatArray]) -> None: ...
+def checked_lists(
+    names: tuple[str, ...],
+    arrays: tuple[FloatArray | Sequence[FloatArray] | None, ...],
+    writable: tuple[bool, ...],
+) -> tuple[list[FloatArray] | None, ...]: ...
+
+MAX_STEP: int
+
+@disjoint_base
+class WrittenBuffers:
+    def __init__(self, arrays: list[FloatArray], labels: list[str], groups: list[int]) -> None: ...
+    def verify(self) -> None: ...
+    def check_grads(
+        self,
+        params: list[FloatArray],
+        grads: list[FloatArray],
+        positions: list[int],
+        grad_offset: int,
+        param_offset: int,
+        group: int = -1,
+    ) -> None: ...
+
+def immutable(value: object) -> bool: ...
+
+@disjoint_base
+class ExactCache:
+    def __init__(self, limit: int = 256) -> None: ...
+    def get(self, key: tuple[object, ...]) -> Any: ...
+    def put(self, key: tuple[object, ...], value: object) -> None: ...
+    def clear(self) -> None: ...
+    def __len__(self) -> int: ...
+
+def same_values(mapping: object, names: tuple[str, ...], values: tuple[object, ...] | None) -> bool: ...
+def update_each(mappings: list[dict[str, object]], update: dict[str, object]) -> None: ...
+
+@disjoint_base
+class KernelCall:
+    kernel: str
+    def __init__(
+        self, kernel: str, buffer_names: tuple[str, ...], constant_names: tuple[str, ...],
+        varying_names: tuple[str, ...],
+    ) -> None: ...
+    def __call__(
+        self, backend: object, params: list[FloatArray], grads: list[FloatArray],
+        buffers: tuple[list[FloatArray] | None, ...], constants: tuple[object, ...], varying: tuple[object, ...],
+        n_threads: int,
+    ) -> None: ...
+
+@disjoint_base
+class KernelArguments:
+    def __init__(self, spec: Any, hyper: dict[str, Any]) -> None: ...
+    def get(self, step: int | None, grad_scale: float, fresh: frozenset[str]) -> tuple[Any, ...]: ...
+    def constant(self, step: int | None, grad_scale: float, fresh: frozenset[str]) -> tuple[Any, ...]: ...
+    def varying(self, step: int | None) -> tuple[Any, ...]: ...
+
+@disjoint_base
+class BucketPlan:
+    params: list[FloatArray]
+    positions: list[int]
+    grads: list[FloatArray] | None
+    buffers: tuple[list[FloatArray] | None, ...]
+    span: slice | None
+    def __init__(
+        self, params: list[FloatArray], buffers: tuple[list[FloatArray] | None, ...], positions: list[int],
+        span: slice | None, grads: list[FloatArray] | None = None,
+    ) -> None: ...
+
+@disjoint_base
+class GroupPlan:
+    group: Any
+    param_list: Any
+    names: tuple[str, ...]
+    values: tuple[object, ...]
+    present: tuple[bool, ...]
+    states: list[dict[str, Any]]
+    buckets: list[BucketPlan]
+    arguments: KernelArguments
+    first: int
+    size: int
+    counts_steps: bool
+    def __init__(
+        self, group: Any, names: tuple[str, ...], values: tuple[object, ...], param_list: Any,
+        states: list[dict[str, Any]], buckets: list[BucketPlan], arguments: KernelArguments, first: int,
+        size: int, counts_steps: bool, present: tuple[bool, ...],
+    ) -> None: ...
+
+@disjoint_base
+class StepPlan:
+    def __init__(
+        self, param_groups: list[dict[str, Any]], groups: list[GroupPlan], written: WrittenBuffers, flat: bool,
+        fresh: frozenset[str],
+    ) -> None: ...
+    def run(
+        self, param_groups: object, grads: object, grad_scale: object, backend: object, n_threads: object,
+        refresh: Callable[[int, GroupPlan, int, bool], bool],
+    ) -> bool: ...
+
+@disjoint_base
+class FaceRunner:
+    def __init__(
+        self, configs: ExactCache, roles: tuple[str, ...], writable: tuple[bool, ...], uses_step: bool,
+        simple: bool, general: Callable[..., Any], resolve_backend: Callable[..., Any],
+        effective_n_threads: Callable[..., int], nothing_fresh: frozenset[str],
+    ) -> None: ...
+    def run(
+        self, params: Any, grads: Any, buffers: tuple[Any, ...], present: tuple[bool, ...],
+        values: tuple[object, ...], step: Any, grad_scale: Any, first_step: Any, scalar_state: Any,
+        n_threads: Any, backend: Any,
+    ) -> Any: ...

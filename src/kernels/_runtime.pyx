@@ -5,12 +5,16 @@ find out which kernel variant this CPU can run.
 
 * OpenMP queries (a build without OpenMP answers as a single thread).
 * CPU feature detection for the instruction-set dispatch.
-* ``check_buffers``: the validation every functional face runs before any array
-  is written, whichever backend then does the update. It is in Cython because a
-  Python version (``np.shares_memory`` per pair) costs more than a whole update of a
-  thousand elements.
+* ``check_buffers``, ``checked_lists``: the validation every functional face runs
+  before any array is written, whichever backend then does the update; and
+  ``WrittenBuffers``, its per-step counterpart for the optimizers. It is in Cython
+  because a Python version (``np.shares_memory`` per pair) costs more than a whole
+  update of a thousand elements.
+* ``cached``, ``remember``, ``same_values``, ``update_each``: what lets an optimizer
+  and a face validate hyperparameters once per change rather than once per step.
 """
 
+cimport cython
 cimport numpy as cnp
 
 cnp.import_array()
@@ -92,6 +96,22 @@ def cpu_supports(variant):
     return bool(fd_cpu_level(level))
 
 
+#: Step counts stay below this (an int64, and a float that bias corrections can raise a
+#: coefficient to).
+MAX_STEP = 2**63
+
+
+# ------------------------------------------------------------------ buffer checks
+from cpython.object cimport PyObject
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Update
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.stdlib cimport malloc, free
+from libc.math cimport INFINITY
+from libc.string cimport memcmp
+
+
 cdef str _label(str name, Py_ssize_t index, bint indexed):
     return f"{name}[{index}]" if indexed else name
 
@@ -141,71 +161,257 @@ cdef int _check_array(object obj, str name, Py_ssize_t index, bint indexed, bint
     return 0
 
 
+# The bytes [lo, hi) of one buffer: ``role`` and ``index`` say which (check_buffers)
+# or ``index`` is the position in a WrittenBuffers table.
+cdef struct Span:
+    size_t lo
+    size_t hi
+    Py_ssize_t role
+    Py_ssize_t index
+    bint writable
+
+
+cdef void _sort_spans(Span* spans, Py_ssize_t n) noexcept nogil:
+    """By start. Insertion sort for the few buffers of a typical call; else a
+    natural merge sort: the arrays of one role usually lie in address order (they
+    were allocated one after another), so the runs are long and few merges do
+    (O(n log runs), at worst O(n log n)). Falls back to insertion sort if the
+    scratch space cannot be allocated."""
+    cdef Py_ssize_t i, j, width, lo, mid, hi, a, b, k
+    cdef Span item
+    cdef Span* scratch
+    cdef Span* source
+    cdef Span* target
+    cdef Py_ssize_t* starts
+    cdef Py_ssize_t n_runs = 0
+    if n > 16:
+        scratch = <Span*>malloc(n * sizeof(Span))
+        starts = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+        if scratch != NULL and starts != NULL:
+            for i in range(n):  # the ascending runs
+                if i == 0 or spans[i].lo < spans[i - 1].lo:
+                    starts[n_runs] = i
+                    n_runs += 1
+            starts[n_runs] = n
+            source, target = spans, scratch
+            while n_runs > 1:  # merge runs pairwise until one is left
+                k = 0
+                for i in range(0, n_runs, 2):
+                    lo, mid = starts[i], starts[i + 1]
+                    hi = starts[i + 2] if i + 2 <= n_runs else mid
+                    a, b, j = lo, mid, lo
+                    while a < mid and b < hi:
+                        if source[b].lo < source[a].lo:
+                            target[j] = source[b]
+                            b += 1
+                        else:
+                            target[j] = source[a]
+                            a += 1
+                        j += 1
+                    while a < mid:
+                        target[j] = source[a]
+                        a += 1
+                        j += 1
+                    while b < hi:
+                        target[j] = source[b]
+                        b += 1
+                        j += 1
+                    starts[k] = lo
+                    k += 1
+                starts[k] = n
+                n_runs = k
+                source, target = target, source
+            if source != spans:
+                for i in range(n):
+                    spans[i] = source[i]
+            free(scratch)
+            free(starts)
+            return
+        free(scratch)
+        free(starts)
+    for i in range(1, n):
+        item = spans[i]
+        j = i - 1
+        while j >= 0 and spans[j].lo > item.lo:
+            spans[j + 1] = spans[j]
+            j -= 1
+        spans[j + 1] = item
+
+
+cdef Py_ssize_t _first_conflict(Span* spans, Py_ssize_t n, Py_ssize_t* other) noexcept nogil:
+    """Sort ``spans`` by start, then sweep them once: return the position of a span
+    that shares bytes with an earlier one, at least one of the two written (the
+    earlier one's position goes to ``other``), or -1. Read-only spans may overlap.
+
+    An overlap of a and b (a starting first) is seen at b: the largest end so far
+    (of any span, or of the written ones if b is read-only) lies beyond b's start.
+    O(n log n)."""
+    cdef size_t end_any = 0, end_written = 0
+    cdef Py_ssize_t i, last_any = -1, last_written = -1
+    _sort_spans(spans, n)
+    for i in range(n):
+        if spans[i].writable and last_any >= 0 and spans[i].lo < end_any:
+            other[0] = last_any
+            return i
+        if last_written >= 0 and spans[i].lo < end_written:
+            other[0] = last_written
+            return i
+        if spans[i].hi > end_any:
+            end_any, last_any = spans[i].hi, i
+        if spans[i].writable and spans[i].hi > end_written:
+            end_written, last_written = spans[i].hi, i
+    return -1
+
+
+cdef enum:
+    # Spans sorted on the stack; larger calls allocate.
+    LOCAL_SPANS = 32
+
+
+cdef inline bint _fits(object obj, int typenum, cnp.ndarray ref, bint writable):
+    """The common case, tested at once: an aligned, C-contiguous ndarray of dtype
+    ``typenum``, shaped like ``ref`` (unless None), writeable if ``writable``.
+    Anything else goes to :func:`_check_array` for its error."""
+    cdef int need = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    if writable:
+        need |= cnp.NPY_ARRAY_WRITEABLE
+    return (cnp.PyArray_Check(obj) and cnp.PyArray_TYPE(<cnp.ndarray>obj) == typenum
+            and (cnp.PyArray_FLAGS(<cnp.ndarray>obj) & need) == need
+            and (ref is None or _same_shape(<cnp.ndarray>obj, ref)))
+
+
 def check_buffers(tuple names, tuple arrays, tuple writable, bint indexed=True):
     """Validate the buffers of one update before anything is written.
 
     ``names[r]`` is the role of ``arrays[r]``, a list with one array per tensor
     (``None`` for a role the update does not use); role 0 is the parameters.
     Every array must be a C-contiguous, aligned float32/float64 ``ndarray`` with the
-    dtype and shape of its parameter, all parameters of one dtype; ``writable[r]`` roles must be writeable; and
-    no writable buffer may share memory with another buffer of the same tensor.
+    dtype and shape of its parameter, all parameters of one dtype; ``writable[r]``
+    roles must be writeable; and no written buffer may share a byte with any other
+    buffer of the call, of any tensor and any role (read-only buffers, the
+    gradients, may overlap each other). The overlap check sorts the byte ranges
+    once: O(k log k) for k buffers.
 
     Raises TypeError (not an ndarray, wrong or mixed dtype) or ValueError (shape,
     layout, read-only, aliasing, list lengths). Returns the total element count.
     """
-    cdef Py_ssize_t n_roles = len(names), r, s, i, n_tensors, total = 0
-    cdef list params, role
-    cdef cnp.ndarray param, a, b
-    cdef char* a_lo
-    cdef char* b_lo
-    cdef Py_ssize_t a_bytes, b_bytes
-    if len(arrays) != n_roles or len(writable) != n_roles:
+    if len(arrays) != len(names) or len(writable) != len(names):
         raise ValueError("names, arrays and writable must have the same length")
-    params = arrays[0]
+    return _check_update(names, arrays, writable, indexed)
+
+
+cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint indexed) except -1:
+    cdef Py_ssize_t n_roles = len(names), r, i, n_tensors, total = 0, n_spans = 0, capacity = 0, hit, other
+    cdef Py_ssize_t nbytes
+    cdef list params = arrays[0], role
+    cdef cnp.ndarray param, a
+    cdef object item
+    cdef int typenum
+    cdef bint write
+    cdef Span local[LOCAL_SPANS]
+    cdef Span* spans = local
     n_tensors = len(params)
     for r in range(1, n_roles):
         if arrays[r] is not None and len(<list>arrays[r]) != n_tensors:
             raise ValueError(f"{len(<list>arrays[r])} {names[r]} arrays for {n_tensors} parameters")
-    for i in range(n_tensors):
-        _check_array(params[i], names[0], i, indexed, writable[0], None, None)
-        param = <cnp.ndarray>params[i]
-        if cnp.PyArray_TYPE(param) != cnp.PyArray_TYPE(<cnp.ndarray>params[0]):
-            raise TypeError(
-                f"{names[0]}[{i}] has dtype {param.dtype} but {names[0]}[0] has "
-                f"{(<cnp.ndarray>params[0]).dtype}: one call takes one dtype"
-            )
-        total += cnp.PyArray_SIZE(param)
-        for r in range(1, n_roles):
-            if arrays[r] is not None:
-                _check_array((<list>arrays[r])[i], names[r], i, indexed, writable[r], param, names[0])
-        if cnp.PyArray_SIZE(param) == 0:
-            continue
-        # Aliasing: contiguous buffers overlap iff their byte ranges intersect.
+    if n_tensors == 0:
+        return 0
+    if not cnp.PyArray_Check(params[0]):
+        _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>params[0])
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
+    for r in range(n_roles):
+        capacity += n_tensors if arrays[r] is not None else 0
+    if capacity > LOCAL_SPANS:
+        spans = <Span*>malloc(capacity * sizeof(Span))
+        if spans == NULL:
+            raise MemoryError()
+    try:
+        # Every array against its parameter, and the byte range of each non-empty one.
         for r in range(n_roles):
             if arrays[r] is None:
                 continue
-            a = <cnp.ndarray>(params[i] if r == 0 else (<list>arrays[r])[i])
-            a_lo = cnp.PyArray_BYTES(a)
-            a_bytes = cnp.PyArray_NBYTES(a)
-            for s in range(r + 1, n_roles):
-                if arrays[s] is None or not (writable[r] or writable[s]):
-                    continue
-                b = <cnp.ndarray>(<list>arrays[s])[i]
-                b_lo = cnp.PyArray_BYTES(b)
-                b_bytes = cnp.PyArray_NBYTES(b)
-                if a_lo < b_lo + b_bytes and b_lo < a_lo + a_bytes:
-                    raise ValueError(
-                        f"{_label(names[s], i, indexed)} shares memory with "
-                        f"{_label(names[r], i, indexed)}; every buffer of an update must be distinct"
-                    )
+            role, write = <list>arrays[r], writable[r]
+            for i in range(n_tensors):
+                item = role[i]
+                param = <cnp.ndarray>params[i] if r else None
+                if not _fits(item, typenum, param, write):
+                    _check_array(item, names[r], i, indexed, write, param, names[0])
+                    # Only a parameter passes that: one that differs from the first in dtype.
+                    raise TypeError(f"{_label(names[0], i, indexed)} has dtype {(<cnp.ndarray>item).dtype} but "
+                                    f"{_label(names[0], 0, indexed)} has {(<cnp.ndarray>params[0]).dtype}: "
+                                    "one call takes one dtype")
+                a = <cnp.ndarray>item
+                nbytes = cnp.PyArray_NBYTES(a)
+                if r == 0:
+                    total += nbytes // cnp.PyArray_ITEMSIZE(a)
+                if nbytes:
+                    spans[n_spans].lo = <size_t>cnp.PyArray_BYTES(a)
+                    spans[n_spans].hi = spans[n_spans].lo + <size_t>nbytes
+                    spans[n_spans].role, spans[n_spans].index = r, i
+                    spans[n_spans].writable = write
+                    n_spans += 1
+        hit = _first_conflict(spans, n_spans, &other)
+        if hit >= 0:
+            raise ValueError(_sharing(names, indexed, spans[hit], spans[other]))
+    finally:
+        if spans != local:
+            free(spans)
     return total
+
+
+cdef str _sharing(tuple names, bint indexed, Span a, Span b):
+    """The error for two buffers that share memory, the later argument named first."""
+    cdef str first = _label(names[a.role], a.index, indexed), second = _label(names[b.role], b.index, indexed)
+    if (a.role, a.index) < (b.role, b.index):
+        first, second = second, first
+    return (f"{first} shares memory with {second}; a buffer that is written may share "
+            "no byte with any other buffer of the update")
+
+
+def checked_lists(tuple names, tuple arrays, tuple writable):
+    """The buffers of one update as lists, one entry per tensor, after
+    :func:`check_buffers`: what every functional face hands its kernel.
+
+    ``arrays[r]`` is one array (then every role must be one array: a
+    single-tensor call) or a list or tuple of arrays (a multi-tensor call), or
+    None for a role the update does not use. Returns a tuple of new lists (None
+    for an unused role), so that a list the caller changes later cannot differ
+    from what was checked.
+    """
+    return _checked_lists(names, arrays, writable)
+
+
+cdef tuple _checked_lists(tuple names, tuple arrays, tuple writable):
+    cdef Py_ssize_t r, n = len(arrays)
+    cdef object first = arrays[0], given, item
+    cdef bint indexed = not cnp.PyArray_Check(first)
+    cdef tuple lists = PyTuple_New(n)
+    if indexed and not isinstance(first, (list, tuple)):
+        raise TypeError(f"params must be a numpy.ndarray or a list of them, got {type(first).__name__}")
+    if len(names) != n or len(writable) != n:
+        raise ValueError("names, arrays and writable must have the same length")
+    for r in range(n):
+        given = arrays[r]
+        if given is None:
+            item = None
+        elif not indexed:
+            item = [given]
+        elif isinstance(given, (list, tuple)):
+            item = list(given)
+        else:
+            raise TypeError(f"expected a list of arrays to match the list of params, got {type(given).__name__}")
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(lists, r, item)
+    _check_update(names, lists, writable, indexed)
+    return lists
 
 
 def check_distinct(str name, list arrays):
     """Raise ValueError if any two of ``arrays`` (C-contiguous ndarrays) overlap.
 
-    Used once when an optimizer is built: the per-step check only compares the
-    buffers of one tensor with each other. O(n log n) in the number of arrays.
+    Used when an optimizer gets parameters. O(n log n) in the number of arrays.
     """
     cdef list spans = []
     cdef cnp.ndarray a
@@ -222,3 +428,579 @@ def check_distinct(str name, list arrays):
                 f"{name}[{spans[i - 1][2]}] and {name}[{spans[i][2]}] share memory; "
                 "each must be a distinct array"
             )
+
+
+# ------------------------------------------------ what an optimizer's step writes
+cdef struct Recorded:
+    char* data
+    Py_ssize_t nbytes
+    int typenum
+
+
+@cython.auto_pickle(False)
+cdef class WrittenBuffers:
+    """The arrays an optimizer's step writes: its parameters and state buffers.
+
+    They cannot change between steps (a group's parameter list refuses changes;
+    the state buffers are the optimizer's own, replaced only by
+    ``load_state_dict``, which builds a new table), so their byte ranges are
+    recorded, sorted and checked for overlap once, when the table is built. A
+    step then costs, in C and without Python work per array:
+
+    * :meth:`verify`: every recorded array still has its data pointer, size and
+      dtype and is C-contiguous, aligned and writeable (a ``dtype``, ``shape``,
+      ``strides`` or ``flags`` assignment in place would be caught here);
+    * :meth:`check_grads`: each gradient has its parameter's dtype and shape, is
+      C-contiguous and aligned, and shares no byte with any recorded array
+      (binary search in the sorted ranges: O(k log n)).
+
+    ``labels[i]`` names ``arrays[i]`` in errors; ``groups[i]`` is its parameter
+    group (a step of one group only refuses overlaps with that group's arrays).
+    """
+
+    cdef list arrays, labels
+    cdef Py_ssize_t n, n_spans
+    cdef Recorded* recorded
+    cdef Span* spans       # sorted by start, disjoint; Span.index = position in arrays, Span.role = group
+
+    def __init__(self, list arrays, list labels, list groups):
+        cdef Py_ssize_t i
+        cdef cnp.ndarray a
+        if len(labels) != len(arrays) or len(groups) != len(arrays):
+            raise ValueError("arrays, labels and groups must have the same length")
+        if self.recorded != NULL:
+            raise RuntimeError("a WrittenBuffers table is built once")
+        self.arrays, self.labels, self.n = list(arrays), list(labels), len(arrays)
+        self.recorded = <Recorded*>malloc((self.n + 1) * sizeof(Recorded))
+        self.spans = <Span*>malloc((self.n + 1) * sizeof(Span))
+        if self.recorded == NULL or self.spans == NULL:
+            raise MemoryError()
+        self.n_spans = 0
+        for i in range(self.n):
+            a = <cnp.ndarray?>self.arrays[i]
+            self.recorded[i].data = cnp.PyArray_BYTES(a)
+            self.recorded[i].nbytes = cnp.PyArray_NBYTES(a)
+            self.recorded[i].typenum = cnp.PyArray_TYPE(a)
+            if self.recorded[i].nbytes:
+                self.spans[self.n_spans].lo = <size_t>self.recorded[i].data
+                self.spans[self.n_spans].hi = self.spans[self.n_spans].lo + <size_t>self.recorded[i].nbytes
+                self.spans[self.n_spans].index = i
+                self.spans[self.n_spans].role = groups[i]
+                self.spans[self.n_spans].writable = True
+                self.n_spans += 1
+        cdef Py_ssize_t other, hit = _first_conflict(self.spans, self.n_spans, &other)
+        if hit >= 0:
+            raise ValueError(f"{self.labels[self.spans[other].index]} and {self.labels[self.spans[hit].index]} "
+                             "share memory; each must be a distinct array")
+        self.verify()
+
+    def __dealloc__(self):
+        free(self.recorded)
+        free(self.spans)
+
+    def verify(self):
+        """ValueError if a recorded array was changed in place since the table was built."""
+        cdef Py_ssize_t i
+        cdef cnp.ndarray a
+        for i in range(self.n):
+            a = <cnp.ndarray>self.arrays[i]
+            if (cnp.PyArray_BYTES(a) != self.recorded[i].data or cnp.PyArray_NBYTES(a) != self.recorded[i].nbytes
+                    or cnp.PyArray_TYPE(a) != self.recorded[i].typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+                    or not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_ISWRITEABLE(a)):
+                raise ValueError(f"{self.labels[i]} was changed in place (its dtype, size, layout or writeable "
+                                 "flag): an optimizer's arrays must stay as they were given")
+
+    def check_grads(self, list params, list grads, list positions, Py_ssize_t grad_offset,
+                    Py_ssize_t param_offset, Py_ssize_t group=-1):
+        """Check ``grads[i]`` against ``params[i]`` and against every recorded array of
+        group ``group`` (-1: of every group).
+
+        Errors name the gradient ``grads[grad_offset + positions[i]]`` (its place in the
+        list given to ``step``) and the parameter ``params[param_offset + positions[i]]``.
+        """
+        cdef Py_ssize_t i, lo, hi, mid, n = len(params)
+        cdef size_t start, end
+        cdef object obj
+        cdef cnp.ndarray g, p
+        if len(grads) != n:
+            raise ValueError(f"{len(grads)} gradients for {n} parameters")
+        for i in range(n):
+            obj = grads[i]
+            p = <cnp.ndarray>params[i]
+            if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.PyArray_TYPE(p)
+                    or not _same_shape(<cnp.ndarray>obj, p) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj)
+                    or not cnp.PyArray_ISALIGNED(<cnp.ndarray>obj)):
+                _check_array(obj, f"grads[{grad_offset + positions[i]}]", -1, False, False, p,
+                             f"its parameter params[{param_offset + positions[i]}]")
+            g = <cnp.ndarray>obj
+            if not cnp.PyArray_NBYTES(g):
+                continue
+            start = <size_t>cnp.PyArray_BYTES(g)
+            end = start + <size_t>cnp.PyArray_NBYTES(g)
+            # The spans are disjoint and sorted, so their ends are sorted too: find
+            # the first that ends after the gradient starts.
+            lo, hi = 0, self.n_spans
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.spans[mid].hi <= start:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            while lo < self.n_spans and self.spans[lo].lo < end:
+                if group < 0 or self.spans[lo].role == group:
+                    raise ValueError(f"grads[{grad_offset + positions[i]}] shares memory with "
+                                     f"{self.labels[self.spans[lo].index]}, which the step writes")
+                lo += 1
+
+
+# --------------------------------------------------- hyperparameter cache support
+import numpy
+
+# NumPy's scalars are immutable too (a schedule may well compute a rate as one).
+cdef tuple _NUMPY_FLOATS = (numpy.float64, numpy.float32)
+cdef tuple _NUMPY_EXACT = (numpy.bool_, numpy.int64, numpy.int32)
+
+
+cdef bint _immutable(object value):
+    """True for the values a cache may key on: float, int, bool, str, None, NumPy's
+    float64, float32, int64, int32 and bool scalars, and tuples of them (exact
+    types: no subclass can change its value or its equality)."""
+    cdef type kind = type(value)
+    if kind is float or kind is int or kind is bool or kind is str or value is None:
+        return True
+    if kind in _NUMPY_FLOATS or kind in _NUMPY_EXACT:
+        return True
+    if kind is tuple:
+        for item in <tuple>value:
+            if not _immutable(item):
+                return False
+        return True
+    return False
+
+
+cdef bint _identical(object a, object b):
+    """Same type and value, floats bit for bit: unlike ==, True is not 1, 1 is not
+    1.0, -0.0 is not 0.0 and numpy.float64(0.5) is not 0.5."""
+    cdef double x, y
+    cdef Py_ssize_t i
+    if a is b:
+        return True
+    cdef type kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is float:
+        x, y = PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b)
+        return memcmp(&x, &y, sizeof(double)) == 0
+    if kind in _NUMPY_FLOATS:  # exactly representable as doubles
+        x, y = float(a), float(b)
+        return memcmp(&x, &y, sizeof(double)) == 0
+    if kind is int or kind is str or kind in _NUMPY_EXACT:
+        return bool(a == b)
+    if kind is tuple:
+        if len(<tuple>a) != len(<tuple>b):
+            return False
+        for i in range(len(<tuple>a)):
+            if not _identical((<tuple>a)[i], (<tuple>b)[i]):
+                return False
+        return True
+    return False
+
+
+def immutable(value):
+    """True if ``value`` is built only of float, int, bool, str, None, NumPy's
+    float64, float32, int64, int32 and bool scalars, and tuples."""
+    return _immutable(value)
+
+
+cdef bint _same_objects(tuple a, tuple b):
+    cdef Py_ssize_t i
+    if len(a) != len(b):
+        return False
+    for i in range(len(a)):
+        if <PyObject*>a[i] != <PyObject*>b[i]:
+            return False
+    return True
+
+
+@cython.auto_pickle(False)
+cdef class ExactCache:
+    """A cache keyed on tuples of values that hands out an entry only for the very
+    values it was stored with: the same types, floats bit for bit.
+
+    A dict alone would not do: ``True == 1 == 1.0`` and ``-0.0 == 0.0``, and they
+    hash alike, so a result computed (validated) for one would be handed out for
+    another. Only keys of immutable values are stored (see
+    :func:`immutable`): nothing can change them after the entry was made, so the
+    very same objects as the last hit are a hit at once, without hashing.
+    The cache is emptied when it holds ``limit`` entries.
+    """
+
+    cdef dict entries
+    cdef tuple last        # (key, value) of the last entry stored or found
+    cdef Py_ssize_t limit
+
+    def __init__(self, Py_ssize_t limit=256):
+        self.entries, self.last, self.limit = {}, None, limit
+
+    cpdef object get(self, tuple key):
+        """The value stored under ``key`` exactly, or None."""
+        cdef tuple last = self.last, entry
+        if last is not None and _same_objects(<tuple>last[0], key):
+            return last[1]
+        if not _immutable(key):
+            return None
+        entry = self.entries.get(key)
+        if entry is None or not _identical(entry[0], key):
+            return None
+        self.last = entry  # one reference replaced: a thread never sees a key with another's value
+        return entry[1]
+
+    def put(self, tuple key, value):
+        """Store ``value`` under ``key`` (nothing happens for a key that is not immutable)."""
+        cdef tuple entry = (key, value)
+        if not _immutable(key):
+            return
+        if len(self.entries) >= self.limit:
+            self.entries.clear()
+        self.entries[key] = entry
+        self.last = entry
+
+    def clear(self):
+        self.entries.clear()
+        self.last = None
+
+    def __len__(self):
+        return len(self.entries)
+
+
+def same_values(object mapping, tuple names, tuple values):
+    """True if ``mapping`` is a dict and ``mapping[names[i]] is values[i]`` for
+    every i: the very objects."""
+    cdef Py_ssize_t i
+    cdef PyObject* value
+    if type(mapping) is not dict or values is None or len(values) != len(names):
+        return False
+    for i in range(len(names)):
+        value = PyDict_GetItemWithError(mapping, names[i])
+        if value == NULL or value != <PyObject*>values[i]:
+            return False
+    return True
+
+
+def update_each(list mappings, dict update):
+    """``mapping.update(update)`` for every dict of ``mappings`` (a step's counters)."""
+    cdef object mapping
+    for mapping in mappings:
+        PyDict_Update(<dict?>mapping, update)
+
+
+# ------------------------------------------------------------- kernel calls and plans
+cdef extern from "Python.h":
+    object PyObject_Vectorcall(object function, PyObject** args, size_t nargsf, object kwnames)
+
+cdef enum:
+    # Arguments of one kernel call: params, grads, buffers, scalars, n_threads.
+    MAX_KERNEL_ARGUMENTS = 48
+
+
+@cython.auto_pickle(False)
+cdef class KernelCall:
+    """One rule's kernel (or reference twin) called with its buffers and scalars by
+    name: ``backend.<kernel>(params, grads, <buffer>=..., <scalar>=...,
+    n_threads=...)``, the ``def`` entry every update goes through.
+
+    The keyword names are assembled once, here; ``kernel(**scalars)`` would build
+    a dict and take it apart again at every call, which costs as much as a small
+    update. ``constant_names`` and ``varying_names`` name the scalars that stay
+    the same from step to step and those that change with the step.
+    """
+
+    cdef readonly str kernel
+    cdef tuple kwnames
+    cdef Py_ssize_t n_buffers, n_constants, n_varying
+
+    def __init__(self, str kernel, tuple buffer_names, tuple constant_names, tuple varying_names):
+        self.kernel = kernel
+        self.kwnames = (*buffer_names, *constant_names, *varying_names, "n_threads")
+        self.n_buffers, self.n_constants, self.n_varying = len(buffer_names), len(constant_names), len(varying_names)
+        if 2 + len(self.kwnames) > MAX_KERNEL_ARGUMENTS:
+            raise ValueError(f"a kernel takes at most {MAX_KERNEL_ARGUMENTS} arguments")
+
+    def __call__(self, backend, params, grads, buffers, constants, varying, n_threads):
+        """Call ``backend``'s kernel: ``buffers`` (one list or None per declared
+        buffer), ``constants`` and ``varying`` (the scalars' values) are tuples in
+        the order of the names given to the constructor."""
+        return self.call(getattr(backend, self.kernel), params, grads, buffers, constants, varying, n_threads)
+
+    cdef object call(self, object function, object params, object grads, tuple buffers, tuple constants,
+                     tuple varying, object n_threads):
+        cdef PyObject* args[MAX_KERNEL_ARGUMENTS]
+        cdef Py_ssize_t i, k = 2
+        if (len(buffers) != self.n_buffers or len(constants) != self.n_constants
+                or len(varying) != self.n_varying):
+            raise ValueError(f"{self.kernel}: {len(buffers)} buffers, {len(constants)} + {len(varying)} scalars "
+                             f"for {self.kwnames}")
+        args[0], args[1] = <PyObject*>params, <PyObject*>grads
+        for i in range(self.n_buffers):
+            args[k] = <PyObject*>buffers[i]
+            k += 1
+        for i in range(self.n_constants):
+            args[k] = <PyObject*>constants[i]
+            k += 1
+        for i in range(self.n_varying):
+            args[k] = <PyObject*>varying[i]
+            k += 1
+        args[k] = <PyObject*>n_threads
+        return PyObject_Vectorcall(function, args, 2, self.kwnames)
+
+
+cdef inline bint _same_scale(object a, object b):
+    """The same object, or two floats with the same bits (-0.0 is not 0.0)."""
+    cdef double x, y
+    if a is b:
+        return True
+    if type(a) is not float or type(b) is not float:
+        return False
+    x, y = PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b)
+    return memcmp(&x, &y, sizeof(double)) == 0
+
+
+@cython.auto_pickle(False)
+cdef class KernelArguments:
+    """The kernel call of one validated configuration (a rule's Config), step
+    after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
+
+    ``spec.prepared(spec.scalars(hyper, step=, grad_scale=, fresh=))`` gives
+    ``(invoke, constants)``; it runs again only when ``fresh`` is not the very
+    object of the last call, ``grad_scale`` neither is it nor a float of the same
+    bits, or, if ``keyed_on_step`` (the scalars
+    change with the step and the rule declares no ``step_scalars``), ``step`` is
+    not. Otherwise only ``spec.step_scalars(hyper, step)`` runs, if declared: so a
+    rule computes its step-independent scalars once per change of its
+    hyperparameters. One tuple is read and one replaced, so threads sharing a
+    configuration never mix one call's key with another's scalars. (It holds the
+    spec, not the Config: no reference cycle, so a Config is freed at once.)
+    """
+
+    cdef object spec, step_scalars, hyper
+    cdef bint keyed_on_step
+    cdef tuple last          # (key, grad_scale, fresh, invoke, constants)
+    cdef tuple last_varying  # (step, step_scalars(hyper, step)): arrays stepped one by one share it
+
+    def __init__(self, spec, hyper):
+        self.spec, self.hyper, self.step_scalars = spec, hyper, spec.step_scalars
+        self.keyed_on_step, self.last, self.last_varying = spec.uses_step and spec.step_scalars is None, None, None
+
+    cpdef tuple get(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants, varying)`` for step ``step``."""
+        cdef tuple constant = self.constant(step, grad_scale, fresh)
+        return constant[0], constant[1], self.varying(step)
+
+    cpdef tuple varying(self, object step):
+        """``step_scalars(hyper, step)`` (``()`` if the rule declares none), kept for
+        the next call at the same step."""
+        cdef tuple last = self.last_varying
+        if self.step_scalars is None:
+            return ()
+        if last is None or type(step) is not int or type(last[0]) is not int or step != last[0]:
+            last = (step, self.step_scalars(self.hyper, step))
+            self.last_varying = last
+        return last[1]
+
+    cpdef tuple constant(self, object step, object grad_scale, object fresh):
+        """``(invoke, constants)`` for step ``step``: what does not change with it."""
+        cdef object key = step if self.keyed_on_step else None
+        cdef tuple last = self.last
+        if last is None or last[0] is not key or not _same_scale(last[1], grad_scale) or last[2] is not fresh:
+            invoke, constants = self.spec.prepared(self.spec.scalars(self.hyper, step=step, grad_scale=grad_scale,
+                                                                     fresh=fresh))
+            last = (key, grad_scale, fresh, invoke, constants)
+            self.last = last
+        return last[3], last[4]
+
+
+@cython.auto_pickle(False)
+cdef class BucketPlan:
+    """One kernel call of an optimizer's step: a group's parameters of one dtype
+    (or its flat arena), their state buffers as the kernel takes them, and where
+    the parameters sit in the group (``positions``: indices into its list)."""
+
+    cdef public list params, positions, grads
+    cdef public tuple buffers
+    cdef public object span        # the slice of the group's gradients, or None if not contiguous
+
+    def __init__(self, list params, tuple buffers, list positions, span, list grads=None):
+        self.params, self.buffers, self.positions, self.span, self.grads = params, buffers, positions, span, grads
+
+
+@cython.auto_pickle(False)
+cdef class GroupPlan:
+    """What an optimizer's step needs of one parameter group while nothing changes:
+    the group's dict and the hyperparameter objects last validated (``values``,
+    by ``names``), its parameter list, its state dicts (the step count of
+    ``states[0]``), its configuration's kernel call and scalars (``arguments``, a
+    :class:`KernelArguments`) and which of the rule's buffers the kernel gets
+    (``present``, as a Config's)."""
+
+    cdef public object group, param_list
+    cdef public tuple names, values, present
+    cdef public list states, buckets
+    cdef public KernelArguments arguments
+    cdef public Py_ssize_t first, size
+    cdef public bint counts_steps
+
+    def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets,
+                 KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps, tuple present):
+        self.group, self.names, self.values, self.param_list = group, names, values, param_list
+        self.states, self.buckets, self.arguments = states, buckets, arguments
+        self.first, self.size, self.counts_steps, self.present = first, size, counts_steps, present
+
+
+@cython.auto_pickle(False)
+cdef class StepPlan:
+    """An optimizer's step while nothing but the gradients, the gradient scale and
+    the hyperparameter values changes, in C.
+
+    The optimizer builds it (in Python) after a step that went its general way,
+    and uses it until anything else changes. When a hyperparameter in
+    ``param_groups`` is not the object validated last time (a schedule wrote
+    it), ``refresh(position, group_plan, step, flat)`` (the optimizer's) validates the
+    group again and updates the group's plan, or returns False. :meth:`run`
+    returns False, before writing anything, when a refresh does, a group or its
+    parameter list was replaced, a step count is not a plain int in range, or
+    ``grad_scale`` is not a finite positive float; the optimizer then takes its
+    general path, which validates, allocates, raises as needed and builds a new
+    plan. Otherwise it checks the arrays (:class:`WrittenBuffers`; a bad gradient
+    raises), gets each group's scalars (:class:`KernelArguments`: the rule's
+    ``step_scalars`` each step, the others when the gradient scale changes), and
+    only then writes: one kernel call per bucket, then the step counts. ``flat``:
+    the plan steps the flat arenas (``run(None)``) rather than gradients given
+    per array. ``fresh`` is the "no buffer created" marker the configs key on.
+    """
+
+    cdef list param_groups, groups
+    cdef WrittenBuffers written
+    cdef bint flat
+    cdef Py_ssize_t size
+    cdef object fresh
+
+    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, fresh):
+        cdef GroupPlan plan
+        self.param_groups, self.groups, self.written, self.flat = param_groups, groups, written, flat
+        self.fresh = fresh
+        self.size = 0
+        for plan in groups:
+            self.size += plan.size
+
+    def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads,
+            object refresh):
+        """Take the step; False if the optimizer must take its general path instead.
+        (``refresh`` comes with each call: a plan that kept it would keep its
+        optimizer alive in a reference cycle.)"""
+        cdef Py_ssize_t g, n = len(self.groups), offset = 0
+        cdef GroupPlan plan
+        cdef BucketPlan bucket
+        cdef object group, bucket_grads, step, invoke
+        cdef list steps = [], calls = []
+        cdef tuple call
+        if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
+                or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
+            return False
+        for g in range(n):
+            plan = <GroupPlan>self.groups[g]
+            group = (<list>param_groups)[g]
+            if group is not plan.group or PyDict_GetItemWithError(group, "params") != <PyObject*>plan.param_list:
+                return False
+            step = 1
+            if plan.counts_steps:
+                step = (<dict>plan.states[0]).get("step")
+                if type(step) is not int or not 0 <= step < MAX_STEP - 1:
+                    return False
+                step += 1
+            if not same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
+                return False
+            steps.append(step)
+        self.written.verify()
+        if not self.flat:
+            if type(grads) is not list and type(grads) is not tuple:
+                return False
+            if len(grads) != self.size:
+                raise ValueError(f"{len(grads)} gradients for {self.size} parameters")
+            for g in range(n):
+                plan = <GroupPlan>self.groups[g]
+                for bucket in plan.buckets:
+                    # A new list: the kernel gets what was checked, whatever the caller's list does.
+                    if bucket.span is None:
+                        bucket_grads = [grads[offset + k] for k in bucket.positions]
+                    else:
+                        bucket_grads = list(grads[offset + bucket.span.start:offset + bucket.span.stop])
+                    self.written.check_grads(bucket.params, bucket_grads, bucket.positions, offset, plan.first, -1)
+                    bucket.grads = bucket_grads
+                offset += plan.size
+        for g in range(n):
+            call = (<GroupPlan>self.groups[g]).arguments.get(steps[g], grad_scale, self.fresh)
+            if type(call[0]) is not KernelCall:
+                return False
+            calls.append(call)
+        # The writes.
+        for g in range(n):
+            plan = <GroupPlan>self.groups[g]
+            invoke, constants, varying = calls[g]
+            function = getattr(backend, (<KernelCall>invoke).kernel)
+            for bucket in plan.buckets:
+                (<KernelCall>invoke).call(function, bucket.params, bucket.grads, bucket.buffers, constants, varying,
+                                          n_threads)
+                if not self.flat:
+                    bucket.grads = None
+            if plan.counts_steps:
+                update_each(plan.states, {"step": steps[g]})
+        return True
+
+
+@cython.auto_pickle(False)
+cdef class FaceRunner:
+    """What a rule's functional face does, the common case in C.
+
+    ``run`` takes what the generated face passes on (see
+    ``RuleSpec.face_step``). When the hyperparameters are cached (validated
+    before), ``step`` is an int in range, ``grad_scale`` a finite float, the
+    buffers given are those the configuration needs, ``first_step`` is False and
+    the rule keeps no scalar state, it checks the arrays (:func:`checked_lists`)
+    and calls the kernel; anything else goes to ``general`` (``face_step``), which
+    validates it all and raises or runs. Both compute the same scalars and make
+    the same kernel call.
+    """
+
+    cdef ExactCache configs
+    cdef object general, resolve_backend, effective_n_threads, nothing_fresh
+    cdef tuple roles, writable
+    cdef bint uses_step, simple
+
+    def __init__(self, ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
+                 resolve_backend, effective_n_threads, nothing_fresh):
+        self.configs, self.roles, self.writable, self.uses_step, self.simple = configs, roles, writable, uses_step, simple
+        self.general, self.resolve_backend, self.effective_n_threads = general, resolve_backend, effective_n_threads
+        self.nothing_fresh = nothing_fresh
+
+    def run(self, params, grads, tuple buffers, tuple present, tuple values, step, grad_scale, first_step,
+            scalar_state, n_threads, backend):
+        cdef double scale
+        config = self.configs.get(values)
+        if (config is None or not self.simple or first_step is not False
+                or (self.uses_step and (type(step) is not int or not 0 < step < MAX_STEP))
+                or type(grad_scale) is not float or present != config.present):
+            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
+                                scalar_state, n_threads, backend)
+        scale = grad_scale
+        if not -INFINITY < scale < INFINITY:
+            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
+                                scalar_state, n_threads, backend)
+        lists = _checked_lists(self.roles, (params, grads, *buffers), self.writable)
+        backend = self.resolve_backend(backend)
+        n_threads = self.effective_n_threads(n_threads)
+        invoke, constants, varying = (<KernelArguments>config.arguments).get(step, grad_scale, self.nothing_fresh)
+        if type(invoke) is KernelCall:
+            (<KernelCall>invoke).call(getattr(backend, (<KernelCall>invoke).kernel), lists[0], lists[1],
+                                      lists[2:], constants, varying, n_threads)
+        else:
+            invoke(backend, lists[0], lists[1], lists[2:], constants, varying, n_threads)

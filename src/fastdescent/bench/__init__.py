@@ -18,6 +18,9 @@ Three cases:
 * ``threads`` (only when asked): the threading sweep of ``bench.threads``, float32
   Adam from 2**14 to 2**24 elements, 1 and 2 threads beside torch fused, back to
   back and after idle gaps;
+* ``steps`` (only when asked): the per-step cost of ``bench.steps``: a rule's
+  face, optimizer and flat optimizer on 1 and 100 arrays of 1,000 elements and on
+  10**6 and 10**7, beside torch fused;
 * ``memory``: the peak bytes per parameter an optimizer's first step allocates
   (its state), for every rule and state dtype.
 
@@ -58,11 +61,12 @@ from .cases import (
     torch_or_none,
 )
 from . import threads as threads_sweep
+from . import steps as steps_case
 from .report import derive, render
 
 __all__ = ["add_arguments", "run", "main"]
 
-CASES = ("sizes", "many", "overhead", "threads", "memory")
+CASES = ("sizes", "many", "overhead", "threads", "steps", "memory")
 #: --state-dtypes: "native" keeps the state in the parameters' dtype.
 STATE_DTYPES = ("native", "bfloat16", "int8")
 DEFAULT_CASES = ("sizes", "many", "overhead")
@@ -101,7 +105,7 @@ def shape_arg(text):
 def add_arguments(parser):
     """Add the bench command's options to ``parser``."""
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
-                        help="what to measure (default: all but threads)")
+                        help="what to measure (default: all but threads and steps)")
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES),
                         help="rules from fastdescent.catalog (default: all)")
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(DEFAULT_SIZES),
@@ -132,6 +136,7 @@ def add_arguments(parser):
     parser.add_argument("--min-elements-per-thread", type=int, metavar="N",
                         help="set the kernels' serial threshold for this run (every variant)")
     threads_sweep.add_arguments(parser, size_arg)
+    steps_case.add_arguments(parser, shape_arg)
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run; measure nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -145,6 +150,8 @@ def run(args):
         print(render(saved))
         if "threads" in saved:
             print(threads_sweep.render(saved["threads"]))
+        if "steps" in saved:
+            print(steps_case.render(saved["steps"]))
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
@@ -164,6 +171,9 @@ def run(args):
     if "threads" in args.cases:
         result["threads"] = threads_sweep.measure(args)
         print(threads_sweep.render(result["threads"]))
+    if "steps" in args.cases:
+        result["steps"] = steps_case.measure(args)
+        print(steps_case.render(result["steps"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -88,7 +88,7 @@ def _heading(result):
         f"fastdescent {c['version']} bench, {result['started']}: kernels {c['variant']} "
         f"(built: {', '.join(c['variants_built'])}), up to {c['max_threads']} threads, serial below "
         f"{2 * c['min_elements_per_thread']:,} elements ({2 * c.get('min_elements_per_thread_cold', c['min_elements_per_thread']):,} "
-        f"with a sleeping team); torch {result['torch'] or 'not installed'}",
+        f"with parked workers); torch {result['torch'] or 'not installed'}",
     ]
     idle = result["options"].get("idle")
     if idle:

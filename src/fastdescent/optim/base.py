@@ -10,9 +10,9 @@ class's ``spec`` (:class:`~fastdescent.rules._spec.RuleSpec`): a rule's class is
 derived from it by :func:`fastdescent.optim.optimizer_class`.
 """
 
-import copy
 import math
 import operator
+import threading
 from collections.abc import Mapping
 from numbers import Integral
 
@@ -20,10 +20,11 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT, PARAMETER
+from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from .clipping import bucket_norm
-from .lowprec import LowPrecision, check_low_precision_param, is_low_precision_param, scales_name, views as _views
-from .state import Checkpointing
+from .lowprec import (LowPrecision, record_spans, check_low_precision_param, is_low_precision_param, scales_name,
+                      views as _views)
+from .state import Checkpointing, _step_count
 
 # torch.nn.utils.clip_grad_norm_ divides by norm + 1e-6.
 _CLIP_EPS = 1e-6
@@ -79,7 +80,7 @@ class ParamList(list):
 class _Bucket:
     """The parameters of one group with one dtype: what one kernel call updates."""
 
-    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers", "stored")
+    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers", "kernel_buffers", "stored")
 
     def __init__(self, dtype, positions, params):
         self.dtype = dtype
@@ -88,32 +89,28 @@ class _Bucket:
         contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
         self.span = slice(positions[0], positions[-1] + 1) if contiguous else None
         self.arenas = {}  # flat layout: role -> one 1-D array for every parameter
-        self.buffers = {}  # state buffer name -> the kernel's arrays (one per parameter, or the arena)
+        self.buffers = {}  # state buffer name -> the kernel's arrays (one per parameter, or views if flat)
+        # The buffers as the kernel takes them (one list or None per declared buffer):
+        # (per array, flat arena), built when the state changes.
+        self.kernel_buffers = None
         self.stored = None  # low-precision storage: a lowprec.StoredBucket
 
 
 class _Layout:
     """How one group's parameters are stored and bucketed."""
 
-    __slots__ = ("first", "params", "buckets", "grad_views", "states", "checked", "hyper")
+    __slots__ = ("index", "first", "params", "param_list", "buckets", "grad_views", "states", "config", "complete")
 
-    def __init__(self, first, params, buckets, grad_views):
+    def __init__(self, index, first, params, buckets, grad_views):
+        self.index = index            # the group's index in param_groups
         self.first = first            # index of the group's first parameter
         self.params = params          # tuple: the arrays the group was built with
+        self.param_list = None        # the ParamList in param_groups[index]["params"]
         self.buckets = buckets
         self.grad_views = grad_views  # flat layout: views into the gradient arenas
         self.states = None            # the parameters' state dicts, once they exist
-        self.checked = None           # copies of the hyperparameters as last validated
-        self.hyper = None             # and their validated values
-
-
-class _Work:
-    """One kernel call of a step."""
-
-    __slots__ = ("group", "bucket", "params", "grads", "flat")
-
-    def __init__(self, group, bucket, params, grads, flat):
-        self.group, self.bucket, self.params, self.grads, self.flat = group, bucket, params, grads, flat
+        self.config = None            # the hyperparameters as last validated (a rule Config)
+        self.complete = None          # a config whose buffers all exist (none need creating)
 
 
 class Optimizer(LowPrecision, Checkpointing):
@@ -122,12 +119,25 @@ class Optimizer(LowPrecision, Checkpointing):
     A rule's class sets ``spec`` (its :class:`~fastdescent.rules._spec.RuleSpec`);
     :func:`fastdescent.optim.optimizer_class` derives the whole class from it.
 
-    A step validates a group's hyperparameters with the rule's own validation
-    (``spec.validate``, as the face does) only when a value changed since the last
-    check, and each gradient against its parameter (``check_buffers``, in C); the
-    state buffers are the optimizer's own, checked when created or loaded. It then
-    reaches the kernel by the rule's one path (``spec.run``), once per bucket, so
-    the per-array cost of a step is one gradient check and one pointer gather.
+    A step keeps a plan: each group's validated hyperparameters (a rule
+    :class:`~fastdescent.rules._spec.Config`) and kernel scalars, and a table of
+    every array the optimizer writes (:class:`~fastdescent._runtime.WrittenBuffers`:
+    parameters and state buffers, checked for overlap once). A hyperparameter is
+    validated again, with the rule's own validation (as the face does), only when
+    its value in ``param_groups`` is no longer the very object validated last time
+    (or is mutable, such as a list), so a write is always seen before the next
+    step writes anything. Per step, in C and without Python work per array, the
+    table confirms that no array changed in place and each gradient is checked
+    (dtype, shape, layout, and no byte shared with any array the step writes).
+    Everything that can fail is checked for every group before the first write,
+    so a step that raises leaves every parameter, state buffer and step count as
+    it was. It then reaches the kernel by the rule's one path, once per bucket.
+
+    Steps are thread-safe: one optimizer's steps are serialized (a thread that
+    calls ``step`` while another thread's step runs waits for it, so each step is
+    whole and counted once); so are ``state_dict``, ``load_state_dict``, ``save``,
+    ``load``, ``add_param_group`` and ``zero_grad``. Different optimizers step in
+    parallel.
 
     Parameters
     ----------
@@ -225,6 +235,9 @@ class Optimizer(LowPrecision, Checkpointing):
         self.state = ParamState(self._index_by_id)
         self._layouts = []
         self._registered = {}
+        self._lock = threading.RLock()
+        self._written = None  # WrittenBuffers of every parameter and state buffer, built when needed
+        self._plan = None     # the StepPlan of the steady state, built after a step that went the general way
         for group in _as_groups(params):
             self.add_param_group(group)
 
@@ -260,6 +273,7 @@ class Optimizer(LowPrecision, Checkpointing):
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
         self._clip_grad_norm = None if value is None else _checks.positive("clip_grad_norm", value)
+        self._plan = None
 
     @property
     def clip_grad_value(self):
@@ -268,6 +282,7 @@ class Optimizer(LowPrecision, Checkpointing):
     @clip_grad_value.setter
     def clip_grad_value(self, value):
         self._clip_grad_value = None if value is None else _checks.positive("clip_grad_value", value)
+        self._plan = None
 
     @property
     def skip_nonfinite(self):
@@ -278,6 +293,7 @@ class Optimizer(LowPrecision, Checkpointing):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
         self._skip_nonfinite = bool(value)
+        self._plan = None
 
     # ------------------------------------------------------------- parameters
     @property
@@ -296,13 +312,18 @@ class Optimizer(LowPrecision, Checkpointing):
         """Set the flat gradient arena to zero (``flat=True`` only)."""
         if not self.flat:
             raise ValueError("zero_grad() needs flat=True; otherwise the gradients are your own arrays")
-        for layout in self._layouts:
-            for bucket in layout.buckets:
-                bucket.arenas["grad"].fill(0)
+        with self._lock:
+            for layout in self._layouts:
+                for bucket in layout.buckets:
+                    bucket.arenas["grad"].fill(0)
 
     def add_param_group(self, param_group):
         """Add a group: a dict with ``"params"`` and any hyperparameters (the rest
         from the constructor's defaults), validated before anything changes."""
+        with self._lock:
+            self._add_param_group(param_group)
+
+    def _add_param_group(self, param_group):
         if not isinstance(param_group, Mapping):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:
@@ -318,9 +339,10 @@ class Optimizer(LowPrecision, Checkpointing):
         hyper = self.spec.validate(group, f"param_groups[{g}]")
         self._check_storage(g, hyper, {p.dtype for p in params})
         layout = self._layout(group, first=len(self._index_by_id))
-        group["params"] = ParamList(layout.params)
+        group["params"] = layout.param_list = ParamList(layout.params)
         self.param_groups.append(group)
         self._layouts.append(layout)
+        self._written = self._plan = None
         for k, p in enumerate(group["params"]):
             self._index_by_id[id(p)] = layout.first + k
 
@@ -345,7 +367,7 @@ class Optimizer(LowPrecision, Checkpointing):
             buckets.append(_Bucket(dtype, positions, [params[k] for k in positions]))
             buckets[-1].arenas.update(arenas.get(dtype, {}))
             buckets[-1].stored = self._new_stored_bucket(buckets[-1], first)
-        return _Layout(first, tuple(params), buckets, grad_views)
+        return _Layout(len(self._layouts), first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
     @property
@@ -357,73 +379,171 @@ class Optimizer(LowPrecision, Checkpointing):
         initial value (a float, FIRST_GRADIENT or PARAMETER)."""
         return {b.name: b.initial(hyper) for b in self.spec.needed(hyper)}
 
-    def _group_hyper(self, g):
-        """Group ``g``'s validated hyperparameters: checked again only if a value
-        was written since the last check (a copy of each value is kept to tell)."""
-        group, layout = self.param_groups[g], self._layouts[g]
-        if not _unchanged(layout.checked, group):
-            hyper = self.spec.validate(group, f"param_groups[{g}]")
-            self._check_storage(g, hyper, {b.dtype for b in layout.buckets})
-            layout.hyper = hyper
-            layout.checked = {k: copy.copy(v) for k, v in group.items() if k != "params"}
-        return layout.hyper
+    def _config(self, layout):
+        """The group's validated hyperparameters (a rule Config). They are
+        validated again only when a value in the group is not the very object
+        validated last time, or the last values were mutable (a list, an array):
+        then only the values that changed (see ``RuleSpec.configure``)."""
+        group, config = self.param_groups[layout.index], layout.config
+        if config is None or not config.trusted or not _runtime.same_values(group, self.spec.hyper_names,
+                                                                            config.values):
+            where = f"param_groups[{layout.index}]"
+            config = self.spec.configure(self.spec.values_of(group, where), where, previous=config)
+            self._check_storage(layout.index, config.hyper, {b.dtype for b in layout.buckets})
+            layout.config = config
+        return config
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, group=None, *, grad_scale=1.0):
         """Take one step; return True, or False if the non-finite guard skipped it.
+
+        A step checks everything before it writes anything: if it raises, every
+        parameter, state buffer and step count is as it was. Steps of one
+        optimizer from several threads are serialized (see the class docstring).
 
         Parameters
         ----------
         grads : list of ndarray, or None
             One gradient per parameter, aligned with the parameters of all groups
             in order (or of group ``group`` only). None with ``flat=True``: the
-            gradient views ``opt.grads``.
+            gradient views ``opt.grads``. A gradient may share no memory with a
+            parameter or state buffer that the step writes.
         group : int or None
             Step only this group (its own steps, norm and clipping).
         grad_scale : float
             Multiplies every gradient as it is read (``1 / loss_scale`` removes a
             loss scale); composes with norm clipping.
         """
-        selected = self._selected(group)
-        grad_scale = _checks.positive("grad_scale", grad_scale)
-        work = self._work(selected, grads)
-        hyper = {g: self._group_hyper(g) for g in selected}
-        steps = {g: self._next_step(g) for g in selected}
-        scale = self._clip(work, grad_scale)
-        if scale is None:
-            self.skipped_steps += 1
-            return False
+        lock = self._lock
+        lock.acquire()
+        try:
+            plan = self._plan
+            if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale,
+                                                               resolve_backend(self._backend),
+                                                               effective_n_threads(self._n_threads),
+                                                               self._refresh_plan):
+                return True
+            return self._step(grads, group, grad_scale)
+        finally:
+            lock.release()
+
+    def _step(self, grads, group, grad_scale):
+        """The general way of a step (the plan's way is the same, in C, while
+        nothing but the gradients changes)."""
+        if type(grad_scale) is not float or not 0.0 < grad_scale < math.inf:
+            grad_scale = _checks.positive("grad_scale", grad_scale)
+        layouts = self._layouts if group is None else self._selected(group)
+        # Everything that can fail, for every group, before the first write: the
+        # hyperparameters, the arrays, the step counts and scalar states, the
+        # clipping norm and the kernel scalars.
+        groups = []
+        for layout in layouts:
+            config = self._config(layout)
+            groups.append((layout, config, self._next_step(layout), self._scalar_state(layout, config),
+                           NOTHING_FRESH if layout.complete is config else self._missing(layout, config)))
+        work = self._work(layouts, grads, group)
+        scale = grad_scale
+        if self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None:
+            scale = self._clip(work, grad_scale)
+            if scale is None:
+                self.skipped_steps += 1
+                return False
+        else:
+            self.last_grad_norm = None
+        calls = []
+        for layout, config, step, scalar_state, fresh in groups:
+            calls.append(config.kernel_arguments(step, scale, fresh, scalar_state))
         n_threads = effective_n_threads(self._n_threads)
         kernels = resolve_backend(self._backend)
-        fresh = {g: self._allocate_state(g, hyper[g]) for g in selected}
-        scalar_state = {g: self._scalar_state(g, hyper[g]) for g in selected}
-        for item in work:
-            g = item.group
-            buffers = {name: self._buffer_lists(item, name) for name in self.spec.buffer_names}
-            params, grads, buffers, formats, ids = self._kernel_arrays(item, buffers, steps[g])
-            self.spec.run(kernels, params, grads, buffers, hyper[g], step=steps[g], grad_scale=scale,
-                          fresh=fresh[g], scalar_state=scalar_state[g], n_threads=n_threads, formats=formats,
-                          tensor_ids=ids)
-        for g in selected:
-            update = self.spec.advanced(hyper[g], steps[g], scalar_state[g])
-            if self._counts_steps:
-                update["step"] = steps[g]
-            for state in self._layouts[g].states or ():
-                state.update(update)
+        self._allocate_state(groups)
+        # The writes.
+        for position, bucket, params, bucket_grads, flat in work:
+            buffers = self._kernel_buffers(bucket, flat, groups[position][1])
+            if bucket.stored is not None:  # low precision: the Python path, through the backend's stored()
+                self._stored_call(kernels, bucket, params, bucket_grads, flat, buffers, groups[position], scale,
+                                  n_threads)
+                continue
+            invoke, constants, varying = calls[position]
+            invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
+        for layout, config, step, scalar_state, fresh in groups:
+            if layout.states:
+                update = self.spec.advanced(config.hyper, step, scalar_state)
+                if self._counts_steps:
+                    update["step"] = step
+                _runtime.update_each(layout.states, update)
+        if group is None and scale is grad_scale:
+            self._plan = self._steady_plan(grads is None, calls)
         return True
 
-    def _buffer_lists(self, item, name):
-        """The arrays of buffer ``name`` for one kernel call (None if not kept)."""
-        if item.flat:
-            arena = item.bucket.arenas.get(name)
-            return None if arena is None else [arena]
-        return item.bucket.buffers.get(name)
+    def _steady_plan(self, flat, calls):
+        """The StepPlan that repeats this step while nothing but the gradients
+        changes, or None where the general way must run every time: a rule with
+        scalar state, a runner, or scalars that change with the step but no
+        ``step_scalars``; clipping or the guard; mutable hyperparameters; a
+        parameter list that is not the group's own; state still to create."""
+        spec = self.spec
+        if (spec.scalar_state or spec.runner is not None or self._low_precision() or (spec.uses_step and spec.step_scalars is None)
+                or self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None):
+            return None
+        groups = []
+        for layout, (invoke, constants, varying) in zip(self._layouts, calls):
+            config, group = layout.config, self.param_groups[layout.index]
+            if (not config.trusted or layout.complete is not config or group["params"] is not layout.param_list
+                    or (spec.counts_steps and layout.params and not layout.states)
+                    or type(invoke) is not _runtime.KernelCall):
+                return None
+            buckets = [_runtime.BucketPlan([b.arenas["param"]], self._kernel_buffers(b, True, config), b.positions,
+                                           b.span, [b.arenas["grad"]]) if flat else
+                       _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
+                       for b in layout.buckets]
+            groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
+                                             layout.states or [], buckets, config.arguments, layout.first,
+                                             len(layout.params), spec.counts_steps and bool(layout.states),
+                                             config.present))
+        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, NOTHING_FRESH)
 
-    def _scalar_state(self, g, hyper):
-        """Group ``g``'s scalar states before this step (their initial values first)."""
-        states = self._layouts[g].states
-        return {s.name: states[0][s.name] if states and s.name in states[0] else s.initial_value(hyper)
-                for s in self.spec.scalar_state}
+    def _refresh_plan(self, position, plan, step, flat):
+        """A schedule wrote a hyperparameter of group ``position``: validate the
+        group again (only the values that changed) and update its part of the
+        StepPlan; False if the general path must run (a buffer to create, mutable
+        values). Raises, before any write, for a value validation refuses."""
+        layout = self._layouts[position]
+        config = self._config(layout)
+        if not config.trusted or self._missing(layout, config) is not NOTHING_FRESH:
+            return False
+        if config.present != plan.present:  # other buffers for the kernel
+            for bucket, b in zip(plan.buckets, layout.buckets):
+                bucket.buffers = self._kernel_buffers(b, flat, config)
+            plan.present = config.present
+        plan.values, plan.arguments = config.values, config.arguments
+        layout.complete = config
+        return True
+
+    def _kernel_buffers(self, bucket, flat, config):
+        """A bucket's state buffers as its kernel call takes them: one list (or None)
+        per declared buffer, of the per-parameter arrays or (``flat``) of the arena;
+        only those ``config`` needs (a buffer kept from an earlier configuration,
+        such as AMSGrad's maximum after ``amsgrad`` was switched off, stays out)."""
+        kept = bucket.kernel_buffers
+        if kept is None or kept[0] != config.present:
+            names = [n if needed else None for n, needed in zip(self.spec.buffer_names, config.present)]
+            arenas = tuple([None if bucket.arenas.get(n) is None else [bucket.arenas[n]] for n in names])
+            kept = bucket.kernel_buffers = (config.present, tuple([bucket.buffers.get(n) for n in names]), arenas)
+        return kept[1 + flat]
+
+    def _scalar_state(self, layout, config):
+        """The group's scalar states before this step (their initial values first),
+        checked to be finite; None for a rule that keeps none."""
+        if not self.spec.scalar_state:
+            return None
+        states = layout.states
+        values = {}
+        for s in self.spec.scalar_state:
+            if states and s.name in states[0]:
+                values[s.name] = _checks.finite(f"state[{layout.first}][{s.name!r}]", states[0][s.name])
+            else:
+                values[s.name] = s.initial_value(config.hyper)
+        return values
 
     def _update_state(self, g, names, update):
         """For a rule's own methods (``spec.mixin``): if group ``g`` has the buffers
@@ -431,88 +551,121 @@ class Optimizer(LowPrecision, Checkpointing):
         per dtype, with the group's validated hyperparameters, its parameters and
         their buffers (name -> arrays), the backend module and thread count a step
         would use."""
-        layout = self._layouts[g]
-        hyper = self._group_hyper(g)
-        if layout.states is None or any(name not in layout.states[0] for name in names):
-            return
-        backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
-        for bucket in layout.buckets:
-            if self.flat:
-                update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend, n_threads)
-            else:
-                update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
+        with self._lock:
+            layout = self._layouts[g]
+            hyper = self._config(layout).hyper
+            if layout.states is None or any(name not in layout.states[0] for name in names):
+                return
+            backend, n_threads = resolve_backend(self._backend), effective_n_threads(self._n_threads)
+            for bucket in layout.buckets:
+                if self.flat:
+                    update(hyper, [bucket.arenas["param"]], {n: [bucket.arenas[n]] for n in names}, backend,
+                           n_threads)
+                else:
+                    update(hyper, bucket.params, {n: bucket.buffers[n] for n in names}, backend, n_threads)
 
     def _selected(self, group):
-        if group is None:
-            return range(len(self.param_groups))
+        """The layout of group ``group`` (an index), in a list."""
         if isinstance(group, bool) or not isinstance(group, Integral):
             raise TypeError(f"group must be a group index or None, got {group!r}")
         if not 0 <= group < len(self.param_groups):
             raise ValueError(f"group {group} does not exist ({len(self.param_groups)} groups)")
-        return [int(group)]
+        return [self._layouts[int(group)]]
 
-    def _work(self, selected, grads):
-        """The kernel calls of a step, with every gradient validated."""
-        for g in selected:
-            layout = self._layouts[g]
-            current = self.param_groups[g]["params"]
-            if type(current) is ParamList:  # its elements cannot have changed
+    def _work(self, layouts, grads, group):
+        """The kernel calls of a step, ``(position, bucket, params, grads, flat)``
+        with ``position`` the group's place in ``layouts``, every gradient checked
+        in C (dtype, shape, layout, and no memory shared with any array the step
+        writes), and every parameter and state buffer still as it was."""
+        for layout in layouts:
+            current = self.param_groups[layout.index]["params"]
+            if current is layout.param_list:  # a ParamList: its elements cannot have changed
                 continue
             if len(current) != len(layout.params) or not all(map(operator.is_, current, layout.params)):
                 raise ValueError(
-                    f"param_groups[{g}]['params'] changed since the group was added; "
+                    f"param_groups[{layout.index}]['params'] changed since the group was added; "
                     "parameters are fixed (build a new optimizer or use add_param_group)"
                 )
+        written = self._written_table()
+        written.verify()
         if grads is None:
             if not self.flat:
                 raise TypeError("step() needs grads, one per parameter, unless the optimizer is flat=True")
-            return [_Work(g, b, [b.arenas["param"]], [b.arenas["grad"]], True)
-                    for g in selected for b in self._layouts[g].buckets]
-        if not isinstance(grads, (list, tuple)):
+            return [(i, b, [b.arenas["param"]], [b.arenas["grad"]], True)
+                    for i, layout in enumerate(layouts) for b in layout.buckets]
+        if type(grads) is not list and not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list of arrays, got {type(grads).__name__}")
-        expected = sum(len(self._layouts[g].params) for g in selected)
-        if len(grads) != expected:
-            raise ValueError(f"{len(grads)} gradients for {expected} parameters")
+        n = len(layouts[0].params) if len(layouts) == 1 else sum(len(layout.params) for layout in layouts)
+        if len(grads) != n:
+            raise ValueError(f"{len(grads)} gradients for {n} parameters")
+        only = -1 if group is None else layouts[0].index
         work, offset = [], 0
-        for g in selected:
-            layout = self._layouts[g]
+        for position, layout in enumerate(layouts):
             n = len(layout.params)
             group_grads = grads if n == len(grads) else grads[offset:offset + n]
-            offset += n
-            if self.flat and all(map(operator.is_, group_grads, layout.grad_views)):
-                work += [_Work(g, b, [b.arenas["param"]], [b.arenas["grad"]], True) for b in layout.buckets]
-                continue
+            flat = self.flat and all(map(operator.is_, group_grads, layout.grad_views))
             for b in layout.buckets:
+                if flat:
+                    work.append((position, b, [b.arenas["param"]], [b.arenas["grad"]], True))
+                    continue
                 if b.span is None:
-                    bucket_grads = [group_grads[k] for k in b.positions]
-                elif b.span.stop - b.span.start == len(group_grads) and isinstance(group_grads, list):
+                    bucket_grads = list(map(group_grads.__getitem__, b.positions))
+                elif b.span.stop - b.span.start == n and type(group_grads) is list:
                     bucket_grads = group_grads
                 else:
                     bucket_grads = list(group_grads[b.span])
-                work.append(_Work(g, b, b.params, bucket_grads, False))
-        for item in work:
-            if item.bucket.stored is not None and not item.flat:
-                self._check_stored_grads(item)
-            elif not item.flat:
-                try:
-                    _checks.check_buffers(("param", "grad"), (item.params, item.grads), (True, False))
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"param_groups[{item.group}] ({item.bucket.dtype}): {error}") from None
+                if b.stored is not None:  # bfloat16/float16 parameters or gradients: checked in Python
+                    self._check_stored_grads(layout, b, bucket_grads, offset, only)
+                else:
+                    written.check_grads(b.params, bucket_grads, b.positions, offset, layout.first, only)
+                work.append((position, b, b.params, bucket_grads, False))
+            offset += n
         return work
 
-    def _reads_grads_first(self):
-        return self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None
+    def _written_table(self):
+        """The table of every array a step may write (the kernels' own lists of
+        parameters and state buffers), built again after a change. It records the
+        arrays as they are, so it first checks that each still has its bucket's
+        dtype (the rest of its layout the table checks itself)."""
+        if self._written is None:
+            arrays, labels, groups = [], [], []
+            for g, layout in enumerate(self._layouts):
+                for bucket in layout.buckets:
+                    indices = [layout.first + k for k in bucket.positions]
+                    roles = [("params[{}]", bucket.params)]
+                    roles += [(f"state[{{}}][{name!r}]", buffers) for name, buffers in bucket.buffers.items()]
+                    if bucket.stored is not None:  # state in its own dtypes, scales, master copies
+                        roles += self._stored_roles(bucket)
+                    for label, role in roles:
+                        for i, array in zip(indices, role):
+                            if array.dtype != bucket.dtype and (bucket.stored is None or role is bucket.params):
+                                raise ValueError(f"{label.format(i)} was changed in place: its dtype is "
+                                                 f"{array.dtype}, not {bucket.dtype}")
+                            arrays.append(array)
+                            labels.append(label.format(i))
+                            groups.append(g)
+            self._written = _runtime.WrittenBuffers(arrays, labels, groups)
+            self._written_spans = record_spans(arrays, labels, groups) if self._low_precision() else ()
+        return self._written
 
-    def _next_step(self, g):
-        states = self._layouts[g].states
-        return (states[0].get("step", 0) if states else 0) + 1
+    def _next_step(self, layout):
+        """The 1-based index of the group's next step (1 for a rule that does not
+        count steps); a count written into the state that no step could follow
+        raises here, before anything is written."""
+        states = layout.states
+        if not states or "step" not in states[0]:
+            return 1
+        count = states[0]["step"]
+        if type(count) is not int or not 0 <= count < _checks.MAX_STEP - 1:
+            count = _step_count(count, f"state[{layout.first}]['step']")
+            if count >= _checks.MAX_STEP - 1:
+                raise ValueError(f"state[{layout.first}]['step'] is {count}: no step can follow it")
+        return count + 1
 
     def _clip(self, work, grad_scale):
-        """The gradient scale the rule should apply, or None to skip the step."""
-        if not self._reads_grads_first():
-            self.last_grad_norm = None
-            return grad_scale
-        buckets = [item.grads for item in work]
+        """The gradient scale the rule should apply, or None to skip the step
+        (clipping or the non-finite guard is on: the gradients are read first)."""
+        buckets = [item[3] for item in work]
         n_threads = effective_n_threads(self._n_threads)
         clip_value = self._clip_grad_value
         if clip_value is not None and self._skip_nonfinite:
@@ -532,37 +685,87 @@ class Optimizer(LowPrecision, Checkpointing):
                 return grad_scale * factor
         return grad_scale
 
-    def _allocate_state(self, g, hyper):
-        """Create the state buffers group ``g`` needs and lacks; return their names."""
-        layout = self._layouts[g]
-        wanted = self._wanted(hyper)
-        masters = self._storage.master_weights
-        if not layout.params or not (wanted or self._counts_steps or self.spec.scalar_state or masters):
-            return frozenset()
+    def _missing(self, layout, config):
+        """The state buffers the group needs and lacks: those this step creates."""
+        if not layout.params or not config.needed:
+            return NOTHING_FRESH
         if layout.states is None:
-            initial = {s.name: s.initial_value(hyper) for s in self.spec.scalar_state}
-            if self._counts_steps:
-                initial["step"] = 0
-            layout.states = [dict(initial) for _ in layout.params]
-            self.state.update(enumerate(layout.states, start=layout.first))
-            if masters:
-                self._allocate_masters(g)
-        missing = [name for name in wanted if name not in layout.states[0]]
-        for name in missing:
-            self._allocate_buffer(g, name, wanted[name])
-        return frozenset(missing)
+            return frozenset(config.needed)
+        missing = [name for name in config.needed if name not in layout.states[0]]
+        return frozenset(missing) if missing else NOTHING_FRESH
+
+    def _allocate_state(self, groups):
+        """Create the state the groups lack (their state dicts, the buffers this
+        step creates); on an error (memory) remove what was created."""
+        created = []
+        try:
+            for layout, config, step, scalar_state, fresh in groups:
+                masters = self._storage.master_weights
+                if (layout.states is None and layout.params
+                        and (fresh or self._counts_steps or self.spec.scalar_state or masters)):
+                    initial = {s.name: s.initial_value(config.hyper) for s in self.spec.scalar_state}
+                    if self._counts_steps:
+                        initial["step"] = 0
+                    layout.states = [dict(initial) for _ in layout.params]
+                    self.state.update(enumerate(layout.states, start=layout.first))
+                    created.append((layout, None))
+                    if masters:
+                        self._allocate_masters(layout.index)
+                for name in fresh:
+                    self._allocate_buffer(layout.index, name, config.needed[name])
+                    created.append((layout, name))
+                layout.complete = config
+        except BaseException:
+            for layout, name in reversed(created):
+                self._remove_state(layout, name)
+            raise
+        finally:
+            if created:
+                self._state_changed()
+
+    def _remove_state(self, layout, name):
+        """Undo one allocation: buffer ``name`` of the group, or (None) its state dicts."""
+        if name is None:
+            for i in range(layout.first, layout.first + len(layout.params)):
+                self.state.pop(i, None)
+            layout.states = None
+            return
+        for bucket in layout.buckets:
+            bucket.buffers.pop(name, None)
+            bucket.arenas.pop(name, None)
+            if bucket.stored is not None:
+                bucket.stored.scales.pop(name, None)
+        for state in layout.states or ():
+            state.pop(name, None)
+            state.pop(scales_name(name), None)
+
+    def _state_changed(self):
+        """The state buffers were created, removed or replaced: the table of written
+        arrays and the kernels' buffer lists are built again at the next step."""
+        self._written = self._plan = None
+        for layout in self._layouts:
+            layout.complete = None
+            for bucket in layout.buckets:
+                bucket.kernel_buffers = None
 
     def _allocate_buffer(self, g, name, fill):
         layout = self._layouts[g]
         for bucket in layout.buckets:
-            arrays, kernel_arrays, scales = self._new_state_buffer(bucket, name, fill)
-            bucket.buffers[name] = kernel_arrays
+            if bucket.stored is not None:  # low precision: its own dtypes, int8 scales
+                arrays, buffers, scales = self._new_state_buffer(bucket, name, fill)
+                if scales is not None:
+                    bucket.stored.scales[name] = scales
+                    for k, scale in zip(bucket.positions, scales):
+                        layout.states[k][scales_name(name)] = scale
+            elif self.flat:
+                arena = _new_buffer(bucket.arenas["param"], fill)
+                bucket.arenas[name] = arena
+                buffers = arrays = _views(arena, [p.shape for p in bucket.params])
+            else:
+                buffers = arrays = [_new_buffer(p, fill) for p in bucket.params]
+            bucket.buffers[name] = buffers
             for k, array in zip(bucket.positions, arrays):
                 layout.states[k][name] = array
-            if scales is not None:
-                bucket.stored.scales[name] = scales
-                for k, scale in zip(bucket.positions, scales):
-                    layout.states[k][scales_name(name)] = scale
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -570,16 +773,6 @@ class Optimizer(LowPrecision, Checkpointing):
             lines.append(f"Parameter Group {g}")
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
         return "\n".join(lines + [")"])
-
-
-def _unchanged(checked, group):
-    """True if ``group``'s hyperparameters equal the copies in ``checked``."""
-    if checked is None or len(checked) != len(group) - 1:
-        return False
-    try:
-        return all(k == "params" or (k in checked and checked[k] == v) for k, v in group.items())
-    except ValueError:  # an array-valued hyperparameter: just check it again
-        return False
 
 
 def _as_groups(params):
@@ -608,3 +801,13 @@ def _check_param(p, where):
         _runtime.check_buffers(("param",), ([p],), (True,), False)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
+
+
+def _new_buffer(like, fill):
+    if fill is FIRST_GRADIENT:
+        return np.empty_like(like)
+    if fill is PARAMETER:
+        return like.copy()
+    if fill == 0.0:
+        return np.zeros_like(like)
+    return np.full_like(like, fill)

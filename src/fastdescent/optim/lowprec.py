@@ -90,9 +90,10 @@ class LowPrecision:
                 raise ValueError(f"param_groups[{g}]: state_dtype='int8' with flat=True: int8 blocks are per "
                                  "parameter, so the state cannot be an arena; use flat=False")
 
-    def _stored(self, bucket):
-        """The bucket's StoredBucket, or None if every array of it is plain float."""
-        return bucket.stored
+    def _low_precision(self):
+        """True if any bucket keeps low-precision parameters or state (its steps
+        take the Python path)."""
+        return any(b.stored is not None for layout in self._layouts for b in layout.buckets)
 
     def _new_stored_bucket(self, bucket, first):
         dtype = bucket.dtype
@@ -111,22 +112,18 @@ class LowPrecision:
         return keys + tuple(scales_name(b.name) for b in self.spec.buffers)
 
     def _new_state_buffer(self, bucket, name, fill):
-        """Create buffer ``name`` of ``bucket`` (filled with ``fill`` or, for a buffer
+        """Create buffer ``name`` of low-precision ``bucket`` (filled with ``fill`` or, for a buffer
         the kernel initializes, zeros); returns (per-parameter state arrays, the
         kernel's arrays, their scales or None)."""
         stored = bucket.stored
         copies_parameter = fill is PARAMETER
         fill = 0.0 if fill is FIRST_GRADIENT or copies_parameter else fill
         shapes = [p.shape for p in bucket.params]
-        if stored is None:
-            dtype = bucket.dtype
-            kind = NATIVE
-        else:
-            kind = stored.kinds[name]
-            dtype = np.float64 if precision.dtype_name(bucket.dtype) == "float64" else np.float32
+        kind = stored.kinds[name]
+        dtype = np.float64 if precision.dtype_name(bucket.dtype) == "float64" else np.float32
         if copies_parameter:  # the values the rule updates: the masters if there are
             values = ([bucket.arenas.get(MASTER, bucket.arenas["param"])] if self.flat
-                      else stored.kernel_params if stored is not None and stored.copy_kind != NATIVE
+                      else stored.kernel_params if stored.copy_kind != NATIVE
                       else bucket.params)
             values = [np.asarray(v, np.float64 if kind == NATIVE and dtype == np.float64 else np.float32)
                       for v in values]
@@ -171,51 +168,78 @@ class LowPrecision:
                 layout.states[k][MASTER] = master
 
     # ------------------------------------------------------------ a step
-    def _check_stored_grads(self, item):
+    def _stored_roles(self, bucket):
+        """What a step writes in a low-precision bucket besides its parameters and
+        state buffers: ``(label, arrays)`` of the int8 scales and the master copies."""
+        stored = bucket.stored
+        roles = [(f"state[{{}}][{scales_name(name)!r}]", scales) for name, scales in stored.scales.items()]
+        if stored.copy_kind != NATIVE and stored.kernel_params is not None:
+            roles.append((f"state[{{}}][{MASTER!r}]", stored.kernel_params))
+        return roles
+
+    def _check_stored_grads(self, layout, bucket, grads, offset, only):
         """Validate the gradients of a bucket with low-precision parameters or
-        gradients (``check_buffers`` takes float32/float64 only): ndarrays shaped
-        like their parameters, C-contiguous and aligned, float32 or the parameters'
-        dtype, one dtype per call, sharing no memory with their parameter."""
-        where = f"param_groups[{item.group}] ({item.bucket.dtype})"
-        allowed = {"float32", precision.dtype_name(item.bucket.dtype)}
+        gradients (the C table takes gradients of the parameters' dtype only):
+        ndarrays shaped like their parameters, C-contiguous and aligned, float32 or
+        the parameters' dtype, one dtype per call, sharing no memory with any
+        array the step writes (of group ``only``; -1: of every group)."""
+        where = f"param_groups[{layout.index}] ({bucket.dtype})"
+        allowed = {"float32", precision.dtype_name(bucket.dtype)}
         first = None
-        for k, (p, grad) in enumerate(zip(item.params, item.grads)):
+        for k, p, grad in zip(bucket.positions, bucket.params, grads):
+            label = f"grads[{offset + k}]"
             if not isinstance(grad, np.ndarray):
-                raise TypeError(f"{where}: grad[{k}] must be a numpy.ndarray, got {type(grad).__name__}")
+                raise TypeError(f"{where}: {label} must be a numpy.ndarray, got {type(grad).__name__}")
             name = precision.dtype_name(grad.dtype)
             if name not in allowed:
-                raise TypeError(f"{where}: grad[{k}] has dtype {name}; with {precision.dtype_name(p.dtype)} "
+                raise TypeError(f"{where}: {label} has dtype {name}; with {precision.dtype_name(p.dtype)} "
                                 f"parameters gradients are {' or '.join(sorted(allowed))}")
             if first is None:
                 first = name
             elif name != first:
-                raise TypeError(f"{where}: grad[{k}] has dtype {name} but grad[0] has {first}: one dtype per call")
+                raise TypeError(f"{where}: {label} has dtype {name} but the bucket's first gradient has {first}: "
+                                "one dtype per call")
             if grad.shape != p.shape:
-                raise ValueError(f"{where}: grad[{k}] has shape {grad.shape}, but its parameter has {p.shape}")
+                raise ValueError(f"{where}: {label} has shape {grad.shape}, but its parameter has {p.shape}")
             if not grad.flags.c_contiguous or not grad.flags.aligned:
-                raise ValueError(f"{where}: grad[{k}] must be C-contiguous and aligned")
-            a, b = _span(p), _span(grad)
-            if p.size and a[0] < b[1] and b[0] < a[1]:
-                raise ValueError(f"{where}: grad[{k}] shares memory with its parameter")
+                raise ValueError(f"{where}: {label} must be C-contiguous and aligned")
+            lo, hi = _span(grad)
+            for start, end, written_label, group in self._written_spans:
+                if start < hi and lo < end and grad.nbytes and (only < 0 or group == only):
+                    raise ValueError(f"{label} shares memory with {written_label}, which the step writes")
 
-    def _kernel_arrays(self, item, buffers, step):
-        """``(params, grads, buffers, formats, tensor_ids)`` for the kernel call of
-        ``item`` (``buffers``: name -> the bucket's arrays or None)."""
-        bucket = item.bucket
+    def _stored_call(self, kernels, bucket, params, grads, flat, buffers, group, scale, n_threads):
+        """The kernel call of a low-precision bucket (``buffers``: one list or None
+        per declared buffer; ``group``: the step's ``(layout, config, step,
+        scalar_state, fresh)``): the rule's float32 kernel through the backend's
+        ``stored``, on the Python path (the StepPlan takes float buckets only)."""
+        layout, config, step, scalar_state, fresh = group
+        buffers = dict(zip(self.spec.buffer_names, buffers))
+        params, grads, buffers, formats, ids = self._kernel_arrays(bucket, flat, params, grads, buffers, step)
+        self.spec.run(kernels, params, grads, buffers, config.hyper, step=step, grad_scale=scale, fresh=fresh,
+                      scalar_state=scalar_state, n_threads=n_threads, formats=formats, tensor_ids=ids)
+
+    def _kernel_arrays(self, bucket, flat, params, grads, buffers, step):
+        """``(params, grads, buffers, formats, tensor_ids)`` for the kernel call of a
+        low-precision bucket (``buffers``: name -> the bucket's arrays or None)."""
         stored = bucket.stored
-        if stored is None:
-            return item.params, item.grads, buffers, None, None
-        if item.flat:  # one tensor: the arenas
+        if flat:  # one tensor: the arenas
             params = [precision.kernel_view(bucket.arenas["param"])]
             masters = [bucket.arenas[MASTER]] if MASTER in bucket.arenas else None
             buffers = {name: None if arrays is None else [precision.kernel_view(bucket.arenas[name])]
                        for name, arrays in buffers.items()}
         else:
-            params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or item.params
+            params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or params
             masters = stored.kernel_params if stored.copy_kind != NATIVE else None
-        params, grads, formats = precision.kernel_call(self._storage, self.spec, step, params, item.grads, buffers,
+        params, grads, formats = precision.kernel_call(self._storage, self.spec, step, params, grads, buffers,
                                                        masters, stored.scales)
-        return params, grads, buffers, formats, (stored.ids[:1] if item.flat else stored.ids)
+        return params, grads, buffers, formats, (stored.ids[:1] if flat else stored.ids)
+
+
+def record_spans(arrays, labels, groups):
+    """The byte ranges of ``arrays``: ``(start, end, label, group)``, for the
+    gradient checks of low-precision buckets."""
+    return [(*_span(a), label, g) for a, label, g in zip(arrays, labels, groups) if a.nbytes]
 
 
 def views(arena, shapes):

@@ -49,7 +49,8 @@ class Checkpointing:
         [indices]}]}`` plus ``"extra"`` if objects are registered and ``"storage"``
         (the storage options, :class:`fastdescent.precision.Storage`) unless they
         are the defaults. Arrays are copies."""
-        return self._state_dict(copy_arrays=True)
+        with self._lock:
+            return self._state_dict(copy_arrays=True)
 
     def _state_dict(self, copy_arrays):
         state = {
@@ -83,7 +84,8 @@ class Checkpointing:
         and a :class:`fastdescent.precision.StateConversion` warning says what
         was converted.
         """
-        self._load(state_dict, strict, None, convert)
+        with self._lock:
+            self._load(state_dict, strict, None, convert)
 
     def _load(self, sd, strict, param_values, convert=False):
         saved_storage = self._saved_storage(sd, convert)
@@ -97,7 +99,7 @@ class Checkpointing:
         self._load_extras(sd.get("extra"), strict)
         for group, layout, hyper in zip(self.param_groups, self._layouts, groups):
             group.update(hyper)
-            layout.checked = None  # validate again at the next step
+            layout.config = None  # validate again at the next step
         if param_values is not None:  # first: a master copy that is not saved starts from them
             for p, value in zip(self.params, param_values):
                 np.copyto(p, value)
@@ -315,6 +317,7 @@ class Checkpointing:
         if saved_storage.rounding != self._storage.rounding or saved_storage.seed != self._storage.seed:
             conversions.append(f"rounding {saved_storage.rounding!r} (seed {saved_storage.seed}) -> "
                                f"{self._storage.rounding!r} (seed {self._storage.seed}) from now on")
+        self._state_changed()
         return conversions
 
     # ----------------------------------------------------------- checkpoints
@@ -322,8 +325,9 @@ class Checkpointing:
         """Write a checkpoint: the state dict, registered objects and (``params``)
         the parameter values, to one ``.npz`` file, atomically (a failed save
         leaves any existing file untouched). No pickle."""
-        checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
-                        self.params if params else None)
+        with self._lock:
+            checkpoint.save(path, type(self).__name__, self._state_dict(copy_arrays=False),
+                            self.params if params else None)
 
     def load(self, path, *, params=True, strict=True, convert=False):
         """Restore a checkpoint written by :meth:`save` of the same optimizer class
@@ -331,6 +335,10 @@ class Checkpointing:
         first; raises :class:`CheckpointError` and changes nothing if the file is
         unreadable, corrupted or does not fit. ``convert``: as in
         :meth:`load_state_dict` (other storage options)."""
+        with self._lock:
+            self._load_file(path, params, strict, convert)
+
+    def _load_file(self, path, params, strict, convert):
         sd, values = checkpoint.load(path, type(self).__name__)
         try:
             self._load(sd, strict, values if params else None, convert)

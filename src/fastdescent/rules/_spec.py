@@ -16,13 +16,23 @@ e.g. ``fastdescent.adam_step``), the optimizer class
 (:func:`fastdescent.optim.optimizer_class`, e.g. ``fastdescent.Adam``), the PyTorch
 drop-in (``fastdescent.torch.Adam``), the catalog, the bench peers, the demo
 contenders and the test grids. Every one of them reaches the kernel through
-:meth:`RuleSpec.run`, which passes the state buffers by name.
+:meth:`RuleSpec.run` (or the invoker of :meth:`RuleSpec.prepared`, with the scalars computed once per change),
+which passes the state buffers by name.
+
+Hyperparameters are validated once per change, not once per step: a
+:class:`Config` holds a validated configuration and what follows from it (the
+buffers it needs, the kernel's scalars of the last step), and each spec keeps its
+configs in a cache keyed on the hyperparameter values *exactly* (same types,
+floats bit for bit; see :class:`fastdescent._runtime.ExactCache`), so that a value
+validation would refuse is never taken for one it accepted.
 """
 
+import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
-from .. import _checks
+from .. import _checks, _runtime
 from .._config import effective_n_threads, resolve_backend
 
 
@@ -42,6 +52,11 @@ FIRST_GRADIENT = _Marker("FIRST_GRADIENT")
 #: Initial value of a buffer that starts as a copy of its parameter (Schedule-Free's
 #: iterates ``z`` and ``x``).
 PARAMETER = _Marker("PARAMETER")
+
+#: No buffer created for this step.
+NOTHING_FRESH = frozenset()
+#: Validated configurations kept per rule (the cache is emptied when full).
+CONFIGS_KEPT = 256
 
 #: The keyword arguments every face takes after the rule's hyperparameters.
 GRAD_SCALE_DOC = ("Multiplies every gradient as it is read (loss-scale removal, norm clipping), "
@@ -185,6 +200,13 @@ class RuleSpec:
     #: the rule does not count steps), ``fresh`` the names of the buffers created
     #: for this step, ``scalar_state`` the scalar states before it.
     scalars: Callable
+    #: For a rule whose update uses the step: the names of the kernel scalars that
+    #: change with it, and ``step_scalars(h, step)`` -> their values, a tuple in that
+    #: order, the same numbers ``scalars`` gives (a test checks it). Declared, they let
+    #: the faces and the optimizers run ``scalars`` once per change of the
+    #: hyperparameters (and of ``grad_scale``) and only ``step_scalars`` at each step.
+    step_scalar_names: tuple = ()
+    step_scalars: Callable | None = None
     #: The kernel (and reference twin) function; default ``name``.
     kernel: str | None = None
     #: The state keeps ``step``, the number of steps taken (PyTorch's layout).
@@ -221,12 +243,30 @@ class RuleSpec:
     #: The year of the rule's paper: the registry lists rules in that order (the
     #: order in which they are usually taught).
     year: int = 0
+    #: Validated configurations by their hyperparameter values (see :meth:`configure`).
+    _configs: Any = field(default_factory=lambda: _runtime.ExactCache(CONFIGS_KEPT), init=False, repr=False)
+    #: Kernel callers by the names of the scalars (see :meth:`prepared`).
+    _invokers: dict = field(default_factory=dict, init=False, repr=False)
+    #: The hyperparameters' names in declared order (the order of a Config's values).
+    hyper_names: tuple = field(init=False, repr=False)
+    #: The state buffers' names in declared order.
+    buffer_names: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.kernel is None:
             object.__setattr__(self, "kernel", self.name)
+        # What every face call needs, worked out once: the buffers' roles (the face's
+        # argument names, for errors) and which of them are written.
+        roles = ("params", "grads", *(b.face_argument for b in self.buffers))
+        object.__setattr__(self, "_roles", roles)
+        object.__setattr__(self, "buffer_names", tuple(b.name for b in self.buffers))
+        object.__setattr__(self, "hyper_names", tuple(h.name for h in self.hyper))
+        object.__setattr__(self, "_hyper_getter", _tuple_getter(self.hyper_names))
+        object.__setattr__(self, "_writable", (True, False) + (True,) * len(self.buffers))
         if self.uses_step and not self.counts_steps:
             raise ValueError(f"{self.name}: a rule whose update uses the step must count steps")
+        if (self.step_scalars is None) != (not self.step_scalar_names) or (self.step_scalars and not self.uses_step):
+            raise ValueError(f"{self.name}: step_scalars and step_scalar_names go together, for a rule that uses the step")
         optional = False
         for buffer in self.buffers:
             if buffer.when is None and optional:
@@ -245,10 +285,6 @@ class RuleSpec:
     def defaults(self):
         """Every hyperparameter's default, and the fixed values."""
         return {**{h.name: h.default for h in self.hyper}, **self.fixed}
-
-    @property
-    def buffer_names(self):
-        return tuple(b.name for b in self.buffers)
 
     @property
     def may_start_as_gradient(self):
@@ -272,20 +308,49 @@ class RuleSpec:
         mapping holding at least every declared name (extra keys are ignored).
         Raises TypeError/ValueError naming the hyperparameter (prefixed by
         ``where``) or, for a missing one, ValueError."""
-        h = {}
+        return self._validated(self.values_of(values, where), where)
+
+    def values_of(self, mapping, where=None):
+        """The hyperparameters of ``mapping`` as a tuple in declared order (the key
+        of :meth:`configure`); ValueError naming a missing one."""
         try:
-            for hyper in self.hyper:
-                h[hyper.name] = hyper.check(hyper.name, values[hyper.name])
+            return self._hyper_getter(mapping)
+        except KeyError as error:
+            raise ValueError(f"{where + ' ' if where else ''}lacks the hyperparameter {error}") from None
+
+    def _validated(self, values, where, previous=None):
+        """Validate ``values`` (a tuple in declared order). With ``previous`` (a
+        :class:`Config` of immutable values), only the values that are not the very
+        objects ``previous`` validated are checked again; the constraints between
+        hyperparameters (``check``) always run."""
+        if previous is not None and previous.trusted:
+            h = dict(previous.hyper)
+            changed = [(hyper, value) for hyper, value, old in zip(self.hyper, values, previous.values)
+                       if value is not old]
+        else:
+            h, changed = {}, zip(self.hyper, values)
+        try:
+            for hyper, value in changed:
+                h[hyper.name] = hyper.check(hyper.name, value)
             h.update(self.fixed)
             if self.check is not None:
                 self.check(h)
-        except KeyError as error:
-            raise ValueError(f"{where + ' ' if where else ''}lacks the hyperparameter {error}") from None
         except (TypeError, ValueError) as error:
             if where is None:
                 raise
             raise type(error)(f"{where}: {error}") from None
         return h
+
+    def configure(self, values, where=None, previous=None):
+        """The :class:`Config` of ``values`` (the hyperparameters as a tuple in
+        declared order, as :meth:`values_of` gives them): from the cache if these
+        exact values were validated before, else validated now (see
+        :meth:`_validated` for ``previous``) and cached if they are immutable."""
+        config = self._configs.get(values)
+        if config is None:
+            config = Config(self, values, self._validated(values, where, previous))
+            self._configs.put(values, config)
+        return config
 
     def needed(self, h):
         """The buffers the validated hyperparameters ``h`` need, in declared order."""
@@ -311,14 +376,15 @@ class RuleSpec:
         return 2 + n, 1 + n
 
     # ------------------------------------------------------------------- run
-    def run(self, backend, params, grads, buffers, h, *, step, grad_scale, fresh=frozenset(),
+    def run(self, backend, params, grads, buffers, h, *, step, grad_scale, fresh=NOTHING_FRESH,
             scalar_state=None, n_threads, formats=None, tensor_ids=None):
         """One update of validated lists: compute the step's scalars and call the
-        kernel (or reference twin) of ``backend`` with every buffer by name."""
+        kernel (or reference twin) of ``backend`` with every buffer (``buffers``:
+        name -> list or None) by name."""
         kwargs = self.kernel_arguments(h, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
         self.call(backend, params, grads, buffers, kwargs, n_threads, formats, tensor_ids)
 
-    def kernel_arguments(self, h, *, step, grad_scale, fresh=frozenset(), scalar_state=None):
+    def kernel_arguments(self, h, *, step, grad_scale, fresh=NOTHING_FRESH, scalar_state=None):
         """The kernel's keyword scalars for one step (the first half of :meth:`run`,
         for callers that compute them once and call many times)."""
         return self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
@@ -326,7 +392,9 @@ class RuleSpec:
 
     def call(self, backend, params, grads, buffers, kwargs, n_threads, formats=None, tensor_ids=None):
         """Call the kernel (or reference twin, or the rule's ``runner``) of
-        ``backend`` with every buffer by name (the second half of :meth:`run`).
+        ``backend`` with every buffer (name -> list or None) by name and the
+        scalars ``kwargs`` (the second half of :meth:`run`), through the
+        :meth:`prepared` invoker.
 
         ``formats`` (from :func:`fastdescent.precision.formats`) describes the
         lists held in low-precision storage: the call then goes through the
@@ -335,40 +403,139 @@ class RuleSpec:
         if formats:
             backend.stored(getattr(backend, self.kernel), (params, grads),
                            {**buffers, **kwargs, "n_threads": n_threads}, formats, tensor_ids)
-        elif self.runner is not None:
-            self.runner(backend, params, grads, buffers, kwargs, n_threads)
+            return
+        invoke, constants = self.prepared(kwargs)
+        invoke(backend, params, grads, tuple([buffers.get(name) for name in self.buffer_names]), constants,
+               self.varying(kwargs), n_threads)
+
+    def varying(self, scalars):
+        """The values of the ``step_scalar_names`` in ``scalars`` (a dict), in order."""
+        return tuple([scalars[name] for name in self.step_scalar_names])
+
+    def prepared(self, scalars):
+        """``(invoke, constants)`` for the kernel scalars ``scalars`` (a dict, from
+        :attr:`scalars`): ``constants`` are the values of those not in
+        ``step_scalar_names``, and
+
+        ``invoke(backend, params, grads, buffers, constants, varying, n_threads)``
+
+        is the one way to a kernel: it calls ``backend.<kernel>`` (kernel or
+        reference twin), or the rule's ``runner``, on validated lists, with
+        ``buffers`` (one list or None per declared buffer, in declared order) and
+        the scalars (``constants``, then ``varying``: the ``step_scalar_names``) by
+        name. It is a :class:`~fastdescent._runtime.KernelCall`, made once per set
+        of scalar names."""
+        invoke, constants = self._invokers.get(tuple(scalars)) or self._invoker(tuple(scalars))
+        return invoke, constants(scalars)
+
+    def _invoker(self, scalar_names):
+        """``(invoke, getter of the constants)`` for scalars named ``scalar_names``."""
+        constant_names = tuple([name for name in scalar_names if name not in self.step_scalar_names])
+        if self.runner is None:
+            invoke = _runtime.KernelCall(self.kernel, self.buffer_names, constant_names, self.step_scalar_names)
         else:
-            getattr(backend, self.kernel)(params, grads, **buffers, **kwargs, n_threads=n_threads)
+            all_names = (*constant_names, *self.step_scalar_names)
+
+            def invoke(backend, params, grads, buffers, constants, varying, n_threads):
+                self.runner(backend, params, grads, dict(zip(self.buffer_names, buffers)),
+                            dict(zip(all_names, constants + varying)), n_threads)
+        self._invokers[scalar_names] = invoke, _tuple_getter(constant_names)
+        return self._invokers[scalar_names]
 
     def advanced(self, h, step, scalar_state):
         """The scalar states after step ``step`` (empty if the rule keeps none)."""
         return self.advance(h, step, scalar_state) if self.scalar_state else {}
 
     # --------------------------------------------------------------- the face
-    def face_step(self, params, grads, buffers, values, *, step, grad_scale, first_step, scalar_state,
+    def face_step(self, params, grads, buffers, present, values, step, grad_scale, first_step, scalar_state,
                   n_threads, backend):
-        """What every generated face does: validate everything, then :meth:`run`."""
-        h = self.validate(values)
-        if self.uses_step:
+        """What every generated face does: check everything, then call the kernel.
+
+        ``buffers`` are the state buffers in declared order (None where not
+        given), ``present`` says which are given, ``values`` are the
+        hyperparameters in declared order. The face's
+        :class:`~fastdescent._runtime.FaceRunner` does the same in C for the
+        common case: a cache lookup for the hyperparameters (:meth:`configure`),
+        a few identity and type tests, one C call that checks every array
+        (:func:`~fastdescent._runtime.checked_lists`) and, for a rule that declares
+        them, the ``step_scalars``.
+        """
+        config = self._configs.get(values) or self.configure(values)
+        if self.uses_step and (type(step) is not int or not 0 < step < _checks.MAX_STEP):
             step = _checks.step_number("step", step)
-        grad_scale = _checks.finite("grad_scale", grad_scale)
-        named = dict(zip(self.buffer_names, buffers))
-        self.check_present(h, named)
-        fresh = frozenset()
-        if _checks.boolean("first_step", first_step):
-            needed = self.needed(h)
-            fresh = frozenset(b.name for b in needed if b.initial(h) is FIRST_GRADIENT)
-            if needed and not fresh:
-                raise ValueError("first_step=True, but no buffer of this configuration starts as the first gradient")
+        if type(grad_scale) is not float or not -math.inf < grad_scale < math.inf:
+            grad_scale = _checks.finite("grad_scale", grad_scale)
+        if present != config.present:
+            self.check_present(config.hyper, dict(zip(self.buffer_names, buffers)))
+        fresh = NOTHING_FRESH if first_step is False else self._fresh(config, first_step)
         if self.scalar_state:
-            scalar_state = {s.name: s.initial_value(h) if scalar_state[s.name] is None
-                            else _checks.finite(s.name, scalar_state[s.name]) for s in self.scalar_state}
-        lists = _checks.validated_lists(self.buffer_names, params, grads, *buffers)
-        params, grads = lists[:2]
-        self.run(resolve_backend(backend), params, grads, dict(zip(self.buffer_names, lists[2:])), h,
-                 step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state,
-                 n_threads=effective_n_threads(n_threads))
-        return self.advanced(h, step, scalar_state) or None
+            scalar_state = self._scalar_state_before(config, scalar_state)
+        lists = _runtime.checked_lists(self._roles, (params, grads, *buffers), self._writable)
+        kernels = resolve_backend(backend)
+        n_threads = effective_n_threads(n_threads)
+        invoke, constants, varying = config.kernel_arguments(step, grad_scale, fresh, scalar_state)
+        invoke(kernels, lists[0], lists[1], lists[2:], constants, varying, n_threads)
+        if self.scalar_state:
+            return self.advanced(config.hyper, step, scalar_state)
+
+    def _fresh(self, config, first_step):
+        """The buffers a face call with ``first_step`` initialises from the gradient."""
+        if not _checks.boolean("first_step", first_step):
+            return NOTHING_FRESH
+        if config.needed and not config.fresh_first:
+            raise ValueError("first_step=True, but no buffer of this configuration starts as the first gradient")
+        return config.fresh_first
+
+    def _scalar_state_before(self, config, given):
+        """The scalar states a face call starts from: as given (finite), or initial if None."""
+        return {s.name: s.initial_value(config.hyper) if given[s.name] is None else _checks.finite(s.name, given[s.name])
+                for s in self.scalar_state}
+
+
+def _tuple_getter(keys):
+    """``mapping -> tuple(mapping[k] for k in keys)``, in C (``operator.itemgetter``)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda mapping: (mapping[key],)
+    return operator.itemgetter(*keys) if keys else (lambda mapping: ())
+
+
+class Config:
+    """One validated configuration of a rule, and what follows from it, worked
+    out once per change of the hyperparameters (:meth:`RuleSpec.configure`).
+
+    ``values``: the hyperparameters as given (declared order); ``hyper``: validated
+    (never modify it: configs are shared); ``trusted``: the values are immutable
+    (see :func:`fastdescent._runtime.immutable`), so the very same objects mean the
+    same values and an optimizer need not validate them again; ``needed``: the
+    buffers they need (name -> initial value); ``present``: per declared buffer,
+    whether it is needed (configs with equal ``present`` hand a kernel the same
+    buffers); ``fresh_first``: the buffers that start as the first gradient.
+    """
+
+    __slots__ = ("spec", "values", "hyper", "trusted", "needed", "present", "fresh_first", "arguments")
+
+    def __init__(self, spec, values, hyper):
+        self.spec, self.values, self.hyper = spec, values, hyper
+        self.trusted = _runtime.immutable(values)
+        self.needed = {b.name: b.initial(hyper) for b in spec.needed(hyper)}
+        self.present = tuple([name in self.needed for name in spec.buffer_names])
+        self.fresh_first = frozenset([name for name, fill in self.needed.items() if fill is FIRST_GRADIENT])
+        #: The kernel call and scalars step after step (computed again only when needed).
+        self.arguments = _runtime.KernelArguments(spec, hyper)
+
+    def kernel_arguments(self, step, grad_scale, fresh=NOTHING_FRESH, scalar_state=None):
+        """``(invoke, constants, varying)`` for a step (see :meth:`RuleSpec.prepared`).
+
+        ``spec.scalars`` runs again only when needed (see
+        :class:`~fastdescent._runtime.KernelArguments`), except for a rule that
+        keeps scalar state: its scalars depend on that state, so they are computed
+        at every call."""
+        spec = self.spec
+        if spec.scalar_state:
+            scalars = spec.scalars(self.hyper, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
+            return (*spec.prepared(scalars), spec.varying(scalars))
+        return self.arguments.get(step, grad_scale, fresh)
 
 
 # ------------------------------------------------------------------ the face
@@ -377,7 +544,10 @@ def make_face(spec, module):
     with a real signature (buffers positional, then keyword-only ``step``, the
     hyperparameters with their defaults, ``grad_scale``, ``n_threads``,
     ``backend``), generated as :mod:`dataclasses` generates ``__init__``, so that
-    calling it costs no more than calling a hand-written function."""
+    calling it costs no more than calling a hand-written function. It passes
+    everything on positionally to a :class:`~fastdescent._runtime.FaceRunner`,
+    which runs the common case in C and hands anything else to
+    :meth:`RuleSpec.face_step`."""
     first_gradient = spec.may_start_as_gradient
     hyper = [h for h in spec.hyper if h.face]
     args = ["params", "grads"]
@@ -386,18 +556,20 @@ def make_face(spec, module):
     kw += [f"{s.name}=None" for s in spec.scalar_state]
     kw += [h.name if h.default is REQUIRED else f"{h.name}=_d_{h.name}" for h in hyper]
     kw += (["first_step=False"] if first_gradient else []) + ["grad_scale=1.0", "n_threads=None", "backend=None"]
-    values = ", ".join([f"{h.name!r}: {h.name}" for h in hyper]
-                       + [f"{h.name!r}: _d_{h.name}" for h in spec.hyper if not h.face])
-    buffers = ", ".join(b.face_argument for b in spec.buffers)
+    values = "".join(f"{h.name if h.face else '_d_' + h.name}, " for h in spec.hyper)
+    buffers = "".join(f"{b.face_argument}, " for b in spec.buffers)
+    present = "".join(f"{b.face_argument} is not None, " for b in spec.buffers)
     states = ", ".join(f"{s.name!r}: {s.name}" for s in spec.scalar_state)
     source = (
         f"def {spec.face_name}({', '.join(args)}, *, {', '.join(kw)}):\n"
-        f"    return _spec.face_step(params, grads, ({buffers}{',' if len(spec.buffers) == 1 else ''}), "
-        f"{{{values}}}, step={'step' if spec.uses_step else 'None'}, grad_scale=grad_scale, "
-        f"first_step={'first_step' if first_gradient else 'False'}, scalar_state={{{states}}}, "
-        f"n_threads=n_threads, backend=backend)\n"
+        f"    return _face(params, grads, ({buffers}), ({present}), ({values}), {'step' if spec.uses_step else 'None'}, "
+        f"grad_scale, {'first_step' if first_gradient else 'False'}, {'{' + states + '}' if states else 'None'}, "
+        f"n_threads, backend)\n"
     )
-    namespace = {"_spec": spec, **{f"_d_{h.name}": h.default for h in spec.hyper}}
+    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step,
+                                 not spec.scalar_state, spec.face_step, resolve_backend, effective_n_threads,
+                                 NOTHING_FRESH)
+    namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
     exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
     face = namespace[spec.face_name]
     face.__module__ = module
@@ -433,5 +605,11 @@ def face_parameters(spec, first_gradient):
                   "    instead of updating them (PyTorch's lazily created buffer)."]
     lines += ["grad_scale : float", f"    {GRAD_SCALE_DOC}",
               "n_threads : int or None", "    See :func:`fastdescent.get_num_threads`.",
-              "backend : {'kernel', 'reference'} or None", "    None uses :func:`fastdescent.get_backend`."]
+              "backend : {'kernel', 'reference'} or None", "    None uses :func:`fastdescent.get_backend`.",
+              "", "Notes", "-----",
+              "Everything is checked before any array is written; a call that raises changes",
+              "nothing. No buffer that is written may share memory with any other buffer of",
+              "the call (the gradients, only read, may share memory with each other). The",
+              "face takes no lock: two threads updating the same arrays at once race, as",
+              "two NumPy in-place operations would; an optimizer serializes its steps."]
     return "\n".join("    " + line if line else "" for line in lines)

@@ -5,9 +5,14 @@ from ._spec import Buffer, Example, Hyper, RuleSpec
 from .. import _checks
 
 
+def adagrad_decayed_lr(h, step):
+    """``(clr,)``: the decayed learning rate of step ``step``, in double precision."""
+    return (h["lr"] / (1.0 + (step - 1) * h["lr_decay"]),)
+
+
 def adagrad_scalars(h, *, step, grad_scale, fresh):
-    """The step's decayed learning rate, in double precision."""
-    return dict(clr=h["lr"] / (1.0 + (step - 1) * h["lr_decay"]), grad_scale=_hyper.signed_grad_scale(h, grad_scale),
+    """The step's decayed learning rate, and the gradient scale with its sign."""
+    return dict(clr=adagrad_decayed_lr(h, step)[0], grad_scale=_hyper.signed_grad_scale(h, grad_scale),
                 weight_decay=h["weight_decay"], eps=h["eps"])
 
 
@@ -48,6 +53,8 @@ ADAGRAD = RuleSpec(
                doc=r"the sum of squared gradients :math:`s`"),
     ),
     scalars=adagrad_scalars,
+    step_scalar_names=("clr",),
+    step_scalars=adagrad_decayed_lr,
     torch="Adagrad",
     examples=(
         Example("adagrad", dict(lr=0.01), "Adagrad", bench=True, demo=("adagrad", 0.05)),

@@ -47,15 +47,20 @@ ADAM_DOC = r"""One in-place Adam step on one array or a list of arrays (Kingma &
 """
 
 
-def adam_scalars(h, *, step, grad_scale, fresh):
-    """The bias corrections of step ``step`` in double precision (1 and lr
-    without them), and the gradient scale with its sign."""
-    beta1, beta2 = h["betas"]
+def adam_bias_corrections(h, step):
+    """``(step_size, inv_bias_correction2_sqrt)`` of step ``step``: the bias
+    corrections in double precision (lr and 1 without them)."""
     if h["bias_correction"]:
-        step_size = h["lr"] / (1.0 - beta1**step)
-        inv_bias_correction2_sqrt = 1.0 / math.sqrt(1.0 - beta2**step)
-    else:
-        step_size, inv_bias_correction2_sqrt = h["lr"], 1.0
+        beta1, beta2 = h["betas"]
+        return h["lr"] / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
+    return h["lr"], 1.0
+
+
+def adam_scalars(h, *, step, grad_scale, fresh):
+    """The bias corrections of step ``step`` (:func:`adam_bias_corrections`), and
+    the gradient scale with its sign."""
+    beta1, beta2 = h["betas"]
+    step_size, inv_bias_correction2_sqrt = adam_bias_corrections(h, step)
     return dict(lr=h["lr"], step_size=step_size, inv_bias_correction2_sqrt=inv_bias_correction2_sqrt,
                 beta1=beta1, beta2=beta2, eps=h["eps"], weight_decay=h["weight_decay"],
                 decoupled=h["decoupled_weight_decay"], grad_scale=_hyper.signed_grad_scale(h, grad_scale))
@@ -86,6 +91,8 @@ ADAM = RuleSpec(
                doc=r"running maximum :math:`\hat v`"),
     ),
     scalars=adam_scalars,
+    step_scalar_names=("step_size", "inv_bias_correction2_sqrt"),
+    step_scalars=adam_bias_corrections,
     torch="Adam",
     examples=(
         Example("adam", {}, "Adam", bench=True, demo=("adaptive", 1e-3)),

@@ -1,0 +1,314 @@
+"""The cached step plan (issue 13 part 1): hyperparameters validated once per
+change, never a value validation refuses; a write into ``param_groups`` seen
+before the next write to any array; the kernel scalars computed once per change
+give the very results computed per step; the plan's C path equals the general
+path bit for bit."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastdescent as fd
+from fastdescent import _runtime
+from fastdescent.rules import SPECS
+from rule_cases import EXAMPLES, RICHEST
+from support import assert_bitwise_equal, random_array
+from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer
+
+
+# ------------------------------------------------------------- the exact cache
+@pytest.mark.parametrize("stored, other", [
+    ((True,), (1,)), ((1,), (True,)), ((1,), (1.0,)), ((0.0,), (-0.0,)), ((-0.0,), (0.0,)),
+    ((False,), (0,)), (((0.9, 0.99),), ((0.9, 0.99, 0.0),)), (((1, 2),), ((1.0, 2),)), (("a",), ("b",)),
+])
+def test_the_cache_tells_equal_values_of_other_types_or_signs_apart(stored, other):
+    cache = _runtime.ExactCache()
+    cache.put(stored, "value")
+    assert cache.get(stored) == "value"
+    assert cache.get(tuple(list(stored))) == "value"  # another tuple of the same objects
+    assert cache.get(other) is None
+
+
+def test_the_cache_takes_only_immutable_builtin_values():
+    cache = _runtime.ExactCache()
+    for key in [([0.9, 0.99],), (np.float64(0.1),), (np.array(0.1),), (float("nan"),)]:
+        cache.put(key, "value")
+        assert cache.get(key) is (None if not _runtime.immutable(key) else "value")
+    nan = float("nan")
+    cache.put((nan,), "nan")
+    assert cache.get((nan,)) == "nan"  # the same object (a dict finds NaN only by identity)
+    assert cache.get((float("nan"),)) in (None, "nan")
+    assert cache.get((-nan,)) is None
+
+
+def test_the_cache_empties_when_full():
+    cache = _runtime.ExactCache(4)
+    for k in range(10):
+        cache.put((float(k),), k)
+        assert cache.get((float(k),)) == k
+    assert len(cache) <= 4
+
+
+@pytest.mark.parametrize("good, bad, error", [
+    (dict(maximize=True), dict(maximize=1), TypeError),    # True == 1, hash(True) == hash(1)
+    (dict(lr=1.0), dict(lr=True), TypeError),
+    (dict(lr=1), dict(lr=True), TypeError),
+    (dict(betas=(0.0, 0.5)), dict(betas=(False, 0.5)), TypeError),
+    (dict(eps=0.0), dict(eps=-0.0), None),                   # both valid: each keeps its sign
+])
+def test_a_cached_configuration_never_accepts_a_value_validation_refuses(good, bad, error, rng):
+    p, g, m, v = (random_array(rng, 5, np.float32) for _ in range(4))
+    v = np.abs(v)
+    for _ in range(2):
+        fd.adam_step(p, g, m, v, step=1, **good)
+    if error is None:
+        fd.adam_step(p, g, m, v, step=1, **bad)
+        config = SPECS["adam"].configure(SPECS["adam"].values_of({**SPECS["adam"].defaults, **bad}))
+        key = next(iter(bad))
+        assert math.copysign(1.0, config.hyper[key]) == math.copysign(1.0, bad[key])
+        return
+    before = [a.copy() for a in (p, m, v)]
+    with pytest.raises(error):
+        fd.adam_step(p, g, m, v, step=1, **bad)
+    for a, b in zip((p, m, v), before):
+        assert_bitwise_equal(a, b)
+
+
+def test_nan_is_refused_every_time(rng):
+    p, g = random_array(rng, 5, np.float32), random_array(rng, 5, np.float32)
+    nan = float("nan")
+    for _ in range(3):
+        with pytest.raises(ValueError, match="lr"):
+            fd.sgd_step(p, g, lr=nan)
+
+
+def test_a_negative_zero_weight_decay_gives_the_reference_bits(rng):
+    """-0.0 and 0.0 compare and hash equal; cached, they must still give each its own result."""
+    p = np.array([-0.0, 0.0, 1.5], np.float64)
+    g = np.array([0.0, -0.0, 0.0], np.float64)
+    results = {}
+    for wd in (0.0, -0.0, 0.0, -0.0):
+        for backend in ("kernel", "reference"):
+            q = p.copy()
+            fd.sgd_step(q, g, lr=0.5, weight_decay=wd, backend=backend)
+            results.setdefault((math.copysign(1, wd), backend), q)
+            assert_bitwise_equal(q, results[(math.copysign(1, wd), backend)])
+    for sign in (1.0, -1.0):
+        assert_bitwise_equal(results[(sign, "kernel")], results[(sign, "reference")])
+
+
+# ------------------------------------------------------ the step scalars split
+def step_scalar_cases():
+    return [(name, rule) for name, rule in EXAMPLES.items() if rule.spec.step_scalars is not None]
+
+
+@pytest.mark.parametrize("name, rule", step_scalar_cases(), ids=[n for n, _ in step_scalar_cases()])
+def test_step_scalars_are_the_scalars_that_change_with_the_step(name, rule):
+    """A spec's ``step_scalars`` give exactly (bit for bit) the entries of its
+    ``scalars`` they replace, at any step; the other entries do not depend on the step."""
+    spec = rule.spec
+    first = spec.scalars(rule.hyper, step=1, grad_scale=1.0, fresh=frozenset())
+    for step in (1, 2, 3, 10, 1000, 2**40, 2**63 - 1):
+        scalars = spec.scalars(rule.hyper, step=step, grad_scale=1.0, fresh=frozenset())
+        varying = dict(zip(spec.step_scalar_names, spec.step_scalars(rule.hyper, step)))
+        for key, value in scalars.items():
+            expected = varying[key] if key in varying else first[key]
+            assert type(value) is type(expected) and repr(value) == repr(expected), (key, step)
+
+
+# ------------------------------------------------------ writes to param_groups
+@pytest.mark.parametrize("name", list(RICHEST))
+def test_writes_between_steps_take_effect_on_the_plan_path(name, rng):
+    """Steady steps (the C plan) with a rate written now and then equal the general
+    path, forced at every step by writing a new (equal) rate object."""
+    cls, config = RULES[RICHEST[name].name]
+    params = make_params(rng, np.float64, [(30,), (7,)])
+    grad_steps = make_grads(rng, params, 8)
+    lrs = [config["lr"]] * 4 + [config["lr"] * 0.5] * 2 + [config["lr"] * 0.25] * 2
+    steady = cls([p.copy() for p in params], **config)
+    general = cls([p.copy() for p in params], **config)
+    for t, grads in enumerate(grad_steps):
+        if t and lrs[t] != lrs[t - 1]:
+            steady.param_groups[0]["lr"] = lrs[t]
+        general.param_groups[0]["lr"] = float(repr(lrs[t]))
+        assert steady.step(grads) and general.step(grads)
+    assert steady._plan is not None or not _plannable(steady)
+    assert_same(steady, general)
+
+
+def _plannable(opt):
+    spec = opt.spec
+    return not spec.scalar_state and spec.runner is None and (not spec.uses_step or spec.step_scalars is not None)
+
+
+def test_a_bad_value_written_after_many_plan_steps_raises_before_any_write(rng):
+    params = make_params(rng, np.float32, [(10,), (4,)])
+    opt = fd.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.01)
+    grads = make_grads(rng, params, 1)[0]
+    for _ in range(5):
+        assert opt.step(grads)
+    assert opt._plan is not None
+    before = snapshot_optimizer(opt)
+    opt.param_groups[1]["betas"] = (0.9, 1.0)
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*betas"):
+        opt.step(grads)
+    assert_same(opt, before)
+    opt.param_groups[1]["betas"] = (0.9, 0.999)
+    assert opt.step(grads)
+
+
+def test_a_group_dict_or_list_replaced_is_seen(rng):
+    params = make_params(rng, np.float32, [(10,)])
+    grads = make_grads(rng, params, 1)[0]
+    opt = fd.SGD(params, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.step(grads)
+    opt.param_groups[0] = dict(opt.param_groups[0], lr=-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(grads)
+    opt.param_groups = [dict(opt.param_groups[0], lr=0.2, params=list(opt.param_groups[0]["params"]))]
+    before = opt.params[0].copy()
+    assert opt.step(grads)
+    expected, buffer = before.copy(), opt.state[0]["momentum_buffer"]
+    assert not np.array_equal(opt.params[0], before) and np.all(np.isfinite(buffer)) and expected.size
+
+
+def test_the_plan_is_dropped_when_options_change(rng):
+    params = make_params(rng, np.float32, [(10,)])
+    grads = [np.full(10, 100.0, np.float32)]
+    opt = fd.SGD([params[0].copy()], lr=0.1)
+    opt.step(grads)
+    opt.step(grads)
+    assert opt._plan is not None
+    opt.clip_grad_norm = 1.0
+    assert opt._plan is None
+    p = opt.params[0].copy()
+    opt.step(grads)
+    assert np.linalg.norm(p.astype(np.float64) - opt.params[0]) == pytest.approx(0.1, rel=1e-4)  # clipped to 1
+
+
+def test_a_step_count_written_into_the_state_is_checked(rng):
+    params = make_params(rng, np.float32, [(6,)])
+    grads = make_grads(rng, params, 1)[0]
+    opt = fd.Adam(params, lr=0.01)
+    for _ in range(3):
+        opt.step(grads)
+    for bad in (-1, "3", 2.5, 2**63 - 1):
+        opt.state[0]["step"] = bad
+        before = snapshot_optimizer(opt)
+        with pytest.raises(ValueError, match="step"):
+            opt.step(grads)
+        assert_same(opt, before)
+    opt.state[0]["step"] = 10
+    assert opt.step(grads) and opt.state[0]["step"] == 11
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("name", list(RICHEST))
+def test_plan_steps_equal_general_steps(name, flat, rng):
+    """The C plan and the general path (forced by a new lr object every step) agree
+    bit for bit, with mixed dtypes and groups."""
+    cls, config = RULES[RICHEST[name].name]
+    shapes = [(5,), (3, 3), (0,)]
+    params = make_params(rng, np.float32, shapes) + make_params(rng, np.float64, [(9,)])
+    grad_steps = make_grads(rng, params, 6)
+    opts = []
+    for _ in range(2):
+        groups = [{"params": [p.copy() for p in params[:2]]}, {"params": [p.copy() for p in params[2:]]}]
+        opts.append(cls(groups, **config, flat=flat))
+    steady, general = opts
+    for grads in grad_steps:
+        for g in general.param_groups:
+            g["lr"] = float(repr(config["lr"]))
+        for opt in opts:
+            if flat:
+                for view, grad in zip(opt.grads, grads):
+                    view[...] = grad
+                assert opt.step()
+            else:
+                assert opt.step(grads)
+    assert_same(steady, general)
+
+
+def test_a_schedule_writing_the_rate_every_step_keeps_the_plan(rng):
+    """A new rate object at every step is validated (only that value) and the plan
+    goes on: the same plan object, the results of the general path."""
+    params = make_params(rng, np.float32, [(12,)])
+    grad_steps = make_grads(rng, params, 6)
+    opt = fd.Adam([params[0].copy()], lr=0.01)
+    opt.step(grad_steps[0])
+    opt.step(grad_steps[1])
+    plan = opt._plan
+    p, m, v = opt.params[0].copy(), opt.state[0]["exp_avg"].copy(), opt.state[0]["exp_avg_sq"].copy()
+    for t, grads in enumerate(grad_steps[2:], start=3):
+        lr = 0.01 * 0.9**t
+        opt.param_groups[0]["lr"] = lr
+        assert opt.step(grads)
+        fd.adam_step(p, grads[0], m, v, step=t, lr=lr)
+    assert opt._plan is plan
+    assert_bitwise_equal(opt.params[0], p)
+    opt.param_groups[0]["lr"] = -1.0
+    before = snapshot_optimizer(opt)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(grad_steps[0])
+    assert_same(opt, before)
+
+
+def test_amsgrad_switched_off_leaves_its_buffer_out(rng):
+    """A buffer kept from an earlier configuration is not handed to the kernel."""
+    params = make_params(rng, np.float64, [(20,)])
+    grad_steps = make_grads(rng, params, 5)
+    for grads in grad_steps[:2]:  # large first gradients: the running maximum stays above v
+        grads[0] *= 100.0
+    opt = fd.Adam([params[0].copy()], lr=0.01, amsgrad=True, betas=(0.9, 0.5))
+    p, m, v, vmax = params[0].copy(), np.zeros(20), np.zeros(20), np.zeros(20)
+    for t, grads in enumerate(grad_steps, start=1):
+        amsgrad = t <= 2
+        opt.param_groups[0]["amsgrad"] = amsgrad
+        opt.step(grads)
+        fd.adam_step(p, grads[0], m, v, vmax if amsgrad else None, step=t, lr=0.01, amsgrad=amsgrad,
+                     betas=(0.9, 0.5))
+    assert_bitwise_equal(opt.params[0], p)
+    assert_bitwise_equal(opt.state[0]["max_exp_avg_sq"], vmax)
+
+
+def test_a_gradient_scale_that_changes_every_step_keeps_the_plan(rng):
+    params = make_params(rng, np.float64, [(9,)])
+    grad_steps = make_grads(rng, params, 6)
+    opt = fd.SGD([params[0].copy()], lr=0.1, momentum=0.9)
+    p, buffer = params[0].copy(), np.zeros(9)
+    for t, grads in enumerate(grad_steps):
+        scale = 1.0 / (t + 1.5)  # a new float every step (a loss scale, a world size)
+        opt.step(grads, grad_scale=scale)
+        fd.sgd_step(p, grads[0], buffer, lr=0.1, momentum=0.9, grad_scale=scale, first_step=t == 0)
+        if t == 2:
+            plan = opt._plan
+    assert opt._plan is plan is not None
+    assert_bitwise_equal(opt.params[0], p)
+    before = snapshot_optimizer(opt)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="grad_scale"):
+            opt.step(grad_steps[0], grad_scale=bad)
+    assert_same(opt, before)
+
+
+@pytest.mark.parametrize("kind", [np.float64, np.float32])
+def test_numpy_scalar_rates_are_cached_exactly_and_keep_the_plan(kind, rng):
+    cache = _runtime.ExactCache()
+    cache.put((kind(0.0),), "zero")
+    assert cache.get((kind(0.0),)) == "zero"
+    assert cache.get((kind(-0.0),)) is None and cache.get((0.0,)) is None and cache.get((0,)) is None
+    params = make_params(rng, np.float32, [(8,)])
+    grad_steps = make_grads(rng, params, 6)
+    opt = fd.SGD([params[0].copy()], lr=0.1, momentum=0.5)
+    p, buffer = params[0].copy(), np.zeros(8, np.float32)
+    for t, grads in enumerate(grad_steps):
+        lr = kind(0.1 * 0.8**t)
+        opt.param_groups[0]["lr"] = lr
+        opt.step(grads)
+        fd.sgd_step(p, grads[0], buffer, lr=lr, momentum=0.5, first_step=t == 0)
+        if t == 2:
+            plan = opt._plan
+    assert opt._plan is plan is not None
+    assert_bitwise_equal(opt.params[0], p)
