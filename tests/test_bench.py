@@ -167,7 +167,8 @@ def test_state_dtype_axis_and_memory(tmp_path, capsys):
     """--state-dtypes: the kernel's stored pass against the ceiling of its own byte
     count (read off the spec), beside torch's float32 state; the memory case."""
     result = run_bench(tmp_path, "--rules", "adam", "sgd", "--cases", "sizes", "memory", "--state-dtypes",
-                       "native", "bfloat16", "int8", "--methods", "kernel", "reference", "torch-fused")
+                       "float32", "bfloat16", "int8", "--methods", "kernel", "reference", "torch-fused",
+                       "torch-adapter")
     tables = capsys.readouterr().out
     assert "adam, float32, state bfloat16" in tables and "adam, float32, state int8" in tables
     assert "optimizer state memory" in tables
@@ -179,6 +180,8 @@ def test_state_dtype_axis_and_memory(tmp_path, capsys):
     assert sized["adam", "int8", "ceiling"]["bytes_per_element"] == 16 + 16 / 256
     if cases.torch_or_none() is not None:
         assert sized["adam", "int8", "torch-fused"]["bytes_per_element"] == 28
+        assert sized["adam", "int8", "torch-adapter"]["bytes_per_element"] == 16 + 16 / 256  # state_dtype too
+        assert sized["adam", None, "torch-adapter"]["bytes_per_element"] == 28
         assert sized["adam", "int8", "kernel"]["vs_torch_fused"] > 0
     for state_dtype in ("bfloat16", "int8"):
         assert sized["adam", state_dtype, "kernel"]["ceiling_fraction"] > 0

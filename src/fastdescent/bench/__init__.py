@@ -26,8 +26,9 @@ Three cases:
 
 ``--state-dtypes`` adds the state-dtype axis (:mod:`fastdescent.precision`): each
 rule runs with its state in float32, bfloat16 or int8 (the parameters stay in
-``--dtypes``), against the ceiling of its own byte count; torch's methods keep
-their float32 state, ``bnb-8bit`` (bitsandbytes, when installed) its 8-bit one.
+``--dtypes``), against the ceiling of its own byte count; ``torch-adapter``
+(``fastdescent.torch``) keeps the same state dtype, torch.optim's methods their
+float32 state, ``bnb-8bit`` (bitsandbytes, when installed) its 8-bit one.
 
 Timing: data prepared and touched first, one warm-up call, then ``--repeats``
 samples each averaging enough back-to-back calls to last ``--min-time`` seconds;
@@ -67,8 +68,9 @@ from .report import derive, render
 __all__ = ["add_arguments", "run", "main"]
 
 CASES = ("sizes", "many", "overhead", "threads", "steps", "memory")
-#: --state-dtypes: "native" keeps the state in the parameters' dtype.
-STATE_DTYPES = ("native", "bfloat16", "int8")
+#: --state-dtypes: "native" keeps the state in the parameters' dtype ("float32": the
+#: same, for float32 parameters only).
+STATE_DTYPES = ("native", "float32", "bfloat16", "int8")
 DEFAULT_CASES = ("sizes", "many", "overhead")
 DEFAULT_SIZES = tuple(10**k for k in range(3, 9))
 JSON_FORMAT = 1
@@ -291,8 +293,9 @@ def _state_dtypes(args, rule, dtype):
     those it cannot keep left out."""
     out = []
     for name in args.state_dtypes:
-        if name == "native":
-            out.append(None)
+        if name in ("native", "float32"):
+            if (name == "native" or dtype == "float32") and None not in out:
+                out.append(None)
             continue
         try:
             precision.Storage.of(name).check(rule.spec, rule.hyper, dtype)
@@ -304,8 +307,9 @@ def _state_dtypes(args, rule, dtype):
 
 
 def _bytes_per_element(rule, dtype, state_dtype, method):
-    """What ``method`` moves per element: torch keeps float32 state, bitsandbytes 8-bit state."""
-    if method.startswith("torch"):
+    """What ``method`` moves per element: torch.optim keeps float32 state (the
+    adapter the problem's), bitsandbytes 8-bit state."""
+    if method.startswith("torch") and method != "torch-adapter":
         state_dtype = None
     elif method == "bnb-8bit":
         state_dtype = "int8"

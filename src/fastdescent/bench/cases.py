@@ -286,7 +286,10 @@ def _torch_step(method, rule, problem, n_threads):
             raise Unavailable(f"no torch adapter: {error}") from None
         if not hasattr(library, name):
             raise Unavailable(f"fastdescent.torch has no {name}")
-    with _optimizer_step(torch, lambda tensors: getattr(library, name)(tensors, **hyper, **TORCH_MODES[method]),
+    # fastdescent.torch keeps the problem's state dtype; torch.optim its float32 state
+    storage = {"state_dtype": problem.state_dtype} if method == "torch-adapter" and problem.state_dtype else {}
+    with _optimizer_step(torch, lambda tensors: getattr(library, name)(tensors, **hyper, **TORCH_MODES[method],
+                                                                       **storage),
                          problem, n_threads, method) as step:
         yield step
 
