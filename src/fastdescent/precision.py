@@ -66,7 +66,9 @@ Formats
     turns second moments 100 times smaller than it into 0 or one code step: the
     update of those elements is then :math:`m / \epsilon`. On the demo's MLP,
     linear codes for both Adam moments ended at 12 % held-out accuracy (float32
-    state: 96.5 %), these codes at 97.0 % (BENCHMARKS.md, "Low-precision state").
+    state: 96.5 %), these codes at 97.0 % (a development experiment; the
+    demo's ``precision`` section and ``tests/test_lowprec_quality.py`` check
+    these codes against float32 state for every optimizer).
 
 Stochastic rounding
 -------------------
