@@ -351,3 +351,13 @@ def test_low_precision_steps_take_the_python_path(mode):
     for _ in range(3):
         plain.step(arrays(rng, np.float32, [(50,)]))
     assert plain._plan is not None
+
+
+def test_clipping_needs_float32_gradients():
+    p = np.ones(10, BF)
+    opt = fd.Adam([p], master_weights=True, clip_grad_norm=1.0)
+    with pytest.raises(TypeError, match="clip_grad_norm, clip_grad_value and skip_nonfinite read float32"):
+        opt.step([np.ones(10, BF)])
+    assert not opt.state
+    opt.step([np.full(10, 3.0, np.float32)])
+    assert opt.last_grad_norm == pytest.approx(3 * 10**0.5)

@@ -196,6 +196,11 @@ class LowPrecision:
                                 f"parameters gradients are {' or '.join(sorted(allowed))}")
             if first is None:
                 first = name
+                if name != "float32" and (self._clip_grad_norm is not None or self._clip_grad_value is not None
+                                          or self._skip_nonfinite):
+                    raise TypeError(f"{where}: {label} is {name}: clip_grad_norm, clip_grad_value and "
+                                    "skip_nonfinite read float32 gradients; pass float32 gradients or clip "
+                                    "them yourself")
             elif name != first:
                 raise TypeError(f"{where}: {label} has dtype {name} but the bucket's first gradient has {first}: "
                                 "one dtype per call")
