@@ -67,24 +67,18 @@ cdef extern from *:
         return x;
     }
 
-    /* Random bits of elements start .. start + n - 1 of a tensor whose key is `key`. */
-    static void fd_random_run(uint32_t low, uint32_t mixed, int n, uint32_t *restrict out) {
-        int j;
-        for (j = 0; j < n; j++) out[j] = fd_lowbias32((low + (uint32_t)j) ^ mixed);
-    }
+    /* The random bits of element `index` + i of a tensor whose key is `key` are
+       fd_lowbias32((low + i) ^ mixed), with low and mixed from fd_random_run, as
+       long as low + i does not wrap: never inside a block (2**32 is a multiple of
+       FD_BLOCK). The encoders compute them in their own loop (no array of bits). */
+    typedef struct { int stochastic; uint32_t low, mixed; } fd_random;
 
-    static void fd_random_bits(uint64_t key, uint64_t start, int n, uint32_t *restrict out) {
-        uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32), low;
-        uint64_t index, room;
-        int i = 0, run;
-        while (i < n) {   /* once, unless the high word changes inside the block */
-            index = start + (uint64_t)i;
-            low = (uint32_t)index;
-            room = 0x100000000ULL - low;
-            run = (uint64_t)(n - i) > room ? (int)room : n - i;
-            fd_random_run(low, fd_lowbias32((uint32_t)(index >> 32) ^ key_hi) ^ key_lo, run, out + i);
-            i += run;
-        }
+    static inline fd_random fd_random_run(int stochastic, uint64_t key, uint64_t index) {
+        fd_random r;
+        r.stochastic = stochastic;
+        r.low = (uint32_t)index;
+        r.mixed = fd_lowbias32((uint32_t)(index >> 32) ^ (uint32_t)(key >> 32)) ^ (uint32_t)key;
+        return r;
     }
 
     /* ---- bfloat16 and float16 */
@@ -93,11 +87,10 @@ cdef extern from *:
         for (i = 0; i < n; i++) dst[i] = fd_float((uint32_t)src[i] << 16);
     }
 
-    static void fd_bf16_store(const float *restrict src, uint16_t *restrict dst, int n,
-                              const uint32_t *restrict random) {
+    static void fd_bf16_store(const float *restrict src, uint16_t *restrict dst, int n, fd_random random) {
         int i;
         uint32_t u, add, rounded, quiet;
-        if (random == NULL) {
+        if (!random.stochastic) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
                 add = 0x7fffU + ((u >> 16) & 1U);
@@ -108,7 +101,8 @@ cdef extern from *:
         } else {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                rounded = (u + (random[i] & 0xffffU)) >> 16;
+                add = fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed) & 0xffffU;
+                rounded = (u + add) >> 16;
                 quiet = (u >> 16) | 0x40U;
                 dst[i] = (uint16_t)((u & 0x7fffffffU) > 0x7f800000U ? quiet : rounded);
             }
@@ -143,8 +137,7 @@ cdef extern from *:
        `down` = 2**-bias; branch-free, so that gcc vectorizes every loop. A code
        past every finite one (non-finite input) becomes the NaN code. */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      const uint32_t *restrict random, int is_signed, float down,
-                                      uint32_t nan_code) {
+                                      fd_random random, int is_signed, float down, uint32_t nan_code) {
         int i;
         uint32_t u, magnitude, largest = 0, y, c;
         float inverse;
@@ -154,7 +147,7 @@ cdef extern from *:
             largest = largest > magnitude ? largest : magnitude;
         }
         inverse = largest ? fd_inverse(fd_float(largest)) : 1.0f;
-        if (random == NULL) {
+        if (!random.stochastic) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
                 y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
@@ -166,7 +159,8 @@ cdef extern from *:
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
                 y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
-                c = (y + (random[i] & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
+                c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
+                          & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
                 c = c < nan_code ? c : nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
@@ -206,27 +200,27 @@ cdef extern from *:
     static void fd_uint8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
         fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0xffU);
     }
-    static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n,
-                               const uint32_t *restrict random) {
+    static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 1, 0x1p-112f, 0x7fU);
     }
-    static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                const uint32_t *restrict random) {
+    static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 0, 0x1p-96f, 0xffU);
     }
     """
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
     uint64_t fd_splitmix64(uint64_t x) noexcept nogil
-    void fd_random_bits(uint64_t key, uint64_t start, int n, uint32_t* out) noexcept nogil
+    ctypedef struct fd_random:
+        pass
+    fd_random fd_random_run(int stochastic, uint64_t key, uint64_t index) noexcept nogil
     void fd_bf16_load(const uint16_t* src, float* dst, int n) noexcept nogil
-    void fd_bf16_store(const float* src, uint16_t* dst, int n, const uint32_t* random) noexcept nogil
+    void fd_bf16_store(const float* src, uint16_t* dst, int n, fd_random random) noexcept nogil
     void fd_f16_load(const void* src, float* dst, int n) noexcept nogil
     void fd_f16_store(const float* src, void* dst, int n) noexcept nogil
     void fd_int8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
     void fd_uint8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
-    float fd_int8_store(const float* src, uint8_t* dst, int n, const uint32_t* random) noexcept nogil
-    float fd_uint8_store(const float* src, uint8_t* dst, int n, const uint32_t* random) noexcept nogil
+    float fd_int8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
+    float fd_uint8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
 
 
 cdef enum:
@@ -280,8 +274,9 @@ cdef inline void load_role(int kind, const void* base, Py_ssize_t lo, int n, con
 
 
 cdef inline void store_row(int kind, const float* row, void* base, Py_ssize_t lo, int n, float* scales,
-                           const uint32_t* random) noexcept nogil:
-    """Write updated float32 values (one block for int8/uint8) into a role (or copy) of ``kind``."""
+                           fd_random random) noexcept nogil:
+    """Write updated float32 values (one block, when ``random`` is stochastic or
+    ``kind`` int8/uint8) into a role (or copy) of ``kind``."""
     if kind == KIND_BF16:
         fd_bf16_store(row, <uint16_t*>base + lo, n, random)
     elif kind == KIND_F16:
@@ -296,11 +291,11 @@ cdef void stored_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssi
     """Elements lo .. lo + n - 1 of tensor ``t`` (whole blocks, at most CHUNK
     elements, lo a multiple of BLOCK): load, update, store."""
     cdef float scratch[MAX_ROLES][CHUNK]
-    cdef uint32_t random[CHUNK]
     cdef void* rows[MAX_ROLES]
     cdef const Plan* plan = job.plan
     cdef const Storage* storage = job.storage
     cdef Py_ssize_t n_roles = plan.n_roles, r, k, b, n_blocks = (n + BLOCK - 1) // BLOCK
+    cdef uint64_t key
     cdef const RoleStorage* role
     cdef void* base
     for r in range(n_roles):
@@ -324,14 +319,14 @@ cdef void stored_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssi
         if base == NULL or not role.written:
             continue
         if role.kind != KIND_NATIVE:
-            if role.stochastic:
-                fd_random_bits(fd_splitmix64(role.key ^ storage.tensor_ids[t]), <uint64_t>lo, <int>n, random)
+            key = fd_splitmix64(role.key ^ storage.tensor_ids[t]) if role.stochastic else 0
             for b in range(n_blocks):
                 store_row(role.kind, &scratch[r][b * BLOCK], base, lo + b * BLOCK,
                           <int>min(<Py_ssize_t>BLOCK, n - b * BLOCK), storage.scales[k],
-                          &random[b * BLOCK] if role.stochastic else NULL)
+                          fd_random_run(role.stochastic, key, <uint64_t>(lo + b * BLOCK)))
         if role.copy_kind != KIND_NATIVE:
-            store_row(role.copy_kind, <const float*>rows[r], storage.copies[k], lo, <int>n, NULL, NULL)
+            store_row(role.copy_kind, <const float*>rows[r], storage.copies[k], lo, <int>n, NULL,
+                      fd_random_run(0, 0, 0))
 
 
 cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
