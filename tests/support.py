@@ -30,8 +30,8 @@ def assert_unchanged(arrays, before):
 def assert_bitwise_equal(actual, expected, name=""):
     """Equal bit for bit (so -0.0 != 0.0 and NaN payloads must match)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    a = actual.view(np.uint32 if actual.dtype == np.float32 else np.uint64)
-    b = expected.view(np.uint32 if expected.dtype == np.float32 else np.uint64)
+    unsigned = np.dtype(f"u{actual.dtype.itemsize}")  # any float or int dtype (bfloat16 and int8 state too)
+    a, b = actual.view(unsigned), expected.view(unsigned)
     mismatch = np.flatnonzero(a != b)
     if mismatch.size:
         i = mismatch[0]

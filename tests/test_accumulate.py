@@ -443,3 +443,29 @@ def test_optimizers_in_two_threads_at_once(rng):
         t.join()
     for i in range(2):
         assert_same_optimizer(results[i], run_plain(fd.Adam, dict(lr=1e-2), params, runs[i], 2))
+
+
+@pytest.mark.parametrize("state_dtype, rounding", [("bfloat16", None), ("int8", "stochastic")])
+@pytest.mark.parametrize("backend, n_threads", BACKENDS)
+def test_low_precision_state_steps_on_the_completed_sum(rng, state_dtype, rounding, backend, n_threads):
+    """float32 parameters with bfloat16 or int8 state: the last micro-step completes S
+    first (the stored pass is not fused with the sum), then equals the plain step."""
+    rule = RICHEST["adam"]
+    cls, config = fd.optim.CLASSES[rule.spec.title], options_of(rule)
+    storage = dict(state_dtype=state_dtype, rounding=rounding, seed=7 if rounding else None)
+    params = make_params(rng, np.float32)
+    windows = make_windows(rng, params, 3)
+    actual = run_accumulating(cls, config, params, windows, 3, backend=backend, n_threads=n_threads, **storage)
+    assert_same_optimizer(actual, run_plain(cls, config, params, windows, 3, **storage))
+
+
+def test_half_precision_parameters_refuse_accumulation(rng):
+    """bfloat16 parameters (with a float32 master copy): accumulate_steps > 1 raises
+    TypeError at the first micro-step, before anything is written."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p = random_array(rng, 33, np.float32).astype(ml_dtypes.bfloat16)
+    opt = fd.Adam([p], lr=1e-3, master_weights=True, accumulate_steps=2)
+    before = p.copy()
+    with pytest.raises(TypeError, match="accumulate_steps > 1 needs float32 or float64"):
+        opt.step([random_array(rng, 33, np.float32).astype(ml_dtypes.bfloat16)])
+    assert opt.pending_micro_steps == 0 and np.array_equal(p.view(np.uint16), before.view(np.uint16))

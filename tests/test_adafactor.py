@@ -431,3 +431,40 @@ def test_convnet_checkpoints_move_between_torch_and_fastdescent(first, serial_to
         assert max_relative_error(a.detach(), b.detach()) <= bound
         for key, value in opt.state[b].items():
             assert max_relative_error(resumed.state[a][key], value) <= bound, key
+
+
+# Low-precision storage (issue 16) is refused: the stored pass runs one elementwise
+# float32 kernel per block, and Adafactor is two kernels over whole tensors.
+LOW_PRECISION = {"bfloat16 state": ("float32", dict(state_dtype="bfloat16")),
+                 "int8 state": ("float32", dict(state_dtype="int8")),
+                 "stochastic bfloat16 state": ("float32", dict(state_dtype="bfloat16", rounding="stochastic", seed=1)),
+                 "bfloat16 params, master": ("bfloat16", dict(master_weights=True)),
+                 "bfloat16 params, stochastic": ("bfloat16", dict(rounding="stochastic", seed=1)),
+                 "float16 params, master": ("float16", dict(master_weights=True))}
+
+
+@pytest.mark.parametrize("dtype, options", LOW_PRECISION.values(), ids=LOW_PRECISION)
+def test_low_precision_storage_is_refused_before_any_write(dtype, options, rng):
+    from fastdescent import precision
+
+    dtype = precision.bfloat16_dtype() if dtype == "bfloat16" else np.dtype(dtype)
+    params = [random(rng, (6, 9)).astype(dtype), random(rng, (5,)).astype(dtype)]
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match="Adafactor runs more than one elementwise kernel"):
+        fd.Adafactor(params, lr=0.1, **options)
+    for p, q in zip(params, before):
+        assert p.tobytes() == q.tobytes()
+
+
+@pytest.mark.parametrize("dtype, options", LOW_PRECISION.values(), ids=LOW_PRECISION)
+def test_low_precision_storage_is_refused_by_the_torch_class(dtype, options, serial_torch):
+    torch = serial_torch
+    import fastdescent.torch as fdt
+
+    params = [torch.nn.Parameter(torch.randn(6, 9).to(getattr(torch, dtype))),
+              torch.nn.Parameter(torch.randn(5).to(getattr(torch, dtype)))]
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="Adafactor runs more than one elementwise kernel"):
+        fdt.Adafactor(params, lr=0.1, **options)
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)

@@ -187,3 +187,46 @@ def test_the_accumulate_case_runs_and_renders(tmp_path, capsys):
     assert {r["method"]: r["bytes_per_element"] for r in records}["unfused"] == 44
     assert all(r["seconds"]["median"] > 0 for r in records)
     assert "gradient accumulation, Adam float32" in capsys.readouterr().out
+
+
+def test_state_dtype_axis_and_memory(tmp_path, capsys):
+    """--state-dtypes: the kernel's stored pass against the ceiling of its own byte
+    count (read off the spec), beside torch's float32 state; the memory case."""
+    result = run_bench(tmp_path, "--rules", "adam", "sgd", "--cases", "sizes", "memory", "--state-dtypes",
+                       "float32", "bfloat16", "int8", "--methods", "kernel", "reference", "torch-fused",
+                       "torch-adapter")
+    tables = capsys.readouterr().out
+    assert "adam, float32, state bfloat16" in tables and "adam, float32, state int8" in tables
+    assert "optimizer state memory" in tables
+    records = result["records"]
+    sized = {(r["rule"], r["state_dtype"], r["method"]): r for r in records if r["case"] == "sizes"}
+    assert ("sgd", "bfloat16", "kernel") not in sized  # plain SGD keeps no state
+    assert sized["adam", "bfloat16", "kernel"]["bytes_per_element"] == 20
+    assert sized["adam", "int8", "kernel"]["bytes_per_element"] == 16 + 16 / 256
+    assert sized["adam", "int8", "ceiling"]["bytes_per_element"] == 16 + 16 / 256
+    if cases.torch_or_none() is not None:
+        assert sized["adam", "int8", "torch-fused"]["bytes_per_element"] == 28
+        assert sized["adam", "int8", "torch-adapter"]["bytes_per_element"] == 16 + 16 / 256  # state_dtype too
+        assert sized["adam", None, "torch-adapter"]["bytes_per_element"] == 28
+        assert sized["adam", "int8", "kernel"]["vs_torch_fused"] > 0
+    for state_dtype in ("bfloat16", "int8"):
+        assert sized["adam", state_dtype, "kernel"]["ceiling_fraction"] > 0
+    memory = {(r["rule"], r["state_dtype"]): r["bytes_per_param"] for r in records if r["case"] == "memory"}
+    assert memory["adam", None] == pytest.approx(8, abs=0.1)
+    assert memory["adam", "bfloat16"] == pytest.approx(4, abs=0.1)
+    assert memory["adam", "int8"] == pytest.approx(2 + 8 / 256, abs=0.1)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_stream_mixed_leaves_values_unchanged(n_threads, rng, tiny_parts):
+    sizes = [0, 1, 7, 4097, 130]
+    dtypes = [np.float32, np.uint16, np.int8, np.uint8, np.float32]
+    arrays = [[random_array(rng, n, np.float32).view(np.uint32).astype(dtype) for n in sizes] for dtype in dtypes]
+    before = [[a.copy() for a in role] for role in arrays]
+    for variant in _dispatch.supported_variants():
+        _dispatch.load_variant(variant).stream_mixed(arrays, 4, n_threads)
+    for role, copies in zip(arrays, before):
+        for a, b in zip(role, copies):
+            assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="equal element counts"):
+        _dispatch.kernels.stream_mixed([np.zeros(4, np.int8), np.zeros(5, np.float32)], 1, 1)

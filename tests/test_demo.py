@@ -50,7 +50,8 @@ def test_tiny_demo_runs_end_to_end_and_writes_its_pictures(tmp_path, capsys):
     assert float(deviation.group(1)) < 1e-12
     # the training table: one row per optimizer, kernel and reference runs identical
     names = "|".join(contenders.CONTENDERS)
-    rows = [line for line in out.splitlines() if re.match(rf"^({names})\s+\d", line)]
+    section2 = out[out.index("== 2."):out.index("== 3.")]
+    rows = [line for line in section2.splitlines() if re.match(rf"^({names})\s+\d", line)]
     assert len(rows) == len(contenders.CONTENDERS)
     for row in rows:
         assert row.split()[-1] == "0", row
@@ -64,10 +65,13 @@ def test_tiny_demo_runs_end_to_end_and_writes_its_pictures(tmp_path, capsys):
                   "annealed 0.5 -> 0.9", "restored (best)", "SWA (", "EMA ("):
         assert label in out, label
     assert re.search(r"largest difference of any parameter or average = 0$", out, re.M)
+    # section 4: every contender with every state storage, and the long runs
+    assert "4a. The digits MLP with its state" in out and "4b. 40 steps where rounding decides" in out
+    assert re.search(r"^bfloat16 params, float32 master\s", out, re.M)
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == sorted(["surface_ravine.png", "surface_saddle.png", "training_loss.png", "batch_size.png",
                             "schedules.png", "schedules_training.png", "momentum.png", "plateau.png",
-                            "averaging.png"])
+                            "averaging.png", "precision_mlp.png", "precision_long.png"])
     for p in out_dir.iterdir():
         assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
         assert p.name in out

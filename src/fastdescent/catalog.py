@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import precision
 from .rules import FACES, SPECS
 from .rules._spec import FIRST_GRADIENT, Example, RuleSpec
 
@@ -66,9 +67,29 @@ class Rule:
             return None
         return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
-    def bytes_per_element(self, dtype):
-        """Bytes read and written per parameter element by a step (all its passes)."""
-        return (self.reads + self.writes) * np.dtype(dtype).itemsize
+    def bytes_per_element(self, dtype, state_dtype=None):
+        """Bytes one step moves per parameter element, all its passes: the parameter
+        read and written, the gradient read, every buffer read and written, each at
+        its own width (``state_dtype``: :class:`fastdescent.precision.Storage`; int8
+        buffers also move their block scales; one-pass rules only, the rules of
+        several passes keep no low-precision state)."""
+        itemsize = np.dtype(dtype).itemsize
+        if state_dtype is None:
+            return (self.reads + self.writes) * itemsize
+        if len(self.passes) != 1:
+            raise ValueError(f"{self.name} makes {len(self.passes)} memory passes per step: its state cannot be "
+                             f"kept in {state_dtype!r}, so there are no bytes to count")
+        storage = precision.Storage.of(state_dtype)
+        total = 3 * itemsize
+        for buffer in self.spec.needed(self.hyper):
+            kind = storage.buffer_kind(buffer, dtype)
+            if kind == precision.NATIVE:
+                total += 2 * itemsize
+            elif kind == precision.BF16:
+                total += 4
+            else:
+                total += 2 + 2 * 4 / precision.BLOCK
+        return total
 
     def make_state(self, rng, n, dtype):
         """Fresh random state buffers for a parameter of ``n`` elements in the rule's

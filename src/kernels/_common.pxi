@@ -666,11 +666,16 @@ cdef void run_plan(const Plan* plan, segment_fn fn, const void* args) noexcept n
 
 cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64,
                     const void* args) except -1:
-    """Entry shared by every rule: gather ``roles``, release the GIL, run."""
+    """Entry shared by every rule: gather ``roles``, release the GIL, run. Inside
+    ``stored()`` (_storage.pxi), some roles are in low-precision storage: then
+    ``fn32`` runs block by block on float32 copies of them."""
     cdef Plan plan
     cdef segment_fn fn
     if fd_pending_accumulation.armed:  # accumulate.pxi: this call also finishes a gradient accumulation
         return run_accumulating(roles, n_threads, fn32, fn64, args)
+    cdef void* formats = fd_take_pending_storage()   # (formats, tensor ids) of stored()
+    if formats != NULL:
+        return run_stored(<tuple>formats, roles, n_threads, fn32, args)
     plan.offsets = NULL
     plan.rows = NULL
     try:

@@ -151,3 +151,88 @@ def stream(arrays, int n_written, int n_threads):
     a.one = 1.0
     a.zero = 0.0
     run_kernel(tuple(roles), n_threads, stream_segment_f32, stream_segment_f64, &a)
+
+
+# The ceiling of a step on stored arrays: roles of different element widths
+# (float32 parameters, bfloat16 or 8-bit state). Each role is streamed as 32-bit
+# words over the same elements, written roles read and written back, through the
+# same thread plan, so a rule's stored pass is measured against the bytes it moves.
+
+cdef struct MixedArgs:
+    int n_roles
+    int n_written
+    int itemsize[MAX_ROLES]
+    unsigned int zero
+
+
+cdef void stream_mixed_segment(void** rows, Py_ssize_t start, Py_ssize_t n, const void* args) noexcept nogil:
+    global fastdescent_stream_sink
+    cdef const MixedArgs* a = <const MixedArgs*>args
+    cdef unsigned int zero = a.zero, acc = 0
+    cdef unsigned int* words
+    cdef unsigned char* tail
+    cdef Py_ssize_t r, i, nbytes, n_words
+    for r in range(a.n_roles):
+        nbytes = n * a.itemsize[r]
+        words = <unsigned int*>(<unsigned char*>rows[r] + start * a.itemsize[r])
+        n_words = nbytes // 4
+        tail = <unsigned char*>(words + n_words)
+        if r < a.n_written:
+            for i in range(n_words):
+                words[i] = words[i] | zero
+            for i in range(nbytes - 4 * n_words):
+                tail[i] = tail[i] | <unsigned char>zero
+        else:
+            for i in range(n_words):
+                acc = acc | words[i]
+    if acc == zero + 1:  # never; the store keeps the loop alive
+        fastdescent_stream_sink = acc
+
+
+def stream_mixed(arrays, int n_written, int n_threads):
+    """Bandwidth probe of a step on stored arrays: like :func:`stream`, but each role
+    may have its own dtype (float32 parameters, bfloat16 or int8 state...). Every
+    role is read once, the first ``n_written`` written back unchanged. ``arrays``
+    lists the roles, written ones first, each an ndarray or a list of ndarrays with
+    the same element counts per tensor. Bytes moved per element = the sum of the
+    read roles' itemsizes plus the written ones'."""
+    cdef MixedArgs a
+    cdef Plan plan
+    cdef list roles = [list(role) if isinstance(role, (list, tuple)) else [role] for role in arrays]
+    cdef Py_ssize_t t, r, n_tensors = len(roles[0]) if roles else 0
+    cdef cnp.ndarray x
+    if not (0 <= n_written <= len(roles) <= MAX_ROLES) or not roles:
+        raise ValueError(f"stream_mixed takes 1 to {MAX_ROLES} roles, n_written of them written")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+    a.n_roles = len(roles)
+    a.n_written = n_written
+    a.zero = 0
+    plan.offsets = <Py_ssize_t*>malloc((n_tensors + 1) * sizeof(Py_ssize_t))
+    plan.rows = <void**>malloc((n_tensors * a.n_roles + 1) * sizeof(void*))
+    try:
+        if plan.offsets == NULL or plan.rows == NULL:
+            raise MemoryError()
+        plan.n_roles = a.n_roles
+        plan.n_tensors = n_tensors
+        plan.offsets[0] = 0
+        for r in range(a.n_roles):
+            if len(roles[r]) != n_tensors:
+                raise ValueError("every role needs one array per tensor")
+            a.itemsize[r] = (<cnp.ndarray?>(roles[r][0])).itemsize if n_tensors else 4
+        for t in range(n_tensors):
+            plan.offsets[t + 1] = plan.offsets[t] + (<cnp.ndarray?>(roles[0][t])).size
+            for r in range(a.n_roles):
+                x = <cnp.ndarray?>(roles[r][t])
+                if (x.size != plan.offsets[t + 1] - plan.offsets[t] or x.itemsize != a.itemsize[r]
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(x) or (r < n_written and not x.flags.writeable)):
+                    raise ValueError("stream_mixed: contiguous arrays of equal element counts per tensor, one "
+                                     "dtype per role, written ones writable")
+                plan.rows[t * a.n_roles + r] = cnp.PyArray_DATA(x)
+        plan.total = plan.offsets[n_tensors]
+        plan.n_parts = choose_parts(plan.total, n_threads)
+        with nogil:
+            run_plan(&plan, stream_mixed_segment, &a)
+            call_finished()
+    finally:
+        plan_free(&plan)

@@ -4,6 +4,7 @@
 from cython cimport floating
 
 include "_common.pxi"
+include "_storage.pxi"
 include "sgd.pxi"
 include "_adaptive.pxi"
 include "adagrad.pxi"

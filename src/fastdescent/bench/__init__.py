@@ -17,13 +17,21 @@ Three cases:
 * ``overhead``: microseconds per step from Python on one small array;
 * ``threads`` (only when asked): the threading sweep of ``bench.threads``, float32
   Adam from 2**14 to 2**24 elements, 1 and 2 threads beside torch fused, back to
-  back and after idle gaps.
+  back and after idle gaps;
 * ``steps`` (only when asked): the per-step cost of ``bench.steps``: a rule's
   face, optimizer and flat optimizer on 1 and 100 arrays of 1,000 elements and on
-  10**6 and 10**7, beside torch fused.
+  10**6 and 10**7, beside torch fused;
 * ``accumulate`` (only when asked): gradient accumulation's last micro-step
   (``bench.accumulate``), fused with the step against accumulate-then-step,
-  float32 Adam at 10**6 and 10**8 on 2 threads.
+  float32 Adam at 10**6 and 10**8 on 2 threads;
+* ``memory``: the peak bytes per parameter an optimizer's first step allocates
+  (its state), for every rule and state dtype.
+
+``--state-dtypes`` adds the state-dtype axis (:mod:`fastdescent.precision`): each
+rule runs with its state in float32, bfloat16 or int8 (the parameters stay in
+``--dtypes``), against the ceiling of its own byte count; ``torch-adapter``
+(``fastdescent.torch``) keeps the same state dtype, torch.optim's methods their
+float32 state, ``bnb-8bit`` (bitsandbytes, when installed) its 8-bit one.
 
 Timing: data prepared and touched first, one warm-up call, then ``--repeats``
 samples each averaging enough back-to-back calls to last ``--min-time`` seconds;
@@ -44,13 +52,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from .. import _config, _dispatch
+from .. import _config, _dispatch, precision
 from ..catalog import RULES
 from .cases import (
     METHODS,
     Timing,
     Unavailable,
     make_problem,
+    state_memory,
     stepper,
     time_step,
     torch_or_none,
@@ -62,7 +71,10 @@ from .report import derive, render
 
 __all__ = ["add_arguments", "run", "main"]
 
-CASES = ("sizes", "many", "overhead", "threads", "steps", "accumulate")
+CASES = ("sizes", "many", "overhead", "threads", "steps", "accumulate", "memory")
+#: --state-dtypes: "native" keeps the state in the parameters' dtype ("float32": the
+#: same, for float32 parameters only).
+STATE_DTYPES = ("native", "float32", "bfloat16", "int8")
 DEFAULT_CASES = ("sizes", "many", "overhead")
 DEFAULT_SIZES = tuple(10**k for k in range(3, 9))
 JSON_FORMAT = 1
@@ -105,12 +117,15 @@ def add_arguments(parser):
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(DEFAULT_SIZES),
                         help="elements per array for the sizes case, e.g. 1e5 10**6 (default: 1e3 ... 1e8)")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32"])
+    parser.add_argument("--state-dtypes", nargs="+", choices=STATE_DTYPES, default=["native"],
+                        help="state dtypes of the kernel and reference (default: native, the parameters' dtype); "
+                             "bfloat16 and int8 need float32 parameters")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="thread counts for the kernel, the ceiling and torch (default: 1 2)")
     parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "ceiling"],
-                        default=[m for m in METHODS if m != "ceiling"],
-                        help="methods to compare (default: all that are installed: the torch ones need "
-                             "torch, torch-adapter needs fastdescent.torch)")
+                        default=[m for m in METHODS if m not in ("ceiling", "bnb-8bit")],
+                        help="methods to compare (default: all that are installed but bnb-8bit: the torch ones "
+                             "need torch, torch-adapter needs fastdescent.torch, bnb-8bit bitsandbytes)")
     parser.add_argument("--variants", nargs="+", metavar="VARIANT",
                         help="kernel builds to run: names from show_config() or 'all' "
                              "(default: the one chosen at import)")
@@ -157,6 +172,8 @@ def run(args):
         meta = _metadata(args, torch, variants, threads, methods)
         groups = _plan(args, variants, threads, methods)
         records = _measure(groups, args)
+        if "memory" in args.cases:
+            records += _memory(args)
     result = {**meta, "records": records, "finished": _now()}
     derive(result)
     print(render(result))
@@ -184,7 +201,10 @@ def main(argv=None):
 
 
 def _installed(method, torch):
-    """False for the torch methods without torch, and the adapter without fastdescent.torch."""
+    """False for the torch methods without torch, the adapter without
+    fastdescent.torch, bnb-8bit without bitsandbytes."""
+    if method == "bnb-8bit":
+        return torch is not None and importlib.util.find_spec("bitsandbytes") is not None
     if not method.startswith("torch"):
         return True
     if method == "torch-adapter":
@@ -266,15 +286,60 @@ def _plan(args, variants, threads, methods):
     groups = []
     for dtype in args.dtypes:
         for name in args.rules:
-            if "sizes" in args.cases:
-                groups += [("sizes", name, dtype, n, 1, jobs(True)) for n in args.sizes]
-            if "many" in args.cases:
-                count, size = args.many
-                groups.append(("many", name, dtype, size, count, jobs(False)))
-                groups.append(("many", name, dtype, count * size, 1, jobs(False)))
-            if "overhead" in args.cases:
-                groups.append(("overhead", name, dtype, args.overhead_size, 1, jobs(False)))
+            for state_dtype in _state_dtypes(args, RULES[name], dtype):
+                if "sizes" in args.cases:
+                    groups += [("sizes", name, dtype, n, 1, state_dtype, jobs(True)) for n in args.sizes]
+                if "many" in args.cases:
+                    count, size = args.many
+                    groups.append(("many", name, dtype, size, count, state_dtype, jobs(False)))
+                    groups.append(("many", name, dtype, count * size, 1, state_dtype, jobs(False)))
+                if "overhead" in args.cases:
+                    groups.append(("overhead", name, dtype, args.overhead_size, 1, state_dtype, jobs(False)))
     return groups
+
+
+def _state_dtypes(args, rule, dtype):
+    """The state dtypes ``rule`` runs in on ``dtype`` parameters (None: native),
+    those it cannot keep left out."""
+    out = []
+    for name in args.state_dtypes:
+        if name in ("native", "float32"):
+            if (name == "native" or dtype == "float32") and None not in out:
+                out.append(None)
+            continue
+        try:
+            precision.Storage.of(name).check(rule.spec, rule.hyper, dtype)
+        except ValueError:
+            continue
+        if rule.state:
+            out.append(name)
+    return out
+
+
+def _bytes_per_element(rule, dtype, state_dtype, method):
+    """What ``method`` moves per element: torch.optim keeps float32 state (the
+    adapter the problem's), bitsandbytes 8-bit state."""
+    if method.startswith("torch") and method != "torch-adapter":
+        state_dtype = None
+    elif method == "bnb-8bit":
+        state_dtype = "int8"
+    return rule.bytes_per_element(dtype, state_dtype)
+
+
+def _memory(args):
+    """The memory case: state bytes per parameter, every rule and state dtype."""
+    records = []
+    for dtype in args.dtypes:
+        for name in args.rules:
+            rule = RULES[name]
+            for state_dtype in _state_dtypes(args, rule, dtype):
+                per_param = state_memory(rule, 1 << 20, dtype, state_dtype)
+                records.append({"case": "memory", "rule": name, "dtype": dtype, "state_dtype": state_dtype,
+                                "bytes_per_param": per_param})
+                if not args.quiet:
+                    print(f"bench: memory {name} {dtype} state {state_dtype or 'native'}: {per_param:.3f} B/param",
+                          file=sys.stderr)
+    return records
 
 
 def _measure(groups, args):
@@ -282,19 +347,19 @@ def _measure(groups, args):
     done, started, records = 0, time.perf_counter(), []
     if not args.quiet and groups:
         largest = max(groups, key=lambda g: g[3] * g[4] * RULES[g[1]].bytes_per_element(g[2]))
-        case, name, dtype, n, count, _ = largest
+        case, name, dtype, n, count, _, _ = largest
         rule = RULES[name]
         gb = n * count * (2 + len(rule.state)) * np.dtype(dtype).itemsize / 1e9
         print(f"bench: {total} measurements; largest buffers {gb:.2f} GB ({name} {dtype} {n * count:,} "
               f"elements), plus up to as much again for torch's state or the reference's temporaries",
               file=sys.stderr)
-    for case, name, dtype, n, count, jobs in groups:
+    for case, name, dtype, n, count, state_dtype, jobs in groups:
         rule = RULES[name]
-        problem = make_problem(rule, n, dtype, n_tensors=count)
+        problem = make_problem(rule, n, dtype, n_tensors=count, state_dtype=state_dtype)
         for method, variant, n_threads in jobs:
             record = {"case": case, "rule": name, "dtype": dtype, "size": n, "tensors": count,
-                      "method": method, "variant": variant, "threads": n_threads,
-                      "bytes_per_element": rule.bytes_per_element(dtype)}
+                      "method": method, "variant": variant, "threads": n_threads, "state_dtype": state_dtype,
+                      "bytes_per_element": _bytes_per_element(rule, dtype, state_dtype, method)}
             try:
                 with stepper(method, rule, problem, n_threads, variant) as step:
                     timing = time_step(step, args.repeats, args.min_time, idle=args.idle)

@@ -15,20 +15,32 @@ reductions, then its update), ``kernel`` (the rule's functional face on a kernel
 ``reference`` (the NumPy twin) and, when torch is importable, ``torch-forloop``,
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
 with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
-(``fastdescent.torch``'s drop-in optimizer of the same name, where it exists).
+(``fastdescent.torch``'s drop-in optimizer of the same name, where it exists);
+``bnb-8bit``: bitsandbytes' 8-bit blockwise optimizer of the rule, on the CPU,
+when it is installed.
+
+A problem may keep its state in low precision (``state_dtype``,
+:mod:`fastdescent.precision`): the kernel and the reference then run the rule's
+stored pass, the ceiling streams the same arrays at their own widths, and the
+torch and bitsandbytes methods keep their own state as they do.
 """
 
 import importlib
 import statistics
 import time
+import tracemalloc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _config, _dispatch
+from .. import _config, _dispatch, precision
 
-METHODS = ("ceiling", "kernel", "reference", "torch-forloop", "torch-foreach", "torch-fused", "torch-adapter")
+METHODS = ("ceiling", "kernel", "reference", "torch-forloop", "torch-foreach", "torch-fused", "torch-adapter",
+           "bnb-8bit")
+#: bitsandbytes' 8-bit optimizer of each rule it has.
+BNB_CLASSES = {"adam": "Adam8bit", "adamw": "AdamW8bit", "sgd": "SGD8bit", "rmsprop": "RMSprop8bit",
+               "adagrad": "Adagrad8bit", "lion": "Lion8bit"}
 TORCH_MODES = {
     "torch-forloop": {"foreach": False},
     "torch-foreach": {"foreach": True},
@@ -60,6 +72,11 @@ class Problem:
     params: object
     grads: object
     state: list
+    #: None, or the state's low-precision dtype: ``state`` then holds the stored
+    #: arrays as the kernels take them (bfloat16 as uint16 bits, int8/uint8 codes)
+    state_dtype: str | None = None
+    #: buffer name -> the block scales of its int8/uint8 arrays (like ``params``)
+    scales: dict = field(default_factory=dict)
 
     @property
     def dtype(self):
@@ -71,7 +88,7 @@ class Problem:
 
     @property
     def nbytes(self):
-        arrays = [self.params, self.grads, *self.state]
+        arrays = [self.params, self.grads, *self.state, *self.scales.values()]
         return sum(a.nbytes for role in arrays for a in as_list(role) if a is not None)
 
 
@@ -79,12 +96,13 @@ def as_list(role):
     return role if isinstance(role, list) else [role]
 
 
-def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
+def make_problem(rule, n, dtype, *, n_tensors=1, seed=0, state_dtype=None):
     """Random buffers for ``rule``: ``n_tensors`` tensors of ``n`` elements each (one
     array per role if ``n_tensors`` is 1, else lists), in the rule's sample shape
     (``spec.sample_shape``: 1-D, or a matrix for a tensorwise rule). Gradients are
     small and nonzero, second-moment state positive, so repeated steps stay finite;
-    a buffer that shape keeps none of is None."""
+    a buffer that shape keeps none of is None. ``state_dtype``: the state stored in
+    it (from the same random values)."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
     shape = rule.spec.sample_shape(n)
@@ -101,16 +119,79 @@ def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     params = tensors(lambda: rng.standard_normal(shape, dtype=dtype))
     grads = tensors(gradient)
     per_tensor = [rule.make_state(rng, n, dtype) for _ in range(n_tensors)]
+    scales = {}
+    if state_dtype is not None:
+        storage = precision.Storage.of(state_dtype)
+        buffers = rule.spec.needed(rule.hyper)
+        stored = [[_stored(storage, storage.buffer_kind(b, dtype), values) for b, values in zip(buffers, arrays)]
+                  for arrays in per_tensor]
+        per_tensor = [[array for array, _ in arrays] for arrays in stored]
+        for k, b in enumerate(buffers):
+            if stored[0][k][1] is not None:
+                scales[b.name] = stored[0][k][1] if n_tensors == 1 else [arrays[k][1] for arrays in stored]
     state = [per_tensor[0][k] if n_tensors == 1 else [s[k] for s in per_tensor]
              for k in range(len(rule.state))]
-    return Problem(params, grads, state)
+    return Problem(params, grads, state, state_dtype, scales)
+
+
+def _stored(storage, kind, values, chunk=1 << 20):
+    """``(array the kernel takes, scales or None)`` of float32 ``values`` stored as
+    ``kind``, encoded a whole number of blocks at a time (bounded temporaries)."""
+    if kind == precision.NATIVE:
+        return values, None
+    parts = [storage.encoded(kind, values[i:i + chunk]) for i in range(0, values.size, chunk)] or \
+        [storage.encoded(kind, values)]
+    stored = precision.kernel_view(np.concatenate([array for array, _ in parts]))
+    scales = None if parts[0][1] is None else np.concatenate([s for _, s in parts])
+    return stored, scales
+
+
+def stored_call(rule, problem, backend, n_threads):
+    """A zero-argument step of the rule's stored pass on ``problem`` (the steady
+    step's scalars computed once, as the optimizers cache them)."""
+    spec = rule.spec
+    storage = precision.Storage.of(problem.state_dtype)
+    params, grads = as_list(problem.params), as_list(problem.grads)
+    buffers = {b.name: None for b in spec.buffers}
+    buffers.update((name, as_list(array)) for name, array in zip(rule.state, problem.state))
+    scales = {name: as_list(s) for name, s in problem.scales.items()}
+    params, grads, formats = precision.kernel_call(storage, spec, STEADY_STEP, params, grads, buffers, None, scales)
+    kwargs = spec.kernel_arguments(rule.hyper, step=STEADY_STEP if spec.uses_step else None, grad_scale=1.0,
+                                   scalar_state=rule.scalar_state_at(STEADY_STEP))
+    ids = list(range(len(params)))
+    return lambda: spec.call(backend, params, grads, buffers, kwargs, n_threads, formats, ids)
+
+
+def state_memory(rule, n, dtype, state_dtype=None):
+    """Peak bytes per parameter element allocated by an optimizer's first step on
+    one parameter of ``n`` elements (its state and any temporaries of the step),
+    traced by :mod:`tracemalloc` (NumPy reports its allocations to it). The step
+    runs the kernels whatever the default backend: the NumPy reference's
+    temporaries are not the optimizer's memory."""
+    import fastdescent
+
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal(n).astype(dtype)
+    grad = (rng.standard_normal(n) * 0.1).astype(dtype)
+    cls = getattr(fastdescent, rule.spec.title)
+    precision.bfloat16_dtype()  # its first import is not the optimizer's memory
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        optimizer = cls([param], **rule.options, state_dtype=state_dtype, backend="kernel")
+        optimizer.step([grad])
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    return peak / n
 
 
 def ceiling_passes(rule, problem):
     """``[(roles, n_written)]``: for each memory pass of ``rule`` (``rule.passes``),
     the buffers the bandwidth kernel reads with that pass's pattern, written ones
     first, taken from ``problem``'s arrays (the read-only ones: the gradients, then
-    the parameters)."""
+    the parameters). A stored problem's roles have several widths (``stream_mixed``
+    takes them)."""
     writable = [problem.params, *(s for s in problem.state if s is not None)]
     passes = []
     for reads, writes in rule.passes:
@@ -175,12 +256,22 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
     scalars = rule.scalar_state_at(t)
     if method == "ceiling":
         passes = ceiling_passes(rule, problem)
-        stream = _dispatch.load_variant(ceiling_variant()).stream
+        module = _dispatch.load_variant(ceiling_variant())
+        stream = module.stream if problem.state_dtype is None else module.stream_mixed
         if len(passes) == 1:
             (roles, writes), = passes
             yield lambda: stream(roles, writes, n_threads)
         else:
             yield lambda: [stream(roles, writes, n_threads) for roles, writes in passes]
+    elif method == "bnb-8bit":
+        with _bnb_step(rule, problem, n_threads) as step:
+            yield step
+    elif problem.state_dtype is not None and method in ("kernel", "reference"):
+        if method == "reference" and n_threads != 1:
+            raise Unavailable("the reference is single-threaded")
+        with kernels_of_variant(variant if method == "kernel" else None) as module:
+            yield stored_call(rule, problem, module if method == "kernel" else _config.resolve_backend("reference"),
+                              n_threads)
     elif method == "kernel":
         with kernels_of_variant(variant):
             yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
@@ -211,19 +302,49 @@ def _torch_step(method, rule, problem, n_threads):
             raise Unavailable(f"no torch adapter: {error}") from None
         if not hasattr(library, name):
             raise Unavailable(f"fastdescent.torch has no {name}")
+    # fastdescent.torch keeps the problem's state dtype; torch.optim its float32 state
+    storage = {"state_dtype": problem.state_dtype} if method == "torch-adapter" and problem.state_dtype else {}
+    with _optimizer_step(torch, lambda tensors: getattr(library, name)(tensors, **hyper, **TORCH_MODES[method],
+                                                                       **storage),
+                         problem, n_threads, method) as step:
+        yield step
+
+
+@contextmanager
+def _optimizer_step(torch, make, problem, n_threads, label):
+    """Yield ``optimizer.step`` of ``make(tensors)``, a torch optimizer over tensors
+    sharing the problem's parameters and gradients, its state made by a first step."""
     tensors = [torch.from_numpy(p) for p in as_list(problem.params)]
     for tensor, grad in zip(tensors, as_list(problem.grads)):
         tensor.grad = torch.from_numpy(grad)
     with torch_threads(torch, n_threads):
         try:
-            optimizer = getattr(library, name)(tensors, **hyper, **TORCH_MODES[method])
-            optimizer.step()  # creates torch's state: not part of the steady step
+            optimizer = make(tensors)
+            optimizer.step()  # creates the optimizer's state: not part of the steady step
         except (RuntimeError, ValueError, TypeError) as error:
-            raise Unavailable(f"{method} refused: {error}") from None
+            raise Unavailable(f"{label} refused: {error}") from None
         try:
             yield optimizer.step
         finally:
             optimizer.state.clear()
+
+
+@contextmanager
+def _bnb_step(rule, problem, n_threads):
+    """bitsandbytes' 8-bit optimizer of the rule (its own state), on CPU tensors."""
+    torch = torch_or_none()
+    if torch is None:
+        raise Unavailable("torch is not installed")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise Unavailable("bitsandbytes is not installed (pip install --no-deps bitsandbytes)") from None
+    name = BNB_CLASSES.get(rule.spec.name)
+    if name is None or rule.torch_peer is None:
+        raise Unavailable(f"bitsandbytes has no 8-bit {rule.name}")
+    with _optimizer_step(torch, lambda tensors: getattr(bitsandbytes.optim, name)(tensors, **rule.torch_peer[1]),
+                         problem, n_threads, "bitsandbytes") as step:
+        yield step
 
 
 @dataclass

@@ -6,7 +6,8 @@ from ..catalog import RULES
 
 
 def _group(record):
-    return (record["case"], record["rule"], record["dtype"], record["size"], record["tensors"])
+    return (record["case"], record["rule"], record["dtype"], record["size"], record["tensors"],
+            record.get("state_dtype"))
 
 
 def _label(record):
@@ -18,9 +19,10 @@ def derive(result):
 
     ``melem_per_s`` (median; ``melem_per_s_range`` from the slowest and fastest
     sample), ``gb_per_s`` (bytes read plus written), ``ceiling_fraction`` (of the
-    ceiling at the same size and thread count), ``vs_reference``, ``vs_torch_fused``
-    (same thread count) and ``vs_1_thread`` (same method at one thread): ratios of
-    median times, above 1 when this record is faster.
+    ceiling at the same size, state dtype and thread count), ``vs_reference``,
+    ``vs_torch_fused`` and ``vs_bnb_8bit`` (same thread count) and ``vs_1_thread``
+    (same method at one thread): ratios of median times, above 1 when this record
+    is faster.
     """
     timed = [r for r in result["records"] if "seconds" in r]
     index = {(_group(r), r["method"], r["variant"], r["threads"]): r for r in timed}
@@ -38,7 +40,8 @@ def derive(result):
         ceiling = median(group, "ceiling", r["threads"])
         r["ceiling_fraction"] = None if ceiling is None or r["method"] == "ceiling" else ceiling / seconds["median"]
         for key, method, threads in (("vs_reference", "reference", 1),
-                                     ("vs_torch_fused", "torch-fused", r["threads"])):
+                                     ("vs_torch_fused", "torch-fused", r["threads"]),
+                                     ("vs_bnb_8bit", "bnb-8bit", r["threads"])):
             other = median(group, method, threads)
             r[key] = None if other is None or r["method"] in ("ceiling", method) else other / seconds["median"]
         one = median(group, r["method"], 1, r["variant"])
@@ -101,23 +104,34 @@ def _heading(result):
 def _sizes_tables(records):
     by_table = defaultdict(list)
     for r in records:
-        by_table[(r["rule"], r["dtype"])].append(r)
+        by_table[(r["rule"], r["dtype"], r.get("state_dtype"))].append(r)
     out = []
-    for (name, dtype), rows in by_table.items():
+    for (name, dtype, state_dtype), rows in by_table.items():
         rule = RULES.get(name)
         first = rows[0]
-        title = (f"{name}, {dtype}: {rule.description if rule else ''}; {first['bytes_per_element']} bytes/element"
+        state = f", state {state_dtype}" if state_dtype else ""
+        title = (f"{name}, {dtype}{state}: {rule.description if rule else ''}; "
+                 f"{first['bytes_per_element']:g} bytes/element"
                  + (f" ({rule.reads} arrays read, {rule.writes} written)" if rule else ""))
+        bnb = any(r.get("vs_bnb_8bit") for r in rows)
         body = [
             (f"{r['size']:,}", _label(r), r["threads"], _num(r["melem_per_s"]),
              f"({_num(r['melem_per_s_range'][0])}-{_num(r['melem_per_s_range'][1])})",
              _num(r["gb_per_s"]), _percent(r["ceiling_fraction"]), _ratio(r["vs_reference"]),
-             _ratio(r["vs_torch_fused"]), _ratio(r["vs_1_thread"]))
+             _ratio(r["vs_torch_fused"]), *([_ratio(r.get("vs_bnb_8bit"))] if bnb else []), _ratio(r["vs_1_thread"]))
             for r in rows if "seconds" in r
         ]
-        header = ("size", "method", "thr", "Melem/s", "(min-max)", "GB/s", "%ceil", "x ref", "x fused", "x 1thr")
-        out.append(title + "\n" + _table(header, body, "<<>>>>>>>>") + _unavailable_note(rows))
+        header = ("size", "method", "thr", "Melem/s", "(min-max)", "GB/s", "%ceil", "x ref", "x fused",
+                  *(["x bnb8"] if bnb else []), "x 1thr")
+        out.append(title + "\n" + _table(header, body, "<<" + ">" * (len(header) - 2)) + _unavailable_note(rows))
     return out
+
+
+def _memory_table(records):
+    body = [(r["rule"], r["dtype"], r["state_dtype"] or "native", f"{r['bytes_per_param']:.3f}") for r in records]
+    return ("optimizer state memory: peak bytes per parameter element allocated by the first step of an "
+            "optimizer on 2**20 elements (tracemalloc)\n"
+            + _table(("rule", "params", "state", "bytes/param"), body, "<<<>"))
 
 
 def _many_tables(records, many_shape):
@@ -177,4 +191,6 @@ def render(result):
         parts += _many_tables(cases["many"], tuple(result["options"]["many"]))
     if cases["overhead"]:
         parts += _overhead_tables(cases["overhead"])
+    if cases["memory"]:
+        parts.append(_memory_table(cases["memory"]))
     return "\n\n".join(parts) + "\n"

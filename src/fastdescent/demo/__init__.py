@@ -13,7 +13,10 @@ Sections (``--sections`` picks some; all run by default, in this order):
 * ``momentum``: momentum annealed from 0.5 to 0.9 vs a fixed 0.9;
 * ``plateau``: reduce-on-plateau and early stopping that restores the best weights;
 * ``averaging``: SWA and EMA vs the final weights, repeated with the reference
-  backend (largest difference: 0).
+  backend (largest difference: 0);
+* ``precision``: the MLP with every optimizer's state in float32, bfloat16 and
+  int8 (nearest and stochastic rounding), and :math:`10^4` steps of Adam and SGD
+  on quadratics with bfloat16 parameters (nearest, stochastic, float32 master).
 
 With matplotlib, PNG pictures of each go to the output folder.
 
@@ -22,7 +25,7 @@ to use the library: ``surfaces`` (value, gradient and Hessian of each surface),
 ``trajectory`` (an optimizer's path on a surface), ``newton`` (damped Newton,
 look-ahead Nesterov), ``data`` (seeded shuffled mini-batches), ``mlp`` (a NumPy
 MLP with its backward pass), ``plots``; the sections ``race``, ``training`` and
-``recipes``; ``contenders`` (the optimizers raced, from the rule specs) and ``runner``
+``recipes``, ``low_precision``; ``contenders`` (the optimizers raced, from the rule specs) and ``runner``
 (the command line).
 """
 

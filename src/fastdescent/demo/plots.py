@@ -229,6 +229,48 @@ def plot_averaging(result, filename):
     figure.savefig(filename)
 
 
+def plot_precision_mlp(results, filename):
+    """Held-out accuracy of each optimizer with its state in every storage
+    (grouped bars), from the demo's low-precision section."""
+    figure = _figure(12.0, 5.0)
+    axes = figure.add_subplot()
+    names = [name for name, runs in results.items() if not any("refused" in r for r in runs.values())]
+    labels = list(next(iter(results.values())))
+    width = 0.8 / len(labels)
+    for k, (color, label) in enumerate(zip(_colors(len(labels)), labels)):
+        values = [100 * results[name][label].get("accuracy", np.nan) for name in names]
+        axes.bar(np.arange(len(names)) + (k - (len(labels) - 1) / 2) * width, values, width, color=color,
+                 label=label)
+    finite = [100 * r.get("accuracy") for runs in results.values() for r in runs.values() if "accuracy" in r]
+    axes.set(xticks=np.arange(len(names)), ylabel="held-out accuracy (%)",
+             ylim=(max(0.0, min(finite) - 2.0), min(100.0, max(finite) + 1.0)))
+    figure.suptitle("the digits MLP with the optimizer's state in float32, bfloat16 and int8")
+    axes.set_xticklabels(names, rotation=20, ha="right")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8, ncol=len(labels), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    figure.savefig(filename)
+
+
+def plot_precision_long(results, filename):
+    """The objective along the long runs (log scale): Adam on the ill-conditioned
+    quadratic, SGD at a tiny rate, per parameter/state storage."""
+    figure = _figure(12.0, 4.8)
+    titles = {"adam": "Adam, ill-conditioned quadratic", "sgd": "SGD at a tiny learning rate"}
+    labels = list(dict.fromkeys(label for runs in results.values() for label in runs))
+    colors = dict(zip(labels, _colors(len(labels))))  # one colour per storage in both panels
+    for axes, (rule, runs) in zip(figure.subplots(1, 2), results.items()):
+        for label, (steps, values) in runs.items():
+            color = colors[label]
+            axes.plot(steps, values, color=color, lw=2.4 if label == "float32" else 1.4, label=label,
+                      ls="--" if "state" in label else "-")
+        axes.set(yscale="log", xlabel="step", ylabel="f(x)", title=titles[rule])
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle("bfloat16 parameters: round to nearest stalls; stochastic rounding and a float32 master "
+                    "copy follow float32")
+    figure.savefig(filename)
+
+
 def _schedule_curve(axes, run, **style):
     """A run's schedule at every step it took, against epochs."""
     history = run["history"]

@@ -6,17 +6,17 @@ import time
 
 import fastdescent
 
-from . import plots, recipes
+from . import low_precision, plots, recipes
 from .contenders import CONTENDERS, METHODS
 from .race import race
 from .surfaces import SURFACES
 from .training import INSTALL_HINT, train
 
 #: what ``--sections`` accepts, in the order the demo runs them
-SECTIONS = ("race", "mlp", *recipes.PARTS)
+SECTIONS = ("race", "mlp", *recipes.PARTS, "precision")
 
 
-def draw(args, race_results, training_results, recipe_results):
+def draw(args, race_results, training_results, recipe_results, precision_results=None):
     """Write every picture the finished sections can make; returns the file names."""
     if not plots.matplotlib_available():
         print(f"\nmatplotlib is not installed, so no pictures were drawn. To get them: {INSTALL_HINT}")
@@ -38,12 +38,15 @@ def draw(args, race_results, training_results, recipe_results):
     for part, result in recipe_results.items():
         for filename, plot in recipe_pictures[part]:
             pictures.append((filename, plot, (result,)))
+    if precision_results:
+        pictures.append(("precision_mlp.png", plots.plot_precision_mlp, (precision_results["mlp"],)))
+        pictures.append(("precision_long.png", plots.plot_precision_long, (precision_results["long"],)))
     written = []
     for filename, plot, inputs in pictures:
         path = os.path.join(args.output, filename)
         plot(*inputs, path)
         written.append(path)
-    print(f"\n== 4. Pictures: {len(written)} PNG files in {os.path.abspath(args.output)} ==")
+    print(f"\n== 5. Pictures: {len(written)} PNG files in {os.path.abspath(args.output)} ==")
     for path in written:
         print(f"  {os.path.basename(path)}")
     return written
@@ -66,7 +69,8 @@ def add_arguments(parser):
     parser.add_argument("--hidden", type=int, nargs="+", default=[128], metavar="WIDTH",
                         help="hidden layer widths of the MLP (default: 128)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="step budget per run on the surfaces (default: per surface, 1000-3000)")
+                        help="step budget per run on the surfaces (default: per surface, 1000-3000) and of the "
+                             "long runs of the precision section (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data split, initialization and batches")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for the optimizer kernels (default: all usable cores)")
@@ -89,7 +93,9 @@ def run(args):
         training_results = train(args, contenders) if training else None
         parts = [p for p in recipes.PARTS if p in sections]
         recipe_results = recipes.run_section(args, parts) if parts and args.epochs > 0 else {}
-        draw(args, race_results, training_results, recipe_results)
+        precision = "precision" in sections and args.epochs > 0
+        precision_results = low_precision.run(args, contenders) if precision else None
+        draw(args, race_results, training_results, recipe_results, precision_results)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -124,6 +124,11 @@ class Accumulation:
             raise ValueError("step(group=...) with accumulate_steps > 1: every micro-step covers all groups")
         if type(grad_scale) is not float or not 0.0 < grad_scale < math.inf:
             grad_scale = _checks.positive("grad_scale", grad_scale)
+        for layout in opt._layouts:
+            for bucket in layout.buckets:
+                if bucket.dtype not in (np.float32, np.float64):
+                    raise TypeError(f"accumulate_steps > 1 needs float32 or float64 parameters, not {bucket.dtype} "
+                                    "ones: accumulate their gradients in float32 and step once")
         self._allocate(opt)
         if self.pending + 1 < self._steps:
             work = opt._work(opt._layouts, grads, None)  # checks the gradients, also against the accumulators
@@ -148,7 +153,7 @@ class Accumulation:
     def fused(self, opt):
         """True if the last micro-step runs fused with the rule's step."""
         return (opt.spec.runner is None and not opt.skip_nonfinite and opt.clip_grad_norm is None
-                and opt.clip_grad_value is None)
+                and opt.clip_grad_value is None and not opt._low_precision())
 
     def gradients(self, opt, work):
         """The step's work with the gradients it steps on: unchanged if fused, else

@@ -23,6 +23,8 @@ from .._config import BACKENDS, effective_n_threads, resolve_backend
 from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from .accumulate import Accumulation
 from .clipping import bucket_norm
+from .lowprec import (LowPrecision, record_spans, check_low_precision_param, is_low_precision_param, scales_name,
+                      views as _views)
 from .state import Checkpointing, _step_count
 
 # torch.nn.utils.clip_grad_norm_ divides by norm + 1e-6.
@@ -79,7 +81,7 @@ class ParamList(list):
 class _Bucket:
     """The parameters of one group with one dtype: what one kernel call updates."""
 
-    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers", "kernel_buffers")
+    __slots__ = ("dtype", "positions", "span", "params", "arenas", "buffers", "kernel_buffers", "stored")
 
     def __init__(self, dtype, positions, params):
         self.dtype = dtype
@@ -88,10 +90,11 @@ class _Bucket:
         contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
         self.span = slice(positions[0], positions[-1] + 1) if contiguous else None
         self.arenas = {}  # flat layout: role -> one 1-D array for every parameter
-        self.buffers = {}  # state buffer name -> its arrays, one per parameter (views if flat)
+        self.buffers = {}  # state buffer name -> the kernel's arrays (one per parameter, or views if flat)
         # The buffers as the kernel takes them (one list or None per declared buffer):
         # (per array, flat arena), built when the state changes.
         self.kernel_buffers = None
+        self.stored = None  # low-precision storage: a lowprec.StoredBucket
 
 
 class _Layout:
@@ -111,7 +114,7 @@ class _Layout:
         self.complete = None          # a config whose buffers all exist (none need creating)
 
 
-class Optimizer(Checkpointing):
+class Optimizer(LowPrecision, Checkpointing):
     """Base class: parameter groups, state, steps, clipping, checkpoints.
 
     A rule's class sets ``spec`` (its :class:`~fastdescent.rules._spec.RuleSpec`);
@@ -196,6 +199,26 @@ class Optimizer(Checkpointing):
         checkpoints, so a resumed run continues it exactly. With ``k > 1``,
         ``step(group=...)`` is refused, and neither ``accumulate_steps`` nor the
         groups (``add_param_group``) may change inside a window.
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
+        The dtype of the rule's state buffers (:mod:`fastdescent.precision`); None:
+        the parameters' dtype (float32 for float16 parameters or a master copy).
+        ``"bfloat16"`` keeps ``ml_dtypes.bfloat16`` arrays; ``"int8"`` keeps 8-bit
+        codes (int8, or uint8 for non-negative buffers) and a float32 scale per
+        block of 256 elements (``state[name + "_scales"]``). The arithmetic runs in
+        float32 either way, in the same single pass.
+    rounding : {None, "nearest", "stochastic"}
+        How values are rounded to 16 or 8 bits: to nearest even (None), or
+        stochastically (unbiased; needs ``seed``; every rule then keeps
+        ``state["step"]``). bfloat16/float16 parameters without a master copy need
+        it given explicitly: round to nearest loses every update smaller than half
+        their spacing.
+    seed : int or None
+        Seed of stochastic rounding's counter-based random bits.
+    master_weights : bool
+        For bfloat16 or float16 parameters: keep a float32 master copy
+        (``state["master_param"]``), step it, and write its rounding to nearest
+        into the parameters. Without it, bfloat16 parameters are rounded
+        (``rounding``) from the float32 result of each step.
 
     Attributes
     ----------
@@ -217,8 +240,10 @@ class Optimizer(Checkpointing):
     spec = None  # the rule: a RuleSpec
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
-                 skip_nonfinite=False, backend=None, n_threads=None, accumulate_steps=1):
+                 skip_nonfinite=False, backend=None, n_threads=None, accumulate_steps=1, state_dtype=None,
+                 rounding=None, seed=None, master_weights=False):
         self._accumulation = Accumulation(accumulate_steps)  # gradient accumulation (accumulate.py)
+        self._init_storage(state_dtype, rounding, seed, master_weights)
         self.defaults = dict(defaults)
         self._flat = bool(flat)
         self.backend = backend
@@ -352,7 +377,8 @@ class Optimizer(Checkpointing):
         _runtime.check_distinct("params", self.params + params)
         group = {"params": params, **self.defaults}
         group.update((k, v) for k, v in param_group.items() if k != "params")
-        self.spec.validate(group, f"param_groups[{g}]")
+        hyper = self.spec.validate(group, f"param_groups[{g}]")
+        self._check_storage(g, hyper, {p.dtype for p in params})
         layout = self._layout(group, first=len(self._index_by_id))
         group["params"] = layout.param_list = ParamList(layout.params)
         self.param_groups.append(group)
@@ -381,6 +407,7 @@ class Optimizer(Checkpointing):
         for dtype, positions in by_dtype.items():
             buckets.append(_Bucket(dtype, positions, [params[k] for k in positions]))
             buckets[-1].arenas.update(arenas.get(dtype, {}))
+            buckets[-1].stored = self._new_stored_bucket(buckets[-1], first)
         return _Layout(len(self._layouts), first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
@@ -403,6 +430,7 @@ class Optimizer(Checkpointing):
                                                                             config.values):
             where = f"param_groups[{layout.index}]"
             config = self.spec.configure(self.spec.values_of(group, where), where, previous=config)
+            self._check_storage(layout.index, config.hyper, {b.dtype for b in layout.buckets})
             layout.config = config
         return config
 
@@ -479,8 +507,13 @@ class Optimizer(Checkpointing):
         self._allocate_state(groups)
         # The writes.
         for position, bucket, params, bucket_grads, flat in work:
-            invoke, constants, varying = calls[position]
             buffers = self._kernel_buffers(bucket, flat, groups[position][1])
+            if bucket.stored is not None:  # low precision: the Python path, through the backend's stored()
+                # (with accumulation, on the sum completed in the accumulators: finish is never fused then)
+                self._stored_call(kernels, bucket, params, bucket_grads, flat, buffers, groups[position], scale,
+                                  n_threads)
+                continue
+            invoke, constants, varying = calls[position]
             if finish is None:
                 invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
             else:
@@ -489,7 +522,7 @@ class Optimizer(Checkpointing):
         for layout, config, step, scalar_state, fresh in groups:
             if layout.states:
                 update = self.spec.advanced(config.hyper, step, scalar_state)
-                if self.spec.counts_steps:
+                if self._counts_steps:
                     update["step"] = step
                 _runtime.update_each(layout.states, update)
         if group is None and scale is grad_scale and finish is None:
@@ -503,7 +536,7 @@ class Optimizer(Checkpointing):
         ``step_scalars``; clipping or the guard; mutable hyperparameters; a
         parameter list that is not the group's own; state still to create."""
         spec = self.spec
-        if (spec.scalar_state or spec.runner is not None or (spec.uses_step and spec.step_scalars is None)
+        if (spec.scalar_state or spec.runner is not None or self._low_precision() or (spec.uses_step and spec.step_scalars is None)
                 or self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None):
             return None
         groups = []
@@ -634,7 +667,10 @@ class Optimizer(Checkpointing):
                     bucket_grads = group_grads
                 else:
                     bucket_grads = list(group_grads[b.span])
-                written.check_grads(b.params, bucket_grads, b.positions, offset, layout.first, only)
+                if b.stored is not None:  # bfloat16/float16 parameters or gradients: checked in Python
+                    self._check_stored_grads(layout, b, bucket_grads, offset, only)
+                else:
+                    written.check_grads(b.params, bucket_grads, b.positions, offset, layout.first, only)
                 work.append((position, b, b.params, bucket_grads, False))
             offset += n
         return work
@@ -660,17 +696,20 @@ class Optimizer(Checkpointing):
                     roles = [("params[{}]", bucket.params)]
                     roles += [(f"state[{{}}][{name!r}]", buffers) for name, buffers in bucket.buffers.items()]
                     roles += self._accumulation.roles(bucket)
+                    if bucket.stored is not None:  # state in its own dtypes, scales, master copies
+                        roles += self._stored_roles(bucket)
                     for label, role in roles:
                         for i, array in zip(indices, role):
                             if array is None:  # a buffer this parameter's shape keeps none of
                                 continue
-                            if array.dtype != bucket.dtype:
+                            if array.dtype != bucket.dtype and (bucket.stored is None or role is bucket.params):
                                 raise ValueError(f"{label.format(i)} was changed in place: its dtype is "
                                                  f"{array.dtype}, not {bucket.dtype}")
                             arrays.append(array)
                             labels.append(label.format(i))
                             groups.append(g)
             self._written = _runtime.WrittenBuffers(arrays, labels, groups)
+            self._written_spans = record_spans(arrays, labels, groups) if self._low_precision() else ()
         return self._written
 
     def _next_step(self, layout):
@@ -726,14 +765,17 @@ class Optimizer(Checkpointing):
         created = []
         try:
             for layout, config, step, scalar_state, fresh in groups:
+                masters = self._storage.master_weights
                 if (layout.states is None and layout.params
-                        and (fresh or self.spec.counts_steps or self.spec.scalar_state)):
+                        and (fresh or self._counts_steps or self.spec.scalar_state or masters)):
                     initial = {s.name: s.initial_value(config.hyper) for s in self.spec.scalar_state}
-                    if self.spec.counts_steps:
+                    if self._counts_steps:
                         initial["step"] = 0
                     layout.states = [dict(initial) for _ in layout.params]
                     self.state.update(enumerate(layout.states, start=layout.first))
                     created.append((layout, None))
+                    if masters:
+                        self._allocate_masters(layout.index)
                 for name in fresh:
                     self._allocate_buffer(layout.index, name, config.needed[name])
                     created.append((layout, name))
@@ -756,8 +798,11 @@ class Optimizer(Checkpointing):
         for bucket in layout.buckets:
             bucket.buffers.pop(name, None)
             bucket.arenas.pop(name, None)
+            if bucket.stored is not None:
+                bucket.stored.scales.pop(name, None)
         for state in layout.states or ():
             state.pop(name, None)
+            state.pop(scales_name(name), None)
 
     def _state_changed(self):
         """The state buffers were created, removed or replaced: the table of written
@@ -774,19 +819,28 @@ class Optimizer(Checkpointing):
         layout = self._layouts[g]
         buffer = self._buffer_specs[name]
         for bucket in layout.buckets:
-            shapes = [buffer.shape_for(p.shape) for p in bucket.params]
-            if self.flat:
-                size = sum(math.prod(s) for s in shapes if s is not None)
-                arena = _new_buffer(bucket.arenas["param"], fill, None if buffer.shape is None else size)
-                bucket.arenas[name] = arena
-                kept = iter(_views(arena, [s for s in shapes if s is not None]))
-                buffers = [None if s is None else next(kept) for s in shapes]
-            elif buffer.shape is None:
-                buffers = [_new_buffer(p, fill) for p in bucket.params]
+            if bucket.stored is not None:  # low precision: its own dtypes, int8 scales (shaped like the params:
+                # the rules with buffers of other shapes have runners, which refuse low precision)
+                arrays, buffers, scales = self._new_state_buffer(bucket, name, fill)
+                if scales is not None:
+                    bucket.stored.scales[name] = scales
+                    for k, scale in zip(bucket.positions, scales):
+                        layout.states[k][scales_name(name)] = scale
             else:
-                buffers = [None if s is None else _new_buffer(p, fill, s) for p, s in zip(bucket.params, shapes)]
+                shapes = [buffer.shape_for(p.shape) for p in bucket.params]
+                if self.flat:
+                    size = sum(math.prod(s) for s in shapes if s is not None)
+                    arena = _new_buffer(bucket.arenas["param"], fill, None if buffer.shape is None else size)
+                    bucket.arenas[name] = arena
+                    kept = iter(_views(arena, [s for s in shapes if s is not None]))
+                    buffers = [None if s is None else next(kept) for s in shapes]
+                elif buffer.shape is None:
+                    buffers = [_new_buffer(p, fill) for p in bucket.params]
+                else:
+                    buffers = [None if s is None else _new_buffer(p, fill, s) for p, s in zip(bucket.params, shapes)]
+                arrays = buffers
             bucket.buffers[name] = buffers
-            for k, array in zip(bucket.positions, buffers):
+            for k, array in zip(bucket.positions, arrays):
                 if array is not None:
                     layout.states[k][name] = array
 
@@ -821,20 +875,13 @@ def _as_groups(params):
 def _check_param(p, where):
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
+    if is_low_precision_param(p):
+        check_low_precision_param(p, where)
+        return
     try:
         _runtime.check_buffers(("param",), ([p],), (True,), False)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
-
-
-def _views(arena, shapes):
-    """Consecutive views of ``arena`` with ``shapes``."""
-    views, offset = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        views.append(arena[offset:offset + n].reshape(shape))
-        offset += n
-    return views
 
 
 def _new_buffer(like, fill, shape=None):

@@ -72,7 +72,11 @@ def encode(value, arrays):
         if value.dtype.hasobject:
             raise TypeError("cannot save an array of Python objects in a checkpoint")
         name = f"arrays/{len(arrays)}"
-        arrays[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if array.dtype.name == "bfloat16":  # .npy has no bfloat16: its bits, as uint16
+            arrays[name] = array.view(np.uint16)
+            return {"__array__": name, "scalar": isinstance(value, np.generic), "dtype": "bfloat16"}
+        arrays[name] = array
         return {"__array__": name, "scalar": isinstance(value, np.generic)}
     if isinstance(value, list):
         return [encode(v, arrays) for v in value]
@@ -109,6 +113,12 @@ def _decode(data, arrays):
             array = arrays[data["__array__"]]
         except (KeyError, TypeError):
             raise CheckpointError(f"the header refers to a missing array {data['__array__']!r}") from None
+        if data.get("dtype") == "bfloat16":
+            if array.dtype != np.uint16:
+                raise CheckpointError(f"the bfloat16 array {data['__array__']!r} is stored as {array.dtype}")
+            import ml_dtypes
+
+            array = array.view(ml_dtypes.bfloat16)
         return array[()] if data.get("scalar") else array
     return {k: _decode(v, arrays) for k, v in data.items()}
 
@@ -142,8 +152,11 @@ def save(path, kind, state_dict, params=None):
     if params is not None:
         header["params"] = []
         for i, p in enumerate(params):
+            tag = {"__array__": f"params/{i}"}
+            if p.dtype.name == "bfloat16":  # .npy has no bfloat16: its bits, as uint16
+                p, tag["dtype"] = p.view(np.uint16), "bfloat16"
             arrays[f"params/{i}"] = p
-            header["params"].append({"__array__": f"params/{i}"})
+            header["params"].append(tag)
     write(path, header, arrays)
 
 

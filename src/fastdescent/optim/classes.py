@@ -12,7 +12,8 @@ from .base import Optimizer
 
 #: The options of :class:`Optimizer` itself, after the rule's hyperparameters.
 OPTIONS = ("flat=False", "clip_grad_norm=None", "clip_grad_value=None", "skip_nonfinite=False",
-           "backend=None", "n_threads=None", "accumulate_steps=1")
+           "backend=None", "n_threads=None", "accumulate_steps=1", "state_dtype=None", "rounding=None",
+           "seed=None", "master_weights=False")
 
 
 def generated_init(spec, module, qualname, body, namespace, options=()):
@@ -61,14 +62,15 @@ def class_doc(spec, torch=False):
                   "    The parameters, or parameter groups (dicts with ``'params'`` and any"]
     else:
         lines += ["The keyword options shared by every optimizer (``flat``, ``clip_grad_norm``, ``clip_grad_value``,",
-                  "``skip_nonfinite``, ``backend``, ``n_threads``, ``accumulate_steps``) are described in",
+                  "``skip_nonfinite``, ``backend``, ``n_threads``, ``accumulate_steps``, ``state_dtype``, ``rounding``, ``seed``,",
+                  "``master_weights``) are described in",
                   ":class:`fastdescent.optim.Optimizer`.", "", "Parameters", "----------",
                   "params : list of ndarray, or list of dict",
                   "    The parameters, or parameter groups (dicts with ``'params'`` and any"]
     lines += ["    hyperparameters that differ from the defaults below)."]
     for h in spec.hyper:
         lines += [f"{h.name} : {h.type}", f"    {h.doc}"]
-    state = ["step"] if spec.counts_steps else []
+    state = ["step"] if spec.counts_steps else []  # (every rule counts with stochastic rounding)
     state += [s.name for s in spec.scalar_state]
     for b in spec.buffers:
         state.append(f"{b.name}" + (f" (if {b.when.text})" if b.when else ""))

@@ -124,6 +124,13 @@ class Buffer:
     keeps ``row_var`` and ``col_var`` for parameters of two or more dimensions and
     ``variance`` for the others); None (the default): shaped like its parameter. A
     rule with such buffers is ``tensorwise``.
+
+    ``storage`` lists the low-precision state dtypes the buffer may be kept in
+    (``state_dtype`` of the optimizers; :mod:`fastdescent.precision`): moments
+    and momentum can be, a buffer that is a copy of the parameters (an average
+    of iterates) should not go below bfloat16. ``nonnegative``: its values are
+    never negative (second moments, sums of squares), so its int8 code spends
+    the sign bit on range (None: ``sample == "positive"``).
     """
 
     name: str
@@ -133,6 +140,15 @@ class Buffer:
     sample: str = "signed"
     doc: str = ""
     shape: Callable | None = None
+    storage: tuple = ("bfloat16", "int8")
+    nonnegative: bool | None = None
+
+    def __post_init__(self):
+        if self.nonnegative is None:
+            object.__setattr__(self, "nonnegative", self.sample == "positive")
+        unknown = set(self.storage) - {"bfloat16", "int8"}
+        if unknown:
+            raise ValueError(f"buffer {self.name}: unknown storage {sorted(unknown)}")
 
     @property
     def face_argument(self):
@@ -237,6 +253,11 @@ class RuleSpec:
     #: :meth:`sample_shape`, the shape the benchmarks use); None: the one pass of
     #: :meth:`kernel_passes`. What the benchmarks count, and their ceiling models.
     passes: Callable | None = None
+    #: ``check_storage(h, state_dtype)``: raise ValueError if the rule, configured
+    #: as ``h``, cannot keep its state in ``state_dtype`` ("bfloat16" or "int8")
+    #: although each buffer could (a difference of two buffers that rounding
+    #: makes negative). None: any configuration can.
+    check_storage: Callable | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
     #: A class whose methods the rule adds to its optimizer classes, ``fastdescent.<Rule>``
@@ -440,12 +461,12 @@ class RuleSpec:
 
     # ------------------------------------------------------------------- run
     def run(self, backend, params, grads, buffers, h, *, step, grad_scale, fresh=NOTHING_FRESH,
-            scalar_state=None, n_threads):
+            scalar_state=None, n_threads, formats=None, tensor_ids=None):
         """One update of validated lists: compute the step's scalars and call the
         kernel (or reference twin) of ``backend`` with every buffer (``buffers``:
         name -> list or None) by name."""
         kwargs = self.kernel_arguments(h, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
-        self.call(backend, params, grads, buffers, kwargs, n_threads)
+        self.call(backend, params, grads, buffers, kwargs, n_threads, formats, tensor_ids)
 
     def kernel_arguments(self, h, *, step, grad_scale, fresh=NOTHING_FRESH, scalar_state=None):
         """The kernel's keyword scalars for one step (the first half of :meth:`run`,
@@ -453,11 +474,20 @@ class RuleSpec:
         return self.scalars(h, step=step, grad_scale=grad_scale, fresh=fresh,
                             **({"scalar_state": scalar_state} if self.scalar_state else {}))
 
-    def call(self, backend, params, grads, buffers, kwargs, n_threads):
+    def call(self, backend, params, grads, buffers, kwargs, n_threads, formats=None, tensor_ids=None):
         """Call the kernel (or reference twin, or the rule's ``runner``) of
         ``backend`` with every buffer (name -> list or None) by name and the
         scalars ``kwargs`` (the second half of :meth:`run`), through the
-        :meth:`prepared` invoker."""
+        :meth:`prepared` invoker.
+
+        ``formats`` (from :func:`fastdescent.precision.formats`) describes the
+        lists held in low-precision storage: the call then goes through the
+        backend's ``stored``, which runs the same float32 kernel on them;
+        ``tensor_ids`` identify the tensors in stochastic rounding's bits."""
+        if formats:
+            backend.stored(getattr(backend, self.kernel), (params, grads),
+                           {**buffers, **kwargs, "n_threads": n_threads}, formats, tensor_ids)
+            return
         invoke, constants = self.prepared(kwargs)
         invoke(backend, params, grads, tuple([buffers.get(name) for name in self.buffer_names]), constants,
                self.varying(kwargs), n_threads)

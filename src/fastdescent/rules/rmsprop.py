@@ -4,6 +4,13 @@ from . import _hyper
 from ._spec import Buffer, Example, RuleSpec, above_zero, flag
 
 
+def rmsprop_check_storage(h, state_dtype):
+    if h["centered"]:
+        raise ValueError(f"state_dtype={state_dtype!r} with centered RMSprop: it divides by "
+                         "sqrt(square_avg - grad_avg**2), a difference that rounding either average to 16 or "
+                         "8 bits makes negative or zero (NaN or huge steps); keep float32 state")
+
+
 def rmsprop_scalars(h, *, step, grad_scale, fresh):
     """The kernel is told ``centered`` by the presence of ``grad_avg``."""
     return dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
@@ -59,6 +66,7 @@ RMSPROP = RuleSpec(
         Buffer("grad_avg", when=flag("centered"), sample="zero", doc="the average of gradients :math:`a`"),
     ),
     scalars=rmsprop_scalars,
+    check_storage=rmsprop_check_storage,
     uses_step=False,
     torch="RMSprop",
     examples=(

@@ -159,8 +159,8 @@ def _averaging_hyper():
 
 
 #: What both rules share: the iterates z and x, the averaging's scalar states, train() and eval().
-_Z = Buffer("z", fill=PARAMETER, doc="the base optimizer's iterate :math:`z`")
-_X = Buffer("x", fill=PARAMETER, doc="the averaged iterate :math:`x`, to evaluate")
+_Z = Buffer("z", fill=PARAMETER, storage=(), doc="the base optimizer's iterate :math:`z`")
+_X = Buffer("x", fill=PARAMETER, storage=(), doc="the averaged iterate :math:`x`, to evaluate")
 _SCHEDULE_FREE = dict(
     year=2024,
     scalar_state=(

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-from .. import _tensorviews
+from .. import _tensorviews, precision
 from .._checks import check_disjoint
 from .._config import effective_n_threads, resolve_backend
 from .._runtime import check_buffers, check_distinct
-from . import _layout
+from . import _layout, _lowprec
 
 _COMPLETE = _tensorviews.COMPLETE
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16, torch.float16)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
                    torch.Tensor.is_neg, torch.Tensor.is_conj)
 # torch.autograd.graph.increment_version without its argument handling (a list here).
@@ -62,14 +62,14 @@ class _Entry:
     (``scratch``); ``target`` is the parameter's detached alias, written back to."""
 
     __slots__ = ("param", "index", "ptr", "state", "keys", "tensors", "fresh", "ref", "scratch", "target",
-                 "position")
+                 "position", "global_index")
 
 
 class _Bucket:
     """The parameters of one group and one dtype that have state: one kernel call per step."""
 
     __slots__ = ("entries", "params", "param_views", "state_views", "names", "order", "views", "step_block",
-                 "steps", "count", "n_fresh", "gapped")
+                 "steps", "count", "n_fresh", "gapped", "ids", "stored")
 
 
 class _Plan:
@@ -94,16 +94,17 @@ class _KernelCall(tuple):
     __slots__ = ()
 
 
-def _run(call, bucket, kernels, params, grads, states, n_threads):
+def _run(call, bucket, kernels, params, grads, states, n_threads, ids=None):
     """Run a call from ``_kernel_call`` on the arrays of ``bucket`` (``states``
     aligned with ``bucket.names``; ``bucket.order``: where each of the kernel's
-    buffers is among them) with the backend module ``kernels``."""
+    buffers is among them) with the backend module ``kernels``; ``ids``: the
+    parameters' indices in the optimizer (their stochastic rounding keys)."""
     if type(call) is _KernelCall:
         name, arguments = call
         getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in bucket.order],
                                **arguments, n_threads=n_threads)
     else:
-        call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads)
+        call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads, ids)
 
 
 class _Stale(Exception):
@@ -156,6 +157,21 @@ class KernelOptimizer:
     _kernel_buffers = ()
     _shaped = frozenset()
     _whole_tensors = False
+    _fd_storage = precision.Storage()
+
+    def _set_storage(self, state_dtype, rounding, seed, master_weights):
+        """The storage options (:class:`fastdescent.precision.Storage`), validated;
+        with stochastic rounding every rule counts steps (its random bits' key)."""
+        storage = precision.Storage.of(state_dtype, rounding, seed, master_weights)
+        self.__dict__["_fd_storage"] = storage
+        if storage.stochastic:
+            self.__dict__["_counts_steps"] = self.__dict__["_step_in_math"] = True
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update((k, self.__dict__[k]) for k in ("_fd_storage", "_counts_steps", "_step_in_math")
+                     if k in self.__dict__)
+        return state
 
     # -- construction ---------------------------------------------------------
 
@@ -207,8 +223,8 @@ class KernelOptimizer:
             raise TypeError(f"{where()}: only dense (strided) parameters are supported, not {p.layout}")
         if p.dtype not in _KERNEL_DTYPES:
             raise TypeError(
-                f"{where()}: fastdescent kernels take float32, float64 (and complex64/128 "
-                f"as real pairs) parameters; cast the parameter or use torch.optim")
+                f"{where()}: fastdescent kernels take float32, float64, bfloat16, float16 (and "
+                f"complex64/128 as real pairs) parameters; cast the parameter or use torch.optim")
         if p.is_conj() or p.is_neg():
             raise TypeError(f"{where()} is a conjugate or negative view; resolve it first "
                             "(param.resolve_conj(), param.resolve_neg())")
@@ -262,7 +278,7 @@ class KernelOptimizer:
             empty = np.empty(0)
             self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
 
-            def run(kernels, params, grads, buffers, n_threads):
+            def run(kernels, params, grads, buffers, n_threads, ids=None):
                 self._update(group, params, grads, [buffers.get(n) for n in names], step, fresh)
             return run
         return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
@@ -512,12 +528,13 @@ class KernelOptimizer:
         for e in gapped:
             e.scratch.copy_(e.target)
         grads = item.grads
+        ids = bucket.ids if taken is None else [bucket.ids[k] for k in taken]
         for run, pick, _ in item.calls:
             if pick is None:
-                _run(run, bucket, kernels, params, grads, states, n_threads)
+                _run(run, bucket, kernels, params, grads, states, n_threads, ids)
             else:
                 _run(run, bucket, kernels, [params[i] for i in pick], [grads[i] for i in pick],
-                     [[views[i] for i in pick] for views in states], n_threads)
+                     [[views[i] for i in pick] for views in states], n_threads, [ids[i] for i in pick])
             advanced = getattr(run, "advanced", None)
             if advanced:  # the rule's scalar state after the step, in each parameter's state
                 entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
@@ -605,11 +622,12 @@ class KernelOptimizer:
         bucket.count = None
         params, grads = [bucket.param_views[k]], [view]
         buffers = [[views[k]] for views in bucket.state_views]
+        ids = [bucket.ids[k]]
 
         def write(kernels, n_threads):
             if e.scratch is not None:
                 e.scratch.copy_(e.target)
-            _run(run, bucket, kernels, params, grads, buffers, n_threads)
+            _run(run, bucket, kernels, params, grads, buffers, n_threads, ids)
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             for name, value in (getattr(run, "advanced", None) or {}).items():
@@ -645,6 +663,7 @@ class KernelOptimizer:
         moved = old is not None and (old.param_list is not group["params"] or len(old.params) != len(group["params"]))
         by_dtype = {}
         pending = []
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])  # state_dict's numbering
         for index, p in enumerate(group["params"]):
             self._check_param(group_index, index, group, p)
             state = self.state[p] if p in self.state else None
@@ -663,6 +682,7 @@ class KernelOptimizer:
                 created[-1][1].extend(k for k in state if k not in before)
             e = _Entry()
             e.param, e.index, e.keys, e.fresh, e.ptr = p, index, kept + step, fresh, p.data_ptr()
+            e.global_index = first + index
             moved = moved or old_ptrs.get(id(p), e.ptr) != e.ptr
             e.state = {} if state is None else state  # stateless rule (plain SGD)
             by_dtype.setdefault((p.dtype, kept), []).append(e)
@@ -709,6 +729,8 @@ class KernelOptimizer:
         b.param_views = [_layout.flat_view(e.ref) for e in entries]
         b.state_views = [[e.state[name].detach().numpy() if name in self._shaped else _layout.flat_view(e.state[name])
                           for e in entries] for name in names]
+        b.ids = [e.global_index for e in entries]
+        b.stored = bool(entries) and self._stored_dtype(entries[0].param.dtype)
         self._check_distinct(group_index, group, b)
         b.n_fresh = sum(e.fresh for e in entries)
         b.steps, b.step_block, b.count = None, None, None
@@ -732,6 +754,20 @@ class KernelOptimizer:
             _TENSOR_METHODS)
         return b
 
+    def _stored_dtype(self, dtype):
+        """True if parameters of ``dtype`` are stepped through stored formats
+        (low-precision storage: see ``SpecOptimizer``)."""
+        return False
+
+    def _expected_state(self, name, p):
+        """``(dtype, shape)`` of state tensor ``name`` of ``p``: shape None: ``p``'s, in
+        its layout; else that shape, contiguous (a buffer shaped otherwise)."""
+        return p.dtype, (self._buffer_shape(p, name) if name in self._shaped else None)
+
+    def _relayout(self, name, t, ref, state):
+        """State tensor ``t`` in the layout of ``ref``."""
+        return _layout.in_layout_of(ref, t)
+
     def _conform_state(self, group_index, group, e, names):
         """Check each state buffer against its parameter; give it the layout the
         kernel sees the parameter in if it has another (e.g. loaded from a
@@ -739,24 +775,30 @@ class KernelOptimizer:
         p = e.param
         for name in names:
             t = e.state[name]
-            shape = self._buffer_shape(p, name)
-            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != shape:
+            dtype, shape = self._expected_state(name, p)
+            if (not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != dtype
+                    or t.shape != (p.shape if shape is None else shape)):
                 desc = (f"{type(t).__name__}" if not isinstance(t, torch.Tensor)
                         else f"{t.dtype} {tuple(t.shape)} on {t.device}")
                 raise ValueError(f"{_where(group_index, e.index, group, p)}: state[{name!r}] is {desc}")
-            if name in self._shaped:
+            if shape is not None:  # its own shape (Adafactor's factors, int8 scales): contiguous
                 if not t.is_contiguous() or t.is_conj() or t.is_neg():
                     e.state[name] = t.resolve_conj().resolve_neg().contiguous()
             elif not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
-                e.state[name] = _layout.in_layout_of(e.ref, t.resolve_conj().resolve_neg())
+                e.state[name] = self._relayout(name, t.resolve_conj().resolve_neg(), e.ref, e.state)
 
     def _check_update(self, bucket, k, grad_view=None):
         """Check the arrays of entry ``k``'s update (and ``grad_view``, its gradient,
-        if given): types, layouts, and no memory shared between them."""
+        if given): types, layouts (stored formats: their own dtypes and lengths),
+        and no memory shared between them."""
         like = [(n, views[k]) for n, views in zip(bucket.names, bucket.state_views) if n not in self._shaped]
         roles = [("param", bucket.param_views[k])] + ([("grad", grad_view)] if grad_view is not None else []) + like
-        check_buffers(tuple(n for n, _ in roles), tuple([v] for _, v in roles), tuple(n != "grad" for n, _ in roles),
-                      False)
+        names, arrays, writable = (tuple(n for n, _ in roles), tuple([v] for _, v in roles),
+                                   tuple(n != "grad" for n, _ in roles))
+        if bucket.stored:
+            _lowprec.check_views(names, arrays, writable, "buffers")
+        else:
+            check_buffers(names, arrays, writable, False)
         if len(like) < len(bucket.names):
             written = {n: [views[k]] for n, views in zip(bucket.names, bucket.state_views)}
             written["param"] = [bucket.param_views[k]]
@@ -833,10 +875,13 @@ def _scalar_dtype():
 
 
 def init_like(torch_class):
-    """An ``__init__`` with ``torch_class``'s signature and defaults, which then
-    checks the options and parameters fastdescent cannot run."""
+    """An ``__init__`` with ``torch_class``'s signature and defaults, plus the storage
+    options (keyword only: ``state_dtype``, ``rounding``, ``seed``,
+    ``master_weights``), which then checks the options and parameters
+    fastdescent cannot run."""
     @functools.wraps(torch_class.__init__)
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, state_dtype=None, rounding=None, seed=None, master_weights=False, **kwargs):
+        self._set_storage(state_dtype, rounding, seed, master_weights)
         torch_class.__init__(self, *args, **kwargs)
         self._after_init()
         self.__dict__["_fd_plans"] = []

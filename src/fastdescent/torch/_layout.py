@@ -36,6 +36,8 @@ def flat_view(t):
     t = t.detach()
     if not t.is_contiguous():
         t = t.as_strided((t.numel(),), (1,))
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, as the kernels take them
+        return t.view(torch.int16).numpy().reshape(-1).view(np.uint16)
     a = t.numpy().reshape(-1)
     real = _REAL_OF.get(a.dtype)
     return a if real is None else a.view(real)
@@ -43,8 +45,7 @@ def flat_view(t):
 
 def real_dtype(dtype):
     """The NumPy dtype of the flat views of a tensor of torch ``dtype``."""
-    a = torch.empty(0, dtype=dtype).numpy()
-    return np.dtype(_REAL_OF.get(a.dtype, a.dtype))
+    return flat_view(torch.empty(0, dtype=dtype)).dtype
 
 
 def same_layout(t, ref):

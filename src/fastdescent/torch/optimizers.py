@@ -35,14 +35,18 @@ buffers of other shapes (``row_var``, ``col_var``) are kept contiguous, as
 ``torch.optim`` creates them.
 """
 
+import warnings
+
 import torch
 from torch.autograd.graph import increment_version
 
+from .. import precision
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
+from ..optim.lowprec import MASTER, scales_name
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT, PARAMETER
-from . import _layout
+from . import _layout, _lowprec
 from ._adapter import KernelOptimizer, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor
 
 
@@ -73,8 +77,48 @@ class SpecOptimizer(KernelOptimizer):
             raise TypeError(f"{_where(group_index, index, group, p)}: fastdescent.torch.{self.spec.title} does not "
                             f"support complex parameters (nor does torch.optim.{self.spec.torch})")
 
+    def _check_group(self, group_index, group):
+        super()._check_group(group_index, group)
+        first = {}
+        for index, p in enumerate(group["params"]):
+            if isinstance(p, torch.Tensor):
+                first.setdefault(p.dtype, (index, p))
+        if any(_lowprec.is_stored(self._fd_storage, d) for d in first):
+            h = self._hyper(group)
+            for index, p in first.values():
+                _lowprec.check(self._fd_storage, self.spec, h, p, _where(group_index, index, group, p))
+
+    def _after_init(self):
+        super()._after_init()
+        for group in self.param_groups:  # state torch.optim made in __init__ (Adagrad's), in our storage
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and self._stored_dtype(p.dtype):
+                    state.clear()
+                    self._init_state(p, group, state)
+
     def _buffer_names(self, group):
-        return tuple(b.name for b in self.spec.needed(self._hyper(group)))
+        """The kernel's buffers, then the master copy and the int8 scales."""
+        names = tuple(b.name for b in self.spec.needed(self._hyper(group)))
+        storage = self._fd_storage
+        extra = (MASTER,) if storage.master_weights else ()
+        if storage.state_dtype == "int8":
+            extra += tuple(scales_name(name) for name in names)
+        return names + extra
+
+    def _stored_dtype(self, dtype):
+        return _lowprec.is_stored(self._fd_storage, dtype)
+
+    def _expected_state(self, name, p):
+        if not self._stored_dtype(p.dtype):  # (a rule with shaped buffers refuses stored formats)
+            return super()._expected_state(name, p)
+        return _lowprec.expected(self._fd_storage, self.spec, name, p)
+
+    def _relayout(self, name, t, ref, state):
+        t, scales = _lowprec.relayout(self._fd_storage, self.spec, name, t, ref, state.get(scales_name(name)))
+        if scales is not None:
+            state[scales_name(name)] = scales
+        return t
 
     def _kept_names(self, param, names):
         if not self._shaped:
@@ -88,7 +132,7 @@ class SpecOptimizer(KernelOptimizer):
 
     def _init_state(self, param, group, state):
         h = self._hyper(group)
-        if self.spec.counts_steps:
+        if self._counts_steps:
             state["step"] = new_step_tensor(group)
         # A scalar state is a tensor of torch.optim's dtype where torch.optim has the rule,
         # else a Python float: load_state_dict keeps floats, but casts tensors to the
@@ -96,6 +140,8 @@ class SpecOptimizer(KernelOptimizer):
         for s in self.spec.scalar_state:
             value = s.initial_value(h)
             state[s.name] = torch.tensor(value, dtype=_scalar_dtype()) if self.spec.torch else value
+        if self._stored_dtype(param.dtype):
+            return _lowprec.new_state(self._fd_storage, self.spec, h, param, state)
         fresh = False
         for b in self.spec.kept(h, param.shape):
             fill = b.initial(h)
@@ -112,6 +158,42 @@ class SpecOptimizer(KernelOptimizer):
                 state[b.name] = torch.full(b.shape_for(param.shape), fill, dtype=param.dtype, device=param.device)
         return fresh
 
+    def state_dict(self):
+        """``torch.optim``'s state dict, plus ``"storage"`` (the storage options) unless
+        they are the defaults. Load it into a ``torch.optim`` optimizer after
+        :func:`fastdescent.torch.upcast_state_dict` when the state is bfloat16 or int8."""
+        sd = super().state_dict()
+        if not self._fd_storage.is_default:
+            sd["storage"] = self._fd_storage.as_dict()
+        return sd
+
+    def load_state_dict(self, state_dict, convert=False):
+        """``torch.optim``'s ``load_state_dict``, keeping stored state in its dtype
+        (torch.optim casts floating state to the parameter's). A state dict saved with
+        other storage options loads only with ``convert=True``, which converts it
+        (to nearest) and says so with a :class:`fastdescent.precision.StateConversion`
+        warning."""
+        storage = self._fd_storage
+        saved = _lowprec.saved_storage(state_dict, storage, convert)
+        state_dict = {k: v for k, v in state_dict.items() if k != "storage"}
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        groups = [(p, g) for g, group in enumerate(self.param_groups) for p in group["params"]]
+        if len(ids) != len(groups):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        params = dict(zip(ids, (p for p, _ in groups)))
+        if saved != storage:
+            saved_groups = [g for g in state_dict["param_groups"] for _ in g["params"]]
+            hypers = {i: self._hyper(group) for i, group in zip(ids, saved_groups)}
+            state_dict, done = _lowprec.convert_state(state_dict, saved, storage, self.spec, params, hypers)
+            if done:
+                warnings.warn("loaded state converted: " + "; ".join(done), precision.StateConversion, stacklevel=2)
+        kept = {(i, k): v for i, entry in state_dict["state"].items() for k, v in entry.items()
+                if isinstance(v, torch.Tensor) and k != "step" and i in params and v.dtype != params[i].dtype}
+        super().load_state_dict(state_dict)
+        for (i, key), value in kept.items():  # torch.optim cast every one to the parameter's dtype
+            self.state[params[i]][key] = value.to(device=params[i].device)
+
     def _scalar_key(self, entry):
         return tuple(float(entry.state[s.name]) for s in self.spec.scalar_state)
 
@@ -120,15 +202,23 @@ class SpecOptimizer(KernelOptimizer):
         step ``step`` once; return ``run(kernels, params, grads, buffers,
         n_threads)``, which only writes, through the rule's one path
         (``spec.call``). ``run.advanced`` holds the scalar state after the step."""
-        spec, h = self.spec, self._hyper(group)
+        spec, h, storage = self.spec, self._hyper(group), self._fd_storage
         names = tuple(b.name for b in spec.needed(h))
         fresh_names = frozenset(b.name for b in spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
+        counted = None if step is None else int(step)  # the step number, also for random keys
         step = None if step is None or not spec.uses_step else int(step)
         scalar_state = dict(zip((s.name for s in spec.scalar_state), scalars))
         kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
 
-        def run(kernels, params, grads, buffers, n_threads):
-            spec.call(kernels, params, grads, {name: buffers.get(name) for name in names}, kwargs, n_threads)
+        def run(kernels, params, grads, buffers, n_threads, ids=None):
+            kernel_buffers = {name: buffers.get(name) for name in names}
+            if params and (not storage.is_default or precision.kind_of(params[0]) != precision.NATIVE):
+                scales = {name: buffers[scales_name(name)] for name in names if scales_name(name) in buffers}
+                params, grads, formats = precision.kernel_call(storage, spec, counted, params, grads, kernel_buffers,
+                                                               buffers.get(MASTER), scales)
+                spec.call(kernels, params, grads, kernel_buffers, kwargs, n_threads, formats, ids)
+            else:
+                spec.call(kernels, params, grads, kernel_buffers, kwargs, n_threads)
 
         run.advanced = spec.advanced(h, step, scalar_state)
         return run
@@ -177,10 +267,12 @@ def torch_class(spec):
         peer = getattr(torch.optim, spec.torch)
         bases, init, doc = (SpecOptimizer, peer), init_like(peer), kernel_doc(peer)
     else:
-        body = ("    torch.optim.Optimizer.__init__(self, params, defaults)\n"
+        body = ("    self._set_storage(state_dtype, rounding, seed, master_weights)\n"
+                "    torch.optim.Optimizer.__init__(self, params, defaults)\n"
                 "    self._after_init()\n"
                 "    self.__dict__['_fd_plans'] = []\n")
-        init = generated_init(spec, __name__, spec.title, body, {"torch": torch})
+        init = generated_init(spec, __name__, spec.title, body, {"torch": torch},
+                              ("state_dtype=None", "rounding=None", "seed=None", "master_weights=False"))
         bases, doc = (SpecOptimizer, torch.optim.Optimizer), class_doc(spec, torch=True)
     if spec.mixin is not None:
         bases = (spec.mixin, *bases)

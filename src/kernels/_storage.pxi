@@ -1,0 +1,518 @@
+# Low-precision storage for every rule: bfloat16 and 8-bit state, bfloat16 or
+# float16 parameters (with or without a float32 master copy) and gradients.
+#
+# A rule's element loop runs over float32 buffers. ``stored(kernel, args, kwargs,
+# formats)`` calls a rule's entry with some of its buffer lists held in another
+# format; ``run_kernel`` finds them (by the identity of the lists it is handed)
+# and, instead of running the rule's segment function on the arrays themselves,
+# runs it block by block on float32 scratch rows:
+#
+#   1. each tensor is cut into blocks of BLOCK elements, aligned to the tensor's
+#      own element index (an int8 block has one scale, so a block must never be
+#      split between threads: the thread plan deals out whole blocks);
+#   2. per block, every stored role is *loaded* into a scratch row on the stack
+#      (bfloat16: a 16-bit shift; float16: a conversion; int8/uint8: code times
+#      the block's scale), native float32 roles are used in place;
+#   3. the rule's own float32 segment function runs on those rows;
+#   4. every written stored role is *stored* back: rounded to bfloat16 (to
+#      nearest even, or stochastically with counter-based random bits) or
+#      requantized (a new block scale, then codes); a master copy's low-precision
+#      twin is written from the updated float32 values.
+#
+# A role's loader is also where a gradient may come from elsewhere than one
+# array (issue 17, gradient accumulation: the block's gradient as (acc + g) / k,
+# acc zeroed): a new kind is one case in load_role (and one in finish_role if
+# it writes something back), nothing in the rules.
+#
+# The formats, the hash and the codes are defined in fastdescent/precision.py;
+# the NumPy twin of this file is fastdescent/reference/storage.py, bit for bit.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    #define FD_BLOCK 256
+
+    /* The formats handed to the next run_kernel of this thread (a borrowed
+       Python list, alive for the duration of stored()). */
+    static __thread void *fd_pending_storage = NULL;
+    static void fd_set_pending_storage(void *s) { fd_pending_storage = s; }
+    static void *fd_take_pending_storage(void) {
+        void *s = fd_pending_storage;
+        fd_pending_storage = NULL;
+        return s;
+    }
+
+    static inline uint32_t fd_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+    static inline float fd_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+    /* Steele, Lea & Flood's SplitMix64 finalizer. */
+    static inline uint64_t fd_splitmix64(uint64_t x) {
+        uint64_t z = x + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+
+    /* Chris Wellons' lowbias32 (hash-prospector). */
+    static inline uint32_t fd_lowbias32(uint32_t x) {
+        x ^= x >> 16;
+        x *= 0x7feb352dU;
+        x ^= x >> 15;
+        x *= 0x846ca68bU;
+        x ^= x >> 16;
+        return x;
+    }
+
+    /* The random bits of element `index` + i of a tensor whose key is `key` are
+       fd_lowbias32((low + i) ^ mixed), with low and mixed from fd_random_run, as
+       long as low + i does not wrap: never inside a block (2**32 is a multiple of
+       FD_BLOCK). The encoders compute them in their own loop (no array of bits). */
+    typedef struct { int stochastic; uint32_t low, mixed; } fd_random;
+
+    static inline fd_random fd_random_run(int stochastic, uint64_t key, uint64_t index) {
+        fd_random r;
+        r.stochastic = stochastic;
+        r.low = (uint32_t)index;
+        r.mixed = fd_lowbias32((uint32_t)(index >> 32) ^ (uint32_t)(key >> 32)) ^ (uint32_t)key;
+        return r;
+    }
+
+    /* ---- bfloat16 and float16 */
+    static void fd_bf16_load(const uint16_t *restrict src, float *restrict dst, int n) {
+        int i;
+        for (i = 0; i < n; i++) dst[i] = fd_float((uint32_t)src[i] << 16);
+    }
+
+    static void fd_bf16_store(const float *restrict src, uint16_t *restrict dst, int n, fd_random random) {
+        int i;
+        uint32_t u, add, rounded, quiet;
+        if (!random.stochastic) {
+            for (i = 0; i < n; i++) {
+                u = fd_bits(src[i]);
+                add = 0x7fffU + ((u >> 16) & 1U);
+                rounded = (u + add) >> 16;
+                quiet = (u >> 16) | 0x40U;
+                dst[i] = (uint16_t)((u & 0x7fffffffU) > 0x7f800000U ? quiet : rounded);
+            }
+        } else {
+            for (i = 0; i < n; i++) {
+                u = fd_bits(src[i]);
+                add = fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed) & 0xffffU;
+                rounded = (u + add) >> 16;
+                quiet = (u >> 16) | 0x40U;
+                dst[i] = (uint16_t)((u & 0x7fffffffU) > 0x7f800000U ? quiet : rounded);
+            }
+        }
+    }
+
+    static void fd_f16_load(const void *src, float *dst, int n) {
+        const _Float16 *half = (const _Float16 *)src;
+        int i;
+        for (i = 0; i < n; i++) dst[i] = (float)half[i];
+    }
+
+    static void fd_f16_store(const float *src, void *dst, int n) {
+        _Float16 *half = (_Float16 *)dst;
+        int i;
+        for (i = 0; i < n; i++) half[i] = (_Float16)src[i];
+    }
+
+    /* ---- 8-bit codes (precision.py, Code): with y = |x| / scale in [0, 1], the
+       code is the top 8 bits of the float32 y * 2**-bias, whose exponents 1..top
+       are the code's binades and whose subnormals are the code's subnormals. */
+    #define FD_CODE_DROPPED 20   /* float32 mantissa bits below the code's 3 */
+
+    /* 1 / scale rounded toward zero, so that |x| * inverse <= 1 for every |x| <= scale. */
+    static inline float fd_inverse(float scale) {
+        float inverse = 1.0f / scale;
+        if ((double)inverse * (double)scale > 1.0) inverse = fd_float(fd_bits(inverse) - 1U);
+        return inverse;
+    }
+
+    /* Encode n values; returns the block's scale (its largest finite magnitude).
+       `down` = 2**-bias; branch-free, so that gcc vectorizes every loop. A code
+       past every finite one (non-finite input) becomes the NaN code. */
+    static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
+                                      fd_random random, int is_signed, float down, uint32_t nan_code) {
+        int i;
+        uint32_t u, magnitude, largest = 0, y, c;
+        float inverse;
+        for (i = 0; i < n; i++) {
+            magnitude = fd_bits(src[i]) & 0x7fffffffU;
+            magnitude &= -(uint32_t)(magnitude < 0x7f800000U);   /* non-finite: not counted */
+            largest = largest > magnitude ? largest : magnitude;
+        }
+        inverse = largest ? fd_inverse(fd_float(largest)) : 1.0f;
+        if (!random.stochastic) {
+            for (i = 0; i < n; i++) {
+                u = fd_bits(src[i]);
+                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
+                c = c < nan_code ? c : nan_code;
+                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
+            }
+        } else {
+            for (i = 0; i < n; i++) {
+                u = fd_bits(src[i]);
+                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
+                          & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
+                c = c < nan_code ? c : nan_code;
+                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
+            }
+        }
+        return fd_float(largest);
+    }
+
+    /* `up` = 2**bias; up * scale is one exact factor unless it overflows. */
+    static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
+                                    int is_signed, float up, uint32_t nan_code) {
+        int i;
+        uint32_t c, magnitude, sign, y;
+        float factor = up * scale;
+        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                dst[i] = fd_float(y | sign) * factor;
+            }
+        } else {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                dst[i] = (fd_float(y | sign) * up) * scale;
+            }
+        }
+    }
+
+    /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
+    static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
+        fd_code_load(src, dst, n, scale, 1, 0x1p112f, 0x7fU);
+    }
+    static void fd_uint8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
+        fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0xffU);
+    }
+    static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
+        return fd_code_store(src, dst, n, random, 1, 0x1p-112f, 0x7fU);
+    }
+    static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
+        return fd_code_store(src, dst, n, random, 0, 0x1p-96f, 0xffU);
+    }
+    """
+    void fd_set_pending_storage(void* s) noexcept nogil
+    void* fd_take_pending_storage() noexcept nogil
+    uint64_t fd_splitmix64(uint64_t x) noexcept nogil
+    ctypedef struct fd_random:
+        pass
+    fd_random fd_random_run(int stochastic, uint64_t key, uint64_t index) noexcept nogil
+    void fd_bf16_load(const uint16_t* src, float* dst, int n) noexcept nogil
+    void fd_bf16_store(const float* src, uint16_t* dst, int n, fd_random random) noexcept nogil
+    void fd_f16_load(const void* src, float* dst, int n) noexcept nogil
+    void fd_f16_store(const float* src, void* dst, int n) noexcept nogil
+    void fd_int8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
+    void fd_uint8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
+    float fd_int8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
+    float fd_uint8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
+
+
+cdef enum:
+    BLOCK = 256
+    # Blocks per call of a rule's segment function: its per-call setup (scalar
+    # casts, lerp constants) is then small against the elements it runs.
+    CHUNK_BLOCKS = 8
+    CHUNK = BLOCK * CHUNK_BLOCKS
+    # Storage kinds (fastdescent.precision numbers them the same way).
+    KIND_NATIVE = 0
+    KIND_BF16 = 1
+    KIND_F16 = 2
+    KIND_INT8 = 3
+    KIND_UINT8 = 4
+
+
+cdef struct RoleStorage:
+    int kind               # how the role's arrays hold their values
+    int copy_kind          # KIND_BF16 / KIND_F16: a rounded copy of the updated values (master weights)
+    bint written           # stored back after the update (not the gradient)
+    bint stochastic        # round stochastically, with random bits under `key`
+    uint64_t key
+
+
+cdef struct Storage:
+    RoleStorage roles[MAX_ROLES]
+    uint64_t* tensor_ids   # the tensors' ids in the random bits' keys
+    float** scales         # scales[t * n_roles + r]: the block scales of an int8/uint8 role
+    void** copies          # copies[t * n_roles + r]: the copy of a master role
+    Py_ssize_t* block_offsets   # n_tensors + 1 prefix sums of the tensors' block counts
+
+
+cdef struct StoredJob:
+    const Plan* plan
+    const Storage* storage
+    segment_fn fn
+    const void* args
+
+
+cdef inline void load_role(int kind, const void* base, Py_ssize_t lo, int n, const float* scales,
+                           float* row) noexcept nogil:
+    """The float32 values of elements lo .. lo + n - 1 (one block) of a stored role."""
+    if kind == KIND_BF16:
+        fd_bf16_load(<const uint16_t*>base + lo, row, n)
+    elif kind == KIND_F16:
+        fd_f16_load(<const uint16_t*>base + lo, row, n)
+    elif kind == KIND_INT8:
+        fd_int8_load(<const uint8_t*>base + lo, row, n, scales[lo // BLOCK])
+    elif kind == KIND_UINT8:
+        fd_uint8_load(<const uint8_t*>base + lo, row, n, scales[lo // BLOCK])
+
+
+cdef inline void store_row(int kind, const float* row, void* base, Py_ssize_t lo, int n, float* scales,
+                           fd_random random) noexcept nogil:
+    """Write updated float32 values (one block, when ``random`` is stochastic or
+    ``kind`` int8/uint8) into a role (or copy) of ``kind``."""
+    if kind == KIND_BF16:
+        fd_bf16_store(row, <uint16_t*>base + lo, n, random)
+    elif kind == KIND_F16:
+        fd_f16_store(row, <uint16_t*>base + lo, n)
+    elif kind == KIND_INT8:
+        scales[lo // BLOCK] = fd_int8_store(row, <uint8_t*>base + lo, n, random)
+    elif kind == KIND_UINT8:
+        scales[lo // BLOCK] = fd_uint8_store(row, <uint8_t*>base + lo, n, random)
+
+
+cdef void stored_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t n) noexcept nogil:
+    """Elements lo .. lo + n - 1 of tensor ``t`` (whole blocks, at most CHUNK
+    elements, lo a multiple of BLOCK): load, update, store."""
+    cdef float scratch[MAX_ROLES][CHUNK]
+    cdef void* rows[MAX_ROLES]
+    cdef const Plan* plan = job.plan
+    cdef const Storage* storage = job.storage
+    cdef Py_ssize_t n_roles = plan.n_roles, r, k, b, n_blocks = (n + BLOCK - 1) // BLOCK
+    cdef uint64_t key
+    cdef const RoleStorage* role
+    cdef void* base
+    for r in range(n_roles):
+        k = t * n_roles + r
+        base = plan.rows[k]
+        role = &storage.roles[r]
+        if base == NULL:
+            rows[r] = NULL
+        elif role.kind == KIND_NATIVE:
+            rows[r] = <float*>base + lo
+        else:
+            for b in range(n_blocks):
+                load_role(role.kind, base, lo + b * BLOCK, <int>min(<Py_ssize_t>BLOCK, n - b * BLOCK),
+                          storage.scales[k], &scratch[r][b * BLOCK])
+            rows[r] = scratch[r]
+    job.fn(rows, 0, n, job.args)
+    for r in range(n_roles):
+        k = t * n_roles + r
+        base = plan.rows[k]
+        role = &storage.roles[r]
+        if base == NULL or not role.written:
+            continue
+        if role.kind != KIND_NATIVE:
+            key = fd_splitmix64(role.key ^ storage.tensor_ids[t]) if role.stochastic else 0
+            for b in range(n_blocks):
+                store_row(role.kind, &scratch[r][b * BLOCK], base, lo + b * BLOCK,
+                          <int>min(<Py_ssize_t>BLOCK, n - b * BLOCK), storage.scales[k],
+                          fd_random_run(role.stochastic, key, <uint64_t>(lo + b * BLOCK)))
+        if role.copy_kind != KIND_NATIVE:
+            store_row(role.copy_kind, <const float*>rows[r], storage.copies[k], lo, <int>n, NULL,
+                      fd_random_run(0, 0, 0))
+
+
+cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """Run blocks [begin, end) of the call's block index space (the blocks of
+    every tensor, one tensor after the other), up to CHUNK_BLOCKS at a time."""
+    cdef const StoredJob* job = <const StoredJob*>ctx
+    cdef const Plan* plan = job.plan
+    cdef const Py_ssize_t* blocks = job.storage.block_offsets
+    cdef Py_ssize_t lo = 0, hi = plan.n_tensors, mid, t, stop, first, size
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if blocks[mid] <= begin:
+            lo = mid
+        else:
+            hi = mid
+    t = lo
+    while begin < end:
+        while blocks[t + 1] <= begin:
+            t += 1
+        stop = min(end, blocks[t + 1], begin + CHUNK_BLOCKS)
+        first = (begin - blocks[t]) * BLOCK
+        size = plan.offsets[t + 1] - plan.offsets[t]
+        stored_chunk(job, t, first, min((stop - begin) * BLOCK, size - first))
+        begin = stop
+
+
+cdef dict ROLE_DTYPES = {KIND_NATIVE: cnp.NPY_FLOAT32, KIND_BF16: cnp.NPY_UINT16, KIND_F16: cnp.NPY_FLOAT16,
+                         KIND_INT8: cnp.NPY_INT8, KIND_UINT8: cnp.NPY_UINT8}
+
+
+cdef int check_stored_array(object obj, int kind, Py_ssize_t n, str what) except -1:
+    cdef cnp.ndarray a = <cnp.ndarray?>obj
+    if cnp.PyArray_TYPE(a) != ROLE_DTYPES[kind] or cnp.PyArray_SIZE(a) != n or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"stored kernel buffers: {what} must be a contiguous {cnp.dtype(ROLE_DTYPES[kind])} "
+                         f"array of {n} elements")
+    return 0
+
+
+cdef int stored_plan_init(Plan* plan, Storage* storage, tuple roles, list formats, object tensor_ids,
+                          int n_threads) except -1:
+    """Gather the pointers of ``roles`` as ``plan_init`` does, each role in the
+    format ``formats`` gives its list (native float32 if none does)."""
+    cdef Py_ssize_t r, t, n, k, n_tensors, n_roles = len(roles)
+    cdef list params = <list?>roles[0]
+    cdef object entry, arrays, scales, copies
+    cdef RoleStorage* role
+    cdef list found = []
+    if n_roles > MAX_ROLES:
+        raise ValueError(f"at most {MAX_ROLES} buffer roles")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+    n_tensors = len(params)
+    plan.n_roles = n_roles
+    plan.n_tensors = n_tensors
+    plan.typenum = cnp.NPY_FLOAT32
+    plan.offsets = <Py_ssize_t*>malloc((n_tensors + 1) * sizeof(Py_ssize_t))
+    plan.rows = <void**>malloc((n_tensors * n_roles + 1) * sizeof(void*))
+    storage.scales = <float**>malloc((n_tensors * n_roles + 1) * sizeof(float*))
+    storage.copies = <void**>malloc((n_tensors * n_roles + 1) * sizeof(void*))
+    storage.block_offsets = <Py_ssize_t*>malloc((n_tensors + 1) * sizeof(Py_ssize_t))
+    storage.tensor_ids = <uint64_t*>malloc((n_tensors + 1) * sizeof(uint64_t))
+    if (plan.offsets == NULL or plan.rows == NULL or storage.scales == NULL or storage.copies == NULL
+            or storage.block_offsets == NULL or storage.tensor_ids == NULL):
+        raise MemoryError()
+    if tensor_ids is not None and len(tensor_ids) != n_tensors:
+        raise ValueError(f"{len(tensor_ids)} tensor ids for {n_tensors} tensors")
+    for t in range(n_tensors):
+        storage.tensor_ids[t] = t if tensor_ids is None else <uint64_t>tensor_ids[t]
+    for r in range(n_roles):
+        role = &storage.roles[r]
+        role.kind = KIND_NATIVE
+        role.copy_kind = KIND_NATIVE
+        role.written = r != 1
+        role.stochastic = False
+        role.key = 0
+        entry = None
+        scales = copies = None
+        for candidate in formats:
+            if candidate[0] is roles[r] and roles[r] is not None:
+                entry = candidate
+        if entry is None:
+            continue
+        found.append(entry)
+        arrays, kind, scales, copies, copy_kind, written, key = entry
+        if kind not in ROLE_DTYPES or copy_kind not in (KIND_NATIVE, KIND_BF16, KIND_F16):
+            raise ValueError(f"unknown storage kind {kind} / copy kind {copy_kind}")
+        if (kind in (KIND_INT8, KIND_UINT8)) != (scales is not None) or (copy_kind != KIND_NATIVE) != (copies is not None):
+            raise ValueError("int8/uint8 roles need scales, copied roles need copies, and only they")
+        if copy_kind != KIND_NATIVE and kind != KIND_NATIVE:
+            raise ValueError("only a float32 role has a rounded copy")
+        if r == 1 and written:
+            raise ValueError("the gradient is read only")
+        role.kind = kind
+        role.copy_kind = copy_kind
+        role.written = written
+        role.stochastic = key is not None
+        role.key = 0 if key is None else <uint64_t>key
+    if len(found) != len(formats):
+        raise TypeError("this kernel does not hand all of its stored buffers to run_kernel: "
+                        "it cannot run on low-precision storage")
+    plan.offsets[0] = 0
+    storage.block_offsets[0] = 0
+    for t in range(n_tensors):
+        n = cnp.PyArray_SIZE(<cnp.ndarray?>params[t])
+        plan.offsets[t + 1] = plan.offsets[t] + n
+        storage.block_offsets[t + 1] = storage.block_offsets[t] + (n + BLOCK - 1) // BLOCK
+        for r in range(n_roles):
+            k = t * n_roles + r
+            storage.scales[k] = NULL
+            storage.copies[k] = NULL
+            if roles[r] is None:
+                plan.rows[k] = NULL
+                continue
+            role = &storage.roles[r]
+            arrays = <list?>roles[r]
+            if len(arrays) != n_tensors:
+                raise ValueError(f"{len(arrays)} arrays for {n_tensors} parameters in buffer role {r}")
+            check_stored_array(arrays[t], role.kind, n, f"role {r} of tensor {t}")
+            plan.rows[k] = cnp.PyArray_DATA(<cnp.ndarray>arrays[t])
+            if role.kind in (KIND_INT8, KIND_UINT8) or role.copy_kind != KIND_NATIVE:
+                for entry in found:
+                    if entry[0] is arrays:
+                        scales, copies = entry[2], entry[3]
+                if scales is not None:
+                    check_stored_array(scales[t], KIND_NATIVE, (n + BLOCK - 1) // BLOCK, f"the scales of role {r}")
+                    storage.scales[k] = <float*>cnp.PyArray_DATA(<cnp.ndarray>scales[t])
+                if copies is not None:
+                    check_stored_array(copies[t], role.copy_kind, n, f"the copy of role {r}")
+                    storage.copies[k] = cnp.PyArray_DATA(<cnp.ndarray>copies[t])
+    plan.total = plan.offsets[n_tensors]
+    plan.n_parts = choose_parts(plan.total, n_threads)
+    return 0
+
+
+cdef int run_stored(tuple pending, tuple roles, int n_threads, segment_fn fn32, const void* args) except -1:
+    """``run_kernel`` on stored roles: the rule's float32 segment function, block by block."""
+    cdef Plan plan
+    cdef Storage storage
+    cdef StoredJob job
+    plan.offsets = NULL
+    plan.rows = NULL
+    storage.scales = NULL
+    storage.copies = NULL
+    storage.block_offsets = NULL
+    storage.tensor_ids = NULL
+    try:
+        stored_plan_init(&plan, &storage, roles, pending[0], pending[1], n_threads)
+        job.plan = &plan
+        job.storage = &storage
+        job.fn = fn32
+        job.args = args
+        with nogil:
+            fd_pool_run(plan.n_parts, storage.block_offsets[plan.n_tensors], 1, chunk_items(BLOCK),
+                        run_blocks, &job)
+            call_finished()
+    finally:
+        plan_free(&plan)
+        free(storage.scales)
+        free(storage.copies)
+        free(storage.block_offsets)
+        free(storage.tensor_ids)
+    return 0
+
+
+def stored(kernel, tuple args, dict kwargs, formats, tensor_ids=None):
+    """Call ``kernel(*args, **kwargs)``, a rule's entry of this module, with some
+    of its buffer lists in low-precision storage (private: optimizers call it
+    through ``RuleSpec.call``).
+
+    ``formats`` lists ``(arrays, kind, scales, copies, copy_kind, written, key)``
+    tuples, ``arrays`` being one of the lists the entry hands to ``run_kernel``
+    (found by identity): ``kind`` its storage (``fastdescent.precision``: 1
+    bfloat16 as uint16, 2 float16, 3 int8 codes, 4 uint8 codes), ``scales`` the
+    float32 block scales of each tensor (int8/uint8), ``copies`` the bfloat16 or
+    float16 arrays (``copy_kind``) that receive the updated values of a float32
+    master role, ``written`` whether the role is stored back, ``key`` the 64-bit
+    key of its stochastic rounding (None: round to nearest even).
+    ``tensor_ids`` (default: the positions) enter each tensor's random bits.
+    """
+    cdef tuple pending = (list(formats), tensor_ids)
+    cdef void* unused
+    fd_set_pending_storage(<void*>pending)
+    try:
+        kernel(*args, **kwargs)
+    finally:
+        unused = fd_take_pending_storage()
+    if unused != NULL:
+        raise TypeError(f"{getattr(kernel, '__name__', kernel)!r} did not run on run_kernel's plan: "
+                        "it cannot run on low-precision storage")
