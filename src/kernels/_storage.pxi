@@ -135,24 +135,27 @@ cdef extern from *:
 
     /* Encode n values; returns the block's scale (its largest finite magnitude).
        `down` = 2**-bias; branch-free, so that gcc vectorizes every loop. A code
-       past every finite one (non-finite input) becomes the NaN code. */
+       past every finite one (non-finite input) becomes the NaN code.
+       Comparisons are signed: both sides are below 2**31, and SSE2 has no
+       unsigned ones. */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      fd_random random, int is_signed, float down, uint32_t nan_code) {
+                                      fd_random random, int is_signed, float down, int32_t nan_code) {
         int i;
-        uint32_t u, magnitude, largest = 0, y, c;
+        uint32_t u, y, c;
+        int32_t magnitude, largest = 0;
         float inverse;
         for (i = 0; i < n; i++) {
-            magnitude = fd_bits(src[i]) & 0x7fffffffU;
-            magnitude &= -(uint32_t)(magnitude < 0x7f800000U);   /* non-finite: not counted */
+            magnitude = (int32_t)(fd_bits(src[i]) & 0x7fffffffU);
+            magnitude &= -(int32_t)(magnitude < 0x7f800000);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
         }
-        inverse = largest ? fd_inverse(fd_float(largest)) : 1.0f;
+        inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
         if (!random.stochastic) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
                 y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
                 c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
-                c = c < nan_code ? c : nan_code;
+                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         } else {
@@ -161,11 +164,11 @@ cdef extern from *:
                 y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
                 c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
                           & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
-                c = c < nan_code ? c : nan_code;
+                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         }
-        return fd_float(largest);
+        return fd_float((uint32_t)largest);
     }
 
     /* `up` = 2**bias; up * scale is one exact factor unless it overflows. */
