@@ -141,8 +141,10 @@ cdef extern from *:
        made the int8 pass 8x slower). A normal result is z's bits with the
        exponent lowered; a subnormal one, whose bits are z * 2**(149 - bias)
        rounded to an integer (to nearest even, as the multiply rounds), is that
-       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias). */
-    static inline uint32_t fd_scaled_bits(float z, uint32_t bias, float tiny_up) {
+       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias).
+       `plain`: no product of the block is subnormal, the multiply is safe. */
+    static inline uint32_t fd_scaled_bits(float z, int plain, uint32_t bias, float down, float tiny_up) {
+        if (plain) return fd_bits(z * down);
         uint32_t bits = fd_bits(z);
         uint32_t subnormal = fd_bits(z * tiny_up + 0x1p23f) - 0x4b000000U;
         uint32_t normal = -(uint32_t)((int32_t)bits >= (int32_t)((bias + 1) << 23));   /* a mask, not ?: (vectorizes) */
@@ -154,22 +156,26 @@ cdef extern from *:
        one (non-finite input) becomes the NaN code. Comparisons are signed:
        both sides are below 2**31, and SSE2 has no unsigned ones. */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      fd_random random, int is_signed, uint32_t bias, float tiny_up,
-                                      int32_t nan_code) {
-        int i;
+                                      fd_random random, int is_signed, uint32_t bias, float down,
+                                      float tiny_up, int32_t nan_code) {
+        int i, plain;
         uint32_t u, y, c;
-        int32_t magnitude, largest = 0;
+        int32_t magnitude, largest = 0, smallest = 0x7fffffff;   /* smallest: nonzero */
         float inverse;
         for (i = 0; i < n; i++) {
             magnitude = (int32_t)(fd_bits(src[i]) & 0x7fffffffU);
             magnitude &= -(int32_t)(magnitude < 0x7f800000);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
+            magnitude |= -(int32_t)(magnitude == 0) & 0x7fffffff;
+            smallest = smallest < magnitude ? smallest : magnitude;
         }
         inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
+        /* the products are monotonic in |x|: the smallest nonzero one decides */
+        plain = (int32_t)fd_bits(fd_float((uint32_t)smallest) * inverse) >= (int32_t)((bias + 1) << 23);
         if (!random.stochastic) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, bias, tiny_up);
+                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
                 c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
                 c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
@@ -177,7 +183,7 @@ cdef extern from *:
         } else {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, bias, tiny_up);
+                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
                 c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
                           & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
                 c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
@@ -191,13 +197,16 @@ cdef extern from *:
        A subnormal code (exponent field 0) is a subnormal float32: its value,
        y * 2**-149 for y its bits, times the factor is the same product as the
        integer y times scale * 2**(bias - 149) (`tiny_up`), when that is normal
-       (exact): no subnormal operand (see fd_scaled_bits). */
+       (exact): no subnormal operand (see fd_scaled_bits). Blocks without
+       subnormal codes take the plain multiply. */
     static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
                                     int is_signed, float up, float tiny_up, uint32_t nan_code) {
         int i;
         uint32_t c, magnitude, sign, y, subnormal;
         float factor = up * scale, tiny_factor = scale * tiny_up;
-        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U && (fd_bits(tiny_factor) & 0x7f800000U) != 0) {
+        uint8_t subnormals = 0;   /* any subnormal code (magnitude 1 .. 7) in the block? */
+        for (i = 0; i < n; i++) subnormals |= (uint8_t)((uint8_t)((is_signed ? src[i] & 0x7fU : src[i]) - 1U) < 7U);
+        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U && subnormals && (fd_bits(tiny_factor) & 0x7f800000U) != 0) {
             for (i = 0; i < n; i++) {
                 c = src[i];
                 magnitude = is_signed ? c & 0x7fU : c;
@@ -234,10 +243,10 @@ cdef extern from *:
         fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0x1p-53f, 0xffU);
     }
     static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 1, 112, 0x1p37f, 0x7f);
+        return fd_code_store(src, dst, n, random, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
     }
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 0, 96, 0x1p53f, 0xff);
+        return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
     """
     void fd_set_pending_storage(void* s) noexcept nogil
