@@ -124,6 +124,7 @@ cdef extern from *:
     /* ---- 8-bit codes (precision.py, Code): with y = |x| / scale in [0, 1], the
        code is the top 8 bits of the float32 y * 2**-bias, whose exponents 1..top
        are the code's binades and whose subnormals are the code's subnormals. */
+    #define FD_CODE_MANTISSA 3
     #define FD_CODE_DROPPED 20   /* float32 mantissa bits below the code's 3 */
 
     /* 1 / scale rounded toward zero, so that |x| * inverse <= 1 for every |x| <= scale. */
@@ -133,48 +134,89 @@ cdef extern from *:
         return inverse;
     }
 
+    /* The bits of the float32 product z * 2**-bias (z >= 0, or non-finite: then
+       a value past every code), without a subnormal operation: an x86 multiply
+       whose result is subnormal takes a microcode assist of about a hundred
+       cycles (measured: one element per 16 below 2**-14 of its block's largest
+       made the int8 pass 8x slower). A normal result is z's bits with the
+       exponent lowered; a subnormal one, whose bits are z * 2**(149 - bias)
+       rounded to an integer (to nearest even, as the multiply rounds), is that
+       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias).
+       `plain`: no product of the block is subnormal, the multiply is safe. */
+    static inline uint32_t fd_scaled_bits(float z, int plain, uint32_t bias, float down, float tiny_up) {
+        if (plain) return fd_bits(z * down);
+        uint32_t bits = fd_bits(z);
+        uint32_t subnormal = fd_bits(z * tiny_up + 0x1p23f) - 0x4b000000U;
+        uint32_t normal = -(uint32_t)((int32_t)bits >= (int32_t)((bias + 1) << 23));   /* a mask, not ?: (vectorizes) */
+        return ((bits - (bias << 23)) & normal) | (subnormal & ~normal);
+    }
+
     /* Encode n values; returns the block's scale (its largest finite magnitude).
-       `down` = 2**-bias; branch-free, so that gcc vectorizes every loop. A code
-       past every finite one (non-finite input) becomes the NaN code. */
+       Branch-free, so that gcc vectorizes every loop. A code past every finite
+       one (non-finite input) becomes the NaN code. Comparisons are signed:
+       both sides are below 2**31, and SSE2 has no unsigned ones. */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      fd_random random, int is_signed, float down, uint32_t nan_code) {
-        int i;
-        uint32_t u, magnitude, largest = 0, y, c;
+                                      fd_random random, int is_signed, uint32_t bias, float down,
+                                      float tiny_up, int32_t nan_code) {
+        int i, plain;
+        uint32_t u, y, c;
+        int32_t magnitude, largest = 0, smallest = 0x7fffffff;   /* smallest: nonzero */
         float inverse;
         for (i = 0; i < n; i++) {
-            magnitude = fd_bits(src[i]) & 0x7fffffffU;
-            magnitude &= -(uint32_t)(magnitude < 0x7f800000U);   /* non-finite: not counted */
+            magnitude = (int32_t)(fd_bits(src[i]) & 0x7fffffffU);
+            magnitude &= -(int32_t)(magnitude < 0x7f800000);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
+            magnitude |= -(int32_t)(magnitude == 0) & 0x7fffffff;
+            smallest = smallest < magnitude ? smallest : magnitude;
         }
-        inverse = largest ? fd_inverse(fd_float(largest)) : 1.0f;
+        inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
+        /* the products are monotonic in |x|: the smallest nonzero one decides */
+        plain = (int32_t)fd_bits(fd_float((uint32_t)smallest) * inverse) >= (int32_t)((bias + 1) << 23);
         if (!random.stochastic) {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
                 c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
-                c = c < nan_code ? c : nan_code;
+                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         } else {
             for (i = 0; i < n; i++) {
                 u = fd_bits(src[i]);
-                y = fd_bits((fd_float(u & 0x7fffffffU) * inverse) * down);
+                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
                 c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
                           & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
-                c = c < nan_code ? c : nan_code;
+                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
                 dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
             }
         }
-        return fd_float(largest);
+        return fd_float((uint32_t)largest);
     }
 
-    /* `up` = 2**bias; up * scale is one exact factor unless it overflows. */
+    /* `up` = 2**bias; up * scale is one exact factor unless it overflows.
+       A subnormal code (exponent field 0) is a subnormal float32: its value,
+       y * 2**-149 for y its bits, times the factor is the same product as the
+       integer y times scale * 2**(bias - 149) (`tiny_up`), when that is normal
+       (exact): no subnormal operand (see fd_scaled_bits). Blocks without
+       subnormal codes take the plain multiply. */
     static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
-                                    int is_signed, float up, uint32_t nan_code) {
+                                    int is_signed, float up, float tiny_up, uint32_t nan_code) {
         int i;
-        uint32_t c, magnitude, sign, y;
-        float factor = up * scale;
-        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
+        uint32_t c, magnitude, sign, y, subnormal;
+        float factor = up * scale, tiny_factor = scale * tiny_up;
+        uint8_t subnormals = 0;   /* any subnormal code (magnitude 1 .. 7) in the block? */
+        for (i = 0; i < n; i++) subnormals |= (uint8_t)((uint8_t)((is_signed ? src[i] & 0x7fU : src[i]) - 1U) < 7U);
+        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U && subnormals && (fd_bits(tiny_factor) & 0x7f800000U) != 0) {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                subnormal = -(uint32_t)(magnitude < (1U << FD_CODE_MANTISSA));   /* masks, so that gcc vectorizes */
+                y = (fd_bits((float)(int32_t)(magnitude << FD_CODE_DROPPED)) & subnormal) | (y & ~subnormal);
+                dst[i] = fd_float(y | sign) * fd_float((fd_bits(tiny_factor) & subnormal) | (fd_bits(factor) & ~subnormal));
+            }
+        } else if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
             for (i = 0; i < n; i++) {
                 c = src[i];
                 magnitude = is_signed ? c & 0x7fU : c;
@@ -195,16 +237,16 @@ cdef extern from *:
 
     /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
     static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 1, 0x1p112f, 0x7fU);
+        fd_code_load(src, dst, n, scale, 1, 0x1p112f, 0x1p-37f, 0x7fU);
     }
     static void fd_uint8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0xffU);
+        fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0x1p-53f, 0xffU);
     }
     static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 1, 0x1p-112f, 0x7fU);
+        return fd_code_store(src, dst, n, random, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
     }
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 0, 0x1p-96f, 0xffU);
+        return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
     """
     void fd_set_pending_storage(void* s) noexcept nogil
