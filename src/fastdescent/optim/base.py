@@ -664,13 +664,12 @@ class Optimizer(Checkpointing):
             for layout, config, step, scalar_state, fresh in groups:
                 if (layout.states is None and layout.params
                         and (fresh or self.spec.counts_steps or self.spec.scalar_state)):
-                    initial = {s.name: s.initial_value(config.hyper) for s in self.spec.scalar_state}
-                    if self.spec.counts_steps:
-                        initial["step"] = 0
+                    initial = {"step": 0} if self.spec.counts_steps else {}  # PyTorch's order: step first
+                    initial.update((s.name, s.initial_value(config.hyper)) for s in self.spec.scalar_state)
                     layout.states = [dict(initial) for _ in layout.params]
                     self.state.update(enumerate(layout.states, start=layout.first))
                     created.append((layout, None))
-                for name in fresh:
+                for name in [name for name in config.needed if name in fresh]:  # declared (PyTorch's) order
                     self._allocate_buffer(layout.index, name, config.needed[name])
                     created.append((layout, name))
                 layout.complete = config
