@@ -28,6 +28,7 @@ for any optimizer without native AMP support. A step checks everything before
 it writes anything (see :mod:`fastdescent.torch._adapter`).
 """
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -47,6 +48,15 @@ def _plain(value):
     if isinstance(value, tuple):
         return tuple(map(_plain, value))
     return value
+
+
+def _scalar_state_value(value):
+    """A scalar state (NAdam's ``mu_product``) as the rule takes it: a float, or a
+    ``numpy.float64`` (a float too) if torch keeps it in a float64 tensor, so that a
+    rule that rounds it as torch does (NAdam) keeps torch's precision."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+        return np.float64(value.item())
+    return float(value)
 
 
 class SpecOptimizer(KernelOptimizer):
@@ -87,7 +97,7 @@ class SpecOptimizer(KernelOptimizer):
         return fresh
 
     def _scalar_key(self, entry):
-        return tuple(float(entry.state[s.name]) for s in self.spec.scalar_state)
+        return tuple(_scalar_state_value(entry.state[s.name]) for s in self.spec.scalar_state)
 
     def _kernel_call(self, group, step, fresh, scalars=()):
         """Validate the group's hyperparameters and compute the kernel's scalars for
