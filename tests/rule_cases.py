@@ -4,6 +4,9 @@
 A new rule's examples join every grid here without any test being edited.
 """
 
+import inspect
+import math
+
 import numpy as np
 
 from fastdescent.catalog import configurations
@@ -30,16 +33,32 @@ def torch_examples():
     return {name: rule.torch_peer for name, rule in EXAMPLES.items() if rule.torch_peer is not None}
 
 
+def rule_shape(spec, shape):
+    """``shape`` (an int: 1-D) if the rule of ``spec`` takes parameters of that shape,
+    else a shape of as many elements that it takes (Muon: a matrix)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if spec.param_ndim is None or len(shape) == spec.param_ndim:
+        return shape
+    return spec.sample_shape(math.prod(shape))
+
+
 def scalar_states(rule, hyper):
     """The rule's scalar states (NAdam's mu_product...) at their initial values, each a
     0-d float64 array, so that the grids copy and compare them like the buffers."""
     return {s.name: np.array(s.initial_value(hyper), dtype=np.float64) for s in rule.spec.scalar_state}
 
 
+def for_loop(torch_class):
+    """The options that select ``torch_class``'s for-loop implementation: ``foreach=False``
+    where it has the choice (torch.optim.Muon has only that path)."""
+    return {"foreach": False} if "foreach" in inspect.signature(torch_class).parameters else {}
+
+
 def make_state(rng, rule, n, dtype):
     """Random parameter and state buffers (``"param"`` and each buffer's name), drawn
     as each buffer's ``sample`` says: never zeros or constants, except buffers that
-    must start at zero; and the scalar states at their initial values."""
+    must start at zero; and the scalar states at their initial values. The arrays
+    have ``n`` elements, in a shape the rule takes (:func:`rule_shape`)."""
     state = {"param": random_array(rng, n, dtype)}
     for buffer in rule.spec.needed(rule.hyper):
         if buffer.sample == "positive":
@@ -48,7 +67,8 @@ def make_state(rng, rule, n, dtype):
             state[buffer.name] = np.zeros(n, dtype)
         else:
             state[buffer.name] = random_array(rng, n, dtype, scale=0.1)
-    return {**state, **scalar_states(rule, rule.hyper)}
+    shape = rule_shape(rule.spec, n)
+    return {**{k: v.reshape(shape) for k, v in state.items()}, **scalar_states(rule, rule.hyper)}
 
 
 def initial_state(rule, param, **hyper):

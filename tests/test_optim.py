@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastdescent as fd
-from rule_cases import EXAMPLES, initial_state, take_step
+from rule_cases import EXAMPLES, initial_state, rule_shape, take_step
 from support import DTYPES, THREADS, assert_bitwise_equal, random_array
 
 #: Every example of every rule: name -> (optimizer class, its arguments).
@@ -20,7 +20,10 @@ SHAPES = [(0,), (1,), (7,), (10, 13), (0, 3), (4097,), (65,), (100_003,), (30, 1
 STEPS = 4
 
 
-def make_params(rng, dtype, shapes=SHAPES):
+def make_params(rng, dtype, shapes=SHAPES, rule=None):
+    """Random parameters of ``shapes`` (example ``rule``: each in a shape that rule takes)."""
+    if rule is not None:
+        shapes = [rule_shape(EXAMPLES[rule].spec, s) for s in shapes]
     return [random_array(rng, math.prod(s), dtype).reshape(s) for s in shapes]
 
 
@@ -81,7 +84,7 @@ def assert_same(actual, expected):
 @pytest.mark.parametrize("name", list(RULES))
 def test_multi_tensor_and_flat_steps_equal_per_array_steps(name, dtype, layout, n_threads, rng, tiny_parts):
     cls, config = RULES[name]
-    params = make_params(rng, dtype)
+    params = make_params(rng, dtype, rule=name)
     grad_steps = make_grads(rng, params)
     together = run(cls, config, params, grad_steps, flat=layout == "flat", n_threads=n_threads)
     for k, p in enumerate(params):
@@ -109,7 +112,7 @@ def face_run(name, params, grad_steps):
 @pytest.mark.parametrize("name", list(RULES))
 def test_optimizer_steps_equal_face_steps(name, dtype, backend, rng):
     cls, config = RULES[name]
-    params = make_params(rng, dtype, [(3, 5), (0,), (1000,), (17,)])
+    params = make_params(rng, dtype, [(3, 5), (0,), (1000,), (17,)], rule=name)
     grad_steps = make_grads(rng, params)
     opt = run(cls, config, params, grad_steps, backend=backend)
     face_params, face_state = face_run(name, params, grad_steps)
@@ -127,7 +130,7 @@ def test_close_to_torch_optim(name, rng):
     torch = pytest.importorskip("torch")
     cls, config = RULES[name]
     peer, options = EXAMPLES[name].torch_peer
-    params = make_params(rng, np.float64, [(3, 5), (0,), (40,)])
+    params = make_params(rng, np.float64, [(3, 5), (0,), (40,)], rule=name)
     grad_steps = make_grads(rng, params, 6)
     opt = cls([p.copy() for p in params], **config)
     tensors = [torch.tensor(p.copy(), requires_grad=True) for p in params]

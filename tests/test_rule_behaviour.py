@@ -6,8 +6,8 @@ import pytest
 
 from fastdescent.catalog import configure
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, initial_state, take_step, torch_examples
-from support import DTYPES, random_array
+from rule_cases import EXAMPLES, for_loop, initial_state, rule_shape, take_step, torch_examples
+from support import DTYPES, random_array, random_like
 
 # ----------------------------------------------------------------------------
 # Agreement with PyTorch's for-loop implementations.
@@ -27,12 +27,13 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     rule = EXAMPLES[name]
     peer, options = rule.torch_peer
     n, steps, scale = 1000, 10, 0.5
-    start = random_array(rng, n, dtype)
-    grads = [random_array(rng, n, dtype) for _ in range(steps)]
+    start = random_array(rng, n, dtype).reshape(rule_shape(rule.spec, n))
+    grads = [random_like(rng, start) for _ in range(steps)]
     lrs = [0.05 * 0.8**t for t in range(steps)]
     state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
     theirs = torch.tensor(start.copy(), requires_grad=True)
-    optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
+    peer = getattr(torch.optim, peer)
+    optimizer = peer([theirs], **{**options, "lr": lrs[0]}, **for_loop(peer))
     for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
         take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
         optimizer.param_groups[0]["lr"] = lr
@@ -118,9 +119,10 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    state = initial_state(rule, start.copy(), lr=lr * gamma)
+    shape = rule_shape(rule.spec, start.size)  # Muon's: a matrix of the coordinates
+    state = initial_state(rule, start.copy().reshape(shape), lr=lr * gamma)
     for t in range(1, steps + 1):
-        take_step(rule, state, gradient(state["param"]), t=t, lr=lr * gamma**t)
-    x = state["param"]
+        take_step(rule, state, gradient(state["param"].reshape(-1)).reshape(shape), t=t, lr=lr * gamma**t)
+    x = state["param"].reshape(-1)
     assert np.linalg.norm(x - x_star) < 1e-2 * np.linalg.norm(start - x_star)
     assert value(x) - value(x_star) < 1e-4 * (value(start) - value(x_star))

@@ -13,7 +13,7 @@ import pytest
 from fastdescent import _checks
 from fastdescent.rules import FACES
 from rule_cases import RICHEST, make_state
-from support import assert_unchanged, random_array, snapshot
+from support import assert_unchanged, random_array, random_like, snapshot
 
 NAN, INF = math.nan, math.inf
 
@@ -54,9 +54,11 @@ def bad_calls(rule, rng):
     """(arrays, [(description, exception, call)]) for ``rule``'s face."""
     spec, face = rule.spec, FACES[rule.spec.face_name]
     state = make_state(rng, rule, 10, np.float32)
-    param, grad = state.pop("param"), random_array(rng, 10, np.float32)
+    param = state.pop("param")
+    grad = random_like(rng, param)
     arrays = [param, grad, *state.values()]
     buffers, kwargs = face_arguments(rule, state)
+    other_shape = (5, 2) if param.shape == (2, 5) else (2, 5)
 
     def call(params=param, grads=grad, replace=None, **changes):
         bufs = list(buffers)
@@ -80,7 +82,7 @@ def bad_calls(rule, rng):
     for b in spec.buffers:
         a = state.get(b.name)
         if a is None:  # not needed by this configuration: giving it is an error
-            cases.append((f"{b.name} not needed", ValueError, call(replace={b.name: random_array(rng, 10, np.float32)})))
+            cases.append((f"{b.name} not needed", ValueError, call(replace={b.name: random_like(rng, param)})))
             continue
         read_only = a.copy()
         read_only.flags.writeable = False
@@ -89,9 +91,9 @@ def bad_calls(rule, rng):
             (f"{b.name} missing", ValueError, call(replace={b.name: None})),
             (f"{b.name} read-only", ValueError, call(replace={b.name: read_only})),
             (f"{b.name} float64", TypeError, call(replace={b.name: a.astype(np.float64)})),
-            (f"{b.name} short", ValueError, call(replace={b.name: a[:9]})),
-            (f"{b.name} 2-D", ValueError, call(replace={b.name: a.reshape(2, 5)})),
-            (f"{b.name} strided", ValueError, call(replace={b.name: np.repeat(a, 2)[::2]})),
+            (f"{b.name} short", ValueError, call(replace={b.name: a.reshape(-1)[:9]})),
+            (f"{b.name} reshaped", ValueError, call(replace={b.name: a.reshape(other_shape)})),
+            (f"{b.name} strided", ValueError, call(replace={b.name: np.repeat(a, 2, axis=-1)[..., ::2]})),
             (f"{b.name} is the gradient", ValueError, call(replace={b.name: grad})),
             (f"{b.name} is the parameter", ValueError, call(replace={b.name: param})),
             (f"{b.name} a list for one parameter", TypeError, call(replace={b.name: list(a)})),
@@ -110,11 +112,11 @@ def bad_calls(rule, rng):
          lambda: face([param, param.astype(np.float64)], [grad, grad.astype(np.float64)],
                       *[None if b is None else [b, b.astype(np.float64)] for b in buffers], **kwargs)),
         ("float64 grad", TypeError, call(grads=grad.astype(np.float64))),
-        ("int params", TypeError, call(params=np.arange(10), grads=np.arange(10))),
+        ("int params", TypeError, call(params=np.arange(10).reshape(param.shape), grads=np.arange(10).reshape(param.shape))),
         ("float16 params", TypeError, call(params=param.astype(np.float16), grads=grad.astype(np.float16))),
         ("grad is param", ValueError, call(grads=param)),
-        ("short grad", ValueError, call(grads=grad[:9])),
-        ("strided grad", ValueError, call(grads=np.repeat(grad, 2)[::2])),
+        ("short grad", ValueError, call(grads=grad.reshape(-1)[:9])),
+        ("strided grad", ValueError, call(grads=np.repeat(grad, 2, axis=-1)[..., ::2])),
         ("list of grads for one param", TypeError, call(grads=[grad])),
         ("two params, one grad", ValueError, lambda: face([param, param.copy()], [grad],
                                                           *[None if b is None else [b, b.copy()] for b in buffers],
@@ -125,6 +127,10 @@ def bad_calls(rule, rng):
         ("unknown backend", ValueError, call(backend="gpu")),
         ("unknown option", TypeError, call(no_such_option=1)),
     ]
+    if spec.param_ndim is not None:  # every array well formed, but of the wrong dimension
+        flat = [None if b is None else b.reshape(-1) for b in buffers]
+        cases.append((f"1-D params for a rule of {spec.param_ndim}-D ones", ValueError,
+                      lambda: face(param.reshape(-1), grad.reshape(-1), *flat, **kwargs)))
     return arrays, cases
 
 
@@ -149,7 +155,8 @@ def test_the_good_call_works(name, backend, rng):
     """The fixtures of bad_calls are fine once the one fault is removed."""
     rule = RICHEST[name]
     state = make_state(rng, rule, 10, np.float32)
-    param, grad = state.pop("param"), random_array(rng, 10, np.float32)
+    param = state.pop("param")
+    grad = random_like(rng, param)
     buffers, kwargs = face_arguments(rule, state)
     before = param.copy()
     FACES[rule.spec.face_name](param, grad, *buffers, **kwargs, backend=backend)

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import fastdescent.torch as fdt
 from rule_cases import torch_examples
 
 #: Every example of every rule that torch.optim can run (derived from the rule
@@ -28,6 +29,18 @@ def convnet(dtype=torch.float32, seed=0, memory_format=torch.contiguous_format):
 
 
 MODELS = {"mlp": (mlp, (10,)), "conv": (convnet, (2, 8, 8))}
+
+
+def takes(rule, p):
+    """True if ``rule`` (a class name) updates parameter ``p``: any parameter, but a
+    rule of matrices (Muon) only real ones of its number of dimensions, as in torch.optim."""
+    ndim = getattr(fdt, rule).spec.param_ndim
+    return ndim is None or (p.ndim == ndim and not p.is_complex())
+
+
+def trained(rule, model):
+    """The parameters of ``model`` that ``rule`` trains; the others keep their values."""
+    return [p for p in model.parameters() if takes(rule, p)]
 
 
 def batches(input_shape, steps=STEPS, batch=16, dtype=torch.float32, seed=1):

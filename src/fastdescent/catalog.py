@@ -66,7 +66,8 @@ class Rule:
 
     def make_state(self, rng, n, dtype):
         """Fresh random state buffers for ``n`` elements (positive or zero where the
-        buffer's ``sample`` asks for it)."""
+        buffer's ``sample`` asks for it), shaped as the rule takes them
+        (``spec.sample_shape``)."""
         out = []
         for buffer in self.spec.needed(self.hyper):
             a = rng.standard_normal(n) * 0.1
@@ -74,7 +75,7 @@ class Rule:
                 a = np.abs(a) + 0.01
             elif buffer.sample == "zero":
                 a = np.zeros(n)
-            out.append(a.astype(dtype))
+            out.append(a.astype(dtype).reshape(self.spec.sample_shape(n)))
         return out
 
     def scalar_state_at(self, t):

@@ -81,20 +81,22 @@ def as_list(role):
 def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     """Random buffers for ``rule``: ``n_tensors`` tensors of ``n`` elements each (one
     array per role if ``n_tensors`` is 1, else lists). Gradients are small and
-    nonzero, second-moment state positive, so repeated steps stay finite."""
+    nonzero, second-moment state positive, so repeated steps stay finite. Each array
+    has the shape the rule takes (``spec.sample_shape``: 1-D, or Muon's matrices)."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
+    shape = rule.spec.sample_shape(n)
 
     def tensors(make):
         arrays = [make() for _ in range(n_tensors)]
         return arrays[0] if n_tensors == 1 else arrays
 
     def gradient():
-        g = rng.standard_normal(n, dtype=dtype)
+        g = rng.standard_normal(shape, dtype=dtype)
         g *= 0.1
         return g
 
-    params = tensors(lambda: rng.standard_normal(n, dtype=dtype))
+    params = tensors(lambda: rng.standard_normal(shape, dtype=dtype))
     grads = tensors(gradient)
     per_tensor = [rule.make_state(rng, n, dtype) for _ in range(n_tensors)]
     state = [per_tensor[0][k] if n_tensors == 1 else [s[k] for s in per_tensor]

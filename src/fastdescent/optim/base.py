@@ -308,6 +308,7 @@ class Optimizer(Checkpointing):
         params = [params] if isinstance(params, np.ndarray) else list(params)
         for k, p in enumerate(params):
             _check_param(p, f"param_groups[{g}]['params'][{k}]")
+            self.spec.check_shape(p.shape, f"param_groups[{g}]['params'][{k}]")
         _runtime.check_distinct("params", self.params + params)
         group = {"params": params, **self.defaults}
         group.update((k, v) for k, v in param_group.items() if k != "params")
@@ -559,8 +560,7 @@ class Optimizer(Checkpointing):
         if grads is None:
             if not self.flat:
                 raise TypeError("step() needs grads, one per parameter, unless the optimizer is flat=True")
-            return [(i, b, [b.arenas["param"]], [b.arenas["grad"]], True)
-                    for i, layout in enumerate(layouts) for b in layout.buckets]
+            return [self._flat_work(i, layout, b) for i, layout in enumerate(layouts) for b in layout.buckets]
         if type(grads) is not list and not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list of arrays, got {type(grads).__name__}")
         n = len(layouts[0].params) if len(layouts) == 1 else sum(len(layout.params) for layout in layouts)
@@ -574,7 +574,7 @@ class Optimizer(Checkpointing):
             flat = self.flat and all(map(operator.is_, group_grads, layout.grad_views))
             for b in layout.buckets:
                 if flat:
-                    work.append((position, b, [b.arenas["param"]], [b.arenas["grad"]], True))
+                    work.append(self._flat_work(position, layout, b))
                     continue
                 if b.span is None:
                     bucket_grads = list(map(group_grads.__getitem__, b.positions))
@@ -586,6 +586,13 @@ class Optimizer(Checkpointing):
                 work.append((position, b, b.params, bucket_grads, False))
             offset += n
         return work
+
+    def _flat_work(self, position, layout, bucket):
+        """The kernel call of a flat bucket: its whole arena at once, or the views of
+        each parameter for a rule that needs their shapes (``param_ndim``)."""
+        if self.spec.param_ndim is None:
+            return position, bucket, [bucket.arenas["param"]], [bucket.arenas["grad"]], True
+        return position, bucket, bucket.params, [layout.grad_views[k] for k in bucket.positions], False
 
     def _written_table(self):
         """The table of every array a step may write (the kernels' own lists of

@@ -209,6 +209,10 @@ class RuleSpec:
     #: is more than one elementwise kernel call (a reduction pass first, a matmul);
     #: None: one call of ``backend.<kernel>``.
     runner: Callable | None = None
+    #: Every parameter must have this many dimensions (Muon: 2, it orthogonalizes
+    #: matrices), or None for any shape. Checked before anything is written; the
+    #: runner then gets each parameter in its shape (a flat arena passes views).
+    param_ndim: int | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
     #: A class whose methods the rule adds to its optimizer classes, ``fastdescent.<Rule>``
@@ -348,6 +352,23 @@ class RuleSpec:
             elif given and not b.when(h):
                 raise ValueError(f"{b.face_argument} given, but they are only used when {b.when.text}")
 
+    def check_shape(self, shape, where):
+        """ValueError unless a parameter of ``shape`` suits the rule (``param_ndim``)."""
+        if self.param_ndim is not None and len(shape) != self.param_ndim:
+            raise ValueError(f"{where} has shape {tuple(shape)}, but {self.title} takes {self.param_ndim}-D "
+                             "parameters only")
+
+    def sample_shape(self, n):
+        """A shape of ``n`` elements that the rule takes, for tests and benchmarks:
+        ``(n,)``, or for a rule of matrices the squarest ``(rows, columns)`` with
+        rows <= columns and at most 64 rows (a benchmark's matrix products stay cheap)."""
+        if self.param_ndim is None:
+            return (n,)
+        if self.param_ndim != 2:
+            raise NotImplementedError(f"sample shapes of {self.param_ndim}-D parameters")
+        rows = max((r for r in range(1, min(math.isqrt(n), 64) + 1) if n % r == 0), default=0)
+        return (rows, n // rows) if rows else (0, 0)
+
     def traffic(self, h):
         """(arrays read, arrays written) per element by one step: the parameter,
         the gradient and every needed buffer are read; all but the gradient written."""
@@ -441,6 +462,9 @@ class RuleSpec:
         if self.scalar_state:
             scalar_state = self._scalar_state_before(config, scalar_state)
         lists = _runtime.checked_lists(self._roles, (params, grads, *buffers), self._writable)
+        if self.param_ndim is not None:
+            for k, p in enumerate(lists[0]):
+                self.check_shape(p.shape, f"params[{k}]")
         kernels = resolve_backend(backend)
         n_threads = effective_n_threads(n_threads)
         invoke, constants, varying = config.kernel_arguments(step, grad_scale, fresh, scalar_state)
@@ -536,9 +560,10 @@ def make_face(spec, module):
         f"grad_scale, {'first_step' if first_gradient else 'False'}, {'{' + states + '}' if states else 'None'}, "
         f"n_threads, backend)\n"
     )
-    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step,
-                                 not spec.scalar_state, spec.face_step, resolve_backend, effective_n_threads,
-                                 NOTHING_FRESH)
+    # The C fast path knows nothing of scalar states or shapes: those rules take face_step.
+    simple = not spec.scalar_state and spec.param_ndim is None
+    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
+                                 resolve_backend, effective_n_threads, NOTHING_FRESH)
     namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
     exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
     face = namespace[spec.face_name]

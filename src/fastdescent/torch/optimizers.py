@@ -70,6 +70,32 @@ class SpecOptimizer(KernelOptimizer):
         values = {**self.spec.defaults, **{k: _plain(v) for k, v in group.items() if k != "params"}}
         return self.spec.validate(values)
 
+    def _check_param(self, group_index, index, group, p):
+        super()._check_param(group_index, index, group, p)
+        if self.spec.param_ndim is not None:  # a rule of matrices works on each in its shape
+            where = _where(group_index, index, group, p)
+            self.spec.check_shape(p.shape, where)
+            if p.is_complex():
+                raise ValueError(f"{where}: fastdescent.torch.{self.spec.title} takes real parameters")
+
+    def _in_scratch(self, e):
+        # A rule of matrices sees each in its shape: one not in row-major order is
+        # stepped in a (row-major) scratch copy.
+        return super()._in_scratch(e) or (self.spec.param_ndim is not None and not e.param.is_contiguous())
+
+    def _bucket(self, group_index, group, entries, names):
+        b = super()._bucket(group_index, group, entries, names)
+        if self.spec.param_ndim is not None:  # a rule of matrices sees them in their shapes
+            b.param_views = [v.reshape(e.param.shape) for v, e in zip(b.param_views, entries)]
+            b.state_views = [[v.reshape(e.param.shape) for v, e in zip(views, entries)] for views in b.state_views]
+        return b
+
+    def _odd_grad_view(self, group_index, group, e, g):
+        view, kept = super()._odd_grad_view(group_index, group, e, g)
+        if self.spec.param_ndim is not None:  # in the (row-major) layout of the parameter's view
+            view = view.reshape(e.param.shape)
+        return view, kept
+
     def _buffer_names(self, group):
         return tuple(b.name for b in self.spec.needed(self._hyper(group)))
 
@@ -112,6 +138,8 @@ class SpecOptimizer(KernelOptimizer):
         kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
 
         def run(kernels, params, grads, buffers, n_threads):
+            if spec.param_ndim is not None:  # the gradients' views are flat (see _bucket)
+                grads = [g.reshape(p.shape) for p, g in zip(params, grads)]
             spec.call(kernels, params, grads, dict(zip(names, buffers)), kwargs, n_threads)
 
         run.advanced = spec.advanced(h, step, scalar_state)
