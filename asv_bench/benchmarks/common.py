@@ -147,8 +147,7 @@ def rule_case(rule_name, size, dtype, threads, method, n_tensors=1, variant=None
         stack.close()
         raise
     try:
-        roles = cases.ceiling_roles(rule_, problem)
-        ceiling = stream_ceiling(roles[: rule_.writes], roles[rule_.writes:], threads)
+        ceiling = stack.enter_context(cases.stepper("ceiling", rule_, problem, threads))
     except cases.Unavailable:
         ceiling = None
     nbytes = problem.n_elements * rule_.bytes_per_element(dtype)

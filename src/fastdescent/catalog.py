@@ -42,6 +42,11 @@ class Rule:
         return tuple(b.name for b in self.spec.needed(self.hyper))
 
     @property
+    def passes(self):
+        """``[(arrays read, arrays written)]`` of each kernel pass of a step."""
+        return self.spec.kernel_passes(self.hyper)
+
+    @property
     def reads(self):
         return self.spec.traffic(self.hyper)[0]
 

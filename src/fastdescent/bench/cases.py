@@ -15,8 +15,15 @@ rule's own buffers), ``kernel`` (the rule's functional face on a kernel variant)
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
 with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
 (``fastdescent.torch``'s drop-in optimizer of the same name, where it exists).
+
+A rule of several kernel passes (a spec with a ``runner``: Muon) is measured by its
+passes: ``kernel`` and ``reference`` replay the kernel calls recorded from one step,
+and ``ceiling`` runs the bandwidth kernel once per pass, with that pass's pattern.
+The rest of such a step (Muon's matrix products in NumPy) is not timed there; the
+torch methods time whole steps.
 """
 
+import functools
 import importlib
 import statistics
 import time
@@ -104,14 +111,51 @@ def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     return Problem(params, grads, state)
 
 
-def ceiling_roles(rule, problem):
-    """The buffers the bandwidth kernel reads, written ones first, for ``rule``'s
-    pattern (``rule.reads`` read, ``rule.writes`` of them written back)."""
+def ceiling_passes(rule, problem):
+    """``[(roles, n_written)]``: for each kernel pass of ``rule``, the buffers the
+    bandwidth kernel reads (written ones first) with that pass's pattern (reads,
+    writes), taken from ``problem``'s arrays."""
     writable = [problem.params, *problem.state]
-    n_read_only = rule.reads - rule.writes
-    if rule.writes > len(writable) or n_read_only not in (0, 1):
-        raise Unavailable(f"no bandwidth pattern for {rule.reads} reads / {rule.writes} writes")
-    return writable[: rule.writes] + [problem.grads] * n_read_only
+    passes = []
+    for reads, writes in rule.passes:
+        n_read_only = reads - writes
+        if writes > len(writable) or n_read_only not in (0, 1):
+            raise Unavailable(f"no bandwidth pattern for {reads} reads / {writes} writes")
+        passes.append((writable[:writes] + [problem.grads] * n_read_only, writes))
+    return passes
+
+
+def kernel_calls(step, backend):
+    """The calls that one ``step()`` makes to the ``backend`` module ("kernel" or
+    "reference"), each as a callable that makes it again on the same arrays: the
+    kernel passes of a multi-pass rule without its work in NumPy (Muon's matrix
+    products), which the benchmarks time apart from it."""
+    module = _config.resolve_backend(backend)
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            function = getattr(module, name)
+
+            def record(*args, **kwargs):
+                calls.append(functools.partial(function, *args, **kwargs))
+                return function(*args, **kwargs)
+            return record
+
+    _config._BACKEND_MODULES[backend] = Recorder()
+    try:
+        step()
+    finally:
+        _config._BACKEND_MODULES[backend] = module
+    return calls
+
+
+def _kernel_part(rule, step, backend):
+    """``step``, or for a multi-pass rule the replay of its kernel calls."""
+    if rule.spec.runner is None:
+        return step
+    calls = kernel_calls(step, backend)
+    return lambda: [call() for call in calls]
 
 
 def ceiling_variant():
@@ -166,18 +210,23 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
     state, t = problem.state, STEADY_STEP
     scalars = rule.scalar_state_at(t)
     if method == "ceiling":
-        roles = ceiling_roles(rule, problem)
+        passes = ceiling_passes(rule, problem)
         stream = _dispatch.load_variant(ceiling_variant()).stream
-        yield lambda: stream(roles, rule.writes, n_threads)
+        if len(passes) == 1:
+            (roles, writes), = passes
+            yield lambda: stream(roles, writes, n_threads)
+        else:
+            yield lambda: [stream(roles, writes, n_threads) for roles, writes in passes]
     elif method == "kernel":
         with kernels_of_variant(variant):
-            yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
-                                    backend="kernel", n_threads=n_threads)
+            yield _kernel_part(rule, lambda: rule.step(problem.params, problem.grads, *state, t=t,
+                                                       scalar_state=scalars, backend="kernel",
+                                                       n_threads=n_threads), "kernel")
     elif method == "reference":
         if n_threads != 1:
             raise Unavailable("the reference is single-threaded")
-        yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
-                                backend="reference")
+        yield _kernel_part(rule, lambda: rule.step(problem.params, problem.grads, *state, t=t,
+                                                   scalar_state=scalars, backend="reference"), "reference")
     else:
         with _torch_step(method, rule, problem, n_threads) as step:
             yield step

@@ -209,6 +209,10 @@ class RuleSpec:
     #: is more than one elementwise kernel call (a reduction pass first, a matmul);
     #: None: one call of ``backend.<kernel>``.
     runner: Callable | None = None
+    #: ``passes(h)`` -> the memory passes of a runner's kernel calls, in order, each
+    #: ``(arrays read, arrays written)`` per element; None: the one pass of
+    #: :meth:`kernel_passes`. What the benchmarks count and their ceiling models.
+    passes: Callable | None = None
     #: Every parameter must have this many dimensions (Muon: 2, it orthogonalizes
     #: matrices), or None for any shape. Checked before anything is written; the
     #: runner then gets each parameter in its shape (a flat arena passes views).
@@ -369,11 +373,19 @@ class RuleSpec:
         rows = max((r for r in range(1, min(math.isqrt(n), 64) + 1) if n % r == 0), default=0)
         return (rows, n // rows) if rows else (0, 0)
 
-    def traffic(self, h):
-        """(arrays read, arrays written) per element by one step: the parameter,
-        the gradient and every needed buffer are read; all but the gradient written."""
+    def kernel_passes(self, h):
+        """``[(arrays read, arrays written)]`` per element, one pair per kernel pass of
+        a step: ``passes(h)`` if declared, else one pass in which the parameter, the
+        gradient and every needed buffer are read, and all but the gradient written."""
+        if self.passes is not None:
+            return list(self.passes(h))
         n = len(self.needed(h))
-        return 2 + n, 1 + n
+        return [(2 + n, 1 + n)]
+
+    def traffic(self, h):
+        """(arrays read, arrays written) per element by one step's kernel passes."""
+        passes = self.kernel_passes(h)
+        return sum(reads for reads, _ in passes), sum(writes for _, writes in passes)
 
     # ------------------------------------------------------------------- run
     def run(self, backend, params, grads, buffers, h, *, step, grad_scale, fresh=NOTHING_FRESH,
