@@ -365,13 +365,14 @@ class RuleSpec:
     def sample_shape(self, n):
         """A shape of ``n`` elements that the rule takes, for tests and benchmarks:
         ``(n,)``, or for a rule of matrices the squarest ``(rows, columns)`` with
-        rows <= columns and at most 64 rows (a benchmark's matrix products stay cheap)."""
+        rows <= columns and at most 64 rows (a benchmark's matrix products stay cheap);
+        (0, 1) for none (torch.optim.Muon divides by the number of columns)."""
         if self.param_ndim is None:
             return (n,)
         if self.param_ndim != 2:
             raise NotImplementedError(f"sample shapes of {self.param_ndim}-D parameters")
         rows = max((r for r in range(1, min(math.isqrt(n), 64) + 1) if n % r == 0), default=0)
-        return (rows, n // rows) if rows else (0, 0)
+        return (rows, n // rows) if rows else (0, 1)
 
     def kernel_passes(self, h):
         """``[(arrays read, arrays written)]`` per element, one pair per kernel pass of
