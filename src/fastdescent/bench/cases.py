@@ -25,6 +25,7 @@ torch methods time whole steps.
 
 import functools
 import importlib
+import inspect
 import statistics
 import time
 from contextlib import contextmanager
@@ -232,6 +233,14 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
             yield step
 
 
+def _torch_mode(torch_class, method):
+    """The options that select ``method``'s path of ``torch_class``: none for the
+    for-loop path of a class that has no other (torch.optim.Muon has no foreach)."""
+    if method == "torch-forloop" and "foreach" not in inspect.signature(torch_class).parameters:
+        return {}
+    return TORCH_MODES[method]
+
+
 @contextmanager
 def _torch_step(method, rule, problem, n_threads):
     torch = torch_or_none()
@@ -253,7 +262,7 @@ def _torch_step(method, rule, problem, n_threads):
         tensor.grad = torch.from_numpy(grad)
     with torch_threads(torch, n_threads):
         try:
-            optimizer = getattr(library, name)(tensors, **hyper, **TORCH_MODES[method])
+            optimizer = getattr(library, name)(tensors, **hyper, **_torch_mode(getattr(library, name), method))
             optimizer.step()  # creates torch's state: not part of the steady step
         except (RuntimeError, ValueError, TypeError) as error:
             raise Unavailable(f"{method} refused: {error}") from None
