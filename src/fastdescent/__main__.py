@@ -19,8 +19,9 @@ def _compare(args):
           f"(median of {args.repeat}; deviation after {args.steps} steps)")
     print(f"{'rule':<14} {'kernel ms':>10} {'reference ms':>13} {'speedup':>8} {'max |dp|':>10}")
     for rule in RULES.values():
-        param = rng.standard_normal(n).astype(dtype)
-        grads = [rng.standard_normal(n).astype(dtype) for _ in range(args.steps)]
+        shape = rule.spec.sample_shape(n)  # Muon's: a matrix
+        param = rng.standard_normal(shape).astype(dtype)
+        grads = [rng.standard_normal(shape).astype(dtype) for _ in range(args.steps)]
         state = rule.make_state(rng, n, dtype)
         results, times = {}, {}
         for backend in ("kernel", "reference"):
