@@ -6,6 +6,7 @@ A new rule's examples join every grid here without any test being edited.
 
 import inspect
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -52,6 +53,34 @@ def for_loop(torch_class):
     """The options that select ``torch_class``'s for-loop implementation: ``foreach=False``
     where it has the choice (torch.optim.Muon has only that path)."""
     return {"foreach": False} if "foreach" in inspect.signature(torch_class).parameters else {}
+
+
+@contextmanager
+def torch_as_fastdescent(torch):
+    """torch.optim computing as fastdescent does where the two differ by design, so
+    that comparing them measures float rounding alone: torch.optim.Muon rounds its
+    update to bfloat16 and runs the Newton-Schulz iteration in bfloat16 (about 1% of
+    each step); inside this block it runs the same iteration in the parameter's
+    dtype, as fastdescent does. test_muon.py compares with the bfloat16 one."""
+    from torch.optim import _muon
+
+    bfloat16_iteration = _muon._zeropower_via_newtonschulz
+
+    def in_parameter_dtype(grad, ns_coefficients, ns_steps, eps):
+        a, b, c = ns_coefficients
+        tall = grad.size(0) > grad.size(1)
+        x = grad.T.clone() if tall else grad.clone()
+        x.div_(x.norm().clamp(min=eps))
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if tall else x
+
+    _muon._zeropower_via_newtonschulz = in_parameter_dtype
+    try:
+        yield
+    finally:
+        _muon._zeropower_via_newtonschulz = bfloat16_iteration
 
 
 def make_state(rng, rule, n, dtype):

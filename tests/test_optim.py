@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastdescent as fd
-from rule_cases import EXAMPLES, initial_state, rule_shape, take_step
+from rule_cases import EXAMPLES, initial_state, rule_shape, take_step, torch_as_fastdescent
 from support import DTYPES, THREADS, assert_bitwise_equal, random_array
 
 #: Every example of every rule: name -> (optimizer class, its arguments).
@@ -139,7 +139,8 @@ def test_close_to_torch_optim(name, rng):
         opt.step(grads)
         for tensor, g in zip(tensors, grads):
             tensor.grad = torch.tensor(g)
-        reference.step()
+        with torch_as_fastdescent(torch):
+            reference.step()
     for p, tensor in zip(opt.params, tensors):
         np.testing.assert_allclose(p, tensor.detach().numpy(), rtol=1e-12, atol=1e-14)
 

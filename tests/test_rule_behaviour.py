@@ -6,7 +6,7 @@ import pytest
 
 from fastdescent.catalog import configure
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, for_loop, initial_state, rule_shape, take_step, torch_examples
+from rule_cases import EXAMPLES, for_loop, initial_state, rule_shape, take_step, torch_as_fastdescent, torch_examples
 from support import DTYPES, random_array, random_like
 
 # ----------------------------------------------------------------------------
@@ -38,7 +38,8 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
         take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
         optimizer.param_groups[0]["lr"] = lr
         theirs.grad = torch.from_numpy(scale * grad)
-        optimizer.step()
+        with torch_as_fastdescent(torch):
+            optimizer.step()
     expected = theirs.detach().numpy()
     bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
     deviation = np.max(np.abs(state["param"] - expected))

@@ -21,7 +21,7 @@ import fastdescent.torch as fdt  # noqa: E402
 from rule_cases import RICHEST, for_loop  # noqa: E402
 from torch_support import (  # noqa: E402
     CONFIGS, MODELS, STEPS, assert_close, assert_same_training_state, batches, convnet, loss_fn,
-    mlp, one_torch_thread, roundtrip, takes, train, trained,
+    mlp, one_torch_thread, roundtrip, takes, torch_computes_as_fastdescent, train, trained,
 )
 
 #: Every fastdescent.torch class of a rule torch.optim has (the others are tested with their own peers).

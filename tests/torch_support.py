@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdescent.torch as fdt
-from rule_cases import torch_examples
+from rule_cases import torch_as_fastdescent, torch_examples
 
 #: Every example of every rule that torch.optim can run (derived from the rule
 #: specs), each run with torch.optim and fastdescent.torch: name -> (class, options).
@@ -128,6 +128,13 @@ def roundtrip(state_dict):
     torch.save(state_dict, buffer)
     buffer.seek(0)
     return torch.load(buffer)
+
+
+@pytest.fixture(autouse=True)
+def torch_computes_as_fastdescent():
+    """See rule_cases.torch_as_fastdescent (Muon's iteration in the parameter's dtype)."""
+    with torch_as_fastdescent(torch):
+        yield
 
 
 @pytest.fixture(autouse=True)
