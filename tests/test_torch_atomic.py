@@ -27,8 +27,13 @@ def backward(model, x, y, maximize, first_grad):
         model[0].weight.grad = None
 
 
+def first_buffer_name(opt, p):
+    """The first state buffer of ``p`` (not ``step`` nor a scalar state such as NAdam's ``mu_product``)."""
+    return next(k for k in opt.state[p] if k in type(opt).spec.buffer_names)
+
+
 def first_buffer(opt, p):
-    return next(v for k, v in opt.state[p].items() if k != "step")
+    return opt.state[p][first_buffer_name(opt, p)]
 
 
 # Each failure: how to cause it in the fastdescent optimizer (returns how to undo
@@ -61,7 +66,7 @@ def wrong_shape_gradient(model, opt):
 
 def state_of_wrong_dtype(model, opt):
     p = model[4].weight
-    name = next(k for k in opt.state[p] if k != "step")
+    name = first_buffer_name(opt, p)
     kept = opt.state[p][name]
     opt.state[p][name] = kept.double()
     return lambda: opt.state[p].__setitem__(name, kept)
