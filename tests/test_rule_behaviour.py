@@ -111,6 +111,8 @@ RUNS = [
     ("rosenbrock", "schedule_free_adamw", {}, 0.03, 6000, 1.0),
     ("quadratic", "schedule_free_sgd", dict(r=1.0), 1e-3, 4000, 1.0),
     ("rosenbrock", "schedule_free_sgd", dict(r=1.0, momentum=0.95), 1.5e-3, 10000, 1.0),
+    ("quadratic", "adamax", {}, 0.1, 3000, 1.0),
+    ("rosenbrock", "adamax", {}, 0.01, 5000, 1.0),
     ("quadratic", "adadelta", {}, 10.0, 4000, 0.999),
     ("rosenbrock", "adadelta", {}, 10.0, 10000, 0.9995),
 ]
