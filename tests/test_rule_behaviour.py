@@ -113,6 +113,9 @@ RUNS = [
     ("rosenbrock", "schedule_free_sgd", dict(r=1.0, momentum=0.95), 1.5e-3, 10000, 1.0),
     ("quadratic", "adamax", {}, 0.1, 3000, 1.0),
     ("rosenbrock", "adamax", {}, 0.01, 5000, 1.0),
+    ("quadratic", "nadam", {}, 0.1, 3000, 0.999),
+    ("rosenbrock", "nadam", {}, 0.01, 5000, 1.0),
+    ("quadratic", "nadam", dict(decoupled_weight_decay=True, weight_decay=1e-4), 0.1, 3000, 0.999),
     ("quadratic", "adadelta", {}, 10.0, 4000, 0.999),
     ("rosenbrock", "adadelta", {}, 10.0, 10000, 0.9995),
 ]
