@@ -525,6 +525,7 @@ def test_flat_step_takes_other_gradient_arrays_too(rng):
     ("adadelta", {"step", "square_avg", "acc_delta"}),
     ("adamax", {"step", "exp_avg", "exp_inf"}),
     ("nadam", {"step", "mu_product", "exp_avg", "exp_avg_sq"}),
+    ("radam", {"step", "exp_avg", "exp_avg_sq"}),
 ])
 def test_state_holds_pytorch_names_only_as_needed(name, expected, rng):
     cls, config = RULES[name]
