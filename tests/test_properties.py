@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import fastdescent as fd
 from fastdescent import _checks, _dispatch
-from fastdescent.rules import FACES, SPECS
+from fastdescent.rules import FACES, SPECS, rprop
 from fastdescent.rules._spec import FIRST_GRADIENT
 from test_rule_inputs import BAD_VALUES, validator
 
@@ -69,6 +69,9 @@ def valid_value(hyper):
         _checks.betas_pair: st.tuples(unit, unit),
         _checks.boolean: st.booleans(),
         _checks.open_unit_interval: st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+        rprop.etas_pair: st.tuples(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+                                   st.floats(1.0, 4.0, exclude_min=True)),
+        rprop.step_size_bounds: st.tuples(small, small).map(sorted).map(tuple),
     }
     if check is _checks.choice:
         return st.sampled_from(hyper.check.keywords["options"])

@@ -122,6 +122,8 @@ RUNS = [
     ("rosenbrock", "radam", {}, 1.4e-3, 10000, 1.0),
     ("quadratic", "adadelta", {}, 10.0, 4000, 0.999),
     ("rosenbrock", "adadelta", {}, 10.0, 10000, 0.9995),
+    ("quadratic", "rprop", {}, 0.01, 1500, 1.0),
+    ("rosenbrock", "rprop", {}, 0.01, 4000, 1.0),
 ]
 
 

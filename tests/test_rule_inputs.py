@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _checks
-from fastdescent.rules import FACES
+from fastdescent.rules import FACES, rprop
 from rule_cases import RICHEST, make_state
 from support import assert_unchanged, random_array, random_like, snapshot
 
@@ -32,6 +32,12 @@ BAD_VALUES = {
                          (("0.9", 0.999), TypeError)],
     _checks.boolean: [("yes", TypeError), (None, TypeError), (1, TypeError)],
     _checks.choice: [("nope", ValueError), (1, ValueError)],
+    rprop.etas_pair: [((0.5, 1.0), ValueError), ((1.0, 1.2), ValueError), ((0.0, 1.2), ValueError),
+                      ((0.5, INF), ValueError), ((NAN, 1.2), ValueError), ((0.5,), TypeError), (0.5, TypeError),
+                      (("0.5", 1.2), TypeError)],
+    rprop.step_size_bounds: [((-1e-6, 50.0), ValueError), ((1.0, 0.5), ValueError), ((1e-6, INF), ValueError),
+                             ((NAN, 1.0), ValueError), ((1e-6,), TypeError), (None, TypeError),
+                             ((1e-6, "50"), TypeError)],
 }
 
 

@@ -6,6 +6,7 @@ from cython cimport floating
 include "_common.pxi"
 include "sgd.pxi"
 include "_adaptive.pxi"
+include "rprop.pxi"
 include "adagrad.pxi"
 include "adadelta.pxi"
 include "rmsprop.pxi"
