@@ -124,6 +124,8 @@ RUNS = [
     ("rosenbrock", "adadelta", {}, 10.0, 10000, 0.9995),
     ("quadratic", "rprop", {}, 0.01, 1500, 1.0),
     ("rosenbrock", "rprop", {}, 0.01, 4000, 1.0),
+    ("quadratic", "asgd", {}, 1.5e-3, 5000, 1.0),
+    ("rosenbrock", "asgd", {}, 1.5e-3, 10000, 1.0),
 ]
 
 
