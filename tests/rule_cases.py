@@ -83,51 +83,84 @@ def torch_as_fastdescent(torch):
         _muon._zeropower_via_newtonschulz = bfloat16_iteration
 
 
-def make_state(rng, rule, n, dtype):
-    """Random parameter and state buffers (``"param"`` and each buffer's name), drawn
-    as each buffer's ``sample`` says: never zeros or constants, except buffers that
-    must start at zero; and the scalar states at their initial values. The arrays
-    have ``n`` elements, in a shape the rule takes (:func:`rule_shape`)."""
-    state = {"param": random_array(rng, n, dtype)}
+def grid_shapes(spec, n):
+    """The parameter shapes the grids run for about ``n`` elements: ``(n,)``, and
+    for a tensorwise rule (Adafactor factors matrices) also an odd square-ish
+    matrix, a tall one (many row blocks) and a wide 3-D one (several column
+    strips), or empty ones for ``n == 0``; of those, the ones of the rule's
+    ``param_ndim``."""
+    if not spec.tensorwise:
+        return [(n,)]
+    if n == 0:
+        shapes = [(0,), (0, 3), (4, 0), (2, 0, 3)]
+    else:
+        rows = math.isqrt(n) | 1
+        shapes = [(n,), (rows, -(-n // rows) | 1), (max(1, n // 37) | 1, 37), (3, 5, max(1, n // 15) | 1)]
+    return [s for s in shapes if spec.param_ndim is None or len(s) == spec.param_ndim]
+
+
+def make_state(rng, rule, shape, dtype):
+    """Random parameter and state buffers (``"param"`` and each buffer's name) for a
+    parameter of ``shape`` (an int or a shape the rule does not take: as many
+    elements in one it takes, :func:`rule_shape`), drawn as each buffer's ``sample``
+    says: never zeros or constants, except buffers that must start at zero. A buffer
+    the parameter's shape keeps none of is left out; the scalar states at their
+    initial values."""
+    shape = rule_shape(rule.spec, shape)
+    state = {"param": random_array(rng, math.prod(shape), dtype).reshape(shape)}
     for buffer in rule.spec.needed(rule.hyper):
+        buffer_shape = buffer.shape_for(shape)
+        if buffer_shape is None:
+            continue
+        n = math.prod(buffer_shape)
         if buffer.sample == "positive":
-            state[buffer.name] = random_array(rng, n, dtype, scale=0.5, positive=True) * dtype(0.1)
+            a = random_array(rng, n, dtype, scale=0.5, positive=True) * dtype(0.1)
         elif buffer.sample == "zero":
-            state[buffer.name] = np.zeros(n, dtype)
+            a = np.zeros(n, dtype)
         else:
-            state[buffer.name] = random_array(rng, n, dtype, scale=0.1)
-    shape = rule_shape(rule.spec, n)
-    return {**{k: v.reshape(shape) for k, v in state.items()}, **scalar_states(rule, rule.hyper)}
+            a = random_array(rng, n, dtype, scale=0.1)
+        state[buffer.name] = a.reshape(buffer_shape)
+    return {**state, **scalar_states(rule, rule.hyper)}
 
 
 def initial_state(rule, param, **hyper):
-    """The state PyTorch starts from: each buffer at its initial value (a buffer that
-    starts as the first gradient is allocated, and written by the first step; one that
-    starts as the parameter is its copy) and the scalar states at theirs. ``hyper``
-    overrides hyperparameters of the configuration (the ``lr`` of the first step:
-    Rprop's step sizes and ASGD's eta start at it)."""
+    """The state PyTorch starts from: each buffer the parameter keeps at its initial
+    value (a buffer that starts as the first gradient is allocated, and written by
+    the first step; one that starts as the parameter is its copy) and the scalar
+    states at theirs. ``hyper`` overrides hyperparameters of the configuration (the
+    ``lr`` of the first step: Rprop's step sizes and ASGD's eta start at it)."""
     h = rule.spec.validate({**rule.hyper, **hyper})
     state = {"param": param}
-    for buffer in rule.spec.needed(h):
+    for buffer in rule.spec.kept(h, param.shape):
         fill = buffer.initial(h)
+        shape = buffer.shape_for(param.shape)
         if fill is PARAMETER:
             state[buffer.name] = param.copy()
         else:
-            state[buffer.name] = np.empty_like(param) if fill is FIRST_GRADIENT else np.full_like(param, fill)
+            state[buffer.name] = np.empty(shape, param.dtype) if fill is FIRST_GRADIENT else np.full(shape, fill,
+                                                                                                    param.dtype)
     return {**state, **scalar_states(rule, h)}
+
+
+def stacked(states):
+    """The states of many parameters as one multi-tensor state: name -> list, with
+    None for a parameter that keeps no such buffer."""
+    names = dict.fromkeys(name for state in states for name in state)
+    return {name: [state.get(name) for state in states] for name in names}
 
 
 def take_step(rule, state, grad, *, t, **call):
     """Step ``t`` (from 1) of ``rule``'s face on the buffers in ``state``, whose scalar
     states are passed in and replaced by the values after the step; ``call`` may
     override hyperparameters (``lr=...``) and pass ``grad_scale``, ``backend``,
-    ``n_threads``. ``state`` holds arrays, or lists of arrays (one per tensor: a
-    scalar state is then read from the first and written to all)."""
+    ``n_threads``. ``state`` holds arrays, or lists of arrays (one per tensor, as
+    :func:`stacked` makes them; a scalar state is then read from the first and
+    written to all)."""
     scalars = {}
     for s in rule.spec.scalar_state:
         value = state[s.name]
         scalars[s.name] = float(value[0] if isinstance(value, list) else value)
-    after = rule.step(state["param"], grad, *(state[name] for name in rule.state), t=t,
+    after = rule.step(state["param"], grad, *(state.get(name) for name in rule.state), t=t,
                       scalar_state=scalars, **call)
     for name, value in (after or {}).items():
         for array in state[name] if isinstance(state[name], list) else [state[name]]:

@@ -119,7 +119,7 @@ def test_steps_change_the_parameters():
 
 
 # The bandwidth kernel: every supported pattern, both dtypes, one or several tensors.
-PATTERNS = [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (4, 3), (5, 4), (4, 4)]
+PATTERNS = [(1, 0), (2, 0), (1, 1), (2, 1), (2, 2), (3, 2), (4, 3), (5, 4), (4, 4)]
 
 
 def stream_of(variant):
@@ -141,7 +141,7 @@ def test_stream_leaves_values_unchanged(reads, writes, dtype, n_threads, rng, ti
             assert_bitwise_equal(a, b)
 
 
-@pytest.mark.parametrize("reads, writes", [(1, 2), (3, 1), (6, 5), (2, 0), (0, 0)])
+@pytest.mark.parametrize("reads, writes", [(1, 2), (3, 1), (6, 5), (3, 0), (0, 0)])
 def test_stream_refuses_unsupported_patterns(reads, writes, rng):
     arrays = [random_array(rng, 10, np.float32) for _ in range(reads)]
     with pytest.raises(ValueError, match="stream supports"):
@@ -161,3 +161,29 @@ def test_stream_refuses_bad_buffers(rng):
         _dispatch.kernels.stream([b, random_array(rng, 10, np.float64)], 1, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
         _dispatch.kernels.stream([np.arange(10, dtype=np.int32)], 0, 1)
+
+
+def test_a_rule_of_several_passes_is_measured_by_its_passes(tmp_path):
+    """Adafactor: a matrix (its factored case), its three memory passes counted in its
+    bytes and run by the ceiling one after the other."""
+    rule = RULES["adafactor"]
+    assert rule.passes == [(2, 0), (1, 0), (2, 1)]
+    assert rule.bytes_per_element("float32") == (5 + 1) * 4
+    problem = cases.make_problem(rule, 1000, "float32")
+    assert problem.params.shape == problem.grads.shape == (25, 40)
+    assert [None if s is None else s.shape for s in problem.state] == [(25, 1), (1, 40), None]
+    assert [(len(roles), written) for roles, written in cases.ceiling_passes(rule, problem)] == [(2, 0), (1, 0), (2, 1)]
+    result = run_bench(tmp_path, "--rules", "adafactor", "--cases", "sizes", "--methods", "kernel", "reference")
+    timed = {(r["method"], r["threads"]) for r in result["records"] if "seconds" in r}
+    assert ("ceiling", 1) in timed and ("kernel", 1) in timed and ("reference", 1) in timed
+    assert all(r["bytes_per_element"] == 24 for r in result["records"])
+
+
+def test_the_accumulate_case_runs_and_renders(tmp_path, capsys):
+    result = run_bench(tmp_path, "--cases", "accumulate", "--accumulate-sizes", "5000", "--accumulate-threads", "1")
+    records = result["accumulate"]["records"]
+    assert [r["method"] for r in records] == ["ceiling", "fused", "unfused", "add", "step", "zero"]
+    assert {r["method"]: r["bytes_per_element"] for r in records}["fused"] == 36
+    assert {r["method"]: r["bytes_per_element"] for r in records}["unfused"] == 44
+    assert all(r["seconds"]["median"] > 0 for r in records)
+    assert "gradient accumulation, Adam float32" in capsys.readouterr().out

@@ -83,14 +83,17 @@ def hostile(rng, n, dtype, positive=False):
 def test_kernel_and_reference_agree_on_hostile_values_up_to_nan_payloads(name, dtype, n_threads, rng, tiny_parts):
     rule = RULES[name]
     n = 4099
-    state = {"param": hostile(rng, n, dtype), "grad": hostile(rng, n, dtype)}
+    shape = rule.spec.sample_shape(n)  # 1-D, or a matrix for a tensorwise rule
+    state = {"param": hostile(rng, n, dtype).reshape(shape), "grad": hostile(rng, n, dtype).reshape(shape)}
     for buffer, sample in zip(rule.state, rule.make_state(rng, n, dtype)):
-        state[buffer] = hostile(rng, n, dtype, positive=bool(np.all(sample >= 0)))  # accumulators stay >= 0
+        if sample is not None:  # (None: a buffer this shape keeps none of)
+            state[buffer] = hostile(rng, sample.size, dtype,
+                                    positive=bool(np.all(sample >= 0))).reshape(sample.shape)  # accumulators stay >= 0
     results = {}
     for backend in BACKENDS:
         arrays = {k: v.copy() for k, v in state.items()}
         for t in (1, 2, 3):
-            rule.step(arrays["param"], arrays["grad"], *(arrays[b] for b in rule.state), t=t, backend=backend,
+            rule.step(arrays["param"], arrays["grad"], *(arrays.get(b) for b in rule.state), t=t, backend=backend,
                       n_threads=n_threads if backend == "kernel" else 1)
         results[backend] = arrays
     for buffer in state:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import fastdescent as fd
 from fastdescent import _checks, _dispatch
-from fastdescent.rules import FACES, SPECS, rprop
+from fastdescent.rules import FACES, SPECS, adafactor, rprop
 from fastdescent.rules._spec import FIRST_GRADIENT
 from test_rule_inputs import BAD_VALUES, validator
 
@@ -48,9 +48,33 @@ def values(dtype):
 
 
 @st.composite
-def arrays_like(draw, sizes, dtype):
-    with np.errstate(over="ignore"):  # float64 specials beyond the float32 range become inf
-        return [np.array(draw(st.lists(values(dtype), min_size=n, max_size=n)), dtype=dtype) for n in sizes]
+def arrays_like(draw, shapes, dtype):
+    """One array per entry of ``shapes`` (an int: 1-D; None: no array, None)."""
+    out = []
+    for shape in shapes:
+        if shape is None:
+            out.append(None)
+            continue
+        shape = (shape,) if isinstance(shape, int) else shape
+        n = math.prod(shape)
+        with np.errstate(over="ignore"):  # float64 specials beyond the float32 range become inf
+            out.append(np.array(draw(st.lists(values(dtype), min_size=n, max_size=n)), dtype=dtype).reshape(shape))
+    return out
+
+
+def shapes(spec, largest):
+    """Parameter shapes: 1-D up to ``largest`` elements, and for a tensorwise rule
+    (Adafactor factors matrices) also matrices, 3-D arrays and scalars."""
+    vector = st.tuples(st.integers(0, largest))
+    if not spec.tensorwise:
+        return vector
+    return st.one_of(vector, st.tuples(st.integers(0, 4), st.integers(0, 5)),
+                     st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3)), st.just(()))
+
+
+def buffer_shapes(b, param_shapes):
+    """The shape of buffer ``b`` for each parameter (None where it keeps none)."""
+    return [b.shape_for(shape) for shape in param_shapes]
 
 
 # ------------------------------------------------------------- hyperparameters
@@ -72,6 +96,9 @@ def valid_value(hyper):
         rprop.etas_pair: st.tuples(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
                                    st.floats(1.0, 4.0, exclude_min=True)),
         rprop.step_size_bounds: st.tuples(small, small).map(sorted).map(tuple),
+        adafactor._nonpositive: st.one_of(st.sampled_from([0.0, -0.8, -1.0, -math.inf]), st.floats(-4.0, 0.0)),
+        adafactor._eps_pair: st.tuples(st.one_of(st.none(), small), small),
+        adafactor._clipping_threshold: st.one_of(st.sampled_from([1.0, 1.5, math.inf]), st.floats(1.0, 8.0)),
     }
     if check is _checks.choice:
         return st.sampled_from(hyper.check.keywords["options"])
@@ -100,10 +127,12 @@ def face_calls(draw, spec):
     options = draw(configurations(spec))
     hyper = spec.validate({**spec.defaults, **options})
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    sizes = draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))
+    sizes = draw(st.lists(shapes(spec, 9), min_size=1, max_size=3))
     arrays = {"params": draw(arrays_like(sizes, dtype)), "grads": draw(arrays_like(sizes, dtype))}
     for b in spec.needed(hyper):
-        arrays[b.face_argument] = draw(arrays_like(sizes, dtype))
+        kept = buffer_shapes(b, sizes)
+        if any(shape is not None for shape in kept):  # else not given
+            arrays[b.face_argument] = draw(arrays_like(kept, dtype))
     call = dict(options)
     if spec.uses_step:
         call["step"] = draw(st.one_of(st.integers(1, 100), st.sampled_from([2**31, 2**62, 2**63 - 1])))
@@ -122,7 +151,7 @@ def call_face(spec, arrays, call, backend):
 
 
 def copy_arrays(arrays):
-    return {k: [a.copy() for a in v] for k, v in arrays.items()}
+    return {k: [None if a is None else a.copy() for a in v] for k, v in arrays.items()}
 
 
 def assert_same_bits(a, b, what):
@@ -166,7 +195,8 @@ def test_face_kernel_equals_reference(name):
         assert (result is None) == (expected is None)
         for role in arrays:
             for k, (a, b) in enumerate(zip(kernel[role], reference[role])):
-                assert_same_bits(a, b, f"{role}[{k}]")
+                if a is not None:
+                    assert_same_bits(a, b, f"{role}[{k}]")
     check()
 
 
@@ -187,7 +217,7 @@ def faults(spec, arrays, call, draw):
         call["step"] = draw(st.sampled_from([0, -1, 2.0, True, 2**63, "1"]))
         return f"step={call['step']!r}", arrays, call
     role = draw(st.sampled_from(roles))
-    k = draw(st.integers(0, len(arrays[role]) - 1))
+    k = draw(st.sampled_from([k for k, a in enumerate(arrays[role]) if a is not None]))
     a = arrays[role][k]
     if kind == "buffer":
         change = draw(st.sampled_from(["dtype", "short", "strided", "read-only", "missing", "not an array"]))
@@ -213,7 +243,8 @@ def faults(spec, arrays, call, draw):
     # alias: a written buffer is (or overlaps) another buffer of the call
     target = draw(st.sampled_from(written))
     j = draw(st.integers(0, len(arrays[target]) - 1))
-    assume((target, j) != (role, k) and arrays[target][j].size and a.size == arrays[target][j].size)
+    assume((target, j) != (role, k) and arrays[target][j] is not None and arrays[target][j].size
+           and a.size == arrays[target][j].size)
     arrays[target][j] = a
     return f"{target}[{j}] is {role}[{k}]", arrays, call
 
@@ -244,11 +275,11 @@ def optimizer_runs(draw, spec):
     for _ in range(draw(st.integers(1, 2))):
         options = draw(configurations(spec))
         dtype = draw(st.sampled_from([np.float32, np.float64]))
-        sizes = draw(st.lists(st.integers(0, 7), min_size=1, max_size=3))
+        sizes = draw(st.lists(shapes(spec, 7), min_size=1, max_size=3))
         groups.append({"params": draw(arrays_like(sizes, dtype)), **options})
     steps = draw(st.integers(1, 3))
-    grads = [[draw(arrays_like([p.size for g in groups for p in g["params"]][i:i + 1], p.dtype))[0]
-              for i, p in enumerate(p for g in groups for p in g["params"])] for _ in range(steps)]
+    grads = [[draw(arrays_like([p.shape], p.dtype))[0] for p in (p for g in groups for p in g["params"])]
+             for _ in range(steps)]
     return groups, grads
 
 

@@ -1,12 +1,15 @@
 """Every rule, derived from its spec: agreement with its torch.optim peer's for-loop
 implementation, and convergence on a badly conditioned quadratic and on Rosenbrock."""
 
+import math
+
 import numpy as np
 import pytest
 
 from fastdescent.catalog import configure
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, for_loop, initial_state, rule_shape, take_step, torch_as_fastdescent, torch_examples
+from rule_cases import (EXAMPLES, for_loop, grid_shapes, initial_state, rule_shape, take_step, torch_as_fastdescent,
+                        torch_examples)
 from support import DTYPES, random_array, random_like
 
 # ----------------------------------------------------------------------------
@@ -30,25 +33,26 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     torch = pytest.importorskip("torch")
     rule = EXAMPLES[name]
     peer, options = rule.torch_peer
-    n, steps, scale = 1000, 10, 0.5
-    start = random_array(rng, n, dtype).reshape(rule_shape(rule.spec, n))
-    grads = [random_like(rng, start) for _ in range(steps)]
+    steps, scale = 10, 0.5
     lrs = [FIRST_LR.get(rule.spec.name, 0.05) * 0.8**t for t in range(steps)]
-    state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
-    theirs = torch.tensor(start.copy(), requires_grad=True)
     peer = getattr(torch.optim, peer)
-    optimizer = peer([theirs], **{**options, "lr": lrs[0]}, **for_loop(peer))
-    for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
-        take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
-        optimizer.param_groups[0]["lr"] = lr
-        theirs.grad = torch.from_numpy(scale * grad)
-        with torch_as_fastdescent(torch):
-            optimizer.step()
-    expected = theirs.detach().numpy()
-    bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
-    deviation = np.max(np.abs(state["param"] - expected))
-    assert deviation <= bound, f"{deviation} > {bound}"
-    assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, "the steps barely moved"
+    for shape in grid_shapes(rule.spec, 1000):
+        start = random_array(rng, math.prod(shape), dtype).reshape(shape)
+        grads = [random_like(rng, start) for _ in range(steps)]
+        state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
+        theirs = torch.tensor(start.copy(), requires_grad=True)
+        optimizer = peer([theirs], **{**options, "lr": lrs[0]}, **for_loop(peer))
+        for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
+            take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
+            optimizer.param_groups[0]["lr"] = lr
+            theirs.grad = torch.from_numpy(scale * grad)
+            with torch_as_fastdescent(torch):
+                optimizer.step()
+        expected = theirs.detach().numpy()
+        bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
+        deviation = np.max(np.abs(state["param"] - expected))
+        assert deviation <= bound, f"{shape}: {deviation} > {bound}"
+        assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, f"{shape}: the steps barely moved"
 
 
 # ----------------------------------------------------------------------------
@@ -84,8 +88,17 @@ def rosenbrock():
     return value, gradient, np.array([1.0, 1.0]), np.array([-1.2, 1.0])
 
 
-PROBLEMS = {"quadratic": rotated_quadratic, "rosenbrock": rosenbrock}
-#: (problem, example, options, initial lr, steps, lr factor per step): hand-tuned,
+def matrix_quadratic():
+    """The rotated quadratic in 20 dimensions, its variable a 4 x 5 matrix (for a rule
+    whose update depends on the shape: Adafactor factors it)."""
+    value, gradient, x_star, start = rotated_quadratic(dim=20, condition=100.0)
+    shape = (4, 5)
+    return (lambda x: value(x.reshape(-1))), (lambda x: gradient(x.reshape(-1)).reshape(shape)), \
+        x_star.reshape(shape), start.reshape(shape)
+
+
+PROBLEMS = {"quadratic": rotated_quadratic, "rosenbrock": rosenbrock, "matrix-quadratic": matrix_quadratic}
+#: (problem, example, options, initial lr, steps, lr decay per step): hand-tuned,
 #: fixed. Every rule must appear (test_every_rule_has_convergence_runs).
 RUNS = [
     ("quadratic", "sgd_momentum", dict(momentum=0.9), 1e-3, 4000, 1.0),
@@ -102,6 +115,10 @@ RUNS = [
     ("rosenbrock", "adam", dict(amsgrad=True), 0.1, 3000, 1.0),
     ("quadratic", "adamw", dict(weight_decay=1e-4), 0.1, 3000, 1.0),
     ("rosenbrock", "adamw", dict(weight_decay=1e-4), 0.01, 5000, 1.0),
+    ("quadratic", "adafactor", {}, 0.05, 3000, 0.999),
+    ("rosenbrock", "adafactor", {}, 0.1, 8000, 0.999),
+    ("matrix-quadratic", "adafactor", {}, 0.05, 3000, 0.999),
+    ("matrix-quadratic", "adafactor", dict(beta2_decay=-0.5), 0.1, 8000, 0.999),
     # Lion moves every coordinate by lr: it needs a decaying rate to settle.
     ("quadratic", "lion", {}, 0.02, 3000, 0.998),
     ("rosenbrock", "lion", {}, 0.003, 5000, 0.999),
@@ -139,10 +156,10 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    shape = rule_shape(rule.spec, start.size)  # Muon's: a matrix of the coordinates
+    shape = rule_shape(rule.spec, start.shape)  # Muon's: a matrix of the coordinates
     state = initial_state(rule, start.copy().reshape(shape), lr=lr * gamma)
     for t in range(1, steps + 1):
-        take_step(rule, state, gradient(state["param"].reshape(-1)).reshape(shape), t=t, lr=lr * gamma**t)
-    x = state["param"].reshape(-1)
+        take_step(rule, state, gradient(state["param"].reshape(start.shape)).reshape(shape), t=t, lr=lr * gamma**t)
+    x = state["param"].reshape(start.shape)
     assert np.linalg.norm(x - x_star) < 1e-2 * np.linalg.norm(start - x_star)
     assert value(x) - value(x_star) < 1e-4 * (value(start) - value(x_star))

@@ -2,7 +2,8 @@
 specs: each hyperparameter with values its validator must refuse, a bad step, every
 buffer missing, superfluous, read-only, of another dtype or shape, strided or
 aliased, and bad call options. Each case raises the named exception and leaves every
-array byte for byte as it was."""
+array byte for byte as it was. A tensorwise rule is checked with a vector and with a
+matrix parameter (Adafactor keeps other buffers for each)."""
 
 import math
 from functools import partial
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 
 from fastdescent import _checks
-from fastdescent.rules import FACES, rprop
+from fastdescent.rules import FACES, adafactor, rprop
 from rule_cases import RICHEST, make_state
-from support import assert_unchanged, random_array, random_like, snapshot
+from support import assert_unchanged, random_array, snapshot
 
 NAN, INF = math.nan, math.inf
 
@@ -38,6 +39,11 @@ BAD_VALUES = {
     rprop.step_size_bounds: [((-1e-6, 50.0), ValueError), ((1.0, 0.5), ValueError), ((1e-6, INF), ValueError),
                              ((NAN, 1.0), ValueError), ((1e-6,), TypeError), (None, TypeError),
                              ((1e-6, "50"), TypeError)],
+    adafactor._nonpositive: [(0.1, ValueError), (NAN, ValueError), ("-0.8", TypeError), (None, TypeError)],
+    adafactor._eps_pair: [((-1e-30, 1e-3), ValueError), ((None, -1.0), ValueError), ((None, NAN), ValueError),
+                          ((INF, 1e-3), ValueError), ((None,), TypeError), (1e-3, TypeError),
+                          (("1e-3", 1e-3), TypeError)],
+    adafactor._clipping_threshold: [(0.0, ValueError), (0.999, ValueError), (NAN, ValueError), ("1", TypeError)],
 }
 
 
@@ -56,15 +62,21 @@ def face_arguments(rule, arrays):
     return buffers, kwargs
 
 
-def bad_calls(rule, rng):
-    """(arrays, [(description, exception, call)]) for ``rule``'s face."""
+def input_shapes(spec):
+    """The parameter shapes of the bad-input suite: 10 elements, as a vector and, for
+    a tensorwise rule, as a matrix; of those, the ones of the rule's ``param_ndim``."""
+    shapes = [(10,), (2, 5)] if spec.tensorwise else [(10,)]
+    return [s for s in shapes if spec.param_ndim is None or len(s) == spec.param_ndim]
+
+
+def bad_calls(rule, rng, shape=(10,)):
+    """(arrays, [(description, exception, call)]) for ``rule``'s face on a parameter
+    of ``shape``."""
     spec, face = rule.spec, FACES[rule.spec.face_name]
-    state = make_state(rng, rule, 10, np.float32)
-    param = state.pop("param")
-    grad = random_like(rng, param)
+    state = make_state(rng, rule, shape, np.float32)
+    param, grad = state.pop("param"), random_array(rng, 10, np.float32).reshape(shape)
     arrays = [param, grad, *state.values()]
     buffers, kwargs = face_arguments(rule, state)
-    other_shape = (5, 2) if param.shape == (2, 5) else (2, 5)
 
     def call(params=param, grads=grad, replace=None, **changes):
         bufs = list(buffers)
@@ -87,8 +99,9 @@ def bad_calls(rule, rng):
                   ("step 10**400", ValueError, call(step=10**400))]
     for b in spec.buffers:
         a = state.get(b.name)
-        if a is None:  # not needed by this configuration: giving it is an error
-            cases.append((f"{b.name} not needed", ValueError, call(replace={b.name: random_like(rng, param)})))
+        if a is None:  # not needed by this configuration (or not kept for this shape): giving it is an error
+            unneeded = random_array(rng, 10, np.float32).reshape(b.shape_for(shape) or shape)
+            cases.append((f"{b.name} not needed", ValueError, call(replace={b.name: unneeded})))
             continue
         read_only = a.copy()
         read_only.flags.writeable = False
@@ -97,9 +110,9 @@ def bad_calls(rule, rng):
             (f"{b.name} missing", ValueError, call(replace={b.name: None})),
             (f"{b.name} read-only", ValueError, call(replace={b.name: read_only})),
             (f"{b.name} float64", TypeError, call(replace={b.name: a.astype(np.float64)})),
-            (f"{b.name} short", ValueError, call(replace={b.name: a.reshape(-1)[:9]})),
-            (f"{b.name} reshaped", ValueError, call(replace={b.name: a.reshape(other_shape)})),
-            (f"{b.name} strided", ValueError, call(replace={b.name: np.repeat(a, 2, axis=-1)[..., ::2]})),
+            (f"{b.name} short", ValueError, call(replace={b.name: a.reshape(-1)[:-1]})),
+            (f"{b.name} reshaped", ValueError, call(replace={b.name: a.reshape(1, -1, 1)})),
+            (f"{b.name} strided", ValueError, call(replace={b.name: np.repeat(a, 2)[::2].reshape(a.shape)})),
             (f"{b.name} is the gradient", ValueError, call(replace={b.name: grad})),
             (f"{b.name} is the parameter", ValueError, call(replace={b.name: param})),
             (f"{b.name} a list for one parameter", TypeError, call(replace={b.name: list(a)})),
@@ -122,7 +135,7 @@ def bad_calls(rule, rng):
         ("float16 params", TypeError, call(params=param.astype(np.float16), grads=grad.astype(np.float16))),
         ("grad is param", ValueError, call(grads=param)),
         ("short grad", ValueError, call(grads=grad.reshape(-1)[:9])),
-        ("strided grad", ValueError, call(grads=np.repeat(grad, 2, axis=-1)[..., ::2])),
+        ("strided grad", ValueError, call(grads=np.repeat(grad, 2)[::2].reshape(shape))),
         ("list of grads for one param", TypeError, call(grads=[grad])),
         ("two params, one grad", ValueError, lambda: face([param, param.copy()], [grad],
                                                           *[None if b is None else [b, b.copy()] for b in buffers],
@@ -140,14 +153,18 @@ def bad_calls(rule, rng):
     return arrays, cases
 
 
-CASES = [(name, index) for name, rule in RICHEST.items()
-         for index in range(len(bad_calls(rule, np.random.default_rng(0))[1]))]
+CASES = [(name, shape, index) for name, rule in RICHEST.items() for shape in input_shapes(rule.spec)
+         for index in range(len(bad_calls(rule, np.random.default_rng(0), shape)[1]))]
 
 
-@pytest.mark.parametrize("name, index", CASES, ids=[
-    f"{name}-{bad_calls(RICHEST[name], np.random.default_rng(0))[1][index][0]}" for name, index in CASES])
-def test_bad_input_raises_and_changes_nothing(name, index, rng):
-    arrays, cases = bad_calls(RICHEST[name], rng)
+def case_id(name, shape, index):
+    description = bad_calls(RICHEST[name], np.random.default_rng(0), shape)[1][index][0]
+    return f"{name}-{description}" if shape == (10,) else f"{name}-{'x'.join(map(str, shape))}-{description}"
+
+
+@pytest.mark.parametrize("name, shape, index", CASES, ids=[case_id(*case) for case in CASES])
+def test_bad_input_raises_and_changes_nothing(name, shape, index, rng):
+    arrays, cases = bad_calls(RICHEST[name], rng, shape)
     description, exception, call = cases[index]
     before = snapshot(arrays)
     with pytest.raises(exception):
@@ -160,10 +177,10 @@ def test_bad_input_raises_and_changes_nothing(name, index, rng):
 def test_the_good_call_works(name, backend, rng):
     """The fixtures of bad_calls are fine once the one fault is removed."""
     rule = RICHEST[name]
-    state = make_state(rng, rule, 10, np.float32)
-    param = state.pop("param")
-    grad = random_like(rng, param)
-    buffers, kwargs = face_arguments(rule, state)
-    before = param.copy()
-    FACES[rule.spec.face_name](param, grad, *buffers, **kwargs, backend=backend)
-    assert np.all(np.isfinite(param)) and not np.array_equal(param, before)
+    for shape in input_shapes(rule.spec):
+        state = make_state(rng, rule, shape, np.float32)
+        param, grad = state.pop("param"), random_array(rng, 10, np.float32).reshape(shape)
+        buffers, kwargs = face_arguments(rule, state)
+        before = param.copy()
+        FACES[rule.spec.face_name](param, grad, *buffers, **kwargs, backend=backend)
+        assert np.all(np.isfinite(param)) and not np.array_equal(param, before)

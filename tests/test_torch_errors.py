@@ -13,9 +13,8 @@ from torch_support import (  # noqa: E402, F401
     assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot, takes,
 )
 
-#: The classes whose torch.optim peer has a ``capturable`` option.
+#: The classes whose torch.optim peer has a ``capturable`` (``differentiable``) option.
 CAPTURABLE = tuple(r for r in RULES if "capturable" in inspect.signature(getattr(fdt, r).__init__).parameters)
-#: The classes whose torch.optim peer has a ``differentiable`` option (torch.optim.Muon has none).
 DIFFERENTIABLE = tuple(r for r in RULES if "differentiable" in inspect.signature(getattr(fdt, r).__init__).parameters)
 
 

@@ -1,5 +1,6 @@
 """Shared helpers of the PyTorch adapter tests: models, data, training, comparison."""
 
+import functools
 import io
 
 import pytest
@@ -32,10 +33,9 @@ MODELS = {"mlp": (mlp, (10,)), "conv": (convnet, (2, 8, 8))}
 
 
 def takes(rule, p):
-    """True if ``rule`` (a class name) updates parameter ``p``: any parameter, but a
-    rule of matrices (Muon) only real ones of its number of dimensions, as in torch.optim."""
-    ndim = getattr(fdt, rule).spec.param_ndim
-    return ndim is None or (p.ndim == ndim and not p.is_complex())
+    """True if ``rule`` (a class name) updates parameter ``p``: if torch.optim's peer
+    takes it (:func:`torch_steps`; torch.optim.Muon only real matrices)."""
+    return not hasattr(torch.optim, rule) or torch_steps(rule, tuple(p.shape), p.dtype)
 
 
 def trained(rule, model):
@@ -61,6 +61,21 @@ def train(model, optimizer, data, maximize=False, scheduler=None):
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+
+
+@functools.cache
+def torch_steps(rule, shape, dtype):
+    """True if ``torch.optim.<rule>`` takes and can step a parameter of ``shape`` and
+    ``dtype`` (torch.optim.Adafactor refuses complex ones and divides by an empty
+    one's size; torch.optim.Muon takes real matrices only)."""
+    p = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
+    try:
+        opt = getattr(torch.optim, rule)([p])
+        p.grad = torch.ones_like(p)
+        opt.step()
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return False
+    return True
 
 
 def tolerance(dtype):

@@ -38,6 +38,7 @@ TYPES = {
 }
 #: functions that return something (the embedded signature does not say); the others return None
 RETURNS = {
+    "adafactor_statistics": "FloatArray",
     "get_min_elements_per_thread": "int",
     "get_spin_seconds": "float",
     "pool_state": "dict[str, Any]",

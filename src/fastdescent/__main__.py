@@ -19,13 +19,13 @@ def _compare(args):
           f"(median of {args.repeat}; deviation after {args.steps} steps)")
     print(f"{'rule':<14} {'kernel ms':>10} {'reference ms':>13} {'speedup':>8} {'max |dp|':>10}")
     for rule in RULES.values():
-        shape = rule.spec.sample_shape(n)  # Muon's: a matrix
+        shape = rule.spec.sample_shape(n)  # 1-D, or a matrix for a rule that sees whole tensors
         param = rng.standard_normal(shape).astype(dtype)
         grads = [rng.standard_normal(shape).astype(dtype) for _ in range(args.steps)]
         state = rule.make_state(rng, n, dtype)
         results, times = {}, {}
         for backend in ("kernel", "reference"):
-            p, s = param.copy(), [a.copy() for a in state]
+            p, s = param.copy(), [None if a is None else a.copy() for a in state]
             samples = []
             for t in range(1, max(args.steps, args.repeat) + 1):
                 start = time.perf_counter()

@@ -172,4 +172,70 @@ def validated_lists(state_names, params, grads, *states):
                               (True, False) + (True,) * len(states)))
 
 
-__all__ = ["check_buffers", "checked_lists", "tensor_lists", "validated_lists"]
+def shaped_list(name, value, params, shapes, indexed):
+    """The arrays of a state buffer shaped otherwise than its parameters, validated.
+
+    ``shapes[k]`` is the shape parameter k's array must have, or None if that
+    parameter keeps none (its entry must then be None). ``value`` is None (no
+    parameter keeps one), one array (the face got one parameter) or a sequence
+    with one entry per parameter. Returns a list with one entry per parameter:
+    each a writable, aligned, C-contiguous array of its parameter's dtype and of
+    its shape, or None. Raises TypeError or ValueError naming the entry.
+    """
+    if value is None:
+        return [None] * len(params)
+    if not indexed:
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray for one parameter, got {type(value).__name__}")
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of arrays to match the list of params, got {type(value).__name__}")
+    if len(value) != len(params):
+        raise ValueError(f"{len(value)} {name} arrays for {len(params)} parameters")
+    arrays = list(value)
+    for k, (a, p, shape) in enumerate(zip(arrays, params, shapes)):
+        label = f"{name}[{k}]" if indexed else name
+        if shape is None:
+            if a is not None:
+                raise ValueError(f"{label} given, but a parameter of shape {p.shape} keeps none")
+            continue
+        if a is None:
+            raise ValueError(f"{label} is None, but a parameter of shape {p.shape} keeps one of shape {shape}")
+        check_buffers((label,), ([a],), (True,), False)
+        if a.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {a.dtype}, but its parameter has dtype {p.dtype}: dtypes must match")
+        if a.shape != shape:
+            raise ValueError(f"{label} has shape {a.shape}, but a parameter of shape {p.shape} keeps one of shape {shape}")
+    return arrays
+
+
+def check_disjoint(written, read_only, indexed):
+    """ValueError if an array of ``written`` shares memory with any other array of
+    the call, of any parameter (``written`` and ``read_only``: name -> list with an
+    entry per parameter, entries may be None, or None). Read-only arrays may overlap
+    each other. The arrays are C-contiguous: two share memory iff their byte ranges
+    intersect, which one sort and sweep of the ranges finds (as check_buffers)."""
+    spans = []
+    for writable, roles in ((True, written), (False, read_only)):
+        for name, arrays in roles.items():
+            for k, a in enumerate(arrays or ()):
+                if a is not None and a.nbytes:
+                    start = a.__array_interface__["data"][0]
+                    spans.append((start, start + a.nbytes, writable, f"{name}[{k}]" if indexed else name))
+    spans.sort()
+    end_any = end_written = 0
+    last_any = last_written = None
+    for start, end, writable, label in spans:
+        other = last_any if writable and last_any is not None and start < end_any else None
+        if other is None and last_written is not None and start < end_written:
+            other = last_written
+        if other is not None:
+            raise ValueError(f"{label} shares memory with {other}; a buffer that is written may share no byte "
+                             "with any other buffer of the update")
+        if end > end_any:
+            end_any, last_any = end, label
+        if writable and end > end_written:
+            end_written, last_written = end, label
+
+
+__all__ = ["check_buffers", "check_disjoint", "checked_lists", "shaped_list", "tensor_lists", "validated_lists"]

@@ -43,7 +43,7 @@ class Rule:
 
     @property
     def passes(self):
-        """``[(arrays read, arrays written)]`` of each kernel pass of a step."""
+        """``[(arrays read, arrays written)]`` per element of each memory pass of a step."""
         return self.spec.kernel_passes(self.hyper)
 
     @property
@@ -67,20 +67,26 @@ class Rule:
         return self.spec.torch, dict(self.options, lr=self.hyper["lr"])
 
     def bytes_per_element(self, dtype):
+        """Bytes read and written per parameter element by a step (all its passes)."""
         return (self.reads + self.writes) * np.dtype(dtype).itemsize
 
     def make_state(self, rng, n, dtype):
-        """Fresh random state buffers for ``n`` elements (positive or zero where the
-        buffer's ``sample`` asks for it), shaped as the rule takes them
-        (``spec.sample_shape``)."""
+        """Fresh random state buffers for a parameter of ``n`` elements in the rule's
+        sample shape (``spec.sample_shape``), positive or zero where the buffer's
+        ``sample`` asks for it; None for a buffer that shape keeps none of."""
+        shape = self.spec.sample_shape(n)
         out = []
         for buffer in self.spec.needed(self.hyper):
-            a = rng.standard_normal(n) * 0.1
+            buffer_shape = buffer.shape_for(shape)
+            if buffer_shape is None:
+                out.append(None)
+                continue
+            a = rng.standard_normal(buffer_shape) * 0.1
             if buffer.sample == "positive":
                 a = np.abs(a) + 0.01
             elif buffer.sample == "zero":
-                a = np.zeros(n)
-            out.append(a.astype(dtype).reshape(self.spec.sample_shape(n)))
+                a = np.zeros(buffer_shape)
+            out.append(a.astype(dtype))
         return out
 
     def scalar_state_at(self, t):

@@ -669,6 +669,8 @@ cdef int run_kernel(tuple roles, int n_threads, segment_fn fn32, segment_fn fn64
     """Entry shared by every rule: gather ``roles``, release the GIL, run."""
     cdef Plan plan
     cdef segment_fn fn
+    if fd_pending_accumulation.armed:  # accumulate.pxi: this call also finishes a gradient accumulation
+        return run_accumulating(roles, n_threads, fn32, fn64, args)
     plan.offsets = NULL
     plan.rows = NULL
     try:

@@ -23,6 +23,7 @@ cdef enum:
 cdef struct StreamArgs:
     int n_written          # the first n_written roles are read and written
     bint has_read_only     # role n_written is read only (the gradient, say)
+    int n_read_only        # 1 or 2 read-only roles when none is written (a reduction's pattern)
     double one
     double zero
 
@@ -75,14 +76,20 @@ cdef inline void stream_elements(floating* w0, floating* w1, floating* w2, float
             w3[i] = w3[i] * one + s
 
 
-cdef inline void stream_read_only(const unsigned int* words, Py_ssize_t n) noexcept nogil:
+cdef inline void stream_read_only(const unsigned int* words, const unsigned int* others,
+                                  Py_ssize_t n) noexcept nogil:
     # OR of the bit patterns: an integer reduction vectorizes without reassociating
-    # floating-point sums, so the loop runs at load speed.
+    # floating-point sums, so the loop runs at load speed. ``others`` (or NULL): a
+    # second array read side by side.
     global fastdescent_stream_sink
     cdef unsigned int acc = 0
     cdef Py_ssize_t i
-    for i in range(n):
-        acc = acc | words[i]
+    if others == NULL:
+        for i in range(n):
+            acc = acc | words[i]
+    else:
+        for i in range(n):
+            acc = acc | words[i] | others[i]
     if acc == 0:  # all-zero data only; the store keeps the loop alive
         fastdescent_stream_sink = acc
 
@@ -95,6 +102,7 @@ cdef inline void stream_segment(void** rows, Py_ssize_t start, Py_ssize_t n, con
     cdef Py_ssize_t k
     if a.n_written == 0:
         stream_read_only(<const unsigned int*>(<const floating*>rows[0] + start),
+                         (<const unsigned int*>(<const floating*>rows[1] + start)) if a.n_read_only == 2 else NULL,
                          n * (sizeof(floating) // 4))
         return
     for k in range(MAX_STREAM_WRITES):
@@ -119,16 +127,16 @@ def stream(arrays, int n_written, int n_threads):
     ``arrays`` lists the roles, written ones first: each an ndarray or a list of
     ndarrays (one per tensor, as in a multi-tensor step); all C-contiguous, of one
     dtype (float32 or float64), with equal sizes per tensor. Supported patterns:
-    1 to 4 written roles plus at most one read-only role, or one read-only role
-    alone (a norm's pattern). Values are left unchanged (written buffers get
+    1 to 4 written roles plus at most one read-only role, or one or two read-only
+    roles alone (a reduction's pattern). Values are left unchanged (written buffers get
     ``w * 1 + r * 0``). Bytes moved per element = (len(arrays) + n_written) * itemsize.
     """
     cdef StreamArgs a
     cdef list roles = [list(x) if isinstance(x, (list, tuple)) else [x] for x in arrays]
     n_read_only = len(roles) - n_written
-    if not (0 <= n_written <= MAX_STREAM_WRITES and 0 <= n_read_only <= 1 and roles):
+    if not (0 <= n_written <= MAX_STREAM_WRITES and 0 <= n_read_only <= (2 if n_written == 0 else 1) and roles):
         raise ValueError(f"stream supports 1 to {MAX_STREAM_WRITES} written arrays plus at most "
-                         f"one read-only array (or one read-only array alone); got {len(roles)} "
+                         f"one read-only array (or one or two read-only arrays alone); got {len(roles)} "
                          f"arrays with n_written={n_written}")
     for role in roles:
         if len(role) != len(roles[0]):
@@ -139,6 +147,7 @@ def stream(arrays, int n_written, int n_threads):
                 raise ValueError("stream writes the first n_written arrays: they must be writable")
     a.n_written = n_written
     a.has_read_only = n_read_only == 1
+    a.n_read_only = n_read_only
     a.one = 1.0
     a.zero = 0.0
     run_kernel(tuple(roles), n_threads, stream_segment_f32, stream_segment_f64, &a)

@@ -24,10 +24,13 @@ def adam():
 
 def test_bad_construction_arguments():
     expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, flat=True)
+    expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, accumulate_steps=2)
     expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], "Adam", COMM)
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, reduce="max")
     expect_everywhere(ValueError, ShardedOptimizer, model_params()[0], fd.Adam, COMM, lr=-1.0)
     expect_everywhere(TypeError, ShardedOptimizer, [np.zeros(3, np.int64)], fd.Adam, COMM)
+    # A rule that sees whole tensors (Adafactor's norms and factors) cannot run on shards.
+    expect_everywhere(TypeError, ShardedOptimizer, model_params()[0], fd.Adafactor, COMM)
 
 
 @needs_ranks(2)

@@ -21,6 +21,9 @@ Three cases:
 * ``steps`` (only when asked): the per-step cost of ``bench.steps``: a rule's
   face, optimizer and flat optimizer on 1 and 100 arrays of 1,000 elements and on
   10**6 and 10**7, beside torch fused.
+* ``accumulate`` (only when asked): gradient accumulation's last micro-step
+  (``bench.accumulate``), fused with the step against accumulate-then-step,
+  float32 Adam at 10**6 and 10**8 on 2 threads.
 
 Timing: data prepared and touched first, one warm-up call, then ``--repeats``
 samples each averaging enough back-to-back calls to last ``--min-time`` seconds;
@@ -52,13 +55,14 @@ from .cases import (
     time_step,
     torch_or_none,
 )
+from . import accumulate as accumulate_case
 from . import threads as threads_sweep
 from . import steps as steps_case
 from .report import derive, render
 
 __all__ = ["add_arguments", "run", "main"]
 
-CASES = ("sizes", "many", "overhead", "threads", "steps")
+CASES = ("sizes", "many", "overhead", "threads", "steps", "accumulate")
 DEFAULT_CASES = ("sizes", "many", "overhead")
 DEFAULT_SIZES = tuple(10**k for k in range(3, 9))
 JSON_FORMAT = 1
@@ -95,7 +99,7 @@ def shape_arg(text):
 def add_arguments(parser):
     """Add the bench command's options to ``parser``."""
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
-                        help="what to measure (default: all but threads and steps)")
+                        help="what to measure (default: all but threads, steps and accumulate)")
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES),
                         help="rules from fastdescent.catalog (default: all)")
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(DEFAULT_SIZES),
@@ -124,6 +128,7 @@ def add_arguments(parser):
                         help="set the kernels' serial threshold for this run (every variant)")
     threads_sweep.add_arguments(parser, size_arg)
     steps_case.add_arguments(parser, shape_arg)
+    accumulate_case.add_arguments(parser, size_arg)
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved run; measure nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -139,6 +144,8 @@ def run(args):
             print(threads_sweep.render(saved["threads"]))
         if "steps" in saved:
             print(steps_case.render(saved["steps"]))
+        if "accumulate" in saved:
+            print(accumulate_case.render(saved["accumulate"]))
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
@@ -159,6 +166,9 @@ def run(args):
     if "steps" in args.cases:
         result["steps"] = steps_case.measure(args)
         print(steps_case.render(result["steps"]))
+    if "accumulate" in args.cases:
+        result["accumulate"] = accumulate_case.measure(args)
+        print(accumulate_case.render(result["accumulate"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -10,7 +10,8 @@ both measure the same thing the same way:
 * :func:`time_step` times that callable: warm-up, then repeated samples.
 
 Methods: ``ceiling`` (the bandwidth kernel with the rule's access pattern, run on the
-rule's own buffers), ``kernel`` (the rule's functional face on a kernel variant),
+rule's own buffers, once per memory pass of a rule of several passes: Adafactor's
+reductions, then its update), ``kernel`` (the rule's functional face on a kernel variant),
 ``reference`` (the NumPy twin) and, when torch is importable, ``torch-forloop``,
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on tensors sharing memory
 with the NumPy buffers; torch allocates its own state) and ``torch-adapter``
@@ -79,7 +80,7 @@ class Problem:
     @property
     def nbytes(self):
         arrays = [self.params, self.grads, *self.state]
-        return sum(a.nbytes for role in arrays for a in as_list(role))
+        return sum(a.nbytes for role in arrays for a in as_list(role) if a is not None)
 
 
 def as_list(role):
@@ -88,9 +89,10 @@ def as_list(role):
 
 def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
     """Random buffers for ``rule``: ``n_tensors`` tensors of ``n`` elements each (one
-    array per role if ``n_tensors`` is 1, else lists). Gradients are small and
-    nonzero, second-moment state positive, so repeated steps stay finite. Each array
-    has the shape the rule takes (``spec.sample_shape``: 1-D, or Muon's matrices)."""
+    array per role if ``n_tensors`` is 1, else lists), in the rule's sample shape
+    (``spec.sample_shape``: 1-D, or a matrix for a tensorwise rule). Gradients are
+    small and nonzero, second-moment state positive, so repeated steps stay finite;
+    a buffer that shape keeps none of is None."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
     shape = rule.spec.sample_shape(n)
@@ -113,16 +115,18 @@ def make_problem(rule, n, dtype, *, n_tensors=1, seed=0):
 
 
 def ceiling_passes(rule, problem):
-    """``[(roles, n_written)]``: for each kernel pass of ``rule``, the buffers the
-    bandwidth kernel reads (written ones first) with that pass's pattern (reads,
-    writes), taken from ``problem``'s arrays."""
-    writable = [problem.params, *problem.state]
+    """``[(roles, n_written)]``: for each memory pass of ``rule`` (``rule.passes``),
+    the buffers the bandwidth kernel reads with that pass's pattern, written ones
+    first, taken from ``problem``'s arrays (the read-only ones: the gradients, then
+    the parameters)."""
+    writable = [problem.params, *(s for s in problem.state if s is not None)]
     passes = []
     for reads, writes in rule.passes:
-        n_read_only = reads - writes
-        if writes > len(writable) or n_read_only not in (0, 1):
+        read_only = ([problem.grads] + writable[writes:])[:reads - writes]
+        if writes > len(writable) or len(read_only) != reads - writes or not (
+                len(read_only) <= 1 or (writes == 0 and len(read_only) <= 2)):
             raise Unavailable(f"no bandwidth pattern for {reads} reads / {writes} writes")
-        passes.append((writable[:writes] + [problem.grads] * n_read_only, writes))
+        passes.append((writable[:writes] + read_only, writes))
     return passes
 
 

@@ -66,9 +66,9 @@ class ShardedOptimizer:
     optimizer_class : type
         Any fastdescent optimizer class (``fastdescent.Adam``, ``fastdescent.SGD``...).
         Each rank builds one over its shards, so it keeps state for its shard only.
-        The rule must be elementwise (every rule in fastdescent is): an update that
-        looks at a whole tensor (a layer-wise trust ratio, factored moments) would
-        see only a slice of it.
+        The rule must be elementwise: an update that looks at a whole tensor (a
+        layer-wise trust ratio, Adafactor's norms and factored moments) would see
+        only a slice of it, so such a rule (``spec.tensorwise``) raises TypeError.
     comm : mpi4py.MPI.Comm or None
         The ranks that share the work (None: ``MPI.COMM_WORLD``).
     reduce : {"mean", "sum"}
@@ -149,6 +149,12 @@ class ShardedOptimizer:
             raise TypeError(f"optimizer_class must be an optimizer class such as fastdescent.Adam, got {optimizer_class!r}")
         if "flat" in kwargs:
             raise TypeError("ShardedOptimizer is always flat: do not pass flat=")
+        spec = getattr(optimizer_class, "spec", None)
+        if spec is not None and spec.tensorwise:
+            raise TypeError(f"{optimizer_class.__name__} updates each parameter as a whole (its norms, its rows and "
+                            "columns): it cannot run on shards of a flat arena")
+        if "accumulate_steps" in kwargs:  # it would reduce, clip and all-gather at every micro-step
+            raise TypeError("ShardedOptimizer does not accumulate: sum the micro-batches' gradients, then step()")
         self.optimizer_class = optimizer_class
         self.reduce = _checks.choice("reduce", reduce, REDUCTIONS)
         self.reduce_order = _checks.choice("reduce_order", reduce_order, REDUCE_ORDERS)

@@ -21,6 +21,7 @@ import numpy as np
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
 from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
+from .accumulate import Accumulation
 from .clipping import bucket_norm
 from .state import Checkpointing, _step_count
 
@@ -174,6 +175,27 @@ class Optimizer(Checkpointing):
         None follows :func:`fastdescent.get_backend` at each step.
     n_threads : int or None
         See :func:`fastdescent.get_num_threads`.
+    accumulate_steps : int
+        Gradient accumulation over ``k`` micro-batches (default 1: none). Calls
+        1 .. k-1 of :meth:`step` in each window are micro-steps: they add
+        ``grad_scale * grads`` into an accumulator per parameter (the
+        parameter's dtype, created at the first micro-step) and return False,
+        leaving the parameters and the state (step counts too) untouched. Call
+        k takes one step on the mean of the k scaled gradients: the rule's step
+        on their sum :math:`S` with ``grad_scale = 1/k``, bit-identical to
+        ``step(S, grad_scale=1/k)`` without accumulation, with :math:`S` summed
+        in call order; it returns True. Only that call counts as a step (bias
+        corrections, ``state[i]["step"]``): step a scheduler when ``step``
+        returns True (``if opt.step(grads): sched.step()``), or read
+        the property ``pending_micro_steps``. For an elementwise rule that call is one
+        fused pass (the accumulators are read once, then zeroed, in the pass
+        that updates the parameters); clipping and the non-finite guard apply
+        to the accumulated gradient (:math:`S` first, then the norm of
+        :math:`S/k`; a skipped step discards the window). The open window
+        (its count and accumulators) is part of ``state_dict`` and of
+        checkpoints, so a resumed run continues it exactly. With ``k > 1``,
+        ``step(group=...)`` is refused, and neither ``accumulate_steps`` nor the
+        groups (``add_param_group``) may change inside a window.
 
     Attributes
     ----------
@@ -195,7 +217,8 @@ class Optimizer(Checkpointing):
     spec = None  # the rule: a RuleSpec
 
     def __init__(self, params, defaults, *, flat=False, clip_grad_norm=None, clip_grad_value=None,
-                 skip_nonfinite=False, backend=None, n_threads=None):
+                 skip_nonfinite=False, backend=None, n_threads=None, accumulate_steps=1):
+        self._accumulation = Accumulation(accumulate_steps)  # gradient accumulation (accumulate.py)
         self.defaults = dict(defaults)
         self._flat = bool(flat)
         self.backend = backend
@@ -270,6 +293,23 @@ class Optimizer(Checkpointing):
         self._skip_nonfinite = bool(value)
         self._plan = None
 
+    @property
+    def accumulate_steps(self):
+        """Gradient accumulation over this many micro-steps (see the class docstring);
+        may change only between windows."""
+        return self._accumulation.steps
+
+    @accumulate_steps.setter
+    def accumulate_steps(self, value):
+        with self._lock:
+            self._accumulation.steps = value
+            self._written = None  # the accumulators may have gone
+
+    @property
+    def pending_micro_steps(self):
+        """Micro-steps taken in the current accumulation window (0 .. k-1)."""
+        return self._accumulation.pending
+
     # ------------------------------------------------------------- parameters
     @property
     def params(self):
@@ -303,6 +343,7 @@ class Optimizer(Checkpointing):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:
             raise ValueError("a parameter group needs a 'params' entry")
+        self._accumulation.check_unchanged("add_param_group()")
         g = len(self.param_groups)
         params = param_group["params"]
         params = [params] if isinstance(params, np.ndarray) else list(params)
@@ -368,7 +409,9 @@ class Optimizer(Checkpointing):
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, group=None, *, grad_scale=1.0):
-        """Take one step; return True, or False if the non-finite guard skipped it.
+        """Take one step; return True if it updated the parameters: False if the
+        non-finite guard skipped it, or for a micro-step of gradient accumulation
+        (``accumulate_steps``, see the class docstring).
 
         A step checks everything before it writes anything: if it raises, every
         parameter, state buffer and step count is as it was. Steps of one
@@ -390,6 +433,8 @@ class Optimizer(Checkpointing):
         lock = self._lock
         lock.acquire()
         try:
+            if self._accumulation.steps != 1:
+                return self._accumulation.step(self, grads, group, grad_scale)
             plan = self._plan
             if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale,
                                                                resolve_backend(self._backend),
@@ -400,9 +445,11 @@ class Optimizer(Checkpointing):
         finally:
             lock.release()
 
-    def _step(self, grads, group, grad_scale):
+    def _step(self, grads, group, grad_scale, finish=None):
         """The general way of a step (the plan's way is the same, in C, while
-        nothing but the gradients changes)."""
+        nothing but the gradients changes). ``finish``: the last micro-step of a
+        gradient accumulation (an :class:`~fastdescent.optim.accumulate.Accumulation`),
+        whose sum the rule steps on."""
         if type(grad_scale) is not float or not 0.0 < grad_scale < math.inf:
             grad_scale = _checks.positive("grad_scale", grad_scale)
         layouts = self._layouts if group is None else self._selected(group)
@@ -415,6 +462,8 @@ class Optimizer(Checkpointing):
             groups.append((layout, config, self._next_step(layout), self._scalar_state(layout, config),
                            NOTHING_FRESH if layout.complete is config else self._missing(layout, config)))
         work = self._work(layouts, grads, group)
+        if finish is not None:
+            work = finish.gradients(self, work)
         scale = grad_scale
         if self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None:
             scale = self._clip(work, grad_scale)
@@ -433,14 +482,18 @@ class Optimizer(Checkpointing):
         for position, bucket, params, bucket_grads, flat in work:
             invoke, constants, varying = calls[position]
             buffers = self._kernel_buffers(bucket, flat, groups[position][1])
-            invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
+            if finish is None:
+                invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
+            else:
+                finish.run(kernels, bucket, flat, params, bucket_grads, n_threads,
+                           lambda p, g: invoke(kernels, p, g, buffers, constants, varying, n_threads))
         for layout, config, step, scalar_state, fresh in groups:
             if layout.states:
                 update = self.spec.advanced(config.hyper, step, scalar_state)
                 if self.spec.counts_steps:
                     update["step"] = step
                 _runtime.update_each(layout.states, update)
-        if group is None and scale is grad_scale:
+        if group is None and scale is grad_scale and finish is None:
             self._plan = self._steady_plan(grads is None, calls)
         return True
 
@@ -588,11 +641,12 @@ class Optimizer(Checkpointing):
         return work
 
     def _flat_work(self, position, layout, bucket):
-        """The kernel call of a flat bucket: its whole arena at once, or the views of
-        each parameter for a rule that needs their shapes (``param_ndim``)."""
-        if self.spec.param_ndim is None:
-            return position, bucket, [bucket.arenas["param"]], [bucket.arenas["grad"]], True
-        return position, bucket, bucket.params, [layout.grad_views[k] for k in bucket.positions], False
+        """The kernel call of a flat bucket: its whole arena at once, or for a
+        tensorwise rule (which must see each parameter whole) each parameter's
+        view (the optimizer's own arrays: nothing to check)."""
+        if not self.spec.tensorwise:
+            return (position, bucket, [bucket.arenas["param"]], [bucket.arenas["grad"]], True)
+        return (position, bucket, bucket.params, [layout.grad_views[k] for k in bucket.positions], False)
 
     def _written_table(self):
         """The table of every array a step may write (the kernels' own lists of
@@ -606,8 +660,11 @@ class Optimizer(Checkpointing):
                     indices = [layout.first + k for k in bucket.positions]
                     roles = [("params[{}]", bucket.params)]
                     roles += [(f"state[{{}}][{name!r}]", buffers) for name, buffers in bucket.buffers.items()]
+                    roles += self._accumulation.roles(bucket)
                     for label, role in roles:
                         for i, array in zip(indices, role):
+                            if array is None:  # a buffer this parameter's shape keeps none of
+                                continue
                             if array.dtype != bucket.dtype:
                                 raise ValueError(f"{label.format(i)} was changed in place: its dtype is "
                                                  f"{array.dtype}, not {bucket.dtype}")
@@ -660,7 +717,8 @@ class Optimizer(Checkpointing):
             return NOTHING_FRESH
         if layout.states is None:
             return frozenset(config.needed)
-        missing = [name for name in config.needed if name not in layout.states[0]]
+        # Created once the buckets hold it: a parameter may keep none (Buffer.shape).
+        missing = [name for name in config.needed if name not in layout.buckets[0].buffers]
         return frozenset(missing) if missing else NOTHING_FRESH
 
     def _allocate_state(self, groups):
@@ -711,17 +769,30 @@ class Optimizer(Checkpointing):
                 bucket.kernel_buffers = None
 
     def _allocate_buffer(self, g, name, fill):
+        """Create buffer ``name`` for every parameter of group ``g`` that keeps one
+        (``bucket.buffers[name]`` holds None for those whose shape keeps none)."""
         layout = self._layouts[g]
+        buffer = self._buffer_specs[name]
         for bucket in layout.buckets:
+            shapes = [buffer.shape_for(p.shape) for p in bucket.params]
             if self.flat:
-                arena = _new_buffer(bucket.arenas["param"], fill)
+                size = sum(math.prod(s) for s in shapes if s is not None)
+                arena = _new_buffer(bucket.arenas["param"], fill, None if buffer.shape is None else size)
                 bucket.arenas[name] = arena
-                buffers = _views(arena, [p.shape for p in bucket.params])
-            else:
+                kept = iter(_views(arena, [s for s in shapes if s is not None]))
+                buffers = [None if s is None else next(kept) for s in shapes]
+            elif buffer.shape is None:
                 buffers = [_new_buffer(p, fill) for p in bucket.params]
+            else:
+                buffers = [None if s is None else _new_buffer(p, fill, s) for p, s in zip(bucket.params, shapes)]
             bucket.buffers[name] = buffers
-            for k, buffer in zip(bucket.positions, buffers):
-                layout.states[k][name] = buffer
+            for k, array in zip(bucket.positions, buffers):
+                if array is not None:
+                    layout.states[k][name] = array
+
+    @property
+    def _buffer_specs(self):
+        return {b.name: b for b in self.spec.buffers}
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -766,11 +837,13 @@ def _views(arena, shapes):
     return views
 
 
-def _new_buffer(like, fill):
+def _new_buffer(like, fill, shape=None):
+    """A buffer holding ``fill``, of ``like``'s dtype and shape, or of ``shape`` (an
+    int or a tuple: a buffer shaped otherwise than its parameter)."""
     if fill is FIRST_GRADIENT:
-        return np.empty_like(like)
+        return np.empty_like(like, shape=shape)
     if fill is PARAMETER:
         return like.copy()
     if fill == 0.0:
-        return np.zeros_like(like)
-    return np.full_like(like, fill)
+        return np.zeros_like(like, shape=shape)
+    return np.full_like(like, fill, shape=shape)

@@ -12,7 +12,7 @@ from .base import Optimizer
 
 #: The options of :class:`Optimizer` itself, after the rule's hyperparameters.
 OPTIONS = ("flat=False", "clip_grad_norm=None", "clip_grad_value=None", "skip_nonfinite=False",
-           "backend=None", "n_threads=None")
+           "backend=None", "n_threads=None", "accumulate_steps=1")
 
 
 def generated_init(spec, module, qualname, body, namespace, options=()):
@@ -61,7 +61,7 @@ def class_doc(spec, torch=False):
                   "    The parameters, or parameter groups (dicts with ``'params'`` and any"]
     else:
         lines += ["The keyword options shared by every optimizer (``flat``, ``clip_grad_norm``, ``clip_grad_value``,",
-                  "``skip_nonfinite``, ``backend``, ``n_threads``) are described in",
+                  "``skip_nonfinite``, ``backend``, ``n_threads``, ``accumulate_steps``) are described in",
                   ":class:`fastdescent.optim.Optimizer`.", "", "Parameters", "----------",
                   "params : list of ndarray, or list of dict",
                   "    The parameters, or parameter groups (dicts with ``'params'`` and any"]

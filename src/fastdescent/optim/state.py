@@ -59,12 +59,16 @@ class Checkpointing:
             saved["params"] = list(range(layout.first, layout.first + len(layout.params)))
             groups.append(saved)
         sd = {"state": state, "param_groups": groups}
+        accumulation = self._accumulation.state_dict(self, copy_arrays)
+        if accumulation is not None:  # an open gradient-accumulation window
+            sd["accumulation"] = accumulation
         if self._registered:
             sd["extra"] = {name: obj.state_dict() for name, obj in self._registered.items()}
         return sd
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load a :meth:`state_dict` (hyperparameters, state, registered objects).
+        """Load a :meth:`state_dict` (hyperparameters, state, registered objects, an
+        open gradient-accumulation window: none if it holds no ``"accumulation"``).
 
         Everything is validated first (group sizes, every buffer's shape and
         dtype, step counts, hyperparameters, the registered objects' states); on
@@ -76,6 +80,7 @@ class Checkpointing:
 
     def _load(self, sd, strict, param_values):
         groups, state = self._validated(sd)
+        accumulation = self._accumulation.checked(self, sd.get("accumulation"))
         if param_values is not None:
             params = self.params
             if len(param_values) != len(params):
@@ -87,6 +92,7 @@ class Checkpointing:
             group.update(hyper)
             layout.config = None  # validate again at the next step
         self._replace_state(state)
+        self._accumulation.load(self, accumulation)
         if param_values is not None:
             for p, value in zip(self.params, param_values):
                 np.copyto(p, value)
@@ -135,7 +141,7 @@ class Checkpointing:
                 checked[name] = _checks.finite(f"state[{saved_id!r}][{name!r}]", _scalar(value))
             elif name in self.spec.buffer_names:
                 if value is not None:  # PyTorch keeps momentum_buffer=None when unused
-                    _check_like(value, param, f"state[{saved_id!r}][{name!r}]")
+                    _check_like(value, param, f"state[{saved_id!r}][{name!r}]", self._buffer_specs[name])
                     checked[name] = value
             else:
                 known = self._state_keys()
@@ -154,8 +160,10 @@ class Checkpointing:
             return
         if len(present) != len(entries):
             raise ValueError(f"in group {g} some parameters have state and others none")
-        names = set(present[0])
-        if any(set(e) != names for e in present):
+        # Every parameter holds the same entries, but the buffers its shape keeps none of.
+        names = set().union(*present)
+        params = layout.params
+        if any(set(e) != {n for n in names if self._keeps(n, p)} for e, p in zip(entries, params)):
             raise ValueError(f"the parameters of group {g} hold different state entries")
         missing_keys = [k for k in self._state_keys(buffers=False) if k not in names]
         if missing_keys:
@@ -165,9 +173,16 @@ class Checkpointing:
             if len(values) != 1:
                 raise ValueError(f"the parameters of group {g} hold different {key!r}: {sorted(values)}")
         wanted = self._wanted(hyper)
-        missing = [n for n, fill in wanted.items() if n not in names and fill is not FIRST_GRADIENT]
+        missing = [n for n, fill in wanted.items() if n not in names and fill is not FIRST_GRADIENT
+                   and any(self._keeps(n, p) for p in params)]
         if missing:
             raise ValueError(f"the state of group {g} lacks {missing}, which its hyperparameters need")
+
+    def _keeps(self, name, param):
+        """True if ``param`` keeps state entry ``name`` when its rule needs it (a
+        scalar, or a buffer its shape keeps)."""
+        buffer = self._buffer_specs.get(name)
+        return buffer is None or buffer.shape is None or buffer.shape_for(param.shape) is not None
 
     def _param_at(self, index):
         for layout in reversed(self._layouts):
@@ -213,10 +228,12 @@ class Checkpointing:
             scalars = [k for k in self._state_keys(buffers=False) if k in first]
             layout.states = [{k: state[i][k] for k in scalars} for i in indices]
             self.state.update(zip(indices, layout.states))
-            for name in [n for n in self.spec.buffer_names if n in first]:
+            saved = set().union(*(state[i] for i in indices))
+            for name in [n for n in self.spec.buffer_names if n in saved]:
                 self._allocate_buffer(g, name, FIRST_GRADIENT)
                 for i, own in zip(indices, layout.states):
-                    np.copyto(own[name], state[i][name])
+                    if name in own:
+                        np.copyto(own[name], state[i][name])
         self._state_changed()
 
     # ----------------------------------------------------------- checkpoints
@@ -253,13 +270,19 @@ def _scalar(value):
     return value
 
 
-def _check_like(value, param, where):
+def _check_like(value, param, where, buffer=None):
+    """``value`` suits ``param``: an array of its dtype and shape, or of the shape
+    ``buffer`` (a :class:`~fastdescent.rules._spec.Buffer`) has for it."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(value).__name__}")
     if value.dtype != param.dtype:
         raise TypeError(f"{where} has dtype {value.dtype}; the parameter has {param.dtype}")
-    if value.shape != param.shape:
-        raise ValueError(f"{where} has shape {value.shape}; the parameter has {param.shape}")
+    shape = param.shape if buffer is None else buffer.shape_for(param.shape)
+    if shape is None:
+        raise ValueError(f"{where} is given, but a parameter of shape {param.shape} keeps none")
+    if value.shape != shape:
+        expected = "the parameter has" if shape == param.shape else f"a parameter of shape {param.shape} keeps"
+        raise ValueError(f"{where} has shape {value.shape}; {expected} {shape}")
 
 
 def _step_count(value, where):

@@ -5,7 +5,8 @@ Each rule is declared once, as a :class:`RuleSpec` in ``fastdescent/rules/<rule>
 * its equations and references (the docstring of its functional face);
 * its hyperparameters (:class:`Hyper`: name, default, validation, documentation),
   in ``torch.optim``'s order;
-* its state buffers (:class:`Buffer`: name, initial value, the option that needs it);
+* its state buffers (:class:`Buffer`: name, initial value, the option that needs it,
+  and, for a buffer not shaped like its parameter, its shape);
 * the scalars its kernel takes at each step (``scalars``), computed once per call
   in Python doubles so that both backends round the same numbers;
 * its ``torch.optim`` peer, and the configurations (:class:`Example`) that the
@@ -108,7 +109,8 @@ def above_zero(name):
 
 @dataclass(frozen=True)
 class Buffer:
-    """A state buffer, shaped like its parameter and updated in place.
+    """A state buffer, updated in place, shaped like its parameter unless ``shape``
+    says otherwise.
 
     ``name`` is the key in the optimizer's state (PyTorch's name); ``fill`` its
     initial value: a float, :data:`FIRST_GRADIENT`, :data:`PARAMETER`, or a callable
@@ -116,6 +118,12 @@ class Buffer:
     option that needs it. ``argument`` names the face's argument (default
     ``name + "s"``). ``sample`` says how tests and benchmarks draw random state:
     ``"signed"``, ``"positive"`` (second moments) or ``"zero"``.
+
+    ``shape(param_shape)`` gives the buffer's shape for a parameter of that shape,
+    or None if such a parameter keeps no such buffer (``torch.optim.Adafactor``
+    keeps ``row_var`` and ``col_var`` for parameters of two or more dimensions and
+    ``variance`` for the others); None (the default): shaped like its parameter. A
+    rule with such buffers is ``tensorwise``.
     """
 
     name: str
@@ -124,10 +132,17 @@ class Buffer:
     argument: str | None = None
     sample: str = "signed"
     doc: str = ""
+    shape: Callable | None = None
 
     @property
     def face_argument(self):
         return self.argument or self.name + "s"
+
+    def shape_for(self, param_shape):
+        """The buffer's shape for a parameter of ``param_shape``, or None if such a
+        parameter keeps none."""
+        param_shape = tuple(param_shape)
+        return param_shape if self.shape is None else self.shape(param_shape)
 
     def initial(self, hyper):
         """The buffer's initial value for the validated hyperparameters ``hyper``."""
@@ -207,16 +222,26 @@ class RuleSpec:
     advance: Callable | None = None
     #: ``runner(backend, params, grads, buffers, kwargs, n_threads)`` for a rule that
     #: is more than one elementwise kernel call (a reduction pass first, a matmul);
-    #: None: one call of ``backend.<kernel>``.
+    #: None: one call of ``backend.<kernel>``. A buffer list it gets may hold None
+    #: for the parameters that keep no such buffer (``Buffer.shape``).
     runner: Callable | None = None
-    #: ``passes(h)`` -> the memory passes of a runner's kernel calls, in order, each
-    #: ``(arrays read, arrays written)`` per element; None: the one pass of
-    #: :meth:`kernel_passes`. What the benchmarks count and their ceiling models.
-    passes: Callable | None = None
+    #: The update of a parameter depends on the whole parameter in its shape (its
+    #: norms, its rows and columns: Adafactor; its matrix: Muon), not on each element
+    #: alone. Its parameters are then never concatenated: a flat arena hands the
+    #: ``runner`` each parameter's own view, ``fastdescent.torch`` hands it each
+    #: parameter contiguous in its logical order and in its shape (a scratch copy of
+    #: one laid out otherwise) and refuses complex ones, and the ZeRO-sharded
+    #: optimizer refuses the rule.
+    tensorwise: bool = False
     #: Every parameter must have this many dimensions (Muon: 2, it orthogonalizes
-    #: matrices), or None for any shape. Checked before anything is written; the
-    #: runner then gets each parameter in its shape (a flat arena passes views).
+    #: matrices), or None for any shape. Checked before anything is written. Such a
+    #: rule is ``tensorwise``.
     param_ndim: int | None = None
+    #: ``passes(h)`` -> the memory passes of a runner's kernel calls, in order, each
+    #: ``(arrays read, arrays written)`` per element (for a parameter of
+    #: :meth:`sample_shape`, the shape the benchmarks use); None: the one pass of
+    #: :meth:`kernel_passes`. What the benchmarks count, and their ceiling models.
+    passes: Callable | None = None
     #: The ``torch.optim`` class of the same semantics, if any.
     torch: str | None = None
     #: A class whose methods the rule adds to its optimizer classes, ``fastdescent.<Rule>``
@@ -250,6 +275,8 @@ class RuleSpec:
         object.__setattr__(self, "hyper_names", tuple(h.name for h in self.hyper))
         object.__setattr__(self, "_hyper_getter", _tuple_getter(self.hyper_names))
         object.__setattr__(self, "_writable", (True, False) + (True,) * len(self.buffers))
+        # The buffers shaped otherwise than their parameters (see Buffer.shape).
+        object.__setattr__(self, "_shaped", tuple(b.name for b in self.buffers if b.shape is not None))
         if self.uses_step and not self.counts_steps:
             raise ValueError(f"{self.name}: a rule whose update uses the step must count steps")
         if (self.step_scalars is None) != (not self.step_scalar_names) or (self.step_scalars and not self.uses_step):
@@ -262,6 +289,12 @@ class RuleSpec:
         names = [h.name for h in self.hyper]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: a hyperparameter is declared twice")
+        if any(b.shape is not None for b in self.buffers) and not self.tensorwise:
+            raise ValueError(f"{self.name}: a rule with buffers shaped otherwise than their parameter is tensorwise")
+        if self.tensorwise and self.runner is None:
+            raise ValueError(f"{self.name}: a tensorwise rule needs a runner (one elementwise kernel cannot see shapes)")
+        if self.param_ndim is not None and not self.tensorwise:
+            raise ValueError(f"{self.name}: a rule of {self.param_ndim}-D parameters is tensorwise")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -343,10 +376,18 @@ class RuleSpec:
         """The buffers the validated hyperparameters ``h`` need, in declared order."""
         return [b for b in self.buffers if b.when is None or b.when(h)]
 
+    def kept(self, h, shape):
+        """The buffers a parameter of ``shape`` keeps under the validated
+        hyperparameters ``h`` (those it needs, less those its shape has none of)."""
+        return [b for b in self.needed(h) if b.shape is None or b.shape_for(shape) is not None]
+
     def check_present(self, h, buffers, fresh_requested=False):
         """ValueError unless ``buffers`` (name -> list or None) holds exactly the
-        buffers ``h`` needs."""
+        buffers ``h`` needs (those shaped otherwise than their parameters are
+        checked by :meth:`shaped_lists`, which sees the parameters' shapes)."""
         for b in self.buffers:
+            if b.shape is not None:
+                continue
             given = buffers.get(b.name) is not None
             if b.when is None:
                 if not given:
@@ -362,29 +403,57 @@ class RuleSpec:
             raise ValueError(f"{where} has shape {tuple(shape)}, but {self.title} takes {self.param_ndim}-D "
                              "parameters only")
 
+    def shaped_lists(self, h, named, params, grads, indexed):
+        """The validated lists of the buffers shaped otherwise than their parameters
+        (name -> list, None where a parameter keeps none) from the face's arguments
+        ``named`` (name -> None, an array or a list), for validated ``params`` and
+        ``grads`` (``indexed``: the face got lists). Each parameter must have
+        exactly the buffers its shape keeps, of that shape, of its dtype, writable and
+        C-contiguous; no array written may share memory with any other of the call."""
+        shaped = [b for b in self.buffers if b.shape is not None]
+        lists = {}
+        for b in shaped:
+            needed = b.when is None or b.when(h)
+            shapes = [b.shape_for(p.shape) if needed else None for p in params]
+            value = named.get(b.name)
+            if value is not None and not needed:
+                raise ValueError(f"{b.face_argument} given, but they are only used when {b.when.text}")
+            if value is None and any(s is not None for s in shapes):
+                need = self.face_name if b.when is None else b.when.text
+                raise ValueError(f"{need} needs {b.face_argument} for parameters of shape "
+                                 f"{params[next(k for k, s in enumerate(shapes) if s is not None)].shape}")
+            lists[b.name] = _checks.shaped_list(b.face_argument, value, params, shapes, indexed)
+        written = {"params": params, **{b.face_argument: lists[b.name] if b.shape is not None else named.get(b.name)
+                                        for b in self.buffers}}
+        _checks.check_disjoint(written, {"grads": grads}, indexed)
+        return lists
+
     def sample_shape(self, n):
         """A shape of ``n`` elements that the rule takes, for tests and benchmarks:
-        ``(n,)``, or for a rule of matrices the squarest ``(rows, columns)`` with
-        rows <= columns and at most 64 rows (a benchmark's matrix products stay cheap);
-        (0, 1) for none (torch.optim.Muon divides by the number of columns)."""
-        if self.param_ndim is None:
+        ``(n,)``, or for a tensorwise rule the squarest matrix (rows <= columns) of
+        ``n`` elements, so that its shape-dependent work (Adafactor's factors) is what
+        is measured; for a rule of matrices (``param_ndim``) at most 64 rows, so that a
+        benchmark's matrix products (Muon's) stay cheap. (0, 1) for none
+        (torch.optim.Muon divides by the number of columns)."""
+        if not self.tensorwise:
             return (n,)
-        if self.param_ndim != 2:
+        if self.param_ndim not in (None, 2):
             raise NotImplementedError(f"sample shapes of {self.param_ndim}-D parameters")
-        rows = max((r for r in range(1, min(math.isqrt(n), 64) + 1) if n % r == 0), default=0)
+        most = 64 if self.param_ndim is not None else math.isqrt(n)
+        rows = max((r for r in range(1, min(math.isqrt(n), most) + 1) if n % r == 0), default=0)
         return (rows, n // rows) if rows else (0, 1)
 
     def kernel_passes(self, h):
-        """``[(arrays read, arrays written)]`` per element, one pair per kernel pass of
-        a step: ``passes(h)`` if declared, else one pass in which the parameter, the
-        gradient and every needed buffer are read, and all but the gradient written."""
+        """``[(arrays read, arrays written)]`` per element, one pair per memory pass
+        of a step: ``passes(h)`` if declared, else one pass in which the parameter,
+        the gradient and every needed buffer are read, and all but the gradient written."""
         if self.passes is not None:
             return list(self.passes(h))
         n = len(self.needed(h))
         return [(2 + n, 1 + n)]
 
     def traffic(self, h):
-        """(arrays read, arrays written) per element by one step's kernel passes."""
+        """(arrays read, arrays written) per element by all the memory passes of a step."""
         passes = self.kernel_passes(h)
         return sum(reads for reads, _ in passes), sum(writes for _, writes in passes)
 
@@ -474,7 +543,10 @@ class RuleSpec:
         fresh = NOTHING_FRESH if first_step is False else self._fresh(config, first_step)
         if self.scalar_state:
             scalar_state = self._scalar_state_before(config, scalar_state)
-        lists = _runtime.checked_lists(self._roles, (params, grads, *buffers), self._writable)
+        if self._shaped:
+            lists = self._checked_shaped(config.hyper, params, grads, buffers)
+        else:
+            lists = _runtime.checked_lists(self._roles, (params, grads, *buffers), self._writable)
         if self.param_ndim is not None:
             for k, p in enumerate(lists[0]):
                 self.check_shape(p.shape, f"params[{k}]")
@@ -484,6 +556,21 @@ class RuleSpec:
         invoke(kernels, lists[0], lists[1], lists[2:], constants, varying, n_threads)
         if self.scalar_state:
             return self.advanced(config.hyper, step, scalar_state)
+
+    def _checked_shaped(self, h, params, grads, buffers):
+        """What ``checked_lists`` gives a face call (params, grads, then each buffer's
+        list or None, in declared order), for a rule with buffers shaped otherwise than
+        their parameters: those shaped like them through ``checked_lists``, the
+        others through :meth:`shaped_lists`."""
+        like = [k for k, b in enumerate(self.buffers) if b.shape is None]
+        checked = _runtime.checked_lists((*self._roles[:2], *(self._roles[2 + k] for k in like)),
+                                         (params, grads, *(buffers[k] for k in like)),
+                                         (True, False) + (True,) * len(like))
+        named = dict(zip(self.buffer_names, buffers))
+        named.update((self.buffer_names[k], arrays) for k, arrays in zip(like, checked[2:]))
+        indexed = _checks.tensor_lists(params)[0]
+        named.update(self.shaped_lists(h, named, checked[0], checked[1], indexed))
+        return (checked[0], checked[1], *(named[name] for name in self.buffer_names))
 
     def _fresh(self, config, first_step):
         """The buffers a face call with ``first_step`` initialises from the gradient."""
@@ -574,7 +661,7 @@ def make_face(spec, module):
         f"n_threads, backend)\n"
     )
     # The C fast path knows nothing of scalar states or shapes: those rules take face_step.
-    simple = not spec.scalar_state and spec.param_ndim is None
+    simple = not spec.scalar_state and not spec._shaped and spec.param_ndim is None
     runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
                                  resolve_backend, effective_n_threads, NOTHING_FRESH)
     namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
@@ -592,7 +679,7 @@ def face_parameters(spec, first_gradient):
     names = ", ".join(["params", "grads"] + [b.face_argument for b in spec.buffers])
     lines += [f"{names} : ndarray or list of ndarray",
               "    C-contiguous float32 or float64 arrays, all of one dtype, each shaped like its",
-              "    parameter; all but ``grads`` are updated in place."]
+              "    parameter unless said otherwise below; all but ``grads`` are updated in place."]
     for b in spec.buffers:
         need = "always" if b.when is None else f"iff {b.when.text}"
         start = ("the first gradient (pass ``first_step=True``)" if b.fill is FIRST_GRADIENT

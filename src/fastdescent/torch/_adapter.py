@@ -29,6 +29,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _tensorviews
+from .._checks import check_disjoint
 from .._config import effective_n_threads, resolve_backend
 from .._runtime import check_buffers, check_distinct
 from . import _layout
@@ -93,16 +94,16 @@ class _KernelCall(tuple):
     __slots__ = ()
 
 
-def _run(call, order, kernels, params, grads, states, n_threads):
-    """Run a call from ``_kernel_call`` on the arrays (``states`` in the order of
-    the rule's ``_buffer_names``; ``order``: where each of the kernel's buffers
-    is among them) with the backend module ``kernels``."""
+def _run(call, bucket, kernels, params, grads, states, n_threads):
+    """Run a call from ``_kernel_call`` on the arrays of ``bucket`` (``states``
+    aligned with ``bucket.names``; ``bucket.order``: where each of the kernel's
+    buffers is among them) with the backend module ``kernels``."""
     if type(call) is _KernelCall:
         name, arguments = call
-        getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in order],
+        getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in bucket.order],
                                **arguments, n_threads=n_threads)
     else:
-        call(kernels, params, grads, states, n_threads)
+        call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads)
 
 
 class _Stale(Exception):
@@ -117,12 +118,20 @@ class KernelOptimizer:
     different counts need separate calls) and defines:
 
     * ``_buffer_names(group)``: the state buffers the face takes, in its order;
+    * ``_kept_names(param, names)``, ``_buffer_shape(param, name)``: the buffers of
+      ``names`` a parameter keeps, and a buffer's shape (by default: all of them,
+      shaped like the parameter); ``_shaped``: the names of the buffers shaped
+      otherwise (held and viewed in their own shape, contiguous); buckets then
+      group the parameters that keep the same buffers;
+    * ``_whole_tensors``: the rule must see each parameter whole, contiguous in
+      its logical order (a parameter laid out otherwise is stepped in a scratch
+      copy, as a gapped one is);
     * ``_init_state(param, group, state)``: fill ``state`` as ``torch.optim``
       does when the parameter first has a gradient (by default: ``step`` and
       zeros); returns True if the new buffers must be initialised by the next
       update (SGD's momentum buffer);
     * ``_update(group, params, grads, buffers, step, fresh)``: call the face on
-      flat arrays (``buffers``: one list per name of ``_buffer_names``). It is
+      flat arrays (``buffers``: one list, or None, per name of ``_buffer_names``). It is
       called once on empty arrays to validate the hyperparameters before any
       write (it must then write nothing), and again on the real ones.
 
@@ -145,6 +154,8 @@ class KernelOptimizer:
     _step_in_math = False
     _kernel = None
     _kernel_buffers = ()
+    _shaped = frozenset()
+    _whole_tensors = False
 
     # -- construction ---------------------------------------------------------
 
@@ -227,6 +238,12 @@ class KernelOptimizer:
             state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return False
 
+    def _kept_names(self, param, names):
+        return names
+
+    def _buffer_shape(self, param, name):
+        return param.shape
+
     def _scalar_key(self, entry):
         """The rule's scalar state of ``entry`` (NAdam's ``mu_product``...) as a tuple:
         parameters are stepped together only if theirs are equal. None here."""
@@ -246,7 +263,7 @@ class KernelOptimizer:
             self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
 
             def run(kernels, params, grads, buffers, n_threads):
-                self._update(group, params, grads, buffers, step, fresh)
+                self._update(group, params, grads, [buffers.get(n) for n in names], step, fresh)
             return run
         return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
 
@@ -400,10 +417,8 @@ class KernelOptimizer:
             view, copy = self._odd_grad_view(group_index, group, e, views.grads[k])
             grads[k] = view
             keep.append(copy)
-            roles = (bucket.param_views[k], view, *(s[k] for s in bucket.state_views))
             try:
-                check_buffers(("param", "grad") + bucket.names, tuple([r] for r in roles),
-                              (True, False) + (True,) * len(bucket.state_views), False)
+                self._check_update(bucket, k, view)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
         item = _Work()
@@ -499,9 +514,9 @@ class KernelOptimizer:
         grads = item.grads
         for run, pick, _ in item.calls:
             if pick is None:
-                _run(run, bucket.order, kernels, params, grads, states, n_threads)
+                _run(run, bucket, kernels, params, grads, states, n_threads)
             else:
-                _run(run, bucket.order, kernels, [params[i] for i in pick], [grads[i] for i in pick],
+                _run(run, bucket, kernels, [params[i] for i in pick], [grads[i] for i in pick],
                      [[views[i] for i in pick] for views in states], n_threads)
             advanced = getattr(run, "advanced", None)
             if advanced:  # the rule's scalar state after the step, in each parameter's state
@@ -575,9 +590,7 @@ class KernelOptimizer:
         grad = p.grad
         view, copy = self._odd_grad_view(group_index, group, e, grad)
         try:
-            check_buffers(("param", "grad") + bucket.names,
-                          ([bucket.param_views[k]], [view], *([views[k]] for views in bucket.state_views)),
-                          (True, False) + (True,) * len(bucket.names), False)
+            self._check_update(bucket, k, view)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{_where(group_index, e.index, group, p)}: {error}") from None
         steps, following = bucket.steps, None
@@ -596,7 +609,7 @@ class KernelOptimizer:
         def write(kernels, n_threads):
             if e.scratch is not None:
                 e.scratch.copy_(e.target)
-            _run(run, bucket.order, kernels, params, grads, buffers, n_threads)
+            _run(run, bucket, kernels, params, grads, buffers, n_threads)
             if e.scratch is not None:
                 e.target.copy_(e.scratch)
             for name, value in (getattr(run, "advanced", None) or {}).items():
@@ -621,11 +634,11 @@ class KernelOptimizer:
 
     def _build(self, group_index, group, created):
         """Views of every parameter with state (creating the state of those that
-        now have a first gradient), one bucket per dtype. Appends what it creates
-        to ``created`` as (mapping, keys) pairs."""
+        now have a first gradient), one bucket per dtype (and set of buffers kept).
+        Appends what it creates to ``created`` as (mapping, keys) pairs."""
         self._check_group(group_index, group)
         names = self._buffer_names(group)
-        keys = names + (("step",) if self._counts_steps else ())
+        step = ("step",) if self._counts_steps else ()
         plans = self._plans()
         old = plans[group_index] if group_index < len(plans) else None
         old_ptrs = {id(e.param): e.ptr for b in old.buckets for e in b.entries} if old is not None else {}
@@ -636,7 +649,8 @@ class KernelOptimizer:
             self._check_param(group_index, index, group, p)
             state = self.state[p] if p in self.state else None
             fresh = False
-            if not self._has_state(state, names):
+            kept = self._kept_names(p, names)
+            if not self._has_state(state, kept):
                 if p.grad is None:
                     pending.append(p)
                     continue
@@ -648,17 +662,17 @@ class KernelOptimizer:
                 fresh = self._init_state(p, group, state)
                 created[-1][1].extend(k for k in state if k not in before)
             e = _Entry()
-            e.param, e.index, e.keys, e.fresh, e.ptr = p, index, keys, fresh, p.data_ptr()
+            e.param, e.index, e.keys, e.fresh, e.ptr = p, index, kept + step, fresh, p.data_ptr()
             moved = moved or old_ptrs.get(id(p), e.ptr) != e.ptr
             e.state = {} if state is None else state  # stateless rule (plain SGD)
-            by_dtype.setdefault(p.dtype, []).append(e)
+            by_dtype.setdefault((p.dtype, kept), []).append(e)
         if moved:
             self._check_overlaps()
         plan = _Plan()
         plan.group, plan.state_map = group, self.state
         plan.param_list, plan.params = group["params"], tuple(group["params"])
         plan.buffer_names, plan.pending = names, pending
-        plan.buckets = [self._bucket(group_index, group, entries, names) for entries in by_dtype.values()]
+        plan.buckets = [self._bucket(group_index, group, entries, kept) for (_, kept), entries in by_dtype.items()]
         plan.values, plan.calls = None, {}
         return plan
 
@@ -678,8 +692,10 @@ class KernelOptimizer:
 
     def _in_scratch(self, e):
         """True if the kernel steps ``e``'s parameter in a scratch copy: gapped or
-        misaligned (from a byte buffer)."""
-        return not _layout.is_dense(e.param) or e.ptr % e.param.element_size()
+        misaligned (from a byte buffer), or not in logical order for a rule that
+        sees whole tensors."""
+        in_place = torch.Tensor.is_contiguous if self._whole_tensors else _layout.is_dense
+        return not in_place(e.param) or e.ptr % e.param.element_size()
 
     def _bucket(self, group_index, group, entries, names):
         b = _Bucket()
@@ -695,8 +711,9 @@ class KernelOptimizer:
             e.ref = e.target if e.scratch is None else e.scratch
             self._conform_state(group_index, group, e, names)
         b.param_views = [_layout.flat_view(e.ref) for e in entries]
-        b.state_views = [[_layout.flat_view(e.state[name]) for e in entries] for name in names]
-        _check_distinct(group_index, group, entries, names, b.param_views, b.state_views)
+        b.state_views = [[e.state[name].detach().numpy() if name in self._shaped else _layout.flat_view(e.state[name])
+                          for e in entries] for name in names]
+        self._check_distinct(group_index, group, b)
         b.n_fresh = sum(e.fresh for e in entries)
         b.steps, b.step_block, b.count = None, None, None
         if self._counts_steps and entries:
@@ -722,34 +739,48 @@ class KernelOptimizer:
     def _conform_state(self, group_index, group, e, names):
         """Check each state buffer against its parameter; give it the layout the
         kernel sees the parameter in if it has another (e.g. loaded from a
-        contiguous checkpoint)."""
+        contiguous checkpoint), or make it contiguous (a buffer of another shape)."""
         p = e.param
         for name in names:
             t = e.state[name]
-            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
+            shape = self._buffer_shape(p, name)
+            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != p.dtype or t.shape != shape:
                 desc = (f"{type(t).__name__}" if not isinstance(t, torch.Tensor)
                         else f"{t.dtype} {tuple(t.shape)} on {t.device}")
                 raise ValueError(f"{_where(group_index, e.index, group, p)}: state[{name!r}] is {desc}")
-            if not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
+            if name in self._shaped:
+                if not t.is_contiguous() or t.is_conj() or t.is_neg():
+                    e.state[name] = t.resolve_conj().resolve_neg().contiguous()
+            elif not _layout.same_layout(t, e.ref) or t.is_conj() or t.is_neg():
                 e.state[name] = _layout.in_layout_of(e.ref, t.resolve_conj().resolve_neg())
 
+    def _check_update(self, bucket, k, grad_view=None):
+        """Check the arrays of entry ``k``'s update (and ``grad_view``, its gradient,
+        if given): types, layouts, and no memory shared between them."""
+        like = [(n, views[k]) for n, views in zip(bucket.names, bucket.state_views) if n not in self._shaped]
+        roles = [("param", bucket.param_views[k])] + ([("grad", grad_view)] if grad_view is not None else []) + like
+        check_buffers(tuple(n for n, _ in roles), tuple([v] for _, v in roles), tuple(n != "grad" for n, _ in roles),
+                      False)
+        if len(like) < len(bucket.names):
+            written = {n: [views[k]] for n, views in zip(bucket.names, bucket.state_views)}
+            written["param"] = [bucket.param_views[k]]
+            check_disjoint(written, {"grad": [grad_view]}, False)
 
-def _check_distinct(group_index, group, entries, names, param_views, state_views):
-    """No two parameters share a state buffer, and no buffer of a parameter shares
-    memory with another of its buffers (checked when a plan is built)."""
-    for name, views in zip(names, state_views):
-        try:
-            check_distinct(name, views)
-        except ValueError as error:
-            raise ValueError(f"param_groups[{group_index}]: state buffers {error}") from None
-    if not names:
-        return
-    for k, e in enumerate(entries):
-        try:
-            check_buffers(("param",) + names, ([param_views[k]], *([views[k]] for views in state_views)),
-                          (True,) * (1 + len(names)), False)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+    def _check_distinct(self, group_index, group, bucket):
+        """No two parameters share a state buffer, and no buffer of a parameter shares
+        memory with another of its buffers (checked when a plan is built)."""
+        for name, views in zip(bucket.names, bucket.state_views):
+            try:
+                check_distinct(name, views)
+            except ValueError as error:
+                raise ValueError(f"param_groups[{group_index}]: state buffers {error}") from None
+        if not bucket.names:
+            return
+        for k, e in enumerate(bucket.entries):
+            try:
+                self._check_update(bucket, k)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
 
 
 def _scratch_blocks(entries):

@@ -26,6 +26,13 @@ parameters, sparse gradients, ``differentiable=True``, ``capturable=True``.
 one. With ``torch.amp.GradScaler`` the scaler unscales the gradients itself, as
 for any optimizer without native AMP support. A step checks everything before
 it writes anything (see :mod:`fastdescent.torch._adapter`).
+
+A rule whose update sees each parameter whole (``spec.tensorwise``: Adafactor's
+norms, rows and columns) gets each parameter contiguous in its logical order (one
+laid out otherwise, channels_last or transposed, goes through the scratch block)
+and refuses complex parameters, as its ``torch.optim`` peer does; its state
+buffers of other shapes (``row_var``, ``col_var``) are kept contiguous, as
+``torch.optim`` creates them.
 """
 
 import numpy as np
@@ -72,32 +79,37 @@ class SpecOptimizer(KernelOptimizer):
 
     def _check_param(self, group_index, index, group, p):
         super()._check_param(group_index, index, group, p)
-        if self.spec.param_ndim is not None:  # a rule of matrices works on each in its shape
-            where = _where(group_index, index, group, p)
-            self.spec.check_shape(p.shape, where)
-            if p.is_complex():
-                raise ValueError(f"{where}: fastdescent.torch.{self.spec.title} takes real parameters")
-
-    def _in_scratch(self, e):
-        # A rule of matrices sees each in its shape: one not in row-major order is
-        # stepped in a (row-major) scratch copy.
-        return super()._in_scratch(e) or (self.spec.param_ndim is not None and not e.param.is_contiguous())
+        if self.spec.tensorwise and p.is_complex():  # its norms and factors are of real tensors
+            raise TypeError(f"{_where(group_index, index, group, p)}: fastdescent.torch.{self.spec.title} does not "
+                            f"support complex parameters (nor does torch.optim.{self.spec.torch})")
+        self.spec.check_shape(p.shape, _where(group_index, index, group, p))  # param_ndim
 
     def _bucket(self, group_index, group, entries, names):
         b = super()._bucket(group_index, group, entries, names)
-        if self.spec.param_ndim is not None:  # a rule of matrices sees them in their shapes
+        if self._whole_tensors:  # the rule sees each parameter (and its buffers) in its shape
             b.param_views = [v.reshape(e.param.shape) for v, e in zip(b.param_views, entries)]
-            b.state_views = [[v.reshape(e.param.shape) for v, e in zip(views, entries)] for views in b.state_views]
+            b.state_views = [views if name in self._shaped else [v.reshape(e.param.shape) for v, e in zip(views, entries)]
+                             for name, views in zip(names, b.state_views)]
         return b
 
     def _odd_grad_view(self, group_index, group, e, g):
         view, kept = super()._odd_grad_view(group_index, group, e, g)
-        if self.spec.param_ndim is not None:  # in the (row-major) layout of the parameter's view
+        if self._whole_tensors:  # in the (row-major) layout of the parameter's view
             view = view.reshape(e.param.shape)
         return view, kept
 
     def _buffer_names(self, group):
         return tuple(b.name for b in self.spec.needed(self._hyper(group)))
+
+    def _kept_names(self, param, names):
+        if not self._shaped:
+            return names
+        return tuple(n for n in names if n not in self._shaped or self._buffer_shape(param, n) is not None)
+
+    def _buffer_shape(self, param, name):
+        if name not in self._shaped:
+            return param.shape
+        return next(b for b in self.spec.buffers if b.name == name).shape_for(param.shape)
 
     def _init_state(self, param, group, state):
         h = self._hyper(group)
@@ -110,7 +122,7 @@ class SpecOptimizer(KernelOptimizer):
             value = s.initial_value(h)
             state[s.name] = torch.tensor(value, dtype=_scalar_dtype()) if self.spec.torch else value
         fresh = False
-        for b in self.spec.needed(h):
+        for b in self.spec.kept(h, param.shape):
             fill = b.initial(h)
             if fill is PARAMETER:
                 state[b.name] = param.detach().clone(memory_format=torch.preserve_format)
@@ -119,7 +131,10 @@ class SpecOptimizer(KernelOptimizer):
                 fresh, fill = True, 0.0
             if param.is_complex():
                 fill = complex(fill, fill)
-            state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
+            if b.shape is None:
+                state[b.name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
+            else:  # as torch.optim.Adafactor's new_zeros: contiguous
+                state[b.name] = torch.full(b.shape_for(param.shape), fill, dtype=param.dtype, device=param.device)
         return fresh
 
     def _scalar_key(self, entry):
@@ -138,9 +153,9 @@ class SpecOptimizer(KernelOptimizer):
         kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
 
         def run(kernels, params, grads, buffers, n_threads):
-            if spec.param_ndim is not None:  # the gradients' views are flat (see _bucket)
+            if spec.tensorwise:  # the gradients' views are flat (see _bucket)
                 grads = [g.reshape(p.shape) for p, g in zip(params, grads)]
-            spec.call(kernels, params, grads, dict(zip(names, buffers)), kwargs, n_threads)
+            spec.call(kernels, params, grads, {name: buffers.get(name) for name in names}, kwargs, n_threads)
 
         run.advanced = spec.advanced(h, step, scalar_state)
         return run
@@ -199,6 +214,8 @@ def torch_class(spec):
     return type(spec.title, bases, {
         "__doc__": doc, "__init__": init, "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
+        "_shaped": frozenset(b.name for b in spec.buffers if b.shape is not None),
+        "_whole_tensors": spec.tensorwise,
     })
 
 
