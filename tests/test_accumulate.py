@@ -129,11 +129,13 @@ def test_every_example_flat_and_per_array(rng, example):
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-def test_the_unfused_path_gives_the_same_result(rng, monkeypatch, backend):
+@pytest.mark.parametrize("name", sorted(name for name, spec in SPECS.items() if spec.runner is None))
+def test_the_unfused_path_gives_the_same_result(rng, monkeypatch, name, backend):
     """The path of rules with a runner (the sum completed in the accumulators, then
-    a plain step) equals the fused one."""
-    rule = RICHEST["adam"]
-    cls, config = fd.Adam, options_of(rule)
+    a plain step) equals the fused one, for every rule that takes the fused one
+    (scalar states included: NAdam's mu_product, ASGD's eta and mu)."""
+    rule = RICHEST[name]
+    cls, config = fd.optim.CLASSES[rule.spec.title], options_of(rule)
     params = make_params(rng, np.float64)
     windows = make_windows(rng, params, 3)
     fused = run_accumulating(cls, config, params, windows, 3, backend=backend, n_threads=2)
