@@ -64,12 +64,14 @@ def arrays_like(draw, shapes, dtype):
 
 def shapes(spec, largest):
     """Parameter shapes: 1-D up to ``largest`` elements, and for a tensorwise rule
-    (Adafactor factors matrices) also matrices, 3-D arrays and scalars."""
+    (Adafactor factors matrices) also matrices, 3-D arrays and scalars; of those,
+    the ones of the rule's ``param_ndim`` (Muon: matrices)."""
     vector = st.tuples(st.integers(0, largest))
     if not spec.tensorwise:
         return vector
-    return st.one_of(vector, st.tuples(st.integers(0, 4), st.integers(0, 5)),
-                     st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3)), st.just(()))
+    by_ndim = {1: vector, 2: st.tuples(st.integers(0, 4), st.integers(0, 5)),
+               3: st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3)), 0: st.just(())}
+    return st.one_of(*(shapes for ndim, shapes in by_ndim.items() if spec.param_ndim in (None, ndim)))
 
 
 def buffer_shapes(b, param_shapes):

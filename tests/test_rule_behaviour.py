@@ -52,7 +52,8 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
         bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
         deviation = np.max(np.abs(state["param"] - expected))
         assert deviation <= bound, f"{shape}: {deviation} > {bound}"
-        assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, f"{shape}: the steps barely moved"
+        # (Muon's normalized steps move each of a matrix's ~1000 elements by ~lr / 30)
+        assert np.max(np.abs(state["param"] - start)) > 1e2 * bound, f"{shape}: the steps barely moved"
 
 
 # ----------------------------------------------------------------------------
