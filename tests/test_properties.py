@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import fastdescent as fd
 from fastdescent import _checks, _dispatch
-from fastdescent.rules import FACES, SPECS, adafactor, rprop
+from fastdescent.rules import FACES, SPECS, adafactor, muon, rprop
 from fastdescent.rules._spec import FIRST_GRADIENT
 from test_rule_inputs import BAD_VALUES, validator
 
@@ -101,6 +101,10 @@ def valid_value(hyper):
         adafactor._nonpositive: st.one_of(st.sampled_from([0.0, -0.8, -1.0, -math.inf]), st.floats(-4.0, 0.0)),
         adafactor._eps_pair: st.tuples(st.one_of(st.none(), small), small),
         adafactor._clipping_threshold: st.one_of(st.sampled_from([1.0, 1.5, math.inf]), st.floats(1.0, 8.0)),
+        muon.coefficient_triple: st.one_of(st.sampled_from([muon.NS_COEFFICIENTS, (3.0, -3.2, 1.2), (1.5, -0.5, 0.0)]),
+                                           st.tuples(st.floats(1.0, 4.0), st.floats(-5.0, -1.0), st.floats(0.0, 2.5))),
+        muon.ns_steps: st.integers(0, 6),
+        muon.adjust_lr_fn: st.sampled_from([None, *muon.ADJUST_LR_FNS]),
     }
     if check is _checks.choice:
         return st.sampled_from(hyper.check.keywords["options"])

@@ -144,6 +144,8 @@ RUNS = [
     ("rosenbrock", "rprop", {}, 0.01, 4000, 1.0),
     ("quadratic", "asgd", {}, 1.5e-3, 5000, 1.0),
     ("rosenbrock", "asgd", {}, 1.5e-3, 10000, 1.0),
+    ("quadratic", "muon", dict(weight_decay=0.0), 0.1, 2000, 0.997),  # a 2 x 5 matrix
+    ("rosenbrock", "muon", dict(weight_decay=0.0), 0.05, 3000, 0.998),  # a 1 x 2 matrix: normalized steps
 ]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _checks
-from fastdescent.rules import FACES, adafactor, rprop
+from fastdescent.rules import FACES, adafactor, muon, rprop
 from rule_cases import RICHEST, make_state
 from support import assert_unchanged, random_array, snapshot
 
@@ -44,6 +44,10 @@ BAD_VALUES = {
                           ((INF, 1e-3), ValueError), ((None,), TypeError), (1e-3, TypeError),
                           (("1e-3", 1e-3), TypeError)],
     adafactor._clipping_threshold: [(0.0, ValueError), (0.999, ValueError), (NAN, ValueError), ("1", TypeError)],
+    muon.coefficient_triple: [((3.4, -4.7), TypeError), (3.4, TypeError), ((3.4, NAN, 2.0), ValueError),
+                              ((3.4, -4.7, INF), ValueError), (("3.4", -4.7, 2.0), TypeError)],
+    muon.ns_steps: [(-1, ValueError), (100, ValueError), (5.0, TypeError), (True, TypeError), ("5", TypeError)],
+    muon.adjust_lr_fn: [("nope", ValueError), ("Original", ValueError), (1, ValueError)],
 }
 
 
