@@ -4,7 +4,9 @@
 A new rule's examples join every grid here without any test being edited.
 """
 
+import inspect
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -32,32 +34,79 @@ def torch_examples():
     return {name: rule.torch_peer for name, rule in EXAMPLES.items() if rule.torch_peer is not None}
 
 
+def rule_shape(spec, shape):
+    """``shape`` (an int: 1-D) if the rule of ``spec`` takes parameters of that shape,
+    else a shape of as many elements that it takes (Muon: a matrix)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if spec.param_ndim is None or len(shape) == spec.param_ndim:
+        return shape
+    return spec.sample_shape(math.prod(shape))
+
+
 def scalar_states(rule, hyper):
     """The rule's scalar states (NAdam's mu_product...) at their initial values, each a
     0-d float64 array, so that the grids copy and compare them like the buffers."""
     return {s.name: np.array(s.initial_value(hyper), dtype=np.float64) for s in rule.spec.scalar_state}
 
 
+def for_loop(torch_class):
+    """The options that select ``torch_class``'s for-loop implementation: ``foreach=False``
+    where it has the choice (torch.optim.Muon has only that path)."""
+    return {"foreach": False} if "foreach" in inspect.signature(torch_class).parameters else {}
+
+
+@contextmanager
+def torch_as_fastdescent(torch):
+    """torch.optim computing as fastdescent does where the two differ by design, so
+    that comparing them measures float rounding alone: torch.optim.Muon rounds its
+    update to bfloat16 and runs the Newton-Schulz iteration in bfloat16 (about 1% of
+    each step); inside this block it runs the same iteration in the parameter's
+    dtype, as fastdescent does. test_muon.py compares with the bfloat16 one."""
+    from torch.optim import _muon
+
+    bfloat16_iteration = _muon._zeropower_via_newtonschulz
+
+    def in_parameter_dtype(grad, ns_coefficients, ns_steps, eps):
+        a, b, c = ns_coefficients
+        tall = grad.size(0) > grad.size(1)
+        x = grad.T.clone() if tall else grad.clone()
+        x.div_(x.norm().clamp(min=eps))
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if tall else x
+
+    _muon._zeropower_via_newtonschulz = in_parameter_dtype
+    try:
+        yield
+    finally:
+        _muon._zeropower_via_newtonschulz = bfloat16_iteration
+
+
 def grid_shapes(spec, n):
     """The parameter shapes the grids run for about ``n`` elements: ``(n,)``, and
     for a tensorwise rule (Adafactor factors matrices) also an odd square-ish
     matrix, a tall one (many row blocks) and a wide 3-D one (several column
-    strips), or empty ones for ``n == 0``."""
+    strips), or empty ones for ``n == 0``; of those, the ones of the rule's
+    ``param_ndim``."""
     if not spec.tensorwise:
         return [(n,)]
     if n == 0:
-        return [(0,), (0, 3), (4, 0), (2, 0, 3)]
-    rows = math.isqrt(n) | 1
-    return [(n,), (rows, -(-n // rows) | 1), (max(1, n // 37) | 1, 37), (3, 5, max(1, n // 15) | 1)]
+        shapes = [(0,), (0, 3), (4, 0), (2, 0, 3)]
+    else:
+        rows = math.isqrt(n) | 1
+        shapes = [(n,), (rows, -(-n // rows) | 1), (max(1, n // 37) | 1, 37), (3, 5, max(1, n // 15) | 1)]
+    return [s for s in shapes if spec.param_ndim is None or len(s) == spec.param_ndim]
 
 
 def make_state(rng, rule, shape, dtype):
     """Random parameter and state buffers (``"param"`` and each buffer's name) for a
-    parameter of ``shape`` (an int: 1-D), drawn as each buffer's ``sample`` says:
-    never zeros or constants, except buffers that must start at zero. A buffer the
-    parameter's shape keeps none of is left out; the scalar states at their initial
-    values."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    parameter of ``shape`` (an int or a shape the rule does not take: as many
+    elements in one it takes, :func:`rule_shape`), drawn as each buffer's ``sample``
+    says: never zeros or constants, except buffers that must start at zero. A buffer
+    the parameter's shape keeps none of is left out; the scalar states at their
+    initial values."""
+    shape = rule_shape(rule.spec, shape)
     state = {"param": random_array(rng, math.prod(shape), dtype).reshape(shape)}
     for buffer in rule.spec.needed(rule.hyper):
         buffer_shape = buffer.shape_for(shape)

@@ -17,6 +17,11 @@ def random_array(rng, n, dtype, scale=1.0, positive=False):
     return a.astype(dtype)
 
 
+def random_like(rng, a, **kwargs):
+    """Fresh random data (see random_array) of the shape and dtype of array ``a``."""
+    return random_array(rng, a.size, a.dtype, **kwargs).reshape(a.shape)
+
+
 def snapshot(arrays):
     return [None if a is None else a.copy() for a in arrays]
 

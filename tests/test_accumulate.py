@@ -13,7 +13,7 @@ from fastdescent import _dispatch, reference
 from fastdescent.optim.accumulate import Accumulation
 from fastdescent.optim.checkpoint import CheckpointError
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, RICHEST
+from rule_cases import EXAMPLES, RICHEST, rule_shape
 from support import DTYPES, assert_bitwise_equal, random_array
 
 #: Odd sizes, an empty and a 2-D parameter, and one large enough that two threads
@@ -26,7 +26,10 @@ WINDOWS = 4
 BACKENDS = [("kernel", 1), ("kernel", 2), ("reference", 1)]
 
 
-def make_params(rng, dtype, shapes=SHAPES):
+def make_params(rng, dtype, shapes=SHAPES, spec=None):
+    """Random parameters of ``shapes`` (each in a shape the rule of ``spec`` takes)."""
+    if spec is not None:
+        shapes = [rule_shape(spec, s) for s in shapes]
     return [random_array(rng, math.prod(s), dtype).reshape(s) for s in shapes]
 
 
@@ -101,7 +104,7 @@ def test_a_window_is_one_step_on_the_mean_gradient(rng, name, dtype, k, backend,
     call order), window after window, bit for bit."""
     rule = RICHEST[name]
     cls, config = fd.optim.CLASSES[rule.spec.title], options_of(rule)
-    params = make_params(rng, dtype)
+    params = make_params(rng, dtype, spec=rule.spec)
     windows = make_windows(rng, params, k)
     actual = run_accumulating(cls, config, params, windows, k, backend=backend, n_threads=n_threads)
     if k == 1:  # no accumulation: the plain step on the scaled gradient
@@ -120,7 +123,7 @@ def test_every_example_flat_and_per_array(rng, example):
     """Every configuration of every rule, in a flat arena and per array, 2 threads."""
     rule = EXAMPLES[example]
     cls, config = fd.optim.CLASSES[rule.spec.title], options_of(rule)
-    params = make_params(rng, np.float32)
+    params = make_params(rng, np.float32, spec=rule.spec)
     windows = make_windows(rng, params, 3, windows=2)
     expected = run_plain(cls, config, params, windows, 3)
     for flat in (False, True):
@@ -129,11 +132,13 @@ def test_every_example_flat_and_per_array(rng, example):
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-def test_the_unfused_path_gives_the_same_result(rng, monkeypatch, backend):
+@pytest.mark.parametrize("name", sorted(name for name, spec in SPECS.items() if spec.runner is None))
+def test_the_unfused_path_gives_the_same_result(rng, monkeypatch, name, backend):
     """The path of rules with a runner (the sum completed in the accumulators, then
-    a plain step) equals the fused one."""
-    rule = RICHEST["adam"]
-    cls, config = fd.Adam, options_of(rule)
+    a plain step) equals the fused one, for every rule that takes the fused one
+    (scalar states included: NAdam's mu_product, ASGD's eta and mu)."""
+    rule = RICHEST[name]
+    cls, config = fd.optim.CLASSES[rule.spec.title], options_of(rule)
     params = make_params(rng, np.float64)
     windows = make_windows(rng, params, 3)
     fused = run_accumulating(cls, config, params, windows, 3, backend=backend, n_threads=2)

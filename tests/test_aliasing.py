@@ -10,7 +10,7 @@ import pytest
 import fastdescent as fd
 from fastdescent.rules import FACES
 from rule_cases import RICHEST, make_state
-from support import assert_unchanged, random_array, snapshot
+from support import assert_unchanged, random_array, random_like, snapshot
 from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer
 
 
@@ -32,8 +32,7 @@ def face_call(rule, n_tensors, rng, n=40):
     role a list of ``n_tensors`` arrays."""
     spec = rule.spec
     states = [make_state(rng, rule, n, np.float32) for _ in range(n_tensors)]
-    roles = {"params": [s["param"] for s in states], "grads": [random_array(rng, n, np.float32)
-                                                                for _ in range(n_tensors)]}
+    roles = {"params": [s["param"] for s in states], "grads": [random_like(rng, s["param"]) for s in states]}
     for b in spec.buffers:
         if b.name in states[0]:
             roles[b.face_argument] = [s[b.name] for s in states]
@@ -66,9 +65,9 @@ def test_every_written_buffer_against_every_other_tensor(name, rng):
                 target = arrays[other][0]
                 if partial:  # a buffer that overlaps the other by its last element only
                     block = np.empty(2 * target.size - 1, target.dtype)
-                    block[:target.size] = target
-                    arrays[other][0] = block[:target.size]
-                    arrays[written][1] = block[target.size - 1:]
+                    block[:target.size] = target.reshape(-1)
+                    arrays[other][0] = block[:target.size].reshape(target.shape)
+                    arrays[written][1] = block[target.size - 1:].reshape(target.shape)
                 else:
                     arrays[written][1] = target
                 every = [a for v in arrays.values() for a in v]
@@ -83,7 +82,7 @@ def test_every_written_buffer_against_every_other_tensor(name, rng):
 def test_gradients_may_overlap_each_other(name, rng):
     rule = RICHEST[name]
     roles, call = face_call(rule, 3, rng)
-    shared = random_array(rng, 40, np.float32)
+    shared = random_like(rng, roles["params"][0])
     roles["grads"] = [shared, shared, shared[::1]]
     call(roles)  # the same gradient read three times: fine
 
@@ -114,7 +113,9 @@ def test_many_tensors_are_checked_all_against_all(rng):
 # ------------------------------------------------------------------ optimizers
 def stepped_optimizer(name, rng, **options):
     cls, config = RULES[RICHEST[name].name]
-    params = make_params(rng, np.float32, [(10,), (3, 4)]) + make_params(rng, np.float64, [(20,)])
+    example = RICHEST[name].name  # each parameter in a shape the rule takes
+    params = make_params(rng, np.float32, [(10,), (3, 4)], rule=example) + make_params(rng, np.float64, [(20,)],
+                                                                                      rule=example)
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], **config, **options)
     opt.step(make_grads(rng, params, 1)[0])
     return opt

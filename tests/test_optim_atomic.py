@@ -30,8 +30,10 @@ def assert_same(opt, before):
 def two_groups(name, rng, **options):
     """An optimizer of ``name``'s richest example with two groups (float32 arrays,
     then a float32 and a float64 one), and its gradients."""
-    cls, config = RULES[RICHEST[name].name]
-    params = make_params(rng, np.float32, [(10,), (3, 4)]) + make_params(rng, np.float64, [(20,)])
+    example = RICHEST[name].name
+    cls, config = RULES[example]
+    params = make_params(rng, np.float32, [(10,), (3, 4)], rule=example) + make_params(rng, np.float64, [(20,)],
+                                                                                     rule=example)
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], **config, **options)
     return opt, lambda: make_grads(rng, params, 1)[0]
 

@@ -47,9 +47,11 @@ def assert_same_schedule(a, b):
     assert a.history.dtype == b.history.dtype
 
 
-def model(rng):
-    """Parameters of two groups, both dtypes, an empty array among them."""
-    return make_params(rng, np.float32, [(7,), (0,), (3, 40)]) + make_params(rng, np.float64, [(65,)])
+def model(rng, name=None):
+    """Parameters of two groups, both dtypes, an empty array among them (in shapes the
+    rule of example ``name`` takes)."""
+    return (make_params(rng, np.float32, [(7,), (0,), (3, 40)], rule=name)
+            + make_params(rng, np.float64, [(65,)], rule=name))
 
 
 def build(name, params, flat=False):
@@ -69,7 +71,7 @@ def run_steps(opt, schedule, name, grad_steps, start=0):
 
 def fresh_like(name, rng, flat=False):
     """A new optimizer over new random parameters of the same shapes."""
-    return build(name, model(rng), flat=flat)
+    return build(name, model(rng, name), flat=flat)
 
 
 def state_of(opt, schedule):
@@ -89,7 +91,7 @@ def assert_unchanged(opt, schedule, before):
                                                                                           "arrays-to-flat"])
 @pytest.mark.parametrize("name", list(RULES))
 def test_file_checkpoint_resumes_bit_identically(name, layouts, tmp_path, rng):
-    params = model(rng)
+    params = model(rng, name)
     grad_steps = make_grads(rng, params, 6)
     uninterrupted, uninterrupted_schedule = build(name, params)
     run_steps(uninterrupted, uninterrupted_schedule, name, grad_steps)
@@ -109,7 +111,7 @@ def test_file_checkpoint_resumes_bit_identically(name, layouts, tmp_path, rng):
 
 @pytest.mark.parametrize("name", [rule.name for rule in RICHEST.values()])
 def test_state_dict_round_trip_resumes_bit_identically(name, rng):
-    params = model(rng)
+    params = model(rng, name)
     grad_steps = make_grads(rng, params, 5)
     uninterrupted, uninterrupted_schedule = build(name, params)
     run_steps(uninterrupted, uninterrupted_schedule, name, grad_steps)

@@ -27,7 +27,7 @@ def gc_disabled():
 @pytest.mark.parametrize("name", list(RULES))
 def test_a_dropped_optimizer_is_freed_without_the_cyclic_gc(name, flat, rng, gc_disabled, tmp_path):
     cls, config = RULES[name]
-    params = make_params(rng, np.float32, [(7,), (3, 5)]) + make_params(rng, np.float64, [(4,)])
+    params = make_params(rng, np.float32, [(7,), (3, 5)], rule=name) + make_params(rng, np.float64, [(4,)], rule=name)
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], **config, flat=flat,
               clip_grad_norm=1.0, skip_nonfinite=True)
     take_steps(opt, config, make_grads(rng, params, 2))

@@ -40,7 +40,7 @@ def test_two_threads_stepping_one_optimizer_take_every_step_whole(name, rng):
     """The gradient is the same at every step, so 2 x 25 serialized steps equal 50
     sequential ones bit for bit, whatever the interleaving; the count is 50."""
     cls, config = RULES[RICHEST[name].name]
-    params = make_params(rng, np.float32, [(N,), (N // 3,)])
+    params = make_params(rng, np.float32, [(N,), (N // 3,)], rule=RICHEST[name].name)
     grads = make_grads(rng, params, 1)[0]
     shared = cls([p.copy() for p in params], **config, n_threads=1)
     alone = cls([p.copy() for p in params], **config, n_threads=1)
@@ -89,7 +89,7 @@ def test_a_state_dict_taken_during_steps_is_whole(rng):
 @pytest.mark.parametrize("name", list(RICHEST))
 def test_separate_optimizers_in_parallel_equal_sequential_runs(name, n_threads, rng):
     cls, config = RULES[RICHEST[name].name]
-    params = [make_params(rng, np.float32, [(N,), (999,)]) for _ in range(2)]
+    params = [make_params(rng, np.float32, [(N,), (999,)], rule=RICHEST[name].name) for _ in range(2)]
     grad_steps = [make_grads(rng, p, 10) for p in params]
 
     def make():

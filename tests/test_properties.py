@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import fastdescent as fd
 from fastdescent import _checks, _dispatch
-from fastdescent.rules import FACES, SPECS, adafactor
+from fastdescent.rules import FACES, SPECS, adafactor, muon, rprop
 from fastdescent.rules._spec import FIRST_GRADIENT
 from test_rule_inputs import BAD_VALUES, validator
 
@@ -64,12 +64,14 @@ def arrays_like(draw, shapes, dtype):
 
 def shapes(spec, largest):
     """Parameter shapes: 1-D up to ``largest`` elements, and for a tensorwise rule
-    (Adafactor factors matrices) also matrices, 3-D arrays and scalars."""
+    (Adafactor factors matrices) also matrices, 3-D arrays and scalars; of those,
+    the ones of the rule's ``param_ndim`` (Muon: matrices)."""
     vector = st.tuples(st.integers(0, largest))
     if not spec.tensorwise:
         return vector
-    return st.one_of(vector, st.tuples(st.integers(0, 4), st.integers(0, 5)),
-                     st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3)), st.just(()))
+    by_ndim = {1: vector, 2: st.tuples(st.integers(0, 4), st.integers(0, 5)),
+               3: st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3)), 0: st.just(())}
+    return st.one_of(*(shapes for ndim, shapes in by_ndim.items() if spec.param_ndim in (None, ndim)))
 
 
 def buffer_shapes(b, param_shapes):
@@ -93,9 +95,16 @@ def valid_value(hyper):
         _checks.betas_pair: st.tuples(unit, unit),
         _checks.boolean: st.booleans(),
         _checks.open_unit_interval: st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+        rprop.etas_pair: st.tuples(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+                                   st.floats(1.0, 4.0, exclude_min=True)),
+        rprop.step_size_bounds: st.tuples(small, small).map(sorted).map(tuple),
         adafactor._nonpositive: st.one_of(st.sampled_from([0.0, -0.8, -1.0, -math.inf]), st.floats(-4.0, 0.0)),
         adafactor._eps_pair: st.tuples(st.one_of(st.none(), small), small),
         adafactor._clipping_threshold: st.one_of(st.sampled_from([1.0, 1.5, math.inf]), st.floats(1.0, 8.0)),
+        muon.coefficient_triple: st.one_of(st.sampled_from([muon.NS_COEFFICIENTS, (3.0, -3.2, 1.2), (1.5, -0.5, 0.0)]),
+                                           st.tuples(st.floats(1.0, 4.0), st.floats(-5.0, -1.0), st.floats(0.0, 2.5))),
+        muon.ns_steps: st.integers(0, 6),
+        muon.adjust_lr_fn: st.sampled_from([None, *muon.ADJUST_LR_FNS]),
     }
     if check is _checks.choice:
         return st.sampled_from(hyper.check.keywords["options"])

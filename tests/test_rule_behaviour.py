@@ -8,8 +8,9 @@ import pytest
 
 from fastdescent.catalog import configure
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, grid_shapes, initial_state, take_step, torch_examples
-from support import DTYPES, random_array
+from rule_cases import (EXAMPLES, for_loop, grid_shapes, initial_state, rule_shape, take_step, torch_as_fastdescent,
+                        torch_examples)
+from support import DTYPES, random_array, random_like
 
 # ----------------------------------------------------------------------------
 # Agreement with PyTorch's for-loop implementations.
@@ -20,6 +21,10 @@ from support import DTYPES, random_array
 #: (40 random seeds, 1000 elements), 30 eps once at 10**4 elements (centered RMSprop
 #: with alpha=0.3 and a small eps, where a tiny variance amplifies rounding).
 TORCH_EPS_FACTOR = 64
+#: The first learning rate of the agreement runs (0.05 unless given here), so that
+#: every rule moves the parameters far beyond the bound. Adadelta's steps start at
+#: about lr * sqrt(eps) per coordinate (its averages start at zero).
+FIRST_LR = {"adadelta": 20.0}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -29,23 +34,26 @@ def test_matches_torch_for_loop_path(name, dtype, rng):
     rule = EXAMPLES[name]
     peer, options = rule.torch_peer
     steps, scale = 10, 0.5
-    lrs = [0.05 * 0.8**t for t in range(steps)]
+    lrs = [FIRST_LR.get(rule.spec.name, 0.05) * 0.8**t for t in range(steps)]
+    peer = getattr(torch.optim, peer)
     for shape in grid_shapes(rule.spec, 1000):
         start = random_array(rng, math.prod(shape), dtype).reshape(shape)
-        grads = [random_array(rng, start.size, dtype).reshape(shape) for _ in range(steps)]
+        grads = [random_like(rng, start) for _ in range(steps)]
         state = initial_state(rule, start.copy(), lr=lrs[0])  # PyTorch's initial state
         theirs = torch.tensor(start.copy(), requires_grad=True)
-        optimizer = getattr(torch.optim, peer)([theirs], **{**options, "lr": lrs[0]}, foreach=False)
+        optimizer = peer([theirs], **{**options, "lr": lrs[0]}, **for_loop(peer))
         for t, (grad, lr) in enumerate(zip(grads, lrs), start=1):
             take_step(rule, state, grad, t=t, lr=lr, grad_scale=scale)
             optimizer.param_groups[0]["lr"] = lr
             theirs.grad = torch.from_numpy(scale * grad)
-            optimizer.step()
+            with torch_as_fastdescent(torch):
+                optimizer.step()
         expected = theirs.detach().numpy()
         bound = TORCH_EPS_FACTOR * np.finfo(dtype).eps * np.max(np.abs(expected))
         deviation = np.max(np.abs(state["param"] - expected))
         assert deviation <= bound, f"{shape}: {deviation} > {bound}"
-        assert np.max(np.abs(state["param"] - start)) > 1e3 * bound, f"{shape}: the steps barely moved"
+        # (Muon's normalized steps move each of a matrix's ~1000 elements by ~lr / 30)
+        assert np.max(np.abs(state["param"] - start)) > 1e2 * bound, f"{shape}: the steps barely moved"
 
 
 # ----------------------------------------------------------------------------
@@ -121,6 +129,23 @@ RUNS = [
     ("rosenbrock", "schedule_free_adamw", {}, 0.03, 6000, 1.0),
     ("quadratic", "schedule_free_sgd", dict(r=1.0), 1e-3, 4000, 1.0),
     ("rosenbrock", "schedule_free_sgd", dict(r=1.0, momentum=0.95), 1.5e-3, 10000, 1.0),
+    ("quadratic", "adamax", {}, 0.1, 3000, 1.0),
+    ("rosenbrock", "adamax", {}, 0.01, 5000, 1.0),
+    ("quadratic", "nadam", {}, 0.1, 3000, 0.999),
+    ("rosenbrock", "nadam", {}, 0.01, 5000, 1.0),
+    ("quadratic", "nadam", dict(decoupled_weight_decay=True, weight_decay=1e-4), 0.1, 3000, 0.999),
+    # RAdam's first five steps are momentum SGD, stable only below 2 / (largest
+    # curvature) = 2e-3 on the quadratic: a small rate that then rises.
+    ("quadratic", "radam", {}, 1.5e-3, 4000, 1.0015),
+    ("rosenbrock", "radam", {}, 1.4e-3, 10000, 1.0),
+    ("quadratic", "adadelta", {}, 10.0, 4000, 0.999),
+    ("rosenbrock", "adadelta", {}, 10.0, 10000, 0.9995),
+    ("quadratic", "rprop", {}, 0.01, 1500, 1.0),
+    ("rosenbrock", "rprop", {}, 0.01, 4000, 1.0),
+    ("quadratic", "asgd", {}, 1.5e-3, 5000, 1.0),
+    ("rosenbrock", "asgd", {}, 1.5e-3, 10000, 1.0),
+    ("quadratic", "muon", dict(weight_decay=0.0), 0.1, 2000, 0.997),  # a 2 x 5 matrix
+    ("rosenbrock", "muon", dict(weight_decay=0.0), 0.05, 3000, 0.998),  # a 1 x 2 matrix: normalized steps
 ]
 
 
@@ -134,9 +159,10 @@ def test_every_rule_has_convergence_runs():
 def test_drives_hard_problems_to_their_minimum(problem, name, options, lr, steps, gamma):
     value, gradient, x_star, start = PROBLEMS[problem]()
     rule = configure(EXAMPLES[name].spec, options)
-    state = initial_state(rule, start.copy(), lr=lr * gamma)
+    shape = rule_shape(rule.spec, start.shape)  # Muon's: a matrix of the coordinates
+    state = initial_state(rule, start.copy().reshape(shape), lr=lr * gamma)
     for t in range(1, steps + 1):
-        take_step(rule, state, gradient(state["param"]), t=t, lr=lr * gamma**t)
-    x = state["param"]
+        take_step(rule, state, gradient(state["param"].reshape(start.shape)).reshape(shape), t=t, lr=lr * gamma**t)
+    x = state["param"].reshape(start.shape)
     assert np.linalg.norm(x - x_star) < 1e-2 * np.linalg.norm(start - x_star)
     assert value(x) - value(x_star) < 1e-4 * (value(start) - value(x_star))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _checks
-from fastdescent.rules import FACES, adafactor
+from fastdescent.rules import FACES, adafactor, muon, rprop
 from rule_cases import RICHEST, make_state
 from support import assert_unchanged, random_array, snapshot
 
@@ -33,11 +33,21 @@ BAD_VALUES = {
                          (("0.9", 0.999), TypeError)],
     _checks.boolean: [("yes", TypeError), (None, TypeError), (1, TypeError)],
     _checks.choice: [("nope", ValueError), (1, ValueError)],
+    rprop.etas_pair: [((0.5, 1.0), ValueError), ((1.0, 1.2), ValueError), ((0.0, 1.2), ValueError),
+                      ((0.5, INF), ValueError), ((NAN, 1.2), ValueError), ((0.5,), TypeError), (0.5, TypeError),
+                      (("0.5", 1.2), TypeError)],
+    rprop.step_size_bounds: [((-1e-6, 50.0), ValueError), ((1.0, 0.5), ValueError), ((1e-6, INF), ValueError),
+                             ((NAN, 1.0), ValueError), ((1e-6,), TypeError), (None, TypeError),
+                             ((1e-6, "50"), TypeError)],
     adafactor._nonpositive: [(0.1, ValueError), (NAN, ValueError), ("-0.8", TypeError), (None, TypeError)],
     adafactor._eps_pair: [((-1e-30, 1e-3), ValueError), ((None, -1.0), ValueError), ((None, NAN), ValueError),
                           ((INF, 1e-3), ValueError), ((None,), TypeError), (1e-3, TypeError),
                           (("1e-3", 1e-3), TypeError)],
     adafactor._clipping_threshold: [(0.0, ValueError), (0.999, ValueError), (NAN, ValueError), ("1", TypeError)],
+    muon.coefficient_triple: [((3.4, -4.7), TypeError), (3.4, TypeError), ((3.4, NAN, 2.0), ValueError),
+                              ((3.4, -4.7, INF), ValueError), (("3.4", -4.7, 2.0), TypeError)],
+    muon.ns_steps: [(-1, ValueError), (100, ValueError), (5.0, TypeError), (True, TypeError), ("5", TypeError)],
+    muon.adjust_lr_fn: [("nope", ValueError), ("Original", ValueError), (1, ValueError)],
 }
 
 
@@ -58,8 +68,9 @@ def face_arguments(rule, arrays):
 
 def input_shapes(spec):
     """The parameter shapes of the bad-input suite: 10 elements, as a vector and, for
-    a tensorwise rule, as a matrix."""
-    return [(10,), (2, 5)] if spec.tensorwise else [(10,)]
+    a tensorwise rule, as a matrix; of those, the ones of the rule's ``param_ndim``."""
+    shapes = [(10,), (2, 5)] if spec.tensorwise else [(10,)]
+    return [s for s in shapes if spec.param_ndim is None or len(s) == spec.param_ndim]
 
 
 def bad_calls(rule, rng, shape=(10,)):
@@ -124,7 +135,7 @@ def bad_calls(rule, rng, shape=(10,)):
          lambda: face([param, param.astype(np.float64)], [grad, grad.astype(np.float64)],
                       *[None if b is None else [b, b.astype(np.float64)] for b in buffers], **kwargs)),
         ("float64 grad", TypeError, call(grads=grad.astype(np.float64))),
-        ("int params", TypeError, call(params=np.arange(10), grads=np.arange(10))),
+        ("int params", TypeError, call(params=np.arange(10).reshape(param.shape), grads=np.arange(10).reshape(param.shape))),
         ("float16 params", TypeError, call(params=param.astype(np.float16), grads=grad.astype(np.float16))),
         ("grad is param", ValueError, call(grads=param)),
         ("short grad", ValueError, call(grads=grad.reshape(-1)[:9])),
@@ -139,6 +150,10 @@ def bad_calls(rule, rng, shape=(10,)):
         ("unknown backend", ValueError, call(backend="gpu")),
         ("unknown option", TypeError, call(no_such_option=1)),
     ]
+    if spec.param_ndim is not None:  # every array well formed, but of the wrong dimension
+        flat = [None if b is None else b.reshape(-1) for b in buffers]
+        cases.append((f"1-D params for a rule of {spec.param_ndim}-D ones", ValueError,
+                      lambda: face(param.reshape(-1), grad.reshape(-1), *flat, **kwargs)))
     return arrays, cases
 
 

@@ -123,7 +123,7 @@ def test_writes_between_steps_take_effect_on_the_plan_path(name, rng):
     """Steady steps (the C plan) with a rate written now and then equal the general
     path, forced at every step by writing a new (equal) rate object."""
     cls, config = RULES[RICHEST[name].name]
-    params = make_params(rng, np.float64, [(30,), (7,)])
+    params = make_params(rng, np.float64, [(30,), (7,)], rule=RICHEST[name].name)
     grad_steps = make_grads(rng, params, 8)
     lrs = [config["lr"]] * 4 + [config["lr"] * 0.5] * 2 + [config["lr"] * 0.25] * 2
     steady = cls([p.copy() for p in params], **config)
@@ -211,7 +211,8 @@ def test_plan_steps_equal_general_steps(name, flat, rng):
     bit for bit, with mixed dtypes and groups."""
     cls, config = RULES[RICHEST[name].name]
     shapes = [(5,), (3, 3), (0,)]
-    params = make_params(rng, np.float32, shapes) + make_params(rng, np.float64, [(9,)])
+    example = RICHEST[name].name
+    params = make_params(rng, np.float32, shapes, rule=example) + make_params(rng, np.float64, [(9,)], rule=example)
     grad_steps = make_grads(rng, params, 6)
     opts = []
     for _ in range(2):

@@ -7,16 +7,24 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastdescent.torch as fdt  # noqa: E402
+from rule_cases import for_loop  # noqa: E402
 from test_torch import FULL, RULES  # noqa: E402
 from torch_support import (  # noqa: E402, F401
-    assert_same_training_state, assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot,
+    assert_same_training_state, assert_unchanged, batches, loss_fn, mlp, one_torch_thread, snapshot, takes,
+    torch_computes_as_fastdescent,
 )
 
 
-def groups(model):
-    """One group per linear layer (three), named."""
+def groups(model, rule):
+    """One group per linear layer (three), named: the parameters ``rule`` takes."""
     layers = [(f"{i}", m) for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
-    return [{"params": [(f"{name}.{n}", p) for n, p in layer.named_parameters()]} for name, layer in layers]
+    return [{"params": [(f"{name}.{n}", p) for n, p in layer.named_parameters() if takes(rule, p)]}
+            for name, layer in layers]
+
+
+def last_bias(model, opt):
+    """The last layer's bias, or its weight for a rule of matrices (Muon)."""
+    return model[4].bias if takes(type(opt).__name__, model[4].bias) else model[4].weight
 
 
 def backward(model, x, y, maximize, first_grad):
@@ -27,14 +35,19 @@ def backward(model, x, y, maximize, first_grad):
         model[0].weight.grad = None
 
 
+def first_buffer_name(opt, p):
+    """The first state buffer of ``p`` (not ``step`` nor a scalar state such as NAdam's ``mu_product``)."""
+    return next(k for k in opt.state[p] if k in type(opt).spec.buffer_names)
+
+
 def first_buffer(opt, p):
-    return next(v for k, v in opt.state[p].items() if k != "step")
+    return opt.state[p][first_buffer_name(opt, p)]
 
 
 # Each failure: how to cause it in the fastdescent optimizer (returns how to undo
 # it), and the error it must raise.
 def grad_shares_state(model, opt):
-    p = model[4].bias
+    p = last_bias(model, opt)
     grad = p.grad
     p.grad = first_buffer(opt, p)
     return lambda: setattr(p, "grad", grad)
@@ -61,7 +74,7 @@ def wrong_shape_gradient(model, opt):
 
 def state_of_wrong_dtype(model, opt):
     p = model[4].weight
-    name = next(k for k in opt.state[p] if k != "step")
+    name = first_buffer_name(opt, p)
     kept = opt.state[p][name]
     opt.state[p][name] = kept.double()
     return lambda: opt.state[p].__setitem__(name, kept)
@@ -73,14 +86,14 @@ def option_switched_on(model, opt):
 
 
 def sparse_gradient(model, opt):
-    p = model[4].bias
+    p = last_bias(model, opt)
     grad = p.grad
     p.grad = grad.to_sparse()
     return lambda: setattr(p, "grad", grad)
 
 
 FAILURES = {
-    "gradient-shares-memory-with-state": (grad_shares_state, ValueError, r"'4\.bias'.*shares memory"),
+    "gradient-shares-memory-with-state": (grad_shares_state, ValueError, r"'4\.(bias|weight)'.*shares memory"),
     "bad-hyperparameter-in-second-group": (bad_hyperparameter, ValueError, "lr"),
     "wrong-dtype-gradient-in-last-group": (wrong_dtype_gradient, TypeError, r"'4\.weight'.*dtype torch.float64"),
     "wrong-shape-gradient-in-last-group": (wrong_shape_gradient, ValueError, r"'4\.weight'.*shape \(1, 16\)"),
@@ -99,8 +112,9 @@ def test_failed_step_changes_nothing_and_training_goes_on(rule, failure):
     if rule in ("SGD", "RMSprop"):
         kwargs = dict(kwargs, momentum=0.9)  # a state buffer in every group
     models = [mlp(), mlp()]
-    opts = [getattr(fdt, rule)(groups(models[0]), **kwargs),
-            getattr(torch.optim, rule)(groups(models[1]), foreach=False, **kwargs)]
+    peer = getattr(torch.optim, rule)
+    opts = [getattr(fdt, rule)(groups(models[0], rule), **kwargs),
+            peer(groups(models[1], rule), **for_loop(peer), **kwargs)]
     data = batches((10,), steps=5)
     for step, (x, y) in enumerate(data):
         failing = step == 3
@@ -128,7 +142,7 @@ def test_face_path_checks_first_and_equals_the_kernel_path(rule):
     through_face = type(f"Face{rule}", (getattr(fdt, rule),), {"_kernel": None})
     maximize = kwargs.get("maximize", False)
     models = [mlp(), mlp()]
-    opts = [getattr(fdt, rule)(groups(models[0]), **kwargs), through_face(groups(models[1]), **kwargs)]
+    opts = [getattr(fdt, rule)(groups(models[0], rule), **kwargs), through_face(groups(models[1], rule), **kwargs)]
     for x, y in batches((10,), steps=6):
         for model, opt in zip(models, opts):
             opt.zero_grad()

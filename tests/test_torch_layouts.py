@@ -11,8 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastdescent.torch as fdt  # noqa: E402
+from rule_cases import for_loop  # noqa: E402
 from test_torch import FULL, RULES  # noqa: E402
-from torch_support import assert_close, one_torch_thread, roundtrip, torch_steps  # noqa: E402, F401
+from torch_support import (  # noqa: E402, F401
+    assert_close, one_torch_thread, roundtrip, takes, torch_computes_as_fastdescent, trained,
+)
 
 STEPS = 20
 LATE = 6  # the step at which ``late`` gets its first gradient
@@ -62,8 +65,8 @@ def test_the_layouts_are_what_they_claim():
 def train_layouts(rule, kwargs, library, dtype):
     model = Layouts(dtype)
     if library is torch.optim:
-        kwargs = dict(kwargs, foreach=False)
-    opt = getattr(library, rule)(model.parameters(), **kwargs)
+        kwargs = dict(kwargs, **for_loop(getattr(torch.optim, rule)))
+    opt = getattr(library, rule)(trained(rule, model), **kwargs)
     g = torch.Generator().manual_seed(1)
     sign = -1.0 if kwargs.get("maximize") else 1.0
     for step in range(STEPS):
@@ -116,8 +119,8 @@ def test_gapped_parameter_leaves_the_rest_of_its_storage_alone():
 @pytest.mark.parametrize("rule", RULES)
 def test_complex_gapped_parameter(rule):
     _, kwargs = FULL[rule]
-    if not torch_steps(rule, (2,), torch.complex64):
-        pytest.skip(f"torch.optim.{rule} refuses complex parameters")
+    if not takes(rule, torch.zeros(4, 3, dtype=torch.complex64)):
+        pytest.skip(f"{rule} takes no complex parameters (neither does torch.optim.{rule})")
 
     def make():
         g = torch.Generator().manual_seed(4)
@@ -218,8 +221,8 @@ def test_state_dict_of_every_layout_moves_between_implementations(rule):
     for source_model, source_opt, library in ((fast_model, fast_opt, torch.optim), (torch_model, torch_opt, fdt)):
         resumed_model = Layouts(torch.float32)
         resumed_model.load_state_dict(source_model.state_dict())
-        extra = dict(foreach=False) if library is torch.optim else {}
-        resumed = getattr(library, rule)(resumed_model.parameters(), **kwargs, **extra)
+        extra = for_loop(getattr(torch.optim, rule)) if library is torch.optim else {}
+        resumed = getattr(library, rule)(trained(rule, resumed_model), **kwargs, **extra)
         resumed.load_state_dict(roundtrip(source_opt.state_dict()))  # not sharing its tensors
         g = torch.Generator().manual_seed(7)
         for step in range(3):

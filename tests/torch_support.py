@@ -1,11 +1,13 @@
 """Shared helpers of the PyTorch adapter tests: models, data, training, comparison."""
 
+import functools
 import io
 
 import pytest
 import torch
 
-from rule_cases import torch_examples
+import fastdescent.torch as fdt
+from rule_cases import torch_as_fastdescent, torch_examples
 
 #: Every example of every rule that torch.optim can run (derived from the rule
 #: specs), each run with torch.optim and fastdescent.torch: name -> (class, options).
@@ -30,6 +32,17 @@ def convnet(dtype=torch.float32, seed=0, memory_format=torch.contiguous_format):
 MODELS = {"mlp": (mlp, (10,)), "conv": (convnet, (2, 8, 8))}
 
 
+def takes(rule, p):
+    """True if ``rule`` (a class name) updates parameter ``p``: if torch.optim's peer
+    takes it (:func:`torch_steps`; torch.optim.Muon only real matrices)."""
+    return not hasattr(torch.optim, rule) or torch_steps(rule, tuple(p.shape), p.dtype)
+
+
+def trained(rule, model):
+    """The parameters of ``model`` that ``rule`` trains; the others keep their values."""
+    return [p for p in model.parameters() if takes(rule, p)]
+
+
 def batches(input_shape, steps=STEPS, batch=16, dtype=torch.float32, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, *input_shape, generator=generator, dtype=dtype),
@@ -50,15 +63,17 @@ def train(model, optimizer, data, maximize=False, scheduler=None):
             scheduler.step()
 
 
+@functools.cache
 def torch_steps(rule, shape, dtype):
-    """True if ``torch.optim.<rule>`` can step a parameter of ``shape`` and ``dtype``
-    (torch.optim.Adafactor refuses complex ones and divides by an empty one's size)."""
+    """True if ``torch.optim.<rule>`` takes and can step a parameter of ``shape`` and
+    ``dtype`` (torch.optim.Adafactor refuses complex ones and divides by an empty
+    one's size; torch.optim.Muon takes real matrices only)."""
     p = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
-    opt = getattr(torch.optim, rule)([p])
-    p.grad = torch.ones_like(p)
     try:
+        opt = getattr(torch.optim, rule)([p])
+        p.grad = torch.ones_like(p)
         opt.step()
-    except (RuntimeError, ZeroDivisionError):
+    except (RuntimeError, ValueError, ZeroDivisionError):
         return False
     return True
 
@@ -128,6 +143,13 @@ def roundtrip(state_dict):
     torch.save(state_dict, buffer)
     buffer.seek(0)
     return torch.load(buffer)
+
+
+@pytest.fixture(autouse=True)
+def torch_computes_as_fastdescent():
+    """See rule_cases.torch_as_fastdescent (Muon's iteration in the parameter's dtype)."""
+    with torch_as_fastdescent(torch):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -23,9 +23,17 @@ A problem may keep its state in low precision (``state_dtype``,
 :mod:`fastdescent.precision`): the kernel and the reference then run the rule's
 stored pass, the ceiling streams the same arrays at their own widths, and the
 torch and bitsandbytes methods keep their own state as they do.
+
+A rule of several kernel passes (a spec with a ``runner``: Muon) is measured by its
+passes: ``kernel`` and ``reference`` replay the kernel calls recorded from one step,
+and ``ceiling`` runs the bandwidth kernel once per pass, with that pass's pattern.
+The rest of such a step (Muon's matrix products in NumPy) is not timed there; the
+torch methods time whole steps.
 """
 
+import functools
 import importlib
+import inspect
 import statistics
 import time
 import tracemalloc
@@ -203,6 +211,39 @@ def ceiling_passes(rule, problem):
     return passes
 
 
+def kernel_calls(step, backend):
+    """The calls that one ``step()`` makes to the ``backend`` module ("kernel" or
+    "reference"), each as a callable that makes it again on the same arrays: the
+    kernel passes of a multi-pass rule without its work in NumPy (Muon's matrix
+    products), which the benchmarks time apart from it."""
+    module = _config.resolve_backend(backend)
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            function = getattr(module, name)
+
+            def record(*args, **kwargs):
+                calls.append(functools.partial(function, *args, **kwargs))
+                return function(*args, **kwargs)
+            return record
+
+    _config._BACKEND_MODULES[backend] = Recorder()
+    try:
+        step()
+    finally:
+        _config._BACKEND_MODULES[backend] = module
+    return calls
+
+
+def _kernel_part(rule, step, backend):
+    """``step``, or for a multi-pass rule the replay of its kernel calls."""
+    if rule.spec.runner is None:
+        return step
+    calls = kernel_calls(step, backend)
+    return lambda: [call() for call in calls]
+
+
 def ceiling_variant():
     """The bandwidth kernel always comes from the widest variant: the machine's limit."""
     return _dispatch.supported_variants()[-1]
@@ -274,16 +315,25 @@ def stepper(method, rule, problem, n_threads=1, variant=None):
                               n_threads)
     elif method == "kernel":
         with kernels_of_variant(variant):
-            yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
-                                    backend="kernel", n_threads=n_threads)
+            yield _kernel_part(rule, lambda: rule.step(problem.params, problem.grads, *state, t=t,
+                                                       scalar_state=scalars, backend="kernel",
+                                                       n_threads=n_threads), "kernel")
     elif method == "reference":
         if n_threads != 1:
             raise Unavailable("the reference is single-threaded")
-        yield lambda: rule.step(problem.params, problem.grads, *state, t=t, scalar_state=scalars,
-                                backend="reference")
+        yield _kernel_part(rule, lambda: rule.step(problem.params, problem.grads, *state, t=t,
+                                                   scalar_state=scalars, backend="reference"), "reference")
     else:
         with _torch_step(method, rule, problem, n_threads) as step:
             yield step
+
+
+def _torch_mode(torch_class, method):
+    """The options that select ``method``'s path of ``torch_class``: none for the
+    for-loop path of a class that has no other (torch.optim.Muon has no foreach)."""
+    if method == "torch-forloop" and "foreach" not in inspect.signature(torch_class).parameters:
+        return {}
+    return TORCH_MODES[method]
 
 
 @contextmanager
@@ -304,8 +354,8 @@ def _torch_step(method, rule, problem, n_threads):
             raise Unavailable(f"fastdescent.torch has no {name}")
     # fastdescent.torch keeps the problem's state dtype; torch.optim its float32 state
     storage = {"state_dtype": problem.state_dtype} if method == "torch-adapter" and problem.state_dtype else {}
-    with _optimizer_step(torch, lambda tensors: getattr(library, name)(tensors, **hyper, **TORCH_MODES[method],
-                                                                       **storage),
+    cls = getattr(library, name)
+    with _optimizer_step(torch, lambda tensors: cls(tensors, **hyper, **_torch_mode(cls, method), **storage),
                          problem, n_threads, method) as step:
         yield step
 

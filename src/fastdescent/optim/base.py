@@ -374,6 +374,7 @@ class Optimizer(LowPrecision, Checkpointing):
         params = [params] if isinstance(params, np.ndarray) else list(params)
         for k, p in enumerate(params):
             _check_param(p, f"param_groups[{g}]['params'][{k}]")
+            self.spec.check_shape(p.shape, f"param_groups[{g}]['params'][{k}]")
         _runtime.check_distinct("params", self.params + params)
         group = {"params": params, **self.defaults}
         group.update((k, v) for k, v in param_group.items() if k != "params")
@@ -768,15 +769,14 @@ class Optimizer(LowPrecision, Checkpointing):
                 masters = self._storage.master_weights
                 if (layout.states is None and layout.params
                         and (fresh or self._counts_steps or self.spec.scalar_state or masters)):
-                    initial = {s.name: s.initial_value(config.hyper) for s in self.spec.scalar_state}
-                    if self._counts_steps:
-                        initial["step"] = 0
+                    initial = {"step": 0} if self._counts_steps else {}  # PyTorch's order: step first
+                    initial.update((s.name, s.initial_value(config.hyper)) for s in self.spec.scalar_state)
                     layout.states = [dict(initial) for _ in layout.params]
                     self.state.update(enumerate(layout.states, start=layout.first))
                     created.append((layout, None))
                     if masters:
                         self._allocate_masters(layout.index)
-                for name in fresh:
+                for name in [name for name in config.needed if name in fresh]:  # declared (PyTorch's) order
                     self._allocate_buffer(layout.index, name, config.needed[name])
                     created.append((layout, name))
                 layout.complete = config

@@ -29,3 +29,16 @@ def lerp_toward_(average, value, decay):
 def average_square_(average, d, keep, weight):
     """``average = keep*average + weight*d*d`` in place, in PyTorch's operation order."""
     average[...] = keep * average + (weight * d) * d
+
+
+def adam_moments_(p, g, m, v, *, lr, weight_decay, decoupled, beta1, beta2, grad_scale):
+    """The first half of an Adam step (Adam, NAdam, RAdam), in place: ``p`` decayed
+    if ``decoupled`` (AdamW's decay; else it is added to the gradient), the first
+    moment ``m`` moved toward the gradient ``d``, the second moment ``v`` averaged
+    with its square. Returns ``d``."""
+    if decoupled:
+        p *= 1.0 - lr * weight_decay
+    d = scaled_grad(g, p, grad_scale, 0.0 if decoupled else weight_decay)
+    lerp_toward_(m, d, beta1)
+    average_square_(v, d, beta2, 1.0 - beta2)
+    return d

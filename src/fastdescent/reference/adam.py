@@ -6,7 +6,7 @@ and the same operations in the same order, so both backends agree bit for bit.
 
 import numpy as np
 
-from ._adaptive import average_square_, lerp_toward_, scaled_grad
+from ._adaptive import adam_moments_
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, step_size,
@@ -14,11 +14,8 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, step_si
          n_threads=None):
     decoupled = decoupled and weight_decay != 0.0
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avg, exp_avg_sq)):
-        if decoupled:
-            p *= 1.0 - lr * weight_decay
-        d = scaled_grad(g, p, grad_scale, 0.0 if decoupled else weight_decay)
-        lerp_toward_(m, d, beta1)
-        average_square_(v, d, beta2, 1.0 - beta2)
+        adam_moments_(p, g, m, v, lr=lr, weight_decay=weight_decay, decoupled=decoupled, beta1=beta1, beta2=beta2,
+                      grad_scale=grad_scale)
         if max_exp_avg_sq is not None:
             v_max = max_exp_avg_sq[i]
             # The kernel's max: the old maximum unless the new average is larger.

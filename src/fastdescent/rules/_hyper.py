@@ -41,6 +41,13 @@ def maximize():
                 keyword_only=True)
 
 
+def decoupled_weight_decay(keyword_only=False):
+    """AdamW's weight decay as an option (positional in ``torch.optim.NAdam`` and
+    ``RAdam``, keyword-only in ``Adam``)."""
+    return flag("decoupled_weight_decay", False, "Decay the parameters directly, as AdamW.",
+                keyword_only=keyword_only)
+
+
 def choice(name, default, options, doc, keyword_only=True, torch=False):
     return Hyper(name, default, partial(_checks.choice, options=options), doc,
                  type="{" + ", ".join(repr(o) for o in options) + "}", keyword_only=keyword_only, torch=torch)

@@ -242,12 +242,17 @@ class RuleSpec:
     #: for the parameters that keep no such buffer (``Buffer.shape``).
     runner: Callable | None = None
     #: The update of a parameter depends on the whole parameter in its shape (its
-    #: norms, its rows and columns: Adafactor), not on each element alone. Its
-    #: parameters are then never concatenated: a flat arena hands the ``runner``
-    #: each parameter's own view, ``fastdescent.torch`` hands it each parameter
-    #: contiguous in its logical order (a scratch copy of one laid out otherwise)
-    #: and refuses complex ones, and the ZeRO-sharded optimizer refuses the rule.
+    #: norms, its rows and columns: Adafactor; its matrix: Muon), not on each element
+    #: alone. Its parameters are then never concatenated: a flat arena hands the
+    #: ``runner`` each parameter's own view, ``fastdescent.torch`` hands it each
+    #: parameter contiguous in its logical order and in its shape (a scratch copy of
+    #: one laid out otherwise) and refuses complex ones, and the ZeRO-sharded
+    #: optimizer refuses the rule.
     tensorwise: bool = False
+    #: Every parameter must have this many dimensions (Muon: 2, it orthogonalizes
+    #: matrices), or None for any shape. Checked before anything is written. Such a
+    #: rule is ``tensorwise``.
+    param_ndim: int | None = None
     #: ``passes(h)`` -> the memory passes of a runner's kernel calls, in order, each
     #: ``(arrays read, arrays written)`` per element (for a parameter of
     #: :meth:`sample_shape`, the shape the benchmarks use); None: the one pass of
@@ -309,6 +314,8 @@ class RuleSpec:
             raise ValueError(f"{self.name}: a rule with buffers shaped otherwise than their parameter is tensorwise")
         if self.tensorwise and self.runner is None:
             raise ValueError(f"{self.name}: a tensorwise rule needs a runner (one elementwise kernel cannot see shapes)")
+        if self.param_ndim is not None and not self.tensorwise:
+            raise ValueError(f"{self.name}: a rule of {self.param_ndim}-D parameters is tensorwise")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -411,6 +418,12 @@ class RuleSpec:
             elif given and not b.when(h):
                 raise ValueError(f"{b.face_argument} given, but they are only used when {b.when.text}")
 
+    def check_shape(self, shape, where):
+        """ValueError unless a parameter of ``shape`` suits the rule (``param_ndim``)."""
+        if self.param_ndim is not None and len(shape) != self.param_ndim:
+            raise ValueError(f"{where} has shape {tuple(shape)}, but {self.title} takes {self.param_ndim}-D "
+                             "parameters only")
+
     def shaped_lists(self, h, named, params, grads, indexed):
         """The validated lists of the buffers shaped otherwise than their parameters
         (name -> list, None where a parameter keeps none) from the face's arguments
@@ -437,12 +450,18 @@ class RuleSpec:
         return lists
 
     def sample_shape(self, n):
-        """A shape of ``n`` elements for tests and benchmarks: ``(n,)``, or for a
-        tensorwise rule the squarest matrix (rows <= columns) of ``n`` elements,
-        so that its shape-dependent work (Adafactor's factors) is what is measured."""
+        """A shape of ``n`` elements that the rule takes, for tests and benchmarks:
+        ``(n,)``, or for a tensorwise rule the squarest matrix (rows <= columns) of
+        ``n`` elements, so that its shape-dependent work (Adafactor's factors) is what
+        is measured; for a rule of matrices (``param_ndim``) at most 64 rows, so that a
+        benchmark's matrix products (Muon's) stay cheap. (0, 1) for none
+        (torch.optim.Muon divides by the number of columns)."""
         if not self.tensorwise:
             return (n,)
-        rows = max((r for r in range(1, math.isqrt(n) + 1) if n % r == 0), default=0)
+        if self.param_ndim not in (None, 2):
+            raise NotImplementedError(f"sample shapes of {self.param_ndim}-D parameters")
+        most = 64 if self.param_ndim is not None else math.isqrt(n)
+        rows = max((r for r in range(1, min(math.isqrt(n), most) + 1) if n % r == 0), default=0)
         return (rows, n // rows) if rows else (0, 1)
 
     def kernel_passes(self, h):
@@ -558,6 +577,9 @@ class RuleSpec:
             lists = self._checked_shaped(config.hyper, params, grads, buffers)
         else:
             lists = _runtime.checked_lists(self._roles, (params, grads, *buffers), self._writable)
+        if self.param_ndim is not None:
+            for k, p in enumerate(lists[0]):
+                self.check_shape(p.shape, f"params[{k}]")
         kernels = resolve_backend(backend)
         n_threads = effective_n_threads(n_threads)
         invoke, constants, varying = config.kernel_arguments(step, grad_scale, fresh, scalar_state)
@@ -668,9 +690,10 @@ def make_face(spec, module):
         f"grad_scale, {'first_step' if first_gradient else 'False'}, {'{' + states + '}' if states else 'None'}, "
         f"n_threads, backend)\n"
     )
-    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step,
-                                 not spec.scalar_state and not spec._shaped, spec.face_step, resolve_backend,
-                                 effective_n_threads, NOTHING_FRESH)
+    # The C fast path knows nothing of scalar states or shapes: those rules take face_step.
+    simple = not spec.scalar_state and not spec._shaped and spec.param_ndim is None
+    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
+                                 resolve_backend, effective_n_threads, NOTHING_FRESH)
     namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
     exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
     face = namespace[spec.face_name]

@@ -710,15 +710,19 @@ class KernelOptimizer:
                 f"after the state was created; torch.optim.{type(self).__name__} fails the same way)")
         return not missing
 
+    def _in_scratch(self, e):
+        """True if the kernel steps ``e``'s parameter in a scratch copy: gapped or
+        misaligned (from a byte buffer), or not in logical order for a rule that
+        sees whole tensors."""
+        in_place = torch.Tensor.is_contiguous if self._whole_tensors else _layout.is_dense
+        return not in_place(e.param) or e.ptr % e.param.element_size()
+
     def _bucket(self, group_index, group, entries, names):
         b = _Bucket()
         b.entries, b.names = entries, names
         b.order = tuple(names.index(n) if n in names else None for n in self._kernel_buffers)
         b.params = [e.param for e in entries]
-        # Gapped or misaligned (from a byte buffer), or not in logical order for a
-        # rule that sees whole tensors: the kernel steps a scratch copy.
-        in_place = torch.Tensor.is_contiguous if self._whole_tensors else _layout.is_dense
-        b.gapped = [e for e in entries if not in_place(e.param) or e.ptr % e.param.element_size()]
+        b.gapped = [e for e in entries if self._in_scratch(e)]
         scratch = _scratch_blocks(b.gapped)
         for position, e in enumerate(entries):
             e.position = position

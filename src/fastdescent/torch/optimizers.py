@@ -37,6 +37,7 @@ buffers of other shapes (``row_var``, ``col_var``) are kept contiguous, as
 
 import warnings
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -60,6 +61,15 @@ def _plain(value):
     return value
 
 
+def _scalar_state_value(value):
+    """A scalar state (NAdam's ``mu_product``) as the rule takes it: a float, or a
+    ``numpy.float64`` (a float too) if torch keeps it in a float64 tensor, so that a
+    rule that rounds it as torch does (NAdam) keeps torch's precision."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+        return np.float64(value.item())
+    return float(value)
+
+
 class SpecOptimizer(KernelOptimizer):
     """The rule-specific hooks of :class:`KernelOptimizer`, read off ``spec``."""
 
@@ -76,6 +86,21 @@ class SpecOptimizer(KernelOptimizer):
         if self.spec.tensorwise and p.is_complex():  # its norms and factors are of real tensors
             raise TypeError(f"{_where(group_index, index, group, p)}: fastdescent.torch.{self.spec.title} does not "
                             f"support complex parameters (nor does torch.optim.{self.spec.torch})")
+        self.spec.check_shape(p.shape, _where(group_index, index, group, p))  # param_ndim
+
+    def _bucket(self, group_index, group, entries, names):
+        b = super()._bucket(group_index, group, entries, names)
+        if self._whole_tensors:  # the rule sees each parameter (and its buffers) in its shape
+            b.param_views = [v.reshape(e.param.shape) for v, e in zip(b.param_views, entries)]
+            b.state_views = [views if name in self._shaped else [v.reshape(e.param.shape) for v, e in zip(views, entries)]
+                             for name, views in zip(names, b.state_views)]
+        return b
+
+    def _odd_grad_view(self, group_index, group, e, g):
+        view, kept = super()._odd_grad_view(group_index, group, e, g)
+        if self._whole_tensors:  # in the (row-major) layout of the parameter's view
+            view = view.reshape(e.param.shape)
+        return view, kept
 
     def _check_group(self, group_index, group):
         super()._check_group(group_index, group)
@@ -195,7 +220,7 @@ class SpecOptimizer(KernelOptimizer):
             self.state[params[i]][key] = value.to(device=params[i].device)
 
     def _scalar_key(self, entry):
-        return tuple(float(entry.state[s.name]) for s in self.spec.scalar_state)
+        return tuple(_scalar_state_value(entry.state[s.name]) for s in self.spec.scalar_state)
 
     def _kernel_call(self, group, step, fresh, scalars=()):
         """Validate the group's hyperparameters and compute the kernel's scalars for
@@ -211,6 +236,8 @@ class SpecOptimizer(KernelOptimizer):
         kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
 
         def run(kernels, params, grads, buffers, n_threads, ids=None):
+            if spec.tensorwise:  # the gradients' views are flat (see _bucket)
+                grads = [g.reshape(p.shape) for p, g in zip(params, grads)]
             kernel_buffers = {name: buffers.get(name) for name in names}
             if params and (not storage.is_default or precision.kind_of(params[0]) != precision.NATIVE):
                 scales = {name: buffers[scales_name(name)] for name in names if scales_name(name) in buffers}
