@@ -11,7 +11,7 @@ run() {  # name, command...: tables to $OUT/name.txt, progress to $OUT/name.log
     "$@" > "$OUT/$name.txt" 2> "$OUT/$name.log"
 }
 # issue 12 and 17: each new rule (and Lion) at 1e8 float32 on 2 threads against its ceiling and torch
-run rules $P -m fastdescent bench --cases sizes --rules adadelta adamax nadam radam rprop asgd adafactor lion adam \
+run rules $P -m fastdescent bench --cases sizes --rules adadelta adamax nadam radam rprop asgd adafactor muon lion adam \
     --sizes 1e6 1e8 --dtypes float32 --threads 2 --methods kernel torch-foreach torch-fused --repeats 5 \
     --json $OUT/rules.json
 # issue 16: low-precision state at 1e8 (and bitsandbytes' 8-bit Adam), state memory
