@@ -317,7 +317,10 @@ class StateConversion(UserWarning):
 
 # ------------------------------------------------------------------ options
 def dtype_name(dtype):
-    """``"float32"``, ``"bfloat16"``... for a NumPy dtype (``ml_dtypes.bfloat16`` too)."""
+    """``"float32"``, ``"bfloat16"``... for a NumPy dtype or its name (``ml_dtypes.bfloat16``
+    too: NumPy knows the name "bfloat16" only once ml_dtypes is imported)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return dtype
     return np.dtype(dtype).name
 
 
