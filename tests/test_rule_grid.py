@@ -30,7 +30,9 @@ def test_kernel_matches_reference(name, dtype, n, n_threads, rng, kernel_variant
         state = make_state(rng, rule, shape, dtype)
         grads = [random_like(rng, state["param"]) for _ in range(STEPS)]
         final = check_backends_agree(driver(rule), state, grads, lrs, n_threads)
-        if math.prod(shape):
+        # Not for one element: a sign-based rule (Rprop) leaves it in place at every step
+        # where the gradient's sign flips, ten times in a row once in 2**10 draws.
+        if math.prod(shape) > 1:
             assert not np.array_equal(final["param"], state["param"]), f"{shape}: the steps changed nothing"
         for key in state:
             assert np.all(np.isfinite(final[key])), (shape, key)
