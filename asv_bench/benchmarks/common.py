@@ -1,7 +1,8 @@
 """Parameters shared by the suites, and the setup every benchmark goes through.
 
 The profile comes from ``FASTDESCENT_ASV_PROFILE``: ``quick`` (the default: small
-sizes, float32, a few minutes for the whole suite) or ``full`` (1e3 to 1e8
+sizes, float32, a few minutes for the whole suite), ``smoke`` (CI's: one size, six
+rules, every suite once) or ``full`` (1e3 to 1e8
 elements, both dtypes). Buffers, steps and timing come from
 ``fastdescent.bench.cases``, the same code as ``python -m fastdescent bench``; a
 case that cannot run here (no torch, no torch peer, a build without the feature)
@@ -27,6 +28,16 @@ PROFILES = {
         "memory_sizes": [10**6],
         "repeats": 3,
         "min_time": 0.01,
+    },
+    # CI's check that every suite runs: one size, one sample, a rule of each kind
+    # (elementwise with momentum, Adam, scalar state, sign-based, tensorwise, matrices).
+    "smoke": {
+        "sizes": [10**3],
+        "dtypes": ["float32"],
+        "memory_sizes": [10**4],
+        "repeats": 1,
+        "min_time": 0.001,
+        "rules": ["sgd_momentum", "adam", "asgd", "lion", "adafactor", "muon"],
     },
     "full": {
         "sizes": [10**k for k in range(3, 9)],
@@ -56,7 +67,8 @@ def rule_names():
         from fastdescent.catalog import RULES
     except ImportError:
         return []
-    return list(RULES)
+    wanted = PROFILE.get("rules")
+    return [name for name in RULES if wanted is None or name in wanted]
 
 
 def bench_cases():

@@ -6,7 +6,7 @@ since a gap must sit between timed calls and outside the timer."""
 
 from .common import PROFILE, PROFILE_NAME, CaseBenchmark, bench_cases, rule_case
 
-SIZES = {"quick": [2**16, 2**20], "full": [2**k for k in range(14, 25, 2)]}[PROFILE_NAME]
+SIZES = {"smoke": [2**16], "quick": [2**16, 2**20], "full": [2**k for k in range(14, 25, 2)]}[PROFILE_NAME]
 GAPS = [0.0, 0.005]
 CONTENDERS = ["kernel-1thr", "kernel-2thr", "torch-fused-2thr"]
 IDLE_SAMPLES = 15
