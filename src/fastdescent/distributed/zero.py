@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import CheckpointError, _checks, global_norm
 from ..optim import ParamList
+from ..optim.state import check_registrable
 from . import checkpoint as ckpt
 from ._layout import aligned_empty, buckets_of
 from ._mpi import agreed, datatype, mpi, or_abort
@@ -416,13 +417,7 @@ class ShardedOptimizer:
         """Save and restore ``obj`` (a schedule, a weight average: anything with
         ``state_dict()`` and ``load_state_dict()``, the same on every rank) with the
         optimizer's checkpoints. Rank 0's state is saved."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"the name must be a non-empty str, got {name!r}")
-        if name in self._registered:
-            raise ValueError(f"a state named {name!r} is already registered")
-        for method in ("state_dict", "load_state_dict"):
-            if not callable(getattr(obj, method, None)):
-                raise TypeError(f"{type(obj).__name__} has no {method}() method")
+        check_registrable(self._registered, name, obj)
         self._registered[name] = obj
 
     def _group_state(self):

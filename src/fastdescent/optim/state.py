@@ -20,6 +20,18 @@ from . import checkpoint
 from .lowprec import MASTER, scales_name
 
 
+
+def check_registrable(registered, name, obj):
+    """Raise TypeError/ValueError unless ``obj`` can be registered as ``name`` beside
+    ``registered`` (a non-empty new name, ``state_dict`` and ``load_state_dict``)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"the name must be a non-empty str, got {name!r}")
+    if name in registered:
+        raise ValueError(f"a state named {name!r} is already registered")
+    for method in ("state_dict", "load_state_dict"):
+        if not callable(getattr(obj, method, None)):
+            raise TypeError(f"{type(obj).__name__} has no {method}() method")
+
 class Checkpointing:
     """Mixin of :class:`~fastdescent.optim.Optimizer`: ``state_dict``,
     ``load_state_dict``, ``save``, ``load`` and ``register_state``."""
@@ -35,13 +47,7 @@ class Checkpointing:
         ``load_state_dict(sd)``, e.g. a schedule or a weight average) with the
         optimizer: its state goes to ``state_dict()["extra"][name]`` and into
         checkpoint files, so a resumed run continues it exactly."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"the name must be a non-empty str, got {name!r}")
-        if name in self._registered:
-            raise ValueError(f"a state named {name!r} is already registered")
-        for method in ("state_dict", "load_state_dict"):
-            if not callable(getattr(obj, method, None)):
-                raise TypeError(f"{type(obj).__name__} has no {method}() method")
+        check_registrable(self._registered, name, obj)
         self._registered[name] = obj
 
     def state_dict(self):
