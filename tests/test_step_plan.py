@@ -313,3 +313,88 @@ def test_numpy_scalar_rates_are_cached_exactly_and_keep_the_plan(kind, rng):
             plan = opt._plan
     assert opt._plan is plan is not None
     assert_bitwise_equal(opt.params[0], p)
+
+
+# ----------------------------------------------- the C paths' direct kernel calls
+def _kernel_modules():
+    from fastdescent import _dispatch
+
+    return [_dispatch.load_variant(v) for v in _dispatch.supported_variants()]
+
+
+@pytest.mark.parametrize("module", _kernel_modules(), ids=lambda m: m.__name__)
+def test_direct_entries_take_what_their_def_entries_take(module):
+    """A direct entry's roles and scalars are its ``def``'s parameters, in order."""
+    import inspect
+
+    entries = module.direct_entries()
+    assert entries
+    for kernel, (_capsule, roles, scalars) in entries.items():
+        parameters = list(inspect.signature(getattr(module, kernel)).parameters)
+        assert parameters == [*roles, *scalars, "n_threads"], kernel
+
+
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if SPECS[EXAMPLES[n].spec.name].runner is None])
+def test_the_direct_kernel_call_equals_the_def_entry(name, rng):
+    """The face's C path, through the direct entry where the kernel has one, and
+    the def entry (the face's general path) give the same bits, for lists of
+    several arrays and for one array."""
+    rule = EXAMPLES[name]
+    spec = rule.spec
+    for count in (1, 3):
+        sizes = [7, 0, 33][:count] if count > 1 else [9]
+        params = [random_array(rng, n, np.float64) for n in sizes]
+        grads = [random_array(rng, n, np.float64) for n in sizes]
+        state = [rule.make_state(rng, n, np.float64) for n in sizes]
+        outputs = []
+        for general in (False, True):
+            ps, buffers = [p.copy() for p in params], {k: [s[i].copy() for s in state] for i, k in enumerate(rule.state)}
+            args = [b.face_argument for b in spec.buffers]
+            kwargs = {b.face_argument: buffers[b.name] if count > 1 else buffers[b.name][0]
+                      for b in spec.buffers if b.name in buffers}
+            options = {k: v for k, v in rule.options.items() if next(h for h in spec.hyper if h.name == k).face}
+            options["grad_scale"] = 1 if general else 1.0  # an int: the C path hands it to face_step
+            face = getattr(fd, spec.face_name)
+            step = {"step": 3} if spec.uses_step else {}
+            face(ps if count > 1 else ps[0], grads if count > 1 else grads[0],
+                 *[kwargs.get(a) for a in args], **step, **options)
+            outputs.append((ps, buffers))
+        for a, b in zip(outputs[0][0], outputs[1][0]):
+            assert_bitwise_equal(a, b)
+        for key in outputs[0][1]:
+            for a, b in zip(outputs[0][1][key], outputs[1][1][key]):
+                assert_bitwise_equal(a, b)
+
+
+def test_call_defaults_answer_as_the_config_functions():
+    from fastdescent._config import effective_n_threads, resolve_backend
+    from fastdescent.rules._spec import CALL_DEFAULTS
+
+    def same():
+        for request in (None, 1, 2, 3, -1, -2, 10**6):
+            assert CALL_DEFAULTS.threads(request) == effective_n_threads(request), request
+        for backend in (None, "kernel", "reference"):
+            assert CALL_DEFAULTS.backend(backend) is resolve_backend(backend)
+
+    same()
+    for bad in (0, True, 1.0, "2"):
+        with pytest.raises((TypeError, ValueError)):
+            CALL_DEFAULTS.threads(bad)
+    with pytest.raises(ValueError, match="backend"):
+        CALL_DEFAULTS.backend("nope")
+    try:
+        fd.set_num_threads(1)
+        same()
+        with fd.num_threads(-1):
+            same()
+        with fd.num_threads(None):
+            same()
+        fd.set_backend("reference")
+        same()
+    finally:
+        fd.set_num_threads(None)
+        fd.set_backend(None)
+    same()
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        same()

@@ -68,6 +68,7 @@ class KernelCall:
         buffers: tuple[list[FloatArray] | None, ...], constants: tuple[object, ...], varying: tuple[object, ...],
         n_threads: int,
     ) -> None: ...
+    def has_direct(self, backend: object) -> bool: ...
 
 @disjoint_base
 class KernelArguments:
@@ -75,6 +76,12 @@ class KernelArguments:
     def get(self, step: int | None, grad_scale: float, fresh: frozenset[str]) -> tuple[Any, ...]: ...
     def constant(self, step: int | None, grad_scale: float, fresh: frozenset[str]) -> tuple[Any, ...]: ...
     def varying(self, step: int | None) -> tuple[Any, ...]: ...
+
+@disjoint_base
+class CallDefaults:
+    def __init__(self, effective_n_threads: Callable[..., int], resolve_backend: Callable[..., Any]) -> None: ...
+    def threads(self, n_threads: object) -> int: ...
+    def backend(self, backend: object) -> Any: ...
 
 @disjoint_base
 class BucketPlan:
@@ -111,7 +118,7 @@ class GroupPlan:
 class StepPlan:
     def __init__(
         self, param_groups: list[dict[str, Any]], groups: list[GroupPlan], written: WrittenBuffers, flat: bool,
-        fresh: frozenset[str],
+        fresh: frozenset[str], defaults: CallDefaults,
     ) -> None: ...
     def run(
         self, param_groups: object, grads: object, grad_scale: object, backend: object, n_threads: object,
@@ -122,8 +129,7 @@ class StepPlan:
 class FaceRunner:
     def __init__(
         self, configs: ExactCache, roles: tuple[str, ...], writable: tuple[bool, ...], uses_step: bool,
-        simple: bool, general: Callable[..., Any], resolve_backend: Callable[..., Any],
-        effective_n_threads: Callable[..., int], nothing_fresh: frozenset[str],
+        simple: bool, general: Callable[..., Any], defaults: CallDefaults, nothing_fresh: frozenset[str],
     ) -> None: ...
     def run(
         self, params: Any, grads: Any, buffers: tuple[Any, ...], present: tuple[bool, ...],

@@ -81,6 +81,10 @@ def thread_limit():
     Read on every call, as scikit-learn does, so that threadpoolctl's limits apply;
     it costs a thread-local read in libgomp.
     """
+    return _thread_limit()
+
+
+cdef inline int _thread_limit() noexcept:
     return max(1, min(omp_get_max_threads(), NUM_PROCS))
 
 
@@ -105,8 +109,9 @@ MAX_STEP = 2**63
 from cpython.object cimport PyObject
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_Update
 from cpython.float cimport PyFloat_AS_DOUBLE
-from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 from libc.string cimport memcmp
@@ -300,29 +305,139 @@ def check_buffers(tuple names, tuple arrays, tuple writable, bint indexed=True):
     return _check_update(names, arrays, writable, indexed)
 
 
-cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint indexed) except -1:
-    cdef Py_ssize_t n_roles = len(names), r, i, n_tensors, total = 0, n_spans = 0, capacity = 0, hit, other
-    cdef Py_ssize_t nbytes
-    cdef list params = arrays[0], role
+cdef enum:
+    # Arrays of one call held on the stack; larger calls allocate.
+    LOCAL_ITEMS = 32
+
+
+# The arrays of one update, gathered from the caller's arguments without building
+# lists: items[r * n_tensors + i] is array i of role r (a reference each), NULL for
+# a role the update does not use. Filled by _gather or _gather_lists, checked by
+# _check_items, emptied by _release (always: it may hold references on error).
+cdef struct Gathered:
+    PyObject** items
+    Py_ssize_t n_tensors
+    Py_ssize_t n_roles
+    Py_ssize_t total          # elements of the parameters (after _check_items)
+    int typenum               # their dtype (after _check_items)
+    bint indexed              # the caller gave lists (errors name params[i])
+    unsigned long long given  # bit r: role r is given (even with no tensors)
+    PyObject* local[LOCAL_ITEMS]
+
+
+cdef inline void _gathered_init(Gathered* g) noexcept:
+    g.items, g.n_tensors, g.n_roles, g.total = NULL, 0, 0, 0
+
+
+cdef int _gathered_alloc(Gathered* g, Py_ssize_t n_roles, Py_ssize_t n_tensors) except -1:
+    cdef Py_ssize_t k, n = n_roles * n_tensors
+    if n_roles > 64:
+        raise ValueError("at most 64 roles")
+    g.given = 0
+    if n <= LOCAL_ITEMS:
+        g.items = &g.local[0]
+    else:
+        g.items = <PyObject**>malloc(n * sizeof(PyObject*))
+    if g.items == NULL:
+        raise MemoryError()
+    for k in range(n):
+        g.items[k] = NULL
+    g.n_roles, g.n_tensors = n_roles, n_tensors
+    return 0
+
+
+cdef void _release(Gathered* g) noexcept:
+    cdef Py_ssize_t k
+    if g.items == NULL:
+        return
+    for k in range(g.n_roles * g.n_tensors):
+        Py_XDECREF(g.items[k])
+    if g.items != &g.local[0]:
+        free(g.items)
+    g.items = NULL
+
+
+cdef int _take_list(Gathered* g, Py_ssize_t r, object given) except -1:
+    """Role ``r``'s arrays from ``given``, an exact list or tuple of n_tensors items."""
+    cdef Py_ssize_t i, n = g.n_tensors
+    cdef PyObject* item
+    cdef bint is_list = type(given) is list
+    if not is_list and type(given) is not tuple:
+        raise TypeError(f"expected a list of arrays, got {type(given).__name__}")
+    g.given |= 1ULL << r
+    for i in range(n):
+        item = PyList_GET_ITEM(given, i) if is_list else PyTuple_GET_ITEM(given, i)
+        Py_XINCREF(item)
+        g.items[r * n + i] = item
+    return 0
+
+
+cdef int _gather(Gathered* g, tuple names, tuple arrays, tuple writable) except -1:
+    """Gather and check (:func:`_check_items`) the arguments of a functional face:
+    ``arrays[r]`` one array (every role then one array: a single-tensor call), a
+    list or tuple of arrays, or None for a role the update does not use."""
+    cdef Py_ssize_t r, n_roles = len(arrays)
+    cdef object first = arrays[0], given
+    cdef bint indexed = not cnp.PyArray_Check(first)
+    cdef list converted = None
+    if indexed and not isinstance(first, (list, tuple)):
+        raise TypeError(f"params must be a numpy.ndarray or a list of them, got {type(first).__name__}")
+    if len(names) != n_roles or len(writable) != n_roles:
+        raise ValueError("names, arrays and writable must have the same length")
+    if indexed:
+        for r in range(n_roles):
+            given = arrays[r]
+            if given is None or type(given) is list or type(given) is tuple:
+                continue
+            if not isinstance(given, (list, tuple)):
+                raise TypeError(f"expected a list of arrays to match the list of params, got {type(given).__name__}")
+            if converted is None:  # a subclass: what it holds now, once
+                converted = list(arrays)
+            converted[r] = list(given)
+        if converted is not None:
+            arrays = tuple(converted)
+        first = arrays[0]
+        for r in range(1, n_roles):
+            if arrays[r] is not None and len(arrays[r]) != len(first):
+                raise ValueError(f"{len(arrays[r])} {names[r]} arrays for {len(first)} parameters")
+        _gathered_alloc(g, n_roles, len(first))
+        for r in range(n_roles):
+            if arrays[r] is not None:
+                _take_list(g, r, arrays[r])
+    else:
+        _gathered_alloc(g, n_roles, 1)
+        for r in range(n_roles):
+            given = arrays[r]
+            if given is not None:
+                Py_INCREF(given)
+                g.items[r] = <PyObject*>given
+                g.given |= 1ULL << r
+    g.indexed = indexed
+    return _check_items(g, names, writable)
+
+
+cdef int _check_items(Gathered* g, tuple names, tuple writable) except -1:
+    """Check every gathered array (see :func:`check_buffers`); sets ``total`` and ``typenum``."""
+    cdef Py_ssize_t n_roles = g.n_roles, n = g.n_tensors, r, i, n_spans = 0, capacity = 0, hit, other
+    cdef Py_ssize_t nbytes, total = 0
+    cdef PyObject** items = g.items
     cdef cnp.ndarray param, a
     cdef object item
     cdef int typenum
-    cdef bint write
+    cdef bint write, indexed = g.indexed
     cdef Span local[LOCAL_SPANS]
     cdef Span* spans = local
-    n_tensors = len(params)
-    for r in range(1, n_roles):
-        if arrays[r] is not None and len(<list>arrays[r]) != n_tensors:
-            raise ValueError(f"{len(<list>arrays[r])} {names[r]} arrays for {n_tensors} parameters")
-    if n_tensors == 0:
+    g.total, g.typenum = 0, cnp.NPY_FLOAT32
+    if n == 0:
         return 0
-    if not cnp.PyArray_Check(params[0]):
-        _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
-    typenum = cnp.PyArray_TYPE(<cnp.ndarray>params[0])
+    item = <object>items[0]
+    if not cnp.PyArray_Check(item):
+        _check_array(item, names[0], 0, indexed, writable[0], None, None)
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>item)
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        _check_array(params[0], names[0], 0, indexed, writable[0], None, None)
+        _check_array(item, names[0], 0, indexed, writable[0], None, None)
     for r in range(n_roles):
-        capacity += n_tensors if arrays[r] is not None else 0
+        capacity += n if items[r * n] != NULL else 0
     if capacity > LOCAL_SPANS:
         spans = <Span*>malloc(capacity * sizeof(Span))
         if spans == NULL:
@@ -330,17 +445,17 @@ cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint in
     try:
         # Every array against its parameter, and the byte range of each non-empty one.
         for r in range(n_roles):
-            if arrays[r] is None:
+            if items[r * n] == NULL:
                 continue
-            role, write = <list>arrays[r], writable[r]
-            for i in range(n_tensors):
-                item = role[i]
-                param = <cnp.ndarray>params[i] if r else None
+            write = writable[r]
+            for i in range(n):
+                item = <object>items[r * n + i]
+                param = <cnp.ndarray>items[i] if r else None
                 if not _fits(item, typenum, param, write):
                     _check_array(item, names[r], i, indexed, write, param, names[0])
                     # Only a parameter passes that: one that differs from the first in dtype.
                     raise TypeError(f"{_label(names[0], i, indexed)} has dtype {(<cnp.ndarray>item).dtype} but "
-                                    f"{_label(names[0], 0, indexed)} has {(<cnp.ndarray>params[0]).dtype}: "
+                                    f"{_label(names[0], 0, indexed)} has {(<cnp.ndarray>items[0]).dtype}: "
                                     "one call takes one dtype")
                 a = <cnp.ndarray>item
                 nbytes = cnp.PyArray_NBYTES(a)
@@ -358,7 +473,28 @@ cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint in
     finally:
         if spans != local:
             free(spans)
-    return total
+    g.total, g.typenum = total, typenum
+    return 0
+
+
+cdef Py_ssize_t _check_update(tuple names, tuple arrays, tuple writable, bint indexed) except -1:
+    """:func:`check_buffers` of ``arrays``: a list (or None) per role."""
+    cdef Py_ssize_t r, n_tensors = len(<list>arrays[0])
+    cdef Gathered g
+    _gathered_init(&g)
+    for r in range(1, len(names)):
+        if arrays[r] is not None and len(<list>arrays[r]) != n_tensors:
+            raise ValueError(f"{len(<list>arrays[r])} {names[r]} arrays for {n_tensors} parameters")
+    try:
+        _gathered_alloc(&g, len(names), n_tensors)
+        for r in range(len(names)):
+            if arrays[r] is not None:
+                _take_list(&g, r, <list>arrays[r])
+        g.indexed = indexed
+        _check_items(&g, names, writable)
+        return g.total
+    finally:
+        _release(&g)
 
 
 cdef str _sharing(tuple names, bint indexed, Span a, Span b):
@@ -384,27 +520,29 @@ def checked_lists(tuple names, tuple arrays, tuple writable):
 
 
 cdef tuple _checked_lists(tuple names, tuple arrays, tuple writable):
-    cdef Py_ssize_t r, n = len(arrays)
-    cdef object first = arrays[0], given, item
-    cdef bint indexed = not cnp.PyArray_Check(first)
-    cdef tuple lists = PyTuple_New(n)
-    if indexed and not isinstance(first, (list, tuple)):
-        raise TypeError(f"params must be a numpy.ndarray or a list of them, got {type(first).__name__}")
-    if len(names) != n or len(writable) != n:
-        raise ValueError("names, arrays and writable must have the same length")
-    for r in range(n):
-        given = arrays[r]
-        if given is None:
-            item = None
-        elif not indexed:
-            item = [given]
-        elif isinstance(given, (list, tuple)):
-            item = list(given)
-        else:
-            raise TypeError(f"expected a list of arrays to match the list of params, got {type(given).__name__}")
-        Py_INCREF(item)
-        PyTuple_SET_ITEM(lists, r, item)
-    _check_update(names, lists, writable, indexed)
+    cdef Gathered g
+    _gathered_init(&g)
+    try:
+        _gather(&g, names, arrays, writable)
+        return _lists(&g)
+    finally:
+        _release(&g)
+
+
+cdef tuple _lists(const Gathered* g):
+    """The gathered arrays as a tuple of new lists, one per role (None for a role not given)."""
+    cdef Py_ssize_t r, i, n = g.n_tensors
+    cdef tuple lists = PyTuple_New(g.n_roles)
+    cdef object role
+    for r in range(g.n_roles):
+        role = None
+        if g.given >> r & 1:
+            role = PyList_New(n)
+            for i in range(n):
+                Py_XINCREF(g.items[r * n + i])
+                PyList_SET_ITEM(role, i, <object>g.items[r * n + i])
+        Py_INCREF(role)
+        PyTuple_SET_ITEM(lists, r, role)
     return lists
 
 
@@ -498,7 +636,7 @@ cdef class WrittenBuffers:
         free(self.recorded)
         free(self.spans)
 
-    def verify(self):
+    cpdef verify(self):
         """ValueError if a recorded array was changed in place since the table was built."""
         cdef Py_ssize_t i
         cdef cnp.ndarray a
@@ -510,8 +648,8 @@ cdef class WrittenBuffers:
                 raise ValueError(f"{self.labels[i]} was changed in place (its dtype, size, layout or writeable "
                                  "flag): an optimizer's arrays must stay as they were given")
 
-    def check_grads(self, list params, list grads, list positions, Py_ssize_t grad_offset,
-                    Py_ssize_t param_offset, Py_ssize_t group=-1):
+    cpdef check_grads(self, list params, list grads, list positions, Py_ssize_t grad_offset,
+                      Py_ssize_t param_offset, Py_ssize_t group=-1):
         """Check ``grads[i]`` against ``params[i]`` and against every recorded array of
         group ``group`` (-1: of every group).
 
@@ -701,6 +839,20 @@ cdef extern from "Python.h":
 cdef enum:
     # Arguments of one kernel call: params, grads, buffers, scalars, n_threads.
     MAX_KERNEL_ARGUMENTS = 48
+    # Roles of a direct kernel entry (the kernels' MAX_ROLES).
+    MAX_DIRECT_ROLES = 8
+
+
+include "_direct_abi.pxi"
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.contextvars cimport get_value
+from contextvars import ContextVar
+
+
+cdef enum:
+    # Row pointers and tensors of a direct kernel call held on the stack; larger calls allocate.
+    LOCAL_ROWS = 64
+    LOCAL_TENSORS = 16
 
 
 @cython.auto_pickle(False)
@@ -713,15 +865,28 @@ cdef class KernelCall:
     a dict and take it apart again at every call, which costs as much as a small
     update. ``constant_names`` and ``varying_names`` name the scalars that stay
     the same from step to step and those that change with the step.
+
+    The C paths (:class:`FaceRunner`, :class:`StepPlan`), which have checked every
+    array already, go further where the backend module offers the kernel's
+    direct entry (``direct_entries()``, src/kernels/_direct.pxi): the same kernel
+    called with the arrays' data pointers and the scalars as C doubles, with no
+    keyword parsing, no lists and no allocation.
     """
 
     cdef readonly str kernel
-    cdef tuple kwnames
+    cdef tuple kwnames, roles
     cdef Py_ssize_t n_buffers, n_constants, n_varying
+    # The direct entry of the backend module bound last (None: none bound yet).
+    cdef object direct_backend
+    cdef direct_fn direct
+    cdef Py_ssize_t n_direct_roles, n_direct_scalars
+    cdef int role_map[MAX_DIRECT_ROLES]           # the entry's role j is our role role_map[j]
+    cdef int scalar_map[MAX_KERNEL_ARGUMENTS]     # its scalar j is our scalar scalar_map[j] (constants, then varying)
 
     def __init__(self, str kernel, tuple buffer_names, tuple constant_names, tuple varying_names):
         self.kernel = kernel
         self.kwnames = (*buffer_names, *constant_names, *varying_names, "n_threads")
+        self.roles = ("params", "grads", *buffer_names)
         self.n_buffers, self.n_constants, self.n_varying = len(buffer_names), len(constant_names), len(varying_names)
         if 2 + len(self.kwnames) > MAX_KERNEL_ARGUMENTS:
             raise ValueError(f"a kernel takes at most {MAX_KERNEL_ARGUMENTS} arguments")
@@ -732,14 +897,16 @@ cdef class KernelCall:
         the order of the names given to the constructor."""
         return self.call(getattr(backend, self.kernel), params, grads, buffers, constants, varying, n_threads)
 
+    def has_direct(self, backend):
+        """True if ``backend`` (a module) has a direct entry for this kernel that
+        takes exactly this call's buffers and scalars."""
+        return self.bind(backend)
+
     cdef object call(self, object function, object params, object grads, tuple buffers, tuple constants,
                      tuple varying, object n_threads):
         cdef PyObject* args[MAX_KERNEL_ARGUMENTS]
         cdef Py_ssize_t i, k = 2
-        if (len(buffers) != self.n_buffers or len(constants) != self.n_constants
-                or len(varying) != self.n_varying):
-            raise ValueError(f"{self.kernel}: {len(buffers)} buffers, {len(constants)} + {len(varying)} scalars "
-                             f"for {self.kwnames}")
+        self._check_scalars(buffers, constants, varying)
         args[0], args[1] = <PyObject*>params, <PyObject*>grads
         for i in range(self.n_buffers):
             args[k] = <PyObject*>buffers[i]
@@ -752,6 +919,104 @@ cdef class KernelCall:
             k += 1
         args[k] = <PyObject*>n_threads
         return PyObject_Vectorcall(function, args, 2, self.kwnames)
+
+    cdef int _check_scalars(self, tuple buffers, tuple constants, tuple varying) except -1:
+        if ((buffers is not None and len(buffers) != self.n_buffers) or len(constants) != self.n_constants
+                or len(varying) != self.n_varying):
+            raise ValueError(f"{self.kernel}: {len(buffers) if buffers is not None else '?'} buffers, "
+                             f"{len(constants)} + {len(varying)} scalars for {self.kwnames}")
+        return 0
+
+    cdef bint bind(self, object backend) except -1:
+        """Find ``backend``'s direct entry for this kernel (kept until another
+        backend comes); False if it has none that takes exactly our buffers and
+        scalars."""
+        cdef int role_map[MAX_DIRECT_ROLES]
+        cdef int scalar_map[MAX_KERNEL_ARGUMENTS]
+        cdef Py_ssize_t j
+        cdef void* entry_fn = NULL
+        if backend is self.direct_backend:
+            return self.direct != NULL
+        entries = getattr(backend, "direct_entries", None)
+        entry = entries().get(self.kernel) if entries is not None else None
+        scalars = self.kwnames[self.n_buffers:len(self.kwnames) - 1]
+        if entry is not None:
+            capsule, kernel_roles, kernel_scalars = entry
+            if (len(kernel_roles) <= MAX_DIRECT_ROLES and sorted(kernel_roles) == sorted(self.roles)
+                    and sorted(kernel_scalars) == sorted(scalars) and len(set(scalars)) == len(scalars)):
+                for j in range(len(kernel_roles)):
+                    role_map[j] = self.roles.index(kernel_roles[j])
+                for j in range(len(kernel_scalars)):
+                    scalar_map[j] = scalars.index(kernel_scalars[j])
+                entry_fn = PyCapsule_GetPointer(capsule, DIRECT_CAPSULE)
+        # No Python code from here on: a thread never sees one backend with another's entry.
+        self.direct = <direct_fn>entry_fn
+        if entry_fn != NULL:
+            self.n_direct_roles, self.n_direct_scalars = len(self.roles), len(scalars)
+            for j in range(self.n_direct_roles):
+                self.role_map[j] = role_map[j]
+            for j in range(self.n_direct_scalars):
+                self.scalar_map[j] = scalar_map[j]
+        self.direct_backend = backend
+        return entry_fn != NULL
+
+    cdef int call_gathered(self, object backend, const Gathered* g, tuple constants, tuple varying,
+                           int n_threads) except -1:
+        """Call ``backend``'s kernel on checked arrays (roles: params, grads, then the
+        buffers in declared order): through its direct entry if it has one, else
+        its ``def`` entry with new lists."""
+        cdef tuple lists
+        if self.bind(backend) and self._direct(g, constants, varying, n_threads) == 0:
+            return 0
+        lists = _lists(g)
+        self.call(getattr(backend, self.kernel), lists[0], lists[1], lists[2:], constants, varying, n_threads)
+        return 0
+
+    cdef int _direct(self, const Gathered* g, tuple constants, tuple varying, int n_threads) except -1:
+        """The bound direct entry on ``g``: 0 if it ran, 1 if it was not taken (a
+        scalar that is not a float or a bool, or the entry declined)."""
+        cdef double scalars[MAX_KERNEL_ARGUMENTS]
+        cdef void* local_rows[LOCAL_ROWS]
+        cdef Py_ssize_t local_offsets[LOCAL_TENSORS + 1]
+        cdef void** rows = local_rows
+        cdef Py_ssize_t* offsets = local_offsets
+        cdef Py_ssize_t j, k, t, n = g.n_tensors, n_roles = self.n_direct_roles
+        cdef PyObject* item
+        cdef object value
+        cdef DirectCall call
+        self._check_scalars(None, constants, varying)
+        if g.n_roles != n_roles or n_threads < 1:
+            return 1
+        for j in range(self.n_direct_scalars):
+            k = self.scalar_map[j]
+            value = constants[k] if k < self.n_constants else varying[k - self.n_constants]
+            if type(value) is float:
+                scalars[j] = PyFloat_AS_DOUBLE(value)
+            elif value is True or value is False:
+                scalars[j] = 1.0 if value is True else 0.0
+            else:
+                return 1
+        if n * n_roles > LOCAL_ROWS:
+            rows = <void**>malloc(n * n_roles * sizeof(void*))
+        if n > LOCAL_TENSORS:
+            offsets = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+        try:
+            if rows == NULL or offsets == NULL:
+                raise MemoryError()
+            offsets[0] = 0
+            for t in range(n):
+                offsets[t + 1] = offsets[t] + cnp.PyArray_SIZE(<cnp.ndarray>g.items[t])
+                for j in range(n_roles):
+                    item = g.items[self.role_map[j] * n + t]
+                    rows[t * n_roles + j] = cnp.PyArray_DATA(<cnp.ndarray>item) if item != NULL else NULL
+            call.rows, call.offsets, call.n_tensors, call.n_roles = rows, offsets, n, n_roles
+            call.typenum, call.n_threads, call.scalars = g.typenum, n_threads, scalars
+            return self.direct(&call)
+        finally:
+            if rows != local_rows:
+                free(rows)
+            if offsets != local_offsets:
+                free(offsets)
 
 
 cdef inline bint _same_scale(object a, object b):
@@ -809,6 +1074,12 @@ cdef class KernelArguments:
 
     cpdef tuple constant(self, object step, object grad_scale, object fresh):
         """``(invoke, constants)`` for step ``step``: what does not change with it."""
+        cdef tuple last = self.current(step, grad_scale, fresh)
+        return last[3], last[4]
+
+    cdef tuple current(self, object step, object grad_scale, object fresh):
+        """``(key, grad_scale, fresh, invoke, constants)`` for step ``step``, computed
+        again only when needed."""
         cdef object key = step if self.keyed_on_step else None
         cdef tuple last = self.last
         if last is None or last[0] is not key or not _same_scale(last[1], grad_scale) or last[2] is not fresh:
@@ -816,7 +1087,80 @@ cdef class KernelArguments:
                                                                      fresh=fresh))
             last = (key, grad_scale, fresh, invoke, constants)
             self.last = last
-        return last[3], last[4]
+        return last
+
+
+@cython.auto_pickle(False)
+cdef class CallDefaults:
+    """``effective_n_threads(n_threads)`` and ``resolve_backend(backend)``
+    (fastdescent._config, given to the constructor) for the C paths of the faces
+    and the step plans, the common requests answered in C.
+
+    The answers read the same state as those functions, in ``_config``'s globals:
+    the calling thread's ``num_threads`` block (a context variable), the
+    process-wide ``set_num_threads`` and ``set_backend`` values, OpenMP's limit
+    for this thread (:func:`thread_limit`) and the backend modules loaded. A
+    request they do not cover (a negative count, a backend not loaded yet), or
+    any of that state not found as expected, goes to the Python function, which
+    also raises for a bad request. tests/test_step_plan.py compares both.
+    """
+
+    cdef object effective_n_threads, resolve_backend, block_threads
+    cdef dict config
+
+    def __init__(self, effective_n_threads, resolve_backend):
+        self.effective_n_threads, self.resolve_backend = effective_n_threads, resolve_backend
+        self.config = getattr(effective_n_threads, "__globals__", None)
+        if self.config is not getattr(resolve_backend, "__globals__", None):
+            self.config = None
+        self.block_threads = None
+        if self.config is not None and type(self.config.get("_block_threads")) is ContextVar:
+            self.block_threads = self.config["_block_threads"]
+
+    def threads(self, n_threads):
+        """``effective_n_threads(n_threads)``."""
+        return self.threads_for(n_threads)
+
+    def backend(self, backend):
+        """``resolve_backend(backend)``."""
+        return self.backend_for(backend)
+
+    cdef int threads_for(self, object n_threads) except -1:
+        cdef PyObject* found
+        cdef object block, request = n_threads
+        if request is None and self.block_threads is not None:
+            block = get_value(self.block_threads)
+            if block is None:
+                found = PyDict_GetItemWithError(self.config, "_default_threads")
+                if found == NULL:
+                    return self.effective_n_threads(n_threads)
+                request = <object>found
+            elif type(block) is tuple and len(<tuple>block) == 1:
+                request = (<tuple>block)[0]
+            else:
+                return self.effective_n_threads(n_threads)
+            if request is None:
+                return _thread_limit()
+        if type(request) is int and 0 < request <= 1 << 16:
+            return min(<int>request, _thread_limit())
+        return self.effective_n_threads(n_threads)
+
+    cdef object backend_for(self, object backend):
+        cdef PyObject* found
+        cdef object name = backend, module
+        if self.config is not None:
+            if name is None:
+                found = PyDict_GetItemWithError(self.config, "_default_backend")
+                name = <object>found if found != NULL else 0
+                if name is None:
+                    found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
+                    name = <object>found if found != NULL else 0
+            found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
+            if type(name) is str and found != NULL and type(<object>found) is dict:
+                module = (<dict>found).get(name)
+                if module is not None:
+                    return module
+        return self.resolve_backend(backend)
 
 
 @cython.auto_pickle(False)
@@ -883,11 +1227,13 @@ cdef class StepPlan:
     cdef bint flat
     cdef Py_ssize_t size
     cdef object fresh
+    cdef CallDefaults defaults
 
-    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, fresh):
+    def __init__(self, list param_groups, list groups, WrittenBuffers written, bint flat, fresh,
+                 CallDefaults defaults):
         cdef GroupPlan plan
         self.param_groups, self.groups, self.written, self.flat = param_groups, groups, written, flat
-        self.fresh = fresh
+        self.fresh, self.defaults = fresh, defaults
         self.size = 0
         for plan in groups:
             self.size += plan.size
@@ -895,17 +1241,22 @@ cdef class StepPlan:
     def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads,
             object refresh):
         """Take the step; False if the optimizer must take its general path instead.
-        (``refresh`` comes with each call: a plan that kept it would keep its
-        optimizer alive in a reference cycle.)"""
+        ``backend`` and ``n_threads`` are the optimizer's options (None: the
+        defaults). (``refresh`` comes with each call: a plan that kept it would keep
+        its optimizer alive in a reference cycle.)"""
         cdef Py_ssize_t g, n = len(self.groups), offset = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
-        cdef object group, bucket_grads, step, invoke
+        cdef KernelArguments arguments
+        cdef object group, bucket_grads, step, kernels
         cdef list steps = [], calls = []
-        cdef tuple call
+        cdef tuple last
+        cdef int threads
         if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
                 or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
             return False
+        kernels = self.defaults.backend_for(backend)
+        threads = self.defaults.threads_for(n_threads)
         for g in range(n):
             plan = <GroupPlan>self.groups[g]
             group = (<list>param_groups)[g]
@@ -938,23 +1289,63 @@ cdef class StepPlan:
                     bucket.grads = bucket_grads
                 offset += plan.size
         for g in range(n):
-            call = (<GroupPlan>self.groups[g]).arguments.get(steps[g], grad_scale, self.fresh)
-            if type(call[0]) is not KernelCall:
+            arguments = (<GroupPlan>self.groups[g]).arguments
+            last = arguments.current(steps[g], grad_scale, self.fresh)
+            if type(last[3]) is not KernelCall:
                 return False
-            calls.append(call)
+            calls.append((last[3], last[4], arguments.varying(steps[g])))
         # The writes.
-        for g in range(n):
-            plan = <GroupPlan>self.groups[g]
-            invoke, constants, varying = calls[g]
-            function = getattr(backend, (<KernelCall>invoke).kernel)
-            for bucket in plan.buckets:
-                (<KernelCall>invoke).call(function, bucket.params, bucket.grads, bucket.buffers, constants, varying,
-                                          n_threads)
-                if not self.flat:
-                    bucket.grads = None
-            if plan.counts_steps:
-                update_each(plan.states, {"step": steps[g]})
+        try:
+            for g in range(n):
+                plan = <GroupPlan>self.groups[g]
+                invoke, constants, varying = calls[g]
+                for bucket in plan.buckets:
+                    _call_bucket(<KernelCall>invoke, kernels, bucket, constants, varying, threads)
+                if plan.counts_steps:
+                    update_each(plan.states, {"step": steps[g]})
+        finally:
+            if not self.flat:
+                for g in range(n):
+                    for bucket in (<GroupPlan>self.groups[g]).buckets:
+                        bucket.grads = None
         return True
+
+
+cdef int _call_bucket(KernelCall invoke, object kernels, BucketPlan bucket, tuple constants, tuple varying,
+                      int threads) except -1:
+    """One kernel call of a step plan: the bucket's parameters (checked by the
+    plan's WrittenBuffers) and gradients (checked against them), gathered as
+    the kernel takes them. What the ``def`` entry itself checks (that every array
+    is an ndarray of the parameters' dtype and size, C-contiguous), is checked
+    here again (the flat arenas are not in the WrittenBuffers table); anything
+    amiss goes to the ``def`` entry, which raises."""
+    cdef Gathered g
+    cdef Py_ssize_t r, i, n = len(bucket.params), n_roles = 2 + len(bucket.buffers)
+    cdef PyObject* item
+    cdef int typenum
+    _gathered_init(&g)
+    try:
+        _gathered_alloc(&g, n_roles, n)
+        _take_list(&g, 0, bucket.params)
+        _take_list(&g, 1, bucket.grads)
+        for r in range(2, n_roles):
+            if bucket.buffers[r - 2] is not None:
+                _take_list(&g, r, bucket.buffers[r - 2])
+        if n:
+            typenum = cnp.PyArray_TYPE(<cnp.ndarray>g.items[0]) if cnp.PyArray_Check(<object>g.items[0]) else -1
+            g.typenum = typenum
+            for r in range(n_roles):
+                for i in range(n if g.items[r * n] != NULL else 0):
+                    item = g.items[r * n + i]
+                    if (not cnp.PyArray_Check(<object>item) or cnp.PyArray_TYPE(<cnp.ndarray>item) != typenum
+                            or cnp.PyArray_SIZE(<cnp.ndarray>item) != cnp.PyArray_SIZE(<cnp.ndarray>g.items[i])
+                            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>item)):
+                        invoke.call(getattr(kernels, invoke.kernel), bucket.params, bucket.grads, bucket.buffers,
+                                    constants, varying, threads)
+                        return 0
+        return invoke.call_gathered(kernels, &g, constants, varying, threads)
+    finally:
+        _release(&g)
 
 
 @cython.auto_pickle(False)
@@ -965,26 +1356,30 @@ cdef class FaceRunner:
     ``RuleSpec.face_step``). When the hyperparameters are cached (validated
     before), ``step`` is an int in range, ``grad_scale`` a finite float, the
     buffers given are those the configuration needs, ``first_step`` is False and
-    the rule keeps no scalar state, it checks the arrays (:func:`checked_lists`)
-    and calls the kernel; anything else goes to ``general`` (``face_step``), which
-    validates it all and raises or runs. Both compute the same scalars and make
-    the same kernel call.
+    the rule keeps no scalar state, it checks the arrays (as
+    :func:`checked_lists`, without building the lists) and calls the kernel,
+    through its direct entry where the backend has one (:class:`KernelCall`);
+    anything else goes to ``general`` (``face_step``), which validates it all and
+    raises or runs. Both compute the same scalars and make the same kernel call.
+    ``defaults`` (a :class:`CallDefaults`) resolves ``n_threads`` and ``backend``.
     """
 
     cdef ExactCache configs
-    cdef object general, resolve_backend, effective_n_threads, nothing_fresh
+    cdef object general, nothing_fresh
+    cdef CallDefaults defaults
     cdef tuple roles, writable
     cdef bint uses_step, simple
 
     def __init__(self, ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
-                 resolve_backend, effective_n_threads, nothing_fresh):
+                 CallDefaults defaults, nothing_fresh):
         self.configs, self.roles, self.writable, self.uses_step, self.simple = configs, roles, writable, uses_step, simple
-        self.general, self.resolve_backend, self.effective_n_threads = general, resolve_backend, effective_n_threads
-        self.nothing_fresh = nothing_fresh
+        self.general, self.defaults, self.nothing_fresh = general, defaults, nothing_fresh
 
     def run(self, params, grads, tuple buffers, tuple present, tuple values, step, grad_scale, first_step,
             scalar_state, n_threads, backend):
         cdef double scale
+        cdef Gathered g
+        cdef tuple last, varying, lists
         config = self.configs.get(values)
         if (config is None or not self.simple or first_step is not False
                 or (self.uses_step and (type(step) is not int or not 0 < step < MAX_STEP))
@@ -995,12 +1390,18 @@ cdef class FaceRunner:
         if not -INFINITY < scale < INFINITY:
             return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
                                 scalar_state, n_threads, backend)
-        lists = _checked_lists(self.roles, (params, grads, *buffers), self.writable)
-        backend = self.resolve_backend(backend)
-        n_threads = self.effective_n_threads(n_threads)
-        invoke, constants, varying = (<KernelArguments>config.arguments).get(step, grad_scale, self.nothing_fresh)
-        if type(invoke) is KernelCall:
-            (<KernelCall>invoke).call(getattr(backend, (<KernelCall>invoke).kernel), lists[0], lists[1],
-                                      lists[2:], constants, varying, n_threads)
-        else:
-            invoke(backend, lists[0], lists[1], lists[2:], constants, varying, n_threads)
+        _gathered_init(&g)
+        try:
+            _gather(&g, self.roles, (params, grads, *buffers), self.writable)
+            kernels = self.defaults.backend_for(backend)
+            threads = self.defaults.threads_for(n_threads)
+            last = (<KernelArguments>config.arguments).current(step, grad_scale, self.nothing_fresh)
+            varying = (<KernelArguments>config.arguments).varying(step)
+            invoke = last[3]
+            if type(invoke) is KernelCall:
+                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], varying, threads)
+            else:
+                lists = _lists(&g)
+                invoke(kernels, lists[0], lists[1], lists[2:], last[4], varying, threads)
+        finally:
+            _release(&g)

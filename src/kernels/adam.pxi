@@ -70,6 +70,20 @@ cdef void adam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const AdamArgs*>args)
 
 
+cdef void adam_args(AdamArgs* a, double lr, double step_size, double inv_bias_correction2_sqrt, double beta1,
+                    double beta2, double eps, double weight_decay, bint decoupled, double grad_scale) noexcept nogil:
+    a.step_size = step_size
+    a.inv_bias_correction2_sqrt = inv_bias_correction2_sqrt
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.param_decay = 1.0 - lr * weight_decay
+    a.grad_scale = grad_scale
+    a.decoupled = decoupled and weight_decay != 0.0
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def adam(list params not None, list grads not None, list exp_avg not None, list exp_avg_sq not None,
          max_exp_avg_sq=None, *,
          double lr, double step_size, double inv_bias_correction2_sqrt, double beta1, double beta2,
@@ -84,15 +98,18 @@ def adam(list params not None, list grads not None, list exp_avg not None, list 
     every gradient and carries the sign for ``maximize``.
     """
     cdef AdamArgs a
-    a.step_size = step_size
-    a.inv_bias_correction2_sqrt = inv_bias_correction2_sqrt
-    a.beta1 = beta1
-    a.beta2 = beta2
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.param_decay = 1.0 - lr * weight_decay
-    a.grad_scale = grad_scale
-    a.decoupled = decoupled and weight_decay != 0.0
-    a.has_weight_decay = weight_decay != 0.0
+    adam_args(&a, lr, step_size, inv_bias_correction2_sqrt, beta1, beta2, eps, weight_decay, decoupled, grad_scale)
     run_kernel((params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq), n_threads,
                adam_segment_f32, adam_segment_f64, &a)
+
+
+cdef int adam_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef AdamArgs a
+    adam_args(&a, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7] != 0.0, s[8])
+    return run_direct(call, adam_segment_f32, adam_segment_f64, &a)
+
+
+register_direct("adam", adam_direct, ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                ("lr", "step_size", "inv_bias_correction2_sqrt", "beta1", "beta2", "eps", "weight_decay",
+                 "decoupled", "grad_scale"))

@@ -5,6 +5,7 @@ from cython cimport floating
 
 include "_common.pxi"
 include "_storage.pxi"
+include "_direct.pxi"
 include "sgd.pxi"
 include "_adaptive.pxi"
 include "rprop.pxi"

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _checks, _runtime
 from .._config import BACKENDS, effective_n_threads, resolve_backend
-from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
+from ..rules._spec import CALL_DEFAULTS, FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from .accumulate import Accumulation
 from .clipping import bucket_norm
 from .lowprec import (LowPrecision, record_spans, check_low_precision_param, is_low_precision_param, scales_name,
@@ -464,10 +464,8 @@ class Optimizer(LowPrecision, Checkpointing):
             if self._accumulation.steps != 1:
                 return self._accumulation.step(self, grads, group, grad_scale)
             plan = self._plan
-            if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale,
-                                                               resolve_backend(self._backend),
-                                                               effective_n_threads(self._n_threads),
-                                                               self._refresh_plan):
+            if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale, self._backend,
+                                                               self._n_threads, self._refresh_plan):
                 return True
             return self._step(grads, group, grad_scale)
         finally:
@@ -555,7 +553,7 @@ class Optimizer(LowPrecision, Checkpointing):
                                              layout.states or [], buckets, config.arguments, layout.first,
                                              len(layout.params), spec.counts_steps and bool(layout.states),
                                              config.present))
-        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, NOTHING_FRESH)
+        return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, NOTHING_FRESH, CALL_DEFAULTS)
 
     def _refresh_plan(self, position, plan, step, flat):
         """A schedule wrote a hyperparameter of group ``position``: validate the

@@ -56,6 +56,8 @@ PARAMETER = _Marker("PARAMETER")
 
 #: No buffer created for this step.
 NOTHING_FRESH = frozenset()
+#: ``n_threads`` and ``backend`` resolved in C for the faces' and the step plans' common case.
+CALL_DEFAULTS = _runtime.CallDefaults(effective_n_threads, resolve_backend)
 #: Validated configurations kept per rule (the cache is emptied when full).
 CONFIGS_KEPT = 256
 
@@ -693,7 +695,7 @@ def make_face(spec, module):
     # The C fast path knows nothing of scalar states or shapes: those rules take face_step.
     simple = not spec.scalar_state and not spec._shaped and spec.param_ndim is None
     runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
-                                 resolve_backend, effective_n_threads, NOTHING_FRESH)
+                                 CALL_DEFAULTS, NOTHING_FRESH)
     namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
     exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
     face = namespace[spec.face_name]
