@@ -107,7 +107,7 @@ MAX_STEP = 2**63
 
 # ------------------------------------------------------------------ buffer checks
 from cpython.object cimport PyObject
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_Update
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem, PyDict_Update
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
@@ -656,39 +656,43 @@ cdef class WrittenBuffers:
         Errors name the gradient ``grads[grad_offset + positions[i]]`` (its place in the
         list given to ``step``) and the parameter ``params[param_offset + positions[i]]``.
         """
-        cdef Py_ssize_t i, lo, hi, mid, n = len(params)
-        cdef size_t start, end
-        cdef object obj
-        cdef cnp.ndarray g, p
+        cdef Py_ssize_t i, n = len(params)
         if len(grads) != n:
             raise ValueError(f"{len(grads)} gradients for {n} parameters")
         for i in range(n):
-            obj = grads[i]
-            p = <cnp.ndarray>params[i]
-            if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.PyArray_TYPE(p)
-                    or not _same_shape(<cnp.ndarray>obj, p) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj)
-                    or not cnp.PyArray_ISALIGNED(<cnp.ndarray>obj)):
-                _check_array(obj, f"grads[{grad_offset + positions[i]}]", -1, False, False, p,
-                             f"its parameter params[{param_offset + positions[i]}]")
-            g = <cnp.ndarray>obj
-            if not cnp.PyArray_NBYTES(g):
-                continue
-            start = <size_t>cnp.PyArray_BYTES(g)
-            end = start + <size_t>cnp.PyArray_NBYTES(g)
-            # The spans are disjoint and sorted, so their ends are sorted too: find
-            # the first that ends after the gradient starts.
-            lo, hi = 0, self.n_spans
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self.spans[mid].hi <= start:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            while lo < self.n_spans and self.spans[lo].lo < end:
-                if group < 0 or self.spans[lo].role == group:
-                    raise ValueError(f"grads[{grad_offset + positions[i]}] shares memory with "
-                                     f"{self.labels[self.spans[lo].index]}, which the step writes")
-                lo += 1
+            self.check_grad(grads[i], <cnp.ndarray>params[i], grad_offset + positions[i],
+                            param_offset + positions[i], group)
+
+    cdef int check_grad(self, object obj, cnp.ndarray p, Py_ssize_t grad_index, Py_ssize_t param_index,
+                        Py_ssize_t group) except -1:
+        """:meth:`check_grads` of one gradient, ``grads[grad_index]`` of ``params[param_index]``."""
+        cdef Py_ssize_t lo, hi, mid
+        cdef size_t start, end
+        cdef cnp.ndarray g
+        if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.PyArray_TYPE(p)
+                or not _same_shape(<cnp.ndarray>obj, p) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj)
+                or not cnp.PyArray_ISALIGNED(<cnp.ndarray>obj)):
+            _check_array(obj, f"grads[{grad_index}]", -1, False, False, p, f"its parameter params[{param_index}]")
+        g = <cnp.ndarray>obj
+        if not cnp.PyArray_NBYTES(g):
+            return 0
+        start = <size_t>cnp.PyArray_BYTES(g)
+        end = start + <size_t>cnp.PyArray_NBYTES(g)
+        # The spans are disjoint and sorted, so their ends are sorted too: find
+        # the first that ends after the gradient starts.
+        lo, hi = 0, self.n_spans
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.spans[mid].hi <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        while lo < self.n_spans and self.spans[lo].lo < end:
+            if group < 0 or self.spans[lo].role == group:
+                raise ValueError(f"grads[{grad_index}] shares memory with "
+                                 f"{self.labels[self.spans[lo].index]}, which the step writes")
+            lo += 1
+        return 0
 
 
 # --------------------------------------------------- hyperparameter cache support
@@ -814,6 +818,10 @@ cdef class ExactCache:
 def same_values(object mapping, tuple names, tuple values):
     """True if ``mapping`` is a dict and ``mapping[names[i]] is values[i]`` for
     every i: the very objects."""
+    return _same_values(mapping, names, values)
+
+
+cdef bint _same_values(object mapping, tuple names, tuple values) except -1:
     cdef Py_ssize_t i
     cdef PyObject* value
     if type(mapping) is not dict or values is None or len(values) != len(names):
@@ -1244,14 +1252,16 @@ cdef class StepPlan:
         ``backend`` and ``n_threads`` are the optimizer's options (None: the
         defaults). (``refresh`` comes with each call: a plan that kept it would keep
         its optimizer alive in a reference cycle.)"""
-        cdef Py_ssize_t g, n = len(self.groups), offset = 0
+        cdef Py_ssize_t g, b, n = len(self.groups), offset = 0, n_buckets = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
         cdef KernelArguments arguments
-        cdef object group, bucket_grads, step, kernels
+        cdef object group, step, kernels
         cdef list steps = [], calls = []
         cdef tuple last
         cdef int threads
+        cdef Gathered local_gathered[2]
+        cdef Gathered* gathered = local_gathered
         if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
                 or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
             return False
@@ -1268,84 +1278,116 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
-            if not same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
+            if not _same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
                 return False
             steps.append(step)
+            n_buckets += len(plan.buckets)
         self.written.verify()
         if not self.flat:
             if type(grads) is not list and type(grads) is not tuple:
                 return False
             if len(grads) != self.size:
                 raise ValueError(f"{len(grads)} gradients for {self.size} parameters")
+        if n_buckets > 2:
+            gathered = <Gathered*>malloc(n_buckets * sizeof(Gathered))
+            if gathered == NULL:
+                raise MemoryError()
+        for b in range(n_buckets):
+            _gathered_init(&gathered[b])
+        try:
+            # The arrays of every call, each gradient checked (WrittenBuffers.check_grad).
+            b = 0
             for g in range(n):
                 plan = <GroupPlan>self.groups[g]
                 for bucket in plan.buckets:
-                    # A new list: the kernel gets what was checked, whatever the caller's list does.
-                    if bucket.span is None:
-                        bucket_grads = [grads[offset + k] for k in bucket.positions]
-                    else:
-                        bucket_grads = list(grads[offset + bucket.span.start:offset + bucket.span.stop])
-                    self.written.check_grads(bucket.params, bucket_grads, bucket.positions, offset, plan.first, -1)
-                    bucket.grads = bucket_grads
+                    _gather_bucket(&gathered[b], bucket, None if self.flat else grads, offset, plan.first,
+                                   self.written)
+                    b += 1
                 offset += plan.size
-        for g in range(n):
-            arguments = (<GroupPlan>self.groups[g]).arguments
-            last = arguments.current(steps[g], grad_scale, self.fresh)
-            if type(last[3]) is not KernelCall:
-                return False
-            calls.append((last[3], last[4], arguments.varying(steps[g])))
-        # The writes.
-        try:
+            for g in range(n):
+                arguments = (<GroupPlan>self.groups[g]).arguments
+                last = arguments.current(steps[g], grad_scale, self.fresh)
+                if type(last[3]) is not KernelCall:
+                    return False
+                calls.append((last[3], last[4], arguments.varying(steps[g])))
+            # The writes.
+            b = 0
             for g in range(n):
                 plan = <GroupPlan>self.groups[g]
                 invoke, constants, varying = calls[g]
                 for bucket in plan.buckets:
-                    _call_bucket(<KernelCall>invoke, kernels, bucket, constants, varying, threads)
+                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads)
+                    b += 1
                 if plan.counts_steps:
-                    update_each(plan.states, {"step": steps[g]})
+                    _set_steps(plan.states, steps[g])
         finally:
-            if not self.flat:
-                for g in range(n):
-                    for bucket in (<GroupPlan>self.groups[g]).buckets:
-                        bucket.grads = None
+            for b in range(n_buckets):
+                _release(&gathered[b])
+            if gathered != local_gathered:
+                free(gathered)
         return True
 
 
-cdef int _call_bucket(KernelCall invoke, object kernels, BucketPlan bucket, tuple constants, tuple varying,
+cdef int _gather_bucket(Gathered* g, BucketPlan bucket, object grads, Py_ssize_t offset, Py_ssize_t first,
+                        WrittenBuffers written) except -1:
+    """The arrays of one kernel call of a step plan: the bucket's parameters and
+    buffers, and its gradients, ``grads[offset + position]`` (checked against their
+    parameters and the written arrays), or its own (a flat arena's) if ``grads`` is
+    None."""
+    cdef Py_ssize_t r, k, position, n = len(bucket.params), n_roles = 2 + len(bucket.buffers)
+    cdef list params = bucket.params, positions = bucket.positions
+    cdef object grad
+    _gathered_alloc(g, n_roles, n)
+    _take_list(g, 0, params)
+    if grads is None:
+        _take_list(g, 1, bucket.grads)
+    else:
+        if len(positions) != n:
+            raise ValueError(f"{len(positions)} positions for {n} parameters")
+        for k in range(n):
+            position = positions[k]
+            grad = grads[offset + position]
+            written.check_grad(grad, <cnp.ndarray>params[k], offset + position, first + position, -1)
+            Py_INCREF(grad)
+            g.items[n + k] = <PyObject*>grad
+        g.given |= 2
+    for r in range(2, n_roles):
+        if bucket.buffers[r - 2] is not None:
+            _take_list(g, r, bucket.buffers[r - 2])
+    g.typenum = -1
+    if n and cnp.PyArray_Check(<object>g.items[0]):
+        g.typenum = cnp.PyArray_TYPE(<cnp.ndarray>g.items[0])
+    return 0
+
+
+cdef int _call_bucket(KernelCall invoke, object kernels, const Gathered* g, tuple constants, tuple varying,
                       int threads) except -1:
-    """One kernel call of a step plan: the bucket's parameters (checked by the
-    plan's WrittenBuffers) and gradients (checked against them), gathered as
-    the kernel takes them. What the ``def`` entry itself checks (that every array
-    is an ndarray of the parameters' dtype and size, C-contiguous), is checked
-    here again (the flat arenas are not in the WrittenBuffers table); anything
-    amiss goes to the ``def`` entry, which raises."""
-    cdef Gathered g
-    cdef Py_ssize_t r, i, n = len(bucket.params), n_roles = 2 + len(bucket.buffers)
+    """One kernel call of a step plan, on arrays the plan checked (WrittenBuffers).
+    What the ``def`` entry itself checks (every array an ndarray of the parameters'
+    dtype and size, C-contiguous) is checked again here (the flat arenas are not in
+    the WrittenBuffers table): anything amiss goes to the ``def`` entry, which raises."""
+    cdef Py_ssize_t r, i, n = g.n_tensors
     cdef PyObject* item
-    cdef int typenum
-    _gathered_init(&g)
-    try:
-        _gathered_alloc(&g, n_roles, n)
-        _take_list(&g, 0, bucket.params)
-        _take_list(&g, 1, bucket.grads)
-        for r in range(2, n_roles):
-            if bucket.buffers[r - 2] is not None:
-                _take_list(&g, r, bucket.buffers[r - 2])
-        if n:
-            typenum = cnp.PyArray_TYPE(<cnp.ndarray>g.items[0]) if cnp.PyArray_Check(<object>g.items[0]) else -1
-            g.typenum = typenum
-            for r in range(n_roles):
-                for i in range(n if g.items[r * n] != NULL else 0):
-                    item = g.items[r * n + i]
-                    if (not cnp.PyArray_Check(<object>item) or cnp.PyArray_TYPE(<cnp.ndarray>item) != typenum
-                            or cnp.PyArray_SIZE(<cnp.ndarray>item) != cnp.PyArray_SIZE(<cnp.ndarray>g.items[i])
-                            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>item)):
-                        invoke.call(getattr(kernels, invoke.kernel), bucket.params, bucket.grads, bucket.buffers,
-                                    constants, varying, threads)
-                        return 0
-        return invoke.call_gathered(kernels, &g, constants, varying, threads)
-    finally:
-        _release(&g)
+    cdef tuple lists
+    for r in range(g.n_roles):
+        for i in range(n if g.given >> r & 1 else 0):
+            item = g.items[r * n + i]
+            if (not cnp.PyArray_Check(<object>item) or cnp.PyArray_TYPE(<cnp.ndarray>item) != g.typenum
+                    or cnp.PyArray_SIZE(<cnp.ndarray>item) != cnp.PyArray_SIZE(<cnp.ndarray>g.items[i])
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>item)):
+                lists = _lists(g)
+                invoke.call(getattr(kernels, invoke.kernel), lists[0], lists[1], lists[2:], constants, varying,
+                            threads)
+                return 0
+    return invoke.call_gathered(kernels, g, constants, varying, threads)
+
+
+cdef int _set_steps(list states, object step) except -1:
+    """``state["step"] = step`` for every state dict of a group."""
+    cdef object state
+    for state in states:
+        PyDict_SetItem(<dict?>state, "step", step)
+    return 0
 
 
 @cython.auto_pickle(False)
