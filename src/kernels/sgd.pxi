@@ -68,6 +68,19 @@ cdef void sgd_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const voi
                  (<double*>rows[2] + start) if rows[2] != NULL else NULL, n, <const SGDArgs*>args)
 
 
+cdef void sgd_args(SGDArgs* a, double lr, double grad_scale, double weight_decay, double momentum,
+                   double dampening, bint nesterov, bint classical, bint first_step) noexcept nogil:
+    a.lr = lr
+    a.grad_scale = grad_scale
+    a.weight_decay = weight_decay
+    a.momentum = momentum
+    a.dampening = dampening
+    a.has_weight_decay = weight_decay != 0.0
+    a.nesterov = nesterov
+    a.classical = classical
+    a.first_step = first_step
+
+
 def sgd(list params not None, list grads not None, momentum_buffer=None, *, double lr, double grad_scale,
         double weight_decay, double momentum, double dampening, bint nesterov,
         bint classical, bint first_step, int n_threads):
@@ -78,13 +91,16 @@ def sgd(list params not None, list grads not None, momentum_buffer=None, *, doub
     ``maximize``.
     """
     cdef SGDArgs a
-    a.lr = lr
-    a.grad_scale = grad_scale
-    a.weight_decay = weight_decay
-    a.momentum = momentum
-    a.dampening = dampening
-    a.has_weight_decay = weight_decay != 0.0
-    a.nesterov = nesterov
-    a.classical = classical
-    a.first_step = first_step
+    sgd_args(&a, lr, grad_scale, weight_decay, momentum, dampening, nesterov, classical, first_step)
     run_kernel((params, grads, momentum_buffer), n_threads, sgd_segment_f32, sgd_segment_f64, &a)
+
+
+cdef int sgd_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef SGDArgs a
+    sgd_args(&a, s[0], s[1], s[2], s[3], s[4], s[5] != 0.0, s[6] != 0.0, s[7] != 0.0)
+    return run_direct(call, sgd_segment_f32, sgd_segment_f64, &a)
+
+
+register_direct("sgd", sgd_direct, ("params", "grads", "momentum_buffer"),
+                ("lr", "grad_scale", "weight_decay", "momentum", "dampening", "nesterov", "classical", "first_step"))
