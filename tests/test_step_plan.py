@@ -398,3 +398,15 @@ def test_call_defaults_answer_as_the_config_functions():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
         same()
+
+
+def test_adams_step_scalars_in_c_are_the_python_ones_bit_for_bit():
+    from fastdescent.rules.adam import adam_bias_corrections
+
+    c = _runtime.BiasCorrections(adam_bias_corrections)
+    for betas in [(0.9, 0.999), (0.0, 0.0), (-0.0, 0.5), (0.2, 0.9), (0.999999, 0.9999999999)]:
+        for bias_correction in (True, False):
+            h = {"lr": 1e-3, "betas": betas, "bias_correction": bias_correction}
+            for step in [1, 2, 3, 7, 10, 100, 1001, 10**6, 2**40, 2**53 - 1, 2**53, 2**62]:
+                got, want = c(h, step), adam_bias_corrections(h, step)
+                assert [x.hex() for x in got] == [x.hex() for x in want], (betas, step)

@@ -113,7 +113,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdlib cimport malloc, free
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, pow, sqrt
 from libc.string cimport memcmp
 
 
@@ -1039,6 +1039,43 @@ cdef inline bint _same_scale(object a, object b):
 
 
 @cython.auto_pickle(False)
+cdef class BiasCorrections:
+    """Adam's ``step_scalars`` in C: ``(lr / (1 - beta1**step), 1 / sqrt(1 - beta2**step))``
+    from the validated hyperparameters ``lr``, ``betas`` and ``bias_correction``
+    (``(lr, 1.0)`` without bias correction), the numbers of
+    ``fastdescent.rules.adam.adam_bias_corrections`` bit for bit: the same libm
+    ``pow`` and ``sqrt`` in double precision, for the step counts and betas that
+    validation lets through (0 <= beta < 1; anything else is computed by that
+    function). :class:`KernelArguments` calls it without a Python call: at every
+    step of an optimizer, a Python ``step_scalars`` costs as much as the rest of
+    the step's bookkeeping."""
+
+    cdef object python
+
+    def __init__(self, python):
+        self.python = python
+
+    def __call__(self, h, step):
+        return self.compute(h, step)
+
+    cdef tuple compute(self, object h, object step):
+        cdef object lr, betas, bias
+        cdef double b1, b2, c1, c2, s
+        if type(h) is dict and type(step) is int and 0 < step < 1 << 53:
+            lr, betas, bias = (<dict>h).get("lr"), (<dict>h).get("betas"), (<dict>h).get("bias_correction")
+            if type(lr) is float and bias is False:
+                return (lr, 1.0)
+            if (type(lr) is float and bias is True and type(betas) is tuple and len(<tuple>betas) == 2
+                    and type((<tuple>betas)[0]) is float and type((<tuple>betas)[1]) is float):
+                b1, b2, s = PyFloat_AS_DOUBLE((<tuple>betas)[0]), PyFloat_AS_DOUBLE((<tuple>betas)[1]), <double>step
+                if 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0:
+                    c1, c2 = 1.0 - pow(b1, s), 1.0 - pow(b2, s)
+                    if c1 > 0.0 and c2 > 0.0:
+                        return (PyFloat_AS_DOUBLE(lr) / c1, 1.0 / sqrt(c2))
+        return self.python(h, step)
+
+
+@cython.auto_pickle(False)
 cdef class KernelArguments:
     """The kernel call of one validated configuration (a rule's Config), step
     after step: ``(invoke, constants, varying)`` for :class:`KernelCall`.
@@ -1076,7 +1113,10 @@ cdef class KernelArguments:
         if self.step_scalars is None:
             return ()
         if last is None or type(step) is not int or type(last[0]) is not int or step != last[0]:
-            last = (step, self.step_scalars(self.hyper, step))
+            if type(self.step_scalars) is BiasCorrections:
+                last = (step, (<BiasCorrections>self.step_scalars).compute(self.hyper, step))
+            else:
+                last = (step, self.step_scalars(self.hyper, step))
             self.last_varying = last
         return last[1]
 

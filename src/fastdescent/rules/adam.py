@@ -2,6 +2,7 @@
 
 import math
 
+from .. import _runtime
 from . import _hyper
 from ._spec import Buffer, Example, RuleSpec, flag
 
@@ -92,7 +93,7 @@ ADAM = RuleSpec(
     ),
     scalars=adam_scalars,
     step_scalar_names=("step_size", "inv_bias_correction2_sqrt"),
-    step_scalars=adam_bias_corrections,
+    step_scalars=_runtime.BiasCorrections(adam_bias_corrections),
     torch="Adam",
     examples=(
         Example("adam", {}, "Adam", bench=True, demo=("adaptive", 1e-3)),
