@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _config, precision
-from fastdescent.precision import BF16, INT8, NATIVE, UINT8
+from fastdescent.precision import BF16, BLOCK, INT8, NATIVE, UINT8
 from fastdescent.rules._spec import FIRST_GRADIENT
 from rule_cases import EXAMPLES, RICHEST, make_state
 from support import assert_bitwise_equal, random_array
@@ -270,10 +270,14 @@ def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_varia
     values = {b.name: special_moments(rng, n, b.nonnegative) for b in buffers}
     param = random_array(rng, n, np.float32)
     grads = [(rng.standard_normal(n) * np.exp2(rng.uniform(-50, 10, n))).astype(np.float32) for _ in range(2)]
+    noise = rng.integers(0, 256, BLOCK, dtype=np.uint8)   # every code, even those no encoder writes
     runs = {}
     for backend, n_threads in (("reference", 1), ("kernel", 1), ("kernel", 2)):
         p = [param.copy()]
         stored = stored_buffers(rule, {k: [v] for k, v in values.items()}, kind)
+        for arrays, _, stored_kind in stored.values():
+            if stored_kind != BF16:
+                arrays[0].view(np.uint8)[6 * BLOCK:7 * BLOCK] = noise
         for t, g in enumerate(grads):
             with np.errstate(all="ignore"):
                 stored_step(rule, _config.resolve_backend(backend), p, [g], stored, t + 1, 0.01, rounding,

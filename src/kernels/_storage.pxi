@@ -157,6 +157,23 @@ cdef extern from *:
         return magnitude & -(int32_t)(magnitude < 0x7f800000);
     }
 
+    /* The bits of |x|: a loop takes their largest (one operation per element),
+       and fd_largest_finite corrects it in the rare block with a non-finite value. */
+    static inline int32_t fd_magnitude(float x) { return (int32_t)(fd_bits(x) & 0x7fffffffU); }
+
+    /* The largest finite magnitude of src[0 .. n-1], given their largest magnitude. */
+    static int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
+        int i;
+        int32_t magnitude;
+        if (largest < 0x7f800000) return largest;
+        largest = 0;
+        for (i = 0; i < n; i++) {
+            magnitude = fd_finite_magnitude(src[i]);
+            largest = largest > magnitude ? largest : magnitude;
+        }
+        return largest;
+    }
+
     /* The bits of the float32 product z * 2**-bias (z >= 0, or non-finite: then
        a value past every code), without a subnormal operation: an x86 multiply
        whose result is subnormal takes a microcode assist of about a hundred
@@ -214,10 +231,11 @@ cdef extern from *:
         int i;
         int32_t largest = 0, magnitude;
         for (i = 0; i < n; i++) {
-            magnitude = fd_finite_magnitude(src[i]);
+            magnitude = fd_magnitude(src[i]);
             largest = largest > magnitude ? largest : magnitude;
         }
-        return fd_code_encode(src, dst, n, largest, random, is_signed, bias, tiny_up, nan_code);
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), random, is_signed, bias, tiny_up,
+                              nan_code);
     }
 
     /* The value of code c in a block of `scale`: ((code bits << 20 as a float32)
@@ -228,13 +246,16 @@ cdef extern from *:
        number's implicit one, 2**(bias - 126) (exact), and the sign goes on last
        (a zero code keeps its sign). */
     static inline float fd_code_value(uint32_t c, float scale, int is_signed, uint32_t bias, uint32_t nan_code) {
-        uint32_t magnitude = is_signed ? c & 0x7fU : c;
-        uint32_t sign = is_signed ? (c & 0x80U) << 24 : 0U;
-        uint32_t subnormal = -(uint32_t)((int32_t)magnitude < (1 << FD_CODE_MANTISSA));   /* a mask */
+        /* every operation on 32-bit lanes (the code's bits moved to their float32
+           place first): gcc otherwise computes the masks on bytes and widens them */
+        uint32_t bits = c << FD_CODE_DROPPED;
+        uint32_t magnitude = is_signed ? bits & (0x7fU << FD_CODE_DROPPED) : bits;
+        uint32_t sign = is_signed ? (bits << 4) & 0x80000000U : 0U;
+        uint32_t subnormal = -(uint32_t)((int32_t)magnitude < (int32_t)(1U << 23));   /* a mask */
         uint32_t exponent = (bias << 23) + (subnormal & (1U << 23));
-        float y = fd_float((magnitude << FD_CODE_DROPPED) + exponent) - fd_float(exponent & subnormal);
-        y = magnitude == nan_code ? fd_float(0x7fc00000U) : y;
-        return fd_float(fd_bits(y) | sign) * scale;
+        float y = fd_float(magnitude + exponent) - fd_float(exponent & subnormal);
+        uint32_t value = magnitude == (nan_code << FD_CODE_DROPPED) ? 0x7fc00000U : fd_bits(y);
+        return fd_float(value | sign) * scale;
     }
 
     static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
@@ -293,7 +314,8 @@ cdef extern from *:
     float fd_bf16_value(uint16_t half) noexcept nogil
     uint16_t fd_bf16_nearest(float x) noexcept nogil
     uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
-    int32_t fd_finite_magnitude(float x) noexcept nogil
+    int32_t fd_magnitude(float x) noexcept nogil
+    int32_t fd_largest_finite(const float* src, int n, int32_t largest) noexcept nogil
     float fd_int8_value(uint8_t c, float scale) noexcept nogil
     float fd_uint8_value(uint8_t c, float scale) noexcept nogil
     float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, fd_random random) noexcept nogil

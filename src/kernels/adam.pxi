@@ -177,11 +177,13 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
             adam_moments(x, g[i], &mean, &sq, f.scale, f.wd, f.has_wd, f.w1, f.w1_rest, f.from_end, f.keep2, f.w2)
             block_m[i - start] = mean
             block_v[i - start] = sq
-            magnitude = fd_finite_magnitude(mean)
+            magnitude = fd_magnitude(mean)
             largest_m = largest_m if largest_m > magnitude else magnitude
-            magnitude = fd_finite_magnitude(sq)
+            magnitude = fd_magnitude(sq)
             largest_v = largest_v if largest_v > magnitude else magnitude
             p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
+        largest_m = fd_largest_finite(block_m, <int>(stop - start), largest_m)
+        largest_v = fd_largest_finite(block_v, <int>(stop - start), largest_v)
         run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m,
                                           fd_random_from(run.random[2], <uint32_t>start))
         run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v,
