@@ -36,6 +36,17 @@ cdef extern from *:
 
     #define FD_BLOCK 256
 
+    /* A rule's fused stored loop (below) tests its flags (decoupled decay, L2
+       decay, the lerp's end) inside the loop: gcc 12 vectorizes it by masking
+       the flagged arithmetic, which only AVX-512 offers (without masks it would
+       have to unswitch a loop too large for it, and leaves it scalar). Other
+       variants run the three phases, whose loops vectorize everywhere. */
+    #ifdef __AVX512F__
+    #define FD_FUSED_STORED 1
+    #else
+    #define FD_FUSED_STORED 0
+    #endif
+
     /* The formats handed to the next run_kernel of this thread (a borrowed
        Python list, alive for the duration of stored()). */
     static __thread void *fd_pending_storage = NULL;
@@ -181,8 +192,11 @@ cdef extern from *:
        made the int8 pass 8x slower). A normal result is z's bits with the
        exponent lowered; a subnormal one, whose bits are z * 2**(149 - bias)
        rounded to an integer (to nearest even, as the multiply rounds), is that
-       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias). */
-    static inline uint32_t fd_scaled_bits(float z, uint32_t bias, float tiny_up) {
+       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias),
+       `down` = 2**-bias; `plain`: no product of the block is subnormal, the
+       multiply is safe (and cheaper). */
+    static inline uint32_t fd_scaled_bits(float z, int plain, uint32_t bias, float down, float tiny_up) {
+        if (plain) return fd_bits(z * down);   /* no product of the block is subnormal */
         uint32_t bits = fd_bits(z);
         uint32_t subnormal = fd_bits(z * tiny_up + 0x1p23f) - 0x4b000000U;
         uint32_t normal = -(uint32_t)((int32_t)bits >= (int32_t)((bias + 1) << 23));   /* a mask, not ?: (vectorizes) */
@@ -195,9 +209,10 @@ cdef extern from *:
        (non-finite input) becomes the NaN code. Comparisons are signed: both
        sides are below 2**31, and SSE2 has no unsigned ones. */
     static inline uint8_t fd_code_bits(float x, float inverse, uint32_t add, int is_signed, uint32_t bias,
-                                       float tiny_up, int32_t nan_code) {
+                                       int plain, float down, float tiny_up, int32_t nan_code) {
         uint32_t u = fd_bits(x);
-        uint32_t c = (fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, bias, tiny_up) + add) >> FD_CODE_DROPPED;
+        uint32_t y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
+        uint32_t c = (y + add) >> FD_CODE_DROPPED;
         c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
         return (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
     }
@@ -207,35 +222,47 @@ cdef extern from *:
     static inline uint32_t fd_code_random(uint32_t bits) { return bits & ((1U << FD_CODE_DROPPED) - 1U); }
 
     /* Encode the n values of one block whose largest finite magnitude (the bits
-       of the block's new scale) is `largest`, into codes; returns the scale. */
+       of the block's new scale) is `largest` into codes; returns the scale.
+       `smallest`: the bits of the smallest nonzero magnitude, or 0 if unknown:
+       when its product is normal, so are all (they are monotonic in |x|), and
+       the plain multiply serves. */
     static inline float fd_code_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                       fd_random random, int is_signed, uint32_t bias, float tiny_up,
-                                       int32_t nan_code) {
+                                       int32_t smallest, fd_random random, int is_signed, uint32_t bias,
+                                       float down, float tiny_up, int32_t nan_code) {
         int i;
         float inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
-        if (!random.stochastic) {
+        int plain = smallest && (int32_t)fd_bits(fd_float((uint32_t)smallest) * inverse) >= (int32_t)((bias + 1) << 23);
+        if (!random.stochastic && plain) {
             for (i = 0; i < n; i++)
-                dst[i] = fd_code_bits(src[i], inverse, fd_code_nearest(), is_signed, bias, tiny_up, nan_code);
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_nearest(), is_signed, bias, 1, down, tiny_up, nan_code);
+        } else if (!random.stochastic) {
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_nearest(), is_signed, bias, 0, down, tiny_up, nan_code);
+        } else if (plain) {
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_random(fd_random_bits(random, (uint32_t)i)),
+                                      is_signed, bias, 1, down, tiny_up, nan_code);
         } else {
             for (i = 0; i < n; i++)
                 dst[i] = fd_code_bits(src[i], inverse, fd_code_random(fd_random_bits(random, (uint32_t)i)),
-                                      is_signed, bias, tiny_up, nan_code);
+                                      is_signed, bias, 0, down, tiny_up, nan_code);
         }
         return fd_float((uint32_t)largest);
     }
 
     /* Encode n values (one block); returns the block's scale (its largest finite magnitude). */
     static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      fd_random random, int is_signed, uint32_t bias,
+                                      fd_random random, int is_signed, uint32_t bias, float down,
                                       float tiny_up, int32_t nan_code) {
         int i;
-        int32_t largest = 0, magnitude;
+        int32_t magnitude, largest = 0, smallest = 0x7fffffff;   /* smallest: nonzero */
         for (i = 0; i < n; i++) {
-            magnitude = fd_magnitude(src[i]);
+            magnitude = fd_finite_magnitude(src[i]);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
+            magnitude |= -(int32_t)(magnitude == 0) & 0x7fffffff;
+            smallest = smallest < magnitude ? smallest : magnitude;
         }
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), random, is_signed, bias, tiny_up,
-                              nan_code);
+        return fd_code_encode(src, dst, n, largest, smallest, random, is_signed, bias, down, tiny_up, nan_code);
     }
 
     /* The value of code c in a block of `scale`: ((code bits << 20 as a float32)
@@ -258,42 +285,56 @@ cdef extern from *:
         return fd_float(value | sign) * scale;
     }
 
+    /* Blocks without subnormal codes whose factor 2**bias * scale is finite
+       take one multiply per code (the same product, the factor being exact). */
     static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
-                                    int is_signed, uint32_t bias, uint32_t nan_code) {
+                                    int is_signed, uint32_t bias, float up, uint32_t nan_code) {
         int i;
-        for (i = 0; i < n; i++) dst[i] = fd_code_value(src[i], scale, is_signed, bias, nan_code);
+        uint32_t c, magnitude, sign, y;
+        float factor = up * scale;
+        uint8_t subnormals = 0;   /* any subnormal code (magnitude 1 .. 7) in the block? */
+        for (i = 0; i < n; i++) subnormals |= (uint8_t)((uint8_t)((is_signed ? src[i] & 0x7fU : src[i]) - 1U) < 7U);
+        if (!subnormals && (fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
+            for (i = 0; i < n; i++) {
+                c = src[i];
+                magnitude = is_signed ? c & 0x7fU : c;
+                sign = is_signed ? (c & 0x80U) << 24 : 0U;
+                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
+                dst[i] = fd_float(y | sign) * factor;
+            }
+        } else {
+            for (i = 0; i < n; i++) dst[i] = fd_code_value(src[i], scale, is_signed, bias, nan_code);
+        }
     }
 
     /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
     static inline float fd_int8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 1, 112, 0x7fU); }
     static inline float fd_uint8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 0, 96, 0xffU); }
-    static inline uint8_t fd_int8_code(float x, float inverse, uint32_t add) {
-        return fd_code_bits(x, inverse, add, 1, 112, 0x1p37f, 0x7f);
-    }
-    static inline uint8_t fd_uint8_code(float x, float inverse, uint32_t add) {
-        return fd_code_bits(x, inverse, add, 0, 96, 0x1p53f, 0xff);
-    }
     static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 1, 112, 0x7fU);
+        fd_code_load(src, dst, n, scale, 1, 112, 0x1p112f, 0x7fU);
     }
     static void fd_uint8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 0, 96, 0xffU);
+        fd_code_load(src, dst, n, scale, 0, 96, 0x1p96f, 0xffU);
     }
     static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 1, 112, 0x1p37f, 0x7f);
+        return fd_code_store(src, dst, n, random, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
     }
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
-        return fd_code_store(src, dst, n, random, 0, 96, 0x1p53f, 0xff);
+        return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
+    /* A fused loop's encoders: the largest magnitude it found, no smallest. */
     static float fd_int8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
                                 fd_random random) {
-        return fd_code_encode(src, dst, n, largest, random, 1, 112, 0x1p37f, 0x7f);
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), 0, random, 1, 112, 0x1p-112f,
+                              0x1p37f, 0x7f);
     }
     static float fd_uint8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
                                  fd_random random) {
-        return fd_code_encode(src, dst, n, largest, random, 0, 96, 0x1p53f, 0xff);
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), 0, random, 0, 96, 0x1p-96f,
+                              0x1p53f, 0xff);
     }
     """
+    const bint FD_FUSED_STORED
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
     uint64_t fd_splitmix64(uint64_t x) noexcept nogil
@@ -315,7 +356,6 @@ cdef extern from *:
     uint16_t fd_bf16_nearest(float x) noexcept nogil
     uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
     int32_t fd_magnitude(float x) noexcept nogil
-    int32_t fd_largest_finite(const float* src, int n, int32_t largest) noexcept nogil
     float fd_int8_value(uint8_t c, float scale) noexcept nogil
     float fd_uint8_value(uint8_t c, float scale) noexcept nogil
     float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, fd_random random) noexcept nogil

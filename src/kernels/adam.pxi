@@ -182,8 +182,6 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
             magnitude = fd_magnitude(sq)
             largest_v = largest_v if largest_v > magnitude else magnitude
             p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-        largest_m = fd_largest_finite(block_m, <int>(stop - start), largest_m)
-        largest_v = fd_largest_finite(block_v, <int>(stop - start), largest_v)
         run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m,
                                           fd_random_from(run.random[2], <uint32_t>start))
         run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v,
@@ -231,5 +229,6 @@ def adam(list params not None, list grads not None, list exp_avg not None, list 
                adam_segment_f32, adam_segment_f64, &a)
 
 
-register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), adam_stored_bf16, adam_stored_bf16_random,
-                    adam_stored_codes)
+if FD_FUSED_STORED:
+    register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), adam_stored_bf16, adam_stored_bf16_random,
+                        adam_stored_codes)
