@@ -19,6 +19,17 @@
 #      requantized (a new block scale, then codes); a master copy's low-precision
 #      twin is written from the updated float32 values.
 #
+# Three phases leave the codecs' integer work and the rule's divides and square
+# roots unable to overlap, and each phase waits on its own arrays, so a rule may
+# register *fused stored loops* (register_fused_loop; Adam in adam.pxi): its
+# element loop with the per-element codecs below inside it (bfloat16: decode,
+# update, round in registers; int8: decode and update per block, the new values
+# kept in L1 with their largest magnitude, then encoded under the new scale).
+# run_stored takes them when every stored role is a state buffer in bfloat16 or
+# int8/uint8 and parameters and gradients are float32, in the AVX-512 variant
+# (FD_FUSED_STORED); anything else runs the three phases. Same operations,
+# same bits.
+#
 # A role's loader is also where a gradient may come from elsewhere than one
 # array (issue 17, gradient accumulation: the block's gradient as (acc + g) / k,
 # acc zeroed): a new kind is one case in load_role (and one in finish_role if
