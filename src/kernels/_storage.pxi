@@ -183,6 +183,12 @@ cdef extern from *:
        and fd_largest_finite corrects it in the rare block with a non-finite value. */
     static inline int32_t fd_magnitude(float x) { return (int32_t)(fd_bits(x) & 0x7fffffffU); }
 
+    /* A magnitude, zero made the largest: the smallest of them is the smallest
+       nonzero one (a non-finite one is larger than every finite one). */
+    static inline int32_t fd_nonzero_magnitude(int32_t magnitude) {
+        return magnitude | (-(int32_t)(magnitude == 0) & 0x7fffffff);
+    }
+
     /* The largest finite magnitude of src[0 .. n-1], given their largest magnitude. */
     static int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
         int i;
@@ -270,7 +276,7 @@ cdef extern from *:
         for (i = 0; i < n; i++) {
             magnitude = fd_finite_magnitude(src[i]);   /* non-finite: not counted */
             largest = largest > magnitude ? largest : magnitude;
-            magnitude |= -(int32_t)(magnitude == 0) & 0x7fffffff;
+            magnitude = fd_nonzero_magnitude(magnitude);
             smallest = smallest < magnitude ? smallest : magnitude;
         }
         return fd_code_encode(src, dst, n, largest, smallest, random, is_signed, bias, down, tiny_up, nan_code);
@@ -333,15 +339,15 @@ cdef extern from *:
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
-    /* A fused loop's encoders: the largest magnitude it found, no smallest. */
+    /* A fused loop's encoders: the largest and smallest nonzero magnitudes it found. */
     static float fd_int8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), 0, random, 1, 112, 0x1p-112f,
+                                int32_t smallest, fd_random random) {
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 1, 112, 0x1p-112f,
                               0x1p37f, 0x7f);
     }
     static float fd_uint8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                 fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), 0, random, 0, 96, 0x1p-96f,
+                                 int32_t smallest, fd_random random) {
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 0, 96, 0x1p-96f,
                               0x1p53f, 0xff);
     }
     """
@@ -369,8 +375,11 @@ cdef extern from *:
     int32_t fd_magnitude(float x) noexcept nogil
     float fd_int8_value(uint8_t c, float scale) noexcept nogil
     float fd_uint8_value(uint8_t c, float scale) noexcept nogil
-    float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, fd_random random) noexcept nogil
-    float fd_uint8_encode(const float* src, uint8_t* dst, int n, int32_t largest, fd_random random) noexcept nogil
+    float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
+                         fd_random random) noexcept nogil
+    float fd_uint8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
+                          fd_random random) noexcept nogil
+    int32_t fd_nonzero_magnitude(int32_t magnitude) noexcept nogil
 
 
 cdef enum:

@@ -159,7 +159,7 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
     cdef float block_m[BLOCK]
     cdef float block_v[BLOCK]
     cdef float x, mean, sq, scale_m, scale_v
-    cdef int32_t largest_m, largest_v, magnitude
+    cdef int32_t largest_m, largest_v, smallest_m, smallest_v, magnitude
     cdef Py_ssize_t i, b, start = 0, stop
     while start < run.n:
         stop = min(run.n, start + BLOCK)
@@ -168,6 +168,8 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
         scale_v = run.scales[3][b]
         largest_m = 0
         largest_v = 0
+        smallest_m = 0x7fffffff
+        smallest_v = 0x7fffffff
         for i in range(start, stop):
             x = p[i]
             if f.decoupled:
@@ -179,12 +181,16 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
             block_v[i - start] = sq
             magnitude = fd_magnitude(mean)
             largest_m = largest_m if largest_m > magnitude else magnitude
+            magnitude = fd_nonzero_magnitude(magnitude)
+            smallest_m = smallest_m if smallest_m < magnitude else magnitude
             magnitude = fd_magnitude(sq)
             largest_v = largest_v if largest_v > magnitude else magnitude
+            magnitude = fd_nonzero_magnitude(magnitude)
+            smallest_v = smallest_v if smallest_v < magnitude else magnitude
             p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-        run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m,
+        run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m, smallest_m,
                                           fd_random_from(run.random[2], <uint32_t>start))
-        run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v,
+        run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v, smallest_v,
                                            fd_random_from(run.random[3], <uint32_t>start))
         start = stop
 
