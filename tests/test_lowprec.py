@@ -290,3 +290,26 @@ def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_varia
             assert_same(arrays[0], expected[1][buffer_name][0][0], f"{key} {buffer_name}")
             if scales:
                 assert_same(scales[0], expected[1][buffer_name][1][0], f"{key} {buffer_name} scales")
+
+
+def test_a_fused_loop_takes_only_the_codes_it_decodes(rng, kernel_variant):
+    """Adam's fused int8 loop decodes exp_avg as int8 and exp_avg_sq as uint8; a
+    call handing other codes (here both uint8, from positive first moments) runs
+    the three phases, and matches the reference."""
+    rule = EXAMPLES["adam"]
+    n = 3000
+    values = {b.name: np.abs(random_array(rng, n, np.float32, scale=0.1)) for b in rule.spec.needed(rule.hyper)}
+    param, grad = random_array(rng, n, np.float32), random_array(rng, n, np.float32)
+    runs = []
+    for backend in ("reference", "kernel"):
+        p = [param.copy()]
+        stored = {}
+        for name, v in values.items():
+            codes, scales = precision.int8_encode(v, precision.UNSIGNED_CODE)
+            stored[name] = ([codes], [scales], UINT8)
+        stored_step(rule, _config.resolve_backend(backend), p, [grad], stored, 1, 0.01, "nearest", 1, [0])
+        runs.append((p, stored))
+    assert_bitwise_equal(runs[1][0][0], runs[0][0][0], "param")
+    for name in values:
+        assert_same(runs[1][1][name][0][0], runs[0][1][name][0][0], name)
+        assert_same(runs[1][1][name][1][0], runs[0][1][name][1][0], f"{name} scales")

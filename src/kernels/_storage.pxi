@@ -433,6 +433,7 @@ ctypedef void (*stored_loop_fn)(const StoredRun* run, const void* args) noexcept
 cdef struct FusedLoop:
     segment_fn plain            # the rule's float32 segment function (run_kernel's fn32)
     int stored_roles            # bit r: role r is a state buffer the fused loops take stored
+    int unsigned_roles          # bit r: in 8 bits, role r is uint8 codes (else int8)
     stored_loop_fn bf16         # those roles in bfloat16, rounded to nearest even
     stored_loop_fn bf16_random  # in bfloat16, rounded stochastically
     stored_loop_fn codes        # in int8/uint8 codes (either rounding: the block encoders take it)
@@ -445,19 +446,21 @@ cdef FusedLoop fused_loops[MAX_FUSED_LOOPS]
 cdef int n_fused_loops = 0
 
 
-cdef int register_fused_loop(segment_fn plain, int stored_roles, stored_loop_fn bf16, stored_loop_fn bf16_random,
-                             stored_loop_fn codes) except -1:
+cdef int register_fused_loop(segment_fn plain, int stored_roles, int unsigned_roles, stored_loop_fn bf16,
+                             stored_loop_fn bf16_random, stored_loop_fn codes) except -1:
     """Declare the fused stored loops of the rule whose float32 segment function
     is ``plain`` (NULL for a storage it has none for). One is used when
     parameters and gradients are float32 (no master copy) and the roles of
     ``stored_roles`` (bit r for role r, roles 2 and up) are all present and all
-    bfloat16 or all int8/uint8, written back and rounded alike, the other roles
-    from 2 up absent. Anything else runs the three-phase blocks."""
+    bfloat16 or all 8-bit codes (uint8 for the roles of ``unsigned_roles``, int8
+    for the others), written back and rounded alike, the other roles from 2 up
+    absent. Anything else runs the three-phase blocks."""
     global n_fused_loops
     if n_fused_loops == MAX_FUSED_LOOPS:
         raise RuntimeError("too many fused stored loops")
     fused_loops[n_fused_loops].plain = plain
     fused_loops[n_fused_loops].stored_roles = stored_roles
+    fused_loops[n_fused_loops].unsigned_roles = unsigned_roles
     fused_loops[n_fused_loops].bf16 = bf16
     fused_loops[n_fused_loops].bf16_random = bf16_random
     fused_loops[n_fused_loops].codes = codes
@@ -485,6 +488,8 @@ cdef stored_loop_fn fused_loop_for(segment_fn fn, const Plan* plan, const Storag
                 return NULL
         elif entry.stored_roles & (1 << r):
             if not present or kind == KIND_NATIVE or kind == KIND_F16 or not storage.roles[r].written:
+                return NULL
+            if kind != KIND_BF16 and kind != (KIND_UINT8 if entry.unsigned_roles & (1 << r) else KIND_INT8):
                 return NULL
             if family == 0:
                 family = KIND_BF16 if kind == KIND_BF16 else KIND_INT8

@@ -236,5 +236,6 @@ def adam(list params not None, list grads not None, list exp_avg not None, list 
 
 
 if FD_FUSED_STORED:
-    register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), adam_stored_bf16, adam_stored_bf16_random,
+    # exp_avg (role 2) and exp_avg_sq (role 3, non-negative: uint8 codes)
+    register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), 1 << 3, adam_stored_bf16, adam_stored_bf16_random,
                         adam_stored_codes)
