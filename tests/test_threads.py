@@ -244,7 +244,11 @@ def test_parked_workers_are_woken_only_when_the_measured_wake_up_pays(parked_poo
     # 1 thread updates 10**9 elements a second: 2**16 take 66 us alone.
     kernels.set_wake_estimates(latency=1e-3, cost=5e-6, rate=1e9)
     assert kernels.parts_for(1 << 16, 2) == 1         # a worker 1 ms late comes after the end
-    assert kernels.parts_for(1 << 18, 2) == 2         # parts of 2**17: always woken
+    assert kernels.parts_for(1 << 20, 2) == 1         # ... or too late to halve 1 ms of work
+    assert kernels.parts_for(1 << 22, 2) == 2         # 4 ms: pays
+    kernels.set_wake_estimates(latency=5e-3)            # a busy machine
+    assert kernels.parts_for(1 << 21, 2) == 1
+    assert kernels.parts_for(1 << 22, 2) == 2         # parts of 2**21: always woken
     assert kernels.parts_for(1 << 16, 1) == 1
     kernels.set_wake_estimates(latency=5e-6, cost=1e-6, rate=1e9)
     assert kernels.parts_for(1 << 16, 2) == 2         # a quick wake-up pays for 66 us of work

@@ -647,12 +647,14 @@ cdef enum:
 #   never waits for them, but the time they are late is time the caller works
 #   alone. So they are woken only if fd_wake_pays: the update is long enough
 #   against the latency and the cost, as measured on this machine (every wake-up
-#   is timed, and the rate of every update). Parts of MIN_ELEMENTS_PER_THREAD_COLD
-#   elements or more always wake them;
+#   is timed, and the rate of every update). On a busy machine the latency is a
+#   time slice and only the largest updates wake them. Parts of
+#   MIN_ELEMENTS_PER_THREAD_COLD elements or more always do (milliseconds of work:
+#   more than the largest latency sample counts for);
 # * back to back (the previous call ended less than half the spin time ago),
 #   parked workers are woken at the warm threshold: they stay up for the next calls.
 cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 131072
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 1 << 21
 # Workers whose spin ends sooner than this count as parked: the job may miss them.
 cdef double AWAKE_MARGIN = 2e-5
 cdef double last_call_end = -INFINITY   # monotonic seconds; written by calling threads
