@@ -224,9 +224,13 @@ def parked_pool():
     kernels.set_min_elements_per_thread(1024, 1024)
     try:
         fd.sgd_step([p], [p.copy()], lr=0.0, n_threads=2)   # starts the workers
-        deadline = time.monotonic() + 5
-        while kernels.pool_state()["parked"] < kernels.pool_state()["workers"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Parked for 50 ms in a row: a worker still on its way back from a wake-up
+        # counts as parked until it runs, and would then run.
+        deadline, parked_since = time.monotonic() + 10, time.monotonic()
+        while time.monotonic() - parked_since < 0.05 and time.monotonic() < deadline:
+            time.sleep(0.005)
+            if kernels.pool_state()["parked"] < kernels.pool_state()["workers"]:
+                parked_since = time.monotonic()
         kernels.set_min_elements_per_thread(*thresholds)
         time.sleep(0.002)   # not back to back
         yield kernels
@@ -268,6 +272,8 @@ def test_wake_up_hint_wakes_parked_workers_and_changes_no_result(parked_pool, rn
     serial = adam_run(1, params, grads)
     hints = kernels.pool_state()["hints"]
     assert not kernels.prepare_threads(10**7, 1)       # one thread: nothing to wake
+    assert not kernels.prepare_threads(40_000, 2)      # 5 us to wake them: 12% of 40 us of work
+    assert kernels.pool_state()["parked"] >= 1
     assert kernels.prepare_threads(10**7, 2)
     deadline = time.monotonic() + 5
     while kernels.pool_state()["parked"] and time.monotonic() < deadline:

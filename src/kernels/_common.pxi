@@ -262,7 +262,7 @@ cdef extern from *:
             if ((i & 15) == 0) {
                 before = now;
                 now = fd_now();
-                if (now - before > 5e-5) {   /* descheduled */
+                if (now - before > 5e-5 && fd_pool.backoff) {   /* descheduled */
                     fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
                     break;
                 }
@@ -509,10 +509,11 @@ cdef extern from *:
     /* The hint: an update of about `total` elements on n_parts threads is coming
        (the optimizer's step has begun). Spinning workers keep spinning for it;
        parked ones are woken now, so that their wake-up latency overlaps the
-       caller's validation, if the wake-up call costs under 5% of the update: the
-       most it loses should the update run alone after all. Starts the workers
-       if there are none yet. Returns 1 if it woke workers or kept them spinning. */
-    static int fd_pool_prepare(Py_ssize_t total, int n_parts) {
+       caller's validation, if the update would pay for workers already up and the
+       wake-up call costs under 5% of it: the most the hint loses should the update
+       run alone after all. Starts the workers if there are none yet. Returns 1 if
+       it woke workers or kept them spinning. */
+    static int fd_pool_prepare(Py_ssize_t total, int n_parts, Py_ssize_t chunk) {
         double now;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || fd_pool_contended()) return 0;
@@ -522,7 +523,8 @@ cdef extern from *:
             fd_pool.hints++;
             return 1;
         }
-        if (fd_get_deadline(&fd_pool.wake_cost) > 0.05 * total / fd_get_deadline(&fd_pool.rate)) return 0;
+        if (fd_get_deadline(&fd_pool.wake_cost) > 0.05 * total / fd_get_deadline(&fd_pool.rate)
+            || !fd_wake_pays(total, n_parts, chunk, INFINITY)) return 0;
         if (__atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) return 0;  /* a job runs: they are up */
         fd_start_workers(n_parts - 1);
         /* A generation with the gate closed: workers wake, find no job, spin. */
@@ -603,7 +605,7 @@ cdef extern from *:
     bint fd_pool_contended() noexcept nogil
     bint fd_wake_pays(Py_ssize_t total, int n_parts, Py_ssize_t chunk, double head_start) noexcept nogil
     double fd_wake_head_start() noexcept nogil
-    bint fd_pool_prepare(Py_ssize_t total, int n_parts) noexcept nogil
+    bint fd_pool_prepare(Py_ssize_t total, int n_parts, Py_ssize_t chunk) noexcept nogil
     void fd_call_begin(Py_ssize_t total, int parts, int counts) noexcept nogil
     void fd_call_end(Py_ssize_t min_total) noexcept nogil
     double fd_pool_wake_latency() noexcept nogil
@@ -710,7 +712,8 @@ def set_spin_seconds(double seconds):
 
 def set_overload_backoff(bint enabled):
     """Turn the overload back-offs off (to measure what threads could do on a
-    machine whose other processes are known to be idle) or on again (the default)."""
+    machine whose other processes are known to be idle) or on again (the default).
+    Off, a spinning worker also keeps spinning when it finds it was descheduled."""
     fd_pool_set_backoff(enabled)
 
 
@@ -750,14 +753,15 @@ def parts_for(Py_ssize_t n_elements, int n_threads):
 def prepare_threads(Py_ssize_t n_elements, int n_threads):
     """Hint that an update of about ``n_elements`` on up to ``n_threads`` threads
     is coming (an optimizer's step has begun): spinning workers keep spinning for
-    it, and parked ones are woken now if the update would take them, so that
-    their wake-up overlaps the caller's work before the kernel call. Costs a
-    fraction of a microsecond, or one wake-up call; changes no result. True if
-    it woke workers or kept them spinning."""
+    it, and parked ones are woken now if the update would pay for awake workers
+    and the wake-up call is at most 5% of it, so that their wake-up overlaps the
+    caller's work before the kernel call. Costs a fraction of a microsecond, or
+    one wake-up call; changes no result. True if it woke workers or kept them
+    spinning."""
     cdef int n = <int>min(<Py_ssize_t>n_threads, n_elements // MIN_ELEMENTS_PER_THREAD)
     cdef bint prepared
     with nogil:
-        prepared = fd_pool_prepare(n_elements, n)
+        prepared = fd_pool_prepare(n_elements, n, CHUNK_ELEMENTS)
     return prepared
 
 
