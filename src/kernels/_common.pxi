@@ -540,15 +540,16 @@ cdef extern from *:
     static __thread struct { double started; Py_ssize_t total; int parts, counts; } fd_call;
 
     static void fd_call_begin(Py_ssize_t total, int parts, int counts) {
+        fd_call.counts = counts;
+        if (!counts) return;
         fd_call.total = total;
         fd_call.parts = parts;
-        fd_call.counts = counts;
         fd_call.started = fd_now();
     }
 
-    static void fd_call_end(Py_ssize_t min_total) {
+    static void fd_call_end(void) {
         double elapsed;
-        if (!fd_call.counts || fd_call.total < min_total) return;
+        if (!fd_call.counts) return;
         fd_call.counts = 0;
         elapsed = (fd_now() - fd_call.started) * fd_call.parts;
         if (elapsed > 0.0) fd_estimate(&fd_pool.rate, fd_call.total / elapsed);
@@ -607,7 +608,7 @@ cdef extern from *:
     double fd_wake_head_start() noexcept nogil
     bint fd_pool_prepare(Py_ssize_t total, int n_parts, Py_ssize_t chunk) noexcept nogil
     void fd_call_begin(Py_ssize_t total, int parts, int counts) noexcept nogil
-    void fd_call_end(Py_ssize_t min_total) noexcept nogil
+    void fd_call_end() noexcept nogil
     double fd_pool_wake_latency() noexcept nogil
     double fd_pool_wake_cost() noexcept nogil
     double fd_pool_rate() noexcept nogil
@@ -782,17 +783,17 @@ cdef int choose_parts_now(Py_ssize_t total, int n_threads) noexcept nogil:
 
 
 cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
-    """How many threads an update of ``total`` elements gets; the call is timed
-    (until ``call_finished``) for the rate estimate if it runs alone or on
-    workers already awake."""
+    """How many threads an update of ``total`` elements gets; a call of at least a
+    chunk is timed (until ``call_finished``) for the rate estimate if it runs
+    alone or on workers already awake."""
     cdef int parts = choose_parts_now(total, n_threads)
-    fd_call_begin(total, parts, parts == 1 or fd_pool_awake(parts - 1, 0.0))
+    fd_call_begin(total, parts, total >= CHUNK_ELEMENTS and (parts == 1 or fd_pool_awake(parts - 1, 0.0)))
     return parts
 
 
 cdef inline void call_finished() noexcept nogil:
     global last_call_end
-    fd_call_end(CHUNK_ELEMENTS)
+    fd_call_end()
     last_call_end = fd_now()
 
 
