@@ -357,7 +357,8 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     import json
 
     sweep = json.loads(path.read_text())["threads"]
-    assert sweep["gaps"] == [0.0, 0.001] and sweep["gap_work"] == "matmul"
+    assert sweep["gaps"] == [0.0, 0.001] and sweep["gap_work"] == "matmul" and sweep["gap_blas_threads"] == 1
+    assert "(8 MB, 1 BLAS thread)" in live
     assert all(r["gap_mean"] >= 0.001 for r in sweep["records"] if r.get("gap") == 0.001 and "seconds" in r)
     timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
     assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed

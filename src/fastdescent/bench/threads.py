@@ -10,10 +10,15 @@ functional face, ``fd.adam_step``), fastdescent on 1 and on 2 threads beside
   call timed alone after that long of other work, so idle workers have had time
   to park. The other work (``--sweep-gap-work``) is by default what a training
   loop does between two steps, a forward and backward pass: NumPy float32 matrix
-  products, on as many BLAS threads as NumPy uses, over 8 MB of weights (more
-  than a core's L2 cache: the step's arrays are evicted as they would be).
-  ``spin`` busy-waits instead, which keeps the caches and leaves the other cores
-  idle. Only the step is timed, never the gap's work.
+  products over 8 MB of weights (more than a core's L2 cache: the caller's
+  arrays are evicted as they would be), on one BLAS thread
+  (``--sweep-gap-threads``, through threadpoolctl when installed). One thread
+  keeps the gap's length and the other cores free of another library's
+  threads: OpenBLAS's workers spin up to ~0.1 s after a product, and on a busy
+  machine a 2-thread product waits for a time slice (1 ms gaps lasted 17 ms at
+  load 6). It also leaves a worker's part in its own core's cache, which
+  favours 2 threads a little; ``--sweep-gap-threads 0`` uses all of NumPy's.
+  ``spin`` busy-waits instead. Only the step is timed, never the gap's work.
 
 The contenders take turns in blocks: every round runs each of them (in an order
 that rotates from round to round) for one untimed call, then a few timed samples.
@@ -38,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -66,6 +71,8 @@ def add_arguments(parser, size_type=int):
     parser.add_argument("--sweep-gap-work", choices=GAP_WORKS, default="matmul",
                         help="what the threads case does in a gap: NumPy matrix products over 8 MB, as a "
                              "forward/backward pass (default), or a busy wait")
+    parser.add_argument("--sweep-gap-threads", type=int, default=1, metavar="N",
+                        help="BLAS threads of the gap's matrix products (default: 1; 0: NumPy's default)")
 
 
 class GapWork:
@@ -120,11 +127,34 @@ def _summary(seconds, calls):
             "q1": quartiles[0], "q3": quartiles[2], "calls": calls, "samples": len(seconds)}
 
 
+@contextmanager
+def _blas_threads(n):
+    """Limit NumPy's BLAS to ``n`` threads (0: leave it); yields the limit in
+    force, None when threadpoolctl is not installed."""
+    if n == 0:
+        yield 0
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield None
+        return
+    with threadpool_limits(n, user_api="blas"):
+        yield n
+
+
 def measure(args):
     """Run the sweep for parsed bench ``args``; returns a JSON-ready dict."""
+    if any(n < 1 for n in args.sweep_sizes) or args.sweep_idle_repeats < 1 or args.sweep_gap_threads < 0:
+        raise SystemExit("--sweep-sizes and --sweep-idle-repeats must be positive, --sweep-gap-threads >= 0")
+    with _blas_threads(args.sweep_gap_threads) as blas_threads:
+        sweep = _measure(args)
+    sweep["gap_blas_threads"] = blas_threads
+    return sweep
+
+
+def _measure(args):
     gaps = [0.0] + [g for g in args.sweep_gaps if g > 0]
-    if any(n < 1 for n in args.sweep_sizes) or args.sweep_idle_repeats < 1:
-        raise SystemExit("--sweep-sizes and --sweep-idle-repeats must be positive")
     rule = RULES[RULE]
     work = GapWork(args.sweep_gap_work)
     records = []
@@ -195,7 +225,13 @@ def goal(n, gap, vs_1_thread, vs_fused):
     return ""
 
 
-GAP_TITLES = {"matmul": "of NumPy matrix products (8 MB)", "spin": "of busy waiting"}
+def _gap_work_title(sweep):
+    if sweep.get("gap_work", "spin") == "spin":  # runs saved before gap_work existed spun
+        return "of busy waiting"
+    blas = sweep.get("gap_blas_threads")
+    threads = {0: "NumPy's BLAS threads", None: "BLAS threads not limited: no threadpoolctl"}.get(
+        blas, f"{blas} BLAS thread{'' if blas == 1 else 's'}")
+    return f"of NumPy matrix products (8 MB, {threads})"
 
 
 def render(sweep):
@@ -204,7 +240,7 @@ def render(sweep):
              for r in sweep["records"] if "seconds" in r}
     sizes = list(dict.fromkeys(r["size"] for r in sweep["records"]))
     load = sweep.get("load_average") or {}
-    gap_work = GAP_TITLES[sweep.get("gap_work", "spin")]  # runs saved before gap_work existed spun
+    gap_work = _gap_work_title(sweep)
     parts = [f"threading sweep: {sweep['rule']} {sweep['dtype']}, one array, fd.adam_step vs "
              "torch.optim.Adam(fused=True); microseconds per step (median)"
              + "".join(f"; load average at {when} {values[0]:.2f}" for when, values in load.items() if values)]
