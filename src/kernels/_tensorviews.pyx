@@ -1,6 +1,7 @@
 # The per-step reads of fastdescent.torch in one C loop: the gradients of a bucket of
 # parameters as NumPy views, and the checks that the cached views of the parameters
-# and their state still show the tensors' memory.
+# and their state still show the tensors' memory; and, while nothing but the
+# gradients changes, the whole step (``StepPlan``).
 #
 # fastdescent.torch steps tensors with the NumPy-facing kernels. Viewing a gradient
 # with ``Tensor.numpy()`` costs about 0.8 us, and a step on a small model has a
@@ -123,6 +124,9 @@ cdef class BucketViews:
         or conjugate view, sharing memory with a buffer the kernel writes, not a
         strided tensor): the caller copies or rejects them.
         """
+        return self._collect()
+
+    cdef int _collect(self) except -2:
         cdef Py_ssize_t i, k, ptr
         cdef object p, g, ref, state
         cdef tuple tensors
@@ -205,6 +209,265 @@ cdef class BucketViews:
     def release(self):
         """Drop the references to the gradients (at the end of a step), so that
         ``zero_grad`` frees their memory."""
+        self._release()
+
+    cdef int _release(self) except -1:
         cdef Py_ssize_t i
         for i in range(self.n):
             self.grads[i] = None
+        return 0
+
+
+# ------------------------------------------------------------------- step counts
+cdef int _uniform_count(cnp.ndarray steps, double* count) except -1:
+    """1 and the common value of ``steps`` (a 1-D contiguous float32 or float64 array
+    of at least one element) in ``count``, or 0 if they differ (or one is NaN)."""
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(steps, 0)
+    cdef float* f
+    cdef double* d
+    cdef double first
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(steps)
+        first = f[0]
+        for i in range(1, n):
+            if f[i] != f[0]:
+                return 0
+    else:
+        d = <double*>cnp.PyArray_DATA(steps)
+        first = d[0]
+        for i in range(1, n):
+            if d[i] != d[0]:
+                return 0
+    if first != first:
+        return 0
+    count[0] = first
+    return 1
+
+
+cdef double _next_count(cnp.ndarray steps, double count):
+    """``count + 1`` as torch adds it to a step tensor of the dtype of ``steps``
+    (float32 stops counting exactly at 2**24)."""
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        return <double><float>(count + 1.0)
+    return count + 1.0
+
+
+cdef int _set_counts(cnp.ndarray steps, double value) except -1:
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(steps, 0)
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(steps)
+        for i in range(n):
+            f[i] = <float>value
+    else:
+        d = <double*>cnp.PyArray_DATA(steps)
+        for i in range(n):
+            d[i] = value
+    return 0
+
+
+cdef int _check_steps(object steps) except -1:
+    if steps is None:
+        return 0
+    if (not isinstance(steps, cnp.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>steps) != 1
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>steps)
+            or cnp.PyArray_TYPE(<cnp.ndarray>steps) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
+            or cnp.PyArray_DIM(<cnp.ndarray>steps, 0) < 1 or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>steps)):
+        raise ValueError("steps must be a non-empty, writable, contiguous 1-D float32 or float64 array")
+    return 0
+
+
+def uniform_count(steps):
+    """The common step count of ``steps`` (a non-empty float32 or float64 array: the
+    ``state["step"]`` of a bucket's parameters) as a float, or None if they differ."""
+    cdef double count
+    _check_steps(steps)
+    return count if _uniform_count(steps, &count) else None
+
+
+def next_count(steps, double count):
+    """``count + 1`` in the dtype of ``steps``, as torch counts (a float)."""
+    _check_steps(steps)
+    return _next_count(steps, count)
+
+
+# ---------------------------------------------------------------------- the step
+cdef class BucketStep:
+    """One kernel call of a :class:`StepPlan`: the gradients of a bucket
+    (``views``, a :class:`BucketViews`), the flat views of its parameters, its state
+    buffers as the rule's kernel takes them (one list of views, or None, per
+    buffer the rule declares), the parameter tensors (whose version counters a step
+    bumps), ``steps``, a view of every parameter's ``state["step"]`` (None for a
+    rule that does not count steps), and ``scratch``: ``(block, parameter)`` pairs of
+    tensors for the gapped parameters, stepped in their scratch block (gathered
+    with ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
+
+    cdef BucketViews views
+    cdef list param_views, params
+    cdef tuple buffers, scratch
+    cdef object steps
+
+    def __init__(self, BucketViews views not None, list param_views not None, tuple buffers not None,
+                 list params not None, steps, tuple scratch not None):
+        if len(param_views) != views.n or len(params) != views.n:
+            raise ValueError("a bucket's parameters, views and gradients differ in number")
+        _check_steps(steps)
+        if steps is not None and cnp.PyArray_DIM(<cnp.ndarray>steps, 0) != views.n:
+            raise ValueError("one step count per parameter")
+        self.views, self.param_views, self.buffers, self.params, self.steps = views, param_views, buffers, params, steps
+        self.scratch = scratch
+
+
+cdef class GroupStep:
+    """What a :class:`StepPlan` checks and uses of one parameter group: the group's
+    dict, its parameter list and the parameters in it (``params``), the values of its
+    other keys (``keys``) when they were last validated (``values``: the very
+    objects), the parameters that had neither state nor a gradient (``pending``), the
+    group's kernel scalars (``arguments``: ``get(step, grad_scale, fresh)`` gives
+    ``(invoke, constants, varying)``), whether they depend on the step number
+    (``step_in_math``) and its buckets (:class:`BucketStep`)."""
+
+    cdef readonly object group
+    cdef object param_list
+    cdef tuple params, pending
+    cdef public tuple keys, values
+    cdef public object arguments
+    cdef bint step_in_math
+    cdef list buckets
+
+    def __init__(self, dict group not None, list param_list not None, tuple params not None, tuple keys not None,
+                 tuple values not None, tuple pending not None, arguments, bint step_in_math, list buckets not None):
+        cdef object bucket
+        for bucket in buckets:
+            if type(bucket) is not BucketStep:
+                raise TypeError("buckets must be BucketStep objects")
+        self.group, self.param_list, self.params, self.keys, self.values = group, param_list, params, keys, values
+        self.pending, self.arguments, self.step_in_math, self.buckets = pending, arguments, step_in_math, buckets
+
+    cdef bint same_parameters(self, object group):
+        """True if ``group`` is this group's dict with the same parameter list,
+        holding the very same parameters."""
+        cdef PyObject* item
+        cdef list params
+        cdef Py_ssize_t k
+        if group is not self.group:
+            return False
+        item = PyDict_GetItem(group, "params")
+        if item == NULL or <object>item is not self.param_list:
+            return False
+        params = self.param_list
+        if len(params) != len(self.params):
+            return False
+        for k in range(len(params)):
+            if params[k] is not self.params[k]:
+                return False
+        return True
+
+    cdef bint same_values(self):
+        """True if every key besides ``params`` holds the object last validated (and
+        no key was added)."""
+        cdef PyObject* item
+        cdef Py_ssize_t k
+        cdef dict group = self.group
+        if len(group) != len(self.keys) + 1:
+            return False
+        for k in range(len(self.keys)):
+            item = PyDict_GetItem(group, self.keys[k])
+            if item == NULL or <object>item is not self.values[k]:
+                return False
+        return True
+
+
+cdef object _ONE = 1.0   # the gradient scale of every step (GradScaler unscales the gradients itself)
+
+
+cdef class StepPlan:
+    """A step of a ``fastdescent.torch`` optimizer while nothing but the gradients
+    (and the hyperparameter values) changes, in C.
+
+    The optimizer builds it after a step that went its general way and uses it until
+    :meth:`run` returns False, which it does, before writing anything, when the
+    optimizer's ``param_groups`` list, a group, its parameter list or a parameter in
+    it, or the ``state`` mapping was replaced; when a pending parameter got a
+    gradient; when a bucket's gradients are not all there and viewable as they are,
+    or a cached view is stale (``BucketViews.collect``); or when a bucket's step
+    counts differ. A group whose values are not the objects last validated is handed
+    to ``refresh(index, group_step)`` (the optimizer's): it validates them again and
+    updates the :class:`GroupStep` (True), raises for a bad value, or returns False.
+    Then every bucket's kernel scalars are taken (the rule's ``step_scalars`` for
+    the new step count), and only then written: one kernel call per bucket, the step
+    counts, the parameters' version counters (``increment_version(list)``), with
+    the gapped parameters gathered into their scratch blocks and scattered back.
+    ``fresh`` is the "no buffer created" marker the kernel scalars key on.
+    """
+
+    cdef object param_groups, state, increment_version, fresh
+    cdef list groups
+
+    def __init__(self, list param_groups not None, state, list groups not None, increment_version, fresh):
+        cdef object group
+        for group in groups:
+            if type(group) is not GroupStep:
+                raise TypeError("groups must be GroupStep objects")
+        self.param_groups, self.state, self.groups = param_groups, state, groups
+        self.increment_version, self.fresh = increment_version, fresh
+
+    def run(self, object param_groups, object state, object backend, object n_threads, object refresh):
+        """Take the step with the kernels of ``backend`` on ``n_threads``; False if
+        the optimizer must take its general way instead (nothing written then).
+        (``refresh`` comes with each call: a plan that kept it would keep its
+        optimizer alive in a reference cycle.)"""
+        cdef Py_ssize_t g, k, n = len(self.groups)
+        cdef GroupStep group
+        cdef BucketStep bucket
+        cdef list buckets = [], calls = [], counts = []
+        cdef double count
+        cdef object step, p
+        if param_groups is not self.param_groups or state is not self.state or len(<list>param_groups) != n:
+            return False
+        for g in range(n):
+            group = <GroupStep>self.groups[g]
+            if not group.same_parameters((<list>param_groups)[g]):
+                return False
+            if not group.same_values() and not refresh(g, group):
+                return False
+            for p in group.pending:
+                if p.grad is not None:  # its first gradient: its state is created on the general way
+                    return False
+        try:
+            for group in self.groups:
+                for bucket in group.buckets:
+                    if bucket.views._collect() != COMPLETE:
+                        return False
+                    step = None
+                    if bucket.steps is not None:
+                        if not _uniform_count(bucket.steps, &count):
+                            return False
+                        count = _next_count(bucket.steps, count)
+                        counts.append(count)
+                        if group.step_in_math:
+                            step = int(count)
+                    else:
+                        counts.append(None)
+                    buckets.append(bucket)
+                    calls.append(group.arguments.get(step, _ONE, self.fresh))
+            # The writes.
+            for k in range(len(buckets)):
+                bucket = <BucketStep>buckets[k]
+                invoke, constants, varying = <tuple>calls[k]
+                for block, target in bucket.scratch:
+                    block.copy_(target)
+                invoke(backend, bucket.param_views, bucket.views.views, bucket.buffers, constants, varying, n_threads)
+                for block, target in bucket.scratch:
+                    target.copy_(block)
+                if bucket.steps is not None:
+                    _set_counts(bucket.steps, <double>counts[k])
+                # NumPy writes bypass autograd's version counters: bump them as torch's
+                # in-place updates would, so that a stale saved tensor is still detected.
+                self.increment_version(bucket.params)
+            return True
+        finally:
+            for group in self.groups:
+                for bucket in group.buckets:
+                    bucket.views._release()
