@@ -299,9 +299,9 @@ cdef class BucketStep:
     buffers as the rule's kernel takes them (one list of views, or None, per
     buffer the rule declares), the parameter tensors (whose version counters a step
     bumps), ``steps``, a view of every parameter's ``state["step"]`` (None for a
-    rule that does not count steps), and ``scratch``: ``(block, parameter)`` pairs of
-    tensors for the gapped parameters, stepped in their scratch block (gathered
-    with ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
+    rule that does not count steps), and ``scratch``: ``(position, block, parameter)``
+    for the gapped parameters, stepped in their scratch block (gathered with
+    ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
 
     cdef BucketViews views
     cdef list param_views, params
@@ -390,9 +390,10 @@ cdef class StepPlan:
     :meth:`run` returns False, which it does, before writing anything, when the
     optimizer's ``param_groups`` list, a group, its parameter list or a parameter in
     it, or the ``state`` mapping was replaced; when a pending parameter got a
-    gradient; when a bucket's gradients are not all there and viewable as they are,
-    or a cached view is stale (``BucketViews.collect``); or when a bucket's step
-    counts differ. A group whose values are not the objects last validated is handed
+    gradient; when a bucket has a gradient that is not viewable as it is, or a cached
+    view is stale (``BucketViews.collect``); or when a step count is NaN. The
+    parameters without a gradient are skipped; a bucket whose step counts differ
+    gets one kernel call per count. A group whose values are not the objects last validated is handed
     to ``refresh(index, group_step)`` (the optimizer's): it validates them again and
     updates the :class:`GroupStep` (True), raises for a bad value, or returns False.
     Then every bucket's kernel scalars are taken (the rule's ``step_scalars`` for
@@ -418,12 +419,13 @@ cdef class StepPlan:
         the optimizer must take its general way instead (nothing written then).
         (``refresh`` comes with each call: a plan that kept it would keep its
         optimizer alive in a reference cycle.)"""
-        cdef Py_ssize_t g, k, n = len(self.groups)
+        cdef Py_ssize_t g, n = len(self.groups)
         cdef GroupStep group
         cdef BucketStep bucket
-        cdef list buckets = [], calls = [], counts = []
+        cdef list parts = []   # (bucket, positions or None for all, step count after the step or None, kernel call)
         cdef double count
-        cdef object step, p
+        cdef object p, positions, following
+        cdef int status
         if param_groups is not self.param_groups or state is not self.state or len(<list>param_groups) != n:
             return False
         for g in range(n):
@@ -438,36 +440,95 @@ cdef class StepPlan:
         try:
             for group in self.groups:
                 for bucket in group.buckets:
-                    if bucket.views._collect() != COMPLETE:
+                    status = bucket.views._collect()
+                    if status == STALE or bucket.views.odd:  # (a gradient to copy or refuse)
                         return False
-                    step = None
-                    if bucket.steps is not None:
-                        if not _uniform_count(bucket.steps, &count):
+                    if status == COMPLETE and bucket.steps is None:
+                        parts.append(self._part(group, bucket, None, None))
+                    elif status == COMPLETE and _uniform_count(bucket.steps, &count):
+                        parts.append(self._part(group, bucket, None, _next_count(bucket.steps, count)))
+                    else:  # some gradients missing, or counts that differ: one call per count
+                        by_count = _by_count(bucket.steps, bucket.views.missing, bucket.views.n)
+                        if by_count is None:
                             return False
-                        count = _next_count(bucket.steps, count)
-                        counts.append(count)
-                        if group.step_in_math:
-                            step = int(count)
-                    else:
-                        counts.append(None)
-                    buckets.append(bucket)
-                    calls.append(group.arguments.get(step, _ONE, self.fresh))
+                        for following, positions in (<dict>by_count).items():
+                            parts.append(self._part(group, bucket, positions, following))
             # The writes.
-            for k in range(len(buckets)):
-                bucket = <BucketStep>buckets[k]
-                invoke, constants, varying = <tuple>calls[k]
-                for block, target in bucket.scratch:
-                    block.copy_(target)
-                invoke(backend, bucket.param_views, bucket.views.views, bucket.buffers, constants, varying, n_threads)
-                for block, target in bucket.scratch:
-                    target.copy_(block)
-                if bucket.steps is not None:
-                    _set_counts(bucket.steps, <double>counts[k])
-                # NumPy writes bypass autograd's version counters: bump them as torch's
-                # in-place updates would, so that a stale saved tensor is still detected.
-                self.increment_version(bucket.params)
+            for bucket, positions, following, call in parts:
+                self._write(bucket, positions, following, call, backend, n_threads)
             return True
         finally:
             for group in self.groups:
                 for bucket in group.buckets:
                     bucket.views._release()
+
+    cdef tuple _part(self, GroupStep group, BucketStep bucket, object positions, object following):
+        """A kernel call of the step: its scalars for the step count ``following``."""
+        cdef object step = None
+        if following is not None and group.step_in_math:
+            step = int(<double>following)
+        return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh)
+
+    cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, object backend,
+                    object n_threads) except -1:
+        """Step the parameters of ``bucket`` at ``positions`` (None: all of them)."""
+        cdef object invoke, constants, varying, params, grads, buffers, tensors, chosen = None
+        cdef Py_ssize_t k
+        invoke, constants, varying = call
+        if positions is None:
+            params, grads, buffers, tensors = bucket.param_views, bucket.views.views, bucket.buffers, bucket.params
+        else:
+            params, grads = _pick(bucket.param_views, positions), _pick(bucket.views.views, positions)
+            buffers = tuple([None if b is None else _pick(b, positions) for b in bucket.buffers])
+            tensors, chosen = _pick(bucket.params, positions), set(positions)
+        for position, block, target in bucket.scratch:
+            if chosen is None or position in chosen:
+                block.copy_(target)
+        invoke(backend, params, grads, buffers, constants, varying, n_threads)
+        for position, block, target in bucket.scratch:
+            if chosen is None or position in chosen:
+                target.copy_(block)
+        if following is not None:
+            if positions is None:
+                _set_counts(bucket.steps, <double>following)
+            else:
+                for k in positions:
+                    bucket.steps[k] = following
+        # NumPy writes bypass autograd's version counters: bump them as torch's
+        # in-place updates would, so that a stale saved tensor is still detected.
+        self.increment_version(tensors)
+        return 0
+
+
+cdef list _pick(list items, list positions):
+    cdef Py_ssize_t k
+    return [items[k] for k in positions]
+
+
+cdef object _by_count(object steps, list missing, Py_ssize_t n):
+    """{step count after the step (None without counts): [positions]} for the
+    positions not in ``missing``, in order; None if a count is NaN."""
+    cdef Py_ssize_t k
+    cdef set absent = set(missing)
+    cdef dict parts = {}
+    cdef double count
+    cdef cnp.ndarray counts = steps
+    for k in range(n):
+        if k in absent:
+            continue
+        if steps is None:
+            key = None
+        else:
+            if cnp.PyArray_TYPE(counts) == cnp.NPY_FLOAT32:
+                count = (<float*>cnp.PyArray_DATA(counts))[k]
+            else:
+                count = (<double*>cnp.PyArray_DATA(counts))[k]
+            if count != count:
+                return None
+            key = _next_count(counts, count)
+        positions = parts.get(key)
+        if positions is None:
+            parts[key] = [k]
+        else:
+            (<list>positions).append(k)
+    return parts

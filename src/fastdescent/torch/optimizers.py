@@ -287,7 +287,7 @@ class SpecOptimizer(KernelOptimizer):
                 views = dict(zip(b.names, b.state_views))
                 buffers = tuple([views.get(name) if needed else None
                                  for name, needed in zip(spec.buffer_names, plan.config.present)])
-                scratch = tuple([(e.scratch, e.target) for e in b.gapped])
+                scratch = tuple([(e.position, e.scratch, e.target) for e in b.gapped])
                 buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, scratch))
             groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
                                                  tuple(plan.pending), plan.config.arguments, self._step_in_math,
