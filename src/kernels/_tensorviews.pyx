@@ -47,6 +47,32 @@ cdef inline object _call(object method, object tensor):
     return PyObject_Vectorcall(method, &arg, 1, NULL)
 
 
+cdef extern from *:
+    """
+    /* A C type's method without arguments and a C type's attribute, called as
+       CPython calls them once the attribute lookup has found them (a third of the
+       cost of reaching a tensor is that lookup and the call's dispatch). */
+    static int fd_is_noargs_method(PyObject* descr) {
+        return Py_IS_TYPE(descr, &PyMethodDescr_Type)
+            && ((PyMethodDescrObject*)descr)->d_method->ml_flags == METH_NOARGS;
+    }
+    static int fd_is_getter(PyObject* descr) {
+        return Py_IS_TYPE(descr, &PyGetSetDescr_Type) && ((PyGetSetDescrObject*)descr)->d_getset->get != NULL;
+    }
+    static PyObject* fd_call_noargs(PyObject* descr, PyObject* self) {
+        return ((PyMethodDescrObject*)descr)->d_method->ml_meth(self, NULL);
+    }
+    static PyObject* fd_get(PyObject* descr, PyObject* self) {
+        PyGetSetDef* def = ((PyGetSetDescrObject*)descr)->d_getset;
+        return def->get(self, def->closure);
+    }
+    """
+    bint fd_is_noargs_method(object descr)
+    bint fd_is_getter(object descr)
+    object fd_call_noargs(object descr, object self)
+    object fd_get(object descr, object self)
+
+
 cdef class BucketViews:
     """The gradients of ``params`` as flat NumPy views, refreshed by :meth:`collect`.
 
@@ -60,7 +86,11 @@ cdef class BucketViews:
     ``params[i].data_ptr()`` is still ``param_ptrs[i]`` and that
     ``states[i][keys[k]] is tensors[i][k]``: the cached views are still valid.
     ``methods`` are torch's ``(Tensor.data_ptr, Tensor.is_contiguous,
-    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``.
+    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``, then its ``grad`` and
+    ``_version`` attributes (the descriptors) and ``plain``, the types that
+    inherit them all unchanged (``torch.Tensor``, ``torch.nn.Parameter``): on
+    objects of those types, ``data_ptr``, ``grad`` and ``_version`` are called
+    directly (CPython's descriptor types only; else as any Python call).
     """
 
     cdef readonly list params, views, grads, missing, odd
@@ -69,8 +99,9 @@ cdef class BucketViews:
     cdef Py_ssize_t* ptrs
     cdef Py_ssize_t* versions
     cdef Py_ssize_t n, itemsize
-    cdef bint complex_
-    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj
+    cdef bint complex_, direct_ptr, direct_attributes
+    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj, grad_attribute, version_attribute
+    cdef tuple plain
 
     def __cinit__(self):
         self.ptrs = NULL
@@ -89,7 +120,10 @@ cdef class BucketViews:
         self.tensors = list(tensors)
         self.itemsize = descr.itemsize
         self.complex_ = complex_
-        self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj = methods
+        (self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj, self.grad_attribute,
+         self.version_attribute, self.plain) = methods
+        self.direct_ptr = fd_is_noargs_method(self.data_ptr)
+        self.direct_attributes = fd_is_getter(self.grad_attribute) and fd_is_getter(self.version_attribute)
         self.strides = list(strides)
         self.buffers = list(buffers)
         self.nbytes = [n * self.itemsize for n in numels]
@@ -113,6 +147,29 @@ cdef class BucketViews:
     def __dealloc__(self):
         free(self.ptrs)
         free(self.versions)
+
+    cdef inline bint _is_plain(self, object t):
+        cdef object kind = type(t)
+        cdef Py_ssize_t k
+        for k in range(len(self.plain)):
+            if kind is self.plain[k]:
+                return True
+        return False
+
+    cdef inline object _ptr(self, object t):
+        if self.direct_ptr and self._is_plain(t):
+            return fd_call_noargs(self.data_ptr, t)
+        return _call(self.data_ptr, t)
+
+    cdef inline object _grad(self, object p):
+        if self.direct_attributes and self._is_plain(p):
+            return fd_get(self.grad_attribute, p)
+        return p.grad
+
+    cdef inline object _version(self, object g):
+        if self.direct_attributes and self._is_plain(g):
+            return fd_get(self.version_attribute, g)
+        return g._version
 
     def collect(self):
         """Read every parameter's ``.grad`` into ``grads`` and point ``views`` at them.
@@ -139,7 +196,7 @@ cdef class BucketViews:
             self.odd = []
         for i in range(self.n):
             p = self.params[i]
-            if _call(self.data_ptr, p) != self.param_ptrs[i]:
+            if self._ptr(p) != self.param_ptrs[i]:
                 return STALE
             state = self.states[i]
             tensors = <tuple>self.tensors[i]
@@ -147,7 +204,7 @@ cdef class BucketViews:
                 item = PyDict_GetItem(state, self.keys[k])
                 if item == NULL or <object>item is not tensors[k]:
                     return STALE
-            g = p.grad
+            g = self._grad(p)
             grads[i] = g
             if g is None:
                 self.missing.append(i)
@@ -159,10 +216,10 @@ cdef class BucketViews:
                 # The object accepted at the previous step: unchanged if its memory is
                 # where it was and no in-place operation (resize_, t_...) touched it.
                 try:
-                    ptr = _call(self.data_ptr, g)
+                    ptr = self._ptr(g)
                 except RuntimeError:  # it lost its storage
                     ptr = -1
-                if ptr == self.ptrs[i] and g._version == self.versions[i]:
+                if ptr == self.ptrs[i] and self._version(g) == self.versions[i]:
                     continue
             if self._accept(i, g):
                 try:
@@ -189,7 +246,7 @@ cdef class BucketViews:
                 return False
             if g.nbytes != size or _call(self.is_neg, g) or (self.complex_ and _call(self.is_conj, g)):
                 return False
-            ptr = _call(self.data_ptr, g)
+            ptr = self._ptr(g)
         except (RuntimeError, TypeError, AttributeError):  # sparse, another kind of object...
             return False
         if ptr % self.itemsize != 0 or (ptr == 0 and size != 0):
@@ -200,7 +257,7 @@ cdef class BucketViews:
                 if <char*>ptr < lo + cnp.PyArray_NBYTES(buffer) and lo < <char*>ptr + size:
                     return False
         self.ptrs[i] = ptr
-        self.versions[i] = g._version
+        self.versions[i] = self._version(g)
         view = <cnp.ndarray>self.views[i]
         (<PyArrayObject_fields*><PyObject*>view).data = <char*>ptr
         cnp.PyArray_ENABLEFLAGS(view, cnp.NPY_ARRAY_ALIGNED)
