@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -206,6 +207,92 @@ def test_spin_time_is_validated():
     assert set(_dispatch.kernels.pool_state()) >= {"workers", "parked", "jobs", "wakeups", "backoffs"}
 
 
+# --- the policy: wake parked workers only when it pays (issue 20) ------------------
+
+
+@pytest.fixture
+def parked_pool():
+    """A started pool whose workers are all parked (spin 0), back-offs off, and the
+    policy's estimates restored afterwards."""
+    kernels = _dispatch.kernels
+    state = kernels.pool_state()
+    spin = kernels.get_spin_seconds()
+    thresholds = (kernels.get_min_elements_per_thread(), kernels.get_min_elements_per_thread(cold=True))
+    kernels.set_spin_seconds(0.0)
+    kernels.set_overload_backoff(False)
+    p = np.ones(1 << 16, np.float32)
+    kernels.set_min_elements_per_thread(1024, 1024)
+    try:
+        fd.sgd_step([p], [p.copy()], lr=0.0, n_threads=2)   # starts the workers
+        # Parked for 50 ms in a row: a worker still on its way back from a wake-up
+        # counts as parked until it runs, and would then run.
+        deadline, parked_since = time.monotonic() + 10, time.monotonic()
+        while time.monotonic() - parked_since < 0.05 and time.monotonic() < deadline:
+            time.sleep(0.005)
+            if kernels.pool_state()["parked"] < kernels.pool_state()["workers"]:
+                parked_since = time.monotonic()
+        kernels.set_min_elements_per_thread(*thresholds)
+        time.sleep(0.002)   # not back to back
+        yield kernels
+    finally:
+        kernels.set_min_elements_per_thread(*thresholds)
+        kernels.set_wake_estimates(state["wake_latency"], state["wake_cost"], state["rate"])
+        kernels.set_overload_backoff(state["backoff_enabled"])
+        kernels.set_spin_seconds(spin)
+
+
+@needs_two_threads
+def test_parked_workers_are_woken_only_when_the_measured_wake_up_pays(parked_pool):
+    kernels = parked_pool
+    assert kernels.pool_state()["parked"] == kernels.pool_state()["workers"] >= 1
+    # 1 thread updates 10**9 elements a second: 2**16 take 66 us alone.
+    kernels.set_wake_estimates(latency=1e-3, cost=5e-6, rate=1e9)
+    assert kernels.parts_for(1 << 16, 2) == 1         # a worker 1 ms late comes after the end
+    assert kernels.parts_for(1 << 20, 2) == 1         # ... or too late to halve 1 ms of work
+    assert kernels.parts_for(1 << 22, 2) == 2         # 4 ms: pays
+    kernels.set_wake_estimates(latency=5e-3)            # a busy machine
+    assert kernels.parts_for(1 << 21, 2) == 1
+    assert kernels.parts_for(1 << 22, 2) == 2         # parts of 2**21: always woken
+    assert kernels.parts_for(1 << 16, 1) == 1
+    kernels.set_wake_estimates(latency=5e-6, cost=1e-6, rate=1e9)
+    assert kernels.parts_for(1 << 16, 2) == 2         # a quick wake-up pays for 66 us of work
+    assert kernels.parts_for(1 << 14, 2) == 1         # but never below the warm threshold
+    kernels.set_wake_estimates(latency=3e-5, cost=5e-6, rate=1e9)
+    # 30 us late, 5 us to wake, 16 us of the last chunk: pays from about 90 us of work.
+    assert kernels.parts_for(65_536, 2) == 1 and kernels.parts_for(120_000, 2) == 2
+
+
+@needs_two_threads
+def test_wake_up_hint_wakes_parked_workers_and_changes_no_result(parked_pool, rng):
+    kernels = parked_pool
+    kernels.set_spin_seconds(1.0)   # woken workers now stay up
+    kernels.set_wake_estimates(latency=5e-5, cost=5e-6, rate=1e9)
+    params = [rng.standard_normal(70_000).astype(np.float32)]
+    grads = [rng.standard_normal(70_000).astype(np.float32)]
+    serial = adam_run(1, params, grads)
+    hints = kernels.pool_state()["hints"]
+    assert not kernels.prepare_threads(10**7, 1)       # one thread: nothing to wake
+    assert not kernels.prepare_threads(40_000, 2)      # 5 us to wake them: 12% of 40 us of work
+    assert kernels.pool_state()["parked"] >= 1
+    assert kernels.prepare_threads(10**7, 2)
+    deadline = time.monotonic() + 5
+    while kernels.pool_state()["parked"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert kernels.pool_state()["parked"] == 0 and kernels.pool_state()["hints"] == hints + 1
+    assert kernels.parts_for(70_000, 2) == 2            # awake: a mid-sized update takes them
+    assert adam_run(2, params, grads) == serial
+    assert kernels.prepare_threads(70_000, 2)           # spinning: kept spinning
+    assert adam_run(2, params, grads) == serial
+
+
+def test_policy_estimates_are_reported_and_validated():
+    kernels = _dispatch.kernels
+    state = kernels.pool_state()
+    assert state["wake_latency"] > 0 and state["wake_cost"] > 0 and state["rate"] > 0
+    with pytest.raises(ValueError):
+        kernels.set_wake_estimates(latency=-1.0)
+
+
 # --- fork safety (issue 14 #3) -----------------------------------------------------
 
 FORK_SCRIPT = textwrap.dedent(
@@ -266,15 +353,27 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
                  "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
                  "--json", str(path)]) == 0
     live = capsys.readouterr().out
-    assert "back to back" in live and "after 1 ms of busy waiting" in live and "vs fused" in live
+    assert "back to back" in live and "after 1 ms of NumPy matrix products" in live and "vs fused" in live
     import json
 
     sweep = json.loads(path.read_text())["threads"]
-    assert sweep["gaps"] == [0.0, 0.001]
+    assert sweep["gaps"] == [0.0, 0.001] and sweep["gap_work"] == "matmul" and sweep["gap_blas_threads"] == 1
+    assert "(8 MB, 1 BLAS thread)" in live
+    assert all(r["gap_mean"] >= 0.001 for r in sweep["records"] if r.get("gap") == 0.001 and "seconds" in r)
     timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
     assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
     assert main(["bench", "--from-json", str(path)]) == 0
     assert capsys.readouterr().out == live
+
+
+@pytest.mark.parametrize("kind", ["matmul", "spin"])
+def test_sweep_gap_work_lasts_at_least_the_gap(kind):
+    from fastdescent.bench.threads import GapWork
+
+    work = GapWork(kind)
+    assert all(work(0.002) >= 0.002 for _ in range(3))
+    with pytest.raises(ValueError):
+        GapWork("sleep")
 
 
 def test_sweep_goals():

@@ -41,6 +41,8 @@ RETURNS = {
     "adafactor_statistics": "FloatArray",
     "get_min_elements_per_thread": "int",
     "get_spin_seconds": "float",
+    "parts_for": "int",
+    "prepare_threads": "bool",
     "pool_state": "dict[str, Any]",
     "max_abs": "float",
     "sum_squares": "float",

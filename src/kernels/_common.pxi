@@ -40,15 +40,29 @@
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
 #   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
-#   A job costs the caller one atomic increment while the workers spin, and a
-#   futex wake-up (a system call, a few microseconds) while they sleep: the only
-#   price of a sleeping pool, so the "cold" threshold below only has to make that
-#   system call small against the update.
-# * The caller knows which is the case (the pool counts its sleepers), so the
-#   policy needs no clock to guess it. A clock only tells back-to-back calls: if
-#   the previous call ended less than SPIN/2 ago, sleeping workers are woken even
-#   for a mid-sized update, since they will still be spinning for the next one.
-#   (Not up to SPIN: calls SPIN apart would wake them for nothing every time.)
+#   A job costs the caller one atomic increment while the workers spin. While
+#   they sleep it costs a futex wake-up (a system call: a few microseconds), and
+#   the time they take to be scheduled (tens of microseconds; more in a VM whose
+#   other vCPU halted, a time slice on a busy machine), during which the caller
+#   runs alone. Stealing means the caller never waits for a late worker, but the
+#   work saved must exceed that cost.
+# * The policy measures that cost rather than guessing it. Every worker that slept
+#   times its wake-up (from the waker's call to its running), every waker times
+#   its call, and every update that ran alone or on awake workers gives one
+#   thread's rate (elements per second): running estimates. Parked workers are
+#   woken for an update when, by those, the caller working alone until they
+#   arrive, then sharing the rest, and waiting at most one chunk at the end,
+#   still comes to at most 90% of the update alone (fd_wake_pays).
+# * The pool knows until when each worker will spin, so the policy needs no clock
+#   to tell awake workers from parked ones (a worker about to park counts as
+#   parked). A clock only tells back-to-back calls: if the previous call ended
+#   less than SPIN/2 ago, sleeping workers are woken even for a mid-sized update,
+#   since they will still be spinning for the next one. (Not up to SPIN: calls
+#   SPIN apart would wake them for nothing every time.)
+# * A hint (prepare_threads, fd_pool_prepare): an optimizer about to validate and
+#   run a step of N elements says so first. Spinning workers then keep spinning
+#   for it, and parked ones are woken at once, so that their wake-up latency
+#   overlaps the caller's own work before the kernel call.
 # * One caller at a time: a second Python thread finding the pool busy runs its
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
@@ -97,6 +111,19 @@ cdef extern from *:
     #endif
 
     #define FD_MAX_THREADS 64
+    /* Estimates before anything was measured: a slow wake-up (a VM's halted vCPU)
+       and a fast, in-cache update, so that nothing mid-sized wakes a sleeping
+       worker until the machine has shown it pays. */
+    #define FD_FIRST_WAKE_LATENCY 1e-4
+    #define FD_FIRST_WAKE_COST 5e-6
+    #define FD_FIRST_RATE 1.5e9
+    /* A wake-up sample counts for at most this (a worker that waited for a time
+       slice): enough to stop waking for anything mid-sized. */
+    #define FD_MAX_WAKE_SAMPLE 2e-3
+    /* With no wake-up measured for this long, the policy tries the first estimate
+       again (a measure taken under a passing load must not keep it serial for
+       ever): at most one wake-up a second that may not pay. */
+    #define FD_WAKE_SAMPLE_MAX_AGE 1.0
     #define FD_GATE_OPEN 0x80000000u
 
     typedef void (*fd_range_fn)(const void *ctx, Py_ssize_t begin, Py_ssize_t end);
@@ -120,6 +147,15 @@ cdef extern from *:
         double no_burst_until;      /* no back-to-back wake-ups until then */
         unsigned long backoffs;
         unsigned long jobs, wakeups;  /* parallel jobs run; of them, jobs that woke workers */
+        unsigned long hints;        /* wake-up hints that woke workers or kept them spinning */
+        /* Running estimates (relaxed atomic doubles) for the cold policy, measured on
+           every wake-up and every update of at least a chunk: */
+        double wake_latency;        /* seconds from a wake-up call to the worker running */
+        double wake_cost;           /* seconds the waking thread spends in that call */
+        double rate;                /* elements per second one thread updates */
+        double woken_at;            /* when workers were last woken */
+        double sampled_at;          /* when a worker last measured its wake-up */
+        double keep_spinning_until; /* a hint: idle workers spin at least until then */
         unsigned long forks_seen;
         /* The job: written by the caller while no worker is inside. */
         fd_range_fn fn;
@@ -127,7 +163,9 @@ cdef extern from *:
         Py_ssize_t n_items, align, chunk;
         int n_parts;
     } fd_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
-                 .spin_seconds = 1e-3, .backoff = 1, .align = 1, .chunk = 1, .n_parts = 1};
+                 .spin_seconds = 1e-3, .backoff = 1, .align = 1, .chunk = 1, .n_parts = 1,
+                 .wake_latency = FD_FIRST_WAKE_LATENCY, .wake_cost = FD_FIRST_WAKE_COST,
+                 .rate = FD_FIRST_RATE};
 
     /* Deadlines shared between threads: relaxed atomic doubles. */
     static double fd_get_deadline(double *deadline) {
@@ -140,8 +178,17 @@ cdef extern from *:
         __atomic_store(deadline, &value, __ATOMIC_RELAXED);
     }
 
+    /* Move a running estimate a quarter of the way to a new sample. */
+    static void fd_estimate(double *estimate, double sample) {
+        double value = fd_get_deadline(estimate);
+        fd_set_deadline(estimate, value + 0.25 * (sample - value));
+    }
+
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
     static unsigned long fd_first_generation[FD_MAX_THREADS];
+    /* Until when worker k spins for the next job: 0 while it is parked, infinite
+       while it runs a job or has just been woken. */
+    static double fd_spin_until[FD_MAX_THREADS];
 
     static double fd_now(void) {
         struct timespec ts;
@@ -195,36 +242,59 @@ cdef extern from *:
             while (fd_take((self + i) % n, 1, &begin, &end)) fd_pool.fn(fd_pool.ctx, begin, end);
     }
 
-    /* Spin for spin_seconds, then park, until the generation moves past `seen`.
-       Park early if the spin was descheduled (16 pauses took over 50 us): the
-       machine has more runnable threads than cores, and spinning would take a
-       core from them, or from the thread that will call us. */
-    static unsigned long fd_wait_for_job(unsigned long seen) {
+    /* Spin for spin_seconds (longer if a hint asks), then park, until the
+       generation moves past `seen`. Park early if the spin was descheduled (16
+       pauses took over 50 us): the machine has more runnable threads than cores,
+       and spinning would take a core from them, or from the thread that will call
+       us. A worker that slept measures how long its wake-up took. */
+    static unsigned long fd_wait_for_job(int self, unsigned long seen) {
         unsigned long g;
-        double now = fd_now(), before, until = now + fd_pool.spin_seconds;
+        double now = fd_now(), before, until = now + fd_pool.spin_seconds, hinted;
         unsigned i;
+        int slept = 0;
+        fd_set_deadline(&fd_spin_until[self], until);
         for (i = 1;; i++) {
             g = __atomic_load_n(&fd_pool.generation, __ATOMIC_ACQUIRE);
-            if (g != seen) return g;
+            if (g != seen) {
+                fd_set_deadline(&fd_spin_until[self], INFINITY);
+                return g;
+            }
             if ((i & 15) == 0) {
                 before = now;
                 now = fd_now();
-                if (now >= until) break;
-                if (now - before > 5e-5) {   /* descheduled */
+                if (now - before > 5e-5 && fd_pool.backoff) {   /* descheduled */
                     fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
                     break;
+                }
+                if (now >= until) {
+                    hinted = fd_get_deadline(&fd_pool.keep_spinning_until);
+                    if (hinted <= now) break;
+                    until = hinted;
+                    fd_set_deadline(&fd_spin_until[self], until);
                 }
             }
             fd_cpu_relax();
         }
+        fd_set_deadline(&fd_spin_until[self], 0.0);
         pthread_mutex_lock(&fd_pool.lock);
         /* Sequentially consistent with the caller's (generation++, read sleepers):
            either we see the new generation or it sees us asleep and signals. */
         __atomic_fetch_add(&fd_pool.sleepers, 1, __ATOMIC_SEQ_CST);
-        while ((g = __atomic_load_n(&fd_pool.generation, __ATOMIC_SEQ_CST)) == seen)
+        while ((g = __atomic_load_n(&fd_pool.generation, __ATOMIC_SEQ_CST)) == seen) {
             pthread_cond_wait(&fd_pool.wake, &fd_pool.lock);
+            slept = 1;
+        }
+        fd_set_deadline(&fd_spin_until[self], INFINITY);
         __atomic_fetch_sub(&fd_pool.sleepers, 1, __ATOMIC_SEQ_CST);
         pthread_mutex_unlock(&fd_pool.lock);
+        if (slept) {
+            now = fd_now();
+            before = now - fd_get_deadline(&fd_pool.woken_at);
+            if (before >= 0.0) {
+                fd_estimate(&fd_pool.wake_latency, before < FD_MAX_WAKE_SAMPLE ? before : FD_MAX_WAKE_SAMPLE);
+                fd_set_deadline(&fd_pool.sampled_at, now);
+            }
+        }
         return g;
     }
 
@@ -254,7 +324,7 @@ cdef extern from *:
         unsigned long seen = fd_first_generation[self];
         unsigned int gate;
         for (;;) {
-            seen = fd_wait_for_job(seen);
+            seen = fd_wait_for_job(self, seen);
             gate = __atomic_load_n(&fd_pool.gate, __ATOMIC_RELAXED);
             do {
                 if (!(gate & FD_GATE_OPEN)) break;   /* too late: the caller did it all */
@@ -286,12 +356,25 @@ cdef extern from *:
         while (fd_pool.n_workers < want) {
             int self = fd_pool.n_workers + 1;
             fd_first_generation[self] = __atomic_load_n(&fd_pool.generation, __ATOMIC_ACQUIRE);
+            fd_set_deadline(&fd_spin_until[self], INFINITY);   /* starting: as good as awake */
             if (pthread_create(&thread, &attr, fd_worker_main, (void *)(intptr_t)self) != 0) break;
             fd_pool.n_workers++;
         }
         pthread_sigmask(SIG_SETMASK, &previous, NULL);
         pthread_attr_destroy(&attr);
         return fd_pool.n_workers < want ? fd_pool.n_workers : want;
+    }
+
+    /* Wake the parked workers (the generation has moved on), timing the call and
+       noting when, for the workers' measure of their wake-up latency. */
+    static void fd_wake_sleepers(void) {
+        double before = fd_now(), cost;
+        fd_set_deadline(&fd_pool.woken_at, before);
+        pthread_mutex_lock(&fd_pool.lock);
+        pthread_cond_broadcast(&fd_pool.wake);
+        pthread_mutex_unlock(&fd_pool.lock);
+        cost = fd_now() - before;   /* long if the woken thread took our core */
+        fd_estimate(&fd_pool.wake_cost, cost < FD_MAX_WAKE_SAMPLE ? cost : FD_MAX_WAKE_SAMPLE);
     }
 
     /* Run fn over [0, n_items) with up to n_parts threads (the caller is one):
@@ -336,9 +419,7 @@ cdef extern from *:
         if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
             fd_pool.wakeups++;
             woke = 1;
-            pthread_mutex_lock(&fd_pool.lock);
-            pthread_cond_broadcast(&fd_pool.wake);
-            pthread_mutex_unlock(&fd_pool.lock);
+            fd_wake_sleepers();
         }
         fd_work_own(0);
         /* No worker came while the caller ran its part: a spinning one would have
@@ -383,14 +464,109 @@ cdef extern from *:
         __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
     }
 
-    /* True if a job of `n_workers` workers would run without waking one up. */
-    static int fd_pool_awake(int n_workers) {
-        return fd_pool.n_workers >= n_workers
-            && fd_pool.n_workers - __atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) >= n_workers;
+    /* True if workers 1..n_workers spin and will for `margin` seconds more: a job
+       posted now reaches them without a wake-up. */
+    static int fd_pool_awake(int n_workers, double margin) {
+        int k;
+        double soon;
+        if (fd_pool.n_workers < n_workers) return 0;
+        soon = fd_now() + margin;
+        for (k = 1; k <= n_workers; k++)
+            if (fd_get_deadline(&fd_spin_until[k]) <= soon) return 0;
+        return 1;
     }
 
     static int fd_pool_contended(void) {
         return fd_pool.backoff && fd_now() < fd_get_deadline(&fd_pool.contended_until);
+    }
+
+    /* Does waking parked workers pay for an update of `total` elements on n_parts
+       threads, if they were woken `head_start` seconds ago? The caller runs alone
+       until they arrive (the measured wake-up latency), then the threads share
+       what is left; the caller also makes the wake-up call and may wait for the
+       last chunk a worker took. Yes if that is at most 90% of the serial time: a
+       wrong guess, with estimates off by a few microseconds, then still costs less
+       than the 5% a wake-up may cost against one thread. */
+    static int fd_wake_pays(Py_ssize_t total, int n_parts, Py_ssize_t chunk, double head_start) {
+        double rate = fd_get_deadline(&fd_pool.rate), serial = total / rate;
+        double latency = fd_get_deadline(&fd_pool.wake_latency), late;
+        if (fd_now() - fd_get_deadline(&fd_pool.sampled_at) > FD_WAKE_SAMPLE_MAX_AGE && latency > FD_FIRST_WAKE_LATENCY)
+            latency = FD_FIRST_WAKE_LATENCY;
+        late = latency - head_start;
+        if (late < 0.0) late = 0.0;
+        if (late >= serial) return 0;
+        return late + (serial - late) / n_parts + fd_get_deadline(&fd_pool.wake_cost) + chunk / rate
+               <= 0.9 * serial;
+    }
+
+    /* Seconds since parked workers were woken, if that wake-up is still under way. */
+    static double fd_wake_head_start(void) {
+        double since = fd_now() - fd_get_deadline(&fd_pool.woken_at);
+        if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_RELAXED) == 0) return 0.0;
+        return since < 2.0 * fd_get_deadline(&fd_pool.wake_latency) ? since : 0.0;
+    }
+
+    /* The hint: an update of about `total` elements on n_parts threads is coming
+       (the optimizer's step has begun). Spinning workers keep spinning for it;
+       parked ones are woken now, so that their wake-up latency overlaps the
+       caller's validation, if the update would pay for workers already up and the
+       wake-up call costs under 5% of it: the most the hint loses should the update
+       run alone after all. Starts the workers if there are none yet. Returns 1 if
+       it woke workers or kept them spinning. */
+    static int fd_pool_prepare(Py_ssize_t total, int n_parts, Py_ssize_t chunk) {
+        double now;
+        if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
+        if (n_parts <= 1 || fd_pool_contended()) return 0;
+        now = fd_now();
+        fd_set_deadline(&fd_pool.keep_spinning_until, now + fd_pool.spin_seconds);
+        if (fd_pool_awake(n_parts - 1, 0.0)) {
+            fd_pool.hints++;
+            return 1;
+        }
+        if (fd_get_deadline(&fd_pool.wake_cost) > 0.05 * total / fd_get_deadline(&fd_pool.rate)
+            || !fd_wake_pays(total, n_parts, chunk, INFINITY)) return 0;
+        if (__atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) return 0;  /* a job runs: they are up */
+        fd_start_workers(n_parts - 1);
+        /* A generation with the gate closed: workers wake, find no job, spin. */
+        __atomic_fetch_add(&fd_pool.generation, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&fd_pool.sleepers, __ATOMIC_SEQ_CST) > 0) fd_wake_sleepers();
+        fd_pool.hints++;
+        __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
+        return 1;
+    }
+
+    /* Each call's threads and time, for the estimate of one thread's rate: calls
+       that ran alone, or on workers that were already awake. Per calling thread. */
+    static __thread struct { double started; Py_ssize_t total; int parts, counts; } fd_call;
+
+    static void fd_call_begin(Py_ssize_t total, int parts, int counts) {
+        fd_call.counts = counts;
+        if (!counts) return;
+        fd_call.total = total;
+        fd_call.parts = parts;
+        fd_call.started = fd_now();
+    }
+
+    static void fd_call_end(void) {
+        double elapsed;
+        if (!fd_call.counts) return;
+        fd_call.counts = 0;
+        elapsed = (fd_now() - fd_call.started) * fd_call.parts;
+        if (elapsed > 0.0) fd_estimate(&fd_pool.rate, fd_call.total / elapsed);
+    }
+
+    static double fd_pool_wake_latency(void) { return fd_get_deadline(&fd_pool.wake_latency); }
+    static double fd_pool_wake_cost(void) { return fd_get_deadline(&fd_pool.wake_cost); }
+    static double fd_pool_rate(void) { return fd_get_deadline(&fd_pool.rate); }
+    static unsigned long fd_pool_hints(void) { return fd_pool.hints; }
+    /* Set the estimates (for tests and experiments); a value <= 0 keeps one. */
+    static void fd_pool_set_estimates(double latency, double cost, double rate) {
+        if (latency > 0.0) {
+            fd_set_deadline(&fd_pool.wake_latency, latency);
+            fd_set_deadline(&fd_pool.sampled_at, fd_now());
+        }
+        if (cost > 0.0) fd_set_deadline(&fd_pool.wake_cost, cost);
+        if (rate > 0.0) fd_set_deadline(&fd_pool.rate, rate);
     }
     static int fd_pool_burst_allowed(void) {
         return !fd_pool.backoff || fd_now() >= fd_get_deadline(&fd_pool.no_burst_until);
@@ -412,6 +588,8 @@ cdef extern from *:
         pthread_cond_init(&fd_pool.wake, NULL);
         fd_pool.n_workers = 0;
         fd_pool.sleepers = 0;
+        fd_pool.woken_at = 0.0;
+        fd_pool.sampled_at = 0.0;
         fd_pool.gate = 0;
         fd_pool.busy = 0;
         fd_pool.forks_seen++;
@@ -424,8 +602,18 @@ cdef extern from *:
     ctypedef void (*fd_range_fn)(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil
     void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                      fd_range_fn fn, const void* ctx) noexcept nogil
-    bint fd_pool_awake(int n_workers) noexcept nogil
+    bint fd_pool_awake(int n_workers, double margin) noexcept nogil
     bint fd_pool_contended() noexcept nogil
+    bint fd_wake_pays(Py_ssize_t total, int n_parts, Py_ssize_t chunk, double head_start) noexcept nogil
+    double fd_wake_head_start() noexcept nogil
+    bint fd_pool_prepare(Py_ssize_t total, int n_parts, Py_ssize_t chunk) noexcept nogil
+    void fd_call_begin(Py_ssize_t total, int parts, int counts) noexcept nogil
+    void fd_call_end() noexcept nogil
+    double fd_pool_wake_latency() noexcept nogil
+    double fd_pool_wake_cost() noexcept nogil
+    double fd_pool_rate() noexcept nogil
+    unsigned long fd_pool_hints() noexcept nogil
+    void fd_pool_set_estimates(double latency, double cost, double rate) noexcept nogil
     bint fd_pool_burst_allowed() noexcept nogil
     void fd_pool_set_backoff(int on) noexcept nogil
     bint fd_pool_get_backoff() noexcept nogil
@@ -451,15 +639,27 @@ cdef enum:
     # enough that claiming (one compare-and-swap) costs well under 1 %.
     CHUNK_ELEMENTS = 16384
 
-# A thread is only given a part of at least this many elements; smaller updates run
-# on the calling thread alone. Two thresholds (measured on the 2-core development
-# machine, float32 Adam; BENCHMARKS.md, "Threading policy"):
+# A thread is only given a part of at least MIN_ELEMENTS_PER_THREAD elements;
+# smaller updates run on the calling thread alone. Then (choose_parts):
 #
-# * workers awake (spinning): handing them a job costs a fraction of a microsecond;
-# * workers parked: waking them costs the caller a system call, which must stay a
-#   few percent of the update. Back-to-back calls wake them at the warm threshold.
+# * workers awake (spinning, and for AWAKE_MARGIN more): handing them a job costs a
+#   fraction of a microsecond: they get it;
+# * workers parked: the caller pays a wake-up call (a system call), and runs alone
+#   until they are up (their scheduling latency: tens of microseconds, more in a
+#   VM whose other vCPU halted, a time slice on a busy machine). Stealing means it
+#   never waits for them, but the time they are late is time the caller works
+#   alone. So they are woken only if fd_wake_pays: the update is long enough
+#   against the latency and the cost, as measured on this machine (every wake-up
+#   is timed, and the rate of every update). On a busy machine the latency is a
+#   time slice and only the largest updates wake them. Parts of
+#   MIN_ELEMENTS_PER_THREAD_COLD elements or more always do (milliseconds of work:
+#   more than the largest latency sample counts for);
+# * back to back (the previous call ended less than half the spin time ago),
+#   parked workers are woken at the warm threshold: they stay up for the next calls.
 cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 131072
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD_COLD = 1 << 21
+# Workers whose spin ends sooner than this count as parked: the job may miss them.
+cdef double AWAKE_MARGIN = 2e-5
 cdef double last_call_end = -INFINITY   # monotonic seconds; written by calling threads
 
 
@@ -481,13 +681,15 @@ if fd_pool_install_fork_handler() != 0:
 
 
 def get_min_elements_per_thread(bint cold=False):
-    """Smallest part a thread is given (``cold``: when the workers are parked)."""
+    """Smallest part a thread is given (``cold``: the part size from which parked
+    workers are always woken; smaller parts wake them when the measured wake-up
+    latency pays back)."""
     return MIN_ELEMENTS_PER_THREAD_COLD if cold else MIN_ELEMENTS_PER_THREAD
 
 
 def set_min_elements_per_thread(Py_ssize_t n, cold=None):
     """Change the serial thresholds (for benchmarking them): ``n`` for awake
-    workers, ``cold`` (default: ``n`` too) for parked ones."""
+    workers, ``cold`` (default: ``n`` too) for always waking parked ones."""
     global MIN_ELEMENTS_PER_THREAD, MIN_ELEMENTS_PER_THREAD_COLD
     cdef Py_ssize_t n_cold = n if cold is None else cold
     if n < 1 or n_cold < 1:
@@ -511,38 +713,87 @@ def set_spin_seconds(double seconds):
 
 def set_overload_backoff(bint enabled):
     """Turn the overload back-offs off (to measure what threads could do on a
-    machine whose other processes are known to be idle) or on again (the default)."""
+    machine whose other processes are known to be idle) or on again (the default).
+    Off, a spinning worker also keeps spinning when it finds it was descheduled."""
     fd_pool_set_backoff(enabled)
 
 
 def pool_state():
     """The worker pool of this kernel module: workers started and parked, spin
-    time, parallel jobs run and how many of them had to wake workers, back-offs
-    to serial after a preempted worker (and whether one is in force), and the
-    forks this process has gone through since the pool was made."""
+    time, parallel jobs run and how many of them had to wake workers, wake-up
+    hints taken, back-offs to serial after a preempted worker (and whether one is
+    in force), the forks this process has gone through since the pool was made,
+    and the policy's running estimates: a parked worker's wake-up latency and the
+    waking thread's cost (seconds), and one thread's update rate (elements per
+    second)."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
-            "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(),
+            "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(), "hints": fd_pool_hints(),
             "spin_seconds": fd_pool_get_spin(), "backoff_enabled": fd_pool_get_backoff(),
             "backoffs": fd_pool_backoffs(),
-            "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen()}
+            "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen(),
+            "wake_latency": fd_pool_wake_latency(), "wake_cost": fd_pool_wake_cost(),
+            "rate": fd_pool_rate()}
 
 
-cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
-    """How many threads an update of ``total`` elements gets (the policy above)."""
+def set_wake_estimates(double latency=0.0, double cost=0.0, double rate=0.0):
+    """Set the policy's running estimates (for tests and experiments; later
+    measurements move them again): a parked worker's wake-up ``latency`` and the
+    waking thread's ``cost`` in seconds, one thread's ``rate`` in elements per
+    second. 0 leaves an estimate as it is."""
+    if not (latency >= 0 and cost >= 0 and rate >= 0):
+        raise ValueError(f"estimates must be >= 0, got {latency}, {cost}, {rate}")
+    fd_pool_set_estimates(latency, cost, rate)
+
+
+def parts_for(Py_ssize_t n_elements, int n_threads):
+    """How many threads an update of ``n_elements`` on up to ``n_threads`` would
+    get now (the policy's decision, without running anything)."""
+    return choose_parts_now(n_elements, n_threads)
+
+
+def prepare_threads(Py_ssize_t n_elements, int n_threads):
+    """Hint that an update of about ``n_elements`` on up to ``n_threads`` threads
+    is coming (an optimizer's step has begun): spinning workers keep spinning for
+    it, and parked ones are woken now if the update would pay for awake workers
+    and the wake-up call is at most 5% of it, so that their wake-up overlaps the
+    caller's work before the kernel call. Costs a fraction of a microsecond, or
+    one wake-up call; changes no result. True if it woke workers or kept them
+    spinning."""
+    cdef int n = <int>min(<Py_ssize_t>n_threads, n_elements // MIN_ELEMENTS_PER_THREAD)
+    cdef bint prepared
+    with nogil:
+        prepared = fd_pool_prepare(n_elements, n, CHUNK_ELEMENTS)
+    return prepared
+
+
+cdef int choose_parts_now(Py_ssize_t total, int n_threads) noexcept nogil:
+    """The policy above: how many threads an update of ``total`` elements gets."""
     cdef Py_ssize_t n = min(<Py_ssize_t>n_threads, total // MIN_ELEMENTS_PER_THREAD)
     if n <= 1 or fd_pool_contended():
         return 1
-    if fd_pool_awake(<int>n - 1):
+    if fd_pool_awake(<int>n - 1, AWAKE_MARGIN):
         return <int>n
     if total // MIN_ELEMENTS_PER_THREAD_COLD >= 2:
         return <int>min(n, total // MIN_ELEMENTS_PER_THREAD_COLD)
     if fd_now() - last_call_end < 0.5 * fd_pool_get_spin() and fd_pool_burst_allowed():
         return <int>n   # back to back: wake the workers now, they stay awake for the next calls
+    if fd_wake_pays(total, <int>n, CHUNK_ELEMENTS, fd_wake_head_start()):
+        return <int>n
     return 1
+
+
+cdef int choose_parts(Py_ssize_t total, int n_threads) noexcept nogil:
+    """How many threads an update of ``total`` elements gets; a call of at least a
+    chunk is timed (until ``call_finished``) for the rate estimate if it runs
+    alone or on workers already awake."""
+    cdef int parts = choose_parts_now(total, n_threads)
+    fd_call_begin(total, parts, total >= CHUNK_ELEMENTS and (parts == 1 or fd_pool_awake(parts - 1, 0.0)))
+    return parts
 
 
 cdef inline void call_finished() noexcept nogil:
     global last_call_end
+    fd_call_end()
     last_call_end = fd_now()
 
 

@@ -87,8 +87,9 @@ def _heading(result):
     lines = [
         f"fastdescent {c['version']} bench, {result['started']}: kernels {c['variant']} "
         f"(built: {', '.join(c['variants_built'])}), up to {c['max_threads']} threads, serial below "
-        f"{2 * c['min_elements_per_thread']:,} elements ({2 * c.get('min_elements_per_thread_cold', c['min_elements_per_thread']):,} "
-        f"with parked workers); torch {result['torch'] or 'not installed'}",
+        f"{2 * c['min_elements_per_thread']:,} elements (parked workers woken when the measured wake-up pays, "
+        f"always from {2 * c.get('min_elements_per_thread_cold', c['min_elements_per_thread']):,}); "
+        f"torch {result['torch'] or 'not installed'}",
     ]
     idle = result["options"].get("idle")
     if idle:
