@@ -1,6 +1,7 @@
 # The per-step reads of fastdescent.torch in one C loop: the gradients of a bucket of
 # parameters as NumPy views, and the checks that the cached views of the parameters
-# and their state still show the tensors' memory.
+# and their state still show the tensors' memory; and, while nothing but the
+# gradients changes, the whole step (``StepPlan``).
 #
 # fastdescent.torch steps tensors with the NumPy-facing kernels. Viewing a gradient
 # with ``Tensor.numpy()`` costs about 0.8 us, and a step on a small model has a
@@ -46,6 +47,32 @@ cdef inline object _call(object method, object tensor):
     return PyObject_Vectorcall(method, &arg, 1, NULL)
 
 
+cdef extern from *:
+    """
+    /* A C type's method without arguments and a C type's attribute, called as
+       CPython calls them once the attribute lookup has found them (a third of the
+       cost of reaching a tensor is that lookup and the call's dispatch). */
+    static int fd_is_noargs_method(PyObject* descr) {
+        return Py_IS_TYPE(descr, &PyMethodDescr_Type)
+            && ((PyMethodDescrObject*)descr)->d_method->ml_flags == METH_NOARGS;
+    }
+    static int fd_is_getter(PyObject* descr) {
+        return Py_IS_TYPE(descr, &PyGetSetDescr_Type) && ((PyGetSetDescrObject*)descr)->d_getset->get != NULL;
+    }
+    static PyObject* fd_call_noargs(PyObject* descr, PyObject* self) {
+        return ((PyMethodDescrObject*)descr)->d_method->ml_meth(self, NULL);
+    }
+    static PyObject* fd_get(PyObject* descr, PyObject* self) {
+        PyGetSetDef* def = ((PyGetSetDescrObject*)descr)->d_getset;
+        return def->get(self, def->closure);
+    }
+    """
+    bint fd_is_noargs_method(object descr)
+    bint fd_is_getter(object descr)
+    object fd_call_noargs(object descr, object self)
+    object fd_get(object descr, object self)
+
+
 cdef class BucketViews:
     """The gradients of ``params`` as flat NumPy views, refreshed by :meth:`collect`.
 
@@ -59,7 +86,11 @@ cdef class BucketViews:
     ``params[i].data_ptr()`` is still ``param_ptrs[i]`` and that
     ``states[i][keys[k]] is tensors[i][k]``: the cached views are still valid.
     ``methods`` are torch's ``(Tensor.data_ptr, Tensor.is_contiguous,
-    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``.
+    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``, then its ``grad`` and
+    ``_version`` attributes (the descriptors) and ``plain``, the types that
+    inherit them all unchanged (``torch.Tensor``, ``torch.nn.Parameter``): on
+    objects of those types, ``data_ptr``, ``grad`` and ``_version`` are called
+    directly (CPython's descriptor types only; else as any Python call).
     """
 
     cdef readonly list params, views, grads, missing, odd
@@ -68,8 +99,9 @@ cdef class BucketViews:
     cdef Py_ssize_t* ptrs
     cdef Py_ssize_t* versions
     cdef Py_ssize_t n, itemsize
-    cdef bint complex_
-    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj
+    cdef bint complex_, direct_ptr, direct_attributes
+    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj, grad_attribute, version_attribute
+    cdef tuple plain
 
     def __cinit__(self):
         self.ptrs = NULL
@@ -88,7 +120,10 @@ cdef class BucketViews:
         self.tensors = list(tensors)
         self.itemsize = descr.itemsize
         self.complex_ = complex_
-        self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj = methods
+        (self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj, self.grad_attribute,
+         self.version_attribute, self.plain) = methods
+        self.direct_ptr = fd_is_noargs_method(self.data_ptr)
+        self.direct_attributes = fd_is_getter(self.grad_attribute) and fd_is_getter(self.version_attribute)
         self.strides = list(strides)
         self.buffers = list(buffers)
         self.nbytes = [n * self.itemsize for n in numels]
@@ -113,6 +148,29 @@ cdef class BucketViews:
         free(self.ptrs)
         free(self.versions)
 
+    cdef inline bint _is_plain(self, object t):
+        cdef object kind = type(t)
+        cdef Py_ssize_t k
+        for k in range(len(self.plain)):
+            if kind is self.plain[k]:
+                return True
+        return False
+
+    cdef inline object _ptr(self, object t):
+        if self.direct_ptr and self._is_plain(t):
+            return fd_call_noargs(self.data_ptr, t)
+        return _call(self.data_ptr, t)
+
+    cdef inline object _grad(self, object p):
+        if self.direct_attributes and self._is_plain(p):
+            return fd_get(self.grad_attribute, p)
+        return p.grad
+
+    cdef inline object _version(self, object g):
+        if self.direct_attributes and self._is_plain(g):
+            return fd_get(self.version_attribute, g)
+        return g._version
+
     def collect(self):
         """Read every parameter's ``.grad`` into ``grads`` and point ``views`` at them.
 
@@ -123,6 +181,9 @@ cdef class BucketViews:
         or conjugate view, sharing memory with a buffer the kernel writes, not a
         strided tensor): the caller copies or rejects them.
         """
+        return self._collect()
+
+    cdef int _collect(self) except -2:
         cdef Py_ssize_t i, k, ptr
         cdef object p, g, ref, state
         cdef tuple tensors
@@ -135,7 +196,7 @@ cdef class BucketViews:
             self.odd = []
         for i in range(self.n):
             p = self.params[i]
-            if _call(self.data_ptr, p) != self.param_ptrs[i]:
+            if self._ptr(p) != self.param_ptrs[i]:
                 return STALE
             state = self.states[i]
             tensors = <tuple>self.tensors[i]
@@ -143,7 +204,7 @@ cdef class BucketViews:
                 item = PyDict_GetItem(state, self.keys[k])
                 if item == NULL or <object>item is not tensors[k]:
                     return STALE
-            g = p.grad
+            g = self._grad(p)
             grads[i] = g
             if g is None:
                 self.missing.append(i)
@@ -155,10 +216,10 @@ cdef class BucketViews:
                 # The object accepted at the previous step: unchanged if its memory is
                 # where it was and no in-place operation (resize_, t_...) touched it.
                 try:
-                    ptr = _call(self.data_ptr, g)
+                    ptr = self._ptr(g)
                 except RuntimeError:  # it lost its storage
                     ptr = -1
-                if ptr == self.ptrs[i] and g._version == self.versions[i]:
+                if ptr == self.ptrs[i] and self._version(g) == self.versions[i]:
                     continue
             if self._accept(i, g):
                 try:
@@ -185,7 +246,7 @@ cdef class BucketViews:
                 return False
             if g.nbytes != size or _call(self.is_neg, g) or (self.complex_ and _call(self.is_conj, g)):
                 return False
-            ptr = _call(self.data_ptr, g)
+            ptr = self._ptr(g)
         except (RuntimeError, TypeError, AttributeError):  # sparse, another kind of object...
             return False
         if ptr % self.itemsize != 0 or (ptr == 0 and size != 0):
@@ -196,7 +257,7 @@ cdef class BucketViews:
                 if <char*>ptr < lo + cnp.PyArray_NBYTES(buffer) and lo < <char*>ptr + size:
                     return False
         self.ptrs[i] = ptr
-        self.versions[i] = g._version
+        self.versions[i] = self._version(g)
         view = <cnp.ndarray>self.views[i]
         (<PyArrayObject_fields*><PyObject*>view).data = <char*>ptr
         cnp.PyArray_ENABLEFLAGS(view, cnp.NPY_ARRAY_ALIGNED)
@@ -205,6 +266,326 @@ cdef class BucketViews:
     def release(self):
         """Drop the references to the gradients (at the end of a step), so that
         ``zero_grad`` frees their memory."""
+        self._release()
+
+    cdef int _release(self) except -1:
         cdef Py_ssize_t i
         for i in range(self.n):
             self.grads[i] = None
+        return 0
+
+
+# ------------------------------------------------------------------- step counts
+cdef int _uniform_count(cnp.ndarray steps, double* count) except -1:
+    """1 and the common value of ``steps`` (a 1-D contiguous float32 or float64 array
+    of at least one element) in ``count``, or 0 if they differ (or one is NaN)."""
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(steps, 0)
+    cdef float* f
+    cdef double* d
+    cdef double first
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(steps)
+        first = f[0]
+        for i in range(1, n):
+            if f[i] != f[0]:
+                return 0
+    else:
+        d = <double*>cnp.PyArray_DATA(steps)
+        first = d[0]
+        for i in range(1, n):
+            if d[i] != d[0]:
+                return 0
+    if first != first:
+        return 0
+    count[0] = first
+    return 1
+
+
+cdef double _next_count(cnp.ndarray steps, double count):
+    """``count + 1`` as torch adds it to a step tensor of the dtype of ``steps``
+    (float32 stops counting exactly at 2**24)."""
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        return <double><float>(count + 1.0)
+    return count + 1.0
+
+
+cdef int _set_counts(cnp.ndarray steps, double value) except -1:
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(steps, 0)
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(steps) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(steps)
+        for i in range(n):
+            f[i] = <float>value
+    else:
+        d = <double*>cnp.PyArray_DATA(steps)
+        for i in range(n):
+            d[i] = value
+    return 0
+
+
+cdef int _check_steps(object steps) except -1:
+    if steps is None:
+        return 0
+    if (not isinstance(steps, cnp.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>steps) != 1
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>steps)
+            or cnp.PyArray_TYPE(<cnp.ndarray>steps) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
+            or cnp.PyArray_DIM(<cnp.ndarray>steps, 0) < 1 or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>steps)):
+        raise ValueError("steps must be a non-empty, writable, contiguous 1-D float32 or float64 array")
+    return 0
+
+
+def uniform_count(steps):
+    """The common step count of ``steps`` (a non-empty float32 or float64 array: the
+    ``state["step"]`` of a bucket's parameters) as a float, or None if they differ."""
+    cdef double count
+    _check_steps(steps)
+    return count if _uniform_count(steps, &count) else None
+
+
+def next_count(steps, double count):
+    """``count + 1`` in the dtype of ``steps``, as torch counts (a float)."""
+    _check_steps(steps)
+    return _next_count(steps, count)
+
+
+# ---------------------------------------------------------------------- the step
+cdef class BucketStep:
+    """One kernel call of a :class:`StepPlan`: the gradients of a bucket
+    (``views``, a :class:`BucketViews`), the flat views of its parameters, its state
+    buffers as the rule's kernel takes them (one list of views, or None, per
+    buffer the rule declares), the parameter tensors (whose version counters a step
+    bumps), ``steps``, a view of every parameter's ``state["step"]`` (None for a
+    rule that does not count steps), and ``scratch``: ``(position, block, parameter)``
+    for the gapped parameters, stepped in their scratch block (gathered with
+    ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
+
+    cdef BucketViews views
+    cdef list param_views, params
+    cdef tuple buffers, scratch
+    cdef object steps
+
+    def __init__(self, BucketViews views not None, list param_views not None, tuple buffers not None,
+                 list params not None, steps, tuple scratch not None):
+        if len(param_views) != views.n or len(params) != views.n:
+            raise ValueError("a bucket's parameters, views and gradients differ in number")
+        _check_steps(steps)
+        if steps is not None and cnp.PyArray_DIM(<cnp.ndarray>steps, 0) != views.n:
+            raise ValueError("one step count per parameter")
+        self.views, self.param_views, self.buffers, self.params, self.steps = views, param_views, buffers, params, steps
+        self.scratch = scratch
+
+
+cdef class GroupStep:
+    """What a :class:`StepPlan` checks and uses of one parameter group: the group's
+    dict, its parameter list and the parameters in it (``params``), the values of its
+    other keys (``keys``) when they were last validated (``values``: the very
+    objects), the parameters that had neither state nor a gradient (``pending``), the
+    group's kernel scalars (``arguments``: ``get(step, grad_scale, fresh)`` gives
+    ``(invoke, constants, varying)``), whether they depend on the step number
+    (``step_in_math``) and its buckets (:class:`BucketStep`)."""
+
+    cdef readonly object group
+    cdef object param_list
+    cdef tuple params, pending
+    cdef public tuple keys, values
+    cdef public object arguments
+    cdef bint step_in_math
+    cdef list buckets
+
+    def __init__(self, dict group not None, list param_list not None, tuple params not None, tuple keys not None,
+                 tuple values not None, tuple pending not None, arguments, bint step_in_math, list buckets not None):
+        cdef object bucket
+        for bucket in buckets:
+            if type(bucket) is not BucketStep:
+                raise TypeError("buckets must be BucketStep objects")
+        self.group, self.param_list, self.params, self.keys, self.values = group, param_list, params, keys, values
+        self.pending, self.arguments, self.step_in_math, self.buckets = pending, arguments, step_in_math, buckets
+
+    cdef bint same_parameters(self, object group):
+        """True if ``group`` is this group's dict with the same parameter list,
+        holding the very same parameters."""
+        cdef PyObject* item
+        cdef list params
+        cdef Py_ssize_t k
+        if group is not self.group:
+            return False
+        item = PyDict_GetItem(group, "params")
+        if item == NULL or <object>item is not self.param_list:
+            return False
+        params = self.param_list
+        if len(params) != len(self.params):
+            return False
+        for k in range(len(params)):
+            if params[k] is not self.params[k]:
+                return False
+        return True
+
+    cdef bint same_values(self):
+        """True if every key besides ``params`` holds the object last validated (and
+        no key was added)."""
+        cdef PyObject* item
+        cdef Py_ssize_t k
+        cdef dict group = self.group
+        if len(group) != len(self.keys) + 1:
+            return False
+        for k in range(len(self.keys)):
+            item = PyDict_GetItem(group, self.keys[k])
+            if item == NULL or <object>item is not self.values[k]:
+                return False
+        return True
+
+
+cdef object _ONE = 1.0   # the gradient scale of every step (GradScaler unscales the gradients itself)
+
+
+cdef class StepPlan:
+    """A step of a ``fastdescent.torch`` optimizer while nothing but the gradients
+    (and the hyperparameter values) changes, in C.
+
+    The optimizer builds it after a step that went its general way and uses it until
+    :meth:`run` returns False, which it does, before writing anything, when the
+    optimizer's ``param_groups`` list, a group, its parameter list or a parameter in
+    it, or the ``state`` mapping was replaced; when a pending parameter got a
+    gradient; when a bucket has a gradient that is not viewable as it is, or a cached
+    view is stale (``BucketViews.collect``); or when a step count is NaN. The
+    parameters without a gradient are skipped; a bucket whose step counts differ
+    gets one kernel call per count. A group whose values are not the objects last validated is handed
+    to ``refresh(index, group_step)`` (the optimizer's): it validates them again and
+    updates the :class:`GroupStep` (True), raises for a bad value, or returns False.
+    Then every bucket's kernel scalars are taken (the rule's ``step_scalars`` for
+    the new step count), and only then written: one kernel call per bucket, the step
+    counts, the parameters' version counters (``increment_version(list)``), with
+    the gapped parameters gathered into their scratch blocks and scattered back.
+    ``fresh`` is the "no buffer created" marker the kernel scalars key on.
+    """
+
+    cdef object param_groups, state, increment_version, fresh
+    cdef list groups
+
+    def __init__(self, list param_groups not None, state, list groups not None, increment_version, fresh):
+        cdef object group
+        for group in groups:
+            if type(group) is not GroupStep:
+                raise TypeError("groups must be GroupStep objects")
+        self.param_groups, self.state, self.groups = param_groups, state, groups
+        self.increment_version, self.fresh = increment_version, fresh
+
+    def run(self, object param_groups, object state, object backend, object n_threads, object refresh):
+        """Take the step with the kernels of ``backend`` on ``n_threads``; False if
+        the optimizer must take its general way instead (nothing written then).
+        (``refresh`` comes with each call: a plan that kept it would keep its
+        optimizer alive in a reference cycle.)"""
+        cdef Py_ssize_t g, n = len(self.groups)
+        cdef GroupStep group
+        cdef BucketStep bucket
+        cdef list parts = []   # (bucket, positions or None for all, step count after the step or None, kernel call)
+        cdef double count
+        cdef object p, positions, following
+        cdef int status
+        if param_groups is not self.param_groups or state is not self.state or len(<list>param_groups) != n:
+            return False
+        for g in range(n):
+            group = <GroupStep>self.groups[g]
+            if not group.same_parameters((<list>param_groups)[g]):
+                return False
+            if not group.same_values() and not refresh(g, group):
+                return False
+            for p in group.pending:
+                if p.grad is not None:  # its first gradient: its state is created on the general way
+                    return False
+        try:
+            for group in self.groups:
+                for bucket in group.buckets:
+                    status = bucket.views._collect()
+                    if status == STALE or bucket.views.odd:  # (a gradient to copy or refuse)
+                        return False
+                    if status == COMPLETE and bucket.steps is None:
+                        parts.append(self._part(group, bucket, None, None))
+                    elif status == COMPLETE and _uniform_count(bucket.steps, &count):
+                        parts.append(self._part(group, bucket, None, _next_count(bucket.steps, count)))
+                    else:  # some gradients missing, or counts that differ: one call per count
+                        by_count = _by_count(bucket.steps, bucket.views.missing, bucket.views.n)
+                        if by_count is None:
+                            return False
+                        for following, positions in (<dict>by_count).items():
+                            parts.append(self._part(group, bucket, positions, following))
+            # The writes.
+            for bucket, positions, following, call in parts:
+                self._write(bucket, positions, following, call, backend, n_threads)
+            return True
+        finally:
+            for group in self.groups:
+                for bucket in group.buckets:
+                    bucket.views._release()
+
+    cdef tuple _part(self, GroupStep group, BucketStep bucket, object positions, object following):
+        """A kernel call of the step: its scalars for the step count ``following``."""
+        cdef object step = None
+        if following is not None and group.step_in_math:
+            step = int(<double>following)
+        return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh)
+
+    cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, object backend,
+                    object n_threads) except -1:
+        """Step the parameters of ``bucket`` at ``positions`` (None: all of them)."""
+        cdef object invoke, constants, varying, params, grads, buffers, tensors, chosen = None
+        cdef Py_ssize_t k
+        invoke, constants, varying = call
+        if positions is None:
+            params, grads, buffers, tensors = bucket.param_views, bucket.views.views, bucket.buffers, bucket.params
+        else:
+            params, grads = _pick(bucket.param_views, positions), _pick(bucket.views.views, positions)
+            buffers = tuple([None if b is None else _pick(b, positions) for b in bucket.buffers])
+            tensors, chosen = _pick(bucket.params, positions), set(positions)
+        for position, block, target in bucket.scratch:
+            if chosen is None or position in chosen:
+                block.copy_(target)
+        invoke(backend, params, grads, buffers, constants, varying, n_threads)
+        for position, block, target in bucket.scratch:
+            if chosen is None or position in chosen:
+                target.copy_(block)
+        if following is not None:
+            if positions is None:
+                _set_counts(bucket.steps, <double>following)
+            else:
+                for k in positions:
+                    bucket.steps[k] = following
+        # NumPy writes bypass autograd's version counters: bump them as torch's
+        # in-place updates would, so that a stale saved tensor is still detected.
+        self.increment_version(tensors)
+        return 0
+
+
+cdef list _pick(list items, list positions):
+    cdef Py_ssize_t k
+    return [items[k] for k in positions]
+
+
+cdef object _by_count(object steps, list missing, Py_ssize_t n):
+    """{step count after the step (None without counts): [positions]} for the
+    positions not in ``missing``, in order; None if a count is NaN."""
+    cdef Py_ssize_t k
+    cdef set absent = set(missing)
+    cdef dict parts = {}
+    cdef double count
+    cdef cnp.ndarray counts = steps
+    for k in range(n):
+        if k in absent:
+            continue
+        if steps is None:
+            key = None
+        else:
+            if cnp.PyArray_TYPE(counts) == cnp.NPY_FLOAT32:
+                count = (<float*>cnp.PyArray_DATA(counts))[k]
+            else:
+                count = (<double*>cnp.PyArray_DATA(counts))[k]
+            if count != count:
+                return None
+            key = _next_count(counts, count)
+        positions = parts.get(key)
+        if positions is None:
+            parts[key] = [k]
+        else:
+            (<list>positions).append(k)
+    return parts

@@ -11,10 +11,25 @@ then, as ``torch.optim`` does).
 
 A step runs in two phases. The first reads and checks everything: the plans, every
 gradient (``_tensorviews.BucketViews`` views them in one C loop), every
-hyperparameter (through the rule class's ``_kernel_call``). The second only writes:
-it gathers the gapped parameters into their scratch blocks, runs the kernels,
-scatters back and counts the steps. So a step that raises has written nothing;
-the state it created for parameters with a first gradient is removed again.
+hyperparameter. The second only writes: it gathers the gapped parameters into their
+scratch blocks, runs the kernels, scatters back and counts the steps. So a step that
+raises has written nothing; the state it created for parameters with a first
+gradient is removed again.
+
+A group's hyperparameters and options are validated when one of its values is not
+the very object validated last time (an identity check of every value in the
+group's dict; a key added or removed counts too), and at every step if a value is
+mutable (a tensor ``lr`` that a scheduler fills in place, a list): a write into
+``param_groups`` between steps is seen before the next write to any tensor. The
+kernel's scalars then come from the rule's validated configuration (computed once
+per change of the values; a rule whose scalars change with the step computes only
+those, ``spec.step_scalars``, at each step).
+
+While nothing but the gradients changes, a step is one C call: after a step that
+went the general way, the rule class builds a ``_tensorviews.StepPlan`` (per group:
+the dict, its parameters and the values validated; per bucket: the views, the
+buffers as the kernel takes them and the step counts), which does the same checks
+and the same kernel calls and hands anything else back to the general way.
 
 ``state["step"]`` stays what ``torch.optim`` stores (a scalar float tensor per
 parameter), but the scalars of one bucket are views into one small tensor, so a
@@ -31,13 +46,14 @@ from torch.optim import optimizer as _torch_optimizer
 from .. import _tensorviews, precision
 from .._checks import check_disjoint
 from .._config import effective_n_threads, resolve_backend
-from .._runtime import check_buffers, check_distinct
+from .._runtime import check_buffers, check_distinct, immutable, same_values
 from . import _layout, _lowprec
 
 _COMPLETE = _tensorviews.COMPLETE
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16, torch.float16)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
-                   torch.Tensor.is_neg, torch.Tensor.is_conj)
+                   torch.Tensor.is_neg, torch.Tensor.is_conj, torch._C.TensorBase.__dict__["grad"],
+                   torch._C.TensorBase.__dict__["_version"], (torch.Tensor, torch.nn.Parameter))
 # torch.autograd.graph.increment_version without its argument handling (a list here).
 _increment_version = torch._C._increment_version
 _profiler_enabled = torch._C._autograd._profiler_enabled
@@ -68,13 +84,18 @@ class _Entry:
 class _Bucket:
     """The parameters of one group and one dtype that have state: one kernel call per step."""
 
-    __slots__ = ("entries", "params", "param_views", "state_views", "names", "order", "views", "step_block",
-                 "steps", "count", "n_fresh", "gapped", "ids", "stored")
+    __slots__ = ("entries", "params", "param_views", "state_views", "names", "views", "step_block",
+                 "steps", "n_fresh", "gapped", "ids", "stored")
 
 
 class _Plan:
+    """One group's views (``buckets``) and what they were built from; ``keys`` and
+    ``values``: the group's other keys and the objects they held when validated
+    (``config``: the validated configuration), ``trusted`` if those are all
+    immutable; ``calls``: kernel calls by (step, fresh, scalar state), while trusted."""
+
     __slots__ = ("group", "state_map", "param_list", "params", "buffer_names", "buckets", "pending",
-                 "values", "calls")
+                 "keys", "values", "trusted", "config", "calls")
 
 
 class _Work:
@@ -87,24 +108,11 @@ class _Work:
     __slots__ = ("bucket", "taken", "grads", "keep", "calls", "next_steps")
 
 
-class _KernelCall(tuple):
-    """(kernel name, keyword scalars): a checked kernel call, from ``_kernel_call``;
-    the bucket's ``order`` places its buffers."""
-
-    __slots__ = ()
-
-
 def _run(call, bucket, kernels, params, grads, states, n_threads, ids=None):
     """Run a call from ``_kernel_call`` on the arrays of ``bucket`` (``states``
-    aligned with ``bucket.names``; ``bucket.order``: where each of the kernel's
-    buffers is among them) with the backend module ``kernels``; ``ids``: the
+    aligned with ``bucket.names``) with the backend module ``kernels``; ``ids``: the
     parameters' indices in the optimizer (their stochastic rounding keys)."""
-    if type(call) is _KernelCall:
-        name, arguments = call
-        getattr(kernels, name)(params, grads, *[None if i is None else states[i] for i in bucket.order],
-                               **arguments, n_threads=n_threads)
-    else:
-        call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads, ids)
+    call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads, ids)
 
 
 class _Stale(Exception):
@@ -131,30 +139,21 @@ class KernelOptimizer:
       does when the parameter first has a gradient (by default: ``step`` and
       zeros); returns True if the new buffers must be initialised by the next
       update (SGD's momentum buffer);
-    * ``_update(group, params, grads, buffers, step, fresh)``: call the face on
-      flat arrays (``buffers``: one list, or None, per name of ``_buffer_names``). It is
-      called once on empty arrays to validate the hyperparameters before any
-      write (it must then write nothing), and again on the real ones.
-
-    Optionally, to call the kernel without the face's per-call work (list
-    normalisation, buffer checks the adapter has already made):
-
-    * ``_kernel``: the kernel's name in the backend module (``"adam"``);
-    * ``_kernel_buffers``: every state buffer the kernel takes, in its order
-      (absent ones are passed as None);
-    * ``_arguments(group, step, fresh)``: validate the hyperparameters and
-      return the kernel's keyword scalars (the rule's ``<rule>_arguments``).
-
-    In both, ``step`` is the number of the step being taken (a float, as
-    ``state["step"]`` holds it) for a rule with ``_step_in_math``, else None;
-    ``fresh`` is True for the parameters whose ``_init_state`` returned True and
-    that take their first update.
+    * ``_configure(group)``: validate the group's hyperparameters (raise for a bad
+      one) and return the validated configuration;
+    * ``_kernel_call(config, step, fresh, scalars)``: return ``run(kernels, params,
+      grads, buffers, n_threads, ids)``, which calls the kernel for that
+      configuration (``buffers``: name -> list of views) and only writes. ``step``
+      is the number of the step being taken (a float, as ``state["step"]`` holds
+      it) for a rule with ``_step_in_math``, else None; ``fresh`` is True for the
+      parameters whose ``_init_state`` returned True and that take their first
+      update; ``scalars``: the rule's scalar state (``_scalar_key``);
+    * optionally ``_step_plan()``: a ``_tensorviews.StepPlan`` that repeats the
+      step just taken while only the gradients change (None: always the general way).
     """
 
     _counts_steps = False
     _step_in_math = False
-    _kernel = None
-    _kernel_buffers = ()
     _shaped = frozenset()
     _whole_tensors = False
     _fd_storage = precision.Storage()
@@ -188,7 +187,7 @@ class KernelOptimizer:
     def __setstate__(self, state):
         # load_state_dict and unpickling come here: the cached views show old tensors.
         super().__setstate__(state)
-        self.__dict__["_fd_plans"] = []
+        self._forget_plans()
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -265,23 +264,11 @@ class KernelOptimizer:
         parameters are stepped together only if theirs are equal. None here."""
         return ()
 
-    def _kernel_call(self, group, step, fresh, scalars=()):
-        """Validate the group's hyperparameters for step number ``step`` (None if
-        the rule does not count) and return ``run(kernels, params, grads, buffers,
-        n_threads)``, which only writes.
+    def _step_plan(self):
+        return None
 
-        With ``_kernel`` set, through ``_arguments`` and the backend's kernel;
-        else through the face: ``_update`` on empty arrays (which validates and
-        writes nothing), then ``_update`` on the real ones."""
-        if self._kernel is None:
-            names = self._buffer_names(group)
-            empty = np.empty(0)
-            self._update(group, [empty], [empty], [[empty] for _ in names], step, fresh)
-
-            def run(kernels, params, grads, buffers, n_threads, ids=None):
-                self._update(group, params, grads, [buffers.get(n) for n in names], step, fresh)
-            return run
-        return _KernelCall((self._kernel, self._arguments(group, step, fresh)))
+    def _refresh_group(self, group_index, group_step):
+        return False
 
     # -- step -----------------------------------------------------------------
 
@@ -307,7 +294,12 @@ class KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._apply_all(self._check_all())
+        plan = self.__dict__.get("_fd_step_plan")
+        if plan is None or not plan.run(self.param_groups, self.state, resolve_backend(None),
+                                        effective_n_threads(None), self._refresh_group):
+            self.__dict__["_fd_step_plan"] = None
+            self._apply_all(self._check_all())
+            self.__dict__["_fd_step_plan"] = self._step_plan()
         return loss
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
@@ -353,7 +345,7 @@ class KernelOptimizer:
 
     def _plan(self, group_index, group, created):
         """The group's plan, rebuilt if anything it caches changed; its
-        hyperparameters checked if they changed since the last step."""
+        hyperparameters validated if they changed since the last step."""
         plans = self._plans()
         while len(plans) <= group_index:
             plans.append(None)
@@ -362,19 +354,40 @@ class KernelOptimizer:
                 or plan.param_list is not group["params"] or len(plan.params) != len(group["params"])
                 or not all(map(is_, plan.params, group["params"]))):
             plan = plans[group_index] = self._build(group_index, group, created)
-        values = tuple(group.values())
-        if values != plan.values:
-            self._check_group(group_index, group)
-            if self._buffer_names(group) != plan.buffer_names:
-                plan = plans[group_index] = self._build(group_index, group, created)
-            plan.calls = {}
-            # A tensor hyperparameter may change in place (schedulers fill_ it): never cache it.
-            plan.values = None if any(map(_holds_tensor, values)) else values
         for p in plan.pending:
             if p.grad is not None:  # its first gradient: create its state
                 plan = plans[group_index] = self._build(group_index, group, created)
                 break
+        if not (plan.trusted and same_values(group, plan.keys, plan.values) and len(group) == len(plan.keys) + 1):
+            plan = self._validate(group_index, group, plan, created)
         return plan
+
+    def _validate(self, group_index, group, plan, created):
+        """Validate the group's hyperparameters and options (raising for a bad one)
+        and record them in ``plan`` (see ``_record``); rebuild the plan if they need
+        other buffers. Returns the plan."""
+        validated = self._validated(group_index, group)
+        if self._buffer_names(group) != plan.buffer_names:
+            plan = self._plans()[group_index] = self._build(group_index, group, created)
+        self._record(plan, validated)
+        return plan
+
+    def _validated(self, group_index, group):
+        """``(keys, values, config)``: the group's keys besides ``params``, the objects
+        they hold, and its configuration, validated (raises for a bad value)."""
+        keys = tuple([k for k in group if k != "params"])
+        values = tuple([group[k] for k in keys])
+        self._check_group(group_index, group)
+        return keys, values, self._configure(group)
+
+    @staticmethod
+    def _record(plan, validated):
+        """Keep in ``plan`` what was validated; its kernel calls are made again."""
+        plan.keys, plan.values, plan.config = validated
+        plan.calls = {}
+        # A mutable value (a tensor lr that a scheduler fills in place) may change
+        # without being replaced: such a group is validated at every step.
+        plan.trusted = immutable(tuple([v for k, v in zip(plan.keys, plan.values) if k != "param_names"]))
 
     def _prepare(self, group_index, group, work, created):
         """Append the group's share of the step to ``work``, everything checked."""
@@ -386,6 +399,7 @@ class KernelOptimizer:
             self._release(work[start:])
             del work[start:]
             plan = self._plans()[group_index] = self._build(group_index, group, created)
+            plan = self._validate(group_index, group, plan, created)
             try:
                 self._prepare_buckets(plan, group_index, group, work)
             except _Stale:
@@ -395,21 +409,21 @@ class KernelOptimizer:
         for bucket in plan.buckets:
             views = bucket.views
             status = views.collect()
-            if (status == _COMPLETE and not bucket.n_fresh
-                    and (bucket.count is not None or bucket.steps is None)):
+            count = None if bucket.steps is None else _uniform_count(bucket.steps)
+            if status == _COMPLETE and not bucket.n_fresh and (count is not None or bucket.steps is None):
                 # The usual step: every gradient there, one step count, one kernel call.
                 item = _Work()
                 item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
-                step = item.next_steps = None if bucket.steps is None else _next_count(bucket.count, bucket.steps)
+                step = item.next_steps = None if count is None else _next_count(bucket.steps, count)
                 if not self._step_in_math:
                     step = None
                 scalars = self._scalar_key(bucket.entries[0]) if bucket.entries else ()
-                item.calls = ((self._cached_call(plan, group, step, False, scalars), None, step),)
+                item.calls = ((self._cached_call(plan, step, False, scalars), None, step),)
             else:
                 item = self._gather(group_index, group, bucket, status)
                 if item is None:
                     continue
-                item.calls = self._calls(plan, group, bucket, item)
+                item.calls = self._calls(plan, bucket, item, count)
             work.append(item)
 
     def _gather(self, group_index, group, bucket, status):
@@ -472,22 +486,23 @@ class KernelOptimizer:
                 g = _layout.in_layout_of(e.ref, g.clone())
         return _layout.flat_view(g), g
 
-    def _calls(self, plan, group, bucket, item):
+    def _calls(self, plan, bucket, item, count):
         """The kernel calls of ``item``, hyperparameters validated: one, or one per
-        step count (and per fresh/old SGD buffer) if they differ."""
+        step count (and per fresh/old SGD buffer) if they differ; ``count``: the
+        bucket's common step count, or None."""
         taken = item.taken
         entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
         if bucket.steps is None:
             item.next_steps = None
             if not bucket.n_fresh:
-                return [(self._cached_call(plan, group, None, False), None, None)]
+                return [(self._cached_call(plan, None, False), None, None)]
             keys = [(None, e.fresh, ()) for e in entries]
-        elif bucket.count is not None and not bucket.n_fresh:
-            step = _next_count(bucket.count, bucket.steps)
+        elif count is not None and not bucket.n_fresh:
+            step = _next_count(bucket.steps, count)
             item.next_steps = step
             if not self._step_in_math:
                 step = None
-            return [(self._cached_call(plan, group, step, False, self._scalar_key(entries[0])), None, step)]
+            return [(self._cached_call(plan, step, False, self._scalar_key(entries[0])), None, step)]
         else:
             steps = bucket.steps if taken is None else bucket.steps[taken]
             next_steps = steps + 1  # in the step dtype, as torch counts
@@ -497,20 +512,20 @@ class KernelOptimizer:
         calls = []
         for key in sorted(set(keys), key=lambda k: (k[0] or 0, k[1], k[2])):
             pick = [i for i, k in enumerate(keys) if k == key]
-            calls.append((self._cached_call(plan, group, *key),
+            calls.append((self._cached_call(plan, *key),
                           None if len(pick) == len(keys) else pick, key[0]))
         return calls
 
-    def _cached_call(self, plan, group, step, fresh, scalars=()):
-        """``_kernel_call`` for this step and group, reused while the group's
-        hyperparameters are unchanged (and, if the rule counts, for the same step
-        and scalar state)."""
+    def _cached_call(self, plan, step, fresh, scalars=()):
+        """``_kernel_call`` for this step and the group's validated configuration,
+        reused while that is unchanged and trusted (and, if the rule counts, for
+        the same step and scalar state)."""
         key = (step, fresh, scalars)
-        call = plan.calls.get(key) if plan.values is not None else None
+        call = plan.calls.get(key) if plan.trusted else None
         if call is None:
             if len(plan.calls) > 4:
                 plan.calls.clear()
-            call = plan.calls[key] = self._kernel_call(group, step, fresh, scalars)
+            call = plan.calls[key] = self._kernel_call(plan.config, step, fresh, scalars)
         return call
 
     def _apply(self, item, kernels, n_threads):
@@ -550,12 +565,7 @@ class KernelOptimizer:
                     bucket.n_fresh -= 1
         following = item.next_steps
         if following is not None:
-            if taken is None and type(following) is float:
-                bucket.steps.fill(following)
-                bucket.count = following
-            else:
-                bucket.steps[... if taken is None else taken] = following
-                bucket.count = _uniform_count(bucket.steps)
+            bucket.steps[... if taken is None else taken] = following
         # NumPy writes bypass autograd's version counters: bump them as torch's
         # in-place updates would, so a stale saved tensor is still detected.
         _increment_version(torch_params)
@@ -613,13 +623,12 @@ class KernelOptimizer:
         steps, following = bucket.steps, None
         if steps is not None:
             following = steps[k] + 1  # a NumPy scalar: torch's count in the step dtype
-        run = self._cached_call(plan, group, float(following) if self._step_in_math else None, e.fresh,
+        run = self._cached_call(plan, float(following) if self._step_in_math else None, e.fresh,
                                 self._scalar_key(e))
         # Bookkeeping of the hook's thread, before the write is handed over.
         if e.fresh:
             e.fresh = False
             bucket.n_fresh -= 1
-        bucket.count = None
         params, grads = [bucket.param_views[k]], [view]
         buffers = [[views[k]] for views in bucket.state_views]
         ids = [bucket.ids[k]]
@@ -647,6 +656,7 @@ class KernelOptimizer:
 
     def _forget_plans(self):
         self.__dict__["_fd_plans"] = []
+        self.__dict__["_fd_step_plan"] = None
 
     # -- plans ----------------------------------------------------------------
 
@@ -693,7 +703,8 @@ class KernelOptimizer:
         plan.param_list, plan.params = group["params"], tuple(group["params"])
         plan.buffer_names, plan.pending = names, pending
         plan.buckets = [self._bucket(group_index, group, entries, kept) for (_, kept), entries in by_dtype.items()]
-        plan.values, plan.calls = None, {}
+        plan.keys = plan.values = plan.config = None
+        plan.trusted, plan.calls = False, {}
         return plan
 
     def _has_state(self, state, names):
@@ -720,7 +731,6 @@ class KernelOptimizer:
     def _bucket(self, group_index, group, entries, names):
         b = _Bucket()
         b.entries, b.names = entries, names
-        b.order = tuple(names.index(n) if n in names else None for n in self._kernel_buffers)
         b.params = [e.param for e in entries]
         b.gapped = [e for e in entries if self._in_scratch(e)]
         scratch = _scratch_blocks(b.gapped)
@@ -737,7 +747,7 @@ class KernelOptimizer:
         b.stored = bool(entries) and self._stored_dtype(entries[0].param.dtype)
         self._check_distinct(group_index, group, b)
         b.n_fresh = sum(e.fresh for e in entries)
-        b.steps, b.step_block, b.count = None, None, None
+        b.steps, b.step_block = None, None
         if self._counts_steps and entries:
             first = entries[0].state["step"]
             dtype = first.dtype if isinstance(first, torch.Tensor) else _scalar_dtype()
@@ -745,7 +755,6 @@ class KernelOptimizer:
             for i, e in enumerate(entries):
                 e.state["step"] = block[i]
             b.step_block, b.steps = block, block.numpy()
-            b.count = _uniform_count(b.steps)
         for e in entries:
             e.tensors = tuple(e.state[k] for k in e.keys)
         b.views = _tensorviews.BucketViews(
@@ -851,26 +860,8 @@ def _set_scalar_state(state, name, value):
         state[name] = value
 
 
-def _holds_tensor(value):
-    """True for a tensor hyperparameter, or a tuple holding one (``betas``)."""
-    return isinstance(value, torch.Tensor) or (type(value) is tuple and any(isinstance(v, torch.Tensor) for v in value))
-
-
-def _uniform_count(steps):
-    """The common step count of a bucket (a float), or None if they differ."""
-    if not len(steps):
-        return None
-    first = float(steps[0])
-    return first if (steps == first).all() else None
-
-
-def _next_count(count, steps):
-    """``count + 1`` as torch adds it in the dtype of ``steps`` (float32 stops
-    counting exactly at 2**24)."""
-    following = count + 1.0
-    if following > 2.0**24:
-        following = float(steps.dtype.type(following))
-    return following
+_uniform_count = _tensorviews.uniform_count
+_next_count = _tensorviews.next_count
 
 
 def _scalar_dtype():

@@ -41,14 +41,19 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from .. import precision
+from .. import _tensorviews, precision
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
 from ..optim.lowprec import MASTER, scales_name
 from ..rules import SPECS
-from ..rules._spec import FIRST_GRADIENT, PARAMETER
+from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from . import _layout, _lowprec
-from ._adapter import KernelOptimizer, _scalar_dtype, _where, init_like, kernel_doc, new_step_tensor
+from ._adapter import (KernelOptimizer, _increment_version, _scalar_dtype, _where, init_like, kernel_doc,
+                       new_step_tensor)
+
+#: The parameter dtypes the kernels step natively (complex as real pairs); others go
+#: through the stored formats of low-precision storage.
+_NATIVE = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 def _plain(value):
@@ -78,8 +83,14 @@ class SpecOptimizer(KernelOptimizer):
     def _hyper(self, group):
         """The group's hyperparameters, validated by the rule (the options
         ``torch.optim`` lacks take their defaults)."""
-        values = {**self.spec.defaults, **{k: _plain(v) for k, v in group.items() if k != "params"}}
-        return self.spec.validate(values)
+        return self._configure(group).hyper
+
+    def _configure(self, group):
+        """The group's validated configuration (a ``rules._spec.Config``: from the
+        rule's cache if these very values were validated before)."""
+        spec = self.spec
+        values = {**spec.defaults, **{k: _plain(v) for k, v in group.items() if k != "params"}}
+        return spec.configure(spec.values_of(values))
 
     def _check_param(self, group_index, index, group, p):
         super()._check_param(group_index, index, group, p)
@@ -222,33 +233,81 @@ class SpecOptimizer(KernelOptimizer):
     def _scalar_key(self, entry):
         return tuple(_scalar_state_value(entry.state[s.name]) for s in self.spec.scalar_state)
 
-    def _kernel_call(self, group, step, fresh, scalars=()):
-        """Validate the group's hyperparameters and compute the kernel's scalars for
-        step ``step`` once; return ``run(kernels, params, grads, buffers,
-        n_threads)``, which only writes, through the rule's one path
-        (``spec.call``). ``run.advanced`` holds the scalar state after the step."""
-        spec, h, storage = self.spec, self._hyper(group), self._fd_storage
-        names = tuple(b.name for b in spec.needed(h))
-        fresh_names = frozenset(b.name for b in spec.needed(h) if fresh and b.initial(h) is FIRST_GRADIENT)
+    def _kernel_call(self, config, step, fresh, scalars=()):
+        """For the validated configuration ``config`` and step number ``step``, return
+        ``run(kernels, params, grads, buffers, n_threads, ids)``, which only writes,
+        through the rule's one path to the kernel (``config.kernel_arguments``: the
+        scalars the optimizers and faces use; low-precision storage: ``spec.call``
+        with the stored formats). ``run.advanced`` holds the scalar state after the
+        step."""
+        spec, h, storage = self.spec, config.hyper, self._fd_storage
+        names = tuple(config.needed)
+        fresh_names = config.fresh_first if fresh else NOTHING_FRESH
         counted = None if step is None else int(step)  # the step number, also for random keys
         step = None if step is None or not spec.uses_step else int(step)
         scalar_state = dict(zip((s.name for s in spec.scalar_state), scalars))
-        kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names, scalar_state=scalar_state)
+        invoke, constants, varying = config.kernel_arguments(step, 1.0, fresh_names, scalar_state)
 
         def run(kernels, params, grads, buffers, n_threads, ids=None):
             if spec.tensorwise:  # the gradients' views are flat (see _bucket)
                 grads = [g.reshape(p.shape) for p, g in zip(params, grads)]
-            kernel_buffers = {name: buffers.get(name) for name in names}
             if params and (not storage.is_default or precision.kind_of(params[0]) != precision.NATIVE):
+                kernel_buffers = {name: buffers.get(name) for name in names}
                 scales = {name: buffers[scales_name(name)] for name in names if scales_name(name) in buffers}
+                kwargs = spec.kernel_arguments(h, step=step, grad_scale=1.0, fresh=fresh_names,
+                                               scalar_state=scalar_state)
                 params, grads, formats = precision.kernel_call(storage, spec, counted, params, grads, kernel_buffers,
                                                                buffers.get(MASTER), scales)
                 spec.call(kernels, params, grads, kernel_buffers, kwargs, n_threads, formats, ids)
             else:
-                spec.call(kernels, params, grads, kernel_buffers, kwargs, n_threads)
+                invoke(kernels, params, grads, tuple([buffers.get(name) if name in names else None
+                                                      for name in spec.buffer_names]),
+                       constants, varying, n_threads)
 
         run.advanced = spec.advanced(h, step, scalar_state)
         return run
+
+    def _step_plan(self):
+        """The ``_tensorviews.StepPlan`` that repeats the step just taken while nothing
+        but the gradients and the hyperparameter values changes, or None where the
+        general way must run: a rule with scalar state or that sees whole tensors,
+        low-precision storage or parameters, mutable hyperparameters, a buffer
+        still to initialise from the first gradient."""
+        spec = self.spec
+        if spec.scalar_state or self._whole_tensors or not self._fd_storage.is_default:
+            return None
+        groups = []
+        for group, plan in zip(self.param_groups, self._plans()):
+            if plan is None or plan.group is not group or not plan.trusted:
+                return None
+            buckets = []
+            for b in plan.buckets:
+                if b.n_fresh or b.entries[0].param.dtype not in _NATIVE:
+                    return None
+                views = dict(zip(b.names, b.state_views))
+                buffers = tuple([views.get(name) if needed else None
+                                 for name, needed in zip(spec.buffer_names, plan.config.present)])
+                scratch = tuple([(e.position, e.scratch, e.target) for e in b.gapped])
+                buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, scratch))
+            groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
+                                                 tuple(plan.pending), plan.config.arguments, self._step_in_math,
+                                                 buckets))
+        return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH)
+
+    def _refresh_group(self, group_index, group_step):
+        """A value in ``param_groups[group_index]`` was replaced since it was
+        validated (a scheduler wrote ``lr``): validate the group again, raising for a
+        bad value, and update the step plan's ``group_step``; False if the general
+        way must run (mutable values, or other buffers needed)."""
+        group, plan = self.param_groups[group_index], self._plans()[group_index]
+        validated = self._validated(group_index, group)
+        if self._buffer_names(group) != plan.buffer_names:
+            return False
+        self._record(plan, validated)
+        if not plan.trusted:
+            return False
+        group_step.keys, group_step.values, group_step.arguments = plan.keys, plan.values, plan.config.arguments
+        return True
 
     def _update_state(self, g, names, update):
         """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,

@@ -1,0 +1,221 @@
+"""fastdescent.torch's step plan (``_tensorviews.StepPlan``): while nothing but the
+gradients changes, a step is one C call. It must give exactly what the general way
+gives, and see every change made between steps (a value written into
+``param_groups``, a state tensor edited or replaced, a parameter moved) before it
+writes anything."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastdescent.torch as fdt  # noqa: E402
+from rule_cases import RICHEST  # noqa: E402
+from test_torch_layouts import LATE, Layouts  # noqa: E402
+from torch_support import assert_unchanged, one_torch_thread, snapshot, takes, torch_computes_as_fastdescent  # noqa: E402, F401
+
+#: Every fastdescent.torch class with its richest configuration (every buffer in use).
+CONFIGS = {spec.title: (rule.torch_peer[1] if rule.torch_peer is not None else rule.options)
+           for spec, rule in ((fdt.optimizers.CLASSES[r.spec.title].spec, r) for r in RICHEST.values())
+           if spec.title in fdt.optimizers.CLASSES}
+#: The classes whose steady steps take the plan: not those with scalar state
+#: (NAdam, ASGD) or that see whole tensors (Adafactor, Muon).
+PLANNED = [name for name, cls in fdt.optimizers.CLASSES.items()
+           if not cls.spec.scalar_state and not cls.spec.tensorwise]
+
+
+def general_way(opt):
+    """``opt`` never takes the step plan."""
+    opt._step_plan = lambda: None
+    return opt
+
+
+def counting_general_steps(opt):
+    """A list that grows by one at each step ``opt`` takes the general way."""
+    calls = []
+    check_all = opt._check_all
+
+    def counted():
+        calls.append(1)
+        return check_all()
+    opt._check_all = counted
+    return calls
+
+
+def model_groups(rule, dtype=torch.float32, seed=0):
+    """A model with parameters of every layout (gapped, transposed, channels_last, a
+    scalar, one that joins late) in one group, and two float64 ones in another."""
+    model = Layouts(dtype, seed)
+    torch.manual_seed(seed)
+    extra = [torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64)),
+             torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    groups = [{"params": [p for p in model.parameters() if takes(rule, p)]},
+              {"params": [p for p in extra if takes(rule, p)], "lr": 0.5 * CONFIGS[rule].get("lr", 1e-3)}]
+    return model, extra, [g for g in groups if g["params"]]
+
+
+def gradients(model, extra, step, generator):
+    """Fresh gradients for ``step`` (the late parameter's only from step 3 on)."""
+    x = torch.randn(8, 6, generator=generator)
+    loss = model(x, step).square().mean() + sum((p.square() * (1 + step % 3)).sum() for p in extra)
+    loss.backward()
+
+
+def train(rule, steps=14, reuse_gradients=False, general=False, edit=None):
+    """Train ``rule`` on :func:`model_groups`, with a scheduler writing ``lr`` at every
+    step; ``reuse_gradients``: the gradient tensors stay the same objects (written in
+    place) after the first step; ``edit(opt, step)`` runs between steps."""
+    model, extra, groups = model_groups(rule)
+    opt = getattr(fdt, rule)(groups, **CONFIGS[rule])
+    if general:
+        general_way(opt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + 0.1 * step))
+    generator = torch.Generator().manual_seed(1)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for step in range(steps):
+        kept = [p.grad for p in params]
+        opt.zero_grad(set_to_none=True)
+        gradients(model, extra, step, generator)
+        if reuse_gradients and step > 0:
+            for p, g in zip(params, kept):
+                if p.grad is not None and g is not None:
+                    g.copy_(p.grad)
+                    p.grad = g
+        if edit is not None:
+            edit(opt, step)
+        opt.step()
+        scheduler.step()
+    return opt
+
+
+def assert_identical(a, b):
+    """Every parameter and state entry of optimizers ``a`` and ``b`` equal, bit for bit."""
+    pa = [p for g in a.param_groups for p in g["params"]]
+    pb = [p for g in b.param_groups for p in g["params"]]
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        assert list(a.state[x]) == list(b.state[y])
+        for key, value in b.state[y].items():
+            got = a.state[x][key]
+            if isinstance(value, torch.Tensor):
+                assert got.dtype == value.dtype and torch.equal(got, value), key
+            else:
+                assert got == value, key
+
+
+@pytest.mark.parametrize("reuse_gradients", [False, True], ids=["new-grads", "same-grads"])
+@pytest.mark.parametrize("rule", list(CONFIGS))
+def test_plan_steps_as_the_general_way_bit_for_bit(rule, reuse_gradients):
+    assert_identical(train(rule, reuse_gradients=reuse_gradients),
+                     train(rule, reuse_gradients=reuse_gradients, general=True))
+
+
+@pytest.mark.parametrize("rule", PLANNED)
+def test_steady_steps_take_the_plan(rule):
+    """After a step that went the general way, the steps take the plan while only the
+    gradients and ``lr`` change (a scheduler writes it at every step)."""
+    p = torch.nn.Parameter(torch.randn(10, 3))
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = getattr(fdt, rule)([p, q], **CONFIGS[rule])
+    general = counting_general_steps(opt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step)
+    for step in range(6):
+        p.grad, q.grad = torch.randn(10, 3), torch.randn(3)
+        opt.step()
+        scheduler.step()
+    assert len(general) <= 2  # the first step (state created), and SGD's second (its fresh buffer)
+    assert opt._fd_step_plan is not None
+
+
+def test_state_step_edited_in_place_is_followed():
+    """``state["step"]`` written in place (the step counts are read from the step
+    tensors at every step): the bias corrections follow it, as torch.optim's do."""
+    def edit(opt, step):
+        if step == 6:
+            for state in opt.state.values():
+                state["step"].fill_(100.0)
+    assert_identical(train("Adam", edit=edit), train("Adam", edit=edit, general=True))
+    fast = train("Adam", edit=edit)
+    assert {s["step"].item() for s in fast.state.values()} == {100.0 + 14 - 6, 14.0 - LATE}  # (late: after the edit)
+
+
+def test_a_step_count_out_of_line_takes_the_general_way():
+    """One parameter's count edited: the counts differ, one kernel call per count."""
+    def edit(opt, step):
+        if step == 5:
+            opt.state[opt.param_groups[0]["params"][0]]["step"].fill_(50.0)
+    assert_identical(train("Adam", edit=edit), train("Adam", edit=edit, general=True))
+
+
+@pytest.mark.parametrize("write, error", [
+    (("lr", -1.0), ValueError), (("lr", "fast"), TypeError), (("betas", (0.9, 1.5)), ValueError),
+    (("eps", float("nan")), ValueError), (("weight_decay", None), TypeError),
+    (("differentiable", True), ValueError), (("capturable", True), ValueError),
+])
+def test_bad_value_written_between_steady_steps_raises_before_any_write(write, error):
+    """A value written into ``param_groups`` is seen by the next step: the plan's
+    identity check of every value in the group sends it to validation, which raises
+    before anything is written; after the value is put back, training goes on as if
+    nothing had happened."""
+    key, value = write
+    fast, expected = train("Adam", steps=5), train("Adam", steps=5)
+    group = fast.param_groups[1]
+    previous = group.get(key)
+    group[key] = value
+    before = snapshot(fast)
+    params = [p for g in fast.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(error):
+        fast.step()
+    assert_unchanged(fast, before)
+    group[key] = previous
+    for opt in (fast, expected):
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert_identical(fast, expected)
+
+
+def test_tensor_learning_rate_filled_in_place_is_followed():
+    """A tensor ``lr`` may change without being replaced: such a group is validated
+    at every step, and the value filled in is the one used."""
+    def run(fill):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 9))
+        opt = fdt.Adam([p], lr=torch.tensor(0.01))
+        for step in range(6):
+            p.grad = torch.linspace(0.5, -0.3, 9) * (step + 1)
+            if fill and step == 3:
+                opt.param_groups[0]["lr"].fill_(0.5)
+            opt.step()
+        return p.detach().clone()
+
+    def expected():
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 9))
+        opt = fdt.Adam([p], lr=0.01)
+        general_way(opt)
+        for step in range(6):
+            p.grad = torch.linspace(0.5, -0.3, 9) * (step + 1)
+            if step == 3:
+                opt.param_groups[0]["lr"] = 0.5
+            opt.step()
+        return p.detach().clone()
+
+    assert torch.equal(run(True), expected())
+    assert not torch.equal(run(False), expected())
+
+
+def test_group_keys_added_and_parameters_replaced_are_seen():
+    """A key added to a group (validated again), a parameter replaced in the list and a
+    parameter whose storage moved: each goes the general way once, with the same results."""
+    def edit(opt, step):
+        group = opt.param_groups[1]
+        if step == 4:
+            group["note"] = "a key torch.optim ignores"
+        if step == 6:
+            p = group["params"][1]
+            p.data = p.data.clone()
+        if step == 8:
+            q = torch.nn.Parameter(group["params"][0].detach() * 0.5)
+            q.grad = group["params"][0].grad
+            group["params"][0] = q
+    assert_identical(train("Adam", edit=edit), train("Adam", edit=edit, general=True))
