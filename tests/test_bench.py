@@ -82,6 +82,25 @@ def test_idle_times_each_call_alone(tmp_path, capsys):
     assert all(r["seconds"]["calls"] == 1 and r["seconds"]["samples"] == 2 for r in timed)
 
 
+def test_rounds_pool_the_samples_of_each_method(tmp_path, monkeypatch):
+    order = []
+    real_stepper = cases.stepper
+
+    def recording_stepper(method, *args, **kwargs):
+        order.append(method)
+        return real_stepper(method, *args, **kwargs)
+
+    monkeypatch.setattr("fastdescent.bench.stepper", recording_stepper)
+    result = run_bench(tmp_path, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel", "reference",
+                       "--threads", "1", "--repeats", "2", "--rounds", "3")
+    timed = [r for r in result["records"] if "seconds" in r]
+    assert {r["method"] for r in timed} == {"ceiling", "kernel", "reference"}
+    assert all(r["seconds"]["samples"] == 6 for r in timed)
+    assert order == ["ceiling", "kernel", "reference"] * 3  # the methods take turns
+    with pytest.raises(SystemExit, match="--rounds"):
+        main(["bench", *TINY, "--rounds", "0"])
+
+
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("1e5", 10**5), ("10**8", 10**8), ("100_000", 10**5)])
 def test_size_arg(text, value):
     assert size_arg(text) == value

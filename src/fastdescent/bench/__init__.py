@@ -61,7 +61,8 @@ from .cases import (
     make_problem,
     state_memory,
     stepper,
-    time_step,
+    time_samples,
+    timing_of,
     torch_or_none,
 )
 from . import accumulate as accumulate_case
@@ -134,6 +135,9 @@ def add_arguments(parser):
     parser.add_argument("--overhead-size", type=size_arg, default=1000,
                         help="array size of the overhead case (default: 1000)")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per measurement (default: 7)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="take each measurement's samples in this many turns, the methods of a size taking "
+                             "turns (default: 1; more makes ratios robust to a machine whose load changes)")
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="seconds each sample lasts at least (default: 0.05)")
     parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
@@ -164,8 +168,9 @@ def run(args):
         return 0
     variants = _variants(args.variants)
     threads = _thread_counts(args.threads, args.quiet)
-    if args.repeats < 1 or args.min_time < 0 or args.idle < 0 or (args.min_elements_per_thread or 1) < 1:
-        raise SystemExit("--repeats and --min-elements-per-thread must be >= 1, --min-time and --idle >= 0")
+    if (args.repeats < 1 or args.rounds < 1 or args.min_time < 0 or args.idle < 0
+            or (args.min_elements_per_thread or 1) < 1):
+        raise SystemExit("--repeats, --rounds and --min-elements-per-thread must be >= 1, --min-time and --idle >= 0")
     torch = torch_or_none()
     methods = [m for m in args.methods if _installed(m, torch)]
     with _serial_threshold(args.min_elements_per_thread):
@@ -356,16 +361,32 @@ def _measure(groups, args):
     for case, name, dtype, n, count, state_dtype, jobs in groups:
         rule = RULES[name]
         problem = make_problem(rule, n, dtype, n_tensors=count, state_dtype=state_dtype)
-        for method, variant, n_threads in jobs:
+        # With --rounds R every job takes its samples in R turns, the jobs taking turns
+        # in one order: a ceiling and its kernel then share the machine's moods.
+        samples = {job: [] for job in jobs}
+        calls, unavailable = {}, {}
+        for _ in range(args.rounds):
+            for job in jobs:
+                if job in unavailable:
+                    continue
+                method, variant, n_threads = job
+                try:
+                    with stepper(method, rule, problem, n_threads, variant) as step:
+                        job_calls, job_samples = time_samples(step, args.repeats, args.min_time, idle=args.idle)
+                except Unavailable as why:
+                    unavailable[job] = str(why)
+                    continue
+                calls.setdefault(job, job_calls)
+                samples[job] += job_samples
+        for job in jobs:
+            method, variant, n_threads = job
             record = {"case": case, "rule": name, "dtype": dtype, "size": n, "tensors": count,
                       "method": method, "variant": variant, "threads": n_threads, "state_dtype": state_dtype,
                       "bytes_per_element": _bytes_per_element(rule, dtype, state_dtype, method)}
-            try:
-                with stepper(method, rule, problem, n_threads, variant) as step:
-                    timing = time_step(step, args.repeats, args.min_time, idle=args.idle)
-                record["seconds"] = asdict(timing)
-            except Unavailable as why:
-                record["unavailable"] = str(why)
+            if job in unavailable:
+                record["unavailable"] = unavailable[job]
+            else:
+                record["seconds"] = asdict(timing_of(samples[job], calls[job]))
             records.append(record)
             done += 1
             if not args.quiet:

@@ -425,6 +425,17 @@ def time_step(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
     waiting, as in a training loop: an OpenMP thread team has gone back to sleep
     by then, and the sample includes waking it.
     """
+    calls, samples = time_samples(step, repeats, min_time, max_calls, idle)
+    return timing_of(samples, calls)
+
+
+def timing_of(samples, calls):
+    """The :class:`Timing` of per-call ``samples`` (seconds)."""
+    return Timing(statistics.median(samples), min(samples), max(samples), calls, len(samples))
+
+
+def time_samples(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
+    """``(calls, samples)``: the seconds per call of each sample, as :func:`time_step` takes them."""
     if idle > 0:
         step()
         samples = []
@@ -433,7 +444,7 @@ def time_step(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
             start = time.perf_counter()
             step()
             samples.append(time.perf_counter() - start)
-        return Timing(statistics.median(samples), min(samples), max(samples), 1, repeats)
+        return 1, samples
     start = time.perf_counter()
     step()  # warm-up: caches, lazily created state, the thread team
     elapsed = time.perf_counter() - start
@@ -450,4 +461,4 @@ def time_step(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
         for _ in range(calls):
             step()
         samples.append((time.perf_counter() - start) / calls)
-    return Timing(statistics.median(samples), min(samples), max(samples), calls, repeats)
+    return calls, samples
