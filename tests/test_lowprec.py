@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastdescent import _config, precision
-from fastdescent.precision import BF16, INT8, NATIVE, UINT8
+from fastdescent.precision import BF16, BLOCK, INT8, NATIVE, UINT8
 from fastdescent.rules._spec import FIRST_GRADIENT
 from rule_cases import EXAMPLES, RICHEST, make_state
 from support import assert_bitwise_equal, random_array
@@ -238,3 +238,78 @@ def test_stochastic_rounding_ignores_the_thread_split(name, kind, rng, tiny_part
             assert_same(arrays[0], together[b][0][k], b)
             if scales:
                 assert_same(scales[0], together[b][1][k], b)
+
+
+def special_moments(rng, n, nonnegative):
+    """Moments whose blocks hold what the codecs special-case: values over 60
+    binades (int8 subnormal codes, values that encode to zero, signed zeros), a
+    block of subnormal float32s, huge values (2**bias * scale overflows), NaN
+    and infinities."""
+    x = (rng.standard_normal(n) * np.exp2(rng.uniform(-60, 0, n))).astype(np.float32)
+    x[:256] *= np.float32(2.0**-120)              # a block of float32 subnormals and tiny normals
+    x[256:512] *= np.float32(2.0**120)            # a block whose scale overflows 2**bias * scale
+    x[512:768:7] = -0.0
+    x[768:1024:5] = 0.0
+    x[1024:1280] = np.float32(1e-30)               # a block whose largest value is tiny
+    x[1300] = np.nan
+    x[1600] = np.inf
+    x[1900] = -np.inf
+    return np.abs(x) if nonnegative else x
+
+
+@pytest.mark.parametrize("name", ["adam", "adam-decoupled", "adam_amsgrad", "rmsprop"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("rounding", precision.ROUNDINGS)
+def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_variant):
+    """The decoders and encoders of the stored pass (Adam's fused loops; AMSGrad and
+    RMSprop take the three-phase blocks) against the reference on moments of every
+    kind of value, gradients over many binades: bit for bit, 1 and 2 threads."""
+    rule = EXAMPLES[name]
+    n = 2 * 2048 + 300
+    buffers = rule.spec.needed(rule.hyper)
+    values = {b.name: special_moments(rng, n, b.nonnegative) for b in buffers}
+    param = random_array(rng, n, np.float32)
+    grads = [(rng.standard_normal(n) * np.exp2(rng.uniform(-50, 10, n))).astype(np.float32) for _ in range(2)]
+    noise = rng.integers(0, 256, BLOCK, dtype=np.uint8)   # every code, even those no encoder writes
+    runs = {}
+    for backend, n_threads in (("reference", 1), ("kernel", 1), ("kernel", 2)):
+        p = [param.copy()]
+        stored = stored_buffers(rule, {k: [v] for k, v in values.items()}, kind)
+        for arrays, _, stored_kind in stored.values():
+            if stored_kind != BF16:
+                arrays[0].view(np.uint8)[6 * BLOCK:7 * BLOCK] = noise
+        for t, g in enumerate(grads):
+            with np.errstate(all="ignore"):
+                stored_step(rule, _config.resolve_backend(backend), p, [g], stored, t + 1, 0.01, rounding,
+                            n_threads, [7])
+        runs[backend, n_threads] = (p, stored)
+    expected = runs["reference", 1]
+    for key, (p, stored) in runs.items():
+        assert_bitwise_equal(p[0], expected[0][0], f"{key} param")
+        for buffer_name, (arrays, scales, _) in stored.items():
+            assert_same(arrays[0], expected[1][buffer_name][0][0], f"{key} {buffer_name}")
+            if scales:
+                assert_same(scales[0], expected[1][buffer_name][1][0], f"{key} {buffer_name} scales")
+
+
+def test_a_fused_loop_takes_only_the_codes_it_decodes(rng, kernel_variant):
+    """Adam's fused int8 loop decodes exp_avg as int8 and exp_avg_sq as uint8; a
+    call handing other codes (here both uint8, from positive first moments) runs
+    the three phases, and matches the reference."""
+    rule = EXAMPLES["adam"]
+    n = 3000
+    values = {b.name: np.abs(random_array(rng, n, np.float32, scale=0.1)) for b in rule.spec.needed(rule.hyper)}
+    param, grad = random_array(rng, n, np.float32), random_array(rng, n, np.float32)
+    runs = []
+    for backend in ("reference", "kernel"):
+        p = [param.copy()]
+        stored = {}
+        for name, v in values.items():
+            codes, scales = precision.int8_encode(v, precision.UNSIGNED_CODE)
+            stored[name] = ([codes], [scales], UINT8)
+        stored_step(rule, _config.resolve_backend(backend), p, [grad], stored, 1, 0.01, "nearest", 1, [0])
+        runs.append((p, stored))
+    assert_bitwise_equal(runs[1][0][0], runs[0][0][0], "param")
+    for name in values:
+        assert_same(runs[1][1][name][0][0], runs[0][1][name][0][0], name)
+        assert_same(runs[1][1][name][1][0], runs[0][1][name][1][0], f"{name} scales")

@@ -19,6 +19,17 @@
 #      requantized (a new block scale, then codes); a master copy's low-precision
 #      twin is written from the updated float32 values.
 #
+# Three phases leave the codecs' integer work and the rule's divides and square
+# roots unable to overlap, and each phase waits on its own arrays, so a rule may
+# register *fused stored loops* (register_fused_loop; Adam in adam.pxi): its
+# element loop with the per-element codecs below inside it (bfloat16: decode,
+# update, round in registers; int8: decode and update per block, the new values
+# kept in L1 with their largest magnitude, then encoded under the new scale).
+# run_stored takes them when every stored role is a state buffer in bfloat16 or
+# int8/uint8 and parameters and gradients are float32, in the AVX-512 variant
+# (FD_FUSED_STORED); anything else runs the three phases. Same operations,
+# same bits.
+#
 # A role's loader is also where a gradient may come from elsewhere than one
 # array (issue 17, gradient accumulation: the block's gradient as (acc + g) / k,
 # acc zeroed): a new kind is one case in load_role (and one in finish_role if
@@ -27,7 +38,7 @@
 # The formats, the hash and the codes are defined in fastdescent/precision.py;
 # the NumPy twin of this file is fastdescent/reference/storage.py, bit for bit.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from *:
     """
@@ -35,6 +46,17 @@ cdef extern from *:
     #include <string.h>
 
     #define FD_BLOCK 256
+
+    /* A rule's fused stored loop (below) tests its flags (decoupled decay, L2
+       decay, the lerp's end) inside the loop: gcc 12 vectorizes it by masking
+       the flagged arithmetic, which only AVX-512 offers (without masks it would
+       have to unswitch a loop too large for it, and leaves it scalar). Other
+       variants run the three phases, whose loops vectorize everywhere. */
+    #ifdef __AVX512F__
+    #define FD_FUSED_STORED 1
+    #else
+    #define FD_FUSED_STORED 0
+    #endif
 
     /* The formats handed to the next run_kernel of this thread (a borrowed
        Python list, alive for the duration of stored()). */
@@ -81,31 +103,47 @@ cdef extern from *:
         return r;
     }
 
-    /* ---- bfloat16 and float16 */
+    /* The random bits of element `i` of a run that fd_random_run started. */
+    static inline uint32_t fd_random_bits(fd_random random, uint32_t i) {
+        return fd_lowbias32((random.low + i) ^ random.mixed);
+    }
+
+    /* The same random bits from element `offset` of the run on (a block inside it). */
+    static inline fd_random fd_random_from(fd_random random, uint32_t offset) {
+        random.low += offset;
+        return random;
+    }
+
+    /* ---- bfloat16 and float16. The per-element codecs are what every loop
+       calls, the block loops below and a rule's fused stored loop (adam.pxi):
+       integer operations and selects only, so that gcc vectorizes those loops. */
+    static inline float fd_bf16_value(uint16_t half) { return fd_float((uint32_t)half << 16); }
+
+    /* The bfloat16 bits of x plus `add` (the rounding) truncated; NaN stays a quiet
+       NaN. The comparison is signed (both sides are below 2**31: SSE2 and AVX2 have
+       no unsigned one). */
+    static inline uint16_t fd_bf16_rounded(float x, uint32_t add) {
+        uint32_t u = fd_bits(x);
+        return (uint16_t)((int32_t)(u & 0x7fffffffU) > 0x7f800000 ? (u >> 16) | 0x40U : (u + add) >> 16);
+    }
+    static inline uint16_t fd_bf16_nearest(float x) {   /* to nearest even */
+        return fd_bf16_rounded(x, 0x7fffU + ((fd_bits(x) >> 16) & 1U));
+    }
+    static inline uint16_t fd_bf16_random(float x, uint32_t bits) {   /* stochastically */
+        return fd_bf16_rounded(x, bits & 0xffffU);
+    }
+
     static void fd_bf16_load(const uint16_t *restrict src, float *restrict dst, int n) {
         int i;
-        for (i = 0; i < n; i++) dst[i] = fd_float((uint32_t)src[i] << 16);
+        for (i = 0; i < n; i++) dst[i] = fd_bf16_value(src[i]);
     }
 
     static void fd_bf16_store(const float *restrict src, uint16_t *restrict dst, int n, fd_random random) {
         int i;
-        uint32_t u, add, rounded, quiet;
         if (!random.stochastic) {
-            for (i = 0; i < n; i++) {
-                u = fd_bits(src[i]);
-                add = 0x7fffU + ((u >> 16) & 1U);
-                rounded = (u + add) >> 16;
-                quiet = (u >> 16) | 0x40U;
-                dst[i] = (uint16_t)((u & 0x7fffffffU) > 0x7f800000U ? quiet : rounded);
-            }
+            for (i = 0; i < n; i++) dst[i] = fd_bf16_nearest(src[i]);
         } else {
-            for (i = 0; i < n; i++) {
-                u = fd_bits(src[i]);
-                add = fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed) & 0xffffU;
-                rounded = (u + add) >> 16;
-                quiet = (u >> 16) | 0x40U;
-                dst[i] = (uint16_t)((u & 0x7fffffffU) > 0x7f800000U ? quiet : rounded);
-            }
+            for (i = 0; i < n; i++) dst[i] = fd_bf16_random(src[i], fd_random_bits(random, (uint32_t)i));
         }
     }
 
@@ -134,6 +172,36 @@ cdef extern from *:
         return inverse;
     }
 
+    /* The magnitude of x as an integer (its bits), 0 for a non-finite x: the
+       block's scale is the largest of them. */
+    static inline int32_t fd_finite_magnitude(float x) {
+        int32_t magnitude = (int32_t)(fd_bits(x) & 0x7fffffffU);
+        return magnitude & -(int32_t)(magnitude < 0x7f800000);
+    }
+
+    /* The bits of |x|: a loop takes their largest (one operation per element),
+       and fd_largest_finite corrects it in the rare block with a non-finite value. */
+    static inline int32_t fd_magnitude(float x) { return (int32_t)(fd_bits(x) & 0x7fffffffU); }
+
+    /* A magnitude, zero made the largest: the smallest of them is the smallest
+       nonzero one (a non-finite one is larger than every finite one). */
+    static inline int32_t fd_nonzero_magnitude(int32_t magnitude) {
+        return magnitude | (-(int32_t)(magnitude == 0) & 0x7fffffff);
+    }
+
+    /* The largest finite magnitude of src[0 .. n-1], given their largest magnitude. */
+    static int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
+        int i;
+        int32_t magnitude;
+        if (largest < 0x7f800000) return largest;
+        largest = 0;
+        for (i = 0; i < n; i++) {
+            magnitude = fd_finite_magnitude(src[i]);
+            largest = largest > magnitude ? largest : magnitude;
+        }
+        return largest;
+    }
+
     /* The bits of the float32 product z * 2**-bias (z >= 0, or non-finite: then
        a value past every code), without a subnormal operation: an x86 multiply
        whose result is subnormal takes a microcode assist of about a hundred
@@ -141,82 +209,109 @@ cdef extern from *:
        made the int8 pass 8x slower). A normal result is z's bits with the
        exponent lowered; a subnormal one, whose bits are z * 2**(149 - bias)
        rounded to an integer (to nearest even, as the multiply rounds), is that
-       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias).
-       `plain`: no product of the block is subnormal, the multiply is safe. */
+       normal product plus 2**23, rounded by the addition. `tiny_up` = 2**(149 - bias),
+       `down` = 2**-bias; `plain`: no product of the block is subnormal, the
+       multiply is safe (and cheaper). */
     static inline uint32_t fd_scaled_bits(float z, int plain, uint32_t bias, float down, float tiny_up) {
-        if (plain) return fd_bits(z * down);
+        if (plain) return fd_bits(z * down);   /* no product of the block is subnormal */
         uint32_t bits = fd_bits(z);
         uint32_t subnormal = fd_bits(z * tiny_up + 0x1p23f) - 0x4b000000U;
         uint32_t normal = -(uint32_t)((int32_t)bits >= (int32_t)((bias + 1) << 23));   /* a mask, not ?: (vectorizes) */
         return ((bits - (bias << 23)) & normal) | (subnormal & ~normal);
     }
 
-    /* Encode n values; returns the block's scale (its largest finite magnitude).
-       Branch-free, so that gcc vectorizes every loop. A code past every finite
-       one (non-finite input) becomes the NaN code. Comparisons are signed:
-       both sides are below 2**31, and SSE2 has no unsigned ones. */
-    static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
-                                      fd_random random, int is_signed, uint32_t bias, float down,
-                                      float tiny_up, int32_t nan_code) {
-        int i, plain;
-        uint32_t u, y, c;
-        int32_t magnitude, largest = 0, smallest = 0x7fffffff;   /* smallest: nonzero */
-        float inverse;
-        for (i = 0; i < n; i++) {
-            magnitude = (int32_t)(fd_bits(src[i]) & 0x7fffffffU);
-            magnitude &= -(int32_t)(magnitude < 0x7f800000);   /* non-finite: not counted */
-            largest = largest > magnitude ? largest : magnitude;
-            magnitude |= -(int32_t)(magnitude == 0) & 0x7fffffff;
-            smallest = smallest < magnitude ? smallest : magnitude;
-        }
-        inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
-        /* the products are monotonic in |x|: the smallest nonzero one decides */
-        plain = (int32_t)fd_bits(fd_float((uint32_t)smallest) * inverse) >= (int32_t)((bias + 1) << 23);
-        if (!random.stochastic) {
-            for (i = 0; i < n; i++) {
-                u = fd_bits(src[i]);
-                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
-                c = (y + (1U << (FD_CODE_DROPPED - 1))) >> FD_CODE_DROPPED;
-                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
-                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
-            }
+    /* The code of x in a block whose scale has reciprocal `inverse` (fd_inverse),
+       rounded by adding `add` below the code's bits (half of them: to nearest,
+       ties away; random bits: stochastically). A code past every finite one
+       (non-finite input) becomes the NaN code. Comparisons are signed: both
+       sides are below 2**31, and SSE2 has no unsigned ones. */
+    static inline uint8_t fd_code_bits(float x, float inverse, uint32_t add, int is_signed, uint32_t bias,
+                                       int plain, float down, float tiny_up, int32_t nan_code) {
+        uint32_t u = fd_bits(x);
+        uint32_t y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
+        uint32_t c = (y + add) >> FD_CODE_DROPPED;
+        c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
+        return (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
+    }
+
+    /* The rounding added below the code's bits: half of them, or random bits. */
+    static inline uint32_t fd_code_nearest(void) { return 1U << (FD_CODE_DROPPED - 1); }
+    static inline uint32_t fd_code_random(uint32_t bits) { return bits & ((1U << FD_CODE_DROPPED) - 1U); }
+
+    /* Encode the n values of one block whose largest finite magnitude (the bits
+       of the block's new scale) is `largest` into codes; returns the scale.
+       `smallest`: the bits of the smallest nonzero magnitude, or 0 if unknown:
+       when its product is normal, so are all (they are monotonic in |x|), and
+       the plain multiply serves. */
+    static inline float fd_code_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
+                                       int32_t smallest, fd_random random, int is_signed, uint32_t bias,
+                                       float down, float tiny_up, int32_t nan_code) {
+        int i;
+        float inverse = largest ? fd_inverse(fd_float((uint32_t)largest)) : 1.0f;
+        int plain = smallest && (int32_t)fd_bits(fd_float((uint32_t)smallest) * inverse) >= (int32_t)((bias + 1) << 23);
+        if (!random.stochastic && plain) {
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_nearest(), is_signed, bias, 1, down, tiny_up, nan_code);
+        } else if (!random.stochastic) {
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_nearest(), is_signed, bias, 0, down, tiny_up, nan_code);
+        } else if (plain) {
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_random(fd_random_bits(random, (uint32_t)i)),
+                                      is_signed, bias, 1, down, tiny_up, nan_code);
         } else {
-            for (i = 0; i < n; i++) {
-                u = fd_bits(src[i]);
-                y = fd_scaled_bits(fd_float(u & 0x7fffffffU) * inverse, plain, bias, down, tiny_up);
-                c = (y + (fd_lowbias32((random.low + (uint32_t)i) ^ random.mixed)
-                          & ((1U << FD_CODE_DROPPED) - 1U))) >> FD_CODE_DROPPED;
-                c = (int32_t)c < nan_code ? c : (uint32_t)nan_code;
-                dst[i] = (uint8_t)(is_signed ? c | ((u >> 24) & 0x80U) : c);
-            }
+            for (i = 0; i < n; i++)
+                dst[i] = fd_code_bits(src[i], inverse, fd_code_random(fd_random_bits(random, (uint32_t)i)),
+                                      is_signed, bias, 0, down, tiny_up, nan_code);
         }
         return fd_float((uint32_t)largest);
     }
 
-    /* `up` = 2**bias; up * scale is one exact factor unless it overflows.
-       A subnormal code (exponent field 0) is a subnormal float32: its value,
-       y * 2**-149 for y its bits, times the factor is the same product as the
-       integer y times scale * 2**(bias - 149) (`tiny_up`), when that is normal
-       (exact): no subnormal operand (see fd_scaled_bits). Blocks without
-       subnormal codes take the plain multiply. */
-    static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
-                                    int is_signed, float up, float tiny_up, uint32_t nan_code) {
+    /* Encode n values (one block); returns the block's scale (its largest finite magnitude). */
+    static inline float fd_code_store(const float *restrict src, uint8_t *restrict dst, int n,
+                                      fd_random random, int is_signed, uint32_t bias, float down,
+                                      float tiny_up, int32_t nan_code) {
         int i;
-        uint32_t c, magnitude, sign, y, subnormal;
-        float factor = up * scale, tiny_factor = scale * tiny_up;
+        int32_t magnitude, largest = 0, smallest = 0x7fffffff;   /* smallest: nonzero */
+        for (i = 0; i < n; i++) {
+            magnitude = fd_finite_magnitude(src[i]);   /* non-finite: not counted */
+            largest = largest > magnitude ? largest : magnitude;
+            magnitude = fd_nonzero_magnitude(magnitude);
+            smallest = smallest < magnitude ? smallest : magnitude;
+        }
+        return fd_code_encode(src, dst, n, largest, smallest, random, is_signed, bias, down, tiny_up, nan_code);
+    }
+
+    /* The value of code c in a block of `scale`: ((code bits << 20 as a float32)
+       * 2**bias) * scale, as the reference computes it, with the first product
+       (exact) formed in integers: a code of exponent field 0 would be a subnormal
+       float32, whose multiply takes a microcode assist (see fd_scaled_bits); it
+       is the number of exponent field 1 with the same fraction, minus that
+       number's implicit one, 2**(bias - 126) (exact), and the sign goes on last
+       (a zero code keeps its sign). */
+    static inline float fd_code_value(uint32_t c, float scale, int is_signed, uint32_t bias, uint32_t nan_code) {
+        /* every operation on 32-bit lanes (the code's bits moved to their float32
+           place first): gcc otherwise computes the masks on bytes and widens them */
+        uint32_t bits = c << FD_CODE_DROPPED;
+        uint32_t magnitude = is_signed ? bits & (0x7fU << FD_CODE_DROPPED) : bits;
+        uint32_t sign = is_signed ? (bits << 4) & 0x80000000U : 0U;
+        uint32_t subnormal = -(uint32_t)((int32_t)magnitude < (int32_t)(1U << 23));   /* a mask */
+        uint32_t exponent = (bias << 23) + (subnormal & (1U << 23));
+        float y = fd_float(magnitude + exponent) - fd_float(exponent & subnormal);
+        uint32_t value = magnitude == (nan_code << FD_CODE_DROPPED) ? 0x7fc00000U : fd_bits(y);
+        return fd_float(value | sign) * scale;
+    }
+
+    /* Blocks without subnormal codes whose factor 2**bias * scale is finite
+       take one multiply per code (the same product, the factor being exact). */
+    static inline void fd_code_load(const uint8_t *restrict src, float *restrict dst, int n, float scale,
+                                    int is_signed, uint32_t bias, float up, uint32_t nan_code) {
+        int i;
+        uint32_t c, magnitude, sign, y;
+        float factor = up * scale;
         uint8_t subnormals = 0;   /* any subnormal code (magnitude 1 .. 7) in the block? */
         for (i = 0; i < n; i++) subnormals |= (uint8_t)((uint8_t)((is_signed ? src[i] & 0x7fU : src[i]) - 1U) < 7U);
-        if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U && subnormals && (fd_bits(tiny_factor) & 0x7f800000U) != 0) {
-            for (i = 0; i < n; i++) {
-                c = src[i];
-                magnitude = is_signed ? c & 0x7fU : c;
-                sign = is_signed ? (c & 0x80U) << 24 : 0U;
-                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
-                subnormal = -(uint32_t)(magnitude < (1U << FD_CODE_MANTISSA));   /* masks, so that gcc vectorizes */
-                y = (fd_bits((float)(int32_t)(magnitude << FD_CODE_DROPPED)) & subnormal) | (y & ~subnormal);
-                dst[i] = fd_float(y | sign) * fd_float((fd_bits(tiny_factor) & subnormal) | (fd_bits(factor) & ~subnormal));
-            }
-        } else if ((fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
+        if (!subnormals && (fd_bits(factor) & 0x7f800000U) != 0x7f800000U) {
             for (i = 0; i < n; i++) {
                 c = src[i];
                 magnitude = is_signed ? c & 0x7fU : c;
@@ -225,22 +320,18 @@ cdef extern from *:
                 dst[i] = fd_float(y | sign) * factor;
             }
         } else {
-            for (i = 0; i < n; i++) {
-                c = src[i];
-                magnitude = is_signed ? c & 0x7fU : c;
-                sign = is_signed ? (c & 0x80U) << 24 : 0U;
-                y = magnitude == nan_code ? 0x7fc00000U : magnitude << FD_CODE_DROPPED;
-                dst[i] = (fd_float(y | sign) * up) * scale;
-            }
+            for (i = 0; i < n; i++) dst[i] = fd_code_value(src[i], scale, is_signed, bias, nan_code);
         }
     }
 
     /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
+    static inline float fd_int8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 1, 112, 0x7fU); }
+    static inline float fd_uint8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 0, 96, 0xffU); }
     static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 1, 0x1p112f, 0x1p-37f, 0x7fU);
+        fd_code_load(src, dst, n, scale, 1, 112, 0x1p112f, 0x7fU);
     }
     static void fd_uint8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
-        fd_code_load(src, dst, n, scale, 0, 0x1p96f, 0x1p-53f, 0xffU);
+        fd_code_load(src, dst, n, scale, 0, 96, 0x1p96f, 0xffU);
     }
     static float fd_int8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
@@ -248,7 +339,19 @@ cdef extern from *:
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
+    /* A fused loop's encoders: the largest and smallest nonzero magnitudes it found. */
+    static float fd_int8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
+                                int32_t smallest, fd_random random) {
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 1, 112, 0x1p-112f,
+                              0x1p37f, 0x7f);
+    }
+    static float fd_uint8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
+                                 int32_t smallest, fd_random random) {
+        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 0, 96, 0x1p-96f,
+                              0x1p53f, 0xff);
+    }
     """
+    const bint FD_FUSED_STORED
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
     uint64_t fd_splitmix64(uint64_t x) noexcept nogil
@@ -263,6 +366,20 @@ cdef extern from *:
     void fd_uint8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
     float fd_int8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
     float fd_uint8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
+    # the per-element codecs and block encoders of a rule's fused stored loop
+    uint32_t fd_random_bits(fd_random random, uint32_t i) noexcept nogil
+    fd_random fd_random_from(fd_random random, uint32_t offset) noexcept nogil
+    float fd_bf16_value(uint16_t half) noexcept nogil
+    uint16_t fd_bf16_nearest(float x) noexcept nogil
+    uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
+    int32_t fd_magnitude(float x) noexcept nogil
+    float fd_int8_value(uint8_t c, float scale) noexcept nogil
+    float fd_uint8_value(uint8_t c, float scale) noexcept nogil
+    float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
+                         fd_random random) noexcept nogil
+    float fd_uint8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
+                          fd_random random) noexcept nogil
+    int32_t fd_nonzero_magnitude(int32_t magnitude) noexcept nogil
 
 
 cdef enum:
@@ -295,11 +412,105 @@ cdef struct Storage:
     Py_ssize_t* block_offsets   # n_tensors + 1 prefix sums of the tensors' block counts
 
 
+cdef struct StoredRun:
+    # One run of whole blocks of one tensor for a rule's fused stored loop:
+    # every pointer already at the run's first element (or block).
+    void* rows[MAX_ROLES]       # the roles' arrays, each in its own format (NULL: absent)
+    float* scales[MAX_ROLES]    # int8/uint8 roles: the scales of the run's blocks
+    fd_random random[MAX_ROLES]  # written stored roles: their random bits from the run's first element
+    int kinds[MAX_ROLES]
+    bint stochastic             # the stored roles round stochastically (all alike)
+    Py_ssize_t n
+
+
+# A rule's element loop over stored rows, with the decoding and encoding inside
+# it (adam.pxi): the codecs' integer work then overlaps the rule's divides and
+# square roots, and every array streams at once, instead of three phases over
+# float32 scratch rows that each wait on their own arrays.
+ctypedef void (*stored_loop_fn)(const StoredRun* run, const void* args) noexcept nogil
+
+
+cdef struct FusedLoop:
+    segment_fn plain            # the rule's float32 segment function (run_kernel's fn32)
+    int stored_roles            # bit r: role r is a state buffer the fused loops take stored
+    int unsigned_roles          # bit r: in 8 bits, role r is uint8 codes (else int8)
+    stored_loop_fn bf16         # those roles in bfloat16, rounded to nearest even
+    stored_loop_fn bf16_random  # in bfloat16, rounded stochastically
+    stored_loop_fn codes        # in int8/uint8 codes (either rounding: the block encoders take it)
+
+
+cdef enum:
+    MAX_FUSED_LOOPS = 16
+
+cdef FusedLoop fused_loops[MAX_FUSED_LOOPS]
+cdef int n_fused_loops = 0
+
+
+cdef int register_fused_loop(segment_fn plain, int stored_roles, int unsigned_roles, stored_loop_fn bf16,
+                             stored_loop_fn bf16_random, stored_loop_fn codes) except -1:
+    """Declare the fused stored loops of the rule whose float32 segment function
+    is ``plain`` (NULL for a storage it has none for). One is used when
+    parameters and gradients are float32 (no master copy) and the roles of
+    ``stored_roles`` (bit r for role r, roles 2 and up) are all present and all
+    bfloat16 or all 8-bit codes (uint8 for the roles of ``unsigned_roles``, int8
+    for the others), written back and rounded alike, the other roles from 2 up
+    absent. Anything else runs the three-phase blocks."""
+    global n_fused_loops
+    if n_fused_loops == MAX_FUSED_LOOPS:
+        raise RuntimeError("too many fused stored loops")
+    fused_loops[n_fused_loops].plain = plain
+    fused_loops[n_fused_loops].stored_roles = stored_roles
+    fused_loops[n_fused_loops].unsigned_roles = unsigned_roles
+    fused_loops[n_fused_loops].bf16 = bf16
+    fused_loops[n_fused_loops].bf16_random = bf16_random
+    fused_loops[n_fused_loops].codes = codes
+    n_fused_loops += 1
+    return 0
+
+
+cdef stored_loop_fn fused_loop_for(segment_fn fn, const Plan* plan, const Storage* storage) noexcept nogil:
+    """The fused loop that runs this call's formats, or NULL."""
+    cdef int e, r, family = 0, kind
+    cdef bint present, stochastic = False
+    cdef FusedLoop* entry = NULL
+    for e in range(n_fused_loops):
+        if fused_loops[e].plain == fn:
+            entry = &fused_loops[e]
+    if entry == NULL or plan.n_tensors == 0:
+        return NULL
+    for r in range(plan.n_roles):
+        present = plan.rows[r] != NULL
+        kind = storage.roles[r].kind
+        if storage.roles[r].copy_kind != KIND_NATIVE:
+            return NULL
+        if r < 2:
+            if not present or kind != KIND_NATIVE:
+                return NULL
+        elif entry.stored_roles & (1 << r):
+            if not present or kind == KIND_NATIVE or kind == KIND_F16 or not storage.roles[r].written:
+                return NULL
+            if kind != KIND_BF16 and kind != (KIND_UINT8 if entry.unsigned_roles & (1 << r) else KIND_INT8):
+                return NULL
+            if family == 0:
+                family = KIND_BF16 if kind == KIND_BF16 else KIND_INT8
+                stochastic = storage.roles[r].stochastic
+            if family != (KIND_BF16 if kind == KIND_BF16 else KIND_INT8) or storage.roles[r].stochastic != stochastic:
+                return NULL
+        elif present:
+            return NULL
+    if family == KIND_INT8:
+        return entry.codes
+    if family == KIND_BF16:
+        return entry.bf16_random if stochastic else entry.bf16
+    return NULL
+
+
 cdef struct StoredJob:
     const Plan* plan
     const Storage* storage
     segment_fn fn
     const void* args
+    stored_loop_fn fused        # the rule's fused stored loop, or NULL: three phases
 
 
 cdef inline void load_role(int kind, const void* base, Py_ssize_t lo, int n, const float* scales,
@@ -371,6 +582,41 @@ cdef void stored_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssi
                       fd_random_run(0, 0, 0))
 
 
+cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t n) noexcept nogil:
+    """Elements lo .. lo + n - 1 of tensor ``t`` (whole blocks, lo a multiple of
+    BLOCK) through the rule's fused stored loop."""
+    cdef StoredRun run
+    cdef const Plan* plan = job.plan
+    cdef const Storage* storage = job.storage
+    cdef const RoleStorage* role
+    cdef Py_ssize_t r, k
+    cdef char* base
+    run.n = n
+    run.stochastic = False
+    for r in range(plan.n_roles):
+        k = t * plan.n_roles + r
+        base = <char*>plan.rows[k]
+        role = &storage.roles[r]
+        run.kinds[r] = role.kind
+        run.scales[r] = NULL
+        run.rows[r] = NULL
+        if base == NULL:
+            continue
+        if role.kind == KIND_NATIVE:
+            run.rows[r] = base + lo * sizeof(float)
+        elif role.kind == KIND_BF16:
+            run.rows[r] = base + lo * sizeof(uint16_t)
+        else:
+            run.rows[r] = base + lo
+            run.scales[r] = storage.scales[k] + lo // BLOCK
+        if role.stochastic and role.written:
+            run.stochastic = True
+        run.random[r] = fd_random_run(role.stochastic and role.written,
+                                      fd_splitmix64(role.key ^ storage.tensor_ids[t]) if role.stochastic else 0,
+                                      <uint64_t>lo)
+    job.fused(&run, job.args)
+
+
 cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
     """Run blocks [begin, end) of the call's block index space (the blocks of
     every tensor, one tensor after the other), up to CHUNK_BLOCKS at a time."""
@@ -391,7 +637,10 @@ cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept
         stop = min(end, blocks[t + 1], begin + CHUNK_BLOCKS)
         first = (begin - blocks[t]) * BLOCK
         size = plan.offsets[t + 1] - plan.offsets[t]
-        stored_chunk(job, t, first, min((stop - begin) * BLOCK, size - first))
+        if job.fused != NULL:
+            fused_chunk(job, t, first, min((stop - begin) * BLOCK, size - first))
+        else:
+            stored_chunk(job, t, first, min((stop - begin) * BLOCK, size - first))
         begin = stop
 
 
@@ -520,6 +769,7 @@ cdef int run_stored(tuple pending, tuple roles, int n_threads, segment_fn fn32, 
         job.storage = &storage
         job.fn = fn32
         job.args = args
+        job.fused = fused_loop_for(fn32, &plan, &storage)
         with nogil:
             fd_pool_run(plan.n_parts, storage.block_offsets[plan.n_tensors], 1, chunk_items(BLOCK),
                         run_blocks, &job)
