@@ -51,3 +51,34 @@ cdef inline floating average_square(floating s, floating d, floating keep,
                                     floating weight) noexcept nogil:
     """keep*s + weight*d*d, in the order of PyTorch's ``s.mul_(keep).addcmul_(d, d, value=weight)``."""
     return keep * s + (weight * d) * d
+
+
+# A loop that overwrites an array without using its values (ASGD's average before
+# averaging starts, Muon's Nesterov update) still moves the array's bytes in: a store
+# to a line not in cache waits for that line (the read for ownership), and a stream
+# of such stores ran at 60-75% of the speed of the same bytes read, then written
+# (10^8 float32 on 2 threads). Such a loop reads each old element with old_bits and
+# hands the OR of them to keep_bits: the lines then arrive by the loads' path, which
+# keeps more misses in flight, and the loop runs at the bandwidth ceiling of its
+# byte count, that read included. The values are never used.
+cdef extern from *:
+    """
+    static volatile unsigned long long fastdescent_old_bits_sink;
+    """
+    unsigned long long fastdescent_old_bits_sink
+
+
+cdef inline unsigned long long old_bits(const floating* a, Py_ssize_t i) noexcept nogil:
+    """The bit pattern of ``a[i]`` (an integer OR vectorizes where a float reduction would not)."""
+    if floating is float:
+        return (<const unsigned int*>a)[i]
+    else:
+        return (<const unsigned long long*>a)[i]
+
+
+cdef inline void keep_bits(unsigned long long seen) noexcept nogil:
+    """Keep the loads that made ``seen``: a store the compiler cannot drop, which
+    (almost) never happens, so that threads do not share a line at every call."""
+    global fastdescent_old_bits_sink
+    if seen == 1:
+        fastdescent_old_bits_sink = seen

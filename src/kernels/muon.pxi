@@ -2,7 +2,8 @@
 # matrix products, the same calls for both backends: fastdescent.rules.muon):
 #
 # * muon_momentum reads grad and momentum_buffer, writes the buffer (and, with
-#   Nesterov, the update to orthogonalize: its own loop, which writes one more array);
+#   Nesterov, the update to orthogonalize: its own loop, which writes one more array,
+#   reading its old lines first: old_bits, in _adaptive.pxi);
 # * muon reads param and the orthogonalized update, writes param.
 #
 # Equations: fastdescent.rules.muon.muon_step. Reference twins:
@@ -28,6 +29,7 @@ cdef inline void muon_momentum_elements(const floating* g, floating* buf, floati
     cdef bint from_end = toward.from_end, ahead_from_end = not (a.momentum < 0.5)
     cdef floating scale = <floating>a.grad_scale
     cdef floating d, b
+    cdef unsigned long long seen = 0
     cdef Py_ssize_t i
     if update == NULL:
         for i in range(n):
@@ -37,7 +39,9 @@ cdef inline void muon_momentum_elements(const floating* g, floating* buf, floati
             d = scale * g[i]
             b = lerp(buf[i], d, w, w_rest, from_end)
             buf[i] = b
+            seen = seen | old_bits(update, i)
             update[i] = lerp(d, b, ahead, ahead_rest, ahead_from_end)
+        keep_bits(seen)
 
 
 cdef inline void muon_elements(floating* p, const floating* orthogonal, Py_ssize_t n,
