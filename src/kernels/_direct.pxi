@@ -2,9 +2,8 @@
 # entry, without its keyword parsing, its lists and its plan allocations, for a
 # caller that has checked everything already (fastdescent._runtime's FaceRunner
 # and StepPlan). A rule's .pxi registers one with ``register_direct`` at its end:
-# a function filling the rule's args struct from the doubles of a DirectCall,
-# and the names of the roles and scalars the ``def`` takes, in its order
-# (tests/test_step_plan.py checks them against the ``def``'s signature).
+# its ``def`` entry, whose parameters name the roles and scalars in their order,
+# and a function filling the rule's args struct from the doubles of a DirectCall.
 
 from cpython.pycapsule cimport PyCapsule_New
 
@@ -19,10 +18,19 @@ def direct_entries():
     return dict(DIRECT_ENTRIES)
 
 
-cdef void register_direct(str kernel, direct_fn fn, tuple roles, tuple scalars) except *:
-    if len(roles) > MAX_ROLES:
-        raise ValueError(f"{kernel}: at most {MAX_ROLES} roles")
-    DIRECT_ENTRIES[kernel] = (PyCapsule_New(<void*>fn, DIRECT_CAPSULE, NULL), roles, scalars)
+cdef void register_direct(object entry, direct_fn fn) except *:
+    """Register ``fn`` as the direct entry of the ``def`` kernel ``entry``: its
+    positional parameters are the roles, its keyword-only ones the scalars, then
+    ``n_threads``."""
+    cdef object code = entry.__code__
+    cdef Py_ssize_t n_roles = code.co_argcount, n_keywords = code.co_kwonlyargcount
+    cdef tuple names = tuple(code.co_varnames[:n_roles + n_keywords])
+    if n_roles > MAX_ROLES:
+        raise ValueError(f"{entry.__name__}: at most {MAX_ROLES} roles")
+    if n_keywords < 1 or names[n_roles + n_keywords - 1] != "n_threads":  # (no negative indices: wraparound is off)
+        raise ValueError(f"{entry.__name__}: a kernel's last parameter is n_threads")
+    DIRECT_ENTRIES[entry.__name__] = (PyCapsule_New(<void*>fn, DIRECT_CAPSULE, NULL), names[:n_roles],
+                                      names[n_roles:n_roles + n_keywords - 1])
 
 
 cdef int run_direct(const DirectCall* call, segment_fn fn32, segment_fn fn64, const void* args) noexcept:

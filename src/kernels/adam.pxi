@@ -253,6 +253,4 @@ cdef int adam_direct(const DirectCall* call) noexcept:
     return run_direct(call, adam_segment_f32, adam_segment_f64, &a)
 
 
-register_direct("adam", adam_direct, ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                ("lr", "step_size", "inv_bias_correction2_sqrt", "beta1", "beta2", "eps", "weight_decay",
-                 "decoupled", "grad_scale"))
+register_direct(adam, adam_direct)

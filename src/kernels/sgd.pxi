@@ -102,5 +102,4 @@ cdef int sgd_direct(const DirectCall* call) noexcept:
     return run_direct(call, sgd_segment_f32, sgd_segment_f64, &a)
 
 
-register_direct("sgd", sgd_direct, ("params", "grads", "momentum_buffer"),
-                ("lr", "grad_scale", "weight_decay", "momentum", "dampening", "nesterov", "classical", "first_step"))
+register_direct(sgd, sgd_direct)
