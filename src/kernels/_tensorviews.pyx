@@ -6,10 +6,13 @@
 # fastdescent.torch steps tensors with the NumPy-facing kernels. Viewing a gradient
 # with ``Tensor.numpy()`` costs about 0.8 us, and a step on a small model has a
 # hundred of them. Here each gradient has one flat ndarray that owns no memory and
-# is pointed at the gradient's data before each step. Reaching a gradient costs its
-# ``.grad``, ``data_ptr()`` and ``_version`` (which in-place changes of its shape or
-# strides bump); a gradient object not accepted at the previous step, or changed
-# since, also has its layout, size, alignment and aliasing checked.
+# is pointed at the gradient's data before each step. A tensor's data pointer,
+# shape, strides, dtype and device are read in one C call, through DLPack's C
+# exchange API (``torch.Tensor.__dlpack_c_exchange_api__``: a table of C functions
+# that DLPack 1.x standardises, and torch fills): no Python call, no object made.
+# So every gradient's layout is checked at every step; a gradient object not
+# accepted at the previous step also has its negative and conjugate bits read
+# (which DLPack does not show), through torch's methods.
 #
 # The module never imports torch: the caller passes the tensor methods it uses. The
 # views are private to fastdescent.torch and are read only while the caller holds
@@ -17,9 +20,12 @@
 
 cimport numpy as cnp
 from cpython.dict cimport PyDict_GetItem
+from cpython.exc cimport PyErr_Clear
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from cpython.ref cimport Py_INCREF
 from cpython.weakref cimport PyWeakref_GetObject, PyWeakref_NewRef
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 cnp.import_array()
@@ -40,6 +46,64 @@ cdef double _unused[1]   # where a view points before its first gradient (aligne
 STALE = -1      # a parameter's storage moved or a state tensor was replaced: rebuild
 PARTIAL = 0     # see ``missing`` and ``odd``
 COMPLETE = 1    # every gradient present and viewed
+
+
+# ------------------------------------------------------------------ DLPack 1.x
+# The structs of DLPack's dlpack.h (major version 1) that are read here.
+cdef struct DLDevice:
+    int32_t device_type        # an enum in dlpack.h; kDLCPU is 1
+    int32_t device_id
+
+cdef struct DLDataType:
+    uint8_t code
+    uint8_t bits
+    uint16_t lanes
+
+cdef struct DLTensor:
+    void* data
+    DLDevice device
+    int32_t ndim
+    DLDataType dtype
+    int64_t* shape             # ndim sizes, in the producer's memory
+    int64_t* strides           # ndim strides in elements (never NULL from DLPack 1.2 on)
+    uint64_t byte_offset
+
+cdef struct DLPackVersion:
+    uint32_t major
+    uint32_t minor
+
+cdef struct DLPackExchangeAPIHeader:
+    DLPackVersion version
+    DLPackExchangeAPIHeader* prev_api    # an older version's table, or NULL
+
+# Fills ``out`` (no allocation, nothing owned) from a tensor of the producer; 0, or
+# -1 with a Python exception set (not a strided tensor, no storage...).
+ctypedef int (*DLTensorFromPyObject)(void* py_object, DLTensor* out) noexcept
+
+cdef struct DLPackExchangeAPI:
+    DLPackExchangeAPIHeader header
+    void* managed_tensor_allocator
+    void* managed_tensor_from_py_object_no_sync
+    void* managed_tensor_to_py_object_no_sync
+    DLTensorFromPyObject dltensor_from_py_object_no_sync   # may be NULL
+    void* current_work_stream
+
+cdef enum:
+    DL_CPU = 1
+
+
+cdef DLTensorFromPyObject _dltensor_reader(object capsule):
+    """The exchange table's ``dltensor_from_py_object_no_sync`` of major version 1
+    (walking ``prev_api`` from a newer one), or NULL if ``capsule`` has none."""
+    cdef DLPackExchangeAPIHeader* header
+    if capsule is None or not PyCapsule_IsValid(capsule, "dlpack_exchange_api"):
+        return NULL
+    header = <DLPackExchangeAPIHeader*>PyCapsule_GetPointer(capsule, "dlpack_exchange_api")
+    while header != NULL and header.version.major != 1:
+        header = header.prev_api
+    if header == NULL:
+        return NULL
+    return (<DLPackExchangeAPI*>header).dltensor_from_py_object_no_sync
 
 
 cdef inline object _call(object method, object tensor):
@@ -78,75 +142,134 @@ cdef class BucketViews:
 
     ``views[i]`` is a 1-D ndarray of ``numels[i]`` elements of ``dtype`` that
     shows the gradient of ``params[i]`` after a ``collect`` that accepted it
-    (``complex_``: the parameters are complex, seen as real pairs).
-    ``strides[i]`` is None if that gradient must be C-contiguous, else the stride
-    tuple it must have (its parameter's, for a channels_last or permuted one).
-    ``buffers[i]`` are the arrays the kernel writes for parameter ``i``: its
-    gradient may not share memory with any of them. ``collect`` also checks that
-    ``params[i].data_ptr()`` is still ``param_ptrs[i]`` and that
+    (``complex_``: the parameters are complex, seen as real pairs). A gradient is
+    accepted if it is a strided CPU tensor of the parameters' dtype (all of
+    ``params`` have one) and of ``numels[i]`` such elements, aligned, laid out
+    C-contiguously if ``strides[i]`` is None, else with exactly the strides
+    ``strides[i]`` (its parameter's, for a channels_last or permuted one), not a
+    negative or conjugate view, and sharing no memory with ``buffers[i]``, the
+    arrays the kernel writes for parameter ``i``. ``collect`` also checks that
+    ``params[i]`` still has its data at ``param_ptrs[i]`` and that
     ``states[i][keys[k]] is tensors[i][k]``: the cached views are still valid.
+
     ``methods`` are torch's ``(Tensor.data_ptr, Tensor.is_contiguous,
-    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``, then its ``grad`` and
-    ``_version`` attributes (the descriptors) and ``plain``, the types that
-    inherit them all unchanged (``torch.Tensor``, ``torch.nn.Parameter``): on
-    objects of those types, ``data_ptr``, ``grad`` and ``_version`` are called
-    directly (CPython's descriptor types only; else as any Python call).
+    Tensor.stride, Tensor.is_neg, Tensor.is_conj)``, its ``grad`` attribute (the
+    descriptor), ``Tensor.__dlpack_c_exchange_api__`` (or None) and ``plain``,
+    the types that inherit them all unchanged (``torch.Tensor``,
+    ``torch.nn.Parameter``). The layout of objects of those types is read through
+    the exchange table, and ``grad``, ``is_neg`` and ``is_conj`` are called
+    directly (CPython's descriptor types only); any other object, or a torch
+    without the table, is asked through its Python methods.
     """
 
     cdef readonly list params, views, grads, missing, odd
-    cdef list refs, buffers, strides, nbytes, param_ptrs, states, tensors
+    cdef list refs, buffers, states, tensors
     cdef tuple keys
-    cdef Py_ssize_t* ptrs
-    cdef Py_ssize_t* versions
+    cdef Py_ssize_t* param_ptrs
+    cdef Py_ssize_t* nbytes
+    cdef int64_t* want_strides      # the strides wanted of gradient i at [stride_at[i], stride_at[i + 1])
+    cdef Py_ssize_t* stride_at      # (an empty range: C-contiguous)
+    cdef char** ranges              # [lo, hi) of each buffer of parameter i at [range_at[i], range_at[i + 1])
+    cdef Py_ssize_t* range_at
     cdef Py_ssize_t n, itemsize
-    cdef bint complex_, direct_ptr, direct_attributes
-    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj, grad_attribute, version_attribute
-    cdef tuple plain
+    cdef bint complex_, direct_methods
+    cdef DLTensorFromPyObject read_layout
+    cdef DLDataType dl_dtype        # the parameters' dtype, as DLPack names it
+    cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj, grad_attribute, torch_dtype
+    cdef tuple plain, strides
 
     def __cinit__(self):
-        self.ptrs = NULL
-        self.versions = NULL
+        self.param_ptrs = self.nbytes = self.stride_at = self.range_at = NULL
+        self.want_strides = NULL
+        self.ranges = NULL
 
     def __init__(self, list params, list param_ptrs, list states, tuple keys, list tensors,
                  list numels, dtype, bint complex_, list strides, list buffers, tuple methods):
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, k, n_strides = 0, n_ranges = 0
         cdef cnp.npy_intp dim
         cdef cnp.dtype descr = cnp.dtype(dtype)
+        cdef cnp.ndarray buffer
+        cdef object exchange
         self.params = list(params)
         self.n = len(self.params)
-        self.param_ptrs = list(param_ptrs)
+        if not (len(param_ptrs) == len(states) == len(tensors) == len(numels) == len(strides) == len(buffers)
+                == self.n):
+            raise ValueError("one pointer, state, tensor tuple, size, stride and buffer list per parameter")
         self.states = list(states)
         self.keys = keys
         self.tensors = list(tensors)
         self.itemsize = descr.itemsize
         self.complex_ = complex_
         (self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj, self.grad_attribute,
-         self.version_attribute, self.plain) = methods
-        self.direct_ptr = fd_is_noargs_method(self.data_ptr)
-        self.direct_attributes = fd_is_getter(self.grad_attribute) and fd_is_getter(self.version_attribute)
-        self.strides = list(strides)
+         exchange, self.plain) = methods
+        self.direct_methods = (fd_is_getter(self.grad_attribute) and fd_is_noargs_method(self.data_ptr)
+                               and fd_is_noargs_method(self.is_neg) and fd_is_noargs_method(self.is_conj))
+        self.strides = tuple(strides)
         self.buffers = list(buffers)
-        self.nbytes = [n * self.itemsize for n in numels]
-        self.refs = [None] * self.n
-        self.ptrs = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
-        self.versions = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
-        if self.ptrs == NULL or self.versions == NULL:
+        self.torch_dtype = self.params[0].dtype if self.n else None
+        for i in range(self.n):
+            if self.params[i].dtype is not self.torch_dtype:
+                raise ValueError("the parameters of a bucket have one dtype")
+            n_strides += 0 if strides[i] is None else len(strides[i])
+            n_ranges += len(buffers[i])
+        self.param_ptrs = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
+        self.nbytes = <Py_ssize_t*>malloc(max(1, self.n) * sizeof(Py_ssize_t))
+        self.stride_at = <Py_ssize_t*>malloc((self.n + 1) * sizeof(Py_ssize_t))
+        self.want_strides = <int64_t*>malloc(max(1, n_strides) * sizeof(int64_t))
+        self.range_at = <Py_ssize_t*>malloc((self.n + 1) * sizeof(Py_ssize_t))
+        self.ranges = <char**>malloc(max(1, 2 * n_ranges) * sizeof(char*))
+        if (self.param_ptrs == NULL or self.nbytes == NULL or self.stride_at == NULL or self.want_strides == NULL
+                or self.range_at == NULL or self.ranges == NULL):
             raise MemoryError()
+        self.stride_at[0] = self.range_at[0] = 0
+        for i in range(self.n):
+            self.param_ptrs[i] = param_ptrs[i]
+            self.nbytes[i] = numels[i] * self.itemsize
+            self.stride_at[i + 1] = self.stride_at[i]
+            if strides[i] is not None:
+                for k in range(len(strides[i])):
+                    self.want_strides[self.stride_at[i + 1]] = strides[i][k]
+                    self.stride_at[i + 1] += 1
+            self.range_at[i + 1] = self.range_at[i]
+            for buffer in buffers[i]:
+                self.ranges[2 * self.range_at[i + 1]] = cnp.PyArray_BYTES(buffer)
+                self.ranges[2 * self.range_at[i + 1] + 1] = cnp.PyArray_BYTES(buffer) + cnp.PyArray_NBYTES(buffer)
+                self.range_at[i + 1] += 1
+        # The exchange table, if it describes the parameters as their dtype says.
+        self.read_layout = _dltensor_reader(exchange) if self.n and self._is_plain(self.params[0]) else NULL
+        if self.read_layout != NULL and not self._learn_dtype(self.params[0]):
+            self.read_layout = NULL
         self.views = []
         for i in range(self.n):
-            self.ptrs[i] = 0
             dim = numels[i]
             Py_INCREF(descr)  # NewFromDescr steals a reference
             self.views.append(PyArray_NewFromDescr(
                 <PyTypeObject*>cnp.ndarray, descr, 1, &dim, NULL, <void*>_unused,
                 cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED, None))
+        self.refs = [None] * self.n
         self.grads = [None] * self.n
         self.missing = []
         self.odd = []
 
     def __dealloc__(self):
-        free(self.ptrs)
-        free(self.versions)
+        free(self.param_ptrs)
+        free(self.nbytes)
+        free(self.stride_at)
+        free(self.want_strides)
+        free(self.range_at)
+        free(self.ranges)
+
+    cdef bint _learn_dtype(self, object param) except -1:
+        """Record ``param``'s dtype as the exchange table gives it; False if the
+        table does not describe ``param`` (then it is not used)."""
+        cdef DLTensor d
+        if self.read_layout(<void*>param, &d) != 0:
+            PyErr_Clear()
+            return False
+        if d.device.device_type != DL_CPU or <Py_ssize_t>d.data != self.param_ptrs[0] or d.dtype.lanes != 1:
+            return False
+        self.dl_dtype = d.dtype
+        return True
 
     cdef inline bint _is_plain(self, object t):
         cdef object kind = type(t)
@@ -156,20 +279,15 @@ cdef class BucketViews:
                 return True
         return False
 
-    cdef inline object _ptr(self, object t):
-        if self.direct_ptr and self._is_plain(t):
-            return fd_call_noargs(self.data_ptr, t)
-        return _call(self.data_ptr, t)
-
     cdef inline object _grad(self, object p):
-        if self.direct_attributes and self._is_plain(p):
+        if self.direct_methods and self._is_plain(p):
             return fd_get(self.grad_attribute, p)
         return p.grad
 
-    cdef inline object _version(self, object g):
-        if self.direct_attributes and self._is_plain(g):
-            return fd_get(self.version_attribute, g)
-        return g._version
+    cdef inline object _method(self, object method, object t):
+        if self.direct_methods and self._is_plain(t):
+            return fd_call_noargs(method, t)
+        return _call(method, t)
 
     def collect(self):
         """Read every parameter's ``.grad`` into ``grads`` and point ``views`` at them.
@@ -184,19 +302,20 @@ cdef class BucketViews:
         return self._collect()
 
     cdef int _collect(self) except -2:
-        cdef Py_ssize_t i, k, ptr
+        cdef Py_ssize_t i, k
         cdef object p, g, ref, state
         cdef tuple tensors
         cdef PyObject* item
+        cdef char* data
         cdef list grads = self.grads
-        cdef bint complete = True
+        cdef bint complete = True, viewable
         if self.missing:
             self.missing = []
         if self.odd:
             self.odd = []
         for i in range(self.n):
             p = self.params[i]
-            if self._ptr(p) != self.param_ptrs[i]:
+            if self._data(p) != <char*>self.param_ptrs[i]:
                 return STALE
             state = self.states[i]
             tensors = <tuple>self.tensors[i]
@@ -211,56 +330,101 @@ cdef class BucketViews:
                 self.refs[i] = None
                 complete = False
                 continue
-            ref = self.refs[i]
-            if ref is not None and <object>PyWeakref_GetObject(ref) is g:
-                # The object accepted at the previous step: unchanged if its memory is
-                # where it was and no in-place operation (resize_, t_...) touched it.
-                try:
-                    ptr = self._ptr(g)
-                except RuntimeError:  # it lost its storage
-                    ptr = -1
-                if ptr == self.ptrs[i] and self._version(g) == self.versions[i]:
-                    continue
-            if self._accept(i, g):
-                try:
-                    self.refs[i] = PyWeakref_NewRef(g, None)
-                except TypeError:
-                    self.refs[i] = None
-            else:
+            viewable = self._viewable(i, g, &data)
+            if viewable:
+                ref = self.refs[i]
+                if ref is None or <object>PyWeakref_GetObject(ref) is not g:
+                    # Not the object accepted at the previous step: its bits too.
+                    if self._method(self.is_neg, g) or (self.complex_ and self._method(self.is_conj, g)):
+                        viewable = False
+                    else:
+                        try:
+                            self.refs[i] = PyWeakref_NewRef(g, None)
+                        except TypeError:
+                            self.refs[i] = None
+            if not viewable:
                 self.refs[i] = None
                 self.odd.append(i)
                 complete = False
+                continue
+            (<PyArrayObject_fields*><PyObject*>self.views[i]).data = data if data != NULL else <char*>_unused
         return COMPLETE if complete else PARTIAL
 
-    cdef bint _accept(self, Py_ssize_t i, object g) except -1:
-        """Check a gradient not accepted before and point ``views[i]`` at it."""
-        cdef Py_ssize_t ptr
-        cdef cnp.ndarray buffer, view
-        cdef char* lo
-        cdef Py_ssize_t size = self.nbytes[i]
+    cdef char* _data(self, object param) except? NULL:
+        """Where ``param``'s elements are (NULL if that cannot be read)."""
+        cdef DLTensor d
+        if self.read_layout != NULL and self._is_plain(param):
+            if self.read_layout(<void*>param, &d) != 0:
+                PyErr_Clear()
+                return NULL
+            return <char*>d.data
         try:
-            if self.strides[i] is None:
-                if not _call(self.is_contiguous, g):
+            return <char*><Py_ssize_t>self._method(self.data_ptr, param)
+        except RuntimeError:  # it lost its storage
+            return NULL
+
+    cdef bint _viewable(self, Py_ssize_t i, object g, char** data) except -1:
+        """True if gradient ``g`` can be viewed as ``views[i]`` (its layout, dtype,
+        size, alignment and memory checked; not its negative and conjugate bits),
+        with its elements' address in ``data``."""
+        cdef DLTensor d
+        cdef char* ptr
+        cdef Py_ssize_t k
+        cdef Py_ssize_t size = self.nbytes[i]
+        if self.read_layout != NULL and self._is_plain(g):
+            if self.read_layout(<void*>g, &d) != 0:  # not strided, no storage...
+                PyErr_Clear()
+                return False
+            if (d.device.device_type != DL_CPU or d.dtype.code != self.dl_dtype.code
+                    or d.dtype.bits != self.dl_dtype.bits or d.dtype.lanes != self.dl_dtype.lanes
+                    or not self._laid_out(i, &d)):
+                return False
+            ptr = <char*>d.data
+        else:  # any other object: through its Python methods
+            try:
+                if self.strides[i] is None:
+                    if not _call(self.is_contiguous, g):
+                        return False
+                elif _call(self.stride_of, g) != self.strides[i]:
                     return False
-            elif _call(self.stride_of, g) != self.strides[i]:
+                if g.dtype is not self.torch_dtype or not g.is_cpu or g.nbytes != size:
+                    return False
+                ptr = <char*><Py_ssize_t>_call(self.data_ptr, g)
+            except (RuntimeError, TypeError, AttributeError):  # sparse, another kind of object...
                 return False
-            if g.nbytes != size or _call(self.is_neg, g) or (self.complex_ and _call(self.is_conj, g)):
-                return False
-            ptr = self._ptr(g)
-        except (RuntimeError, TypeError, AttributeError):  # sparse, another kind of object...
-            return False
-        if ptr % self.itemsize != 0 or (ptr == 0 and size != 0):
+        if <Py_ssize_t>ptr % self.itemsize != 0 or (ptr == NULL and size != 0):
             return False
         if size:
-            for buffer in self.buffers[i]:
-                lo = cnp.PyArray_BYTES(buffer)
-                if <char*>ptr < lo + cnp.PyArray_NBYTES(buffer) and lo < <char*>ptr + size:
+            for k in range(self.range_at[i], self.range_at[i + 1]):
+                if ptr < self.ranges[2 * k + 1] and self.ranges[2 * k] < ptr + size:
                     return False
-        self.ptrs[i] = ptr
-        self.versions[i] = self._version(g)
-        view = <cnp.ndarray>self.views[i]
-        (<PyArrayObject_fields*><PyObject*>view).data = <char*>ptr
-        cnp.PyArray_ENABLEFLAGS(view, cnp.NPY_ARRAY_ALIGNED)
+        data[0] = ptr
+        return True
+
+    cdef bint _laid_out(self, Py_ssize_t i, const DLTensor* d) noexcept:
+        """True if ``d`` holds ``nbytes[i]`` bytes, C-contiguous or with the strides
+        wanted of gradient ``i`` (contiguous as torch's ``is_contiguous`` says:
+        the stride of a dimension of size 1 does not matter)."""
+        cdef Py_ssize_t k, first = self.stride_at[i], n_strides = self.stride_at[i + 1] - self.stride_at[i]
+        cdef int64_t numel = 1, expected = 1
+        for k in range(d.ndim):
+            numel *= d.shape[k]
+        if numel * ((d.dtype.bits * d.dtype.lanes) // 8) != self.nbytes[i]:
+            return False
+        if self.strides[i] is not None:
+            if d.ndim != n_strides:
+                return False
+            for k in range(n_strides):
+                if d.strides[k] != self.want_strides[first + k]:
+                    return False
+            return True
+        if numel == 0:
+            return True
+        for k in range(d.ndim - 1, -1, -1):
+            if d.shape[k] != 1:
+                if d.strides[k] != expected:
+                    return False
+                expected *= d.shape[k]
         return True
 
     def release(self):

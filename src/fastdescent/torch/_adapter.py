@@ -53,7 +53,7 @@ _COMPLETE = _tensorviews.COMPLETE
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16, torch.float16)
 _TENSOR_METHODS = (torch.Tensor.data_ptr, torch.Tensor.is_contiguous, torch.Tensor.stride,
                    torch.Tensor.is_neg, torch.Tensor.is_conj, torch._C.TensorBase.__dict__["grad"],
-                   torch._C.TensorBase.__dict__["_version"], (torch.Tensor, torch.nn.Parameter))
+                   getattr(torch.Tensor, "__dlpack_c_exchange_api__", None), (torch.Tensor, torch.nn.Parameter))
 # torch.autograd.graph.increment_version without its argument handling (a list here).
 _increment_version = torch._C._increment_version
 _profiler_enabled = torch._C._autograd._profiler_enabled
