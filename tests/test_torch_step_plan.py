@@ -219,3 +219,29 @@ def test_group_keys_added_and_parameters_replaced_are_seen():
             q.grad = group["params"][0].grad
             group["params"][0] = q
     assert_identical(train("Adam", edit=edit), train("Adam", edit=edit, general=True))
+
+
+@pytest.mark.parametrize("rule", PLANNED)
+def test_whole_buckets_go_through_the_kernels_direct_entry(rule):
+    """Where the backend has a direct entry for the rule's kernel, the plan's call of
+    a whole bucket goes through it (a backend whose ``def`` entry raises shows it),
+    with the results of the general way, bit for bit."""
+    from fastdescent._config import resolve_backend
+
+    backend = resolve_backend(None)
+    kernel = fdt.optimizers.CLASSES[rule].spec.kernel
+    if kernel not in backend.direct_entries():
+        pytest.skip(f"{kernel} has no direct entry")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the def entry was called")
+
+    direct_only = type("Backend", (), {"direct_entries": staticmethod(backend.direct_entries),
+                                       kernel: staticmethod(refused)})()
+    fast, expected = train(rule, steps=4), train(rule, steps=4, general=True)
+    for opt in (fast, expected):
+        for p in (p for g in opt.param_groups for p in g["params"] if p.grad is not None):  # (not the late one)
+            p.grad = torch.empty_like(p).copy_(torch.linspace(-1.0, 1.0, p.numel()).reshape(p.shape))  # its layout
+    assert fast._fd_step_plan.run(fast.param_groups, fast.state, direct_only, 1, fast._refresh_group)
+    expected.step()
+    assert_identical(fast, expected)

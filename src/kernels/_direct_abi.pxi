@@ -1,7 +1,10 @@
 # The direct way into a rule kernel: what fastdescent._runtime (the faces and the
-# optimizers' step plans) hands a kernel variant's entry, through a PyCapsule, once
-# it has checked every array and computed the scalars. Included by _runtime.pyx
-# and by the kernel variants (_direct.pxi), so both sides share one layout.
+# optimizers' step plans) and fastdescent._tensorviews (fastdescent.torch's step
+# plan) hand a kernel variant's entry, through a PyCapsule, once they have checked
+# every array and computed the scalars. Included by _runtime.pyx, _tensorviews.pyx
+# and the kernel variants (_direct.pxi), so every side shares one layout.
+
+from cpython.float cimport PyFloat_AS_DOUBLE
 
 cdef struct DirectCall:
     void** rows               # rows[t * n_roles + r]: data of role r of tensor t (NULL: role not given)
@@ -17,3 +20,15 @@ cdef struct DirectCall:
 ctypedef int (*direct_fn)(const DirectCall* call) noexcept
 
 cdef const char* DIRECT_CAPSULE = "fastdescent.direct_kernel"
+
+
+cdef inline bint direct_scalar(object value, double* out) noexcept:
+    """``value`` as a direct entry takes a scalar into ``out``: a float as it is, a
+    bool as 0.0 or 1.0; False for anything else (the call then goes the ``def`` way)."""
+    if type(value) is float:
+        out[0] = PyFloat_AS_DOUBLE(value)
+    elif value is True or value is False:
+        out[0] = 1.0 if value is True else 0.0
+    else:
+        return False
+    return True

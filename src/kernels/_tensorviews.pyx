@@ -19,7 +19,7 @@
 # the gradient tensors they point into (``grads``, until ``release``).
 
 cimport numpy as cnp
-from cpython.dict cimport PyDict_GetItem
+from cpython.dict cimport PyDict_GetItem, PyDict_GetItemWithError
 from cpython.exc cimport PyErr_Clear
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
@@ -39,8 +39,11 @@ cdef extern from "numpy/arrayobject.h":
 
 cdef extern from "Python.h":
     object PyObject_Vectorcall(object callable, PyObject** args, size_t nargsf, PyObject* kwnames)
+    PyTypeObject* Py_TYPE(object o)
 
 cdef double _unused[1]   # where a view points before its first gradient (aligned)
+
+include "_direct_abi.pxi"
 
 #: ``collect`` results.
 STALE = -1      # a parameter's storage moved or a state tensor was replaced: rebuild
@@ -162,9 +165,18 @@ cdef class BucketViews:
     without the table, is asked through its Python methods.
     """
 
-    cdef readonly list params, views, grads, missing, odd
-    cdef list refs, buffers, states, tensors
-    cdef tuple keys
+    cdef readonly tuple params
+    cdef readonly list views, grads, missing, odd
+    cdef list refs
+    cdef tuple states, tensors, keys, owned_views, plain, buffers
+    # Borrowed from the tuples above (which nothing else can change): the loop's
+    # reads without Python indexing.
+    cdef PyObject** param_refs
+    cdef PyObject** state_refs
+    cdef PyObject** tensor_refs     # n * len(keys): the state tensors of parameter i at [i * len(keys), ...)
+    cdef PyObject** view_refs
+    cdef PyTypeObject** plain_types
+    cdef Py_ssize_t n_keys, n_plain
     cdef Py_ssize_t* param_ptrs
     cdef Py_ssize_t* nbytes
     cdef int64_t* want_strides      # the strides wanted of gradient i at [stride_at[i], stride_at[i + 1])
@@ -176,12 +188,14 @@ cdef class BucketViews:
     cdef DLTensorFromPyObject read_layout
     cdef DLDataType dl_dtype        # the parameters' dtype, as DLPack names it
     cdef object data_ptr, is_contiguous, stride_of, is_neg, is_conj, grad_attribute, torch_dtype
-    cdef tuple plain, strides
+    cdef tuple strides
 
     def __cinit__(self):
         self.param_ptrs = self.nbytes = self.stride_at = self.range_at = NULL
         self.want_strides = NULL
         self.ranges = NULL
+        self.param_refs = self.state_refs = self.tensor_refs = self.view_refs = NULL
+        self.plain_types = NULL
 
     def __init__(self, list params, list param_ptrs, list states, tuple keys, list tensors,
                  list numels, dtype, bint complex_, list strides, list buffers, tuple methods):
@@ -190,22 +204,33 @@ cdef class BucketViews:
         cdef cnp.dtype descr = cnp.dtype(dtype)
         cdef cnp.ndarray buffer
         cdef object exchange
-        self.params = list(params)
+        self.params = tuple(params)
         self.n = len(self.params)
         if not (len(param_ptrs) == len(states) == len(tensors) == len(numels) == len(strides) == len(buffers)
                 == self.n):
             raise ValueError("one pointer, state, tensor tuple, size, stride and buffer list per parameter")
-        self.states = list(states)
         self.keys = keys
-        self.tensors = list(tensors)
+        self.n_keys = len(keys)
+        self.states = tuple(states)
+        self.tensors = tuple([tuple(t) for t in tensors])
+        for i in range(self.n):
+            if type(self.states[i]) is not dict or len(self.tensors[i]) != self.n_keys:
+                raise ValueError("a state dict and one tensor per key for each parameter")
+        for key in keys:
+            if type(key) is not str:
+                raise TypeError("state keys are str")
         self.itemsize = descr.itemsize
         self.complex_ = complex_
         (self.data_ptr, self.is_contiguous, self.stride_of, self.is_neg, self.is_conj, self.grad_attribute,
-         exchange, self.plain) = methods
+         exchange, plain) = methods
+        self.plain = tuple(plain)
+        for kind in self.plain:
+            if not isinstance(kind, type):
+                raise TypeError("plain: types")
         self.direct_methods = (fd_is_getter(self.grad_attribute) and fd_is_noargs_method(self.data_ptr)
                                and fd_is_noargs_method(self.is_neg) and fd_is_noargs_method(self.is_conj))
         self.strides = tuple(strides)
-        self.buffers = list(buffers)
+        self.buffers = tuple(buffers)   # (their memory ranges are in ranges)
         self.torch_dtype = self.params[0].dtype if self.n else None
         for i in range(self.n):
             if self.params[i].dtype is not self.torch_dtype:
@@ -218,9 +243,23 @@ cdef class BucketViews:
         self.want_strides = <int64_t*>malloc(max(1, n_strides) * sizeof(int64_t))
         self.range_at = <Py_ssize_t*>malloc((self.n + 1) * sizeof(Py_ssize_t))
         self.ranges = <char**>malloc(max(1, 2 * n_ranges) * sizeof(char*))
+        self.param_refs = <PyObject**>malloc(max(1, self.n) * sizeof(PyObject*))
+        self.state_refs = <PyObject**>malloc(max(1, self.n) * sizeof(PyObject*))
+        self.tensor_refs = <PyObject**>malloc(max(1, self.n * self.n_keys) * sizeof(PyObject*))
+        self.view_refs = <PyObject**>malloc(max(1, self.n) * sizeof(PyObject*))
+        self.n_plain = len(self.plain)
+        self.plain_types = <PyTypeObject**>malloc(max(1, self.n_plain) * sizeof(PyTypeObject*))
         if (self.param_ptrs == NULL or self.nbytes == NULL or self.stride_at == NULL or self.want_strides == NULL
-                or self.range_at == NULL or self.ranges == NULL):
+                or self.range_at == NULL or self.ranges == NULL or self.param_refs == NULL or self.state_refs == NULL
+                or self.tensor_refs == NULL or self.view_refs == NULL or self.plain_types == NULL):
             raise MemoryError()
+        for k in range(self.n_plain):
+            self.plain_types[k] = <PyTypeObject*>self.plain[k]
+        for i in range(self.n):
+            self.param_refs[i] = <PyObject*>self.params[i]
+            self.state_refs[i] = <PyObject*>self.states[i]
+            for k in range(self.n_keys):
+                self.tensor_refs[i * self.n_keys + k] = <PyObject*>self.tensors[i][k]
         self.stride_at[0] = self.range_at[0] = 0
         for i in range(self.n):
             self.param_ptrs[i] = param_ptrs[i]
@@ -246,6 +285,9 @@ cdef class BucketViews:
             self.views.append(PyArray_NewFromDescr(
                 <PyTypeObject*>cnp.ndarray, descr, 1, &dim, NULL, <void*>_unused,
                 cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED, None))
+        self.owned_views = tuple(self.views)   # (the list is handed to the kernels)
+        for i in range(self.n):
+            self.view_refs[i] = <PyObject*>self.owned_views[i]
         self.refs = [None] * self.n
         self.grads = [None] * self.n
         self.missing = []
@@ -258,6 +300,11 @@ cdef class BucketViews:
         free(self.want_strides)
         free(self.range_at)
         free(self.ranges)
+        free(self.param_refs)
+        free(self.state_refs)
+        free(self.tensor_refs)
+        free(self.view_refs)
+        free(self.plain_types)
 
     cdef bint _learn_dtype(self, object param) except -1:
         """Record ``param``'s dtype as the exchange table gives it; False if the
@@ -271,11 +318,11 @@ cdef class BucketViews:
         self.dl_dtype = d.dtype
         return True
 
-    cdef inline bint _is_plain(self, object t):
-        cdef object kind = type(t)
+    cdef inline bint _is_plain(self, object t) noexcept:
+        cdef PyTypeObject* kind = Py_TYPE(t)
         cdef Py_ssize_t k
-        for k in range(len(self.plain)):
-            if kind is self.plain[k]:
+        for k in range(self.n_plain):
+            if kind == self.plain_types[k]:
                 return True
         return False
 
@@ -303,25 +350,25 @@ cdef class BucketViews:
 
     cdef int _collect(self) except -2:
         cdef Py_ssize_t i, k
-        cdef object p, g, ref, state
-        cdef tuple tensors
-        cdef PyObject* item
+        cdef object p, g, ref
+        cdef PyObject* state
+        cdef PyObject** tensors
         cdef char* data
         cdef list grads = self.grads
         cdef bint complete = True, viewable
+        if len(grads) != self.n:
+            raise ValueError("BucketViews.grads was resized")
         if self.missing:
             self.missing = []
         if self.odd:
             self.odd = []
         for i in range(self.n):
-            p = self.params[i]
+            p = <object>self.param_refs[i]
             if self._data(p) != <char*>self.param_ptrs[i]:
                 return STALE
-            state = self.states[i]
-            tensors = <tuple>self.tensors[i]
-            for k in range(len(self.keys)):
-                item = PyDict_GetItem(state, self.keys[k])
-                if item == NULL or <object>item is not tensors[k]:
+            state, tensors = self.state_refs[i], self.tensor_refs + i * self.n_keys
+            for k in range(self.n_keys):
+                if PyDict_GetItemWithError(<object>state, self.keys[k]) != tensors[k]:
                     return STALE
             g = self._grad(p)
             grads[i] = g
@@ -347,7 +394,7 @@ cdef class BucketViews:
                 self.odd.append(i)
                 complete = False
                 continue
-            (<PyArrayObject_fields*><PyObject*>self.views[i]).data = data if data != NULL else <char*>_unused
+            (<PyArrayObject_fields*>self.view_refs[i]).data = data if data != NULL else <char*>_unused
         return COMPLETE if complete else PARTIAL
 
     cdef char* _data(self, object param) except? NULL:
@@ -514,6 +561,59 @@ def next_count(steps, double count):
 
 
 # ---------------------------------------------------------------------- the step
+cdef class DirectKernel:
+    """A rule kernel's direct entry (src/kernels/_direct.pxi: the kernel of its ``def``
+    entry, handed data pointers and C doubles, with no argument parsing and no
+    per-array checks), for the calls of one :class:`~fastdescent._runtime.KernelCall`
+    (``invoke``) on arrays checked already. ``roles`` are that call's roles
+    (``params``, ``grads``, then the rule's buffers in declared order) and
+    ``scalars`` the names of its scalars: its ``constants``, then its ``varying``.
+    ``bind(backend)`` finds the backend module's entry that takes exactly those."""
+
+    cdef readonly object invoke
+    cdef readonly str kernel
+    cdef tuple roles, scalars
+    cdef object backend          # the backend module bound last (None: none yet)
+    cdef direct_fn fn            # its entry, NULL if it has none that fits
+    cdef Py_ssize_t* role_of     # the entry's role j is our role role_of[j]
+    cdef Py_ssize_t* scalar_of   # the entry's scalar j is our scalar scalar_of[j]
+
+    def __cinit__(self):
+        self.role_of = self.scalar_of = NULL
+
+    def __init__(self, invoke, str kernel not None, tuple roles not None, tuple scalars not None):
+        if len(set(roles)) != len(roles) or len(set(scalars)) != len(scalars) or roles[:2] != ("params", "grads"):
+            raise ValueError("roles (params, grads, buffers...) and scalars are distinct names")
+        self.invoke, self.kernel, self.roles, self.scalars = invoke, kernel, roles, scalars
+        self.role_of = <Py_ssize_t*>malloc(len(roles) * sizeof(Py_ssize_t))
+        self.scalar_of = <Py_ssize_t*>malloc(max(1, len(scalars)) * sizeof(Py_ssize_t))
+        if self.role_of == NULL or self.scalar_of == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.role_of)
+        free(self.scalar_of)
+
+    cdef bint bind(self, object backend) except -1:
+        """True if ``backend`` has a direct entry for our kernel, roles and scalars."""
+        cdef Py_ssize_t j
+        if backend is self.backend:
+            return self.fn != NULL
+        self.fn, self.backend = NULL, None
+        entries = getattr(backend, "direct_entries", None)
+        entry = entries().get(self.kernel) if entries is not None else None
+        if entry is not None:
+            capsule, roles, scalars = entry
+            if sorted(roles) == sorted(self.roles) and sorted(scalars) == sorted(self.scalars):
+                for j in range(len(roles)):
+                    self.role_of[j] = self.roles.index(roles[j])
+                for j in range(len(scalars)):
+                    self.scalar_of[j] = self.scalars.index(scalars[j])
+                self.fn = <direct_fn>PyCapsule_GetPointer(capsule, DIRECT_CAPSULE)
+        self.backend = backend
+        return self.fn != NULL
+
+
 cdef class BucketStep:
     """One kernel call of a :class:`StepPlan`: the gradients of a bucket
     (``views``, a :class:`BucketViews`), the flat views of its parameters, its state
@@ -528,6 +628,90 @@ cdef class BucketStep:
     cdef list param_views, params
     cdef tuple buffers, scratch
     cdef object steps
+    # The rows of a direct kernel call (see DirectKernel), made for ``direct``'s
+    # binding of ``backend``: every role's data pointers but the gradients', which
+    # each step writes at role ``grad_role``.
+    cdef DirectKernel direct
+    cdef object backend
+    cdef void** rows
+    cdef Py_ssize_t* offsets
+    cdef Py_ssize_t n_roles, grad_role
+    cdef int typenum
+
+    def __cinit__(self):
+        self.rows, self.offsets = NULL, NULL
+
+    def __dealloc__(self):
+        free(self.rows)
+        free(self.offsets)
+
+    cdef bint direct_rows(self, DirectKernel direct, object backend) except -1:
+        """True if the bucket's call can go through ``direct``'s entry on ``backend``
+        (then ``rows`` and ``offsets`` are ready but for the gradients)."""
+        cdef Py_ssize_t t, j, n = self.views.n, role
+        cdef object arrays
+        cdef cnp.ndarray a
+        if direct is self.direct and backend is self.backend:
+            return self.rows != NULL
+        free(self.rows)
+        free(self.offsets)
+        self.rows, self.offsets, self.direct, self.backend = NULL, NULL, direct, backend
+        if not direct.bind(backend) or n == 0 or len(self.buffers) != len(direct.roles) - 2:
+            return False
+        self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>self.param_views[0])
+        if self.typenum != cnp.NPY_FLOAT32 and self.typenum != cnp.NPY_FLOAT64:
+            return False
+        self.n_roles = len(direct.roles)
+        rows = <void**>malloc(n * self.n_roles * sizeof(void*))
+        offsets = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+        if rows == NULL or offsets == NULL:
+            free(rows)
+            free(offsets)
+            raise MemoryError()
+        offsets[0] = 0
+        for t in range(n):
+            offsets[t + 1] = offsets[t] + cnp.PyArray_SIZE(<cnp.ndarray>self.param_views[t])
+            for j in range(self.n_roles):
+                role = direct.role_of[j]
+                if role == 1:
+                    self.grad_role = j
+                    rows[t * self.n_roles + j] = NULL
+                    continue
+                arrays = self.param_views if role == 0 else self.buffers[role - 2]
+                if arrays is None:
+                    rows[t * self.n_roles + j] = NULL
+                else:
+                    a = <cnp.ndarray>(<list>arrays)[t]
+                    rows[t * self.n_roles + j] = cnp.PyArray_DATA(a)
+        self.rows, self.offsets = rows, offsets
+        return True
+
+    cdef int call_direct(self, tuple constants, tuple varying, int n_threads) except -1:
+        """The bucket's kernel call through its direct rows (``direct_rows`` was True):
+        0 if it ran, 1 if not (a scalar that is not a float or a bool, or the entry
+        declined: then nothing was written)."""
+        cdef DirectKernel direct = self.direct
+        cdef Py_ssize_t t, j, k, n = self.views.n, n_constants = len(constants)
+        cdef Py_ssize_t n_scalars = len(direct.scalars)
+        cdef double* scalars = <double*>malloc(max(1, n_scalars) * sizeof(double))
+        cdef DirectCall call
+        if scalars == NULL:
+            raise MemoryError()
+        try:
+            if n_constants + len(varying) != n_scalars or n_threads < 1:
+                return 1
+            for j in range(n_scalars):
+                k = direct.scalar_of[j]
+                if not direct_scalar(constants[k] if k < n_constants else varying[k - n_constants], scalars + j):
+                    return 1
+            for t in range(n):
+                self.rows[t * self.n_roles + self.grad_role] = cnp.PyArray_DATA(
+                    <cnp.ndarray>self.views.view_refs[t])
+            call.rows, call.offsets, call.n_tensors, call.n_roles = self.rows, self.offsets, n, self.n_roles
+            call.typenum, call.n_threads, call.scalars = self.typenum, n_threads, scalars
+            return direct.fn(&call)
+        finally:
+            free(scalars)
 
     def __init__(self, BucketViews views not None, list param_views not None, tuple buffers not None,
                  list params not None, steps, tuple scratch not None):
@@ -546,7 +730,8 @@ cdef class GroupStep:
     other keys (``keys``) when they were last validated (``values``: the very
     objects), the parameters that had neither state nor a gradient (``pending``), the
     group's kernel scalars (``arguments``: ``get(step, grad_scale, fresh)`` gives
-    ``(invoke, constants, varying)``), whether they depend on the step number
+    ``(invoke, constants, varying)``), the direct entry of ``invoke`` (``direct``, a
+    :class:`DirectKernel`, or None), whether the scalars depend on the step number
     (``step_in_math``) and its buckets (:class:`BucketStep`)."""
 
     cdef readonly object group
@@ -554,17 +739,20 @@ cdef class GroupStep:
     cdef tuple params, pending
     cdef public tuple keys, values
     cdef public object arguments
+    cdef public DirectKernel direct
     cdef bint step_in_math
     cdef list buckets
 
     def __init__(self, dict group not None, list param_list not None, tuple params not None, tuple keys not None,
-                 tuple values not None, tuple pending not None, arguments, bint step_in_math, list buckets not None):
+                 tuple values not None, tuple pending not None, arguments, DirectKernel direct, bint step_in_math,
+                 list buckets not None):
         cdef object bucket
         for bucket in buckets:
             if type(bucket) is not BucketStep:
                 raise TypeError("buckets must be BucketStep objects")
         self.group, self.param_list, self.params, self.keys, self.values = group, param_list, params, keys, values
-        self.pending, self.arguments, self.step_in_math, self.buckets = pending, arguments, step_in_math, buckets
+        self.pending, self.arguments, self.direct, self.step_in_math = pending, arguments, direct, step_in_math
+        self.buckets = buckets
 
     cdef bint same_parameters(self, object group):
         """True if ``group`` is this group's dict with the same parameter list,
@@ -643,7 +831,8 @@ cdef class StepPlan:
         cdef Py_ssize_t g, n = len(self.groups)
         cdef GroupStep group
         cdef BucketStep bucket
-        cdef list parts = []   # (bucket, positions or None for all, step count after the step or None, kernel call)
+        # (bucket, positions or None for all, step count after the step or None, kernel call, DirectKernel)
+        cdef list parts = []
         cdef double count
         cdef object p, positions, following
         cdef int status
@@ -675,8 +864,8 @@ cdef class StepPlan:
                         for following, positions in (<dict>by_count).items():
                             parts.append(self._part(group, bucket, positions, following))
             # The writes.
-            for bucket, positions, following, call in parts:
-                self._write(bucket, positions, following, call, backend, n_threads)
+            for bucket, positions, following, call, direct in parts:
+                self._write(bucket, positions, following, call, direct, backend, n_threads)
             return True
         finally:
             for group in self.groups:
@@ -688,11 +877,13 @@ cdef class StepPlan:
         cdef object step = None
         if following is not None and group.step_in_math:
             step = int(<double>following)
-        return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh)
+        return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh), group.direct
 
-    cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, object backend,
-                    object n_threads) except -1:
-        """Step the parameters of ``bucket`` at ``positions`` (None: all of them)."""
+    cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, DirectKernel direct,
+                    object backend, object n_threads) except -1:
+        """Step the parameters of ``bucket`` at ``positions`` (None: all of them): the
+        whole bucket through ``direct`` where it can, else through the call's
+        ``invoke``."""
         cdef object invoke, constants, varying, params, grads, buffers, tensors, chosen = None
         cdef Py_ssize_t k
         invoke, constants, varying = call
@@ -705,7 +896,9 @@ cdef class StepPlan:
         for position, block, target in bucket.scratch:
             if chosen is None or position in chosen:
                 block.copy_(target)
-        invoke(backend, params, grads, buffers, constants, varying, n_threads)
+        if not (positions is None and direct is not None and invoke is direct.invoke and type(n_threads) is int
+                and bucket.direct_rows(direct, backend) and bucket.call_direct(constants, varying, n_threads) == 0):
+            invoke(backend, params, grads, buffers, constants, varying, n_threads)
         for position, block, target in bucket.scratch:
             if chosen is None or position in chosen:
                 target.copy_(block)

@@ -290,8 +290,8 @@ class SpecOptimizer(KernelOptimizer):
                 scratch = tuple([(e.position, e.scratch, e.target) for e in b.gapped])
                 buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, scratch))
             groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
-                                                 tuple(plan.pending), plan.config.arguments, self._step_in_math,
-                                                 buckets))
+                                                 tuple(plan.pending), plan.config.arguments,
+                                                 self._direct_kernel(plan.config), self._step_in_math, buckets))
         return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH)
 
     def _refresh_group(self, group_index, group_step):
@@ -307,7 +307,25 @@ class SpecOptimizer(KernelOptimizer):
         if not plan.trusted:
             return False
         group_step.keys, group_step.values, group_step.arguments = plan.keys, plan.values, plan.config.arguments
+        group_step.direct = self._direct_kernel(plan.config)
         return True
+
+    def _direct_kernel(self, config):
+        """A ``_tensorviews.DirectKernel`` for the kernel calls of ``config``: the
+        scalars' names in the order of the ``constants`` and ``varying`` of its
+        ``KernelCall`` (which ``spec.prepared`` makes per tuple of names, so the
+        same call means the same names); None for a rule with a runner."""
+        spec = self.spec
+        if spec.runner is not None:
+            return None
+        step = 1 if spec.uses_step else None
+        invoke = config.arguments.get(step, 1.0, NOTHING_FRESH)[0]
+        scalars = spec.scalars(config.hyper, step=step, grad_scale=1.0, fresh=NOTHING_FRESH)
+        if spec.prepared(scalars)[0] is not invoke:
+            return None
+        constants = tuple([name for name in scalars if name not in spec.step_scalar_names])
+        return _tensorviews.DirectKernel(invoke, spec.kernel, ("params", "grads", *spec.buffer_names),
+                                         constants + tuple(spec.step_scalar_names))
 
     def _update_state(self, g, names, update):
         """For a rule's own methods (``spec.mixin``): call ``update(hyper, params,
