@@ -107,11 +107,11 @@ MAX_STEP = 2**63
 
 # ------------------------------------------------------------------ buffer checks
 from cpython.object cimport PyObject
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem, PyDict_Update
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem, PyDict_Size, PyDict_Update
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY, pow, sqrt
 from libc.string cimport memcmp
@@ -874,7 +874,7 @@ cdef class KernelCall:
     update. ``constant_names`` and ``varying_names`` name the scalars that stay
     the same from step to step and those that change with the step.
 
-    The C paths (:class:`FaceRunner`, :class:`StepPlan`), which have checked every
+    The C paths (:class:`Face`, :class:`StepPlan`), which have checked every
     array already, go further where the backend module offers the kernel's
     direct entry (``direct_entries()``, src/kernels/_direct.pxi): the same kernel
     called with the arrays' data pointers and the scalars as C doubles, with no
@@ -909,6 +909,22 @@ cdef class KernelCall:
         """True if ``backend`` (a module) has a direct entry for this kernel that
         takes exactly this call's buffers and scalars."""
         return self.bind(backend)
+
+    def call_direct(self, backend, params, grads, tuple buffers, tuple constants, tuple varying, int n_threads):
+        """Call ``backend``'s direct entry as the C paths do, on arrays checked as
+        :func:`checked_lists` checks them (arguments as for calling this object);
+        False if it was not taken (no direct entry, a scalar not a float or a
+        bool). For the tests: the C paths reach it without Python."""
+        cdef Gathered g
+        if not self.bind(backend):
+            return False
+        self._check_scalars(buffers, constants, varying)
+        _gathered_init(&g)
+        try:
+            _gather(&g, self.roles, (params, grads, *buffers), (True, False) + (True,) * self.n_buffers)
+            return self._direct(&g, constants, varying, n_threads) == 0
+        finally:
+            _release(&g)
 
     cdef object call(self, object function, object params, object grads, tuple buffers, tuple constants,
                      tuple varying, object n_threads):
@@ -1038,6 +1054,12 @@ cdef inline bint _same_scale(object a, object b):
     return memcmp(&x, &y, sizeof(double)) == 0
 
 
+cdef struct BiasTerms:
+    bint ok          # the hyperparameters are those BiasCorrections computes in C
+    bint bias        # bias_correction
+    double lr, b1, b2
+
+
 @cython.auto_pickle(False)
 cdef class BiasCorrections:
     """Adam's ``step_scalars`` in C: ``(lr / (1 - beta1**step), 1 / sqrt(1 - beta2**step))``
@@ -1059,19 +1081,39 @@ cdef class BiasCorrections:
         return self.compute(h, step)
 
     cdef tuple compute(self, object h, object step):
+        cdef BiasTerms terms
+        self.terms(h, &terms)
+        return self.compute_terms(&terms, h, step)
+
+    cdef int terms(self, object h, BiasTerms* t) except -1:
+        """What ``compute`` reads of the hyperparameters ``h``, as C doubles (``t.ok``
+        False: the Python function computes them)."""
         cdef object lr, betas, bias
-        cdef double b1, b2, c1, c2, s
-        if type(h) is dict and type(step) is int and 0 < step < 1 << 53:
-            lr, betas, bias = (<dict>h).get("lr"), (<dict>h).get("betas"), (<dict>h).get("bias_correction")
-            if type(lr) is float and bias is False:
-                return (lr, 1.0)
-            if (type(lr) is float and bias is True and type(betas) is tuple and len(<tuple>betas) == 2
-                    and type((<tuple>betas)[0]) is float and type((<tuple>betas)[1]) is float):
-                b1, b2, s = PyFloat_AS_DOUBLE((<tuple>betas)[0]), PyFloat_AS_DOUBLE((<tuple>betas)[1]), <double>step
-                if 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0:
-                    c1, c2 = 1.0 - pow(b1, s), 1.0 - pow(b2, s)
-                    if c1 > 0.0 and c2 > 0.0:
-                        return (PyFloat_AS_DOUBLE(lr) / c1, 1.0 / sqrt(c2))
+        t.ok = False
+        if type(h) is not dict:
+            return 0
+        lr, betas, bias = (<dict>h).get("lr"), (<dict>h).get("betas"), (<dict>h).get("bias_correction")
+        if type(lr) is not float or (bias is not True and bias is not False):
+            return 0
+        t.lr, t.bias = PyFloat_AS_DOUBLE(lr), bias is True
+        if bias is False:
+            t.ok = True
+        elif (type(betas) is tuple and len(<tuple>betas) == 2 and type((<tuple>betas)[0]) is float
+                and type((<tuple>betas)[1]) is float):
+            t.b1, t.b2 = PyFloat_AS_DOUBLE((<tuple>betas)[0]), PyFloat_AS_DOUBLE((<tuple>betas)[1])
+            t.ok = 0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0
+        return 0
+
+    cdef tuple compute_terms(self, const BiasTerms* t, object h, object step):
+        """``compute(h, step)`` with ``t`` read from ``h`` already."""
+        cdef double c1, c2, s
+        if t.ok and type(step) is int and 0 < step < 1 << 53:
+            if not t.bias:
+                return (t.lr, 1.0)
+            s = <double>step
+            c1, c2 = 1.0 - pow(t.b1, s), 1.0 - pow(t.b2, s)
+            if c1 > 0.0 and c2 > 0.0:
+                return (t.lr / c1, 1.0 / sqrt(c2))
         return self.python(h, step)
 
 
@@ -1094,12 +1136,16 @@ cdef class KernelArguments:
 
     cdef object spec, step_scalars, hyper
     cdef bint keyed_on_step
+    cdef BiasTerms bias_terms  # what BiasCorrections reads of hyper (if step_scalars is one)
     cdef tuple last          # (key, grad_scale, fresh, invoke, constants)
     cdef tuple last_varying  # (step, step_scalars(hyper, step)): arrays stepped one by one share it
 
     def __init__(self, spec, hyper):
         self.spec, self.hyper, self.step_scalars = spec, hyper, spec.step_scalars
         self.keyed_on_step, self.last, self.last_varying = spec.uses_step and spec.step_scalars is None, None, None
+        self.bias_terms.ok = False
+        if type(self.step_scalars) is BiasCorrections:
+            (<BiasCorrections>self.step_scalars).terms(hyper, &self.bias_terms)
 
     cpdef tuple get(self, object step, object grad_scale, object fresh):
         """``(invoke, constants, varying)`` for step ``step``."""
@@ -1114,7 +1160,7 @@ cdef class KernelArguments:
             return ()
         if last is None or type(step) is not int or type(last[0]) is not int or step != last[0]:
             if type(self.step_scalars) is BiasCorrections:
-                last = (step, (<BiasCorrections>self.step_scalars).compute(self.hyper, step))
+                last = (step, (<BiasCorrections>self.step_scalars).compute_terms(&self.bias_terms, self.hyper, step))
             else:
                 last = (step, self.step_scalars(self.hyper, step))
             self.last_varying = last
@@ -1240,6 +1286,9 @@ cdef class GroupPlan:
     cdef public KernelArguments arguments
     cdef public Py_ssize_t first, size
     cdef public bint counts_steps
+    # The group's keys in order, and the values of those in names (ANY for the
+    # others), as last seen with values: see _same_order.
+    cdef tuple order_keys, order_values
 
     def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets,
                  KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps, tuple present):
@@ -1318,8 +1367,10 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
-            if not _same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
-                return False
+            if not _same_order(group, plan):
+                if not _same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
+                    return False
+                _take_order(group, plan)
             steps.append(step)
             n_buckets += len(plan.buckets)
         self.written.verify()
@@ -1366,6 +1417,42 @@ cdef class StepPlan:
             if gathered != local_gathered:
                 free(gathered)
         return True
+
+
+cdef object ANY = object()
+
+
+cdef bint _same_order(object group, GroupPlan plan) except -1:
+    """True if the dict ``group`` holds the keys of the last :func:`_take_order` of
+    ``plan``, in the same order, and the very same objects under the names of
+    ``plan.names``: then ``_same_values(group, plan.names, plan.values)`` holds.
+    One walk over the dict rather than a lookup per hyperparameter; a key
+    removed and added again, or any new key, fails it (and the caller checks
+    the slow way)."""
+    cdef Py_ssize_t position = 0, i = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef tuple keys = plan.order_keys, values = plan.order_values
+    if keys is None or type(group) is not dict or PyDict_Size(group) != len(keys):
+        return False
+    while PyDict_Next(group, &position, &key, &value):
+        if (key != PyTuple_GET_ITEM(keys, i)
+                or (value != PyTuple_GET_ITEM(values, i) and PyTuple_GET_ITEM(values, i) != <PyObject*>ANY)):
+            return False
+        i += 1
+    return True
+
+
+cdef int _take_order(object group, GroupPlan plan) except -1:
+    """Remember the order of ``group``'s keys and its values under ``plan.names``,
+    which are ``plan.values`` (the caller has just checked them)."""
+    cdef list keys = [], values = []
+    if type(group) is dict:
+        for key, value in (<dict>group).items():
+            keys.append(key)
+            values.append(value if key in plan.names else ANY)
+        plan.order_keys, plan.order_values = tuple(keys), tuple(values)
+    return 0
 
 
 cdef int _gather_bucket(Gathered* g, BucketPlan bucket, object grads, Py_ssize_t offset, Py_ssize_t first,
@@ -1430,55 +1517,173 @@ cdef int _set_steps(list states, object step) except -1:
     return 0
 
 
-@cython.auto_pickle(False)
-cdef class FaceRunner:
-    """What a rule's functional face does, the common case in C.
+# ------------------------------------------------------------------ the faces
+from cpython.object cimport PyObject_Call, PyTypeObject
+from cpython.unicode cimport PyUnicode_Compare
 
-    ``run`` takes what the generated face passes on (see
-    ``RuleSpec.face_step``). When the hyperparameters are cached (validated
-    before), ``step`` is an int in range, ``grad_scale`` a finite float, the
-    buffers given are those the configuration needs, ``first_step`` is False and
-    the rule keeps no scalar state, it checks the arrays (as
+cdef extern from *:
+    """
+    /* Make instances of ``type`` callable through the vectorcall protocol, with the
+       function pointer stored at ``offset`` in each instance (what CPython's own
+       function objects do; Cython does not declare it for a cdef class). Every
+       call, PyObject_Call's included, then takes it; tp_call (the class's
+       ``__call__``) is only what ``callable()`` and ``Face.__call__`` see. */
+    static void fd_enable_vectorcall(PyTypeObject* type, Py_ssize_t offset) {
+        type->tp_vectorcall_offset = offset;
+        type->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+        PyType_Modified(type);
+    }
+    """
+    void fd_enable_vectorcall(PyTypeObject* type, Py_ssize_t offset)
+    Py_ssize_t PyVectorcall_NARGS(size_t nargsf)
+
+cdef enum:
+    # Parameters of a face (its signature, plus the hyperparameters it does not take).
+    MAX_FACE_SLOTS = 48
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class Face:
+    """A rule's functional face (``fastdescent.adam_step``), callable from C.
+
+    A Python function generated with the face's signature spent about a third of
+    a small step on its own call: a frame, a dictionary lookup per keyword-only
+    default not given, three tuples. This object takes its arguments through
+    the vectorcall protocol instead: ``names`` (the signature's parameters, the
+    positional ones first, ``n_positional`` of them) are matched against the
+    keywords of the call by identity (then by value), and ``defaults`` (one per
+    name, ``required`` for none, then the values of the hyperparameters the face
+    does not take) fill the rest. ``slots`` says where each argument of
+    :meth:`RuleSpec.face_step` is: ``(buffers, values, step, scalar_states,
+    first_step, grad_scale, n_threads, backend)``, indices into the names and
+    defaults (-1: not a parameter of this face; ``scalar_states``: a tuple of
+    ``(name, index)``).
+
+    The common case runs here: the hyperparameters are the very objects of the
+    last call (else looked up in the rule's ``configs``, the exact-value cache
+    of validated configurations), ``step`` is an int in range, ``grad_scale`` a
+    finite float, the buffers given are those the configuration needs,
+    ``first_step`` is False and the rule is ``simple`` (no scalar state, no
+    buffers shaped otherwise than their parameters): it checks every array (as
     :func:`checked_lists`, without building the lists) and calls the kernel,
-    through its direct entry where the backend has one (:class:`KernelCall`);
-    anything else goes to ``general`` (``face_step``), which validates it all and
-    raises or runs. Both compute the same scalars and make the same kernel call.
-    ``defaults`` (a :class:`CallDefaults`) resolves ``n_threads`` and ``backend``.
+    through its direct entry where the backend has one (:class:`KernelCall`).
+    Anything else goes to ``general`` (``RuleSpec.face_step``), which validates
+    it all and raises or runs; both compute the same scalars and make the same
+    kernel call. ``defaults`` resolves ``n_threads`` and ``backend``
+    (:class:`CallDefaults`). ``__name__``, ``__doc__``, ``__signature__`` and
+    the like are set by the caller (``rules._spec.make_face``).
     """
 
+    cdef void* vectorcall
+    cdef dict __dict__
+    cdef str name
+    cdef tuple names, defaults, roles, writable, scalar_states
+    cdef object required, general, nothing_fresh
     cdef ExactCache configs
-    cdef object general, nothing_fresh
-    cdef CallDefaults defaults
-    cdef tuple roles, writable
+    cdef CallDefaults call_defaults
+    cdef Py_ssize_t n_positional, n_names, n_slots, n_buffers, n_values
+    cdef Py_ssize_t step_slot, first_step_slot, grad_scale_slot, n_threads_slot, backend_slot
+    cdef int buffer_slot[MAX_FACE_SLOTS]
+    cdef int value_slot[MAX_FACE_SLOTS]
     cdef bint uses_step, simple
+    cdef tuple last    # (values, config, present bits, config.arguments) of the last call's hyperparameter objects
 
-    def __init__(self, ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
-                 CallDefaults defaults, nothing_fresh):
+    def __cinit__(self):
+        self.vectorcall = <void*>_face_vectorcall
+
+    def __init__(self, str name, tuple names, Py_ssize_t n_positional, tuple defaults, required, tuple slots,
+                 ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
+                 CallDefaults call_defaults, nothing_fresh):
+        cdef Py_ssize_t k
+        buffers, values, step, scalar_states, first_step, grad_scale, n_threads, backend = slots
+        if len(defaults) > MAX_FACE_SLOTS or len(names) > len(defaults) or not 0 <= n_positional <= len(names):
+            raise ValueError(f"{name}: at most {MAX_FACE_SLOTS} parameters, one default each")
+        for k in list(buffers) + list(values) + [step, first_step, grad_scale, n_threads, backend] + \
+                [index for _, index in scalar_states]:
+            if not -1 <= k < len(defaults):
+                raise ValueError(f"{name}: no parameter {k}")
+        self.name = name
+        self.names = tuple([intern(n) for n in names])
+        self.n_positional, self.n_names, self.n_slots = n_positional, len(names), len(defaults)
+        self.defaults, self.required = defaults, required
+        self.n_buffers, self.n_values = len(buffers), len(values)
+        for k in range(self.n_buffers):
+            self.buffer_slot[k] = buffers[k]
+        for k in range(self.n_values):
+            self.value_slot[k] = values[k]
+        self.step_slot, self.first_step_slot, self.grad_scale_slot = step, first_step, grad_scale
+        self.n_threads_slot, self.backend_slot, self.scalar_states = n_threads, backend, scalar_states
         self.configs, self.roles, self.writable, self.uses_step, self.simple = configs, roles, writable, uses_step, simple
-        self.general, self.defaults, self.nothing_fresh = general, defaults, nothing_fresh
+        self.general, self.call_defaults, self.nothing_fresh = general, call_defaults, nothing_fresh
+        self.last = None
 
-    def run(self, params, grads, tuple buffers, tuple present, tuple values, step, grad_scale, first_step,
-            scalar_state, n_threads, backend):
-        cdef double scale
+    def __call__(self, *args, **kwargs):
+        return PyObject_Call(self, args, kwargs)  # through the vectorcall entry
+
+    def __get__(self, instance, owner):
+        """A face stored in a class stays a plain function (as a staticmethod would)."""
+        return self
+
+    def __reduce__(self):
+        return getattr(self, "__qualname__", self.name)
+
+    def __repr__(self):
+        return f"<face {getattr(self, '__module__', '?')}.{self.name}>"
+
+    cdef object call(self, PyObject** slots):
+        cdef PyObject* value
+        cdef Py_ssize_t k
         cdef Gathered g
-        cdef tuple last, varying, lists
-        config = self.configs.get(values)
-        if (config is None or not self.simple or first_step is not False
+        cdef tuple last = self.last, values, varying
+        cdef unsigned long long present = 0
+        cdef object config = None, step, grad_scale, first_step, params, grads
+        cdef KernelArguments arguments
+        cdef double scale
+        for k in range(self.n_buffers):
+            if slots[self.buffer_slot[k]] != <PyObject*>None:
+                present |= 1ULL << k
+        # The hyperparameters: the configuration of the last call if they are its very objects.
+        if last is not None:
+            values = <tuple>last[0]
+            config = last[1]
+            for k in range(self.n_values):
+                if slots[self.value_slot[k]] != PyTuple_GET_ITEM(values, k):
+                    config = None
+                    break
+        if config is None:
+            values = PyTuple_New(self.n_values)
+            for k in range(self.n_values):
+                value = slots[self.value_slot[k]]
+                Py_INCREF(<object>value)
+                PyTuple_SET_ITEM(values, k, <object>value)
+            config = self.configs.get(values)
+            if config is not None:
+                self.last = last = (values, config, _present_bits(config.present), config.arguments)
+        step = <object>slots[self.step_slot] if self.step_slot >= 0 else None
+        grad_scale = <object>slots[self.grad_scale_slot]
+        first_step = <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False
+        if (config is None or not self.simple or first_step is not False or <unsigned long long>last[2] != present
                 or (self.uses_step and (type(step) is not int or not 0 < step < MAX_STEP))
-                or type(grad_scale) is not float or present != config.present):
-            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
-                                scalar_state, n_threads, backend)
-        scale = grad_scale
+                or type(grad_scale) is not float):
+            return self._general(slots)
+        scale = PyFloat_AS_DOUBLE(grad_scale)
         if not -INFINITY < scale < INFINITY:
-            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
-                                scalar_state, n_threads, backend)
+            return self._general(slots)
+        params, grads = <object>slots[0], <object>slots[1]
+        arrays = PyTuple_New(2 + self.n_buffers)
+        for k in range(2 + self.n_buffers):
+            value = slots[self.buffer_slot[k - 2]] if k >= 2 else slots[k]
+            Py_INCREF(<object>value)
+            PyTuple_SET_ITEM(arrays, k, <object>value)
         _gathered_init(&g)
         try:
-            _gather(&g, self.roles, (params, grads, *buffers), self.writable)
-            kernels = self.defaults.backend_for(backend)
-            threads = self.defaults.threads_for(n_threads)
-            last = (<KernelArguments>config.arguments).current(step, grad_scale, self.nothing_fresh)
-            varying = (<KernelArguments>config.arguments).varying(step)
+            _gather(&g, self.roles, arrays, self.writable)
+            kernels = self.call_defaults.backend_for(<object>slots[self.backend_slot])
+            threads = self.call_defaults.threads_for(<object>slots[self.n_threads_slot])
+            arguments = <KernelArguments?>last[3]
+            last = arguments.current(step, grad_scale, self.nothing_fresh)
+            varying = arguments.varying(step)
             invoke = last[3]
             if type(invoke) is KernelCall:
                 (<KernelCall>invoke).call_gathered(kernels, &g, last[4], varying, threads)
@@ -1487,3 +1692,76 @@ cdef class FaceRunner:
                 invoke(kernels, lists[0], lists[1], lists[2:], last[4], varying, threads)
         finally:
             _release(&g)
+        return None
+
+    cdef object _general(self, PyObject** slots):
+        """``general(params, grads, buffers, present, values, step, grad_scale,
+        first_step, scalar_state, n_threads, backend)``, as the face's Python
+        function would call it."""
+        cdef Py_ssize_t k
+        buffers = tuple([<object>slots[self.buffer_slot[k]] for k in range(self.n_buffers)])
+        present = tuple([b is not None for b in buffers])
+        values = tuple([<object>slots[self.value_slot[k]] for k in range(self.n_values)])
+        scalar_state = ({name: <object>slots[<Py_ssize_t>index] for name, index in self.scalar_states}
+                        if self.scalar_states else None)
+        return self.general(<object>slots[0], <object>slots[1], buffers, present, values,
+                            <object>slots[self.step_slot] if self.step_slot >= 0 else None,
+                            <object>slots[self.grad_scale_slot],
+                            <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False,
+                            scalar_state, <object>slots[self.n_threads_slot], <object>slots[self.backend_slot])
+
+
+cdef unsigned long long _present_bits(tuple present):
+    cdef unsigned long long bits = 0
+    cdef Py_ssize_t k
+    for k in range(len(present)):
+        if present[k]:
+            bits |= 1ULL << k
+    return bits
+
+
+cdef object _face_vectorcall(object callable, PyObject** args, size_t nargsf, PyObject* kwnames):
+    """The call of a :class:`Face`: its arguments matched to its parameters, as
+    Python matches a function's."""
+    cdef Face face = <Face>callable
+    cdef PyObject* slots[MAX_FACE_SLOTS]
+    cdef Py_ssize_t k, j, n_args = PyVectorcall_NARGS(nargsf), n_kw = 0
+    cdef PyObject* key
+    cdef PyObject* required = <PyObject*>face.required
+    cdef tuple names = face.names
+    if kwnames != NULL:
+        n_kw = PyTuple_GET_SIZE(<object>kwnames)
+    if n_args > face.n_positional:
+        raise TypeError(f"{face.name}() takes at most {face.n_positional} positional arguments "
+                        f"but {n_args} were given")
+    for k in range(face.n_slots):
+        slots[k] = PyTuple_GET_ITEM(face.defaults, k)
+    for k in range(n_args):
+        slots[k] = args[k]
+    for j in range(n_kw):
+        key = PyTuple_GET_ITEM(<object>kwnames, j)
+        k = 0
+        while k < face.n_names and PyTuple_GET_ITEM(names, k) != key:
+            k += 1
+        if k == face.n_names:  # a keyword not interned: compare the strings
+            k = 0
+            while k < face.n_names and not (type(<object>key) is str and
+                                            PyUnicode_Compare(<object>PyTuple_GET_ITEM(names, k), <object>key) == 0):
+                k += 1
+            if k == face.n_names:
+                raise TypeError(f"{face.name}() got an unexpected keyword argument {<object>key!r}")
+        if k < n_args:
+            raise TypeError(f"{face.name}() got multiple values for argument {<object>key!r}")
+        slots[k] = args[n_args + j]
+    for k in range(face.n_names):
+        if slots[k] == required:
+            raise TypeError(f"{face.name}() missing required argument: {names[k]!r}")
+    return face.call(slots)
+
+
+cdef void _enable_face_calls() except *:
+    cdef Face probe = Face.__new__(Face)
+    fd_enable_vectorcall(<PyTypeObject*>Face, <Py_ssize_t>(<char*>&probe.vectorcall - <char*><PyObject*>probe))
+
+
+_enable_face_calls()
