@@ -131,7 +131,7 @@ class StepPlan:
     ) -> None: ...
     def run(
         self, param_groups: object, grads: object, grad_scale: object, backend: object, n_threads: object,
-        refresh: Callable[[int, GroupPlan, int, bool], bool],
+        optimizer: Any,
     ) -> bool: ...
 
 @final

@@ -861,6 +861,8 @@ cdef enum:
     # Row pointers and tensors of a direct kernel call held on the stack; larger calls allocate.
     LOCAL_ROWS = 64
     LOCAL_TENSORS = 16
+    # Groups of a step plan whose step scalars (Adam's bias corrections) are computed into C doubles.
+    LOCAL_PLAN_GROUPS = 4
 
 
 @cython.auto_pickle(False)
@@ -985,18 +987,23 @@ cdef class KernelCall:
         return entry_fn != NULL
 
     cdef int call_gathered(self, object backend, const Gathered* g, tuple constants, tuple varying,
-                           int n_threads) except -1:
+                           int n_threads, const double* varying_doubles=NULL) except -1:
         """Call ``backend``'s kernel on checked arrays (roles: params, grads, then the
         buffers in declared order): through its direct entry if it has one, else
-        its ``def`` entry with new lists."""
+        its ``def`` entry with new lists. ``varying_doubles`` (with ``varying``
+        None): the varying scalars as C doubles (see KernelArguments.varying_doubles)."""
         cdef tuple lists
-        if self.bind(backend) and self._direct(g, constants, varying, n_threads) == 0:
+        cdef Py_ssize_t k
+        if self.bind(backend) and self._direct(g, constants, varying, n_threads, varying_doubles) == 0:
             return 0
+        if varying is None:
+            varying = tuple([varying_doubles[k] for k in range(self.n_varying)])
         lists = _lists(g)
         self.call(getattr(backend, self.kernel), lists[0], lists[1], lists[2:], constants, varying, n_threads)
         return 0
 
-    cdef int _direct(self, const Gathered* g, tuple constants, tuple varying, int n_threads) except -1:
+    cdef int _direct(self, const Gathered* g, tuple constants, tuple varying, int n_threads,
+                     const double* varying_doubles=NULL) except -1:
         """The bound direct entry on ``g``: 0 if it ran, 1 if it was not taken (a
         scalar that is not a float or a bool, or the entry declined)."""
         cdef double scalars[MAX_KERNEL_ARGUMENTS]
@@ -1008,11 +1015,17 @@ cdef class KernelCall:
         cdef PyObject* item
         cdef object value
         cdef DirectCall call
-        self._check_scalars(None, constants, varying)
+        if varying is not None or varying_doubles == NULL:
+            self._check_scalars(None, constants, varying)
+        elif len(constants) != self.n_constants:
+            self._check_scalars(None, constants, (None,) * self.n_varying)
         if g.n_roles != n_roles or n_threads < 1:
             return 1
         for j in range(self.n_direct_scalars):
             k = self.scalar_map[j]
+            if k >= self.n_constants and varying is None:
+                scalars[j] = varying_doubles[k - self.n_constants]
+                continue
             value = constants[k] if k < self.n_constants else varying[k - self.n_constants]
             if type(value) is float:
                 scalars[j] = PyFloat_AS_DOUBLE(value)
@@ -1106,15 +1119,24 @@ cdef class BiasCorrections:
 
     cdef tuple compute_terms(self, const BiasTerms* t, object h, object step):
         """``compute(h, step)`` with ``t`` read from ``h`` already."""
+        cdef double out[2]
+        if self.doubles(t, step, out):
+            return (out[0], out[1])
+        return self.python(h, step)
+
+    cdef bint doubles(self, const BiasTerms* t, object step, double* out) except -1:
+        """``compute(h, step)`` into ``out[0]``, ``out[1]`` if done in C (True)."""
         cdef double c1, c2, s
         if t.ok and type(step) is int and 0 < step < 1 << 53:
             if not t.bias:
-                return (t.lr, 1.0)
+                out[0], out[1] = t.lr, 1.0
+                return True
             s = <double>step
             c1, c2 = 1.0 - pow(t.b1, s), 1.0 - pow(t.b2, s)
             if c1 > 0.0 and c2 > 0.0:
-                return (t.lr / c1, 1.0 / sqrt(c2))
-        return self.python(h, step)
+                out[0], out[1] = t.lr / c1, 1.0 / sqrt(c2)
+                return True
+        return False
 
 
 @cython.auto_pickle(False)
@@ -1166,6 +1188,18 @@ cdef class KernelArguments:
             self.last_varying = last
         return last[1]
 
+    cdef bint varying_doubles(self, object step, double* out) except -1:
+        """The step scalars of ``varying(step)`` as C doubles into ``out`` (two), if
+        the rule's ``step_scalars`` is a :class:`BiasCorrections` that computes
+        them in C: True; else False (call ``varying``)."""
+        cdef tuple last = self.last_varying
+        if not self.bias_terms.ok:
+            return False
+        if last is not None and type(step) is int and type(last[0]) is int and step == last[0]:
+            out[0], out[1] = (<tuple>last[1])[0], (<tuple>last[1])[1]  # (arrays stepped one by one)
+            return True
+        return (<BiasCorrections>self.step_scalars).doubles(&self.bias_terms, step, out)
+
     cpdef tuple constant(self, object step, object grad_scale, object fresh):
         """``(invoke, constants)`` for step ``step``: what does not change with it."""
         cdef tuple last = self.current(step, grad_scale, fresh)
@@ -1201,6 +1235,7 @@ cdef class CallDefaults:
 
     cdef object effective_n_threads, resolve_backend, block_threads
     cdef dict config
+    cdef _Resolved last
 
     def __init__(self, effective_n_threads, resolve_backend):
         self.effective_n_threads, self.resolve_backend = effective_n_threads, resolve_backend
@@ -1219,16 +1254,45 @@ cdef class CallDefaults:
         """``resolve_backend(backend)``."""
         return self.backend_for(backend)
 
-    cdef int threads_for(self, object n_threads) except -1:
+    cdef _Resolved resolved(self):
+        """``_config``'s defaults as of now: those of the last call while neither
+        ``_config``'s globals nor its dict of backend modules has changed since
+        (their dict versions, where this Python has them), else read again.
+        None if they are not found as expected."""
+        cdef _Resolved last = self.last
         cdef PyObject* found
+        cdef object modules, name
+        if last is not None and FD_DICT_VERSIONS and last.config_version == fd_dict_version(self.config):
+            if last.modules is None or last.modules_version == fd_dict_version(last.modules):
+                return last
+        found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
+        modules = <object>found if found != NULL else None
+        found = PyDict_GetItemWithError(self.config, "_default_backend")
+        name = <object>found if found != NULL else 0
+        if name is None:
+            found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
+            name = <object>found if found != NULL else 0
+        found = PyDict_GetItemWithError(self.config, "_default_threads")
+        if found == NULL or type(modules) is not dict:
+            return None
+        last = _Resolved.__new__(_Resolved)
+        last.config_version = fd_dict_version(self.config)
+        last.modules, last.modules_version = modules, fd_dict_version(modules)
+        last.backend = (<dict>modules).get(name) if type(name) is str else None
+        last.threads = <object>found
+        self.last = last
+        return last
+
+    cdef int threads_for(self, object n_threads) except -1:
+        cdef _Resolved resolved
         cdef object block, request = n_threads
         if request is None and self.block_threads is not None:
             block = get_value(self.block_threads)
             if block is None:
-                found = PyDict_GetItemWithError(self.config, "_default_threads")
-                if found == NULL:
+                resolved = self.resolved() if self.config is not None else None
+                if resolved is None:
                     return self.effective_n_threads(n_threads)
-                request = <object>found
+                request = resolved.threads
             elif type(block) is tuple and len(<tuple>block) == 1:
                 request = (<tuple>block)[0]
             else:
@@ -1241,20 +1305,48 @@ cdef class CallDefaults:
 
     cdef object backend_for(self, object backend):
         cdef PyObject* found
-        cdef object name = backend, module
+        cdef _Resolved resolved
+        cdef object module
         if self.config is not None:
-            if name is None:
-                found = PyDict_GetItemWithError(self.config, "_default_backend")
-                name = <object>found if found != NULL else 0
-                if name is None:
-                    found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
-                    name = <object>found if found != NULL else 0
-            found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
-            if type(name) is str and found != NULL and type(<object>found) is dict:
-                module = (<dict>found).get(name)
-                if module is not None:
-                    return module
+            if backend is None:
+                resolved = self.resolved()
+                if resolved is not None and resolved.backend is not None:
+                    return resolved.backend
+            elif type(backend) is str:
+                found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
+                if found != NULL and type(<object>found) is dict:
+                    module = (<dict>found).get(backend)
+                    if module is not None:
+                        return module
         return self.resolve_backend(backend)
+
+
+cdef extern from *:
+    """
+    /* PEP 509's dict version: changes at every change of the dict (deprecated in
+       3.12, so read only before it; 0 and FD_DICT_VERSIONS 0 from then on). */
+    #if PY_VERSION_HEX < 0x030C0000
+    #define FD_DICT_VERSIONS 1
+    static unsigned long long fd_dict_version(PyObject* d) { return ((PyDictObject*)d)->ma_version_tag; }
+    #else
+    #define FD_DICT_VERSIONS 0
+    static unsigned long long fd_dict_version(PyObject* d) { (void)d; return 0; }
+    #endif
+    """
+    int FD_DICT_VERSIONS
+    unsigned long long fd_dict_version(object d)
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class _Resolved:
+    """What :class:`CallDefaults` read of ``_config`` (the default backend's module,
+    or None if not loaded yet; the ``set_num_threads`` value) and the versions of
+    the dicts it read it from: never changed once made, so that a thread sees one
+    whole answer."""
+
+    cdef unsigned long long config_version, modules_version
+    cdef object modules, backend, threads
 
 
 @cython.auto_pickle(False)
@@ -1305,8 +1397,8 @@ cdef class StepPlan:
     The optimizer builds it (in Python) after a step that went its general way,
     and uses it until anything else changes. When a hyperparameter in
     ``param_groups`` is not the object validated last time (a schedule wrote
-    it), ``refresh(position, group_plan, step, flat)`` (the optimizer's) validates the
-    group again and updates the group's plan, or returns False. :meth:`run`
+    it), the optimizer's ``_refresh_plan(position, group_plan, step, flat)``
+    validates the group again and updates the group's plan, or returns False. :meth:`run`
     returns False, before writing anything, when a refresh does, a group or its
     parameter list was replaced, a step count is not a plain int in range, or
     ``grad_scale`` is not a finite positive float; the optimizer then takes its
@@ -1336,11 +1428,13 @@ cdef class StepPlan:
             self.size += plan.size
 
     def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads,
-            object refresh):
+            object optimizer):
         """Take the step; False if the optimizer must take its general path instead.
         ``backend`` and ``n_threads`` are the optimizer's options (None: the
-        defaults). (``refresh`` comes with each call: a plan that kept it would keep
-        its optimizer alive in a reference cycle.)"""
+        defaults). (``optimizer`` comes with each call, and its ``_refresh_plan`` is
+        looked up only when a group needs it: a plan that kept it would keep its
+        optimizer alive in a reference cycle, and a bound method made at every
+        step costs a tenth of a small step.)"""
         cdef Py_ssize_t g, b, n = len(self.groups), offset = 0, n_buckets = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
@@ -1351,6 +1445,7 @@ cdef class StepPlan:
         cdef int threads
         cdef Gathered local_gathered[2]
         cdef Gathered* gathered = local_gathered
+        cdef double varying_doubles[2 * LOCAL_PLAN_GROUPS]  # groups' step scalars computed in C
         if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
                 or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
             return False
@@ -1368,7 +1463,8 @@ cdef class StepPlan:
                     return False
                 step += 1
             if not _same_order(group, plan):
-                if not _same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
+                if (not _same_values(group, plan.names, plan.values)
+                        and not optimizer._refresh_plan(g, plan, step, self.flat)):
                     return False
                 _take_order(group, plan)
             steps.append(step)
@@ -1400,14 +1496,18 @@ cdef class StepPlan:
                 last = arguments.current(steps[g], grad_scale, self.fresh)
                 if type(last[3]) is not KernelCall:
                     return False
-                calls.append((last[3], last[4], arguments.varying(steps[g])))
+                if g < LOCAL_PLAN_GROUPS and arguments.varying_doubles(steps[g], &varying_doubles[2 * g]):
+                    calls.append((last[3], last[4], None))
+                else:
+                    calls.append((last[3], last[4], arguments.varying(steps[g])))
             # The writes.
             b = 0
             for g in range(n):
                 plan = <GroupPlan>self.groups[g]
                 invoke, constants, varying = calls[g]
                 for bucket in plan.buckets:
-                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads)
+                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads,
+                                 &varying_doubles[2 * g] if varying is None else NULL)
                     b += 1
                 if plan.counts_steps:
                     _set_steps(plan.states, steps[g])
@@ -1488,12 +1588,12 @@ cdef int _gather_bucket(Gathered* g, BucketPlan bucket, object grads, Py_ssize_t
 
 
 cdef int _call_bucket(KernelCall invoke, object kernels, const Gathered* g, tuple constants, tuple varying,
-                      int threads) except -1:
+                      int threads, const double* varying_doubles) except -1:
     """One kernel call of a step plan, on arrays the plan checked (WrittenBuffers).
     What the ``def`` entry itself checks (every array an ndarray of the parameters'
     dtype and size, C-contiguous) is checked again here (the flat arenas are not in
     the WrittenBuffers table): anything amiss goes to the ``def`` entry, which raises."""
-    cdef Py_ssize_t r, i, n = g.n_tensors
+    cdef Py_ssize_t r, i, k, n = g.n_tensors
     cdef PyObject* item
     cdef tuple lists
     for r in range(g.n_roles):
@@ -1503,10 +1603,12 @@ cdef int _call_bucket(KernelCall invoke, object kernels, const Gathered* g, tupl
                     or cnp.PyArray_SIZE(<cnp.ndarray>item) != cnp.PyArray_SIZE(<cnp.ndarray>g.items[i])
                     or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>item)):
                 lists = _lists(g)
+                if varying is None:
+                    varying = tuple([varying_doubles[k] for k in range(invoke.n_varying)])
                 invoke.call(getattr(kernels, invoke.kernel), lists[0], lists[1], lists[2:], constants, varying,
                             threads)
                 return 0
-    return invoke.call_gathered(kernels, g, constants, varying, threads)
+    return invoke.call_gathered(kernels, g, constants, varying, threads, varying_doubles)
 
 
 cdef int _set_steps(list states, object step) except -1:
@@ -1640,6 +1742,7 @@ cdef class Face:
         cdef object config = None, step, grad_scale, first_step, params, grads
         cdef KernelArguments arguments
         cdef double scale
+        cdef double varying_doubles[2]
         for k in range(self.n_buffers):
             if slots[self.buffer_slot[k]] != <PyObject*>None:
                 present |= 1ULL << k
@@ -1683,11 +1786,13 @@ cdef class Face:
             threads = self.call_defaults.threads_for(<object>slots[self.n_threads_slot])
             arguments = <KernelArguments?>last[3]
             last = arguments.current(step, grad_scale, self.nothing_fresh)
-            varying = arguments.varying(step)
             invoke = last[3]
-            if type(invoke) is KernelCall:
-                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], varying, threads)
+            if type(invoke) is KernelCall and arguments.varying_doubles(step, varying_doubles):
+                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], None, threads, varying_doubles)
+            elif type(invoke) is KernelCall:
+                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], arguments.varying(step), threads)
             else:
+                varying = arguments.varying(step)
                 lists = _lists(&g)
                 invoke(kernels, lists[0], lists[1], lists[2:], last[4], varying, threads)
         finally:

@@ -467,7 +467,7 @@ class Optimizer(LowPrecision, Checkpointing):
             # (A plan exists only while accumulate_steps is 1.)
             plan = self._plan
             if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale, self._backend,
-                                                               self._n_threads, self._refresh_plan):
+                                                               self._n_threads, self):
                 return True
             if self._accumulation.steps != 1:
                 return self._accumulation.step(self, grads, group, grad_scale)
