@@ -1127,7 +1127,7 @@ cdef class BiasCorrections:
     cdef bint doubles(self, const BiasTerms* t, object step, double* out) except -1:
         """``compute(h, step)`` into ``out[0]``, ``out[1]`` if done in C (True)."""
         cdef double c1, c2, s
-        if t.ok and type(step) is int and 0 < step < 1 << 53:
+        if t.ok and 0 < _step_number(step) < 1LL << 53:
             if not t.bias:
                 out[0], out[1] = t.lr, 1.0
                 return True
@@ -1620,6 +1620,7 @@ cdef int _set_steps(list states, object step) except -1:
 
 
 # ------------------------------------------------------------------ the faces
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject_Call, PyTypeObject
 from cpython.unicode cimport PyUnicode_Compare
 
@@ -1767,8 +1768,7 @@ cdef class Face:
         grad_scale = <object>slots[self.grad_scale_slot]
         first_step = <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False
         if (config is None or not self.simple or first_step is not False or <unsigned long long>last[2] != present
-                or (self.uses_step and (type(step) is not int or not 0 < step < MAX_STEP))
-                or type(grad_scale) is not float):
+                or (self.uses_step and _step_number(step) < 1) or type(grad_scale) is not float):
             return self._general(slots)
         scale = PyFloat_AS_DOUBLE(grad_scale)
         if not -INFINITY < scale < INFINITY:
@@ -1814,6 +1814,16 @@ cdef class Face:
                             <object>slots[self.grad_scale_slot],
                             <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False,
                             scalar_state, <object>slots[self.n_threads_slot], <object>slots[self.backend_slot])
+
+
+cdef inline long long _step_number(object step):
+    """``step`` as a C integer if it is an int in [1, MAX_STEP), else 0."""
+    cdef int overflow = 0
+    cdef long long value
+    if type(step) is not int:
+        return 0
+    value = PyLong_AsLongLongAndOverflow(step, &overflow)
+    return value if overflow == 0 and value > 0 else 0
 
 
 cdef unsigned long long _present_bits(tuple present):
