@@ -292,6 +292,33 @@ def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_varia
                 assert_same(scales[0], expected[1][buffer_name][1][0], f"{key} {buffer_name} scales")
 
 
+@pytest.mark.parametrize("name", ["adam", "adam-decoupled"])
+@pytest.mark.parametrize("rounding", precision.ROUNDINGS)
+def test_large_stored_calls_match_the_reference(name, rounding, rng):
+    """Calls of at least 2**22 elements take the fused loops' prefetching strips
+    (FD_PREFETCH_MIN in _storage.pxi): bfloat16 moments, two tensors of which
+    the second ends in a ragged strip, bit for bit, 1 and 2 threads."""
+    rule = EXAMPLES[name]
+    sizes = (1 << 21, (1 << 21) + 300)
+    state = {n: make_state(rng, rule, n, np.float32) for n in sizes}
+    params = [state[n]["param"] for n in sizes]
+    merged = {b.name: [state[n][b.name] for n in sizes] for b in rule.spec.needed(rule.hyper)}
+    grads = [random_array(rng, n, np.float32) for n in sizes]
+    runs = {}
+    for backend, n_threads in (("reference", 1), ("kernel", 1), ("kernel", 2)):
+        p = [a.copy() for a in params]
+        stored = stored_buffers(rule, merged, "bfloat16")
+        stored_step(rule, _config.resolve_backend(backend), p, grads, stored, 2, 0.05, rounding, n_threads, [1, 4])
+        runs[backend, n_threads] = (p, stored)
+    expected = runs["reference", 1]
+    for key, (p, stored) in runs.items():
+        for k, (a, b) in enumerate(zip(p, expected[0])):
+            assert_bitwise_equal(a, b, f"{key} param[{k}]")
+        for buffer_name, (arrays, _, _) in stored.items():
+            for k, (a, b) in enumerate(zip(arrays, expected[1][buffer_name][0])):
+                assert_same(a, b, f"{key} {buffer_name}[{k}]")
+
+
 def test_a_fused_loop_takes_only_the_codes_it_decodes(rng, kernel_variant):
     """Adam's fused int8 loop decodes exp_avg as int8 and exp_avg_sq as uint8; a
     call handing other codes (here both uint8, from positive first moments) runs

@@ -149,11 +149,12 @@ cdef void adam_stored_bf16(const StoredRun* run, const void* args) noexcept nogi
     cdef const float* g = <const float*>run.rows[1]
     cdef uint16_t* m = <uint16_t*>run.rows[2]
     cdef uint16_t* v = <uint16_t*>run.rows[3]
-    cdef Py_ssize_t s = 0
-    while s < run.n:   # one call site: gcc vectorizes neither copy of the loop when there are two
-        prefetch_strip(run, s)
-        adam_bf16_elements(p + s, g + s, m + s, v + s, min(<Py_ssize_t>FD_STRIP, run.n - s), f)
-        s += FD_STRIP
+    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
+    while s < run.n:   # one call site: gcc vectorized neither copy of the loop when there were two
+        if run.prefetch:
+            prefetch_strip(run, s)
+        adam_bf16_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f)
+        s += strip
 
 
 cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexcept nogil:
@@ -163,12 +164,13 @@ cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexce
     cdef const float* g = <const float*>run.rows[1]
     cdef uint16_t* m = <uint16_t*>run.rows[2]
     cdef uint16_t* v = <uint16_t*>run.rows[3]
-    cdef Py_ssize_t s = 0
+    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
     while s < run.n:
-        prefetch_strip(run, s)
-        adam_bf16_random_elements(p + s, g + s, m + s, v + s, min(<Py_ssize_t>FD_STRIP, run.n - s), f,
+        if run.prefetch:
+            prefetch_strip(run, s)
+        adam_bf16_random_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f,
                                   fd_random_from(run.random[2], <uint32_t>s), fd_random_from(run.random[3], <uint32_t>s))
-        s += FD_STRIP
+        s += strip
 
 
 cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nogil:
