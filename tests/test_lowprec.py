@@ -195,8 +195,13 @@ def test_stored_kernel_matches_reference(name, kind, rounding, rng, kernel_varia
             stored_step(rule, _config.resolve_backend(backend), p, grads[t], stored, t + 1, 0.05 * 0.8**t, rounding,
                         n_threads, ids)
         runs[backend, n_threads] = (p, stored)
+    assert not np.array_equal(runs["reference", 1][0][-1], params[-1]), "the steps left the parameters unchanged"
+    assert_runs_agree(runs)
+
+
+def assert_runs_agree(runs):
+    """Every run (key -> (params, stored buffers)) bit for bit as the reference's."""
     expected = runs["reference", 1]
-    assert not np.array_equal(expected[0][-1], params[-1]), "the steps left the parameters unchanged"
     for key, (p, stored) in runs.items():
         for k, (a, b) in enumerate(zip(p, expected[0])):
             assert_bitwise_equal(a, b, f"{key} param[{k}]")
@@ -310,13 +315,7 @@ def test_large_stored_calls_match_the_reference(name, rounding, rng):
         stored = stored_buffers(rule, merged, "bfloat16")
         stored_step(rule, _config.resolve_backend(backend), p, grads, stored, 2, 0.05, rounding, n_threads, [1, 4])
         runs[backend, n_threads] = (p, stored)
-    expected = runs["reference", 1]
-    for key, (p, stored) in runs.items():
-        for k, (a, b) in enumerate(zip(p, expected[0])):
-            assert_bitwise_equal(a, b, f"{key} param[{k}]")
-        for buffer_name, (arrays, _, _) in stored.items():
-            for k, (a, b) in enumerate(zip(arrays, expected[1][buffer_name][0])):
-                assert_same(a, b, f"{key} {buffer_name}[{k}]")
+    assert_runs_agree(runs)
 
 
 def test_a_fused_loop_takes_only_the_codes_it_decodes(rng, kernel_variant):
