@@ -65,16 +65,24 @@ __attribute__((noinline, target("prefer-vector-width=256"))) static void adam_f3
     float *restrict m = mv, *restrict v = vv;
     for (long i = 0; i < n; i++) { ADAM_BODY(m[i], v[i], m[i] = mean, v[i] = sq) }
 }
+// the flag-free (specialised) loop's constants and body, and one strip's prefetches
+#define SPECIAL_CONSTS const float step_size = a.step_size, inv_bc2 = a.inv_bc2, eps = a.eps, scale = a.scale, \
+    w1 = a.w1, keep2 = a.keep2, w2 = a.w2;
+#define SPECIAL_BODY { float x = p[i], mean = bf16v(m[i]), sq = bf16v(v[i]); float d = scale * g[i]; \
+    mean = mean + w1 * (d - mean); sq = keep2 * sq + (w2 * d) * d; m[i] = bf16n(mean); v[i] = bf16n(sq); \
+    p[i] = x - (step_size * mean) / (sqrtf(sq) * inv_bc2 + eps); }
+#define PREFETCH_STRIP(s) { const char *pp = (const char *)(p + (s) + PF), *gp = (const char *)(g + (s) + PF), \
+    *mp = (const char *)(m + (s) + PF), *vp = (const char *)(v + (s) + PF); \
+    for (int k = 0; k < 256; k += 64) { __builtin_prefetch(pp + k, 1); __builtin_prefetch(gp + k, 0); } \
+    for (int k = 0; k < 128; k += 64) { __builtin_prefetch(mp + k, 1); __builtin_prefetch(vp + k, 1); } }
+
 // prefetch interleaved: per strip of 64 elements, the lines PF elements ahead
 #define STRIP 64
 __attribute__((noinline)) static void adam_bf16p(float *restrict p, const float *restrict g, void *mv, void *vv, long n) {
     uint16_t *restrict m = mv, *restrict v = vv;
     long s = 0;
     for (; s + STRIP <= n; s += STRIP) {
-        const char *pp = (const char *)(p + s + PF), *gp = (const char *)(g + s + PF), *mp = (const char *)(m + s + PF), *vp = (const char *)(v + s + PF);
-        __builtin_prefetch(pp, 1); __builtin_prefetch(pp + 64, 1); __builtin_prefetch(pp + 128, 1); __builtin_prefetch(pp + 192, 1);
-        __builtin_prefetch(gp, 0); __builtin_prefetch(gp + 64, 0); __builtin_prefetch(gp + 128, 0); __builtin_prefetch(gp + 192, 0);
-        __builtin_prefetch(mp, 1); __builtin_prefetch(mp + 64, 1); __builtin_prefetch(vp, 1); __builtin_prefetch(vp + 64, 1);
+        PREFETCH_STRIP(s)
         for (long i = s; i < s + STRIP; i++) { ADAM_BODY(bf16v(m[i]), bf16v(v[i]), m[i] = bf16n(mean), v[i] = bf16n(sq)) }
     }
     for (long i = s; i < n; i++) { ADAM_BODY(bf16v(m[i]), bf16v(v[i]), m[i] = bf16n(mean), v[i] = bf16n(sq)) }
@@ -82,45 +90,27 @@ __attribute__((noinline)) static void adam_bf16p(float *restrict p, const float 
 // flags specialised (no decay, no wd, not from_end): what a flag-free loop costs
 __attribute__((noinline)) static void adam_bf16s(float *restrict p, const float *restrict g, void *mv, void *vv, long n) {
     uint16_t *restrict m = mv, *restrict v = vv;
-    const float step_size = a.step_size, inv_bc2 = a.inv_bc2, eps = a.eps, scale = a.scale, w1 = a.w1, keep2 = a.keep2, w2 = a.w2;
+    SPECIAL_CONSTS
     for (long i = 0; i < n; i++) {
-        float x = p[i], mean = bf16v(m[i]), sq = bf16v(v[i]);
-        float d = scale * g[i];
-        mean = mean + w1 * (d - mean);
-        sq = keep2 * sq + (w2 * d) * d;
-        m[i] = bf16n(mean); v[i] = bf16n(sq);
-        p[i] = x - (step_size * mean) / (sqrtf(sq) * inv_bc2 + eps);
+        SPECIAL_BODY
     }
 }
 __attribute__((noinline, target("prefer-vector-width=256"))) static void adam_bf16sy(float *restrict p, const float *restrict g, void *mv, void *vv, long n) {
     uint16_t *restrict m = mv, *restrict v = vv;
-    const float step_size = a.step_size, inv_bc2 = a.inv_bc2, eps = a.eps, scale = a.scale, w1 = a.w1, keep2 = a.keep2, w2 = a.w2;
+    SPECIAL_CONSTS
     for (long i = 0; i < n; i++) {
-        float x = p[i], mean = bf16v(m[i]), sq = bf16v(v[i]);
-        float d = scale * g[i];
-        mean = mean + w1 * (d - mean);
-        sq = keep2 * sq + (w2 * d) * d;
-        m[i] = bf16n(mean); v[i] = bf16n(sq);
-        p[i] = x - (step_size * mean) / (sqrtf(sq) * inv_bc2 + eps);
+        SPECIAL_BODY
     }
 }
 __attribute__((noinline)) static void adam_bf16sp(float *restrict p, const float *restrict g, void *mv, void *vv, long n) {
     uint16_t *restrict m = mv, *restrict v = vv;
-    const float step_size = a.step_size, inv_bc2 = a.inv_bc2, eps = a.eps, scale = a.scale, w1 = a.w1, keep2 = a.keep2, w2 = a.w2;
+    SPECIAL_CONSTS
     long s = 0;
     for (; s < n; s += STRIP) {
-        const char *pp = (const char *)(p + s + PF), *gp = (const char *)(g + s + PF), *mp = (const char *)(m + s + PF), *vp = (const char *)(v + s + PF);
-        __builtin_prefetch(pp, 1); __builtin_prefetch(pp + 64, 1); __builtin_prefetch(pp + 128, 1); __builtin_prefetch(pp + 192, 1);
-        __builtin_prefetch(gp, 0); __builtin_prefetch(gp + 64, 0); __builtin_prefetch(gp + 128, 0); __builtin_prefetch(gp + 192, 0);
-        __builtin_prefetch(mp, 1); __builtin_prefetch(mp + 64, 1); __builtin_prefetch(vp, 1); __builtin_prefetch(vp + 64, 1);
+        PREFETCH_STRIP(s)
         long e = s + STRIP < n ? s + STRIP : n;
         for (long i = s; i < e; i++) {
-        float x = p[i], mean = bf16v(m[i]), sq = bf16v(v[i]);
-        float d = scale * g[i];
-        mean = mean + w1 * (d - mean);
-        sq = keep2 * sq + (w2 * d) * d;
-        m[i] = bf16n(mean); v[i] = bf16n(sq);
-        p[i] = x - (step_size * mean) / (sqrtf(sq) * inv_bc2 + eps);
+        SPECIAL_BODY
         }
     }
 }
