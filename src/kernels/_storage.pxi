@@ -84,8 +84,8 @@ cdef extern from *:
        loop keeps both the memory streams and the vector ports busy: with the
        hardware prefetchers alone, its arithmetic (the codecs beside the rule's
        divide and square root) fills the out-of-order window and the streams
-       stall behind it; bfloat16 Adam at 10^8 ran at 79% of the bandwidth of the
-       same bytes without these, 92-97% with them (2,048-element runs, 4 KB of
+       stall behind it; bfloat16 Adam at 10^8 ran at 78-80% of the bandwidth of the
+       same bytes without these, 91-96% with them (2,048-element runs, 4 KB of
        float32 ahead: 512-4,096 elements measured alike, a burst of a whole
        run's prefetches at once far slower). Addresses past the end of an array
        are fine: a prefetch never faults. On x86 the prefetch is an asm
