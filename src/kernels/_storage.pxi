@@ -89,8 +89,8 @@ cdef extern from *:
        float32 ahead: 512-4,096 elements measured alike, a burst of a whole
        run's prefetches at once far slower). Addresses past the end of an array
        are fine: a prefetch never faults. On x86 the prefetch is an asm
-       statement: gcc 12 deletes every __builtin_prefetch of a loop whose inner
-       loop it vectorizes (the outer loop's analysis removes them). */
+       statement: with __builtin_prefetch, gcc 12 left no prefetch at all in
+       Adam's fused loops (seen in the object code; the cause not found). */
     #define FD_STRIP 64
     #define FD_AHEAD 1024
     /* Calls of fewer elements run their cache-resident loops without strips: in
