@@ -195,8 +195,13 @@ def test_stored_kernel_matches_reference(name, kind, rounding, rng, kernel_varia
             stored_step(rule, _config.resolve_backend(backend), p, grads[t], stored, t + 1, 0.05 * 0.8**t, rounding,
                         n_threads, ids)
         runs[backend, n_threads] = (p, stored)
+    assert not np.array_equal(runs["reference", 1][0][-1], params[-1]), "the steps left the parameters unchanged"
+    assert_runs_agree(runs)
+
+
+def assert_runs_agree(runs):
+    """Every run (key -> (params, stored buffers)) bit for bit as the reference's."""
     expected = runs["reference", 1]
-    assert not np.array_equal(expected[0][-1], params[-1]), "the steps left the parameters unchanged"
     for key, (p, stored) in runs.items():
         for k, (a, b) in enumerate(zip(p, expected[0])):
             assert_bitwise_equal(a, b, f"{key} param[{k}]")
@@ -290,6 +295,27 @@ def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_varia
             assert_same(arrays[0], expected[1][buffer_name][0][0], f"{key} {buffer_name}")
             if scales:
                 assert_same(scales[0], expected[1][buffer_name][1][0], f"{key} {buffer_name} scales")
+
+
+@pytest.mark.parametrize("name", ["adam", "adam-decoupled"])
+@pytest.mark.parametrize("rounding", precision.ROUNDINGS)
+def test_large_stored_calls_match_the_reference(name, rounding, rng):
+    """Calls of at least 2**22 elements take the fused loops' prefetching strips
+    (FD_PREFETCH_MIN in _storage.pxi): bfloat16 moments, two tensors of which
+    the second ends in a ragged strip, bit for bit, 1 and 2 threads."""
+    rule = EXAMPLES[name]
+    sizes = (1 << 21, (1 << 21) + 300)
+    state = {n: make_state(rng, rule, n, np.float32) for n in sizes}
+    params = [state[n]["param"] for n in sizes]
+    merged = {b.name: [state[n][b.name] for n in sizes] for b in rule.spec.needed(rule.hyper)}
+    grads = [random_array(rng, n, np.float32) for n in sizes]
+    runs = {}
+    for backend, n_threads in (("reference", 1), ("kernel", 1), ("kernel", 2)):
+        p = [a.copy() for a in params]
+        stored = stored_buffers(rule, merged, "bfloat16")
+        stored_step(rule, _config.resolve_backend(backend), p, grads, stored, 2, 0.05, rounding, n_threads, [1, 4])
+        runs[backend, n_threads] = (p, stored)
+    assert_runs_agree(runs)
 
 
 def test_a_fused_loop_takes_only_the_codes_it_decodes(rng, kernel_variant):

@@ -79,6 +79,35 @@ cdef extern from *:
         return z ^ (z >> 31);
     }
 
+    /* Software prefetch for a fused stored loop: before each strip of FD_STRIP
+       elements, the lines of every role FD_AHEAD elements further on. A fused
+       loop keeps both the memory streams and the vector ports busy: with the
+       hardware prefetchers alone, its arithmetic (the codecs beside the rule's
+       divide and square root) fills the out-of-order window and the streams
+       stall behind it; bfloat16 Adam at 10^8 ran at 78-80% of the bandwidth of the
+       same bytes without these, 91-96% with them (2,048-element runs, 4 KB of
+       float32 ahead: 512-4,096 elements measured alike, a burst of a whole
+       run's prefetches at once far slower). Addresses past the end of an array
+       are fine: a prefetch never faults. On x86 the prefetch is an asm
+       statement: with __builtin_prefetch, gcc 12 left no prefetch at all in
+       Adam's fused loops (seen in the object code; the cause not found). */
+    #define FD_STRIP 64
+    #define FD_AHEAD 1024
+    /* Calls of fewer elements run their cache-resident loops without strips: in
+       cache the prefetches and the per-strip setup made the bfloat16 pass 15-20%
+       slower (65,536 and 10^6 elements, one thread). */
+    #define FD_PREFETCH_MIN ((ptrdiff_t)1 << 22)
+    #if defined(__x86_64__) || defined(__i386__)
+    #define fd_prefetch_line(address) __asm__ volatile("prefetcht0 (%0)" : : "r"(address))
+    #else
+    #define fd_prefetch_line(address) __builtin_prefetch((const void *)(address), 0, 3)
+    #endif
+    static inline void fd_prefetch_strip(const void *row, ptrdiff_t i, int itemsize) {
+        uintptr_t at = (uintptr_t)row + (uintptr_t)((i + FD_AHEAD) * itemsize);
+        int k;
+        for (k = 0; k < FD_STRIP * itemsize; k += 64) fd_prefetch_line(at + (uintptr_t)k);
+    }
+
     /* Chris Wellons' lowbias32 (hash-prospector). */
     static inline uint32_t fd_lowbias32(uint32_t x) {
         x ^= x >> 16;
@@ -352,6 +381,9 @@ cdef extern from *:
     }
     """
     const bint FD_FUSED_STORED
+    const int FD_STRIP
+    const Py_ssize_t FD_PREFETCH_MIN
+    void fd_prefetch_strip(const void* row, Py_ssize_t i, int itemsize) noexcept nogil
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
     uint64_t fd_splitmix64(uint64_t x) noexcept nogil
@@ -419,8 +451,19 @@ cdef struct StoredRun:
     float* scales[MAX_ROLES]    # int8/uint8 roles: the scales of the run's blocks
     fd_random random[MAX_ROLES]  # written stored roles: their random bits from the run's first element
     int kinds[MAX_ROLES]
+    int itemsizes[MAX_ROLES]    # bytes per element of each role's array (0: absent)
     bint stochastic             # the stored roles round stochastically (all alike)
+    int n_roles
+    bint prefetch               # a large call: the loop runs in strips, prefetching (prefetch_strip)
     Py_ssize_t n
+
+
+cdef inline void prefetch_strip(const StoredRun* run, Py_ssize_t i) noexcept nogil:
+    """Prefetch every role of ``run`` for the strip FD_AHEAD elements after element ``i``."""
+    cdef int r
+    for r in range(run.n_roles):
+        if run.itemsizes[r]:
+            fd_prefetch_strip(run.rows[r], i, run.itemsizes[r])
 
 
 # A rule's element loop over stored rows, with the decoding and encoding inside
@@ -592,6 +635,8 @@ cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
     cdef Py_ssize_t r, k
     cdef char* base
     run.n = n
+    run.n_roles = <int>plan.n_roles
+    run.prefetch = plan.total >= FD_PREFETCH_MIN
     run.stochastic = False
     for r in range(plan.n_roles):
         k = t * plan.n_roles + r
@@ -600,15 +645,17 @@ cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
         run.kinds[r] = role.kind
         run.scales[r] = NULL
         run.rows[r] = NULL
+        run.itemsizes[r] = 0
         if base == NULL:
             continue
         if role.kind == KIND_NATIVE:
-            run.rows[r] = base + lo * sizeof(float)
+            run.itemsizes[r] = sizeof(float)
         elif role.kind == KIND_BF16:
-            run.rows[r] = base + lo * sizeof(uint16_t)
+            run.itemsizes[r] = sizeof(uint16_t)
         else:
-            run.rows[r] = base + lo
+            run.itemsizes[r] = sizeof(uint8_t)
             run.scales[r] = storage.scales[k] + lo // BLOCK
+        run.rows[r] = base + lo * run.itemsizes[r]
         if role.stochastic and role.written:
             run.stochastic = True
         run.random[r] = fd_random_run(role.stochastic and role.written,

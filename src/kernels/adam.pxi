@@ -104,16 +104,12 @@ cdef inline AdamFloats adam_floats(const AdamArgs* a) noexcept nogil:
 # bits. One function per storage (gcc 12 vectorizes neither bfloat16 loop when
 # they share a function with the int8 one).
 
-cdef void adam_stored_bf16(const StoredRun* run, const void* args) noexcept nogil:
-    """bfloat16 moments, rounded to nearest even."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint16_t* m = <uint16_t*>run.rows[2]
-    cdef uint16_t* v = <uint16_t*>run.rows[3]
+cdef inline void adam_bf16_elements(float* p, const float* g, uint16_t* m, uint16_t* v, Py_ssize_t n,
+                                    AdamFloats f) noexcept nogil:
+    """n elements, bfloat16 moments rounded to nearest even."""
     cdef float x, mean, sq
     cdef Py_ssize_t i
-    for i in range(run.n):
+    for i in range(n):
         x = p[i]
         if f.decoupled:
             x = x * f.decay
@@ -125,17 +121,12 @@ cdef void adam_stored_bf16(const StoredRun* run, const void* args) noexcept nogi
         p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
 
 
-cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexcept nogil:
-    """bfloat16 moments, rounded stochastically."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint16_t* m = <uint16_t*>run.rows[2]
-    cdef uint16_t* v = <uint16_t*>run.rows[3]
-    cdef fd_random random_m = run.random[2], random_v = run.random[3]
+cdef inline void adam_bf16_random_elements(float* p, const float* g, uint16_t* m, uint16_t* v, Py_ssize_t n,
+                                           AdamFloats f, fd_random random_m, fd_random random_v) noexcept nogil:
+    """n elements, bfloat16 moments rounded stochastically (random bits from the first)."""
     cdef float x, mean, sq
     cdef Py_ssize_t i
-    for i in range(run.n):
+    for i in range(n):
         x = p[i]
         if f.decoupled:
             x = x * f.decay
@@ -145,6 +136,41 @@ cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexce
         m[i] = fd_bf16_random(mean, fd_random_bits(random_m, <uint32_t>i))
         v[i] = fd_bf16_random(sq, fd_random_bits(random_v, <uint32_t>i))
         p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
+
+
+# The bfloat16 loops run in strips of FD_STRIP elements, each after prefetching
+# the strip FD_AHEAD elements on (_storage.pxi: the streams would otherwise wait
+# behind the arithmetic).
+
+cdef void adam_stored_bf16(const StoredRun* run, const void* args) noexcept nogil:
+    """bfloat16 moments, rounded to nearest even."""
+    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
+    cdef float* p = <float*>run.rows[0]
+    cdef const float* g = <const float*>run.rows[1]
+    cdef uint16_t* m = <uint16_t*>run.rows[2]
+    cdef uint16_t* v = <uint16_t*>run.rows[3]
+    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
+    while s < run.n:   # one call site: gcc vectorized neither copy of the loop when there were two
+        if run.prefetch:
+            prefetch_strip(run, s)
+        adam_bf16_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f)
+        s += strip
+
+
+cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexcept nogil:
+    """bfloat16 moments, rounded stochastically."""
+    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
+    cdef float* p = <float*>run.rows[0]
+    cdef const float* g = <const float*>run.rows[1]
+    cdef uint16_t* m = <uint16_t*>run.rows[2]
+    cdef uint16_t* v = <uint16_t*>run.rows[3]
+    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
+    while s < run.n:
+        if run.prefetch:
+            prefetch_strip(run, s)
+        adam_bf16_random_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f,
+                                  fd_random_from(run.random[2], <uint32_t>s), fd_random_from(run.random[3], <uint32_t>s))
+        s += strip
 
 
 cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nogil:
