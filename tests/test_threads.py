@@ -285,6 +285,41 @@ def test_wake_up_hint_wakes_parked_workers_and_changes_no_result(parked_pool, rn
     assert adam_run(2, params, grads) == serial
 
 
+@needs_two_threads
+def test_workers_spin_longer_after_large_updates_when_calls_come_back_soon(rng):
+    """After a job, workers spin up to 8 times its serial time (at most 50 ms) if
+    the gap before it was that short: never longer with OMP_WAIT_POLICY=passive's
+    spin of 0, after a short update, or after a gap longer than the budget."""
+    kernels = _dispatch.kernels
+    state, spin = kernels.pool_state(), kernels.get_spin_seconds()
+    p, g = sgd_inputs(rng, 1 << 20)
+
+    def step(rate):
+        # 10**8 a second: 2**20 take 10 ms alone; a quick wake-up: parked workers are woken
+        kernels.set_wake_estimates(latency=1e-5, cost=1e-6, rate=rate)
+        fd.sgd_step([p], [g], lr=0.0, n_threads=2)
+        return kernels.pool_state()["long_spins"]
+
+    kernels.set_overload_backoff(False)        # a descheduled spin would park at once
+    try:
+        kernels.set_spin_seconds(1e-3)
+        step(1e8)
+        spins = step(1e8)
+        assert spins == kernels.pool_state()["long_spins"] >= 1
+        time.sleep(0.005)                       # past the 1 ms spin, well within 50 ms
+        assert kernels.pool_state()["parked"] == 0
+        assert step(1e10) == spins              # 0.1 ms of work: the 1 ms spin covers it
+        time.sleep(0.06)
+        assert step(1e8) == spins               # the gap was longer than any budget
+        kernels.set_spin_seconds(0.0)
+        step(1e8)
+        assert step(1e8) == spins
+    finally:
+        kernels.set_wake_estimates(state["wake_latency"], state["wake_cost"], state["rate"])
+        kernels.set_overload_backoff(state["backoff_enabled"])
+        kernels.set_spin_seconds(spin)
+
+
 def test_policy_estimates_are_reported_and_validated():
     kernels = _dispatch.kernels
     state = kernels.pool_state()

@@ -124,7 +124,17 @@ cdef extern from *:
        again (a measure taken under a passing load must not keep it serial for
        ever): at most one wake-up a second that may not pay. */
     #define FD_WAKE_SAMPLE_MAX_AGE 1.0
+    /* After a job, workers spin up to this many times the job's serial time (the
+       update's elements over one thread's rate), at most FD_MAX_SPIN: see
+       fd_spin_after_job. */
+    #define FD_SPIN_PER_WORK 8.0
+    #define FD_MAX_SPIN 0.05
+    /* A spinning worker offers its core to other runnable threads this often. */
+    #define FD_SPIN_YIELD_EVERY 5e-5
     #define FD_GATE_OPEN 0x80000000u
+    /* Reasons to back off, counted in fd_pool.backoff_why. */
+    enum {FD_WHY_SPIN_DESCHEDULED, FD_WHY_NO_WORKER_JOINED, FD_WHY_WOKEN_WORKER_LATE,
+          FD_WHY_LAST_CHUNK_WAIT, FD_WHY_CALLER_DESCHEDULED, FD_N_WHY};
 
     typedef void (*fd_range_fn)(const void *ctx, Py_ssize_t begin, Py_ssize_t end);
 
@@ -145,7 +155,12 @@ cdef extern from *:
         int backoff;                /* back off under overload (on unless an experiment) */
         double contended_until;     /* serial until then: a worker was preempted */
         double no_burst_until;      /* no back-to-back wake-ups until then */
+        double no_long_spin_until;  /* no spins past spin_seconds until then */
+        double job_ended;           /* when the last job ended */
+        unsigned long long_spins;   /* jobs after which the workers spun longer */
         unsigned long backoffs;
+        /* Why the pool backed off (FD_WHY_*): for pool_state and experiments. */
+        unsigned long backoff_why[FD_N_WHY];
         unsigned long jobs, wakeups;  /* parallel jobs run; of them, jobs that woke workers */
         unsigned long hints;        /* wake-up hints that woke workers or kept them spinning */
         /* Running estimates (relaxed atomic doubles) for the cold policy, measured on
@@ -250,6 +265,7 @@ cdef extern from *:
     static unsigned long fd_wait_for_job(int self, unsigned long seen) {
         unsigned long g;
         double now = fd_now(), before, until = now + fd_pool.spin_seconds, hinted;
+        double yield_at = now + FD_SPIN_YIELD_EVERY;
         unsigned i;
         int slept = 0;
         fd_set_deadline(&fd_spin_until[self], until);
@@ -264,6 +280,8 @@ cdef extern from *:
                 now = fd_now();
                 if (now - before > 5e-5 && fd_pool.backoff) {   /* descheduled */
                     fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
+                    fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
+                    __atomic_fetch_add(&fd_pool.backoff_why[FD_WHY_SPIN_DESCHEDULED], 1, __ATOMIC_RELAXED);
                     break;
                 }
                 if (now >= until) {
@@ -271,6 +289,12 @@ cdef extern from *:
                     if (hinted <= now) break;
                     until = hinted;
                     fd_set_deadline(&fd_spin_until[self], until);
+                }
+                /* Let a thread waiting for this core have it (then the gap above
+                   parks us): spinning costs others at most this long. */
+                if (now >= yield_at) {
+                    sched_yield();
+                    yield_at = now + FD_SPIN_YIELD_EVERY;
                 }
             }
             fd_cpu_relax();
@@ -365,6 +389,37 @@ cdef extern from *:
         return fd_pool.n_workers < want ? fd_pool.n_workers : want;
     }
 
+    /* Ask idle workers to spin at least until `until` (they look when their own
+       spin time runs out). */
+    static void fd_keep_spinning(double until) {
+        if (until > fd_get_deadline(&fd_pool.keep_spinning_until))
+            fd_set_deadline(&fd_pool.keep_spinning_until, until);
+    }
+
+    /* After a job whose update takes `serial` seconds on one thread, started and
+       ended at those times: keep the workers spinning past spin_seconds, for up to
+       FD_SPIN_PER_WORK times that (FD_MAX_SPIN at most), if the gap before this
+       job was that short. A training loop calls again after a gap that changes
+       little from step to step; a worker still spinning then takes its part at
+       once, where a parked one costs a wake-up (a millisecond on a VM whose other
+       vCPU halted) and then comes late. The spin is only spent where the last gap
+       says it will be caught, it grows with the work it protects, and a spinning
+       worker yields its core to any thread that wants it (fd_wait_for_job); it
+       never spins long for 100 ms after it was descheduled, nor under
+       OMP_WAIT_POLICY=passive (spin_seconds 0). */
+    static void fd_spin_after_job(double serial, double started, double ended) {
+        double spin = fd_pool.spin_seconds, gap = started - fd_pool.job_ended, budget;
+        fd_pool.job_ended = ended;
+        if (!(spin > 0.0) || spin == INFINITY
+            || (fd_pool.backoff && ended < fd_get_deadline(&fd_pool.no_long_spin_until)))
+            return;
+        budget = FD_SPIN_PER_WORK * serial;
+        if (budget > FD_MAX_SPIN) budget = FD_MAX_SPIN;
+        if (budget <= spin || gap > budget) return;
+        fd_keep_spinning(ended + budget);
+        fd_pool.long_spins++;
+    }
+
     /* Wake the parked workers (the generation has moved on), timing the call and
        noting when, for the workers' measure of their wake-up latency. */
     static void fd_wake_sleepers(void) {
@@ -381,9 +436,9 @@ cdef extern from *:
        parts aligned to `align` items, claimed `chunk` items at a time. */
     static void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                             fd_range_fn fn, const void *ctx) {
-        int k, woke = 0, timed;
+        int k, woke = 0, timed, slow_wait = 0;
         Py_ssize_t n_chunks, limit;
-        double started, own_done, waiting, waited, cpu_started = 0.0, lost;
+        double started, own_done, waiting, waited = 0.0, cpu_started = 0.0, lost, ended, serial;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
             if (n_items > 0) fn(ctx, 0, n_items);
@@ -431,8 +486,10 @@ cdef extern from *:
             if (!woke && own_done - started > 2e-5) {
                 fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
                 fd_pool.backoffs++;
+                fd_pool.backoff_why[FD_WHY_NO_WORKER_JOINED]++;
             } else if (woke && own_done - started > 2e-4) {
                 fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
+                fd_pool.backoff_why[FD_WHY_WOKEN_WORKER_LATE]++;
             }
         }
         fd_steal(0);
@@ -443,24 +500,33 @@ cdef extern from *:
                 if (k % 1024 == 0) sched_yield();   /* an overloaded machine: let it run */
                 else fd_cpu_relax();
             }
-            /* A wait far longer than a chunk means a worker lost its core mid-chunk
-               (other processes want the cores): run alone for a while. */
             waited = fd_now() - waiting;
-            if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
-                fd_set_deadline(&fd_pool.contended_until, waiting + waited + 0.1);
+            slow_wait = waited > 1e-4 && waited > 0.1 * (waiting - started);
+        }
+        ended = fd_now();
+        /* Run alone for a while if the job took longer than the update alone would
+           have (by the rate estimate), and it shows why: a wait far longer than a
+           chunk (a worker lost its core mid-chunk), or the caller off its core for
+           a fifth of the job (waking a worker can push the waker off its core when
+           every core is busy). A job that beat the serial time paid for its
+           threads even if a core was taken from it for a while (a VM's host
+           preempting a vCPU): going serial would then lose. */
+        serial = n_items / fd_get_deadline(&fd_pool.rate);
+        if (ended - started > serial) {
+            if (slow_wait) {
+                fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
                 fd_pool.backoffs++;
+                fd_pool.backoff_why[FD_WHY_LAST_CHUNK_WAIT]++;
+            } else if (timed) {
+                lost = (ended - started) - (fd_thread_cpu() - cpu_started);
+                if (lost > 5e-5 && lost > 0.2 * (ended - started)) {
+                    fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
+                    fd_pool.backoffs++;
+                    fd_pool.backoff_why[FD_WHY_CALLER_DESCHEDULED]++;
+                }
             }
         }
-        /* The caller was off its core for a fifth of the job: waking a worker can
-           push the waker off its core when every core is busy. Run alone a while. */
-        if (timed) {
-            waited = fd_now() - started;
-            lost = waited - (fd_thread_cpu() - cpu_started);
-            if (lost > 5e-5 && lost > 0.2 * waited) {
-                fd_set_deadline(&fd_pool.contended_until, started + waited + 0.1);
-                fd_pool.backoffs++;
-            }
-        }
+        fd_spin_after_job(serial, started, ended);
         __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
     }
 
@@ -468,11 +534,15 @@ cdef extern from *:
        posted now reaches them without a wake-up. */
     static int fd_pool_awake(int n_workers, double margin) {
         int k;
-        double soon;
+        double soon, until;
         if (fd_pool.n_workers < n_workers) return 0;
         soon = fd_now() + margin;
-        for (k = 1; k <= n_workers; k++)
-            if (fd_get_deadline(&fd_spin_until[k]) <= soon) return 0;
+        for (k = 1; k <= n_workers; k++) {
+            until = fd_get_deadline(&fd_spin_until[k]);
+            if (until > 0.0 && fd_get_deadline(&fd_pool.keep_spinning_until) > until)   /* it will extend */
+                until = fd_get_deadline(&fd_pool.keep_spinning_until);
+            if (until <= soon) return 0;
+        }
         return 1;
     }
 
@@ -518,7 +588,7 @@ cdef extern from *:
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || fd_pool_contended()) return 0;
         now = fd_now();
-        fd_set_deadline(&fd_pool.keep_spinning_until, now + fd_pool.spin_seconds);
+        fd_keep_spinning(now + fd_pool.spin_seconds);
         if (fd_pool_awake(n_parts - 1, 0.0)) {
             fd_pool.hints++;
             return 1;
@@ -559,6 +629,7 @@ cdef extern from *:
     static double fd_pool_wake_cost(void) { return fd_get_deadline(&fd_pool.wake_cost); }
     static double fd_pool_rate(void) { return fd_get_deadline(&fd_pool.rate); }
     static unsigned long fd_pool_hints(void) { return fd_pool.hints; }
+    static unsigned long fd_pool_long_spins(void) { return fd_pool.long_spins; }
     /* Set the estimates (for tests and experiments); a value <= 0 keeps one. */
     static void fd_pool_set_estimates(double latency, double cost, double rate) {
         if (latency > 0.0) {
@@ -574,6 +645,9 @@ cdef extern from *:
     static void fd_pool_set_backoff(int on) { fd_pool.backoff = on; }
     static int fd_pool_get_backoff(void) { return fd_pool.backoff; }
     static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
+    static unsigned long fd_pool_backoff_why(int why) {
+        return why >= 0 && why < FD_N_WHY ? __atomic_load_n(&fd_pool.backoff_why[why], __ATOMIC_RELAXED) : 0;
+    }
     static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
     static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }
     static int fd_pool_workers(void) { return fd_pool.n_workers; }
@@ -613,11 +687,13 @@ cdef extern from *:
     double fd_pool_wake_cost() noexcept nogil
     double fd_pool_rate() noexcept nogil
     unsigned long fd_pool_hints() noexcept nogil
+    unsigned long fd_pool_long_spins() noexcept nogil
     void fd_pool_set_estimates(double latency, double cost, double rate) noexcept nogil
     bint fd_pool_burst_allowed() noexcept nogil
     void fd_pool_set_backoff(int on) noexcept nogil
     bint fd_pool_get_backoff() noexcept nogil
     unsigned long fd_pool_backoffs() noexcept nogil
+    unsigned long fd_pool_backoff_why(int why) noexcept nogil
     unsigned long fd_pool_jobs() noexcept nogil
     unsigned long fd_pool_wakeups() noexcept nogil
     int fd_pool_workers() noexcept nogil
@@ -728,8 +804,12 @@ def pool_state():
     second)."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
             "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(), "hints": fd_pool_hints(),
+            "long_spins": fd_pool_long_spins(),
             "spin_seconds": fd_pool_get_spin(), "backoff_enabled": fd_pool_get_backoff(),
             "backoffs": fd_pool_backoffs(),
+            "backoff_reasons": {why: fd_pool_backoff_why(k) for k, why in enumerate(
+                ("spin_descheduled", "no_worker_joined", "woken_worker_late", "last_chunk_wait",
+                 "caller_descheduled"))},
             "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen(),
             "wake_latency": fd_pool_wake_latency(), "wake_cost": fd_pool_wake_cost(),
             "rate": fd_pool_rate()}
