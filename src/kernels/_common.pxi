@@ -40,6 +40,8 @@
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
 #   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
+#   A spinning worker calls sched_yield every 50 us, so that a thread waiting for
+#   its core gets it at once (and the worker, finding it lost its core, parks).
 #   A job costs the caller one atomic increment while the workers spin. While
 #   they sleep it costs a futex wake-up (a system call: a few microseconds), and
 #   the time they take to be scheduled (tens of microseconds; more in a VM whose
@@ -59,6 +61,17 @@
 #   less than SPIN/2 ago, sleeping workers are woken even for a mid-sized update,
 #   since they will still be spinning for the next one. (Not up to SPIN: calls
 #   SPIN apart would wake them for nothing every time.)
+# * Spin longer after large updates (fd_spin_after_job). In a training loop the
+#   gap between two steps changes little. After a job whose update takes T on one
+#   thread, the workers spin up to 8 T (50 ms at most) if the gap before this job
+#   was that short: the next step then finds them awake instead of paying a
+#   wake-up, a millisecond on a VM whose other vCPU halted, during which torch's
+#   still-spinning OpenMP team is already working. Libgomp spins a fixed ~300,000
+#   iterations (GOMP_SPINCOUNT; milliseconds), OpenBLAS 2^28 cycles (~0.1 s, with
+#   sched_yield), whatever the size of the work; here the spin grows with the
+#   work it can save, and is not spent when the last gap says it would not be
+#   caught. Not under OMP_WAIT_POLICY=passive, nor for 100 ms after a spin was
+#   descheduled.
 # * A hint (prepare_threads, fd_pool_prepare): an optimizer about to validate and
 #   run a step of N elements says so first. Spinning workers then keep spinning
 #   for it, and parked ones are woken at once, so that their wake-up latency
@@ -67,10 +80,14 @@
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
-#   slice, milliseconds; when the wait was long against the job, or no worker came
-#   while the caller ran its own part, or the caller itself lost its core for a
-#   fifth of a job that woke a worker or was long (it then reads its CPU time, a
-#   system call), updates run alone for the next 100 ms.
+#   slice, milliseconds. Updates run alone for the next 100 ms when no worker came
+#   while the caller ran its own part, or when the job took longer than the update
+#   alone would have (by the rate estimate) and the wait was long against the job
+#   or the caller itself lost its core for a fifth of a job that woke a worker or
+#   was long (it then reads its CPU time, a system call). A job that beat the
+#   serial time paid for its threads even if a core was taken from it for a while
+#   (a VM's host preempting a vCPU), and does not make the next ones serial.
+#   pool_state() counts the back-offs by reason.
 # * Fork: a child has none of its parent's threads. A pthread_atfork handler
 #   empties the pool in the child, which starts fresh workers when it needs them.
 #
