@@ -63,7 +63,7 @@
 #   SPIN apart would wake them for nothing every time.)
 # * Spin longer after large updates (fd_spin_after_job). In a training loop the
 #   gap between two steps changes little. After a job whose update takes T on one
-#   thread, the workers spin up to 8 T (50 ms at most) if the gap before this job
+#   thread, the workers spin up to 16 T (50 ms at most) if the gap before this job
 #   was that short: the next step then finds them awake instead of paying a
 #   wake-up, a millisecond on a VM whose other vCPU halted, during which torch's
 #   still-spinning OpenMP team is already working. Libgomp spins a fixed ~300,000
@@ -144,7 +144,7 @@ cdef extern from *:
     /* After a job, workers spin up to this many times the job's serial time (the
        update's elements over one thread's rate), at most FD_MAX_SPIN: see
        fd_spin_after_job. */
-    #define FD_SPIN_PER_WORK 8.0
+    #define FD_SPIN_PER_WORK 16.0
     #define FD_MAX_SPIN 0.05
     /* A spinning worker offers its core to other runnable threads this often. */
     #define FD_SPIN_YIELD_EVERY 5e-5
@@ -414,16 +414,18 @@ cdef extern from *:
     }
 
     /* After a job whose update takes `serial` seconds on one thread, started and
-       ended at those times: keep the workers spinning past spin_seconds, for up to
-       FD_SPIN_PER_WORK times that (FD_MAX_SPIN at most), if the gap before this
-       job was that short. A training loop calls again after a gap that changes
-       little from step to step; a worker still spinning then takes its part at
-       once, where a parked one costs a wake-up (a millisecond on a VM whose other
-       vCPU halted) and then comes late. The spin is only spent where the last gap
-       says it will be caught, it grows with the work it protects, and a spinning
-       worker yields its core to any thread that wants it (fd_wait_for_job); it
-       never spins long for 100 ms after it was descheduled, nor under
-       OMP_WAIT_POLICY=passive (spin_seconds 0). */
+       ended at those times: keep the workers spinning past spin_seconds if the gap
+       before this job was at most FD_SPIN_PER_WORK times that (FD_MAX_SPIN at
+       most), for that long or a quarter more than the gap, whichever is longer
+       (so that gaps near the limit do not alternate between caught and missed).
+       A training loop calls again after a gap that changes little from step to
+       step; a worker still spinning then takes its part at once, where a parked
+       one costs a wake-up (a millisecond on a VM whose other vCPU halted) and
+       then comes late. So the spin is spent only where the last gap says it will
+       be caught (its cost is then at most that gap on the workers' cores), the gap
+       it may cover grows with the work it saves, and a spinning worker yields its
+       core to any thread that wants it (fd_wait_for_job). Never for 100 ms after a
+       spin was descheduled, nor under OMP_WAIT_POLICY=passive (spin_seconds 0). */
     static void fd_spin_after_job(double serial, double started, double ended) {
         double spin = fd_pool.spin_seconds, gap = started - fd_pool.job_ended, budget;
         fd_pool.job_ended = ended;
@@ -432,7 +434,9 @@ cdef extern from *:
             return;
         budget = FD_SPIN_PER_WORK * serial;
         if (budget > FD_MAX_SPIN) budget = FD_MAX_SPIN;
-        if (budget <= spin || gap > budget) return;
+        if (gap > budget) return;
+        if (budget < 1.25 * gap) budget = 1.25 * gap < FD_MAX_SPIN ? 1.25 * gap : FD_MAX_SPIN;
+        if (budget <= spin) return;
         fd_keep_spinning(ended + budget);
         fd_pool.long_spins++;
     }
