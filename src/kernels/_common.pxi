@@ -39,7 +39,8 @@
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
-#   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
+#   then back-to-back calls do not wake it for 100 ms (it would not stay awake;
+#   not after a long spin, below, which another thread's work took over).
 #   A spinning worker calls sched_yield every 50 us, so that a thread waiting for
 #   its core gets it at once (and the worker, finding it lost its core, parks).
 #   A job costs the caller one atomic increment while the workers spin. While
@@ -80,8 +81,9 @@
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
-#   slice, milliseconds. Updates run alone for the next 100 ms when no worker came
-#   while the caller ran its own part, or when the job took longer than the update
+#   slice, milliseconds. Updates run alone for the next 100 ms when no spinning
+#   worker came while the caller ran its own part (one in a long spin that did not
+#   come stops long spins for 100 ms instead), or when the job took longer than the update
 #   alone would have (by the rate estimate) and the wait was long against the job
 #   or the caller itself lost its core for a fifth of a job that woke a worker or
 #   was long (it then reads its CPU time, a system call). A job that beat the
@@ -282,7 +284,7 @@ cdef extern from *:
     static unsigned long fd_wait_for_job(int self, unsigned long seen) {
         unsigned long g;
         double now = fd_now(), before, until = now + fd_pool.spin_seconds, hinted;
-        double yield_at = now + FD_SPIN_YIELD_EVERY;
+        double yield_at = now + FD_SPIN_YIELD_EVERY, own_spin_until = until;
         unsigned i;
         int slept = 0;
         fd_set_deadline(&fd_spin_until[self], until);
@@ -296,7 +298,11 @@ cdef extern from *:
                 before = now;
                 now = fd_now();
                 if (now - before > 5e-5 && fd_pool.backoff) {   /* descheduled */
-                    fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
+                    /* During a long spin (past spin_seconds) it says only that
+                       another thread wants this core between two steps: spin
+                       no longer, but back-to-back calls may still wake us. */
+                    if (before < own_spin_until)
+                        fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
                     fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
                     __atomic_fetch_add(&fd_pool.backoff_why[FD_WHY_SPIN_DESCHEDULED], 1, __ATOMIC_RELAXED);
                     break;
@@ -500,13 +506,21 @@ cdef extern from *:
         fd_work_own(0);
         /* No worker came while the caller ran its part: a spinning one would have
            within a microsecond, a woken one within tens. It has no core: other
-           threads want them all. Run alone for a while (spinning), or stop waking
-           workers for back-to-back calls (woken). */
+           threads want it. Run alone for a while (spinning in its base spin), or
+           stop waking workers for back-to-back calls (woken). A worker in a long
+           spin past spin_seconds lost its core to another thread's work between
+           two steps (another library's spinning team, say): it spins no longer,
+           and the next calls wake it if that pays. The job itself lost nothing:
+           the caller did it alone. */
         if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
             own_done = fd_now();
             if (!woke && own_done - started > 2e-5) {
-                fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
-                fd_pool.backoffs++;
+                fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
+                fd_set_deadline(&fd_pool.no_long_spin_until, own_done + 0.1);
+                if (started - fd_pool.job_ended < fd_pool.spin_seconds) {
+                    fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
+                    fd_pool.backoffs++;
+                }
                 fd_pool.backoff_why[FD_WHY_NO_WORKER_JOINED]++;
             } else if (woke && own_done - started > 2e-4) {
                 fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
@@ -818,8 +832,11 @@ def set_overload_backoff(bint enabled):
 def pool_state():
     """The worker pool of this kernel module: workers started and parked, spin
     time, parallel jobs run and how many of them had to wake workers, wake-up
-    hints taken, back-offs to serial after a preempted worker (and whether one is
-    in force), the forks this process has gone through since the pool was made,
+    hints taken, jobs after which the workers were asked to spin longer than the
+    spin time (``long_spins``), back-offs to serial after a preempted worker (and
+    whether one is in force; ``backoff_reasons`` counts them, and the pauses of
+    back-to-back wake-ups and long spins, by reason),
+    the forks this process has gone through since the pool was made,
     and the policy's running estimates: a parked worker's wake-up latency and the
     waking thread's cost (seconds), and one thread's update rate (elements per
     second)."""
