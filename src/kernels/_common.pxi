@@ -175,6 +175,7 @@ cdef extern from *:
         double contended_until;     /* serial until then: a worker was preempted */
         double no_burst_until;      /* no back-to-back wake-ups until then */
         double no_long_spin_until;  /* no spins past spin_seconds until then */
+        int long_spin_cuts;         /* long spins cut short in a row (fd_long_spin_cut) */
         double job_ended;           /* when the last job ended */
         unsigned long long_spins;   /* jobs after which the workers spun longer */
         unsigned long backoffs;
@@ -217,6 +218,8 @@ cdef extern from *:
         double value = fd_get_deadline(estimate);
         fd_set_deadline(estimate, value + 0.25 * (sample - value));
     }
+
+    static void fd_long_spin_cut(double now);
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
     static unsigned long fd_first_generation[FD_MAX_THREADS];
@@ -301,9 +304,12 @@ cdef extern from *:
                     /* During a long spin (past spin_seconds) it says only that
                        another thread wants this core between two steps: spin
                        no longer, but back-to-back calls may still wake us. */
-                    if (before < own_spin_until)
+                    if (before < own_spin_until) {
                         fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
-                    fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
+                        fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
+                    } else {
+                        fd_long_spin_cut(now);
+                    }
                     __atomic_fetch_add(&fd_pool.backoff_why[FD_WHY_SPIN_DESCHEDULED], 1, __ATOMIC_RELAXED);
                     break;
                 }
@@ -412,6 +418,16 @@ cdef extern from *:
         return fd_pool.n_workers < want ? fd_pool.n_workers : want;
     }
 
+    /* A long spin was cut short: another thread wanted the core between two steps
+       (the worker was descheduled, or did not join from it). No long spins for
+       10 ms, doubling with each cut in a row up to 640 ms, so that a loop whose
+       work between steps uses every core soon stops spinning into it, while a
+       passing collision costs only the next few steps' spins. */
+    static void fd_long_spin_cut(double now) {
+        int cuts = __atomic_add_fetch(&fd_pool.long_spin_cuts, 1, __ATOMIC_RELAXED);
+        fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.01 * (double)(1 << (cuts < 7 ? cuts - 1 : 6)));
+    }
+
     /* Ask idle workers to spin at least until `until` (they look when their own
        spin time runs out). */
     static void fd_keep_spinning(double until) {
@@ -515,11 +531,12 @@ cdef extern from *:
         if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
             own_done = fd_now();
             if (!woke && own_done - started > 2e-5) {
-                fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
-                fd_set_deadline(&fd_pool.no_long_spin_until, own_done + 0.1);
                 if (started - fd_pool.job_ended < fd_pool.spin_seconds) {
                     fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
+                    fd_set_deadline(&fd_pool.no_long_spin_until, own_done + 0.1);
                     fd_pool.backoffs++;
+                } else {
+                    fd_long_spin_cut(own_done);
                 }
                 fd_pool.backoff_why[FD_WHY_NO_WORKER_JOINED]++;
             } else if (woke && own_done - started > 2e-4) {
@@ -561,6 +578,10 @@ cdef extern from *:
                 }
             }
         }
+        /* A long spin caught this job: the core stayed ours through the gap. */
+        if (!woke && __atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)
+            && started - fd_pool.job_ended >= fd_pool.spin_seconds)
+            __atomic_store_n(&fd_pool.long_spin_cuts, 0, __ATOMIC_RELAXED);
         fd_spin_after_job(serial, started, ended);
         __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
     }
