@@ -71,8 +71,8 @@
 #   iterations (GOMP_SPINCOUNT; milliseconds), OpenBLAS 2^28 cycles (~0.1 s, with
 #   sched_yield), whatever the size of the work; here the spin grows with the
 #   work it can save, and is not spent when the last gap says it would not be
-#   caught. Not under OMP_WAIT_POLICY=passive, nor for 100 ms after a spin was
-#   descheduled.
+#   caught. Not under OMP_WAIT_POLICY=passive, nor for a while after a long
+#   spin was cut short (fd_long_spin_cut: 10 ms, doubling with each cut in a row).
 # * A hint (prepare_threads, fd_pool_prepare): an optimizer about to validate and
 #   run a step of N elements says so first. Spinning workers then keep spinning
 #   for it, and parked ones are woken at once, so that their wake-up latency
@@ -83,7 +83,7 @@
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
 #   slice, milliseconds. Updates run alone for the next 100 ms when no spinning
 #   worker came while the caller ran its own part (one in a long spin that did not
-#   come stops long spins for 100 ms instead), or when the job took longer than the update
+#   come only stops long spins for a while), or when the job took longer than the update
 #   alone would have (by the rate estimate) and the wait was long against the job
 #   or the caller itself lost its core for a fifth of a job that woke a worker or
 #   was long (it then reads its CPU time, a system call). A job that beat the
@@ -446,8 +446,9 @@ cdef extern from *:
        then comes late. So the spin is spent only where the last gap says it will
        be caught (its cost is then at most that gap on the workers' cores), the gap
        it may cover grows with the work it saves, and a spinning worker yields its
-       core to any thread that wants it (fd_wait_for_job). Never for 100 ms after a
-       spin was descheduled, nor under OMP_WAIT_POLICY=passive (spin_seconds 0). */
+       core to any thread that wants it (fd_wait_for_job). Not for a while after a
+       spin was cut short (fd_long_spin_cut), nor under OMP_WAIT_POLICY=passive
+       (spin_seconds 0). */
     static void fd_spin_after_job(double serial, double started, double ended) {
         double spin = fd_pool.spin_seconds, gap = started - fd_pool.job_ended, budget;
         fd_pool.job_ended = ended;
