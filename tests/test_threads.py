@@ -285,6 +285,42 @@ def test_wake_up_hint_wakes_parked_workers_and_changes_no_result(parked_pool, rn
     assert adam_run(2, params, grads) == serial
 
 
+@needs_two_threads
+def test_workers_spin_longer_after_large_updates_when_calls_come_back_soon(rng):
+    """After a job, workers spin up to 16 times its serial time (at most 50 ms) if
+    the gap before it was that short: never longer with OMP_WAIT_POLICY=passive's
+    spin of 0, after a short update, or after a gap longer than the budget."""
+    kernels = _dispatch.kernels
+    state, spin = kernels.pool_state(), kernels.get_spin_seconds()
+    p, g = sgd_inputs(rng, 1 << 20)
+
+    def step(rate):
+        # 10**8 a second: 2**20 take 10 ms alone; a quick wake-up: parked workers are woken
+        kernels.set_wake_estimates(latency=1e-5, cost=1e-6, rate=rate)
+        fd.sgd_step([p], [g], lr=0.0, n_threads=2)
+        return kernels.pool_state()["long_spins"]
+
+    kernels.set_overload_backoff(False)        # a descheduled spin would park at once
+    try:
+        kernels.set_spin_seconds(1e-3)
+        step(1e8)
+        spins = step(1e8)
+        assert spins == kernels.pool_state()["long_spins"] >= 1
+        time.sleep(0.005)                       # past the 1 ms spin, well within 50 ms
+        assert kernels.pool_state()["parked"] == 0
+        spins = step(1e8)                       # found them spinning (and asks again)
+        assert step(1e11) == spins              # 10 us of work, back to back: the 1 ms spin covers it
+        time.sleep(0.06)
+        assert step(1e8) == spins               # the gap was longer than any budget
+        kernels.set_spin_seconds(0.0)
+        step(1e8)
+        assert step(1e8) == spins
+    finally:
+        kernels.set_wake_estimates(state["wake_latency"], state["wake_cost"], state["rate"])
+        kernels.set_overload_backoff(state["backoff_enabled"])
+        kernels.set_spin_seconds(spin)
+
+
 def test_policy_estimates_are_reported_and_validated():
     kernels = _dispatch.kernels
     state = kernels.pool_state()
@@ -362,6 +398,10 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     assert all(r["gap_mean"] >= 0.001 for r in sweep["records"] if r.get("gap") == 0.001 and "seconds" in r)
     timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
     assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
+    assert " woke " in live   # after a gap: calls that woke parked workers, of those run on the pool
+    for r in sweep["records"]:
+        if r.get("gap") == 0.001 and r["method"] == "kernel" and r["threads"] > 1 and "seconds" in r:
+            assert 0 <= r["pool"]["wakeups"] <= r["pool"]["jobs"]
     assert main(["bench", "--from-json", str(path)]) == 0
     assert capsys.readouterr().out == live
 

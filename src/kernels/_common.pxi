@@ -39,7 +39,10 @@
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
-#   then back-to-back calls do not wake it for 100 ms (it would not stay awake).
+#   then back-to-back calls do not wake it for 100 ms (it would not stay awake;
+#   not after a long spin, below, which another thread's work took over).
+#   A spinning worker calls sched_yield every 50 us, so that a thread waiting for
+#   its core gets it at once (and the worker, finding it lost its core, parks).
 #   A job costs the caller one atomic increment while the workers spin. While
 #   they sleep it costs a futex wake-up (a system call: a few microseconds), and
 #   the time they take to be scheduled (tens of microseconds; more in a VM whose
@@ -59,6 +62,17 @@
 #   less than SPIN/2 ago, sleeping workers are woken even for a mid-sized update,
 #   since they will still be spinning for the next one. (Not up to SPIN: calls
 #   SPIN apart would wake them for nothing every time.)
+# * Spin longer after large updates (fd_spin_after_job). In a training loop the
+#   gap between two steps changes little. After a job whose update takes T on one
+#   thread, the workers spin up to 16 T (50 ms at most) if the gap before this job
+#   was that short: the next step then finds them awake instead of paying a
+#   wake-up, a millisecond on a VM whose other vCPU halted, during which torch's
+#   still-spinning OpenMP team is already working. Libgomp spins a fixed ~300,000
+#   iterations (GOMP_SPINCOUNT; milliseconds), OpenBLAS 2^28 cycles (~0.1 s, with
+#   sched_yield), whatever the size of the work; here the spin grows with the
+#   work it can save, and is not spent when the last gap says it would not be
+#   caught. Not under OMP_WAIT_POLICY=passive, nor for a while after a long
+#   spin was cut short (fd_long_spin_cut: 10 ms, doubling with each cut in a row).
 # * A hint (prepare_threads, fd_pool_prepare): an optimizer about to validate and
 #   run a step of N elements says so first. Spinning workers then keep spinning
 #   for it, and parked ones are woken at once, so that their wake-up latency
@@ -67,10 +81,15 @@
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
-#   slice, milliseconds; when the wait was long against the job, or no worker came
-#   while the caller ran its own part, or the caller itself lost its core for a
-#   fifth of a job that woke a worker or was long (it then reads its CPU time, a
-#   system call), updates run alone for the next 100 ms.
+#   slice, milliseconds. Updates run alone for the next 100 ms when no spinning
+#   worker came while the caller ran its own part (one in a long spin that did not
+#   come only stops long spins for a while), or when the job took longer than the update
+#   alone would have (by the rate estimate) and the wait was long against the job
+#   or the caller itself lost its core for a fifth of a job that woke a worker or
+#   was long (it then reads its CPU time, a system call). A job that beat the
+#   serial time paid for its threads even if a core was taken from it for a while
+#   (a VM's host preempting a vCPU), and does not make the next ones serial.
+#   pool_state() counts the back-offs by reason.
 # * Fork: a child has none of its parent's threads. A pthread_atfork handler
 #   empties the pool in the child, which starts fresh workers when it needs them.
 #
@@ -124,7 +143,17 @@ cdef extern from *:
        again (a measure taken under a passing load must not keep it serial for
        ever): at most one wake-up a second that may not pay. */
     #define FD_WAKE_SAMPLE_MAX_AGE 1.0
+    /* After a job, workers spin up to this many times the job's serial time (the
+       update's elements over one thread's rate), at most FD_MAX_SPIN: see
+       fd_spin_after_job. */
+    #define FD_SPIN_PER_WORK 16.0
+    #define FD_MAX_SPIN 0.05
+    /* A spinning worker offers its core to other runnable threads this often. */
+    #define FD_SPIN_YIELD_EVERY 5e-5
     #define FD_GATE_OPEN 0x80000000u
+    /* Reasons to back off, counted in fd_pool.backoff_why. */
+    enum {FD_WHY_SPIN_DESCHEDULED, FD_WHY_NO_WORKER_JOINED, FD_WHY_WOKEN_WORKER_LATE,
+          FD_WHY_LAST_CHUNK_WAIT, FD_WHY_CALLER_DESCHEDULED, FD_N_WHY};
 
     typedef void (*fd_range_fn)(const void *ctx, Py_ssize_t begin, Py_ssize_t end);
 
@@ -145,7 +174,13 @@ cdef extern from *:
         int backoff;                /* back off under overload (on unless an experiment) */
         double contended_until;     /* serial until then: a worker was preempted */
         double no_burst_until;      /* no back-to-back wake-ups until then */
+        double no_long_spin_until;  /* no spins past spin_seconds until then */
+        int long_spin_cuts;         /* long spins cut short in a row (fd_long_spin_cut) */
+        double job_ended;           /* when the last job ended */
+        unsigned long long_spins;   /* jobs after which the workers spun longer */
         unsigned long backoffs;
+        /* Why the pool backed off (FD_WHY_*): for pool_state and experiments. */
+        unsigned long backoff_why[FD_N_WHY];
         unsigned long jobs, wakeups;  /* parallel jobs run; of them, jobs that woke workers */
         unsigned long hints;        /* wake-up hints that woke workers or kept them spinning */
         /* Running estimates (relaxed atomic doubles) for the cold policy, measured on
@@ -183,6 +218,8 @@ cdef extern from *:
         double value = fd_get_deadline(estimate);
         fd_set_deadline(estimate, value + 0.25 * (sample - value));
     }
+
+    static void fd_long_spin_cut(double now);
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
     static unsigned long fd_first_generation[FD_MAX_THREADS];
@@ -250,6 +287,7 @@ cdef extern from *:
     static unsigned long fd_wait_for_job(int self, unsigned long seen) {
         unsigned long g;
         double now = fd_now(), before, until = now + fd_pool.spin_seconds, hinted;
+        double yield_at = now + FD_SPIN_YIELD_EVERY, own_spin_until = until;
         unsigned i;
         int slept = 0;
         fd_set_deadline(&fd_spin_until[self], until);
@@ -263,7 +301,16 @@ cdef extern from *:
                 before = now;
                 now = fd_now();
                 if (now - before > 5e-5 && fd_pool.backoff) {   /* descheduled */
-                    fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
+                    /* During a long spin (past spin_seconds) it says only that
+                       another thread wants this core between two steps: spin
+                       no longer, but back-to-back calls may still wake us. */
+                    if (before < own_spin_until) {
+                        fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
+                        fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
+                    } else {
+                        fd_long_spin_cut(now);
+                    }
+                    __atomic_fetch_add(&fd_pool.backoff_why[FD_WHY_SPIN_DESCHEDULED], 1, __ATOMIC_RELAXED);
                     break;
                 }
                 if (now >= until) {
@@ -271,6 +318,12 @@ cdef extern from *:
                     if (hinted <= now) break;
                     until = hinted;
                     fd_set_deadline(&fd_spin_until[self], until);
+                }
+                /* Let a thread waiting for this core have it (then the gap above
+                   parks us): spinning costs others at most this long. */
+                if (now >= yield_at) {
+                    sched_yield();
+                    yield_at = now + FD_SPIN_YIELD_EVERY;
                 }
             }
             fd_cpu_relax();
@@ -365,6 +418,52 @@ cdef extern from *:
         return fd_pool.n_workers < want ? fd_pool.n_workers : want;
     }
 
+    /* A long spin was cut short: another thread wanted the core between two steps
+       (the worker was descheduled, or did not join from it). No long spins for
+       10 ms, doubling with each cut in a row up to 640 ms, so that a loop whose
+       work between steps uses every core soon stops spinning into it, while a
+       passing collision costs only the next few steps' spins. */
+    static void fd_long_spin_cut(double now) {
+        int cuts = __atomic_add_fetch(&fd_pool.long_spin_cuts, 1, __ATOMIC_RELAXED);
+        fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.01 * (double)(1 << (cuts < 7 ? cuts - 1 : 6)));
+    }
+
+    /* Ask idle workers to spin at least until `until` (they look when their own
+       spin time runs out). */
+    static void fd_keep_spinning(double until) {
+        if (until > fd_get_deadline(&fd_pool.keep_spinning_until))
+            fd_set_deadline(&fd_pool.keep_spinning_until, until);
+    }
+
+    /* After a job whose update takes `serial` seconds on one thread, started and
+       ended at those times: keep the workers spinning past spin_seconds if the gap
+       before this job was at most FD_SPIN_PER_WORK times that (FD_MAX_SPIN at
+       most), for that long or a quarter more than the gap, whichever is longer
+       (so that gaps near the limit do not alternate between caught and missed).
+       A training loop calls again after a gap that changes little from step to
+       step; a worker still spinning then takes its part at once, where a parked
+       one costs a wake-up (a millisecond on a VM whose other vCPU halted) and
+       then comes late. So the spin is spent only where the last gap says it will
+       be caught (its cost is then at most that gap on the workers' cores), the gap
+       it may cover grows with the work it saves, and a spinning worker yields its
+       core to any thread that wants it (fd_wait_for_job). Not for a while after a
+       spin was cut short (fd_long_spin_cut), nor under OMP_WAIT_POLICY=passive
+       (spin_seconds 0). */
+    static void fd_spin_after_job(double serial, double started, double ended) {
+        double spin = fd_pool.spin_seconds, gap = started - fd_pool.job_ended, budget;
+        fd_pool.job_ended = ended;
+        if (!(spin > 0.0) || spin == INFINITY
+            || (fd_pool.backoff && ended < fd_get_deadline(&fd_pool.no_long_spin_until)))
+            return;
+        budget = FD_SPIN_PER_WORK * serial;
+        if (budget > FD_MAX_SPIN) budget = FD_MAX_SPIN;
+        if (gap > budget) return;
+        if (budget < 1.25 * gap) budget = 1.25 * gap < FD_MAX_SPIN ? 1.25 * gap : FD_MAX_SPIN;
+        if (budget <= spin) return;
+        fd_keep_spinning(ended + budget);
+        fd_pool.long_spins++;
+    }
+
     /* Wake the parked workers (the generation has moved on), timing the call and
        noting when, for the workers' measure of their wake-up latency. */
     static void fd_wake_sleepers(void) {
@@ -381,9 +480,9 @@ cdef extern from *:
        parts aligned to `align` items, claimed `chunk` items at a time. */
     static void fd_pool_run(int n_parts, Py_ssize_t n_items, Py_ssize_t align, Py_ssize_t chunk,
                             fd_range_fn fn, const void *ctx) {
-        int k, woke = 0, timed;
+        int k, woke = 0, timed, slow_wait = 0;
         Py_ssize_t n_chunks, limit;
-        double started, own_done, waiting, waited, cpu_started = 0.0, lost;
+        double started, own_done, waiting, waited = 0.0, cpu_started = 0.0, lost, ended, serial;
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || n_items <= 0 || __atomic_exchange_n(&fd_pool.busy, 1, __ATOMIC_ACQUIRE)) {
             if (n_items > 0) fn(ctx, 0, n_items);
@@ -424,15 +523,26 @@ cdef extern from *:
         fd_work_own(0);
         /* No worker came while the caller ran its part: a spinning one would have
            within a microsecond, a woken one within tens. It has no core: other
-           threads want them all. Run alone for a while (spinning), or stop waking
-           workers for back-to-back calls (woken). */
+           threads want it. Run alone for a while (spinning in its base spin), or
+           stop waking workers for back-to-back calls (woken). A worker in a long
+           spin past spin_seconds lost its core to another thread's work between
+           two steps (another library's spinning team, say): it spins no longer,
+           and the next calls wake it if that pays. The job itself lost nothing:
+           the caller did it alone. */
         if (!__atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)) {
             own_done = fd_now();
             if (!woke && own_done - started > 2e-5) {
-                fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
-                fd_pool.backoffs++;
+                if (started - fd_pool.job_ended < fd_pool.spin_seconds) {
+                    fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
+                    fd_set_deadline(&fd_pool.no_long_spin_until, own_done + 0.1);
+                    fd_pool.backoffs++;
+                } else {
+                    fd_long_spin_cut(own_done);
+                }
+                fd_pool.backoff_why[FD_WHY_NO_WORKER_JOINED]++;
             } else if (woke && own_done - started > 2e-4) {
                 fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
+                fd_pool.backoff_why[FD_WHY_WOKEN_WORKER_LATE]++;
             }
         }
         fd_steal(0);
@@ -443,24 +553,37 @@ cdef extern from *:
                 if (k % 1024 == 0) sched_yield();   /* an overloaded machine: let it run */
                 else fd_cpu_relax();
             }
-            /* A wait far longer than a chunk means a worker lost its core mid-chunk
-               (other processes want the cores): run alone for a while. */
             waited = fd_now() - waiting;
-            if (waited > 1e-4 && waited > 0.1 * (waiting - started)) {
-                fd_set_deadline(&fd_pool.contended_until, waiting + waited + 0.1);
+            slow_wait = waited > 1e-4 && waited > 0.1 * (waiting - started);
+        }
+        ended = fd_now();
+        /* Run alone for a while if the job took longer than the update alone would
+           have (by the rate estimate), and it shows why: a wait far longer than a
+           chunk (a worker lost its core mid-chunk), or the caller off its core for
+           a fifth of the job (waking a worker can push the waker off its core when
+           every core is busy). A job that beat the serial time paid for its
+           threads even if a core was taken from it for a while (a VM's host
+           preempting a vCPU): going serial would then lose. */
+        serial = n_items / fd_get_deadline(&fd_pool.rate);
+        if (ended - started > serial) {
+            if (slow_wait) {
+                fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
                 fd_pool.backoffs++;
+                fd_pool.backoff_why[FD_WHY_LAST_CHUNK_WAIT]++;
+            } else if (timed) {
+                lost = (ended - started) - (fd_thread_cpu() - cpu_started);
+                if (lost > 5e-5 && lost > 0.2 * (ended - started)) {
+                    fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
+                    fd_pool.backoffs++;
+                    fd_pool.backoff_why[FD_WHY_CALLER_DESCHEDULED]++;
+                }
             }
         }
-        /* The caller was off its core for a fifth of the job: waking a worker can
-           push the waker off its core when every core is busy. Run alone a while. */
-        if (timed) {
-            waited = fd_now() - started;
-            lost = waited - (fd_thread_cpu() - cpu_started);
-            if (lost > 5e-5 && lost > 0.2 * waited) {
-                fd_set_deadline(&fd_pool.contended_until, started + waited + 0.1);
-                fd_pool.backoffs++;
-            }
-        }
+        /* A long spin caught this job: the core stayed ours through the gap. */
+        if (!woke && __atomic_load_n(&fd_pool.joined, __ATOMIC_RELAXED)
+            && started - fd_pool.job_ended >= fd_pool.spin_seconds)
+            __atomic_store_n(&fd_pool.long_spin_cuts, 0, __ATOMIC_RELAXED);
+        fd_spin_after_job(serial, started, ended);
         __atomic_store_n(&fd_pool.busy, 0, __ATOMIC_RELEASE);
     }
 
@@ -468,11 +591,15 @@ cdef extern from *:
        posted now reaches them without a wake-up. */
     static int fd_pool_awake(int n_workers, double margin) {
         int k;
-        double soon;
+        double soon, until;
         if (fd_pool.n_workers < n_workers) return 0;
         soon = fd_now() + margin;
-        for (k = 1; k <= n_workers; k++)
-            if (fd_get_deadline(&fd_spin_until[k]) <= soon) return 0;
+        for (k = 1; k <= n_workers; k++) {
+            until = fd_get_deadline(&fd_spin_until[k]);
+            if (until > 0.0 && fd_get_deadline(&fd_pool.keep_spinning_until) > until)   /* it will extend */
+                until = fd_get_deadline(&fd_pool.keep_spinning_until);
+            if (until <= soon) return 0;
+        }
         return 1;
     }
 
@@ -518,7 +645,7 @@ cdef extern from *:
         if (n_parts > FD_MAX_THREADS) n_parts = FD_MAX_THREADS;
         if (n_parts <= 1 || fd_pool_contended()) return 0;
         now = fd_now();
-        fd_set_deadline(&fd_pool.keep_spinning_until, now + fd_pool.spin_seconds);
+        fd_keep_spinning(now + fd_pool.spin_seconds);
         if (fd_pool_awake(n_parts - 1, 0.0)) {
             fd_pool.hints++;
             return 1;
@@ -559,6 +686,7 @@ cdef extern from *:
     static double fd_pool_wake_cost(void) { return fd_get_deadline(&fd_pool.wake_cost); }
     static double fd_pool_rate(void) { return fd_get_deadline(&fd_pool.rate); }
     static unsigned long fd_pool_hints(void) { return fd_pool.hints; }
+    static unsigned long fd_pool_long_spins(void) { return fd_pool.long_spins; }
     /* Set the estimates (for tests and experiments); a value <= 0 keeps one. */
     static void fd_pool_set_estimates(double latency, double cost, double rate) {
         if (latency > 0.0) {
@@ -574,6 +702,9 @@ cdef extern from *:
     static void fd_pool_set_backoff(int on) { fd_pool.backoff = on; }
     static int fd_pool_get_backoff(void) { return fd_pool.backoff; }
     static unsigned long fd_pool_backoffs(void) { return fd_pool.backoffs; }
+    static unsigned long fd_pool_backoff_why(int why) {
+        return why >= 0 && why < FD_N_WHY ? __atomic_load_n(&fd_pool.backoff_why[why], __ATOMIC_RELAXED) : 0;
+    }
     static unsigned long fd_pool_jobs(void) { return fd_pool.jobs; }
     static unsigned long fd_pool_wakeups(void) { return fd_pool.wakeups; }
     static int fd_pool_workers(void) { return fd_pool.n_workers; }
@@ -613,11 +744,13 @@ cdef extern from *:
     double fd_pool_wake_cost() noexcept nogil
     double fd_pool_rate() noexcept nogil
     unsigned long fd_pool_hints() noexcept nogil
+    unsigned long fd_pool_long_spins() noexcept nogil
     void fd_pool_set_estimates(double latency, double cost, double rate) noexcept nogil
     bint fd_pool_burst_allowed() noexcept nogil
     void fd_pool_set_backoff(int on) noexcept nogil
     bint fd_pool_get_backoff() noexcept nogil
     unsigned long fd_pool_backoffs() noexcept nogil
+    unsigned long fd_pool_backoff_why(int why) noexcept nogil
     unsigned long fd_pool_jobs() noexcept nogil
     unsigned long fd_pool_wakeups() noexcept nogil
     int fd_pool_workers() noexcept nogil
@@ -721,15 +854,22 @@ def set_overload_backoff(bint enabled):
 def pool_state():
     """The worker pool of this kernel module: workers started and parked, spin
     time, parallel jobs run and how many of them had to wake workers, wake-up
-    hints taken, back-offs to serial after a preempted worker (and whether one is
-    in force), the forks this process has gone through since the pool was made,
+    hints taken, jobs after which the workers were asked to spin longer than the
+    spin time (``long_spins``), back-offs to serial after a preempted worker (and
+    whether one is in force; ``backoff_reasons`` counts them, and the pauses of
+    back-to-back wake-ups and long spins, by reason),
+    the forks this process has gone through since the pool was made,
     and the policy's running estimates: a parked worker's wake-up latency and the
     waking thread's cost (seconds), and one thread's update rate (elements per
     second)."""
     return {"workers": fd_pool_workers(), "parked": fd_pool_sleepers(),
             "jobs": fd_pool_jobs(), "wakeups": fd_pool_wakeups(), "hints": fd_pool_hints(),
+            "long_spins": fd_pool_long_spins(),
             "spin_seconds": fd_pool_get_spin(), "backoff_enabled": fd_pool_get_backoff(),
             "backoffs": fd_pool_backoffs(),
+            "backoff_reasons": {why: fd_pool_backoff_why(k) for k, why in enumerate(
+                ("spin_descheduled", "no_worker_joined", "woken_worker_late", "last_chunk_wait",
+                 "caller_descheduled"))},
             "backing_off": fd_pool_contended(), "forks_seen": fd_pool_forks_seen(),
             "wake_latency": fd_pool_wake_latency(), "wake_cost": fd_pool_wake_cost(),
             "rate": fd_pool_rate()}

@@ -28,8 +28,10 @@ the load other processes put on the machine spreads evenly over the columns.
 
 Each table prints the medians, "2/1 thr" (fastdescent's 1-thread time over its
 2-thread time) and "vs fused" (torch fused's time over fastdescent's 2-thread
-time), both above 1 when 2-thread fastdescent is faster, and whether issue 20's
-goals hold at that size:
+time), both above 1 when 2-thread fastdescent is faster, after a gap "woke"
+(of fastdescent's 2-thread calls that ran on the pool, untimed ones included,
+how many had to wake parked workers: the others found them spinning), and
+whether issue 20's goals hold at that size:
 
 * back to back: >= 1.5x torch fused from 10**5 to about 10**6 elements
   (2**17 to 2**20), >= 1.1x at about 4 x 10**6 (2**22);
@@ -47,6 +49,7 @@ from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
+from .. import _dispatch
 from ..catalog import RULES
 from .cases import Unavailable, make_problem, stepper, time_step
 from .report import _num, _table
@@ -190,12 +193,16 @@ def _measure(args):
                         start = time.perf_counter()
                         step()
                         return time.perf_counter() - start
+                    pool_before = _pool_counts()
                     samples = _take_turns(steps, args.sweep_idle_repeats, sample)
+                    pool = {key: count - pool_before[key] for key, count in _pool_counts().items()}
                 for (method, n_threads), seconds in samples.items():
                     record = {"size": n, "method": method, "threads": n_threads, "gap": gap,
                               "seconds": _summary(seconds, calls[method, n_threads])}
                     if gap_seconds:
                         record["gap_mean"] = statistics.fmean(gap_seconds)
+                        if method == "kernel" and n_threads > 1:
+                            record["pool"] = pool
                     records.append(record)
                 if not args.quiet:
                     print(f"[{time.perf_counter() - started:5.0f}s] threads sweep {n:,} gap {gap * 1e3:g} ms: "
@@ -204,6 +211,14 @@ def _measure(args):
         del problem
     return {"rule": RULE, "dtype": DTYPE, "gaps": gaps, "gap_work": work.kind, "records": records,
             "load_average": {"start": load_start, "end": _load()}}
+
+
+def _pool_counts():
+    """The kernel pool's counters (only fastdescent's multi-thread contender uses
+    the pool): parallel jobs, jobs that had to wake parked workers, jobs after
+    which the workers spun longer, back-offs to serial."""
+    state = _dispatch.kernels.pool_state()
+    return {key: state.get(key, 0) for key in ("jobs", "wakeups", "long_spins", "backoffs")}
 
 
 def _load():
@@ -238,6 +253,7 @@ def render(sweep):
     """The sweep's tables as text: one per gap."""
     timed = {(r["size"], r["method"], r["threads"], r["gap"]): r["seconds"]["median"]
              for r in sweep["records"] if "seconds" in r}
+    pools = {(r["size"], r["gap"]): r["pool"] for r in sweep["records"] if "pool" in r}
     sizes = list(dict.fromkeys(r["size"] for r in sweep["records"]))
     load = sweep.get("load_average") or {}
     gap_work = _gap_work_title(sweep)
@@ -250,12 +266,16 @@ def render(sweep):
             one, two, fused = (timed.get((n, m, t, gap)) for m, t in CONTENDERS)
             vs_one = None if one is None or two is None else one / two
             vs_fused = None if fused is None or two is None else fused / two
+            pool = pools.get((n, gap))
+            woke = () if gap == 0 else ("-" if pool is None else f"{pool['wakeups']}/{pool['jobs']}",)
             body.append((f"{n:,}", *(_num(None if x is None else x * 1e6) for x in (one, two, fused)),
                          "-" if vs_one is None else f"{vs_one:.2f}x",
-                         "-" if vs_fused is None else f"{vs_fused:.2f}x", goal(n, gap, vs_one, vs_fused)))
+                         "-" if vs_fused is None else f"{vs_fused:.2f}x", *woke, goal(n, gap, vs_one, vs_fused)))
         title = "back to back" if gap == 0 else f"each call after {gap * 1e3:g} ms {gap_work}"
         header = ("size", "fd 1thr", "fd 2thr", "fused 2thr", "2/1 thr", "vs fused", "goal")
-        parts.append(title + "\n" + _table(header, body, "<>>>>><"))
+        if gap > 0:
+            header = header[:-1] + ("woke", "goal")
+        parts.append(title + "\n" + _table(header, body, "<>>>>>" + ("><" if gap > 0 else "<")))
     missing = sorted({f"{r['method']} {r['threads']}thr: {r['unavailable']}"
                       for r in sweep["records"] if "unavailable" in r})
     if missing:
