@@ -44,7 +44,7 @@ from libc.math cimport sqrt
 import numpy as np
 
 cdef enum:
-    AF_LANES = 16        # independent sums along a row: a vector of floats, two of doubles
+    AF_LANES = 32        # independent sums along a row: two vectors of floats (the latency of the adds)
     AF_STRIP_BYTES = 65536  # most bytes of a row per tile (a multiple of AF_CHUNK elements): wider rows are cut
     AF_STRIP_DOUBLES = 8192  # AF_STRIP_BYTES in doubles: the tile's column sums, on the stack
     AF_ROW_BLOCK = 256   # rows per tile: the column sums of all tiles take 1/256 of a matrix (in doubles)
@@ -84,10 +84,12 @@ cdef inline void prefetch_chunk(const floating* run, Py_ssize_t at, Py_ssize_t m
 cdef inline void prefetch_lanes(const floating* run, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """Prefetch the lines AF_AHEAD bytes past ``run[i:i + AF_LANES]`` (near the run's
     end, its last element: no line past the run is fetched)."""
-    cdef Py_ssize_t ahead = min(i + AF_AHEAD // sizeof(floating), n - 1)
-    fd_prefetch_read(run + ahead)
-    if floating is double:  # AF_LANES doubles span two lines
-        fd_prefetch_read(run + min(ahead + AF_LANES // 2, n - 1))
+    cdef Py_ssize_t ahead = i + AF_AHEAD // sizeof(floating)
+    fd_prefetch_read(run + min(ahead, n - 1))  # AF_LANES (32) floats span two lines, doubles four
+    fd_prefetch_read(run + min(ahead + 16, n - 1))
+    if floating is double:
+        fd_prefetch_read(run + min(ahead + 8, n - 1))
+        fd_prefetch_read(run + min(ahead + 24, n - 1))
 
 
 cdef struct AfTensor:

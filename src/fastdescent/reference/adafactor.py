@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-LANES = 16
+LANES = 32
 STRIP_BYTES = 65536
 ROW_BLOCK = 256
 CHUNK = 512
