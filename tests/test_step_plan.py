@@ -12,7 +12,7 @@ import pytest
 import fastdescent as fd
 from fastdescent import _runtime
 from fastdescent.rules import SPECS
-from rule_cases import EXAMPLES, RICHEST
+from rule_cases import EXAMPLES, RICHEST, make_state
 from support import assert_bitwise_equal, random_array
 from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer
 
@@ -324,14 +324,18 @@ def _kernel_modules():
 
 @pytest.mark.parametrize("module", _kernel_modules(), ids=lambda m: m.__name__)
 def test_direct_entries_take_what_their_def_entries_take(module):
-    """A direct entry's roles and scalars are its ``def``'s parameters, in order."""
+    """A direct entry's roles and scalars are its ``def``'s parameters: the scalars
+    in order, the roles in the order its segment functions read them (the def's,
+    but for Schedule-Free AdamW's)."""
     import inspect
 
     entries = module.direct_entries()
     assert entries
     for kernel, (_capsule, roles, scalars) in entries.items():
         parameters = list(inspect.signature(getattr(module, kernel)).parameters)
-        assert parameters == [*roles, *scalars, "n_threads"], kernel
+        assert parameters[len(roles):] == [*scalars, "n_threads"], kernel
+        assert sorted(parameters[:len(roles)]) == sorted(roles), kernel
+        assert list(roles) == parameters[:len(roles)] or kernel == "schedule_free_adamw", kernel
 
 
 @pytest.mark.parametrize("name", [n for n in EXAMPLES if SPECS[EXAMPLES[n].spec.name].runner is None])
@@ -364,6 +368,87 @@ def test_the_direct_kernel_call_equals_the_def_entry(name, rng):
         for key in outputs[0][1]:
             for a, b in zip(outputs[0][1][key], outputs[1][1][key]):
                 assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if SPECS[EXAMPLES[n].spec.name].runner is None])
+def test_every_direct_entry_equals_its_def_entry(name, dtype, rng):
+    """Every rule kernel's direct entry, called as the C paths call it, writes the
+    bits of its ``def`` entry: rules with scalar state included (their faces and
+    optimizers take the Python path, so the test above never reaches them)."""
+    from fastdescent._config import resolve_backend
+    from fastdescent.rules._spec import NOTHING_FRESH
+
+    rule = EXAMPLES[name]
+    spec, kernels = rule.spec, resolve_backend("kernel")
+    config = spec.configure(spec.values_of(rule.hyper))
+    scalar_state = {s.name: s.initial_value(config.hyper) for s in spec.scalar_state} or None
+    invoke, constants, varying = config.kernel_arguments(3, 0.75, NOTHING_FRESH, scalar_state)
+    assert invoke.has_direct(kernels), spec.kernel
+    for sizes in ([9], [7, 0, 33]):
+        states = [make_state(rng, rule, n, dtype) for n in sizes]
+        grads = [random_array(rng, n, dtype) for n in sizes]
+        outputs = []
+        for direct in (False, True):
+            params = [s["param"].copy() for s in states]
+            buffers = tuple([[s[b.name].copy() for s in states] if b.name in states[0] else None
+                             for b in spec.buffers])
+            if direct:
+                assert invoke.call_direct(kernels, params, grads, buffers, constants, varying, 2)
+            else:
+                invoke(kernels, params, grads, buffers, constants, varying, 2)
+            outputs.append([params, *[b for b in buffers if b is not None]])
+        for arrays, expected in zip(outputs[1], outputs[0]):
+            for a, b in zip(arrays, expected):
+                assert_bitwise_equal(a, b)
+
+
+def test_an_optimizer_keeps_its_plan_when_a_face_cached_its_values_first(rng, monkeypatch):
+    """A configuration validated first by a face call (its default objects) and then
+    found by an optimizer whose group holds other objects of the same values: the
+    optimizer's plan compares against its own group's objects, so it never
+    validates again while nobody writes (it did at every step)."""
+    fd.adam_step(random_array(rng, 5, np.float32), random_array(rng, 5, np.float32), np.zeros(5, np.float32),
+                 np.zeros(5, np.float32), step=1)
+    lr = float("0.001")  # equal to the face's default, another object
+    opt = fd.Adam([random_array(rng, 5, np.float32)], lr=lr)
+    grads = [random_array(rng, 5, np.float32)]
+    opt.step(grads)
+    refreshed = []
+    original = type(opt)._refresh_plan
+    monkeypatch.setattr(type(opt), "_refresh_plan", lambda self, *a: refreshed.append(a) or original(self, *a))
+    for _ in range(3):
+        opt.step(grads)
+    assert not refreshed and opt._plan is not None
+    opt.param_groups[0]["lr"] = 0.002
+    opt.step(grads)
+    assert len(refreshed) == 1
+
+
+def test_a_key_added_or_removed_and_added_again_in_a_group_is_seen(rng):
+    """The plan's check of a group walks its dict in order: a new key, or a key
+    removed and added again (with another value), goes the slow way and is seen."""
+    params, grads = [random_array(rng, 6, np.float32)], [random_array(rng, 6, np.float32)]
+    plain = fd.Adam([params[0].copy()], lr=0.01)
+    moved = fd.Adam([params[0].copy()], lr=0.01)
+    for opt in (plain, moved):
+        opt.step(grads)
+        opt.step(grads)
+    group = moved.param_groups[0]
+    group["initial_lr"] = 0.01   # a new key, not a hyperparameter
+    moved.step(grads)
+    plain.step(grads)
+    lr = group.pop("lr")
+    group["lr"] = lr * 0.5       # the same key, at the end now
+    plain.param_groups[0]["lr"] = lr * 0.5
+    for opt in (plain, moved):
+        opt.step(grads)
+        opt.step(grads)
+    assert_bitwise_equal(moved.params[0], plain.params[0])
+    with pytest.raises(ValueError, match="lr"):
+        del group["lr"]
+        group["lr"] = -1.0
+        moved.step(grads)
 
 
 def test_call_defaults_answer_as_the_config_functions():

@@ -1,7 +1,7 @@
 """Stub of the compiled run-time support module (src/kernels/_runtime.pyx)."""
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, final
 
 from typing_extensions import disjoint_base
 
@@ -69,6 +69,10 @@ class KernelCall:
         n_threads: int,
     ) -> None: ...
     def has_direct(self, backend: object) -> bool: ...
+    def call_direct(
+        self, backend: Any, params: Any, grads: Any, buffers: tuple[Any, ...], constants: tuple[Any, ...],
+        varying: tuple[Any, ...], n_threads: int,
+    ) -> bool: ...
 
 @disjoint_base
 class BiasCorrections:
@@ -127,17 +131,20 @@ class StepPlan:
     ) -> None: ...
     def run(
         self, param_groups: object, grads: object, grad_scale: object, backend: object, n_threads: object,
-        refresh: Callable[[int, GroupPlan, int, bool], bool],
+        optimizer: Any,
     ) -> bool: ...
 
-@disjoint_base
-class FaceRunner:
+@final
+class Face:
+    __name__: str
+    __qualname__: str
+    __signature__: Any
     def __init__(
-        self, configs: ExactCache, roles: tuple[str, ...], writable: tuple[bool, ...], uses_step: bool,
-        simple: bool, general: Callable[..., Any], defaults: CallDefaults, nothing_fresh: frozenset[str],
+        self, name: str, names: tuple[str, ...], n_positional: int, defaults: tuple[object, ...], required: object,
+        slots: tuple[Any, ...], configs: ExactCache, roles: tuple[str, ...], writable: tuple[bool, ...],
+        uses_step: bool, simple: bool, general: Callable[..., Any], call_defaults: CallDefaults,
+        nothing_fresh: frozenset[str],
     ) -> None: ...
-    def run(
-        self, params: Any, grads: Any, buffers: tuple[Any, ...], present: tuple[bool, ...],
-        values: tuple[object, ...], step: Any, grad_scale: Any, first_step: Any, scalar_state: Any,
-        n_threads: Any, backend: Any,
-    ) -> Any: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Face: ...
+    def __reduce__(self) -> str: ...

@@ -107,11 +107,11 @@ MAX_STEP = 2**63
 
 # ------------------------------------------------------------------ buffer checks
 from cpython.object cimport PyObject
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem, PyDict_Update
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem, PyDict_Size, PyDict_Update
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY, pow, sqrt
 from libc.string cimport memcmp
@@ -861,6 +861,8 @@ cdef enum:
     # Row pointers and tensors of a direct kernel call held on the stack; larger calls allocate.
     LOCAL_ROWS = 64
     LOCAL_TENSORS = 16
+    # Groups of a step plan whose step scalars (Adam's bias corrections) are computed into C doubles.
+    LOCAL_PLAN_GROUPS = 4
 
 
 @cython.auto_pickle(False)
@@ -874,7 +876,7 @@ cdef class KernelCall:
     update. ``constant_names`` and ``varying_names`` name the scalars that stay
     the same from step to step and those that change with the step.
 
-    The C paths (:class:`FaceRunner`, :class:`StepPlan`), which have checked every
+    The C paths (:class:`Face`, :class:`StepPlan`), which have checked every
     array already, go further where the backend module offers the kernel's
     direct entry (``direct_entries()``, src/kernels/_direct.pxi): the same kernel
     called with the arrays' data pointers and the scalars as C doubles, with no
@@ -909,6 +911,22 @@ cdef class KernelCall:
         """True if ``backend`` (a module) has a direct entry for this kernel that
         takes exactly this call's buffers and scalars."""
         return self.bind(backend)
+
+    def call_direct(self, backend, params, grads, tuple buffers, tuple constants, tuple varying, int n_threads):
+        """Call ``backend``'s direct entry as the C paths do, on arrays checked as
+        :func:`checked_lists` checks them (arguments as for calling this object);
+        False if it was not taken (no direct entry, a scalar not a float or a
+        bool). For the tests: the C paths reach it without Python."""
+        cdef Gathered g
+        if not self.bind(backend):
+            return False
+        self._check_scalars(buffers, constants, varying)
+        _gathered_init(&g)
+        try:
+            _gather(&g, self.roles, (params, grads, *buffers), (True, False) + (True,) * self.n_buffers)
+            return self._direct(&g, constants, varying, n_threads) == 0
+        finally:
+            _release(&g)
 
     cdef object call(self, object function, object params, object grads, tuple buffers, tuple constants,
                      tuple varying, object n_threads):
@@ -969,18 +987,23 @@ cdef class KernelCall:
         return entry_fn != NULL
 
     cdef int call_gathered(self, object backend, const Gathered* g, tuple constants, tuple varying,
-                           int n_threads) except -1:
+                           int n_threads, const double* varying_doubles=NULL) except -1:
         """Call ``backend``'s kernel on checked arrays (roles: params, grads, then the
         buffers in declared order): through its direct entry if it has one, else
-        its ``def`` entry with new lists."""
+        its ``def`` entry with new lists. ``varying_doubles`` (with ``varying``
+        None): the varying scalars as C doubles (see KernelArguments.varying_doubles)."""
         cdef tuple lists
-        if self.bind(backend) and self._direct(g, constants, varying, n_threads) == 0:
+        cdef Py_ssize_t k
+        if self.bind(backend) and self._direct(g, constants, varying, n_threads, varying_doubles) == 0:
             return 0
+        if varying is None:
+            varying = tuple([varying_doubles[k] for k in range(self.n_varying)])
         lists = _lists(g)
         self.call(getattr(backend, self.kernel), lists[0], lists[1], lists[2:], constants, varying, n_threads)
         return 0
 
-    cdef int _direct(self, const Gathered* g, tuple constants, tuple varying, int n_threads) except -1:
+    cdef int _direct(self, const Gathered* g, tuple constants, tuple varying, int n_threads,
+                     const double* varying_doubles=NULL) except -1:
         """The bound direct entry on ``g``: 0 if it ran, 1 if it was not taken (a
         scalar that is not a float or a bool, or the entry declined)."""
         cdef double scalars[MAX_KERNEL_ARGUMENTS]
@@ -992,11 +1015,17 @@ cdef class KernelCall:
         cdef PyObject* item
         cdef object value
         cdef DirectCall call
-        self._check_scalars(None, constants, varying)
+        if varying is not None or varying_doubles == NULL:
+            self._check_scalars(None, constants, varying)
+        elif len(constants) != self.n_constants:
+            self._check_scalars(None, constants, (None,) * self.n_varying)
         if g.n_roles != n_roles or n_threads < 1:
             return 1
         for j in range(self.n_direct_scalars):
             k = self.scalar_map[j]
+            if k >= self.n_constants and varying is None:
+                scalars[j] = varying_doubles[k - self.n_constants]
+                continue
             value = constants[k] if k < self.n_constants else varying[k - self.n_constants]
             if type(value) is float:
                 scalars[j] = PyFloat_AS_DOUBLE(value)
@@ -1038,6 +1067,12 @@ cdef inline bint _same_scale(object a, object b):
     return memcmp(&x, &y, sizeof(double)) == 0
 
 
+cdef struct BiasTerms:
+    bint ok          # the hyperparameters are those BiasCorrections computes in C
+    bint bias        # bias_correction
+    double lr, b1, b2
+
+
 @cython.auto_pickle(False)
 cdef class BiasCorrections:
     """Adam's ``step_scalars`` in C: ``(lr / (1 - beta1**step), 1 / sqrt(1 - beta2**step))``
@@ -1059,20 +1094,49 @@ cdef class BiasCorrections:
         return self.compute(h, step)
 
     cdef tuple compute(self, object h, object step):
+        cdef BiasTerms terms
+        self.terms(h, &terms)
+        return self.compute_terms(&terms, h, step)
+
+    cdef int terms(self, object h, BiasTerms* t) except -1:
+        """What ``compute`` reads of the hyperparameters ``h``, as C doubles (``t.ok``
+        False: the Python function computes them)."""
         cdef object lr, betas, bias
-        cdef double b1, b2, c1, c2, s
-        if type(h) is dict and type(step) is int and 0 < step < 1 << 53:
-            lr, betas, bias = (<dict>h).get("lr"), (<dict>h).get("betas"), (<dict>h).get("bias_correction")
-            if type(lr) is float and bias is False:
-                return (lr, 1.0)
-            if (type(lr) is float and bias is True and type(betas) is tuple and len(<tuple>betas) == 2
-                    and type((<tuple>betas)[0]) is float and type((<tuple>betas)[1]) is float):
-                b1, b2, s = PyFloat_AS_DOUBLE((<tuple>betas)[0]), PyFloat_AS_DOUBLE((<tuple>betas)[1]), <double>step
-                if 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0:
-                    c1, c2 = 1.0 - pow(b1, s), 1.0 - pow(b2, s)
-                    if c1 > 0.0 and c2 > 0.0:
-                        return (PyFloat_AS_DOUBLE(lr) / c1, 1.0 / sqrt(c2))
+        t.ok = False
+        if type(h) is not dict:
+            return 0
+        lr, betas, bias = (<dict>h).get("lr"), (<dict>h).get("betas"), (<dict>h).get("bias_correction")
+        if type(lr) is not float or (bias is not True and bias is not False):
+            return 0
+        t.lr, t.bias = PyFloat_AS_DOUBLE(lr), bias is True
+        if bias is False:
+            t.ok = True
+        elif (type(betas) is tuple and len(<tuple>betas) == 2 and type((<tuple>betas)[0]) is float
+                and type((<tuple>betas)[1]) is float):
+            t.b1, t.b2 = PyFloat_AS_DOUBLE((<tuple>betas)[0]), PyFloat_AS_DOUBLE((<tuple>betas)[1])
+            t.ok = 0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0
+        return 0
+
+    cdef tuple compute_terms(self, const BiasTerms* t, object h, object step):
+        """``compute(h, step)`` with ``t`` read from ``h`` already."""
+        cdef double out[2]
+        if self.doubles(t, step, out):
+            return (out[0], out[1])
         return self.python(h, step)
+
+    cdef bint doubles(self, const BiasTerms* t, object step, double* out) except -1:
+        """``compute(h, step)`` into ``out[0]``, ``out[1]`` if done in C (True)."""
+        cdef double c1, c2, s
+        if t.ok and 0 < _step_number(step) < 1LL << 53:
+            if not t.bias:
+                out[0], out[1] = t.lr, 1.0
+                return True
+            s = <double>step
+            c1, c2 = 1.0 - pow(t.b1, s), 1.0 - pow(t.b2, s)
+            if c1 > 0.0 and c2 > 0.0:
+                out[0], out[1] = t.lr / c1, 1.0 / sqrt(c2)
+                return True
+        return False
 
 
 @cython.auto_pickle(False)
@@ -1094,12 +1158,16 @@ cdef class KernelArguments:
 
     cdef object spec, step_scalars, hyper
     cdef bint keyed_on_step
+    cdef BiasTerms bias_terms  # what BiasCorrections reads of hyper (if step_scalars is one)
     cdef tuple last          # (key, grad_scale, fresh, invoke, constants)
     cdef tuple last_varying  # (step, step_scalars(hyper, step)): arrays stepped one by one share it
 
     def __init__(self, spec, hyper):
         self.spec, self.hyper, self.step_scalars = spec, hyper, spec.step_scalars
         self.keyed_on_step, self.last, self.last_varying = spec.uses_step and spec.step_scalars is None, None, None
+        self.bias_terms.ok = False
+        if type(self.step_scalars) is BiasCorrections:
+            (<BiasCorrections>self.step_scalars).terms(hyper, &self.bias_terms)
 
     cpdef tuple get(self, object step, object grad_scale, object fresh):
         """``(invoke, constants, varying)`` for step ``step``."""
@@ -1114,11 +1182,23 @@ cdef class KernelArguments:
             return ()
         if last is None or type(step) is not int or type(last[0]) is not int or step != last[0]:
             if type(self.step_scalars) is BiasCorrections:
-                last = (step, (<BiasCorrections>self.step_scalars).compute(self.hyper, step))
+                last = (step, (<BiasCorrections>self.step_scalars).compute_terms(&self.bias_terms, self.hyper, step))
             else:
                 last = (step, self.step_scalars(self.hyper, step))
             self.last_varying = last
         return last[1]
+
+    cdef bint varying_doubles(self, object step, double* out) except -1:
+        """The step scalars of ``varying(step)`` as C doubles into ``out`` (two), if
+        the rule's ``step_scalars`` is a :class:`BiasCorrections` that computes
+        them in C: True; else False (call ``varying``)."""
+        cdef tuple last = self.last_varying
+        if not self.bias_terms.ok:
+            return False
+        if last is not None and type(step) is int and type(last[0]) is int and step == last[0]:
+            out[0], out[1] = (<tuple>last[1])[0], (<tuple>last[1])[1]  # (arrays stepped one by one)
+            return True
+        return (<BiasCorrections>self.step_scalars).doubles(&self.bias_terms, step, out)
 
     cpdef tuple constant(self, object step, object grad_scale, object fresh):
         """``(invoke, constants)`` for step ``step``: what does not change with it."""
@@ -1155,6 +1235,7 @@ cdef class CallDefaults:
 
     cdef object effective_n_threads, resolve_backend, block_threads
     cdef dict config
+    cdef _Resolved last
 
     def __init__(self, effective_n_threads, resolve_backend):
         self.effective_n_threads, self.resolve_backend = effective_n_threads, resolve_backend
@@ -1173,16 +1254,45 @@ cdef class CallDefaults:
         """``resolve_backend(backend)``."""
         return self.backend_for(backend)
 
-    cdef int threads_for(self, object n_threads) except -1:
+    cdef _Resolved resolved(self):
+        """``_config``'s defaults as of now: those of the last call while neither
+        ``_config``'s globals nor its dict of backend modules has changed since
+        (their dict versions, where this Python has them), else read again.
+        None if they are not found as expected."""
+        cdef _Resolved last = self.last
         cdef PyObject* found
+        cdef object modules, name
+        if last is not None and FD_DICT_VERSIONS and last.config_version == fd_dict_version(self.config):
+            if last.modules is None or last.modules_version == fd_dict_version(last.modules):
+                return last
+        found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
+        modules = <object>found if found != NULL else None
+        found = PyDict_GetItemWithError(self.config, "_default_backend")
+        name = <object>found if found != NULL else 0
+        if name is None:
+            found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
+            name = <object>found if found != NULL else 0
+        found = PyDict_GetItemWithError(self.config, "_default_threads")
+        if found == NULL or type(modules) is not dict:
+            return None
+        last = _Resolved.__new__(_Resolved)
+        last.config_version = fd_dict_version(self.config)
+        last.modules, last.modules_version = modules, fd_dict_version(modules)
+        last.backend = (<dict>modules).get(name) if type(name) is str else None
+        last.threads = <object>found
+        self.last = last
+        return last
+
+    cdef int threads_for(self, object n_threads) except -1:
+        cdef _Resolved resolved
         cdef object block, request = n_threads
         if request is None and self.block_threads is not None:
             block = get_value(self.block_threads)
             if block is None:
-                found = PyDict_GetItemWithError(self.config, "_default_threads")
-                if found == NULL:
+                resolved = self.resolved() if self.config is not None else None
+                if resolved is None:
                     return self.effective_n_threads(n_threads)
-                request = <object>found
+                request = resolved.threads
             elif type(block) is tuple and len(<tuple>block) == 1:
                 request = (<tuple>block)[0]
             else:
@@ -1195,20 +1305,48 @@ cdef class CallDefaults:
 
     cdef object backend_for(self, object backend):
         cdef PyObject* found
-        cdef object name = backend, module
+        cdef _Resolved resolved
+        cdef object module
         if self.config is not None:
-            if name is None:
-                found = PyDict_GetItemWithError(self.config, "_default_backend")
-                name = <object>found if found != NULL else 0
-                if name is None:
-                    found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
-                    name = <object>found if found != NULL else 0
-            found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
-            if type(name) is str and found != NULL and type(<object>found) is dict:
-                module = (<dict>found).get(name)
-                if module is not None:
-                    return module
+            if backend is None:
+                resolved = self.resolved()
+                if resolved is not None and resolved.backend is not None:
+                    return resolved.backend
+            elif type(backend) is str:
+                found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
+                if found != NULL and type(<object>found) is dict:
+                    module = (<dict>found).get(backend)
+                    if module is not None:
+                        return module
         return self.resolve_backend(backend)
+
+
+cdef extern from *:
+    """
+    /* PEP 509's dict version: changes at every change of the dict (deprecated in
+       3.12, so read only before it; 0 and FD_DICT_VERSIONS 0 from then on). */
+    #if PY_VERSION_HEX < 0x030C0000
+    #define FD_DICT_VERSIONS 1
+    static unsigned long long fd_dict_version(PyObject* d) { return ((PyDictObject*)d)->ma_version_tag; }
+    #else
+    #define FD_DICT_VERSIONS 0
+    static unsigned long long fd_dict_version(PyObject* d) { (void)d; return 0; }
+    #endif
+    """
+    int FD_DICT_VERSIONS
+    unsigned long long fd_dict_version(object d)
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class _Resolved:
+    """What :class:`CallDefaults` read of ``_config`` (the default backend's module,
+    or None if not loaded yet; the ``set_num_threads`` value) and the versions of
+    the dicts it read it from: never changed once made, so that a thread sees one
+    whole answer."""
+
+    cdef unsigned long long config_version, modules_version
+    cdef object modules, backend, threads
 
 
 @cython.auto_pickle(False)
@@ -1240,6 +1378,9 @@ cdef class GroupPlan:
     cdef public KernelArguments arguments
     cdef public Py_ssize_t first, size
     cdef public bint counts_steps
+    # The group's keys in order, and the values of those in names (ANY for the
+    # others), as last seen with values: see _same_order.
+    cdef tuple order_keys, order_values
 
     def __init__(self, group, tuple names, tuple values, param_list, list states, list buckets,
                  KernelArguments arguments, Py_ssize_t first, Py_ssize_t size, bint counts_steps, tuple present):
@@ -1256,8 +1397,8 @@ cdef class StepPlan:
     The optimizer builds it (in Python) after a step that went its general way,
     and uses it until anything else changes. When a hyperparameter in
     ``param_groups`` is not the object validated last time (a schedule wrote
-    it), ``refresh(position, group_plan, step, flat)`` (the optimizer's) validates the
-    group again and updates the group's plan, or returns False. :meth:`run`
+    it), the optimizer's ``_refresh_plan(position, group_plan, step, flat)``
+    validates the group again and updates the group's plan, or returns False. :meth:`run`
     returns False, before writing anything, when a refresh does, a group or its
     parameter list was replaced, a step count is not a plain int in range, or
     ``grad_scale`` is not a finite positive float; the optimizer then takes its
@@ -1287,11 +1428,13 @@ cdef class StepPlan:
             self.size += plan.size
 
     def run(self, object param_groups, object grads, object grad_scale, object backend, object n_threads,
-            object refresh):
+            object optimizer):
         """Take the step; False if the optimizer must take its general path instead.
         ``backend`` and ``n_threads`` are the optimizer's options (None: the
-        defaults). (``refresh`` comes with each call: a plan that kept it would keep
-        its optimizer alive in a reference cycle.)"""
+        defaults). (``optimizer`` comes with each call, and its ``_refresh_plan`` is
+        looked up only when a group needs it: a plan that kept it would keep its
+        optimizer alive in a reference cycle, and a bound method made at every
+        step costs a tenth of a small step.)"""
         cdef Py_ssize_t g, b, n = len(self.groups), offset = 0, n_buckets = 0
         cdef GroupPlan plan
         cdef BucketPlan bucket
@@ -1302,6 +1445,7 @@ cdef class StepPlan:
         cdef int threads
         cdef Gathered local_gathered[2]
         cdef Gathered* gathered = local_gathered
+        cdef double varying_doubles[2 * LOCAL_PLAN_GROUPS]  # groups' step scalars computed in C
         if (param_groups is not self.param_groups or len(<list>param_groups) != n or (grads is None) != self.flat
                 or type(grad_scale) is not float or not 0.0 < <double>grad_scale < INFINITY):
             return False
@@ -1318,8 +1462,11 @@ cdef class StepPlan:
                 if type(step) is not int or not 0 <= step < MAX_STEP - 1:
                     return False
                 step += 1
-            if not _same_values(group, plan.names, plan.values) and not refresh(g, plan, step, self.flat):
-                return False
+            if not _same_order(group, plan):
+                if (not _same_values(group, plan.names, plan.values)
+                        and not optimizer._refresh_plan(g, plan, step, self.flat)):
+                    return False
+                _take_order(group, plan)
             steps.append(step)
             n_buckets += len(plan.buckets)
         self.written.verify()
@@ -1349,14 +1496,18 @@ cdef class StepPlan:
                 last = arguments.current(steps[g], grad_scale, self.fresh)
                 if type(last[3]) is not KernelCall:
                     return False
-                calls.append((last[3], last[4], arguments.varying(steps[g])))
+                if g < LOCAL_PLAN_GROUPS and arguments.varying_doubles(steps[g], &varying_doubles[2 * g]):
+                    calls.append((last[3], last[4], None))
+                else:
+                    calls.append((last[3], last[4], arguments.varying(steps[g])))
             # The writes.
             b = 0
             for g in range(n):
                 plan = <GroupPlan>self.groups[g]
                 invoke, constants, varying = calls[g]
                 for bucket in plan.buckets:
-                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads)
+                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads,
+                                 &varying_doubles[2 * g] if varying is None else NULL)
                     b += 1
                 if plan.counts_steps:
                     _set_steps(plan.states, steps[g])
@@ -1366,6 +1517,42 @@ cdef class StepPlan:
             if gathered != local_gathered:
                 free(gathered)
         return True
+
+
+cdef object ANY = object()
+
+
+cdef bint _same_order(object group, GroupPlan plan) except -1:
+    """True if the dict ``group`` holds the keys of the last :func:`_take_order` of
+    ``plan``, in the same order, and the very same objects under the names of
+    ``plan.names``: then ``_same_values(group, plan.names, plan.values)`` holds.
+    One walk over the dict rather than a lookup per hyperparameter; a key
+    removed and added again, or any new key, fails it (and the caller checks
+    the slow way)."""
+    cdef Py_ssize_t position = 0, i = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef tuple keys = plan.order_keys, values = plan.order_values
+    if keys is None or type(group) is not dict or PyDict_Size(group) != len(keys):
+        return False
+    while PyDict_Next(group, &position, &key, &value):
+        if (key != PyTuple_GET_ITEM(keys, i)
+                or (value != PyTuple_GET_ITEM(values, i) and PyTuple_GET_ITEM(values, i) != <PyObject*>ANY)):
+            return False
+        i += 1
+    return True
+
+
+cdef int _take_order(object group, GroupPlan plan) except -1:
+    """Remember the order of ``group``'s keys and its values under ``plan.names``,
+    which are ``plan.values`` (the caller has just checked them)."""
+    cdef list keys = [], values = []
+    if type(group) is dict:
+        for key, value in (<dict>group).items():
+            keys.append(key)
+            values.append(value if key in plan.names else ANY)
+        plan.order_keys, plan.order_values = tuple(keys), tuple(values)
+    return 0
 
 
 cdef int _gather_bucket(Gathered* g, BucketPlan bucket, object grads, Py_ssize_t offset, Py_ssize_t first,
@@ -1401,12 +1588,12 @@ cdef int _gather_bucket(Gathered* g, BucketPlan bucket, object grads, Py_ssize_t
 
 
 cdef int _call_bucket(KernelCall invoke, object kernels, const Gathered* g, tuple constants, tuple varying,
-                      int threads) except -1:
+                      int threads, const double* varying_doubles) except -1:
     """One kernel call of a step plan, on arrays the plan checked (WrittenBuffers).
     What the ``def`` entry itself checks (every array an ndarray of the parameters'
     dtype and size, C-contiguous) is checked again here (the flat arenas are not in
     the WrittenBuffers table): anything amiss goes to the ``def`` entry, which raises."""
-    cdef Py_ssize_t r, i, n = g.n_tensors
+    cdef Py_ssize_t r, i, k, n = g.n_tensors
     cdef PyObject* item
     cdef tuple lists
     for r in range(g.n_roles):
@@ -1416,10 +1603,12 @@ cdef int _call_bucket(KernelCall invoke, object kernels, const Gathered* g, tupl
                     or cnp.PyArray_SIZE(<cnp.ndarray>item) != cnp.PyArray_SIZE(<cnp.ndarray>g.items[i])
                     or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>item)):
                 lists = _lists(g)
+                if varying is None:
+                    varying = tuple([varying_doubles[k] for k in range(invoke.n_varying)])
                 invoke.call(getattr(kernels, invoke.kernel), lists[0], lists[1], lists[2:], constants, varying,
                             threads)
                 return 0
-    return invoke.call_gathered(kernels, g, constants, varying, threads)
+    return invoke.call_gathered(kernels, g, constants, varying, threads, varying_doubles)
 
 
 cdef int _set_steps(list states, object step) except -1:
@@ -1430,60 +1619,264 @@ cdef int _set_steps(list states, object step) except -1:
     return 0
 
 
-@cython.auto_pickle(False)
-cdef class FaceRunner:
-    """What a rule's functional face does, the common case in C.
+# ------------------------------------------------------------------ the faces
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.object cimport PyObject_Call, PyTypeObject
+from cpython.unicode cimport PyUnicode_Compare
 
-    ``run`` takes what the generated face passes on (see
-    ``RuleSpec.face_step``). When the hyperparameters are cached (validated
-    before), ``step`` is an int in range, ``grad_scale`` a finite float, the
-    buffers given are those the configuration needs, ``first_step`` is False and
-    the rule keeps no scalar state, it checks the arrays (as
+cdef extern from *:
+    """
+    /* Make instances of ``type`` callable through the vectorcall protocol, with the
+       function pointer stored at ``offset`` in each instance (what CPython's own
+       function objects do; Cython does not declare it for a cdef class). Every
+       call, PyObject_Call's included, then takes it; tp_call (the class's
+       ``__call__``) is only what ``callable()`` and ``Face.__call__`` see. */
+    static void fd_enable_vectorcall(PyTypeObject* type, Py_ssize_t offset) {
+        type->tp_vectorcall_offset = offset;
+        type->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+        PyType_Modified(type);
+    }
+    """
+    void fd_enable_vectorcall(PyTypeObject* type, Py_ssize_t offset)
+    Py_ssize_t PyVectorcall_NARGS(size_t nargsf)
+
+cdef enum:
+    # Parameters of a face (its signature, plus the hyperparameters it does not take).
+    MAX_FACE_SLOTS = 48
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class Face:
+    """A rule's functional face (``fastdescent.adam_step``), callable from C.
+
+    A Python function generated with the face's signature spent about a third of
+    a small step on its own call: a frame, a dictionary lookup per keyword-only
+    default not given, three tuples. This object takes its arguments through
+    the vectorcall protocol instead: ``names`` (the signature's parameters, the
+    positional ones first, ``n_positional`` of them) are matched against the
+    keywords of the call by identity (then by value), and ``defaults`` (one per
+    name, ``required`` for none, then the values of the hyperparameters the face
+    does not take) fill the rest. ``slots`` says where each argument of
+    :meth:`RuleSpec.face_step` is: ``(buffers, values, step, scalar_states,
+    first_step, grad_scale, n_threads, backend)``, indices into the names and
+    defaults (-1: not a parameter of this face; ``scalar_states``: a tuple of
+    ``(name, index)``).
+
+    The common case runs here: the hyperparameters are the very objects of the
+    last call (else looked up in the rule's ``configs``, the exact-value cache
+    of validated configurations), ``step`` is an int in range, ``grad_scale`` a
+    finite float, the buffers given are those the configuration needs,
+    ``first_step`` is False and the rule is ``simple`` (no scalar state, no
+    buffers shaped otherwise than their parameters): it checks every array (as
     :func:`checked_lists`, without building the lists) and calls the kernel,
-    through its direct entry where the backend has one (:class:`KernelCall`);
-    anything else goes to ``general`` (``face_step``), which validates it all and
-    raises or runs. Both compute the same scalars and make the same kernel call.
-    ``defaults`` (a :class:`CallDefaults`) resolves ``n_threads`` and ``backend``.
+    through its direct entry where the backend has one (:class:`KernelCall`).
+    Anything else goes to ``general`` (``RuleSpec.face_step``), which validates
+    it all and raises or runs; both compute the same scalars and make the same
+    kernel call. ``defaults`` resolves ``n_threads`` and ``backend``
+    (:class:`CallDefaults`). ``__name__``, ``__doc__``, ``__signature__`` and
+    the like are set by the caller (``rules._spec.make_face``).
     """
 
+    cdef void* vectorcall
+    cdef dict __dict__
+    cdef str name
+    cdef tuple names, defaults, roles, writable, scalar_states
+    cdef object required, general, nothing_fresh
     cdef ExactCache configs
-    cdef object general, nothing_fresh
-    cdef CallDefaults defaults
-    cdef tuple roles, writable
+    cdef CallDefaults call_defaults
+    cdef Py_ssize_t n_positional, n_names, n_slots, n_buffers, n_values
+    cdef Py_ssize_t step_slot, first_step_slot, grad_scale_slot, n_threads_slot, backend_slot
+    cdef int buffer_slot[MAX_FACE_SLOTS]
+    cdef int value_slot[MAX_FACE_SLOTS]
     cdef bint uses_step, simple
+    cdef tuple last    # (values, config, present bits, config.arguments) of the last call's hyperparameter objects
 
-    def __init__(self, ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
-                 CallDefaults defaults, nothing_fresh):
+    def __cinit__(self):
+        self.vectorcall = <void*>_face_vectorcall
+
+    def __init__(self, str name, tuple names, Py_ssize_t n_positional, tuple defaults, required, tuple slots,
+                 ExactCache configs, tuple roles, tuple writable, bint uses_step, bint simple, general,
+                 CallDefaults call_defaults, nothing_fresh):
+        cdef Py_ssize_t k
+        buffers, values, step, scalar_states, first_step, grad_scale, n_threads, backend = slots
+        if len(defaults) > MAX_FACE_SLOTS or len(names) > len(defaults) or not 0 <= n_positional <= len(names):
+            raise ValueError(f"{name}: at most {MAX_FACE_SLOTS} parameters, one default each")
+        for k in list(buffers) + list(values) + [step, first_step, grad_scale, n_threads, backend] + \
+                [index for _, index in scalar_states]:
+            if not -1 <= k < len(defaults):
+                raise ValueError(f"{name}: no parameter {k}")
+        self.name = name
+        self.names = tuple([intern(n) for n in names])
+        self.n_positional, self.n_names, self.n_slots = n_positional, len(names), len(defaults)
+        self.defaults, self.required = defaults, required
+        self.n_buffers, self.n_values = len(buffers), len(values)
+        for k in range(self.n_buffers):
+            self.buffer_slot[k] = buffers[k]
+        for k in range(self.n_values):
+            self.value_slot[k] = values[k]
+        self.step_slot, self.first_step_slot, self.grad_scale_slot = step, first_step, grad_scale
+        self.n_threads_slot, self.backend_slot, self.scalar_states = n_threads, backend, scalar_states
         self.configs, self.roles, self.writable, self.uses_step, self.simple = configs, roles, writable, uses_step, simple
-        self.general, self.defaults, self.nothing_fresh = general, defaults, nothing_fresh
+        self.general, self.call_defaults, self.nothing_fresh = general, call_defaults, nothing_fresh
+        self.last = None
 
-    def run(self, params, grads, tuple buffers, tuple present, tuple values, step, grad_scale, first_step,
-            scalar_state, n_threads, backend):
-        cdef double scale
+    def __call__(self, *args, **kwargs):
+        return PyObject_Call(self, args, kwargs)  # through the vectorcall entry
+
+    def __get__(self, instance, owner):
+        """A face stored in a class stays a plain function (as a staticmethod would)."""
+        return self
+
+    def __reduce__(self):
+        return getattr(self, "__qualname__", self.name)
+
+    def __repr__(self):
+        return f"<face {getattr(self, '__module__', '?')}.{self.name}>"
+
+    cdef object call(self, PyObject** slots):
+        cdef PyObject* value
+        cdef Py_ssize_t k
         cdef Gathered g
-        cdef tuple last, varying, lists
-        config = self.configs.get(values)
-        if (config is None or not self.simple or first_step is not False
-                or (self.uses_step and (type(step) is not int or not 0 < step < MAX_STEP))
-                or type(grad_scale) is not float or present != config.present):
-            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
-                                scalar_state, n_threads, backend)
-        scale = grad_scale
+        cdef tuple last = self.last, values, varying
+        cdef unsigned long long present = 0
+        cdef object config = None, step, grad_scale, first_step, params, grads
+        cdef KernelArguments arguments
+        cdef double scale
+        cdef double varying_doubles[2]
+        for k in range(self.n_buffers):
+            if slots[self.buffer_slot[k]] != <PyObject*>None:
+                present |= 1ULL << k
+        # The hyperparameters: the configuration of the last call if they are its very objects.
+        if last is not None:
+            values = <tuple>last[0]
+            config = last[1]
+            for k in range(self.n_values):
+                if slots[self.value_slot[k]] != PyTuple_GET_ITEM(values, k):
+                    config = None
+                    break
+        if config is None:
+            values = PyTuple_New(self.n_values)
+            for k in range(self.n_values):
+                value = slots[self.value_slot[k]]
+                Py_INCREF(<object>value)
+                PyTuple_SET_ITEM(values, k, <object>value)
+            config = self.configs.get(values)
+            if config is not None:
+                self.last = last = (values, config, _present_bits(config.present), config.arguments)
+        step = <object>slots[self.step_slot] if self.step_slot >= 0 else None
+        grad_scale = <object>slots[self.grad_scale_slot]
+        first_step = <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False
+        if (config is None or not self.simple or first_step is not False or <unsigned long long>last[2] != present
+                or (self.uses_step and _step_number(step) < 1) or type(grad_scale) is not float):
+            return self._general(slots)
+        scale = PyFloat_AS_DOUBLE(grad_scale)
         if not -INFINITY < scale < INFINITY:
-            return self.general(params, grads, buffers, present, values, step, grad_scale, first_step,
-                                scalar_state, n_threads, backend)
+            return self._general(slots)
+        params, grads = <object>slots[0], <object>slots[1]
+        arrays = PyTuple_New(2 + self.n_buffers)
+        for k in range(2 + self.n_buffers):
+            value = slots[self.buffer_slot[k - 2]] if k >= 2 else slots[k]
+            Py_INCREF(<object>value)
+            PyTuple_SET_ITEM(arrays, k, <object>value)
         _gathered_init(&g)
         try:
-            _gather(&g, self.roles, (params, grads, *buffers), self.writable)
-            kernels = self.defaults.backend_for(backend)
-            threads = self.defaults.threads_for(n_threads)
-            last = (<KernelArguments>config.arguments).current(step, grad_scale, self.nothing_fresh)
-            varying = (<KernelArguments>config.arguments).varying(step)
+            _gather(&g, self.roles, arrays, self.writable)
+            kernels = self.call_defaults.backend_for(<object>slots[self.backend_slot])
+            threads = self.call_defaults.threads_for(<object>slots[self.n_threads_slot])
+            arguments = <KernelArguments?>last[3]
+            last = arguments.current(step, grad_scale, self.nothing_fresh)
             invoke = last[3]
-            if type(invoke) is KernelCall:
-                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], varying, threads)
+            if type(invoke) is KernelCall and arguments.varying_doubles(step, varying_doubles):
+                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], None, threads, varying_doubles)
+            elif type(invoke) is KernelCall:
+                (<KernelCall>invoke).call_gathered(kernels, &g, last[4], arguments.varying(step), threads)
             else:
+                varying = arguments.varying(step)
                 lists = _lists(&g)
                 invoke(kernels, lists[0], lists[1], lists[2:], last[4], varying, threads)
         finally:
             _release(&g)
+        return None
+
+    cdef object _general(self, PyObject** slots):
+        """``general(params, grads, buffers, present, values, step, grad_scale,
+        first_step, scalar_state, n_threads, backend)``, as the face's Python
+        function would call it."""
+        cdef Py_ssize_t k
+        buffers = tuple([<object>slots[self.buffer_slot[k]] for k in range(self.n_buffers)])
+        present = tuple([b is not None for b in buffers])
+        values = tuple([<object>slots[self.value_slot[k]] for k in range(self.n_values)])
+        scalar_state = ({name: <object>slots[<Py_ssize_t>index] for name, index in self.scalar_states}
+                        if self.scalar_states else None)
+        return self.general(<object>slots[0], <object>slots[1], buffers, present, values,
+                            <object>slots[self.step_slot] if self.step_slot >= 0 else None,
+                            <object>slots[self.grad_scale_slot],
+                            <object>slots[self.first_step_slot] if self.first_step_slot >= 0 else False,
+                            scalar_state, <object>slots[self.n_threads_slot], <object>slots[self.backend_slot])
+
+
+cdef inline long long _step_number(object step):
+    """``step`` as a C integer if it is an int in [1, MAX_STEP), else 0."""
+    cdef int overflow = 0
+    cdef long long value
+    if type(step) is not int:
+        return 0
+    value = PyLong_AsLongLongAndOverflow(step, &overflow)
+    return value if overflow == 0 and value > 0 else 0
+
+
+cdef unsigned long long _present_bits(tuple present):
+    cdef unsigned long long bits = 0
+    cdef Py_ssize_t k
+    for k in range(len(present)):
+        if present[k]:
+            bits |= 1ULL << k
+    return bits
+
+
+cdef object _face_vectorcall(object callable, PyObject** args, size_t nargsf, PyObject* kwnames):
+    """The call of a :class:`Face`: its arguments matched to its parameters, as
+    Python matches a function's."""
+    cdef Face face = <Face>callable
+    cdef PyObject* slots[MAX_FACE_SLOTS]
+    cdef Py_ssize_t k, j, n_args = PyVectorcall_NARGS(nargsf), n_kw = 0
+    cdef PyObject* key
+    cdef PyObject* required = <PyObject*>face.required
+    cdef tuple names = face.names
+    if kwnames != NULL:
+        n_kw = PyTuple_GET_SIZE(<object>kwnames)
+    if n_args > face.n_positional:
+        raise TypeError(f"{face.name}() takes at most {face.n_positional} positional arguments "
+                        f"but {n_args} were given")
+    for k in range(face.n_slots):
+        slots[k] = PyTuple_GET_ITEM(face.defaults, k)
+    for k in range(n_args):
+        slots[k] = args[k]
+    for j in range(n_kw):
+        key = PyTuple_GET_ITEM(<object>kwnames, j)
+        k = 0
+        while k < face.n_names and PyTuple_GET_ITEM(names, k) != key:
+            k += 1
+        if k == face.n_names:  # a keyword not interned: compare the strings
+            k = 0
+            while k < face.n_names and not (type(<object>key) is str and
+                                            PyUnicode_Compare(<object>PyTuple_GET_ITEM(names, k), <object>key) == 0):
+                k += 1
+            if k == face.n_names:
+                raise TypeError(f"{face.name}() got an unexpected keyword argument {<object>key!r}")
+        if k < n_args:
+            raise TypeError(f"{face.name}() got multiple values for argument {<object>key!r}")
+        slots[k] = args[n_args + j]
+    for k in range(face.n_names):
+        if slots[k] == required:
+            raise TypeError(f"{face.name}() missing required argument: {names[k]!r}")
+    return face.call(slots)
+
+
+cdef void _enable_face_calls() except *:
+    cdef Face probe = Face.__new__(Face)
+    fd_enable_vectorcall(<PyTypeObject*>Face, <Py_ssize_t>(<char*>&probe.vectorcall - <char*><PyObject*>probe))
+
+
+_enable_face_calls()

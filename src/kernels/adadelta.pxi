@@ -39,6 +39,16 @@ cdef void adadelta_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, cons
                       <double*>rows[3] + start, n, <const AdadeltaArgs*>args)
 
 
+cdef void adadelta_args(AdadeltaArgs* a, double lr, double rho, double eps, double weight_decay,
+                        double grad_scale) noexcept nogil:
+    a.lr = lr
+    a.rho = rho
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.grad_scale = grad_scale
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def adadelta(list params not None, list grads not None, list square_avg not None, list acc_delta not None, *,
              double lr, double rho, double eps, double weight_decay, double grad_scale, int n_threads):
     """Fused Adadelta step over many tensors (private: call ``fastdescent.adadelta_step``).
@@ -48,10 +58,15 @@ def adadelta(list params not None, list grads not None, list square_avg not None
     ``maximize``.
     """
     cdef AdadeltaArgs a
-    a.lr = lr
-    a.rho = rho
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.grad_scale = grad_scale
-    a.has_weight_decay = weight_decay != 0.0
+    adadelta_args(&a, lr, rho, eps, weight_decay, grad_scale)
     run_kernel((params, grads, square_avg, acc_delta), n_threads, adadelta_segment_f32, adadelta_segment_f64, &a)
+
+
+cdef int adadelta_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef AdadeltaArgs a
+    adadelta_args(&a, s[0], s[1], s[2], s[3], s[4])
+    return run_direct(call, adadelta_segment_f32, adadelta_segment_f64, &a)
+
+
+register_direct(adadelta, adadelta_direct)

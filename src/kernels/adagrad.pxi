@@ -34,6 +34,14 @@ cdef void adagrad_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      <double*>rows[2] + start, n, <const AdagradArgs*>args)
 
 
+cdef void adagrad_args(AdagradArgs* a, double clr, double grad_scale, double weight_decay, double eps) noexcept nogil:
+    a.clr = clr
+    a.grad_scale = grad_scale
+    a.weight_decay = weight_decay
+    a.eps = eps
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def adagrad(list params not None, list grads not None, list sum not None, *, double clr,
             double grad_scale, double weight_decay, double eps, int n_threads):
     """Fused Adagrad step over many tensors (private: call ``fastdescent.adagrad_step``).
@@ -42,9 +50,15 @@ def adagrad(list params not None, list grads not None, list sum not None, *, dou
     gradient and carries the sign for ``maximize``.
     """
     cdef AdagradArgs a
-    a.clr = clr
-    a.grad_scale = grad_scale
-    a.weight_decay = weight_decay
-    a.eps = eps
-    a.has_weight_decay = weight_decay != 0.0
+    adagrad_args(&a, clr, grad_scale, weight_decay, eps)
     run_kernel((params, grads, sum), n_threads, adagrad_segment_f32, adagrad_segment_f64, &a)
+
+
+cdef int adagrad_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef AdagradArgs a
+    adagrad_args(&a, s[0], s[1], s[2], s[3])
+    return run_direct(call, adagrad_segment_f32, adagrad_segment_f64, &a)
+
+
+register_direct(adagrad, adagrad_direct)

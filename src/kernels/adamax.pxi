@@ -53,6 +53,17 @@ cdef void adamax_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const 
                     <double*>rows[3] + start, n, <const AdamaxArgs*>args)
 
 
+cdef void adamax_args(AdamaxArgs* a, double step_size, double beta1, double beta2, double eps, double weight_decay,
+                      double grad_scale) noexcept nogil:
+    a.step_size = step_size
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.grad_scale = grad_scale
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def adamax(list params not None, list grads not None, list exp_avg not None, list exp_inf not None, *,
            double step_size, double beta1, double beta2, double eps, double weight_decay, double grad_scale,
            int n_threads):
@@ -63,11 +74,15 @@ def adamax(list params not None, list grads not None, list exp_avg not None, lis
     multiplies every gradient and carries the sign for ``maximize``.
     """
     cdef AdamaxArgs a
-    a.step_size = step_size
-    a.beta1 = beta1
-    a.beta2 = beta2
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.grad_scale = grad_scale
-    a.has_weight_decay = weight_decay != 0.0
+    adamax_args(&a, step_size, beta1, beta2, eps, weight_decay, grad_scale)
     run_kernel((params, grads, exp_avg, exp_inf), n_threads, adamax_segment_f32, adamax_segment_f64, &a)
+
+
+cdef int adamax_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef AdamaxArgs a
+    adamax_args(&a, s[0], s[1], s[2], s[3], s[4], s[5])
+    return run_direct(call, adamax_segment_f32, adamax_segment_f64, &a)
+
+
+register_direct(adamax, adamax_direct)

@@ -51,6 +51,16 @@ cdef void asgd_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const ASGDArgs*>args)
 
 
+cdef void asgd_args(ASGDArgs* a, double eta, double param_decay, double mu, double weight_decay,
+                    double grad_scale) noexcept nogil:
+    a.eta = eta
+    a.param_decay = param_decay
+    a.mu = mu
+    a.weight_decay = weight_decay
+    a.grad_scale = grad_scale
+    a.averaging = mu != 1.0
+
+
 def asgd(list params not None, list grads not None, list ax not None, *, double eta, double param_decay, double mu,
          double weight_decay, double grad_scale, int n_threads):
     """Fused ASGD step over many tensors (private: call ``fastdescent.asgd_step``).
@@ -61,10 +71,15 @@ def asgd(list params not None, list grads not None, list ax not None, *, double 
     ``maximize``.
     """
     cdef ASGDArgs a
-    a.eta = eta
-    a.param_decay = param_decay
-    a.mu = mu
-    a.weight_decay = weight_decay
-    a.grad_scale = grad_scale
-    a.averaging = mu != 1.0
+    asgd_args(&a, eta, param_decay, mu, weight_decay, grad_scale)
     run_kernel((params, grads, ax), n_threads, asgd_segment_f32, asgd_segment_f64, &a)
+
+
+cdef int asgd_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef ASGDArgs a
+    asgd_args(&a, s[0], s[1], s[2], s[3], s[4])
+    return run_direct(call, asgd_segment_f32, asgd_segment_f64, &a)
+
+
+register_direct(asgd, asgd_direct)

@@ -53,6 +53,16 @@ cdef void lion_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const vo
                   n, <const LionArgs*>args)
 
 
+cdef void lion_args(LionArgs* a, double lr, double beta1, double beta2, double weight_decay,
+                    double grad_scale) noexcept nogil:
+    a.lr = lr
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.weight_decay = weight_decay
+    a.grad_scale = grad_scale
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def lion(list params not None, list grads not None, list exp_avg not None, *, double lr, double beta1,
          double beta2, double weight_decay, double grad_scale, int n_threads):
     """Fused Lion step over many tensors (private: call ``fastdescent.lion_step``).
@@ -61,10 +71,15 @@ def lion(list params not None, list grads not None, list exp_avg not None, *, do
     multiplies every gradient and carries the sign for ``maximize``.
     """
     cdef LionArgs a
-    a.lr = lr
-    a.beta1 = beta1
-    a.beta2 = beta2
-    a.weight_decay = weight_decay
-    a.grad_scale = grad_scale
-    a.has_weight_decay = weight_decay != 0.0
+    lion_args(&a, lr, beta1, beta2, weight_decay, grad_scale)
     run_kernel((params, grads, exp_avg), n_threads, lion_segment_f32, lion_segment_f64, &a)
+
+
+cdef int lion_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef LionArgs a
+    lion_args(&a, s[0], s[1], s[2], s[3], s[4])
+    return run_direct(call, lion_segment_f32, lion_segment_f64, &a)
+
+
+register_direct(lion, lion_direct)

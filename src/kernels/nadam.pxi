@@ -54,6 +54,22 @@ cdef void nadam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const v
                    <double*>rows[3] + start, n, <const NAdamArgs*>args)
 
 
+cdef void nadam_args(NAdamArgs* a, double lr, double grad_coefficient, double mean_coefficient,
+                     double bias_correction2, double beta1, double beta2, double eps, double weight_decay,
+                     bint decoupled, double grad_scale) noexcept nogil:
+    a.grad_coefficient = grad_coefficient
+    a.mean_coefficient = mean_coefficient
+    a.bias_correction2 = bias_correction2
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.param_decay = 1.0 - lr * weight_decay
+    a.grad_scale = grad_scale
+    a.decoupled = decoupled and weight_decay != 0.0
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def nadam(list params not None, list grads not None, list exp_avg not None, list exp_avg_sq not None, *,
           double lr, double grad_coefficient, double mean_coefficient, double bias_correction2, double beta1,
           double beta2, double eps, double weight_decay, bint decoupled, double grad_scale, int n_threads):
@@ -67,15 +83,15 @@ def nadam(list params not None, list grads not None, list exp_avg not None, list
     sign for ``maximize``.
     """
     cdef NAdamArgs a
-    a.grad_coefficient = grad_coefficient
-    a.mean_coefficient = mean_coefficient
-    a.bias_correction2 = bias_correction2
-    a.beta1 = beta1
-    a.beta2 = beta2
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.param_decay = 1.0 - lr * weight_decay
-    a.grad_scale = grad_scale
-    a.decoupled = decoupled and weight_decay != 0.0
-    a.has_weight_decay = weight_decay != 0.0
+    nadam_args(&a, lr, grad_coefficient, mean_coefficient, bias_correction2, beta1, beta2, eps, weight_decay, decoupled, grad_scale)
     run_kernel((params, grads, exp_avg, exp_avg_sq), n_threads, nadam_segment_f32, nadam_segment_f64, &a)
+
+
+cdef int nadam_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef NAdamArgs a
+    nadam_args(&a, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8] != 0.0, s[9])
+    return run_direct(call, nadam_segment_f32, nadam_segment_f64, &a)
+
+
+register_direct(nadam, nadam_direct)

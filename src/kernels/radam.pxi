@@ -53,6 +53,20 @@ cdef void radam_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const v
                    <double*>rows[3] + start, n, <const RAdamArgs*>args)
 
 
+cdef void radam_args(RAdamArgs* a, double lr, double step_size, bint rectified, double beta1, double beta2,
+                     double eps, double weight_decay, bint decoupled, double grad_scale) noexcept nogil:
+    a.step_size = step_size
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.param_decay = 1.0 - lr * weight_decay
+    a.grad_scale = grad_scale
+    a.rectified = rectified
+    a.decoupled = decoupled and weight_decay != 0.0
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def radam(list params not None, list grads not None, list exp_avg not None, list exp_avg_sq not None, *,
           double lr, double step_size, bint rectified, double beta1, double beta2, double eps,
           double weight_decay, bint decoupled, double grad_scale, int n_threads):
@@ -66,14 +80,15 @@ def radam(list params not None, list grads not None, list exp_avg not None, list
     sign for ``maximize``.
     """
     cdef RAdamArgs a
-    a.step_size = step_size
-    a.beta1 = beta1
-    a.beta2 = beta2
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.param_decay = 1.0 - lr * weight_decay
-    a.grad_scale = grad_scale
-    a.rectified = rectified
-    a.decoupled = decoupled and weight_decay != 0.0
-    a.has_weight_decay = weight_decay != 0.0
+    radam_args(&a, lr, step_size, rectified, beta1, beta2, eps, weight_decay, decoupled, grad_scale)
     run_kernel((params, grads, exp_avg, exp_avg_sq), n_threads, radam_segment_f32, radam_segment_f64, &a)
+
+
+cdef int radam_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef RAdamArgs a
+    radam_args(&a, s[0], s[1], s[2] != 0.0, s[3], s[4], s[5], s[6], s[7] != 0.0, s[8])
+    return run_direct(call, radam_segment_f32, radam_segment_f64, &a)
+
+
+register_direct(radam, radam_direct)

@@ -72,6 +72,17 @@ cdef void rmsprop_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const
                      n, <const RMSpropArgs*>args)
 
 
+cdef void rmsprop_args(RMSpropArgs* a, double lr, double alpha, double eps, double weight_decay, double momentum,
+                       double grad_scale) noexcept nogil:
+    a.lr = lr
+    a.alpha = alpha
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.momentum = momentum
+    a.grad_scale = grad_scale
+    a.has_weight_decay = weight_decay != 0.0
+
+
 def rmsprop(list params not None, list grads not None, list square_avg not None, momentum_buffer=None,
             grad_avg=None, *,
             double lr, double alpha, double eps, double weight_decay, double momentum,
@@ -83,12 +94,16 @@ def rmsprop(list params not None, list grads not None, list square_avg not None,
     gradient and carries the sign for ``maximize``.
     """
     cdef RMSpropArgs a
-    a.lr = lr
-    a.alpha = alpha
-    a.eps = eps
-    a.weight_decay = weight_decay
-    a.momentum = momentum
-    a.grad_scale = grad_scale
-    a.has_weight_decay = weight_decay != 0.0
+    rmsprop_args(&a, lr, alpha, eps, weight_decay, momentum, grad_scale)
     run_kernel((params, grads, square_avg, momentum_buffer, grad_avg), n_threads,
                rmsprop_segment_f32, rmsprop_segment_f64, &a)
+
+
+cdef int rmsprop_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef RMSpropArgs a
+    rmsprop_args(&a, s[0], s[1], s[2], s[3], s[4], s[5])
+    return run_direct(call, rmsprop_segment_f32, rmsprop_segment_f64, &a)
+
+
+register_direct(rmsprop, rmsprop_direct)

@@ -44,6 +44,15 @@ cdef void rprop_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t n, const v
                    <double*>rows[3] + start, n, <const RpropArgs*>args)
 
 
+cdef void rprop_args(RpropArgs* a, double etaminus, double etaplus, double step_size_min, double step_size_max,
+                     double grad_scale) noexcept nogil:
+    a.etaminus = etaminus
+    a.etaplus = etaplus
+    a.step_size_min = step_size_min
+    a.step_size_max = step_size_max
+    a.grad_scale = grad_scale
+
+
 def rprop(list params not None, list grads not None, list prev not None, list step_size not None, *,
           double etaminus, double etaplus, double step_size_min, double step_size_max, double grad_scale,
           int n_threads):
@@ -55,9 +64,15 @@ def rprop(list params not None, list grads not None, list prev not None, list st
     ``maximize``.
     """
     cdef RpropArgs a
-    a.etaminus = etaminus
-    a.etaplus = etaplus
-    a.step_size_min = step_size_min
-    a.step_size_max = step_size_max
-    a.grad_scale = grad_scale
+    rprop_args(&a, etaminus, etaplus, step_size_min, step_size_max, grad_scale)
     run_kernel((params, grads, prev, step_size), n_threads, rprop_segment_f32, rprop_segment_f64, &a)
+
+
+cdef int rprop_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef RpropArgs a
+    rprop_args(&a, s[0], s[1], s[2], s[3], s[4])
+    return run_direct(call, rprop_segment_f32, rprop_segment_f64, &a)
+
+
+register_direct(rprop, rprop_direct)

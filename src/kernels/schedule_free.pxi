@@ -117,6 +117,22 @@ cdef void schedule_free_y_segment_f64(void** rows, Py_ssize_t start, Py_ssize_t 
                              <const double*>rows[2] + start, n, <const ScheduleFreeArgs*>args)
 
 
+cdef void schedule_free_adamw_args(ScheduleFreeArgs* a, double lr, double weight_decay, bint decay_at_z,
+                                   double beta1, double beta2, double bias_correction2, double eps, double ckp1,
+                                   double grad_scale) noexcept nogil:
+    a.lr = lr
+    a.lr_decay = lr * weight_decay
+    a.weight_decay = weight_decay
+    a.beta = beta1
+    a.beta2 = beta2
+    a.bias_correction2 = bias_correction2
+    a.eps = eps
+    a.ckp1 = ckp1
+    a.grad_scale = grad_scale
+    a.has_weight_decay = weight_decay != 0.0
+    a.decay_at_z = decay_at_z
+
+
 def schedule_free_adamw(list params not None, list grads not None, list z not None, list exp_avg_sq not None,
                         list x not None, *, double lr, double weight_decay, bint decay_at_z, double beta1, double beta2,
                         double bias_correction2, double eps, double ckp1, double grad_scale, int n_threads):
@@ -130,19 +146,19 @@ def schedule_free_adamw(list params not None, list grads not None, list z not No
     for ``maximize``.
     """
     cdef ScheduleFreeArgs a
+    schedule_free_adamw_args(&a, lr, weight_decay, decay_at_z, beta1, beta2, bias_correction2, eps, ckp1, grad_scale)
+    run_kernel((params, grads, z, x, exp_avg_sq), n_threads, schedule_free_adamw_segment_f32,
+               schedule_free_adamw_segment_f64, &a)
+
+
+cdef void schedule_free_sgd_args(ScheduleFreeArgs* a, double lr, double weight_decay, double momentum, double ckp1,
+                                 double grad_scale) noexcept nogil:
     a.lr = lr
-    a.lr_decay = lr * weight_decay
     a.weight_decay = weight_decay
-    a.beta = beta1
-    a.beta2 = beta2
-    a.bias_correction2 = bias_correction2
-    a.eps = eps
+    a.beta = momentum
     a.ckp1 = ckp1
     a.grad_scale = grad_scale
     a.has_weight_decay = weight_decay != 0.0
-    a.decay_at_z = decay_at_z
-    run_kernel((params, grads, z, x, exp_avg_sq), n_threads, schedule_free_adamw_segment_f32,
-               schedule_free_adamw_segment_f64, &a)
 
 
 def schedule_free_sgd(list params not None, list grads not None, list z not None, list x not None, *,
@@ -156,12 +172,7 @@ def schedule_free_sgd(list params not None, list grads not None, list z not None
     ``maximize``.
     """
     cdef ScheduleFreeArgs a
-    a.lr = lr
-    a.weight_decay = weight_decay
-    a.beta = momentum
-    a.ckp1 = ckp1
-    a.grad_scale = grad_scale
-    a.has_weight_decay = weight_decay != 0.0
+    schedule_free_sgd_args(&a, lr, weight_decay, momentum, ckp1, grad_scale)
     run_kernel((params, grads, z, x), n_threads, schedule_free_sgd_segment_f32, schedule_free_sgd_segment_f64, &a)
 
 
@@ -171,3 +182,24 @@ def schedule_free_y(list params not None, list x not None, list z not None, *, d
     cdef ScheduleFreeArgs a
     a.beta = beta
     run_kernel((params, x, z), n_threads, schedule_free_y_segment_f32, schedule_free_y_segment_f64, &a)
+
+
+cdef int schedule_free_adamw_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef ScheduleFreeArgs a
+    schedule_free_adamw_args(&a, s[0], s[1], s[2] != 0.0, s[3], s[4], s[5], s[6], s[7], s[8])
+    return run_direct(call, schedule_free_adamw_segment_f32, schedule_free_adamw_segment_f64, &a)
+
+
+register_direct(schedule_free_adamw, schedule_free_adamw_direct,
+                roles=("params", "grads", "z", "x", "exp_avg_sq"))  # as run_kernel takes them
+
+
+cdef int schedule_free_sgd_direct(const DirectCall* call) noexcept:
+    cdef const double* s = call.scalars
+    cdef ScheduleFreeArgs a
+    schedule_free_sgd_args(&a, s[0], s[1], s[2], s[3], s[4])
+    return run_direct(call, schedule_free_sgd_segment_f32, schedule_free_sgd_segment_f64, &a)
+
+
+register_direct(schedule_free_sgd, schedule_free_sgd_direct)

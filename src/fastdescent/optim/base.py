@@ -100,7 +100,8 @@ class _Bucket:
 class _Layout:
     """How one group's parameters are stored and bucketed."""
 
-    __slots__ = ("index", "first", "params", "param_list", "buckets", "grad_views", "states", "config", "complete")
+    __slots__ = ("index", "first", "params", "param_list", "buckets", "grad_views", "states", "config", "values",
+                 "complete")
 
     def __init__(self, index, first, params, buckets, grad_views):
         self.index = index            # the group's index in param_groups
@@ -111,6 +112,7 @@ class _Layout:
         self.grad_views = grad_views  # flat layout: views into the gradient arenas
         self.states = None            # the parameters' state dicts, once they exist
         self.config = None            # the hyperparameters as last validated (a rule Config)
+        self.values = None            # the group's objects that config is for (a cached config may hold equal others)
         self.complete = None          # a config whose buffers all exist (none need creating)
 
 
@@ -328,7 +330,7 @@ class Optimizer(LowPrecision, Checkpointing):
     def accumulate_steps(self, value):
         with self._lock:
             self._accumulation.steps = value
-            self._written = None  # the accumulators may have gone
+            self._written = self._plan = None  # the accumulators may have gone
 
     @property
     def pending_micro_steps(self):
@@ -428,11 +430,12 @@ class Optimizer(LowPrecision, Checkpointing):
         then only the values that changed (see ``RuleSpec.configure``)."""
         group, config = self.param_groups[layout.index], layout.config
         if config is None or not config.trusted or not _runtime.same_values(group, self.spec.hyper_names,
-                                                                            config.values):
+                                                                            layout.values):
             where = f"param_groups[{layout.index}]"
-            config = self.spec.configure(self.spec.values_of(group, where), where, previous=config)
+            values = self.spec.values_of(group, where)
+            config = self.spec.configure(values, where, previous=config)
             self._check_storage(layout.index, config.hyper, {b.dtype for b in layout.buckets})
-            layout.config = config
+            layout.config, layout.values = config, values
         return config
 
     # ------------------------------------------------------------------ step
@@ -461,12 +464,13 @@ class Optimizer(LowPrecision, Checkpointing):
         lock = self._lock
         lock.acquire()
         try:
-            if self._accumulation.steps != 1:
-                return self._accumulation.step(self, grads, group, grad_scale)
+            # (A plan exists only while accumulate_steps is 1.)
             plan = self._plan
             if plan is not None and group is None and plan.run(self.param_groups, grads, grad_scale, self._backend,
-                                                               self._n_threads, self._refresh_plan):
+                                                               self._n_threads, self):
                 return True
+            if self._accumulation.steps != 1:
+                return self._accumulation.step(self, grads, group, grad_scale)
             return self._step(grads, group, grad_scale)
         finally:
             lock.release()
@@ -524,7 +528,7 @@ class Optimizer(LowPrecision, Checkpointing):
                 if self._counts_steps:
                     update["step"] = step
                 _runtime.update_each(layout.states, update)
-        if group is None and scale is grad_scale and finish is None:
+        if group is None and scale is grad_scale and finish is None and self._accumulation.steps == 1:
             self._plan = self._steady_plan(grads is None, calls)
         return True
 
@@ -549,7 +553,7 @@ class Optimizer(LowPrecision, Checkpointing):
                                            b.span, [b.arenas["grad"]]) if flat else
                        _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
                        for b in layout.buckets]
-            groups.append(_runtime.GroupPlan(group, spec.hyper_names, config.values, layout.param_list,
+            groups.append(_runtime.GroupPlan(group, spec.hyper_names, layout.values, layout.param_list,
                                              layout.states or [], buckets, config.arguments, layout.first,
                                              len(layout.params), spec.counts_steps and bool(layout.states),
                                              config.present))
@@ -568,7 +572,7 @@ class Optimizer(LowPrecision, Checkpointing):
             for bucket, b in zip(plan.buckets, layout.buckets):
                 bucket.buffers = self._kernel_buffers(b, flat, config)
             plan.present = config.present
-        plan.values, plan.arguments = config.values, config.arguments
+        plan.values, plan.arguments = layout.values, config.arguments
         layout.complete = config
         return True
 

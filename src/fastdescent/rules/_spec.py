@@ -28,6 +28,7 @@ floats bit for bit; see :class:`fastdescent._runtime.ExactCache`), so that a val
 validation would refuse is never taken for one it accepted.
 """
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -559,7 +560,7 @@ class RuleSpec:
         ``buffers`` are the state buffers in declared order (None where not
         given), ``present`` says which are given, ``values`` are the
         hyperparameters in declared order. The face's
-        :class:`~fastdescent._runtime.FaceRunner` does the same in C for the
+        :class:`~fastdescent._runtime.Face` does the same in C for the
         common case: a cache lookup for the hyperparameters (:meth:`configure`),
         a few identity and type tests, one C call that checks every array
         (:func:`~fastdescent._runtime.checked_lists`) and, for a rule that declares
@@ -666,42 +667,40 @@ class Config:
 
 # ------------------------------------------------------------------ the face
 def make_face(spec, module):
-    """The functional face of ``spec`` (``fastdescent.<name>_step``): a function
-    with a real signature (buffers positional, then keyword-only ``step``, the
-    hyperparameters with their defaults, ``grad_scale``, ``n_threads``,
-    ``backend``), generated as :mod:`dataclasses` generates ``__init__``, so that
-    calling it costs no more than calling a hand-written function. It passes
-    everything on positionally to a :class:`~fastdescent._runtime.FaceRunner`,
-    which runs the common case in C and hands anything else to
-    :meth:`RuleSpec.face_step`."""
+    """The functional face of ``spec`` (``fastdescent.<name>_step``): a
+    :class:`~fastdescent._runtime.Face`, callable from C, with a real signature
+    (buffers positional, then keyword-only ``step``, the hyperparameters with
+    their defaults, ``grad_scale``, ``n_threads``, ``backend``). It runs the
+    common case in C and hands anything else to :meth:`RuleSpec.face_step`."""
     first_gradient = spec.may_start_as_gradient
-    hyper = [h for h in spec.hyper if h.face]
-    args = ["params", "grads"]
-    args += [b.face_argument if b.when is None else f"{b.face_argument}=None" for b in spec.buffers]
-    kw = (["step"] if spec.uses_step else [])
-    kw += [f"{s.name}=None" for s in spec.scalar_state]
-    kw += [h.name if h.default is REQUIRED else f"{h.name}=_d_{h.name}" for h in hyper]
-    kw += (["first_step=False"] if first_gradient else []) + ["grad_scale=1.0", "n_threads=None", "backend=None"]
-    values = "".join(f"{h.name if h.face else '_d_' + h.name}, " for h in spec.hyper)
-    buffers = "".join(f"{b.face_argument}, " for b in spec.buffers)
-    present = "".join(f"{b.face_argument} is not None, " for b in spec.buffers)
-    states = ", ".join(f"{s.name!r}: {s.name}" for s in spec.scalar_state)
-    source = (
-        f"def {spec.face_name}({', '.join(args)}, *, {', '.join(kw)}):\n"
-        f"    return _face(params, grads, ({buffers}), ({present}), ({values}), {'step' if spec.uses_step else 'None'}, "
-        f"grad_scale, {'first_step' if first_gradient else 'False'}, {'{' + states + '}' if states else 'None'}, "
-        f"n_threads, backend)\n"
-    )
+    P = inspect.Parameter
+    parameters = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
+    parameters += [P(b.face_argument, P.POSITIONAL_OR_KEYWORD, default=P.empty if b.when is None else None)
+                   for b in spec.buffers]
+    keywords = [("step", REQUIRED)] if spec.uses_step else []
+    keywords += [(s.name, None) for s in spec.scalar_state]
+    keywords += [(h.name, h.default) for h in spec.hyper if h.face]
+    keywords += ([("first_step", False)] if first_gradient else []) + [("grad_scale", 1.0), ("n_threads", None),
+                                                                      ("backend", None)]
+    parameters += [P(name, P.KEYWORD_ONLY, default=P.empty if default is REQUIRED else default)
+                   for name, default in keywords]
+    names = [p.name for p in parameters]
+    # Then the hyperparameters the face does not take, at their defaults.
+    hidden = [h for h in spec.hyper if not h.face]
+    defaults = [REQUIRED if p.default is P.empty else p.default for p in parameters] + [h.default for h in hidden]
+    slot = {name: k for k, name in enumerate(names + [f"-{h.name}" for h in hidden])}
+    slots = (tuple(slot[b.face_argument] for b in spec.buffers),
+             tuple(slot[h.name if h.face else f"-{h.name}"] for h in spec.hyper),
+             slot.get("step", -1), tuple((s.name, slot[s.name]) for s in spec.scalar_state),
+             slot.get("first_step", -1), slot["grad_scale"], slot["n_threads"], slot["backend"])
     # The C fast path knows nothing of scalar states or shapes: those rules take face_step.
     simple = not spec.scalar_state and not spec._shaped and spec.param_ndim is None
-    runner = _runtime.FaceRunner(spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
-                                 CALL_DEFAULTS, NOTHING_FRESH)
-    namespace = {"_face": runner.run, **{f"_d_{h.name}": h.default for h in spec.hyper}}
-    exec(source, namespace)  # noqa: S102 - generated from the spec, as dataclasses does
-    face = namespace[spec.face_name]
-    face.__module__ = module
-    face.__qualname__ = spec.face_name
+    face = _runtime.Face(spec.face_name, tuple(names), 2 + len(spec.buffers), tuple(defaults), REQUIRED, slots,
+                         spec._configs, spec._roles, spec._writable, spec.uses_step, simple, spec.face_step,
+                         CALL_DEFAULTS, NOTHING_FRESH)
+    face.__module__, face.__name__, face.__qualname__ = module, spec.face_name, spec.face_name
     face.__doc__ = spec.doc.rstrip() + "\n\n" + face_parameters(spec, first_gradient)
+    face.__signature__ = inspect.Signature(parameters)
     return face
 
 
