@@ -16,8 +16,12 @@
 # A factored tensor is seen as `batches` matrices of rows x cols (the last two
 # dimensions; torch factors those). The results must not depend on the thread
 # count, so every sum has an order fixed by the shape alone. The work is cut into
-# tiles of AF_ROW_BLOCK rows x AF_STRIP columns of one matrix (a vector of n is one
-# row of n columns), which threads claim several at a time (as many as hold
+# tiles of AF_ROW_BLOCK rows of one matrix (a vector of n is one row of n columns),
+# whole rows up to AF_STRIP_BYTES, else rows cut into strips of equal widths
+# (af_strip_width): the rows of a tile are then one run of memory, which the
+# hardware prefetchers follow as they follow the bandwidth kernel's (strips of
+# 8192 columns read a 10^4-column matrix at 70% of the ceiling in sweep B, whole
+# rows at 80%). Threads claim tiles several at a time (as many as hold
 # CHUNK_ELEMENTS elements of the largest tile: small matrices, such as a network's
 # convolution kernels, cost few claims); each tile's sums go to its own slot:
 #
@@ -40,8 +44,9 @@ from libc.math cimport sqrt
 import numpy as np
 
 cdef enum:
-    AF_LANES = 16        # independent sums along a row: a vector of floats, two of doubles
-    AF_STRIP = 8192      # columns per tile (a multiple of AF_CHUNK): its column sums, on the stack, stay in L1/L2
+    AF_LANES = 32        # independent sums along a row: two vectors of floats (the latency of the adds)
+    AF_STRIP_BYTES = 65536  # most bytes of a row per tile (a multiple of AF_CHUNK elements): wider rows are cut
+    AF_STRIP_DOUBLES = 8192  # AF_STRIP_BYTES in doubles: the tile's column sums, on the stack
     AF_ROW_BLOCK = 256   # rows per tile: the column sums of all tiles take 1/256 of a matrix (in doubles)
     AF_CHUNK = 512       # columns a lane adds in the dtype before adding the result in double
     AF_AHEAD = 4096      # bytes ahead of a run's loads that its loop asks for (prefetch_lanes)
@@ -79,10 +84,12 @@ cdef inline void prefetch_chunk(const floating* run, Py_ssize_t at, Py_ssize_t m
 cdef inline void prefetch_lanes(const floating* run, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """Prefetch the lines AF_AHEAD bytes past ``run[i:i + AF_LANES]`` (near the run's
     end, its last element: no line past the run is fetched)."""
-    cdef Py_ssize_t ahead = min(i + AF_AHEAD // sizeof(floating), n - 1)
-    fd_prefetch_read(run + ahead)
-    if floating is double:  # AF_LANES doubles span two lines
-        fd_prefetch_read(run + min(ahead + AF_LANES // 2, n - 1))
+    cdef Py_ssize_t ahead = i + AF_AHEAD // sizeof(floating)
+    fd_prefetch_read(run + min(ahead, n - 1))  # AF_LANES (32) floats span two lines, doubles four
+    fd_prefetch_read(run + min(ahead + 16, n - 1))
+    if floating is double:
+        fd_prefetch_read(run + min(ahead + 8, n - 1))
+        fd_prefetch_read(run + min(ahead + 24, n - 1))
 
 
 cdef struct AfTensor:
@@ -93,6 +100,7 @@ cdef struct AfTensor:
     void* variance           # NULL for a factored tensor
     Py_ssize_t batches, rows, cols     # unfactored: 1, 1, size
     Py_ssize_t row_blocks, strips
+    Py_ssize_t width         # columns per strip (af_strip_width; the last strip may be narrower)
     Py_ssize_t first_tile, n_tiles
     Py_ssize_t row_at        # offset of its rows in row_factor (batches * rows)
     Py_ssize_t col_at        # offset of its columns in col_factor (batches * cols)
@@ -342,8 +350,8 @@ cdef inline void tile_place(const AfTensor* T, Py_ssize_t local, Py_ssize_t* b, 
     b[0] = local // (T.strips * T.row_blocks)
     i0[0] = block * AF_ROW_BLOCK
     i1[0] = min(i0[0] + AF_ROW_BLOCK, T.rows)
-    j0[0] = strip * AF_STRIP
-    width[0] = min(<Py_ssize_t>AF_STRIP, T.cols - j0[0])
+    j0[0] = strip * T.width
+    width[0] = min(T.width, T.cols - j0[0])
 
 
 cdef inline void statistics_tile(const AfPlan* plan, const AfArgs* a, Py_ssize_t tile,
@@ -354,7 +362,8 @@ cdef inline void statistics_tile(const AfPlan* plan, const AfArgs* a, Py_ssize_t
     cdef const floating* p = <const floating*>T.p
     cdef const floating* g = <const floating*>T.g
     cdef floating scale = <floating>a.grad_scale
-    cdef floating col[AF_STRIP]   # the tile's column sums, in the dtype
+    cdef double col_bytes[AF_STRIP_DOUBLES]  # the tile's column sums, in the dtype
+    cdef floating* col = <floating*>col_bytes
     cdef double* sums
     cdef double total = 0.0, row_sum, p_sum
     tile_place(T, local, &b, &i0, &i1, &j0, &width)
@@ -530,6 +539,14 @@ cdef Py_ssize_t af_blocks(Py_ssize_t n, Py_ssize_t size) noexcept nogil:
     return (n + size - 1) // size
 
 
+cdef Py_ssize_t af_strip_width(Py_ssize_t cols, Py_ssize_t itemsize) noexcept nogil:
+    """Columns per strip of a matrix of ``cols`` columns: whole rows up to
+    AF_STRIP_BYTES (the rows of a tile are then one run of memory), else the fewest
+    strips of at most that, of equal widths rounded up to a multiple of AF_CHUNK."""
+    cdef Py_ssize_t strips = max(<Py_ssize_t>1, af_blocks(cols, AF_STRIP_BYTES // itemsize))
+    return max(<Py_ssize_t>1, af_blocks(af_blocks(cols, strips), AF_CHUNK)) * AF_CHUNK
+
+
 cdef int af_plan_init(AfPlan* plan, list params, list grads, list row_var, list col_var, list variance,
                       int n_threads, bint reductions) except -1:
     """Gather every tensor's arrays and geometry, and allocate the scratch sums.
@@ -601,10 +618,11 @@ cdef int af_plan_init(AfPlan* plan, list params, list grads, list row_var, list 
             T.batches, rows, cols = 1, 1, n
         T.rows, T.cols = rows, cols
         T.row_blocks = af_blocks(rows, AF_ROW_BLOCK)
-        T.strips = af_blocks(cols, AF_STRIP)
+        T.width = af_strip_width(cols, cnp.PyArray_ITEMSIZE(p))
+        T.strips = af_blocks(cols, T.width)
         T.n_tiles = T.batches * T.row_blocks * T.strips if n else 0
         if n:
-            largest_tile = max(largest_tile, min(rows, <Py_ssize_t>AF_ROW_BLOCK) * min(cols, <Py_ssize_t>AF_STRIP))
+            largest_tile = max(largest_tile, min(rows, <Py_ssize_t>AF_ROW_BLOCK) * min(cols, T.width))
         T.first_tile = plan.n_tiles
         plan.n_tiles += T.n_tiles
         plan.total += n

@@ -5,7 +5,8 @@ in the same order, so that both backends agree bit for bit.
 and ``adafactor_update`` (the fused update) have the kernels' signatures and
 in-place contract. A factored tensor is ``batches`` matrices of ``rows x cols``; a
 vector of n is one row of n columns. Every sum has the kernels' order, fixed by
-the shape: tiles of ``ROW_BLOCK`` rows by ``STRIP`` columns; along a row of a tile,
+the shape: tiles of ``ROW_BLOCK`` rows by whole rows, or strips of them
+(``_strip_width``) when a row is over ``STRIP_BYTES``; along a row of a tile,
 element j goes to lane j % ``LANES``, each lane adds in column order (in the dtype
 over each ``CHUNK`` of columns, then in float64), the lanes combine by a pairwise
 tree; a tile adds its rows in row order, its column sums add its rows in row order
@@ -17,8 +18,8 @@ import math
 
 import numpy as np
 
-LANES = 16
-STRIP = 8192
+LANES = 32
+STRIP_BYTES = 65536
 ROW_BLOCK = 256
 CHUNK = 512
 
@@ -47,10 +48,18 @@ def _in_order(x, axis):
     return np.take(np.add.accumulate(x, axis=axis), -1, axis=axis)
 
 
+def _strip_width(cols, itemsize):
+    """Columns per strip: whole rows up to STRIP_BYTES, else the fewest strips of at
+    most that, of equal widths rounded up to a multiple of CHUNK (the last may be
+    narrower)."""
+    strips = max(1, -(-cols // (STRIP_BYTES // itemsize)))
+    return max(1, -(-(-(-cols // strips)) // CHUNK)) * CHUNK
+
+
 def _lanes(squares):
-    """Per row of ``squares`` (in the dtype, shape (..., cols)) and strip of STRIP
-    columns: each lane's sum in column order, in the dtype over each CHUNK of
-    columns and then in float64, the lanes combined pairwise. Shape (..., strips)."""
+    """Per row of ``squares`` (in the dtype, shape (..., cols)) and strip
+    (``_strip_width``): each lane's sum in column order, in the dtype over each CHUNK
+    of columns and then in float64, the lanes combined pairwise. Shape (..., strips)."""
     cols = squares.shape[-1]
     groups = -(-cols // LANES)
     x = np.zeros(squares.shape[:-1] + (groups * LANES,), squares.dtype)
@@ -65,7 +74,7 @@ def _lanes(squares):
     if groups % per_chunk:
         chunks.append(_in_order(x[..., full * per_chunk:, :], -2)[..., None, :])
     chunk_lanes = np.concatenate(chunks, axis=-2).astype(np.float64)  # (..., chunks, LANES)
-    per_strip = STRIP // CHUNK
+    per_strip = _strip_width(cols, squares.itemsize) // CHUNK
     n_chunks = chunk_lanes.shape[-2]
     strips = -(-n_chunks // per_strip)
     padded = np.zeros(squares.shape[:-1] + (strips * per_strip, LANES))
