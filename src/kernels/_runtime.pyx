@@ -1013,7 +1013,6 @@ cdef class KernelCall:
         cdef Py_ssize_t* offsets = local_offsets
         cdef Py_ssize_t j, k, t, n = g.n_tensors, n_roles = self.n_direct_roles
         cdef PyObject* item
-        cdef object value
         cdef DirectCall call
         if varying is not None or varying_doubles == NULL:
             self._check_scalars(None, constants, varying)
@@ -1026,12 +1025,8 @@ cdef class KernelCall:
             if k >= self.n_constants and varying is None:
                 scalars[j] = varying_doubles[k - self.n_constants]
                 continue
-            value = constants[k] if k < self.n_constants else varying[k - self.n_constants]
-            if type(value) is float:
-                scalars[j] = PyFloat_AS_DOUBLE(value)
-            elif value is True or value is False:
-                scalars[j] = 1.0 if value is True else 0.0
-            else:
+            if not direct_scalar(constants[k] if k < self.n_constants else varying[k - self.n_constants],
+                                 scalars + j):
                 return 1
         if n * n_roles > LOCAL_ROWS:
             rows = <void**>malloc(n * n_roles * sizeof(void*))
