@@ -963,18 +963,9 @@ cdef class KernelCall:
         cdef void* entry_fn = NULL
         if backend is self.direct_backend:
             return self.direct != NULL
-        entries = getattr(backend, "direct_entries", None)
-        entry = entries().get(self.kernel) if entries is not None else None
         scalars = self.kwnames[self.n_buffers:len(self.kwnames) - 1]
-        if entry is not None:
-            capsule, kernel_roles, kernel_scalars = entry
-            if (len(kernel_roles) <= MAX_DIRECT_ROLES and sorted(kernel_roles) == sorted(self.roles)
-                    and sorted(kernel_scalars) == sorted(scalars) and len(set(scalars)) == len(scalars)):
-                for j in range(len(kernel_roles)):
-                    role_map[j] = self.roles.index(kernel_roles[j])
-                for j in range(len(kernel_scalars)):
-                    scalar_map[j] = scalars.index(kernel_scalars[j])
-                entry_fn = PyCapsule_GetPointer(capsule, DIRECT_CAPSULE)
+        if len(self.roles) <= MAX_DIRECT_ROLES and len(set(scalars)) == len(scalars):
+            entry_fn = find_direct_entry(backend, self.kernel, self.roles, scalars, role_map, scalar_map)
         # No Python code from here on: a thread never sees one backend with another's entry.
         self.direct = <direct_fn>entry_fn
         if entry_fn != NULL:
@@ -1020,14 +1011,8 @@ cdef class KernelCall:
             self._check_scalars(None, constants, (None,) * self.n_varying)
         if g.n_roles != n_roles or n_threads < 1:
             return 1
-        for j in range(self.n_direct_scalars):
-            k = self.scalar_map[j]
-            if k >= self.n_constants and varying is None:
-                scalars[j] = varying_doubles[k - self.n_constants]
-                continue
-            if not direct_scalar(constants[k] if k < self.n_constants else varying[k - self.n_constants],
-                                 scalars + j):
-                return 1
+        if not direct_scalars(self.scalar_map, self.n_direct_scalars, constants, varying, varying_doubles, scalars):
+            return 1
         if n * n_roles > LOCAL_ROWS:
             rows = <void**>malloc(n * n_roles * sizeof(void*))
         if n > LOCAL_TENSORS:

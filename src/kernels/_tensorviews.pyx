@@ -575,8 +575,8 @@ cdef class DirectKernel:
     cdef tuple roles, scalars
     cdef object backend          # the backend module bound last (None: none yet)
     cdef direct_fn fn            # its entry, NULL if it has none that fits
-    cdef Py_ssize_t* role_of     # the entry's role j is our role role_of[j]
-    cdef Py_ssize_t* scalar_of   # the entry's scalar j is our scalar scalar_of[j]
+    cdef int* role_of            # the entry's role j is our role role_of[j]
+    cdef int* scalar_of          # the entry's scalar j is our scalar scalar_of[j]
 
     def __cinit__(self):
         self.role_of = self.scalar_of = NULL
@@ -585,8 +585,8 @@ cdef class DirectKernel:
         if len(set(roles)) != len(roles) or len(set(scalars)) != len(scalars) or roles[:2] != ("params", "grads"):
             raise ValueError("roles (params, grads, buffers...) and scalars are distinct names")
         self.invoke, self.kernel, self.roles, self.scalars = invoke, kernel, roles, scalars
-        self.role_of = <Py_ssize_t*>malloc(len(roles) * sizeof(Py_ssize_t))
-        self.scalar_of = <Py_ssize_t*>malloc(max(1, len(scalars)) * sizeof(Py_ssize_t))
+        self.role_of = <int*>malloc(len(roles) * sizeof(int))
+        self.scalar_of = <int*>malloc(max(1, len(scalars)) * sizeof(int))
         if self.role_of == NULL or self.scalar_of == NULL:
             raise MemoryError()
 
@@ -596,20 +596,11 @@ cdef class DirectKernel:
 
     cdef bint bind(self, object backend) except -1:
         """True if ``backend`` has a direct entry for our kernel, roles and scalars."""
-        cdef Py_ssize_t j
         if backend is self.backend:
             return self.fn != NULL
         self.fn, self.backend = NULL, None
-        entries = getattr(backend, "direct_entries", None)
-        entry = entries().get(self.kernel) if entries is not None else None
-        if entry is not None:
-            capsule, roles, scalars = entry
-            if sorted(roles) == sorted(self.roles) and sorted(scalars) == sorted(self.scalars):
-                for j in range(len(roles)):
-                    self.role_of[j] = self.roles.index(roles[j])
-                for j in range(len(scalars)):
-                    self.scalar_of[j] = self.scalars.index(scalars[j])
-                self.fn = <direct_fn>PyCapsule_GetPointer(capsule, DIRECT_CAPSULE)
+        self.fn = <direct_fn>find_direct_entry(backend, self.kernel, self.roles, self.scalars, self.role_of,
+                                               self.scalar_of)
         self.backend = backend
         return self.fn != NULL
 
@@ -691,19 +682,16 @@ cdef class BucketStep:
         0 if it ran, 1 if not (a scalar that is not a float or a bool, or the entry
         declined: then nothing was written)."""
         cdef DirectKernel direct = self.direct
-        cdef Py_ssize_t t, j, k, n = self.views.n, n_constants = len(constants)
-        cdef Py_ssize_t n_scalars = len(direct.scalars)
+        cdef Py_ssize_t t, n = self.views.n, n_scalars = len(direct.scalars)
         cdef double* scalars = <double*>malloc(max(1, n_scalars) * sizeof(double))
         cdef DirectCall call
         if scalars == NULL:
             raise MemoryError()
         try:
-            if n_constants + len(varying) != n_scalars or n_threads < 1:
+            if len(constants) + len(varying) != n_scalars or n_threads < 1:
                 return 1
-            for j in range(n_scalars):
-                k = direct.scalar_of[j]
-                if not direct_scalar(constants[k] if k < n_constants else varying[k - n_constants], scalars + j):
-                    return 1
+            if not direct_scalars(direct.scalar_of, n_scalars, constants, varying, NULL, scalars):
+                return 1
             for t in range(n):
                 self.rows[t * self.n_roles + self.grad_role] = cnp.PyArray_DATA(
                     <cnp.ndarray>self.views.view_refs[t])
