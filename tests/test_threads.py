@@ -164,6 +164,30 @@ def test_sleeping_or_spinning_workers_give_identical_results(spin, rng, tiny_par
 
 
 @needs_two_threads
+@pytest.mark.parametrize("n", [100_003, 1_000_003], ids=["chunked by tiny parts", "default chunks"])
+def test_alternating_order_gives_identical_results(n, rng, request):
+    """Back-to-back calls on the same arrays alternate directions (each thread
+    starts on the chunks it ran last): the same bits as front to back, alone or on
+    the pool, whichever thread runs which chunk."""
+    if n < 1_000_000:
+        request.getfixturevalue("tiny_parts")
+    kernels = _dispatch.kernels
+    params, grads = [rng.standard_normal(n).astype(np.float32)], [rng.standard_normal(n).astype(np.float32)]
+    try:
+        kernels.set_alternating_order(False)
+        assert not kernels.pool_state()["alternating_order"]
+        expected = adam_run(1, params, grads, steps=4)
+        reversed_before = kernels.pool_state()["reversed_jobs"]
+        kernels.set_alternating_order(True)
+        assert kernels.pool_state()["alternating_order"]
+        for n_threads in (1, 2, 2, 1):
+            assert adam_run(n_threads, params, grads, steps=4) == expected
+        assert kernels.pool_state()["reversed_jobs"] >= reversed_before + 8  # steps 2 and 4 of each run
+    finally:
+        kernels.set_alternating_order(True)
+
+
+@needs_two_threads
 def test_concurrent_calls_from_python_threads_are_each_correct(rng, tiny_parts):
     """Two Python threads share one pool: whoever finds it busy runs alone, correctly."""
     jobs = []
