@@ -423,9 +423,11 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     path = tmp_path / "sweep.json"
     assert main(["bench", "--cases", "threads", "--sweep-sizes", "4e3", "--sweep-gaps", "0.001",
                  "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
-                 "--json", str(path)]) == 0
+                 "--sweep-fixed-order", "--json", str(path)]) == 0
     live = capsys.readouterr().out
     assert "back to back" in live and "after 1 ms of NumPy matrix products" in live and "vs fused" in live
+    assert "fixed 2thr" in live and "alt gain" in live
+    assert _dispatch.kernels.pool_state()["alternating_order"]  # restored after the fixed-order contender
     import json
 
     sweep = json.loads(path.read_text())["threads"]
@@ -434,6 +436,7 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     assert all(r["gap_mean"] >= 0.001 for r in sweep["records"] if r.get("gap") == 0.001 and "seconds" in r)
     timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
     assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
+    assert ("kernel-fixed-order", 2, 0.0) in timed and ("kernel-fixed-order", 2, 0.001) in timed
     assert " woke " in live   # after a gap: calls that woke parked workers, of those run on the pool
     for r in sweep["records"]:
         if r.get("gap") == 0.001 and r["method"] == "kernel" and r["threads"] > 1 and "seconds" in r:
