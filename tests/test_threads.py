@@ -182,7 +182,8 @@ def test_alternating_order_gives_identical_results(n, rng, request):
         assert kernels.pool_state()["alternating_order"]
         for n_threads in (1, 2, 2, 1):
             assert adam_run(n_threads, params, grads, steps=4) == expected
-        assert kernels.pool_state()["reversed_jobs"] >= reversed_before + 8  # steps 2 and 4 of each run
+        # steps 2 and 4 of each 1-thread run (a 2-thread run's policy may go serial for a step under load)
+        assert kernels.pool_state()["reversed_jobs"] >= reversed_before + 4
     finally:
         kernels.set_alternating_order(True)
 

@@ -45,8 +45,9 @@
 #   default; 0 with OMP_WAIT_POLICY=passive, forever with =active), then sleeps
 #   on a condition variable; at once if the spin was descheduled (other threads
 #   want the cores: spinning would take one from them or from our caller), and
-#   then back-to-back calls do not wake it for 100 ms (it would not stay awake;
-#   not after a long spin, below, which another thread's work took over).
+#   then back-to-back calls do not wake it for a while (it would not stay awake;
+#   not after a long spin, below, which another thread's work took over): 20
+#   times as long as it was without its core, 2 ms to 100 ms (fd_backoff_window).
 #   A spinning worker calls sched_yield every 50 us, so that a thread waiting for
 #   its core gets it at once (and the worker, finding it lost its core, parks).
 #   A job costs the caller one atomic increment while the workers spin. While
@@ -87,7 +88,9 @@
 #   update alone, correctly, rather than waiting.
 # * Back-off: the caller must wait for chunks already being run. If a worker lost
 #   its core mid-chunk (more runnable threads than cores), that wait is a time
-#   slice, milliseconds. Updates run alone for the next 100 ms when no spinning
+#   slice, milliseconds. Updates run alone for a while (fd_backoff_window: 20 times
+#   what the job lost against the update alone, or how long a thread was without
+#   its core, 2 ms to 100 ms) when no spinning
 #   worker came while the caller ran its own part (one in a long spin that did not
 #   come only stops long spins for a while), or when the job took longer than the update
 #   alone would have (by the rate estimate) and the wait was long against the job
@@ -157,6 +160,12 @@ cdef extern from *:
     /* A spinning worker offers its core to other runnable threads this often. */
     #define FD_SPIN_YIELD_EVERY 5e-5
     #define FD_GATE_OPEN 0x80000000u
+    /* A back-off lasts this many times the time it answers (what a job lost against
+       the update alone, or how long a thread was without its core), within these
+       bounds: see fd_backoff_window. */
+    #define FD_BACKOFF_PER_LOSS 20.0
+    #define FD_MIN_BACKOFF 2e-3
+    #define FD_MAX_BACKOFF 0.1
     /* Reasons to back off, counted in fd_pool.backoff_why. */
     enum {FD_WHY_SPIN_DESCHEDULED, FD_WHY_NO_WORKER_JOINED, FD_WHY_WOKEN_WORKER_LATE,
           FD_WHY_LAST_CHUNK_WAIT, FD_WHY_CALLER_DESCHEDULED, FD_N_WHY};
@@ -229,6 +238,20 @@ cdef extern from *:
     }
 
     static void fd_long_spin_cut(double now);
+
+    /* How long to back off (run alone, or not wake parked workers back to back)
+       after a job lost `lost` seconds against the update alone, or a thread was
+       without its core that long: FD_BACKOFF_PER_LOSS times it, between
+       FD_MIN_BACKOFF and FD_MAX_BACKOFF. Under an overload that lasts, one such
+       job per window then costs at most 1/FD_BACKOFF_PER_LOSS (5%) of the time,
+       and a time slice lost (milliseconds) still backs off for about 0.1 s; a
+       passing preemption (a VM's host taking a vCPU for 100 us, a few times a
+       second on this machine: its steal time) costs a few milliseconds of updates
+       run alone, not 0.1 s of them. */
+    static double fd_backoff_window(double lost) {
+        double window = FD_BACKOFF_PER_LOSS * lost;
+        return window < FD_MIN_BACKOFF ? FD_MIN_BACKOFF : window > FD_MAX_BACKOFF ? FD_MAX_BACKOFF : window;
+    }
 
     static fd_part fd_parts[FD_MAX_THREADS] __attribute__((aligned(64)));
     static unsigned long fd_first_generation[FD_MAX_THREADS];
@@ -355,8 +378,8 @@ cdef extern from *:
                        another thread wants this core between two steps: spin
                        no longer, but back-to-back calls may still wake us. */
                     if (before < own_spin_until) {
-                        fd_set_deadline(&fd_pool.no_burst_until, now + 0.1);
-                        fd_set_deadline(&fd_pool.no_long_spin_until, now + 0.1);
+                        fd_set_deadline(&fd_pool.no_burst_until, now + fd_backoff_window(now - before));
+                        fd_set_deadline(&fd_pool.no_long_spin_until, now + fd_backoff_window(now - before));
                     } else {
                         fd_long_spin_cut(now);
                     }
@@ -586,15 +609,15 @@ cdef extern from *:
             own_done = fd_now();
             if (!woke && own_done - started > 2e-5) {
                 if (started - fd_pool.job_ended < fd_pool.spin_seconds) {
-                    fd_set_deadline(&fd_pool.contended_until, own_done + 0.1);
-                    fd_set_deadline(&fd_pool.no_long_spin_until, own_done + 0.1);
+                    fd_set_deadline(&fd_pool.contended_until, own_done + fd_backoff_window(own_done - started));
+                    fd_set_deadline(&fd_pool.no_long_spin_until, own_done + fd_backoff_window(own_done - started));
                     fd_pool.backoffs++;
                 } else {
                     fd_long_spin_cut(own_done);
                 }
                 fd_pool.backoff_why[FD_WHY_NO_WORKER_JOINED]++;
             } else if (woke && own_done - started > 2e-4) {
-                fd_set_deadline(&fd_pool.no_burst_until, own_done + 0.1);
+                fd_set_deadline(&fd_pool.no_burst_until, own_done + fd_backoff_window(own_done - started));
                 fd_pool.backoff_why[FD_WHY_WOKEN_WORKER_LATE]++;
             }
         }
@@ -620,13 +643,13 @@ cdef extern from *:
         serial = n_items / fd_get_deadline(&fd_pool.rate);
         if (ended - started > serial) {
             if (slow_wait) {
-                fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
+                fd_set_deadline(&fd_pool.contended_until, ended + fd_backoff_window(ended - started - serial));
                 fd_pool.backoffs++;
                 fd_pool.backoff_why[FD_WHY_LAST_CHUNK_WAIT]++;
             } else if (timed) {
                 lost = (ended - started) - (fd_thread_cpu() - cpu_started);
                 if (lost > 5e-5 && lost > 0.2 * (ended - started)) {
-                    fd_set_deadline(&fd_pool.contended_until, ended + 0.1);
+                    fd_set_deadline(&fd_pool.contended_until, ended + fd_backoff_window(ended - started - serial));
                     fd_pool.backoffs++;
                     fd_pool.backoff_why[FD_WHY_CALLER_DESCHEDULED]++;
                 }
