@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from .. import _checks, _runtime
-from .._config import effective_n_threads, resolve_backend
+from .._config import CALL_DEFAULTS, effective_n_threads, resolve_backend
 
 
 class _Marker:
@@ -57,8 +57,6 @@ PARAMETER = _Marker("PARAMETER")
 
 #: No buffer created for this step.
 NOTHING_FRESH = frozenset()
-#: ``n_threads`` and ``backend`` resolved in C for the faces' and the step plans' common case.
-CALL_DEFAULTS = _runtime.CallDefaults(effective_n_threads, resolve_backend)
 #: Validated configurations kept per rule (the cache is emptied when full).
 CONFIGS_KEPT = 256
 
