@@ -27,7 +27,7 @@ needs_two_threads = pytest.mark.skipif(
 def kernel_backend():
     """The faces here run on the kernels' worker pool, whatever the default backend
     (CI also runs the suite with the reference backend as the default)."""
-    previous = _config._default_backend  # (None: from the environment)
+    previous = _config.CALL_DEFAULTS.default_backend  # (None: from the environment)
     fd.set_backend("kernel")
     yield
     fd.set_backend(previous)
