@@ -379,6 +379,194 @@ cdef extern from *:
         return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 0, 96, 0x1p-96f,
                               0x1p53f, 0xff);
     }
+
+    /* ---- 8-bit codes, 16 lanes at a time (AVX-512 intrinsics): the codecs of
+       a rule's fused int8 loop (adam.pxi). gcc 12 vectorized the per-element
+       codecs above into about twice the operations these take (byte masks
+       widened, the subnormal-safe forms and the NaN selects on every element,
+       the rule's flags masked). These decide per block what the per-element
+       codecs decide per element: a block without subnormal or NaN codes is
+       decoded with one multiply per code, and a block whose new values are
+       finite and have no subnormal product is encoded with one multiply, an
+       add and shifts; other blocks take the general forms. The same operations
+       on the same values, so the same bits. Each takes `full` (16 lanes) or
+       the lanes of `k` (a block's last vector), and the code's constants (int8:
+       signed, bias 112, NaN 0x7f; uint8: bias 96, NaN 0xff): constants, once
+       inlined. Ternary logic: 0xEA is (a & b) | c, 0xF8 is a | (b & c), 0xE4
+       is c ? a : b (bitwise). */
+    #ifdef __AVX512F__
+    #include <immintrin.h>
+    #define FD_V_INLINE static inline __attribute__((always_inline))
+
+    /* 16 codes on 32-bit lanes; int8 codes sign-extended, so that shifted to
+       their float32 place (<< FD_CODE_DROPPED) the sign fills bits 27..31. */
+    FD_V_INLINE __m512i fd_v_codes(const uint8_t *src, __mmask16 k, int full, int is_signed) {
+        __m128i c = full ? _mm_loadu_si128((const __m128i *)src) : _mm_maskz_loadu_epi8(k, src);
+        return is_signed ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c);
+    }
+
+    /* Are the n codes of a block of `scale` decoded with one multiply each:
+       no subnormal code (magnitude 1 .. 7), no NaN code, and 2**bias * scale
+       (`up` * scale) finite (fd_code_load's test, and the NaN codes)? */
+    static inline int fd_v_plain_codes(const uint8_t *src, int n, float scale, int is_signed, float up) {
+        const __m512i one = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
+        const __m512i nan = _mm512_set1_epi8(is_signed ? 0x7f : (char)0xff);
+        __mmask64 found = 0, k;
+        __m512i c;
+        int i;
+        if ((fd_bits(up * scale) & 0x7f800000U) == 0x7f800000U) return 0;
+        for (i = 0; i < n; i += 64) {
+            k = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
+            c = _mm512_maskz_loadu_epi8(k, src + i);
+            if (is_signed) c = _mm512_and_si512(c, nan);   /* the magnitude */
+            found |= _mm512_cmplt_epu8_mask(_mm512_sub_epi8(c, one), seven) | _mm512_cmpeq_epi8_mask(c, nan);
+        }
+        return found == 0;   /* lanes past n load as zeros: neither */
+    }
+
+    /* The values of codes `c` (fd_v_codes) in a block of `scale`, as fd_code_value
+       computes them: `plain` (fd_v_plain_codes), the code's bits times `factor`
+       = 2**bias * scale; else the subnormal-safe form (exponent in integers),
+       NaN codes as NaN, times scale. */
+    FD_V_INLINE __m512 fd_v_code_values(__m512i c, int plain, __m512 factor, __m512 scale, int is_signed,
+                                        uint32_t bias) {
+        const __m512i sign_bit = _mm512_set1_epi32((int)0x80000000U), quiet_nan = _mm512_set1_epi32(0x7fc00000);
+        __m512i bits = _mm512_slli_epi32(c, FD_CODE_DROPPED), y;
+        __mmask16 nan, subnormal;
+        __m512 value;
+        if (plain)   /* sign and magnitude at once */
+            return _mm512_mul_ps(_mm512_castsi512_ps(is_signed ? _mm512_and_si512(bits, _mm512_set1_epi32(
+                (int)(0x80000000U | (0x7fU << FD_CODE_DROPPED)))) : bits), factor);
+        nan = is_signed ? _mm512_cmpeq_epi32_mask(_mm512_slli_epi32(c, 25), _mm512_set1_epi32((int)0xfe000000U))
+                        : _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0xff));
+        y = is_signed ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7f << FD_CODE_DROPPED)) : bits;
+        subnormal = _mm512_cmplt_epu32_mask(y, _mm512_set1_epi32(1 << 23));
+        value = _mm512_castsi512_ps(_mm512_add_epi32(y, _mm512_mask_blend_epi32(
+            subnormal, _mm512_set1_epi32((int)(bias << 23)), _mm512_set1_epi32((int)((bias + 1) << 23)))));
+        value = _mm512_mask_sub_ps(value, subnormal, value, _mm512_set1_ps(fd_float((bias + 1) << 23)));
+        y = _mm512_mask_mov_epi32(_mm512_castps_si512(value), nan, quiet_nan);
+        if (is_signed) y = _mm512_ternarylogic_epi32(y, bits, sign_bit, 0xF8);
+        return _mm512_mul_ps(_mm512_castsi512_ps(y), scale);
+    }
+
+    /* A fused loop keeps, per block and moment, the lanes' largest and smallest
+       nonzero magnitudes (bits) of the new values: fd_v_track. For a uint8
+       moment it may pass the values' bits themselves: a negative one then
+       counts as past every finite value, and sends the block to the general
+       encoder, which takes magnitudes. */
+    typedef struct { __m512i largest, smallest_less_one; } fd_v_range;
+
+    FD_V_INLINE fd_v_range fd_v_range_start(void) {
+        fd_v_range r;
+        r.largest = _mm512_setzero_si512();
+        r.smallest_less_one = _mm512_set1_epi32(-1);
+        return r;
+    }
+
+    /* magnitude - 1 wraps 0 to the largest unsigned: zeros drop out of the minimum */
+    FD_V_INLINE void fd_v_track(fd_v_range *r, __m512i magnitude) {
+        r->largest = _mm512_max_epu32(r->largest, magnitude);
+        r->smallest_less_one = _mm512_min_epu32(r->smallest_less_one, _mm512_sub_epi32(magnitude, _mm512_set1_epi32(1)));
+    }
+
+    /* The codes (on 32-bit lanes) of 16 values of bits `u` under a block's
+       `inverse` (fd_inverse), rounded by adding `add`, as fd_code_bits computes
+       them. The bits of z * 2**-bias without a subnormal operation: z's bits with
+       the exponent lowered where the product is normal, else z * 2**(149 - bias)
+       (exact) converted to an integer to nearest even, as the multiply would
+       round the subnormal product. */
+    FD_V_INLINE __m512i fd_v_code_bits(__m512i u, __m512 inverse, __m512i add, int is_signed, uint32_t bias,
+                                       float tiny_up, uint32_t nan_code) {
+        __m512 z = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff))), inverse);
+        __m512i zbits = _mm512_castps_si512(z), y, c;
+        __mmask16 normal = _mm512_cmpge_epi32_mask(zbits, _mm512_set1_epi32((int)((bias + 1) << 23)));
+        y = _mm512_cvt_roundps_epi32(_mm512_mul_ps(z, _mm512_set1_ps(tiny_up)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        y = _mm512_mask_sub_epi32(y, normal, zbits, _mm512_set1_epi32((int)(bias << 23)));
+        c = _mm512_min_epu32(_mm512_srli_epi32(_mm512_add_epi32(y, add), FD_CODE_DROPPED),
+                             _mm512_set1_epi32((int)nan_code));
+        return is_signed ? _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, _mm512_set1_epi32(0x80)) : c;
+    }
+
+    /* The same codes in a block of finite values whose products z * 2**-bias are
+       all normal or zero, and `inverse_down` = inverse * 2**-bias normal: then
+       x * inverse_down rounds the same real product once, into the normal range,
+       as the two multiplies do, and the sign rides along (x's sign is the
+       product's: bit 31, which the shift by 24 moves to the code's bit 7). */
+    FD_V_INLINE __m512i fd_v_code_bits_plain(__m512i u, __m512 inverse_down, __m512i add, int is_signed) {
+        __m512i t = _mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(u), inverse_down)), add);
+        return is_signed ? _mm512_ternarylogic_epi32(_mm512_srli_epi32(t, FD_CODE_DROPPED), _mm512_srli_epi32(t, 24),
+                                                     _mm512_set1_epi32(0x7f), 0xE4)
+                         : _mm512_srli_epi32(t, FD_CODE_DROPPED);
+    }
+
+    /* fd_lowbias32 on 16 lanes. */
+    FD_V_INLINE __m512i fd_v_lowbias32(__m512i x) {
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+        return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    }
+
+    /* The rounding of elements i .. i + 15: half of the dropped bits, or the
+       low bits of their random bits (fd_code_random). */
+    FD_V_INLINE __m512i fd_v_rounding(fd_random random, int stochastic, int i) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        if (!stochastic) return _mm512_set1_epi32((int)fd_code_nearest());
+        return _mm512_and_si512(fd_v_lowbias32(_mm512_xor_si512(
+            _mm512_add_epi32(_mm512_set1_epi32((int)(random.low + (uint32_t)i)), lanes),
+            _mm512_set1_epi32((int)random.mixed))), _mm512_set1_epi32((1 << FD_CODE_DROPPED) - 1));
+    }
+
+    /* Store the low bytes of the lanes of c0 .. c3 (64 codes) at dst. */
+    FD_V_INLINE void fd_v_store_codes64(uint8_t *dst, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+        /* each lane below 256: the packs keep them, in 128-bit lane order */
+        __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+        _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed));
+    }
+
+    /* The codes of one block's n values (row: 64-byte aligned, BLOCK floats)
+       whose lanes' magnitudes `range` tracked (fd_v_track), rounded to nearest
+       or with the random bits of `random`; returns the block's new scale
+       (fd_code_store). */
+    FD_V_INLINE float fd_v_encode_block(const float *row, uint8_t *dst, int n, fd_v_range range, fd_random random,
+                                        int stochastic, int is_signed, uint32_t bias, float down, float tiny_up,
+                                        uint32_t nan_code) {
+        int32_t scale = (int32_t)_mm512_reduce_max_epu32(range.largest);
+        uint32_t smallest = _mm512_reduce_min_epu32(range.smallest_less_one) + 1U;   /* 0: none */
+        float inverse, inverse_down;
+        __m512 v_inverse;
+        int i, plain = scale < 0x7f800000;   /* every value finite (and, uint8, not negative) */
+        if (!plain) scale = fd_largest_finite(row, n, 0x7f800000);
+        inverse = scale ? fd_inverse(fd_float((uint32_t)scale)) : 1.0f;
+        inverse_down = inverse * down;
+        plain = plain && (int32_t)fd_bits(inverse_down) >= (int32_t)(1U << 23)
+                && (smallest == 0 || (int32_t)fd_bits(fd_float(smallest) * inverse) >= (int32_t)((bias + 1) << 23));
+        if (plain && n == FD_BLOCK) {
+            v_inverse = _mm512_set1_ps(inverse_down);
+            for (i = 0; i < FD_BLOCK; i += 64)
+                fd_v_store_codes64(dst + i,
+                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i)), v_inverse,
+                                         fd_v_rounding(random, stochastic, i), is_signed),
+                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 16)), v_inverse,
+                                         fd_v_rounding(random, stochastic, i + 16), is_signed),
+                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 32)), v_inverse,
+                                         fd_v_rounding(random, stochastic, i + 32), is_signed),
+                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 48)), v_inverse,
+                                         fd_v_rounding(random, stochastic, i + 48), is_signed));
+        } else {
+            /* the general form, also for a tensor's last, short block (lanes past n: not stored) */
+            v_inverse = _mm512_set1_ps(inverse);
+            for (i = 0; i < n; i += 16)
+                _mm512_mask_cvtepi32_storeu_epi8(dst + i, n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1U << (n - i)) - 1U),
+                    fd_v_code_bits(_mm512_load_si512((const void *)(row + i)), v_inverse,
+                                   fd_v_rounding(random, stochastic, i), is_signed, bias, tiny_up, nan_code));
+        }
+        return fd_float((uint32_t)scale);
+    }
+    #endif
     """
     const bint FD_FUSED_STORED
     const int FD_STRIP

@@ -73,10 +73,119 @@ cdef inline void adam_elements(floating* p, const floating* g, floating* m, floa
             p[i] = adam_descent(x, mean, sq_max, step_size, inv_bc2_sqrt, eps)
 
 
-cdef struct AdamFloats:
-    # AdamArgs as the float32 loops take them (cast once per call)
-    float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
-    bint from_end, decoupled, has_wd
+cdef extern from *:
+    """
+    /* AdamArgs as the float32 fused stored loops take them (cast once per call). */
+    typedef struct {
+        float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2;
+        int from_end, decoupled, has_wd;
+    } fd_adam_floats;
+
+    #ifdef __AVX512F__
+    /* Adam's element loop on 16 lanes with an int8 first and a uint8 second
+       moment (fd_adam_codes): decode, update (the operations of adam_elements,
+       in its order), the parameters stored, the new moments kept in the block's
+       rows and their magnitudes tracked (the second moment's bits as they are:
+       fd_v_track). Lanes outside `k` (a block's last vector) read zeros and
+       count as zeros. */
+    FD_V_INLINE void fd_adam_codes16(float *p, const float *g, const uint8_t *m, const uint8_t *v, float *row_m,
+                                     float *row_v, __mmask16 k, int full, int plain, const fd_adam_floats *f,
+                                     __m512 factor_m, __m512 scale_m, __m512 factor_v, __m512 scale_v,
+                                     fd_v_range *range_m, fd_v_range *range_v) {
+        __m512 x = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+        __m512 grad = full ? _mm512_loadu_ps(g) : _mm512_maskz_loadu_ps(k, g);
+        __m512 mean = fd_v_code_values(fd_v_codes(m, k, full, 1), plain, factor_m, scale_m, 1, 112);
+        __m512 sq = fd_v_code_values(fd_v_codes(v, k, full, 0), plain, factor_v, scale_v, 0, 96);
+        __m512 d, diff;
+        __m512i magnitude_m, bits_v;
+        if (f->decoupled) x = _mm512_mul_ps(x, _mm512_set1_ps(f->decay));
+        d = _mm512_mul_ps(_mm512_set1_ps(f->scale), grad);
+        if (f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->wd), x));
+        diff = _mm512_sub_ps(d, mean);
+        mean = f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->w1_rest), diff))
+                           : _mm512_add_ps(mean, _mm512_mul_ps(_mm512_set1_ps(f->w1), diff));
+        sq = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f->keep2), sq),
+                           _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(f->w2), d), d));
+        magnitude_m = _mm512_and_si512(_mm512_castps_si512(mean), _mm512_set1_epi32(0x7fffffff));
+        bits_v = _mm512_castps_si512(sq);
+        if (!full) {
+            magnitude_m = _mm512_maskz_mov_epi32(k, magnitude_m);
+            bits_v = _mm512_maskz_mov_epi32(k, bits_v);
+        }
+        fd_v_track(range_m, magnitude_m);
+        fd_v_track(range_v, bits_v);
+        _mm512_store_ps(row_m, mean);
+        _mm512_store_ps(row_v, sq);
+        x = _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(f->step_size), mean),
+                                           _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(sq), _mm512_set1_ps(f->inv_bc2_sqrt)),
+                                                         _mm512_set1_ps(f->eps))));
+        if (full) _mm512_storeu_ps(p, x);
+        else _mm512_mask_storeu_ps(p, k, x);
+    }
+
+    /* The elements of one block of `count` (fd_adam_codes16 on each 16). */
+    FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v, float *row_m,
+                                         float *row_v, int count, int plain, const fd_adam_floats *f, float scale_m,
+                                         float scale_v, fd_v_range *range_m, fd_v_range *range_v) {
+        __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
+        __m512 vscale_m = _mm512_set1_ps(scale_m), vscale_v = _mm512_set1_ps(scale_v);
+        int i;
+        for (i = 0; i + 16 <= count; i += 16)
+            fd_adam_codes16(p + i, g + i, m + i, v + i, row_m + i, row_v + i, 0xffff, 1, plain, f, factor_m, vscale_m,
+                            factor_v, vscale_v, range_m, range_v);
+        if (i < count)
+            fd_adam_codes16(p + i, g + i, m + i, v + i, row_m + i, row_v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
+                            plain, f, factor_m, vscale_m, factor_v, vscale_v, range_m, range_v);
+    }
+
+    /* Adam on n elements (whole blocks from a block's start) with an int8 first
+       and a uint8 second moment and their block scales: per block, decode,
+       update, then encode the new moments under their new scales. */
+    FD_V_INLINE void fd_adam_codes_run(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m,
+                                       float *scales_v, ptrdiff_t n, const fd_adam_floats *f, fd_random random_m,
+                                       fd_random random_v, int stochastic) {
+        float row_m[FD_BLOCK] __attribute__((aligned(64)));
+        float row_v[FD_BLOCK] __attribute__((aligned(64)));
+        ptrdiff_t start, b;
+        int count;
+        fd_v_range range_m, range_v;
+        for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
+            count = n - start < FD_BLOCK ? (int)(n - start) : FD_BLOCK;
+            range_m = fd_v_range_start();
+            range_v = fd_v_range_start();
+            if (fd_v_plain_codes(m + start, count, scales_m[b], 1, 0x1p112f)
+                    && fd_v_plain_codes(v + start, count, scales_v[b], 0, 0x1p96f))
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, row_m, row_v, count, 1, f, scales_m[b],
+                                    scales_v[b], &range_m, &range_v);
+            else
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, row_m, row_v, count, 0, f, scales_m[b],
+                                    scales_v[b], &range_m, &range_v);
+            scales_m[b] = fd_v_encode_block(row_m, m + start, count, range_m, fd_random_from(random_m, (uint32_t)start),
+                                            stochastic, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
+            scales_v[b] = fd_v_encode_block(row_v, v + start, count, range_v, fd_random_from(random_v, (uint32_t)start),
+                                            stochastic, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
+        }
+    }
+
+    static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
+                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v) {
+        if (random_m.stochastic)   /* both moments round alike (fused_loop_for) */
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 1);
+        else
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0);
+    }
+    #else
+    #include <stdlib.h>
+    /* Never registered (FD_FUSED_STORED is 0 without AVX-512). */
+    static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
+                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v) { abort(); }
+    #endif
+    """
+    ctypedef struct AdamFloats "fd_adam_floats":
+        float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
+        bint from_end, decoupled, has_wd
+    void fd_adam_codes(float* p, const float* g, uint8_t* m, uint8_t* v, float* scales_m, float* scales_v,
+                       Py_ssize_t n, AdamFloats f, fd_random random_m, fd_random random_v) noexcept nogil
 
 
 cdef inline AdamFloats adam_floats(const AdamArgs* a) noexcept nogil:
@@ -176,49 +285,10 @@ cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexce
 cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nogil:
     """int8 first and uint8 second moments: per block, decode with its scale,
     update, keep the new moments (in L1) and their largest magnitudes, then
-    encode them under the new scales."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint8_t* m = <uint8_t*>run.rows[2]
-    cdef uint8_t* v = <uint8_t*>run.rows[3]
-    cdef float block_m[BLOCK]
-    cdef float block_v[BLOCK]
-    cdef float x, mean, sq, scale_m, scale_v
-    cdef int32_t largest_m, largest_v, smallest_m, smallest_v, magnitude
-    cdef Py_ssize_t i, b, start = 0, stop
-    while start < run.n:
-        stop = min(run.n, start + BLOCK)
-        b = start // BLOCK
-        scale_m = run.scales[2][b]
-        scale_v = run.scales[3][b]
-        largest_m = 0
-        largest_v = 0
-        smallest_m = 0x7fffffff
-        smallest_v = 0x7fffffff
-        for i in range(start, stop):
-            x = p[i]
-            if f.decoupled:
-                x = x * f.decay
-            mean = fd_int8_value(m[i], scale_m)
-            sq = fd_uint8_value(v[i], scale_v)
-            adam_moments(x, g[i], &mean, &sq, f.scale, f.wd, f.has_wd, f.w1, f.w1_rest, f.from_end, f.keep2, f.w2)
-            block_m[i - start] = mean
-            block_v[i - start] = sq
-            magnitude = fd_magnitude(mean)
-            largest_m = largest_m if largest_m > magnitude else magnitude
-            magnitude = fd_nonzero_magnitude(magnitude)
-            smallest_m = smallest_m if smallest_m < magnitude else magnitude
-            magnitude = fd_magnitude(sq)
-            largest_v = largest_v if largest_v > magnitude else magnitude
-            magnitude = fd_nonzero_magnitude(magnitude)
-            smallest_v = smallest_v if smallest_v < magnitude else magnitude
-            p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-        run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m, smallest_m,
-                                          fd_random_from(run.random[2], <uint32_t>start))
-        run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v, smallest_v,
-                                           fd_random_from(run.random[3], <uint32_t>start))
-        start = stop
+    encode them under the new scales (fd_adam_codes, AVX-512 intrinsics)."""
+    fd_adam_codes(<float*>run.rows[0], <const float*>run.rows[1], <uint8_t*>run.rows[2], <uint8_t*>run.rows[3],
+                  run.scales[2], run.scales[3], run.n, adam_floats(<const AdamArgs*>args), run.random[2],
+                  run.random[3])
 
 
 cdef void adam_segment_f32(void** rows, Py_ssize_t start, Py_ssize_t n, const void* args) noexcept nogil:
