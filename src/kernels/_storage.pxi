@@ -197,8 +197,8 @@ cdef extern from *:
     /* 1 / scale rounded toward zero, so that |x| * inverse <= 1 for every |x| <= scale. */
     static inline float fd_inverse(float scale) {
         float inverse = 1.0f / scale;
-        if ((double)inverse * (double)scale > 1.0) inverse = fd_float(fd_bits(inverse) - 1U);
-        return inverse;
+        /* one ulp down if above 1 / scale: a subtraction, not a branch (its outcome is random) */
+        return fd_float(fd_bits(inverse) - (uint32_t)((double)inverse * (double)scale > 1.0));
     }
 
     /* The magnitude of x as an integer (its bits), 0 for a non-finite x: the
@@ -527,44 +527,59 @@ cdef extern from *:
             _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed));
     }
 
-    /* The codes of one block's n values (row: 64-byte aligned, BLOCK floats)
-       whose lanes' magnitudes `range` tracked (fd_v_track), rounded to nearest
-       or with the random bits of `random`; returns the block's new scale
-       (fd_code_store). */
-    FD_V_INLINE float fd_v_encode_block(const float *row, uint8_t *dst, int n, fd_v_range range, fd_random random,
-                                        int stochastic, int is_signed, uint32_t bias, float down, float tiny_up,
-                                        uint32_t nan_code) {
+    /* How a block's new values are encoded: its new scale, `inverse` (fd_inverse
+       of the scale, 1 for 0) and `plain`: the values (row: 64-byte aligned, BLOCK
+       floats; their lanes' magnitudes tracked in `range`) are all finite, none
+       has a subnormal product, and inverse_down = inverse * 2**-bias is normal
+       (fd_v_code_bits_plain). */
+    typedef struct { float scale, inverse, inverse_down; int plain; } fd_v_encoding;
+
+    FD_V_INLINE fd_v_encoding fd_v_encoding_of(const float *row, int n, fd_v_range range, uint32_t bias, float down) {
+        fd_v_encoding e;
         int32_t scale = (int32_t)_mm512_reduce_max_epu32(range.largest);
         uint32_t smallest = _mm512_reduce_min_epu32(range.smallest_less_one) + 1U;   /* 0: none */
-        float inverse, inverse_down;
-        __m512 v_inverse;
-        int i, plain = scale < 0x7f800000;   /* every value finite (and, uint8, not negative) */
-        if (!plain) scale = fd_largest_finite(row, n, 0x7f800000);
-        inverse = scale ? fd_inverse(fd_float((uint32_t)scale)) : 1.0f;
-        inverse_down = inverse * down;
-        plain = plain && (int32_t)fd_bits(inverse_down) >= (int32_t)(1U << 23)
-                && (smallest == 0 || (int32_t)fd_bits(fd_float(smallest) * inverse) >= (int32_t)((bias + 1) << 23));
-        if (plain && n == FD_BLOCK) {
-            v_inverse = _mm512_set1_ps(inverse_down);
-            for (i = 0; i < FD_BLOCK; i += 64)
-                fd_v_store_codes64(dst + i,
-                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i)), v_inverse,
-                                         fd_v_rounding(random, stochastic, i), is_signed),
-                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 16)), v_inverse,
-                                         fd_v_rounding(random, stochastic, i + 16), is_signed),
-                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 32)), v_inverse,
-                                         fd_v_rounding(random, stochastic, i + 32), is_signed),
-                    fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 48)), v_inverse,
-                                         fd_v_rounding(random, stochastic, i + 48), is_signed));
+        e.plain = scale < 0x7f800000;   /* every value finite (and, uint8, not negative) */
+        if (!e.plain) scale = fd_largest_finite(row, n, 0x7f800000);
+        e.scale = fd_float((uint32_t)scale);
+        e.inverse = scale ? fd_inverse(e.scale) : 1.0f;
+        e.inverse_down = e.inverse * down;
+        e.plain = e.plain && (int32_t)fd_bits(e.inverse_down) >= (int32_t)(1U << 23)
+                  && (smallest == 0 || (int32_t)fd_bits(fd_float(smallest) * e.inverse) >= (int32_t)((bias + 1) << 23));
+        return e;
+    }
+
+    /* Codes i .. i + 63 of a block encoded plainly (fd_v_encoding's inverse_down). */
+    FD_V_INLINE void fd_v_encode64(const float *row, uint8_t *dst, int i, __m512 inverse_down, fd_random random,
+                                   int stochastic, int is_signed) {
+        fd_v_store_codes64(dst + i,
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i), is_signed),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 16)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 16), is_signed),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 32)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 32), is_signed),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 48)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 48), is_signed));
+    }
+
+    /* The codes of one block's n values under encoding `e`, rounded to nearest or
+       with the random bits of `random`. */
+    FD_V_INLINE void fd_v_encode_block(const float *row, uint8_t *dst, int n, fd_v_encoding e, fd_random random,
+                                       int stochastic, int is_signed, uint32_t bias, float tiny_up,
+                                       uint32_t nan_code) {
+        __m512 inverse;
+        int i;
+        if (e.plain && n == FD_BLOCK) {
+            inverse = _mm512_set1_ps(e.inverse_down);
+            for (i = 0; i < FD_BLOCK; i += 64) fd_v_encode64(row, dst, i, inverse, random, stochastic, is_signed);
         } else {
             /* the general form, also for a tensor's last, short block (lanes past n: not stored) */
-            v_inverse = _mm512_set1_ps(inverse);
+            inverse = _mm512_set1_ps(e.inverse);
             for (i = 0; i < n; i += 16)
                 _mm512_mask_cvtepi32_storeu_epi8(dst + i, n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1U << (n - i)) - 1U),
-                    fd_v_code_bits(_mm512_load_si512((const void *)(row + i)), v_inverse,
+                    fd_v_code_bits(_mm512_load_si512((const void *)(row + i)), inverse,
                                    fd_v_rounding(random, stochastic, i), is_signed, bias, tiny_up, nan_code));
         }
-        return fd_float((uint32_t)scale);
     }
     #endif
     """

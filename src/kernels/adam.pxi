@@ -123,69 +123,160 @@ cdef extern from *:
         else _mm512_mask_storeu_ps(p, k, x);
     }
 
-    /* The elements of one block of `count` (fd_adam_codes16 on each 16). */
-    FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v, float *row_m,
-                                         float *row_v, int count, int plain, const fd_adam_floats *f, float scale_m,
-                                         float scale_v, fd_v_range *range_m, fd_v_range *range_v) {
+    /* A block's new moments and their tracked magnitudes, between its update and
+       its encoding. */
+    typedef struct {
+        float m[FD_BLOCK] __attribute__((aligned(64)));
+        float v[FD_BLOCK] __attribute__((aligned(64)));
+        fd_v_range range_m, range_v;
+    } fd_adam_rows;
+
+    /* The previous block's plain encoding, run inside the next block's update:
+       the update is bound by its divides and square roots, whose unit leaves
+       the vector ports room for the encoder's operations. */
+    typedef struct {
+        const fd_adam_rows *rows;
+        uint8_t *m, *v;
+        __m512 inverse_m, inverse_v;
+        fd_random random_m, random_v;
+    } fd_adam_pending;
+
+    /* The elements of one block of `count` (fd_adam_codes16 on each 16); with
+       `encode` (a whole block), the 64 codes of each moment of `pending` beside
+       each 64 elements. */
+    FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v,
+                                         fd_adam_rows *rows, int count, int plain, const fd_adam_floats *f,
+                                         float scale_m, float scale_v, int encode, const fd_adam_pending *pending,
+                                         int stochastic) {
         __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
         __m512 vscale_m = _mm512_set1_ps(scale_m), vscale_v = _mm512_set1_ps(scale_v);
-        int i;
+        int i, j;
+        rows->range_m = fd_v_range_start();
+        rows->range_v = fd_v_range_start();
+        if (encode) {
+            for (i = 0; i < FD_BLOCK; i += 64) {
+                for (j = i; j < i + 64; j += 16)
+                    fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, f, factor_m,
+                                    vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+                fd_v_encode64(pending->rows->m, pending->m, i, pending->inverse_m, pending->random_m, stochastic, 1);
+                fd_v_encode64(pending->rows->v, pending->v, i, pending->inverse_v, pending->random_v, stochastic, 0);
+            }
+            return;
+        }
         for (i = 0; i + 16 <= count; i += 16)
-            fd_adam_codes16(p + i, g + i, m + i, v + i, row_m + i, row_v + i, 0xffff, 1, plain, f, factor_m, vscale_m,
-                            factor_v, vscale_v, range_m, range_v);
+            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, f, factor_m, vscale_m,
+                            factor_v, vscale_v, &rows->range_m, &rows->range_v);
         if (i < count)
-            fd_adam_codes16(p + i, g + i, m + i, v + i, row_m + i, row_v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
-                            plain, f, factor_m, vscale_m, factor_v, vscale_v, range_m, range_v);
+            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
+                            plain, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+    }
+
+    /* The lines of the block FD_AHEAD elements after `start` (a large call: see
+       fd_prefetch_strip). */
+    FD_V_INLINE void fd_prefetch_block(const float *p, const float *g, const uint8_t *m, const uint8_t *v,
+                                       ptrdiff_t start) {
+        int k;
+        for (k = 0; k < FD_BLOCK; k += 16) {
+            fd_prefetch_line(p + start + FD_AHEAD + k);
+            fd_prefetch_line(g + start + FD_AHEAD + k);
+        }
+        for (k = 0; k < FD_BLOCK; k += 64) {
+            fd_prefetch_line(m + start + FD_AHEAD + k);
+            fd_prefetch_line(v + start + FD_AHEAD + k);
+        }
     }
 
     /* Adam on n elements (whole blocks from a block's start) with an int8 first
-       and a uint8 second moment and their block scales: per block, decode,
-       update, then encode the new moments under their new scales. */
+       and a uint8 second moment and their block scales: per block, decode and
+       update; the new moments are encoded under their new scales during the
+       next block's update (or alone: the last block, a general encoding). */
     FD_V_INLINE void fd_adam_codes_run(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m,
                                        float *scales_v, ptrdiff_t n, const fd_adam_floats *f, fd_random random_m,
-                                       fd_random random_v, int stochastic) {
-        float row_m[FD_BLOCK] __attribute__((aligned(64)));
-        float row_v[FD_BLOCK] __attribute__((aligned(64)));
+                                       fd_random random_v, int stochastic, int prefetch) {
+        fd_adam_rows rows[2];
+        fd_adam_pending pending;
+        fd_v_encoding e_m, e_v;
         ptrdiff_t start, b;
-        int count;
-        fd_v_range range_m, range_v;
+        int count, plain, encode, has_pending = 0;
         for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
             count = n - start < FD_BLOCK ? (int)(n - start) : FD_BLOCK;
-            range_m = fd_v_range_start();
-            range_v = fd_v_range_start();
-            if (fd_v_plain_codes(m + start, count, scales_m[b], 1, 0x1p112f)
-                    && fd_v_plain_codes(v + start, count, scales_v[b], 0, 0x1p96f))
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, row_m, row_v, count, 1, f, scales_m[b],
-                                    scales_v[b], &range_m, &range_v);
+            if (prefetch) fd_prefetch_block(p, g, m, v, start);
+            plain = fd_v_plain_codes(m + start, count, scales_m[b], 1, 0x1p112f)
+                    && fd_v_plain_codes(v + start, count, scales_v[b], 0, 0x1p96f);
+            encode = 0;
+            if (has_pending) {   /* block b - 1 (whole) */
+                e_m = fd_v_encoding_of(pending.rows->m, FD_BLOCK, pending.rows->range_m, 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(pending.rows->v, FD_BLOCK, pending.rows->range_v, 96, 0x1p-96f);
+                scales_m[b - 1] = e_m.scale;
+                scales_v[b - 1] = e_v.scale;
+                encode = e_m.plain && e_v.plain && count == FD_BLOCK;
+                if (encode) {
+                    pending.inverse_m = _mm512_set1_ps(e_m.inverse_down);
+                    pending.inverse_v = _mm512_set1_ps(e_v.inverse_down);
+                } else {
+                    fd_v_encode_block(pending.rows->m, pending.m, FD_BLOCK, e_m, pending.random_m, stochastic, 1, 112,
+                                      0x1p37f, 0x7f);
+                    fd_v_encode_block(pending.rows->v, pending.v, FD_BLOCK, e_v, pending.random_v, stochastic, 0, 96,
+                                      0x1p53f, 0xff);
+                }
+            }
+            /* four copies of the loop: decode plainly or not, encode the previous block beside or not */
+            if (plain && encode)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, f, scales_m[b],
+                                    scales_v[b], 1, &pending, stochastic);
+            else if (plain)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, f, scales_m[b],
+                                    scales_v[b], 0, &pending, stochastic);
+            else if (encode)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, f, scales_m[b],
+                                    scales_v[b], 1, &pending, stochastic);
             else
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, row_m, row_v, count, 0, f, scales_m[b],
-                                    scales_v[b], &range_m, &range_v);
-            scales_m[b] = fd_v_encode_block(row_m, m + start, count, range_m, fd_random_from(random_m, (uint32_t)start),
-                                            stochastic, 1, 112, 0x1p-112f, 0x1p37f, 0x7f);
-            scales_v[b] = fd_v_encode_block(row_v, v + start, count, range_v, fd_random_from(random_v, (uint32_t)start),
-                                            stochastic, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, f, scales_m[b],
+                                    scales_v[b], 0, &pending, stochastic);
+            if (count == FD_BLOCK && start + FD_BLOCK < n) {
+                has_pending = 1;
+                pending.rows = &rows[b & 1];
+                pending.m = m + start;
+                pending.v = v + start;
+                pending.random_m = fd_random_from(random_m, (uint32_t)start);
+                pending.random_v = fd_random_from(random_v, (uint32_t)start);
+            } else {   /* the last block */
+                e_m = fd_v_encoding_of(rows[b & 1].m, count, rows[b & 1].range_m, 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(rows[b & 1].v, count, rows[b & 1].range_v, 96, 0x1p-96f);
+                scales_m[b] = e_m.scale;
+                scales_v[b] = e_v.scale;
+                fd_v_encode_block(rows[b & 1].m, m + start, count, e_m, fd_random_from(random_m, (uint32_t)start),
+                                  stochastic, 1, 112, 0x1p37f, 0x7f);
+                fd_v_encode_block(rows[b & 1].v, v + start, count, e_v, fd_random_from(random_v, (uint32_t)start),
+                                  stochastic, 0, 96, 0x1p53f, 0xff);
+            }
         }
     }
 
     static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
-                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v) {
-        if (random_m.stochastic)   /* both moments round alike (fused_loop_for) */
-            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 1);
+                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v, int prefetch) {
+        /* both moments round alike (fused_loop_for) */
+        if (random_m.stochastic)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 1, prefetch);
+        else if (prefetch)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0, 1);
         else
-            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0);
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0, 0);
     }
     #else
     #include <stdlib.h>
     /* Never registered (FD_FUSED_STORED is 0 without AVX-512). */
     static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
-                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v) { abort(); }
+                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v, int prefetch) {
+        abort();
+    }
     #endif
     """
     ctypedef struct AdamFloats "fd_adam_floats":
         float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
         bint from_end, decoupled, has_wd
     void fd_adam_codes(float* p, const float* g, uint8_t* m, uint8_t* v, float* scales_m, float* scales_v,
-                       Py_ssize_t n, AdamFloats f, fd_random random_m, fd_random random_v) noexcept nogil
+                       Py_ssize_t n, AdamFloats f, fd_random random_m, fd_random random_v, bint prefetch) noexcept nogil
 
 
 cdef inline AdamFloats adam_floats(const AdamArgs* a) noexcept nogil:
@@ -288,7 +379,7 @@ cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nog
     encode them under the new scales (fd_adam_codes, AVX-512 intrinsics)."""
     fd_adam_codes(<float*>run.rows[0], <const float*>run.rows[1], <uint8_t*>run.rows[2], <uint8_t*>run.rows[3],
                   run.scales[2], run.scales[3], run.n, adam_floats(<const AdamArgs*>args), run.random[2],
-                  run.random[3])
+                  run.random[3], run.prefetch)
 
 
 cdef void adam_segment_f32(void** rows, Py_ssize_t start, Py_ssize_t n, const void* args) noexcept nogil:
