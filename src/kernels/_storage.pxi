@@ -405,27 +405,34 @@ cdef extern from *:
         return is_signed ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c);
     }
 
-    /* Are the n codes of a block of `scale` decoded with one multiply each:
-       no subnormal code (magnitude 1 .. 7), no NaN code, and 2**bias * scale
-       (`up` * scale) finite (fd_code_load's test, and the NaN codes)? */
-    static inline int fd_v_plain_codes(const uint8_t *src, int n, float scale, int is_signed, float up) {
-        const __m512i one = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
-        const __m512i nan = _mm512_set1_epi8(is_signed ? 0x7f : (char)0xff);
-        __mmask64 found = 0, k;
-        __m512i c;
+    /* Are the n codes of a block of an int8 and of a uint8 role, with scales
+       scale_s and scale_u, decoded with one multiply each: no subnormal code
+       (magnitude 1 .. 7), no NaN code, and 2**bias * scale finite (fd_code_load's
+       test, and the NaN codes)? On bytes, the int8 magnitudes moved up by 0x80:
+       then for both, a subnormal code is 1 .. 7 above the smallest code and NaN
+       is 0xff, found with one running minimum and maximum. */
+    static inline int fd_v_plain_code_pair(const uint8_t *signed_codes, const uint8_t *unsigned_codes, int n,
+                                           float scale_s, float scale_u) {
+        __m512i low = _mm512_set1_epi8(-1), high = _mm512_setzero_si512(), s, u;
+        __mmask64 k;
         int i;
-        if ((fd_bits(up * scale) & 0x7f800000U) == 0x7f800000U) return 0;
-        for (i = 0; i < n; i += 64) {
+        if ((fd_bits(0x1p112f * scale_s) & 0x7f800000U) == 0x7f800000U
+                || (fd_bits(0x1p96f * scale_u) & 0x7f800000U) == 0x7f800000U)
+            return 0;
+        for (i = 0; i < n; i += 64) {   /* lanes past n load as zeros: neither */
             k = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
-            c = _mm512_maskz_loadu_epi8(k, src + i);
-            if (is_signed) c = _mm512_and_si512(c, nan);   /* the magnitude */
-            found |= _mm512_cmplt_epu8_mask(_mm512_sub_epi8(c, one), seven) | _mm512_cmpeq_epi8_mask(c, nan);
+            s = _mm512_ternarylogic_epi32(_mm512_maskz_loadu_epi8(k, signed_codes + i), _mm512_set1_epi8(0x7f),
+                                          _mm512_set1_epi8((char)0x80), 0xEA);
+            u = _mm512_maskz_loadu_epi8(k, unsigned_codes + i);
+            low = _mm512_min_epu8(low, _mm512_min_epu8(_mm512_sub_epi8(s, _mm512_set1_epi8((char)0x81)),
+                                                       _mm512_sub_epi8(u, _mm512_set1_epi8(1))));
+            high = _mm512_max_epu8(high, _mm512_max_epu8(s, u));
         }
-        return found == 0;   /* lanes past n load as zeros: neither */
+        return !(_mm512_cmplt_epu8_mask(low, _mm512_set1_epi8(7)) | _mm512_cmpeq_epi8_mask(high, _mm512_set1_epi8(-1)));
     }
 
     /* The values of codes `c` (fd_v_codes) in a block of `scale`, as fd_code_value
-       computes them: `plain` (fd_v_plain_codes), the code's bits times `factor`
+       computes them: `plain` (fd_v_plain_code_pair), the code's bits times `factor`
        = 2**bias * scale; else the subnormal-safe form (exponent in integers),
        NaN codes as NaN, times scale. */
     FD_V_INLINE __m512 fd_v_code_values(__m512i c, int plain, __m512 factor, __m512 scale, int is_signed,
@@ -467,6 +474,26 @@ cdef extern from *:
     FD_V_INLINE void fd_v_track(fd_v_range *r, __m512i magnitude) {
         r->largest = _mm512_max_epu32(r->largest, magnitude);
         r->smallest_less_one = _mm512_min_epu32(r->smallest_less_one, _mm512_sub_epi32(magnitude, _mm512_set1_epi32(1)));
+    }
+
+    /* The largest magnitudes of ranges a and b (out[0], out[1]) and their smallest
+       nonzero ones (out[2], out[3]; 0: none), in one reduction: the minima as
+       maxima of complements, the four vectors' lanes folded together. */
+    FD_V_INLINE void fd_v_reduce_ranges(const fd_v_range *a, const fd_v_range *b, uint32_t out[4]) {
+        uint32_t lanes[16] __attribute__((aligned(64)));
+        __m512i not_a = _mm512_ternarylogic_epi32(a->smallest_less_one, a->smallest_less_one, a->smallest_less_one, 0x55);
+        __m512i not_b = _mm512_ternarylogic_epi32(b->smallest_less_one, b->smallest_less_one, b->smallest_less_one, 0x55);
+        __m512i x = _mm512_max_epu32(_mm512_shuffle_i64x2(a->largest, b->largest, 0x44),
+                                     _mm512_shuffle_i64x2(a->largest, b->largest, 0xEE));
+        __m512i y = _mm512_max_epu32(_mm512_shuffle_i64x2(not_a, not_b, 0x44), _mm512_shuffle_i64x2(not_a, not_b, 0xEE));
+        __m512i z = _mm512_max_epu32(_mm512_shuffle_i64x2(x, y, 0x88), _mm512_shuffle_i64x2(x, y, 0xDD));
+        z = _mm512_max_epu32(z, _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0x4E));
+        z = _mm512_max_epu32(z, _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0xB1));
+        _mm512_store_si512((void *)lanes, z);   /* 128-bit lane j: the maximum of vector j */
+        out[0] = lanes[0];
+        out[1] = lanes[4];
+        out[2] = ~lanes[8] + 1U;
+        out[3] = ~lanes[12] + 1U;
     }
 
     /* The codes (on 32-bit lanes) of 16 values of bits `u` under a block's
@@ -527,18 +554,19 @@ cdef extern from *:
             _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed));
     }
 
-    /* How a block's new values are encoded: its new scale, `inverse` (fd_inverse
-       of the scale, 1 for 0) and `plain`: the values (row: 64-byte aligned, BLOCK
-       floats; their lanes' magnitudes tracked in `range`) are all finite, none
-       has a subnormal product, and inverse_down = inverse * 2**-bias is normal
-       (fd_v_code_bits_plain). */
+    /* How a block's n new values (row: 64-byte aligned, BLOCK floats), whose
+       largest and smallest nonzero magnitudes are `largest` and `smallest`
+       (fd_v_reduce_ranges), are encoded: the block's new scale, `inverse`
+       (fd_inverse of the scale, 1 for 0) and `plain`: the values are all finite,
+       none has a subnormal product, and inverse_down = inverse * 2**-bias is
+       normal (fd_v_code_bits_plain). */
     typedef struct { float scale, inverse, inverse_down; int plain; } fd_v_encoding;
 
-    FD_V_INLINE fd_v_encoding fd_v_encoding_of(const float *row, int n, fd_v_range range, uint32_t bias, float down) {
+    FD_V_INLINE fd_v_encoding fd_v_encoding_of(const float *row, int n, uint32_t largest, uint32_t smallest,
+                                               uint32_t bias, float down) {
         fd_v_encoding e;
-        int32_t scale = (int32_t)_mm512_reduce_max_epu32(range.largest);
-        uint32_t smallest = _mm512_reduce_min_epu32(range.smallest_less_one) + 1U;   /* 0: none */
-        e.plain = scale < 0x7f800000;   /* every value finite (and, uint8, not negative) */
+        int32_t scale = (int32_t)largest;
+        e.plain = largest < 0x7f800000U;   /* every value finite (and, uint8 bits, not negative) */
         if (!e.plain) scale = fd_largest_finite(row, n, 0x7f800000);
         e.scale = fd_float((uint32_t)scale);
         e.inverse = scale ? fd_inverse(e.scale) : 1.0f;

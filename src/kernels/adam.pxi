@@ -99,7 +99,9 @@ cdef extern from *:
         __m512 d, diff;
         __m512i magnitude_m, bits_v;
         if (f->decoupled) x = _mm512_mul_ps(x, _mm512_set1_ps(f->decay));
-        d = _mm512_mul_ps(_mm512_set1_ps(f->scale), grad);
+        /* times 1, d is the gradient: same bits (a signaling NaN is quieted by
+           the first operation it enters either way, and nothing else differs) */
+        d = f->scale == 1.0f ? grad : _mm512_mul_ps(_mm512_set1_ps(f->scale), grad);
         if (f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->wd), x));
         diff = _mm512_sub_ps(d, mean);
         mean = f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->w1_rest), diff))
@@ -196,17 +198,18 @@ cdef extern from *:
         fd_adam_rows rows[2];
         fd_adam_pending pending;
         fd_v_encoding e_m, e_v;
+        uint32_t extremes[4];
         ptrdiff_t start, b;
         int count, plain, encode, has_pending = 0;
         for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
             count = n - start < FD_BLOCK ? (int)(n - start) : FD_BLOCK;
             if (prefetch) fd_prefetch_block(p, g, m, v, start);
-            plain = fd_v_plain_codes(m + start, count, scales_m[b], 1, 0x1p112f)
-                    && fd_v_plain_codes(v + start, count, scales_v[b], 0, 0x1p96f);
+            plain = fd_v_plain_code_pair(m + start, v + start, count, scales_m[b], scales_v[b]);
             encode = 0;
             if (has_pending) {   /* block b - 1 (whole) */
-                e_m = fd_v_encoding_of(pending.rows->m, FD_BLOCK, pending.rows->range_m, 112, 0x1p-112f);
-                e_v = fd_v_encoding_of(pending.rows->v, FD_BLOCK, pending.rows->range_v, 96, 0x1p-96f);
+                fd_v_reduce_ranges(&pending.rows->range_m, &pending.rows->range_v, extremes);
+                e_m = fd_v_encoding_of(pending.rows->m, FD_BLOCK, extremes[0], extremes[2], 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(pending.rows->v, FD_BLOCK, extremes[1], extremes[3], 96, 0x1p-96f);
                 scales_m[b - 1] = e_m.scale;
                 scales_v[b - 1] = e_v.scale;
                 encode = e_m.plain && e_v.plain && count == FD_BLOCK;
@@ -241,8 +244,9 @@ cdef extern from *:
                 pending.random_m = fd_random_from(random_m, (uint32_t)start);
                 pending.random_v = fd_random_from(random_v, (uint32_t)start);
             } else {   /* the last block */
-                e_m = fd_v_encoding_of(rows[b & 1].m, count, rows[b & 1].range_m, 112, 0x1p-112f);
-                e_v = fd_v_encoding_of(rows[b & 1].v, count, rows[b & 1].range_v, 96, 0x1p-96f);
+                fd_v_reduce_ranges(&rows[b & 1].range_m, &rows[b & 1].range_v, extremes);
+                e_m = fd_v_encoding_of(rows[b & 1].m, count, extremes[0], extremes[2], 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(rows[b & 1].v, count, extremes[1], extremes[3], 96, 0x1p-96f);
                 scales_m[b] = e_m.scale;
                 scales_v[b] = e_v.scale;
                 fd_v_encode_block(rows[b & 1].m, m + start, count, e_m, fd_random_from(random_m, (uint32_t)start),
