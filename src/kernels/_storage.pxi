@@ -393,7 +393,7 @@ cdef extern from *:
        the lanes of `k` (a block's last vector), and the code's constants (int8:
        signed, bias 112, NaN 0x7f; uint8: bias 96, NaN 0xff): constants, once
        inlined. Ternary logic: 0xEA is (a & b) | c, 0xF8 is a | (b & c), 0xE4
-       is c ? a : b (bitwise). */
+       is c ? a : b (bitwise), 0x55 is ~c. */
     #ifdef __AVX512F__
     #include <immintrin.h>
     #define FD_V_INLINE static inline __attribute__((always_inline))
@@ -519,12 +519,12 @@ cdef extern from *:
        all normal or zero, and `inverse_down` = inverse * 2**-bias normal: then
        x * inverse_down rounds the same real product once, into the normal range,
        as the two multiplies do, and the sign rides along (x's sign is the
-       product's: bit 31, which the shift by 24 moves to the code's bit 7). */
-    FD_V_INLINE __m512i fd_v_code_bits_plain(__m512i u, __m512 inverse_down, __m512i add, int is_signed) {
-        __m512i t = _mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(u), inverse_down)), add);
-        return is_signed ? _mm512_ternarylogic_epi32(_mm512_srli_epi32(t, FD_CODE_DROPPED), _mm512_srli_epi32(t, 24),
-                                                     _mm512_set1_epi32(0x7f), 0xE4)
-                         : _mm512_srli_epi32(t, FD_CODE_DROPPED);
+       product's). An int8 code comes with its sign on bit 11 (bits 7 .. 10 are
+       0: the product is below 2**-111): fd_v_store_codes64 moves it to bit 7. */
+    FD_V_INLINE __m512i fd_v_code_bits_plain(__m512i u, __m512 inverse_down, __m512i add) {
+        return _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(u),
+                                                                                     inverse_down)), add),
+                                 FD_CODE_DROPPED);
     }
 
     /* fd_lowbias32 on 16 lanes. */
@@ -546,12 +546,18 @@ cdef extern from *:
             _mm512_set1_epi32((int)random.mixed))), _mm512_set1_epi32((1 << FD_CODE_DROPPED) - 1));
     }
 
-    /* Store the low bytes of the lanes of c0 .. c3 (64 codes) at dst. */
-    FD_V_INLINE void fd_v_store_codes64(uint8_t *dst, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
-        /* each lane below 256: the packs keep them, in 128-bit lane order */
-        __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+    /* Store the codes on the lanes of c0 .. c3 (64 codes) at dst: each below 256,
+       or with `sign_on_11` (fd_v_code_bits_plain's int8 codes) below 2**12, the
+       sign on bit 11 moved to bit 7 on 16-bit lanes (half the operations). */
+    FD_V_INLINE void fd_v_store_codes64(uint8_t *dst, __m512i c0, __m512i c1, __m512i c2, __m512i c3, int sign_on_11) {
+        /* the packs keep every lane (no saturation), in 128-bit lane order */
+        __m512i low = _mm512_packus_epi32(c0, c1), high = _mm512_packus_epi32(c2, c3);
+        if (sign_on_11) {   /* bits 0 .. 6 from the code, bit 7 up from it shifted by 4 */
+            low = _mm512_ternarylogic_epi32(low, _mm512_srli_epi16(low, 4), _mm512_set1_epi16(0x7f), 0xE4);
+            high = _mm512_ternarylogic_epi32(high, _mm512_srli_epi16(high, 4), _mm512_set1_epi16(0x7f), 0xE4);
+        }
         _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(
-            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed));
+            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), _mm512_packus_epi16(low, high)));
     }
 
     /* How a block's n new values (row: 64-byte aligned, BLOCK floats), whose
@@ -581,13 +587,13 @@ cdef extern from *:
                                    int stochastic, int is_signed) {
         fd_v_store_codes64(dst + i,
             fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i)), inverse_down,
-                                 fd_v_rounding(random, stochastic, i), is_signed),
+                                 fd_v_rounding(random, stochastic, i)),
             fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 16)), inverse_down,
-                                 fd_v_rounding(random, stochastic, i + 16), is_signed),
+                                 fd_v_rounding(random, stochastic, i + 16)),
             fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 32)), inverse_down,
-                                 fd_v_rounding(random, stochastic, i + 32), is_signed),
+                                 fd_v_rounding(random, stochastic, i + 32)),
             fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 48)), inverse_down,
-                                 fd_v_rounding(random, stochastic, i + 48), is_signed));
+                                 fd_v_rounding(random, stochastic, i + 48)), is_signed);
     }
 
     /* The codes of one block's n values under encoding `e`, rounded to nearest or
@@ -651,6 +657,11 @@ cdef enum:
     # casts, lerp constants) is then small against the elements it runs.
     CHUNK_BLOCKS = 8
     CHUNK = BLOCK * CHUNK_BLOCKS
+    # Blocks per call of a fused stored loop (no scratch rows: only its per-call
+    # setup, and int8's last block, encoded alone, count). Calls are aligned to
+    # this in the tensor, so that none crosses a multiple of 2**32 elements, where
+    # the high word of the random bits' index changes (fd_random_run).
+    FUSED_CHUNK_BLOCKS = 64
     # Storage kinds (fastdescent.precision numbers them the same way).
     KIND_NATIVE = 0
     KIND_BF16 = 1
@@ -897,11 +908,13 @@ cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
 
 cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
     """Run blocks [begin, end) of the call's block index space (the blocks of
-    every tensor, one tensor after the other), up to CHUNK_BLOCKS at a time."""
+    every tensor, one tensor after the other), up to CHUNK_BLOCKS (fused loops:
+    FUSED_CHUNK_BLOCKS) at a time, aligned to that in the tensor."""
     cdef const StoredJob* job = <const StoredJob*>ctx
     cdef const Plan* plan = job.plan
     cdef const Py_ssize_t* blocks = job.storage.block_offsets
     cdef Py_ssize_t lo = 0, hi = plan.n_tensors, mid, t, stop, first, size
+    cdef Py_ssize_t chunk = FUSED_CHUNK_BLOCKS if job.fused != NULL else CHUNK_BLOCKS
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if blocks[mid] <= begin:
@@ -912,7 +925,7 @@ cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept
     while begin < end:
         while blocks[t + 1] <= begin:
             t += 1
-        stop = min(end, blocks[t + 1], begin + CHUNK_BLOCKS)
+        stop = min(end, blocks[t + 1], begin + chunk - (begin - blocks[t]) % chunk)
         first = (begin - blocks[t]) * BLOCK
         size = plan.offsets[t + 1] - plan.offsets[t]
         if job.fused != NULL:

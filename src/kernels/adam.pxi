@@ -82,6 +82,45 @@ cdef extern from *:
     } fd_adam_floats;
 
     #ifdef __AVX512F__
+    /* fd_adam_floats broadcast once per call (and the flags as plain ints, so
+       that the loops test locals, not memory a store might have changed). */
+    typedef struct {
+        __m512 decay, scale, wd, w1, w1_rest, keep2, w2, step_size, inv_bc2_sqrt, eps;
+        int decoupled, has_wd, from_end, unscaled;
+    } fd_adam_vectors;
+
+    static inline fd_adam_vectors fd_adam_vectors_of(const fd_adam_floats *f) {
+        fd_adam_vectors c;
+        c.decay = _mm512_set1_ps(f->decay);
+        c.scale = _mm512_set1_ps(f->scale);
+        c.wd = _mm512_set1_ps(f->wd);
+        c.w1 = _mm512_set1_ps(f->w1);
+        c.w1_rest = _mm512_set1_ps(f->w1_rest);
+        c.keep2 = _mm512_set1_ps(f->keep2);
+        c.w2 = _mm512_set1_ps(f->w2);
+        c.step_size = _mm512_set1_ps(f->step_size);
+        c.inv_bc2_sqrt = _mm512_set1_ps(f->inv_bc2_sqrt);
+        c.eps = _mm512_set1_ps(f->eps);
+        c.decoupled = f->decoupled;
+        c.has_wd = f->has_wd;
+        c.from_end = f->from_end;
+        /* times 1, d is the gradient: same bits (a signaling NaN is quieted by
+           the first operation it enters either way, and nothing else differs) */
+        c.unscaled = f->scale == 1.0f;
+        return c;
+    }
+
+    /* The loops are specialised on the common flags (`kind`, a constant once
+       inlined): a test of a flag per vector costs about as much as an operation. */
+    #define FD_ADAM_ANY 0         /* the call's flags, tested in the loop */
+    #define FD_ADAM_PLAIN 1       /* no weight decay, gradient scale 1, lerp from its start (beta1 > 0.5) */
+    #define FD_ADAM_DECOUPLED 2   /* the same with AdamW's decoupled decay */
+
+    static inline int fd_adam_kind(const fd_adam_vectors *f) {
+        if (f->has_wd || f->from_end || !f->unscaled) return FD_ADAM_ANY;
+        return f->decoupled ? FD_ADAM_DECOUPLED : FD_ADAM_PLAIN;
+    }
+
     /* Adam's element loop on 16 lanes with an int8 first and a uint8 second
        moment (fd_adam_codes): decode, update (the operations of adam_elements,
        in its order), the parameters stored, the new moments kept in the block's
@@ -89,7 +128,7 @@ cdef extern from *:
        fd_v_track). Lanes outside `k` (a block's last vector) read zeros and
        count as zeros. */
     FD_V_INLINE void fd_adam_codes16(float *p, const float *g, const uint8_t *m, const uint8_t *v, float *row_m,
-                                     float *row_v, __mmask16 k, int full, int plain, const fd_adam_floats *f,
+                                     float *row_v, __mmask16 k, int full, int plain, int kind, const fd_adam_vectors *f,
                                      __m512 factor_m, __m512 scale_m, __m512 factor_v, __m512 scale_v,
                                      fd_v_range *range_m, fd_v_range *range_v) {
         __m512 x = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
@@ -98,16 +137,12 @@ cdef extern from *:
         __m512 sq = fd_v_code_values(fd_v_codes(v, k, full, 0), plain, factor_v, scale_v, 0, 96);
         __m512 d, diff;
         __m512i magnitude_m, bits_v;
-        if (f->decoupled) x = _mm512_mul_ps(x, _mm512_set1_ps(f->decay));
-        /* times 1, d is the gradient: same bits (a signaling NaN is quieted by
-           the first operation it enters either way, and nothing else differs) */
-        d = f->scale == 1.0f ? grad : _mm512_mul_ps(_mm512_set1_ps(f->scale), grad);
-        if (f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->wd), x));
+        if (kind == FD_ADAM_ANY ? f->decoupled : kind == FD_ADAM_DECOUPLED) x = _mm512_mul_ps(x, f->decay);
+        d = kind != FD_ADAM_ANY || f->unscaled ? grad : _mm512_mul_ps(f->scale, grad);
+        if (kind == FD_ADAM_ANY && f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(f->wd, x));
         diff = _mm512_sub_ps(d, mean);
-        mean = f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(_mm512_set1_ps(f->w1_rest), diff))
-                           : _mm512_add_ps(mean, _mm512_mul_ps(_mm512_set1_ps(f->w1), diff));
-        sq = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f->keep2), sq),
-                           _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(f->w2), d), d));
+        mean = kind == FD_ADAM_ANY && f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(f->w1_rest, diff)) : _mm512_add_ps(mean, _mm512_mul_ps(f->w1, diff));
+        sq = _mm512_add_ps(_mm512_mul_ps(f->keep2, sq), _mm512_mul_ps(_mm512_mul_ps(f->w2, d), d));
         magnitude_m = _mm512_and_si512(_mm512_castps_si512(mean), _mm512_set1_epi32(0x7fffffff));
         bits_v = _mm512_castps_si512(sq);
         if (!full) {
@@ -118,9 +153,8 @@ cdef extern from *:
         fd_v_track(range_v, bits_v);
         _mm512_store_ps(row_m, mean);
         _mm512_store_ps(row_v, sq);
-        x = _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(f->step_size), mean),
-                                           _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(sq), _mm512_set1_ps(f->inv_bc2_sqrt)),
-                                                         _mm512_set1_ps(f->eps))));
+        x = _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(f->step_size, mean),
+                                           _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(sq), f->inv_bc2_sqrt), f->eps)));
         if (full) _mm512_storeu_ps(p, x);
         else _mm512_mask_storeu_ps(p, k, x);
     }
@@ -147,7 +181,7 @@ cdef extern from *:
        `encode` (a whole block), the 64 codes of each moment of `pending` beside
        each 64 elements. */
     FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v,
-                                         fd_adam_rows *rows, int count, int plain, const fd_adam_floats *f,
+                                         fd_adam_rows *rows, int count, int plain, int kind, const fd_adam_vectors *f,
                                          float scale_m, float scale_v, int encode, const fd_adam_pending *pending,
                                          int stochastic) {
         __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
@@ -158,7 +192,7 @@ cdef extern from *:
         if (encode) {
             for (i = 0; i < FD_BLOCK; i += 64) {
                 for (j = i; j < i + 64; j += 16)
-                    fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, f, factor_m,
+                    fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
                                     vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
                 fd_v_encode64(pending->rows->m, pending->m, i, pending->inverse_m, pending->random_m, stochastic, 1);
                 fd_v_encode64(pending->rows->v, pending->v, i, pending->inverse_v, pending->random_v, stochastic, 0);
@@ -166,11 +200,11 @@ cdef extern from *:
             return;
         }
         for (i = 0; i + 16 <= count; i += 16)
-            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, f, factor_m, vscale_m,
+            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, kind, f, factor_m, vscale_m,
                             factor_v, vscale_v, &rows->range_m, &rows->range_v);
         if (i < count)
             fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
-                            plain, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+                            plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
     }
 
     /* The lines of the block FD_AHEAD elements after `start` (a large call: see
@@ -193,8 +227,8 @@ cdef extern from *:
        update; the new moments are encoded under their new scales during the
        next block's update (or alone: the last block, a general encoding). */
     FD_V_INLINE void fd_adam_codes_run(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m,
-                                       float *scales_v, ptrdiff_t n, const fd_adam_floats *f, fd_random random_m,
-                                       fd_random random_v, int stochastic, int prefetch) {
+                                       float *scales_v, ptrdiff_t n, const fd_adam_vectors *f, int kind,
+                                       fd_random random_m, fd_random random_v, int stochastic, int prefetch) {
         fd_adam_rows rows[2];
         fd_adam_pending pending;
         fd_v_encoding e_m, e_v;
@@ -225,16 +259,16 @@ cdef extern from *:
             }
             /* four copies of the loop: decode plainly or not, encode the previous block beside or not */
             if (plain && encode)
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, f, scales_m[b],
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
                                     scales_v[b], 1, &pending, stochastic);
             else if (plain)
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, f, scales_m[b],
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
                                     scales_v[b], 0, &pending, stochastic);
             else if (encode)
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, f, scales_m[b],
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
                                     scales_v[b], 1, &pending, stochastic);
             else
-                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, f, scales_m[b],
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
                                     scales_v[b], 0, &pending, stochastic);
             if (count == FD_BLOCK && start + FD_BLOCK < n) {
                 has_pending = 1;
@@ -258,14 +292,17 @@ cdef extern from *:
     }
 
     static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
-                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v, int prefetch) {
+                              ptrdiff_t n, fd_adam_floats floats, fd_random random_m, fd_random random_v, int prefetch) {
+        const fd_adam_vectors f = fd_adam_vectors_of(&floats);
         /* both moments round alike (fused_loop_for) */
         if (random_m.stochastic)
-            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 1, prefetch);
-        else if (prefetch)
-            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0, 1);
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_ANY, random_m, random_v, 1, prefetch);
+        else if (fd_adam_kind(&f) == FD_ADAM_PLAIN)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_PLAIN, random_m, random_v, 0, prefetch);
+        else if (fd_adam_kind(&f) == FD_ADAM_DECOUPLED)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_DECOUPLED, random_m, random_v, 0, prefetch);
         else
-            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, random_m, random_v, 0, 0);
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_ANY, random_m, random_v, 0, prefetch);
     }
     #else
     #include <stdlib.h>
