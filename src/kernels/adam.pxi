@@ -177,49 +177,48 @@ cdef extern from *:
         fd_random random_m, random_v;
     } fd_adam_pending;
 
+    /* Prefetch (a large call: see fd_prefetch_strip) the lines of elements
+       i + FD_AHEAD .. i + FD_AHEAD + 63 of every role: a few every 64 elements (a
+       burst of a whole block's was slower: it holds up the loop's own loads). */
+    FD_V_INLINE void fd_adam_prefetch64(const float *p, const float *g, const uint8_t *m, const uint8_t *v, int i) {
+        int k;
+        for (k = 0; k < 64; k += 16) {
+            fd_prefetch_line(p + i + FD_AHEAD + k);
+            fd_prefetch_line(g + i + FD_AHEAD + k);
+        }
+        fd_prefetch_line(m + i + FD_AHEAD);
+        fd_prefetch_line(v + i + FD_AHEAD);
+    }
+
     /* The elements of one block of `count` (fd_adam_codes16 on each 16); with
        `encode` (a whole block), the 64 codes of each moment of `pending` beside
        each 64 elements. */
     FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v,
                                          fd_adam_rows *rows, int count, int plain, int kind, const fd_adam_vectors *f,
                                          float scale_m, float scale_v, int encode, const fd_adam_pending *pending,
-                                         int stochastic) {
+                                         int stochastic, int prefetch) {
         __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
         __m512 vscale_m = _mm512_set1_ps(scale_m), vscale_v = _mm512_set1_ps(scale_v);
         int i, j;
         rows->range_m = fd_v_range_start();
         rows->range_v = fd_v_range_start();
-        if (encode) {
-            for (i = 0; i < FD_BLOCK; i += 64) {
-                for (j = i; j < i + 64; j += 16)
-                    fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
-                                    vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+        for (i = 0; i + 64 <= count; i += 64) {
+            if (prefetch) fd_adam_prefetch64(p, g, m, v, i);
+            for (j = i; j < i + 64; j += 16)
+                fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
+                                vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+            if (encode) {
                 fd_v_encode64(pending->rows->m, pending->m, i, pending->inverse_m, pending->random_m, stochastic, 1);
                 fd_v_encode64(pending->rows->v, pending->v, i, pending->inverse_v, pending->random_v, stochastic, 0);
             }
-            return;
         }
-        for (i = 0; i + 16 <= count; i += 16)
+        if (encode) return;   /* a whole block */
+        for (; i + 16 <= count; i += 16)
             fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, kind, f, factor_m, vscale_m,
                             factor_v, vscale_v, &rows->range_m, &rows->range_v);
         if (i < count)
             fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
                             plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
-    }
-
-    /* The lines of the block FD_AHEAD elements after `start` (a large call: see
-       fd_prefetch_strip). */
-    FD_V_INLINE void fd_prefetch_block(const float *p, const float *g, const uint8_t *m, const uint8_t *v,
-                                       ptrdiff_t start) {
-        int k;
-        for (k = 0; k < FD_BLOCK; k += 16) {
-            fd_prefetch_line(p + start + FD_AHEAD + k);
-            fd_prefetch_line(g + start + FD_AHEAD + k);
-        }
-        for (k = 0; k < FD_BLOCK; k += 64) {
-            fd_prefetch_line(m + start + FD_AHEAD + k);
-            fd_prefetch_line(v + start + FD_AHEAD + k);
-        }
     }
 
     /* Adam on n elements (whole blocks from a block's start) with an int8 first
@@ -237,7 +236,6 @@ cdef extern from *:
         int count, plain, encode, has_pending = 0;
         for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
             count = n - start < FD_BLOCK ? (int)(n - start) : FD_BLOCK;
-            if (prefetch) fd_prefetch_block(p, g, m, v, start);
             plain = fd_v_plain_code_pair(m + start, v + start, count, scales_m[b], scales_v[b]);
             encode = 0;
             if (has_pending) {   /* block b - 1 (whole) */
@@ -260,16 +258,16 @@ cdef extern from *:
             /* four copies of the loop: decode plainly or not, encode the previous block beside or not */
             if (plain && encode)
                 fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
-                                    scales_v[b], 1, &pending, stochastic);
+                                    scales_v[b], 1, &pending, stochastic, prefetch);
             else if (plain)
                 fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
-                                    scales_v[b], 0, &pending, stochastic);
+                                    scales_v[b], 0, &pending, stochastic, prefetch);
             else if (encode)
                 fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
-                                    scales_v[b], 1, &pending, stochastic);
+                                    scales_v[b], 1, &pending, stochastic, prefetch);
             else
                 fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
-                                    scales_v[b], 0, &pending, stochastic);
+                                    scales_v[b], 0, &pending, stochastic, prefetch);
             if (count == FD_BLOCK && start + FD_BLOCK < n) {
                 has_pending = 1;
                 pending.rows = &rows[b & 1];
