@@ -36,6 +36,21 @@ def tiny_parts():
         _dispatch.load_variant(name).set_min_elements_per_thread(*previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_blas_thread():
+    """NumPy's matrix products (Muon's Newton-Schulz iteration, the MLP) on one BLAS
+    thread. Both backends call the same products, so no comparison depends on it;
+    but OpenBLAS's threads busy-wait for each other, and beside the kernels' own
+    threads on a 2-core machine one product took 20-40x its one-thread time."""
+    try:
+        import threadpoolctl
+    except ImportError:  # a test extra: without it, the products keep their threads
+        yield
+        return
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_defaults():
     yield

@@ -88,13 +88,16 @@ def grid_shapes(spec, n):
     for a tensorwise rule (Adafactor factors matrices) also an odd square-ish
     matrix, a tall one (many row blocks) and a wide 3-D one (several column
     strips), or empty ones for ``n == 0``; of those, the ones of the rule's
-    ``param_ndim``."""
+    ``param_ndim``. A rule of matrices (Muon) gets at most 65 rows, as in
+    ``spec.sample_shape``: its matrix products grow as rows squared times
+    columns, and at 10**6 elements a square matrix took minutes of CI for
+    nothing the elementwise pass does not also do on a wide one."""
     if not spec.tensorwise:
         return [(n,)]
     if n == 0:
         shapes = [(0,), (0, 3), (4, 0), (2, 0, 3)]
     else:
-        rows = math.isqrt(n) | 1
+        rows = math.isqrt(n) | 1 if spec.param_ndim is None else min(math.isqrt(n) | 1, 65)
         shapes = [(n,), (rows, -(-n // rows) | 1), (max(1, n // 37) | 1, 37), (3, 5, max(1, n // 15) | 1)]
     return [s for s in shapes if spec.param_ndim is None or len(s) == spec.param_ndim]
 

@@ -101,6 +101,35 @@ def test_rounds_pool_the_samples_of_each_method(tmp_path, monkeypatch):
         main(["bench", *TINY, "--rounds", "0"])
 
 
+def test_rounds_record_the_calls_every_sample_averages(tmp_path, monkeypatch):
+    """--rounds R: the first turn of a measurement finds how many calls a sample
+    averages and the other turns take as many, so the recorded count is that of
+    every sample (it was the first turn's, the others having found their own)."""
+    turns = []
+    real = cases.time_samples
+
+    def recording(step, *args, calls=None, **kwargs):
+        result = real(step, *args, calls=calls, **kwargs)
+        turns.append((calls, result[0]))
+        return result
+
+    monkeypatch.setattr("fastdescent.bench.time_samples", recording)
+    result = run_bench(tmp_path, "--rules", "sgd", "--cases", "sizes", "--methods", "kernel", "--threads", "1",
+                       "--repeats", "2", "--rounds", "3", "--min-time", "0.002")
+    timed = {r["method"]: r["seconds"] for r in result["records"] if "seconds" in r}
+    assert list(timed) == ["ceiling", "kernel"]
+    for k, method in enumerate(timed):  # the methods take turns: ceiling, kernel, ceiling...
+        first, *later = turns[k::2]
+        assert first[0] is None and all(given == used == first[1] for given, used in later)
+        assert timed[method]["calls"] == first[1] > 1 and timed[method]["samples"] == 6
+
+
+def test_time_samples_with_a_given_count_makes_that_many_calls():
+    made = []
+    calls, samples = cases.time_samples(lambda: made.append(1), repeats=3, min_time=10.0, calls=4)
+    assert calls == 4 and len(samples) == 3 and len(made) == 1 + 3 * 4  # (a warm-up call)
+
+
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("1e5", 10**5), ("10**8", 10**8), ("100_000", 10**5)])
 def test_size_arg(text, value):
     assert size_arg(text) == value

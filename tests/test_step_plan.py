@@ -451,38 +451,52 @@ def test_a_key_added_or_removed_and_added_again_in_a_group_is_seen(rng):
         moved.step(grads)
 
 
-def test_call_defaults_answer_as_the_config_functions():
-    from fastdescent._config import effective_n_threads, resolve_backend
+def test_call_defaults_resolve_as_documented():
+    """The faces and the step plans resolve ``n_threads`` and ``backend`` through
+    ``_config``'s own ``CALL_DEFAULTS`` (the state and the rules in one place): the
+    rules of ``fastdescent._config``'s docstring, under every kind of default."""
+    from fastdescent import _config
     from fastdescent.rules._spec import CALL_DEFAULTS
 
-    def same():
-        for request in (None, 1, 2, 3, -1, -2, 10**6):
-            assert CALL_DEFAULTS.threads(request) == effective_n_threads(request), request
-        for backend in (None, "kernel", "reference"):
-            assert CALL_DEFAULTS.backend(backend) is resolve_backend(backend)
+    assert CALL_DEFAULTS is _config.CALL_DEFAULTS
 
-    same()
-    for bad in (0, True, 1.0, "2"):
+    def documented(request, default):
+        limit = _config.max_threads()
+        request = default if request is None else request
+        if request is None:
+            return limit
+        return max(1, limit + 1 + request) if request < 0 else min(request, limit)
+
+    def check(default=None):
+        for request in (None, 1, 2, 3, -1, -2, 10**6, 10**30, -10**30):
+            assert CALL_DEFAULTS.threads(request) == fd.effective_n_threads(request) == documented(request, default)
+        for backend in (None, "kernel", "reference"):
+            got = CALL_DEFAULTS.backend(backend)  # (loads the backends on first use)
+            assert got is _config.resolve_backend(backend) is _config._BACKEND_MODULES[backend or fd.get_backend()]
+
+    check()
+    for bad in (0, True, 1.0, "2", np.int64(2)):
         with pytest.raises((TypeError, ValueError)):
             CALL_DEFAULTS.threads(bad)
-    with pytest.raises(ValueError, match="backend"):
-        CALL_DEFAULTS.backend("nope")
+    for bad in ("nope", ["kernel"]):
+        with pytest.raises(ValueError, match="backend"):
+            CALL_DEFAULTS.backend(bad)
     try:
         fd.set_num_threads(1)
-        same()
+        check(1)
         with fd.num_threads(-1):
-            same()
+            check(-1)
         with fd.num_threads(None):
-            same()
+            check(None)
         fd.set_backend("reference")
-        same()
+        check(1)
     finally:
         fd.set_num_threads(None)
         fd.set_backend(None)
-    same()
+    check()
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
-        same()
+        check()
 
 
 def test_adams_step_scalars_in_c_are_the_python_ones_bit_for_bit():

@@ -27,7 +27,7 @@ needs_two_threads = pytest.mark.skipif(
 def kernel_backend():
     """The faces here run on the kernels' worker pool, whatever the default backend
     (CI also runs the suite with the reference backend as the default)."""
-    previous = _config._default_backend  # (None: from the environment)
+    previous = _config.CALL_DEFAULTS.default_backend  # (None: from the environment)
     fd.set_backend("kernel")
     yield
     fd.set_backend(previous)
@@ -161,6 +161,31 @@ def test_sleeping_or_spinning_workers_give_identical_results(spin, rng, tiny_par
             assert adam_run(2, params, grads) == serial
     finally:
         kernels.set_spin_seconds(previous)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("n", [100_003, 1_000_003], ids=["chunked by tiny parts", "default chunks"])
+def test_alternating_order_gives_identical_results(n, rng, request):
+    """Back-to-back calls on the same arrays alternate directions (each thread
+    starts on the chunks it ran last): the same bits as front to back, alone or on
+    the pool, whichever thread runs which chunk."""
+    if n < 1_000_000:
+        request.getfixturevalue("tiny_parts")
+    kernels = _dispatch.kernels
+    params, grads = [rng.standard_normal(n).astype(np.float32)], [rng.standard_normal(n).astype(np.float32)]
+    try:
+        kernels.set_alternating_order(False)
+        assert not kernels.pool_state()["alternating_order"]
+        expected = adam_run(1, params, grads, steps=4)
+        reversed_before = kernels.pool_state()["reversed_jobs"]
+        kernels.set_alternating_order(True)
+        assert kernels.pool_state()["alternating_order"]
+        for n_threads in (1, 2, 2, 1):
+            assert adam_run(n_threads, params, grads, steps=4) == expected
+        # steps 2 and 4 of each 1-thread run (a 2-thread run's policy may go serial for a step under load)
+        assert kernels.pool_state()["reversed_jobs"] >= reversed_before + 4
+    finally:
+        kernels.set_alternating_order(True)
 
 
 @needs_two_threads
@@ -399,9 +424,11 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     path = tmp_path / "sweep.json"
     assert main(["bench", "--cases", "threads", "--sweep-sizes", "4e3", "--sweep-gaps", "0.001",
                  "--repeats", "1", "--sweep-idle-repeats", "2", "--min-time", "0", "--quiet",
-                 "--json", str(path)]) == 0
+                 "--sweep-fixed-order", "--json", str(path)]) == 0
     live = capsys.readouterr().out
     assert "back to back" in live and "after 1 ms of NumPy matrix products" in live and "vs fused" in live
+    assert "fixed 2thr" in live and "alt gain" in live
+    assert _dispatch.kernels.pool_state()["alternating_order"]  # restored after the fixed-order contender
     import json
 
     sweep = json.loads(path.read_text())["threads"]
@@ -410,6 +437,7 @@ def test_threads_sweep_runs_renders_and_reloads(tmp_path, capsys):
     assert all(r["gap_mean"] >= 0.001 for r in sweep["records"] if r.get("gap") == 0.001 and "seconds" in r)
     timed = {(r["method"], r["threads"], r["gap"]) for r in sweep["records"] if "seconds" in r}
     assert ("kernel", 1, 0.0) in timed and ("kernel", 1, 0.001) in timed
+    assert ("kernel-fixed-order", 2, 0.0) in timed and ("kernel-fixed-order", 2, 0.001) in timed
     assert " woke " in live   # after a gap: calls that woke parked workers, of those run on the pool
     for r in sweep["records"]:
         if r.get("gap") == 0.001 and r["method"] == "kernel" and r["threads"] > 1 and "seconds" in r:

@@ -17,10 +17,13 @@ from torch_support import assert_unchanged, one_torch_thread, snapshot, takes, t
 CONFIGS = {spec.title: (rule.torch_peer[1] if rule.torch_peer is not None else rule.options)
            for spec, rule in ((fdt.optimizers.CLASSES[r.spec.title].spec, r) for r in RICHEST.values())
            if spec.title in fdt.optimizers.CLASSES}
-#: The classes whose steady steps take the plan: not those with scalar state
-#: (NAdam, ASGD) or that see whole tensors (Adafactor, Muon).
+#: The classes whose steady steps take the plan: not those that see whole tensors
+#: (Adafactor, Muon) or keep scalar states as Python floats (the Schedule-Free rules,
+#: which have no torch.optim peer); NAdam's and ASGD's are tensors, as torch.optim's.
 PLANNED = [name for name, cls in fdt.optimizers.CLASSES.items()
-           if not cls.spec.scalar_state and not cls.spec.tensorwise]
+           if not cls.spec.tensorwise and (not cls.spec.scalar_state or cls.spec.torch is not None)]
+#: The classes with scalar states the plan keeps (in blocks, as the step counts).
+STATEFUL = [name for name in PLANNED if fdt.optimizers.CLASSES[name].spec.scalar_state]
 
 
 def general_way(opt):
@@ -60,11 +63,11 @@ def gradients(model, extra, step, generator):
     loss.backward()
 
 
-def train(rule, steps=14, reuse_gradients=False, general=False, edit=None):
-    """Train ``rule`` on :func:`model_groups`, with a scheduler writing ``lr`` at every
-    step; ``reuse_gradients``: the gradient tensors stay the same objects (written in
-    place) after the first step; ``edit(opt, step)`` runs between steps."""
-    model, extra, groups = model_groups(rule)
+def train(rule, steps=14, reuse_gradients=False, general=False, edit=None, dtype=torch.float32):
+    """Train ``rule`` on :func:`model_groups` of ``dtype``, with a scheduler writing ``lr``
+    at every step; ``reuse_gradients``: the gradient tensors stay the same objects
+    (written in place) after the first step; ``edit(opt, step)`` runs between steps."""
+    model, extra, groups = model_groups(rule, dtype)
     opt = getattr(fdt, rule)(groups, **CONFIGS[rule])
     if general:
         general_way(opt)
@@ -221,10 +224,10 @@ def test_group_keys_added_and_parameters_replaced_are_seen():
     assert_identical(train("Adam", edit=edit), train("Adam", edit=edit, general=True))
 
 
-# (ASGD and NAdam keep scalar state, which the step plan does not repeat yet. Adagrad
-# makes its state eagerly, so this model's late parameter sits in the bucket with step
-# count 0: the bucket is stepped in one call per count, which takes the def entry.)
-@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "RMSprop", "Adadelta", "Adamax", "Rprop", "RAdam"])
+# (Adagrad makes its state eagerly, so this model's late parameter sits in the bucket
+# with step count 0: the bucket is stepped in one call per count, which takes the def entry.)
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "RMSprop", "Adadelta", "Adamax", "Rprop", "RAdam",
+                                  "NAdam", "ASGD"])
 def test_whole_buckets_go_through_the_kernels_direct_entry(rule):
     """Where the backend has a direct entry for the rule's kernel, the plan's call of
     a whole bucket goes through it (a backend whose ``def`` entry raises shows it),
@@ -248,3 +251,61 @@ def test_whole_buckets_go_through_the_kernels_direct_entry(rule):
     assert fast._fd_step_plan.run(fast.param_groups, fast.state, direct_only, 1, fast._refresh_group)
     expected.step()
     assert_identical(fast, expected)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rule", STATEFUL)
+def test_scalar_states_take_the_plan_as_the_general_way(rule, default_dtype):
+    """NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``: kept in the plan, bit for bit
+    as the general way keeps them, in torch's dtype (float64 tensors under a float64
+    default dtype, which NAdam multiplies in float64), after the first step."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        fast, expected = train(rule, dtype=default_dtype), train(rule, general=True, dtype=default_dtype)
+        calls = counting_general_steps(fast)
+        for opt in (fast, expected):
+            for step in range(3):
+                for p in (p for g in opt.param_groups for p in g["params"]):  # (in its layout)
+                    p.grad = torch.empty_like(p).copy_(torch.linspace(-1.0, 0.5 + step, p.numel()).reshape(p.shape))
+                opt.step()
+    finally:
+        torch.set_default_dtype(previous)
+    assert not calls
+    assert_identical(fast, expected)
+    for state in fast.state.values():
+        for name in fast.spec.scalar_state_names:
+            assert state[name].dtype == default_dtype and state[name].shape == ()
+
+
+@pytest.mark.parametrize("how", ["filled", "replaced"])
+@pytest.mark.parametrize("rule", STATEFUL)
+def test_scalar_state_of_one_parameter_edited_between_steps(rule, how):
+    """One parameter's scalar states written in place or replaced between steps (its
+    count the others'): it is stepped with its own, by the plan as by the general way
+    and as torch.optim does (which keeps them per parameter)."""
+    names = fdt.optimizers.CLASSES[rule].spec.scalar_state_names
+
+    def edit(opt, step):
+        if step == 5:
+            state = opt.state[opt.param_groups[0]["params"][0]]
+            for name in names:
+                value = 0.5 * state[name].item()
+                if how == "filled":
+                    state[name].fill_(value)
+                else:
+                    state[name] = torch.tensor(value)
+    assert_identical(train(rule, edit=edit), train(rule, edit=edit, general=True))
+
+    def edited(opt):
+        generator = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(6, generator=generator)) for _ in range(3)]
+        optimizer = opt(params, **CONFIGS[rule])
+        for step in range(8):
+            for p in params:
+                p.grad = torch.randn(6, generator=generator)
+            edit(optimizer, step)
+            optimizer.step()
+        return params
+    for mine, theirs in zip(edited(getattr(fdt, rule)), edited(getattr(torch.optim, rule))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

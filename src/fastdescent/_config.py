@@ -8,6 +8,10 @@ the innermost ``with num_threads(n)`` block of the calling thread, else the
 process-wide ``set_num_threads(n)``, else the ceiling. A negative count counts back
 from the ceiling (-1 = all, -2 = all but one); 0 is an error; a build without
 OpenMP always runs one thread.
+
+The defaults and that resolution live in one C object, :data:`CALL_DEFAULTS`
+(``_runtime.CallDefaults``): the functions here read and write it, and the C paths
+of the faces and the step plans call it directly.
 """
 
 import contextvars
@@ -20,14 +24,11 @@ from . import _runtime
 
 BACKENDS = ("kernel", "reference")
 
-_default_threads = None
-_default_backend = None
 # ``(n_threads,)`` of the innermost ``num_threads`` block, None outside any. A context
 # variable is per Python thread (and per asyncio task), and cheaper to read than
 # threading.local.
 _block_threads: contextvars.ContextVar[tuple[int | None] | None] = contextvars.ContextVar(
     "fastdescent_num_threads", default=None)
-_block_threads_get = _block_threads.get
 
 
 def max_threads() -> int:
@@ -55,25 +56,14 @@ def effective_n_threads(n_threads: int | None = None) -> int:
     ``set_num_threads``, else all usable cores. Never more than OpenMP's maximum
     for this thread (``OMP_NUM_THREADS``, threadpoolctl).
     """
-    if n_threads is None:
-        block = _block_threads_get()
-        n_threads = _default_threads if block is None else block[0]
-    else:
-        _check_thread_request(n_threads)
-    limit = _runtime.thread_limit()
-    if n_threads is None:
-        return limit
-    if n_threads < 0:
-        return max(1, limit + 1 + n_threads)
-    return min(n_threads, limit)
+    return CALL_DEFAULTS.threads(n_threads)
 
 
 def set_num_threads(n_threads: int | None) -> None:
     """Set the process-wide default thread count (``None`` restores "all cores").
     A ``num_threads`` block in a thread takes precedence there."""
-    global _default_threads
     _check_thread_request(n_threads)
-    _default_threads = n_threads
+    CALL_DEFAULTS.default_threads = n_threads
 
 
 def get_num_threads() -> int:
@@ -115,28 +105,32 @@ _ENV_BACKEND = _backend_from_env()
 def get_backend() -> str:
     """The default backend: ``set_backend``, else ``FASTDESCENT_BACKEND`` (read at
     import), else "kernel"."""
-    return _ENV_BACKEND if _default_backend is None else _default_backend
+    name = CALL_DEFAULTS.default_backend
+    return _ENV_BACKEND if name is None else name
 
 
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend ("kernel" or "reference"; None = from env)."""
-    global _default_backend
-    _default_backend = None if name is None else _check_backend(name)
+    CALL_DEFAULTS.default_backend = None if name is None else _check_backend(name)
 
 
 def resolve_backend(backend: str | None) -> ModuleType:
     """The backend module (kernels or reference) for ``backend`` (None = default)."""
-    if backend is None:
-        backend = _ENV_BACKEND if _default_backend is None else _default_backend
-    try:
-        return _BACKEND_MODULES[backend]
-    except KeyError:
-        _check_backend(backend)
-        from . import reference
-        from ._dispatch import kernels
+    return CALL_DEFAULTS.backend(backend)
 
-        _BACKEND_MODULES.update(kernel=kernels, reference=reference)
-        return _BACKEND_MODULES[backend]
+
+def _load_backend(name):
+    """The module of backend ``name``, the backends imported on first use (ValueError
+    for an unknown name)."""
+    _check_backend(name)
+    from . import reference
+    from ._dispatch import kernels
+
+    _BACKEND_MODULES.update(kernel=kernels, reference=reference)
+    return _BACKEND_MODULES[name]
 
 
 _BACKEND_MODULES: dict[str, ModuleType] = {}
+#: The defaults and their resolution (see the module docstring).
+CALL_DEFAULTS = _runtime.CallDefaults(_block_threads, _BACKEND_MODULES, _ENV_BACKEND, _check_thread_request,
+                                      _load_backend)

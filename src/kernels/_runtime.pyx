@@ -1200,133 +1200,71 @@ cdef class KernelArguments:
 
 @cython.auto_pickle(False)
 cdef class CallDefaults:
-    """``effective_n_threads(n_threads)`` and ``resolve_backend(backend)``
-    (fastdescent._config, given to the constructor) for the C paths of the faces
-    and the step plans, the common requests answered in C.
+    """fastdescent's defaults for ``n_threads`` and ``backend``, and the one place that
+    resolves a request against them. ``fastdescent._config``'s functions
+    (``effective_n_threads``, ``set_num_threads``, ``num_threads``, ``set_backend``,
+    ``resolve_backend``) read and write them here; the C paths of the faces and the
+    step plans call the same code without a Python call.
 
-    The answers read the same state as those functions, in ``_config``'s globals:
-    the calling thread's ``num_threads`` block (a context variable), the
-    process-wide ``set_num_threads`` and ``set_backend`` values, OpenMP's limit
-    for this thread (:func:`thread_limit`) and the backend modules loaded. A
-    request they do not cover (a negative count, a backend not loaded yet), or
-    any of that state not found as expected, goes to the Python function, which
-    also raises for a bad request. tests/test_step_plan.py compares both.
+    ``threads(n_threads)``: None takes the innermost ``num_threads`` block of the
+    calling thread (``block``, a ContextVar holding ``(n,)`` or None), else
+    ``default_threads`` (``set_num_threads``), else every usable core; a negative
+    count counts back from the usable cores (-1: all); never more than OpenMP's limit
+    for this thread (:func:`thread_limit`). A request that is neither None nor a
+    nonzero int goes to ``check``, which raises for it.
+
+    ``backend(name)``: the module of ``name`` (None: ``default_backend``, else
+    ``env_backend``) in ``modules``; one not there yet comes from ``load(name)``,
+    which imports the backends (or raises for an unknown name).
     """
 
-    cdef object effective_n_threads, resolve_backend, block_threads
-    cdef dict config
-    cdef _Resolved last
+    cdef readonly object block
+    cdef readonly dict modules
+    cdef readonly str env_backend
+    cdef public object default_threads, default_backend
+    cdef object check, load
 
-    def __init__(self, effective_n_threads, resolve_backend):
-        self.effective_n_threads, self.resolve_backend = effective_n_threads, resolve_backend
-        self.config = getattr(effective_n_threads, "__globals__", None)
-        if self.config is not getattr(resolve_backend, "__globals__", None):
-            self.config = None
-        self.block_threads = None
-        if self.config is not None and type(self.config.get("_block_threads")) is ContextVar:
-            self.block_threads = self.config["_block_threads"]
+    def __init__(self, block, dict modules not None, str env_backend not None, check, load):
+        if type(block) is not ContextVar:
+            raise TypeError("block must be a ContextVar")
+        self.block, self.modules, self.env_backend, self.check, self.load = block, modules, env_backend, check, load
+        self.default_threads = self.default_backend = None
 
-    def threads(self, n_threads):
-        """``effective_n_threads(n_threads)``."""
+    def threads(self, n_threads=None):
+        """The number of threads a kernel uses for the request ``n_threads``."""
         return self.threads_for(n_threads)
 
-    def backend(self, backend):
-        """``resolve_backend(backend)``."""
+    def backend(self, backend=None):
+        """The backend module for ``backend`` (None: the default)."""
         return self.backend_for(backend)
 
-    cdef _Resolved resolved(self):
-        """``_config``'s defaults as of now: those of the last call while neither
-        ``_config``'s globals nor its dict of backend modules has changed since
-        (their dict versions, where this Python has them), else read again.
-        None if they are not found as expected."""
-        cdef _Resolved last = self.last
-        cdef PyObject* found
-        cdef object modules, name
-        if last is not None and FD_DICT_VERSIONS and last.config_version == fd_dict_version(self.config):
-            if last.modules is None or last.modules_version == fd_dict_version(last.modules):
-                return last
-        found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
-        modules = <object>found if found != NULL else None
-        found = PyDict_GetItemWithError(self.config, "_default_backend")
-        name = <object>found if found != NULL else 0
-        if name is None:
-            found = PyDict_GetItemWithError(self.config, "_ENV_BACKEND")
-            name = <object>found if found != NULL else 0
-        found = PyDict_GetItemWithError(self.config, "_default_threads")
-        if found == NULL or type(modules) is not dict:
-            return None
-        last = _Resolved.__new__(_Resolved)
-        last.config_version = fd_dict_version(self.config)
-        last.modules, last.modules_version = modules, fd_dict_version(modules)
-        last.backend = (<dict>modules).get(name) if type(name) is str else None
-        last.threads = <object>found
-        self.last = last
-        return last
-
     cdef int threads_for(self, object n_threads) except -1:
-        cdef _Resolved resolved
-        cdef object block, request = n_threads
-        if request is None and self.block_threads is not None:
-            block = get_value(self.block_threads)
-            if block is None:
-                resolved = self.resolved() if self.config is not None else None
-                if resolved is None:
-                    return self.effective_n_threads(n_threads)
-                request = resolved.threads
-            elif type(block) is tuple and len(<tuple>block) == 1:
-                request = (<tuple>block)[0]
-            else:
-                return self.effective_n_threads(n_threads)
-            if request is None:
-                return _thread_limit()
-        if type(request) is int and 0 < request <= 1 << 16:
-            return min(<int>request, _thread_limit())
-        return self.effective_n_threads(n_threads)
+        cdef object request = n_threads, block
+        cdef int limit
+        if request is None:
+            block = get_value(self.block)
+            request = self.default_threads if block is None else block[0]
+        elif type(request) is not int or request == 0:
+            self.check(request)
+        limit = _thread_limit()
+        if request is None:
+            return limit
+        if request < 0:
+            return max(1, limit + 1 + request)
+        return limit if request > limit else <int>request
 
     cdef object backend_for(self, object backend):
         cdef PyObject* found
-        cdef _Resolved resolved
-        cdef object module
-        if self.config is not None:
-            if backend is None:
-                resolved = self.resolved()
-                if resolved is not None and resolved.backend is not None:
-                    return resolved.backend
-            elif type(backend) is str:
-                found = PyDict_GetItemWithError(self.config, "_BACKEND_MODULES")
-                if found != NULL and type(<object>found) is dict:
-                    module = (<dict>found).get(backend)
-                    if module is not None:
-                        return module
-        return self.resolve_backend(backend)
-
-
-cdef extern from *:
-    """
-    /* PEP 509's dict version: changes at every change of the dict (deprecated in
-       3.12, so read only before it; 0 and FD_DICT_VERSIONS 0 from then on). */
-    #if PY_VERSION_HEX < 0x030C0000
-    #define FD_DICT_VERSIONS 1
-    static unsigned long long fd_dict_version(PyObject* d) { return ((PyDictObject*)d)->ma_version_tag; }
-    #else
-    #define FD_DICT_VERSIONS 0
-    static unsigned long long fd_dict_version(PyObject* d) { (void)d; return 0; }
-    #endif
-    """
-    int FD_DICT_VERSIONS
-    unsigned long long fd_dict_version(object d)
-
-
-@cython.auto_pickle(False)
-@cython.final
-cdef class _Resolved:
-    """What :class:`CallDefaults` read of ``_config`` (the default backend's module,
-    or None if not loaded yet; the ``set_num_threads`` value) and the versions of
-    the dicts it read it from: never changed once made, so that a thread sees one
-    whole answer."""
-
-    cdef unsigned long long config_version, modules_version
-    cdef object modules, backend, threads
+        cdef object name = backend
+        if name is None:
+            name = self.default_backend
+            if name is None:
+                name = self.env_backend
+        if type(name) is str:
+            found = PyDict_GetItemWithError(self.modules, name)
+            if found != NULL:
+                return <object>found
+        return self.load(name)
 
 
 @cython.auto_pickle(False)

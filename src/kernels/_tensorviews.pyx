@@ -19,6 +19,7 @@
 # the gradient tensors they point into (``grads``, until ``release``).
 
 cimport numpy as cnp
+import numpy
 from cpython.dict cimport PyDict_GetItem, PyDict_GetItemWithError
 from cpython.exc cimport PyErr_Clear
 from cpython.object cimport PyObject, PyTypeObject
@@ -42,6 +43,7 @@ cdef extern from "Python.h":
     PyTypeObject* Py_TYPE(object o)
 
 cdef double _unused[1]   # where a view points before its first gradient (aligned)
+cdef object _FLOAT64 = numpy.float64
 
 include "_direct_abi.pxi"
 
@@ -489,7 +491,8 @@ cdef class BucketViews:
 # ------------------------------------------------------------------- step counts
 cdef int _uniform_count(cnp.ndarray steps, double* count) except -1:
     """1 and the common value of ``steps`` (a 1-D contiguous float32 or float64 array
-    of at least one element) in ``count``, or 0 if they differ (or one is NaN)."""
+    of at least one element: a bucket's step counts or one of its scalar states) in
+    ``count``, or 0 if they differ (or one is NaN)."""
     cdef Py_ssize_t i, n = cnp.PyArray_DIM(steps, 0)
     cdef float* f
     cdef double* d
@@ -535,6 +538,37 @@ cdef int _set_counts(cnp.ndarray steps, double value) except -1:
     return 0
 
 
+cdef inline double _element(cnp.ndarray values, Py_ssize_t k) noexcept:
+    """Element ``k`` of a float32 or float64 array of step counts or scalar states."""
+    if cnp.PyArray_TYPE(values) == cnp.NPY_FLOAT32:
+        return (<float*>cnp.PyArray_DATA(values))[k]
+    return (<double*>cnp.PyArray_DATA(values))[k]
+
+
+cdef bint _uniform_scalars(tuple scalars) except -1:
+    """True if every array of ``scalars`` (a bucket's scalar states) holds one value (not NaN)."""
+    cdef double value
+    cdef object values
+    for values in scalars:
+        if not _uniform_count(values, &value):
+            return False
+    return True
+
+
+cdef tuple _scalar_values(tuple scalars, Py_ssize_t k):
+    """The scalar states of parameter ``k`` as fastdescent.torch reads them from the
+    state tensors (optimizers._scalar_state_value): a float, or a ``numpy.float64``
+    from a float64 tensor (NAdam rounds ``mu_product`` in the tensor's dtype)."""
+    cdef object values
+    cdef list out = []
+    for values in scalars:
+        if cnp.PyArray_TYPE(<cnp.ndarray>values) == cnp.NPY_FLOAT32:
+            out.append(<double>(<float*>cnp.PyArray_DATA(<cnp.ndarray>values))[k])
+        else:
+            out.append(_FLOAT64((<double*>cnp.PyArray_DATA(<cnp.ndarray>values))[k]))
+    return tuple(out)
+
+
 cdef int _check_steps(object steps) except -1:
     if steps is None:
         return 0
@@ -542,7 +576,8 @@ cdef int _check_steps(object steps) except -1:
             or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>steps)
             or cnp.PyArray_TYPE(<cnp.ndarray>steps) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
             or cnp.PyArray_DIM(<cnp.ndarray>steps, 0) < 1 or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>steps)):
-        raise ValueError("steps must be a non-empty, writable, contiguous 1-D float32 or float64 array")
+        raise ValueError("step counts and scalar states must be non-empty, writable, contiguous 1-D float32 or "
+                         "float64 arrays")
     return 0
 
 
@@ -611,13 +646,15 @@ cdef class BucketStep:
     buffers as the rule's kernel takes them (one list of views, or None, per
     buffer the rule declares), the parameter tensors (whose version counters a step
     bumps), ``steps``, a view of every parameter's ``state["step"]`` (None for a
-    rule that does not count steps), and ``scratch``: ``(position, block, parameter)``
+    rule that does not count steps), ``scalars``, one such view per scalar state of
+    the rule (NAdam's ``mu_product``; ``()`` for a rule that keeps none), and
+    ``scratch``: ``(position, block, parameter)``
     for the gapped parameters, stepped in their scratch block (gathered with
     ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
 
     cdef BucketViews views
     cdef list param_views, params
-    cdef tuple buffers, scratch
+    cdef tuple buffers, scratch, scalars
     cdef object steps
     # The rows of a direct kernel call (see DirectKernel), made for ``direct``'s
     # binding of ``backend``: every role's data pointers but the gradients', which
@@ -702,14 +739,15 @@ cdef class BucketStep:
             free(scalars)
 
     def __init__(self, BucketViews views not None, list param_views not None, tuple buffers not None,
-                 list params not None, steps, tuple scratch not None):
+                 list params not None, steps, tuple scalars not None, tuple scratch not None):
         if len(param_views) != views.n or len(params) != views.n:
             raise ValueError("a bucket's parameters, views and gradients differ in number")
-        _check_steps(steps)
-        if steps is not None and cnp.PyArray_DIM(<cnp.ndarray>steps, 0) != views.n:
-            raise ValueError("one step count per parameter")
+        for values in (steps, *scalars):
+            _check_steps(values)
+            if values is not None and cnp.PyArray_DIM(<cnp.ndarray>values, 0) != views.n:
+                raise ValueError("one step count and scalar state per parameter")
         self.views, self.param_views, self.buffers, self.params, self.steps = views, param_views, buffers, params, steps
-        self.scratch = scratch
+        self.scalars, self.scratch = scalars, scratch
 
 
 cdef class GroupStep:
@@ -718,7 +756,9 @@ cdef class GroupStep:
     other keys (``keys``) when they were last validated (``values``: the very
     objects), the parameters that had neither state nor a gradient (``pending``), the
     group's kernel scalars (``arguments``: ``get(step, grad_scale, fresh)`` gives
-    ``(invoke, constants, varying)``), the direct entry of ``invoke`` (``direct``, a
+    ``(invoke, constants, varying)``; for a rule with scalar state, ``stateful(step,
+    grad_scale, fresh, values)`` gives ``(invoke, constants, varying, after)`` from
+    the scalar states before the step and after it, tuples; else None), the direct entry of ``invoke`` (``direct``, a
     :class:`DirectKernel`, or None), whether the scalars depend on the step number
     (``step_in_math``) and its buckets (:class:`BucketStep`)."""
 
@@ -726,20 +766,23 @@ cdef class GroupStep:
     cdef object param_list
     cdef tuple params, pending
     cdef public tuple keys, values
-    cdef public object arguments
+    cdef public object arguments, stateful
     cdef public DirectKernel direct
     cdef bint step_in_math
     cdef list buckets
 
     def __init__(self, dict group not None, list param_list not None, tuple params not None, tuple keys not None,
-                 tuple values not None, tuple pending not None, arguments, DirectKernel direct, bint step_in_math,
-                 list buckets not None):
+                 tuple values not None, tuple pending not None, arguments, stateful, DirectKernel direct,
+                 bint step_in_math, list buckets not None):
         cdef object bucket
         for bucket in buckets:
             if type(bucket) is not BucketStep:
                 raise TypeError("buckets must be BucketStep objects")
+            if (<BucketStep>bucket).scalars and stateful is None:
+                raise ValueError("a bucket with scalar states needs a stateful")
         self.group, self.param_list, self.params, self.keys, self.values = group, param_list, params, keys, values
-        self.pending, self.arguments, self.direct, self.step_in_math = pending, arguments, direct, step_in_math
+        self.pending, self.arguments, self.stateful, self.direct = pending, arguments, stateful, direct
+        self.step_in_math = step_in_math
         self.buckets = buckets
 
     cdef bint same_parameters(self, object group):
@@ -788,14 +831,15 @@ cdef class StepPlan:
     optimizer's ``param_groups`` list, a group, its parameter list or a parameter in
     it, or the ``state`` mapping was replaced; when a pending parameter got a
     gradient; when a bucket has a gradient that is not viewable as it is, or a cached
-    view is stale (``BucketViews.collect``); or when a step count is NaN. The
-    parameters without a gradient are skipped; a bucket whose step counts differ
-    gets one kernel call per count. A group whose values are not the objects last validated is handed
+    view is stale (``BucketViews.collect``); or when a step count or scalar state
+    is NaN. The parameters without a gradient are skipped; a bucket whose step
+    counts or scalar states differ gets one kernel call per count and states. A group whose values are not the objects last validated is handed
     to ``refresh(index, group_step)`` (the optimizer's): it validates them again and
     updates the :class:`GroupStep` (True), raises for a bad value, or returns False.
     Then every bucket's kernel scalars are taken (the rule's ``step_scalars`` for
-    the new step count), and only then written: one kernel call per bucket, the step
-    counts, the parameters' version counters (``increment_version(list)``), with
+    the new step count; with scalar states, ``stateful`` for the count and states),
+    and only then written: one kernel call per bucket, the step counts, the scalar
+    states, the parameters' version counters (``increment_version(list)``), with
     the gapped parameters gathered into their scratch blocks and scattered back.
     ``fresh`` is the "no buffer created" marker the kernel scalars key on.
     """
@@ -819,10 +863,11 @@ cdef class StepPlan:
         cdef Py_ssize_t g, n = len(self.groups)
         cdef GroupStep group
         cdef BucketStep bucket
-        # (bucket, positions or None for all, step count after the step or None, kernel call, DirectKernel)
+        # (bucket, positions or None for all, step count after the step or None, kernel call, DirectKernel,
+        #  scalar states after the step or None)
         cdef list parts = []
         cdef double count
-        cdef object p, positions, following
+        cdef object p, positions, following, values
         cdef int status
         if param_groups is not self.param_groups or state is not self.state or len(<list>param_groups) != n:
             return False
@@ -841,39 +886,49 @@ cdef class StepPlan:
                     status = bucket.views._collect()
                     if status == STALE or bucket.views.odd:  # (a gradient to copy or refuse)
                         return False
-                    if status == COMPLETE and bucket.steps is None:
-                        parts.append(self._part(group, bucket, None, None))
-                    elif status == COMPLETE and _uniform_count(bucket.steps, &count):
-                        parts.append(self._part(group, bucket, None, _next_count(bucket.steps, count)))
-                    else:  # some gradients missing, or counts that differ: one call per count
-                        by_count = _by_count(bucket.steps, bucket.views.missing, bucket.views.n)
-                        if by_count is None:
+                    if (status == COMPLETE and (bucket.steps is None or _uniform_count(bucket.steps, &count))
+                            and _uniform_scalars(bucket.scalars)):
+                        following = None if bucket.steps is None else _next_count(bucket.steps, count)
+                        parts.append(self._part(group, bucket, None, following, _scalar_values(bucket.scalars, 0)))
+                    else:  # some gradients missing, or counts or states that differ: one call per count and states
+                        by_key = _by_key(bucket.steps, bucket.scalars, bucket.views.missing, bucket.views.n)
+                        if by_key is None:
                             return False
-                        for following, positions in (<dict>by_count).items():
-                            parts.append(self._part(group, bucket, positions, following))
+                        for (following, values), positions in (<dict>by_key).items():
+                            parts.append(self._part(group, bucket, positions, following, values))
             # The writes.
-            for bucket, positions, following, call, direct in parts:
-                self._write(bucket, positions, following, call, direct, backend, n_threads)
+            for bucket, positions, following, call, direct, after in parts:
+                self._write(bucket, positions, following, call, direct, after, backend, n_threads)
             return True
         finally:
             for group in self.groups:
                 for bucket in group.buckets:
                     bucket.views._release()
 
-    cdef tuple _part(self, GroupStep group, BucketStep bucket, object positions, object following):
-        """A kernel call of the step: its scalars for the step count ``following``."""
+    cdef tuple _part(self, GroupStep group, BucketStep bucket, object positions, object following, tuple values):
+        """A kernel call of the step: its scalars for the step count ``following``
+        and the scalar states ``values``, and those states after the step (checked
+        here, before any write: floats, one per state)."""
         cdef object step = None
+        cdef tuple after
         if following is not None and group.step_in_math:
             step = int(<double>following)
-        return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh), group.direct
+        if not bucket.scalars:
+            return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh), group.direct, None
+        invoke, constants, varying, after = group.stateful(step, _ONE, self.fresh, values)
+        if len(after) != len(bucket.scalars):
+            raise ValueError("stateful gave the wrong number of scalar states")
+        return (bucket, positions, following, (invoke, constants, varying), group.direct,
+                tuple([float(value) for value in after]))
 
     cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, DirectKernel direct,
-                    object backend, object n_threads) except -1:
+                    object after, object backend, object n_threads) except -1:
         """Step the parameters of ``bucket`` at ``positions`` (None: all of them): the
         whole bucket through ``direct`` where it can, else through the call's
-        ``invoke``."""
+        ``invoke``; then set their step counts to ``following`` and scalar states to
+        ``after``."""
         cdef object invoke, constants, varying, params, grads, buffers, tensors, chosen = None
-        cdef Py_ssize_t k
+        cdef Py_ssize_t k, j
         invoke, constants, varying = call
         if positions is None:
             params, grads, buffers, tensors = bucket.param_views, bucket.views.views, bucket.buffers, bucket.params
@@ -896,6 +951,13 @@ cdef class StepPlan:
             else:
                 for k in positions:
                     bucket.steps[k] = following
+        if after is not None:
+            for j in range(len(bucket.scalars)):
+                if positions is None:
+                    _set_counts(bucket.scalars[j], <double>(<tuple>after)[j])
+                else:
+                    for k in positions:
+                        bucket.scalars[j][k] = (<tuple>after)[j]
         # NumPy writes bypass autograd's version counters: bump them as torch's
         # in-place updates would, so that a stale saved tensor is still detected.
         self.increment_version(tensors)
@@ -907,27 +969,30 @@ cdef list _pick(list items, list positions):
     return [items[k] for k in positions]
 
 
-cdef object _by_count(object steps, list missing, Py_ssize_t n):
-    """{step count after the step (None without counts): [positions]} for the
-    positions not in ``missing``, in order; None if a count is NaN."""
+cdef object _by_key(object steps, tuple scalars, list missing, Py_ssize_t n):
+    """{(step count after the step (None without counts), scalar states): [positions]}
+    for the positions not in ``missing``, in order; None if a count or state is NaN."""
     cdef Py_ssize_t k
     cdef set absent = set(missing)
     cdef dict parts = {}
     cdef double count
+    cdef object following
+    cdef tuple values
     cdef cnp.ndarray counts = steps
     for k in range(n):
         if k in absent:
             continue
-        if steps is None:
-            key = None
-        else:
-            if cnp.PyArray_TYPE(counts) == cnp.NPY_FLOAT32:
-                count = (<float*>cnp.PyArray_DATA(counts))[k]
-            else:
-                count = (<double*>cnp.PyArray_DATA(counts))[k]
+        following = None
+        if steps is not None:
+            count = _element(counts, k)
             if count != count:
                 return None
-            key = _next_count(counts, count)
+            following = _next_count(counts, count)
+        values = _scalar_values(scalars, k)
+        for value in values:
+            if value != value:
+                return None
+        key = (following, values)
         positions = parts.get(key)
         if positions is None:
             parts[key] = [k]

@@ -362,7 +362,8 @@ def _measure(groups, args):
         rule = RULES[name]
         problem = make_problem(rule, n, dtype, n_tensors=count, state_dtype=state_dtype)
         # With --rounds R every job takes its samples in R turns, the jobs taking turns
-        # in one order: a ceiling and its kernel then share the machine's moods.
+        # in one order: a ceiling and its kernel then share the machine's moods. The
+        # first turn finds how many calls a sample averages; the others take as many.
         samples = {job: [] for job in jobs}
         calls, unavailable = {}, {}
         for _ in range(args.rounds):
@@ -372,7 +373,8 @@ def _measure(groups, args):
                 method, variant, n_threads = job
                 try:
                     with stepper(method, rule, problem, n_threads, variant) as step:
-                        job_calls, job_samples = time_samples(step, args.repeats, args.min_time, idle=args.idle)
+                        job_calls, job_samples = time_samples(step, args.repeats, args.min_time, idle=args.idle,
+                                                              calls=calls.get(job))
                 except Unavailable as why:
                     unavailable[job] = str(why)
                     continue

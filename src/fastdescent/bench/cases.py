@@ -434,8 +434,11 @@ def timing_of(samples, calls):
     return Timing(statistics.median(samples), min(samples), max(samples), calls, len(samples))
 
 
-def time_samples(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
-    """``(calls, samples)``: the seconds per call of each sample, as :func:`time_step` takes them."""
+def time_samples(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0, calls=None):
+    """``(calls, samples)``: the seconds per call of each sample, as :func:`time_step` takes them.
+    ``calls`` given: each sample averages that many calls (after the warm-up call),
+    as in the earlier samples of the same measurement, instead of as many as last
+    ``min_time``."""
     if idle > 0:
         step()
         samples = []
@@ -448,13 +451,8 @@ def time_samples(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
     start = time.perf_counter()
     step()  # warm-up: caches, lazily created state, the thread team
     elapsed = time.perf_counter() - start
-    calls = 1
-    while elapsed * calls < min_time and calls < max_calls:
-        calls = min(max_calls, max(2 * calls, int(min_time / max(elapsed, 1e-9))))
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        elapsed = (time.perf_counter() - start) / calls
+    if calls is None:
+        calls = _calibrated(step, elapsed, min_time, max_calls)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -462,3 +460,16 @@ def time_samples(step, repeats=7, min_time=0.05, max_calls=100_000, idle=0.0):
             step()
         samples.append((time.perf_counter() - start) / calls)
     return calls, samples
+
+
+def _calibrated(step, elapsed, min_time, max_calls):
+    """How many back-to-back calls of ``step`` (which took ``elapsed`` seconds once)
+    last ``min_time`` (at most ``max_calls``, at least one)."""
+    calls = 1
+    while elapsed * calls < min_time and calls < max_calls:
+        calls = min(max_calls, max(2 * calls, int(min_time / max(elapsed, 1e-9))))
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        elapsed = (time.perf_counter() - start) / calls
+    return calls

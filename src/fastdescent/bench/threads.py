@@ -20,6 +20,11 @@ functional face, ``fd.adam_step``), fastdescent on 1 and on 2 threads beside
   favours 2 threads a little; ``--sweep-gap-threads 0`` uses all of NumPy's.
   ``spin`` busy-waits instead. Only the step is timed, never the gap's work.
 
+With ``--sweep-fixed-order`` a fourth contender, fastdescent on 2 threads with
+the alternating order switched off (every call runs each thread's part front to
+back, as before it existed), shows in the same run what that order gains
+("fixed 2thr" and "alt gain", its time over the alternating one's).
+
 The contenders take turns in blocks: every round runs each of them (in an order
 that rotates from round to round) for one untimed call, then a few timed samples.
 Each timed call thus follows the same contender's previous call (whose pool is the
@@ -46,6 +51,7 @@ import statistics
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -57,6 +63,7 @@ from .report import _num, _table
 DEFAULT_SIZES = (*(2**k for k in range(14, 25)), 10**8)
 DEFAULT_GAPS = (0.001, 0.005, 0.02)
 CONTENDERS = (("kernel", 1), ("kernel", 2), ("torch-fused", 2))
+FIXED_ORDER = ("kernel-fixed-order", 2)  # --sweep-fixed-order
 RULE, DTYPE = "adam", "float32"
 GAP_WORKS = ("matmul", "spin")
 BLOCK = 5  # timed samples per contender per round
@@ -76,6 +83,9 @@ def add_arguments(parser, size_type=int):
                              "forward/backward pass (default), or a busy wait")
     parser.add_argument("--sweep-gap-threads", type=int, default=1, metavar="N",
                         help="BLAS threads of the gap's matrix products (default: 1; 0: NumPy's default)")
+    parser.add_argument("--sweep-fixed-order", action="store_true",
+                        help="also time fastdescent on 2 threads with the alternating order of back-to-back "
+                             "calls switched off, beside the others (what that order gains)")
 
 
 class GapWork:
@@ -167,11 +177,14 @@ def _measure(args):
         problem = make_problem(rule, n, DTYPE)
         with ExitStack() as stack:
             steps = {}
-            for method, n_threads in CONTENDERS:
+            for method, n_threads in CONTENDERS + ((FIXED_ORDER,) if args.sweep_fixed_order else ()):
                 try:
-                    steps[method, n_threads] = stack.enter_context(stepper(method, rule, problem, n_threads))
+                    step = stack.enter_context(stepper(method.removesuffix("-fixed-order"), rule, problem,
+                                                       n_threads))
                 except Unavailable as why:
                     records.append({"size": n, "method": method, "threads": n_threads, "unavailable": str(why)})
+                    continue
+                steps[method, n_threads] = _in_fixed_order(step) if method == FIXED_ORDER[0] else step
             for gap in gaps:
                 gap_seconds = []
                 if gap == 0:
@@ -186,23 +199,31 @@ def _measure(args):
                     samples = _take_turns(steps, args.repeats, sample)
                 else:
                     calls = dict.fromkeys(steps, 1)
+                    pool = {key: dict.fromkeys(_pool_counts(), 0) for key in steps}
 
                     def sample(key):
                         step = steps[key]
                         gap_seconds.append(work(gap))
+                        before = _pool_counts()
                         start = time.perf_counter()
                         step()
-                        return time.perf_counter() - start
-                    pool_before = _pool_counts()
-                    samples = _take_turns(steps, args.sweep_idle_repeats, sample)
-                    pool = {key: count - pool_before[key] for key, count in _pool_counts().items()}
+                        seconds = time.perf_counter() - start
+                        _count(pool[key], before)
+                        return seconds
+
+                    def untimed(key):
+                        before = _pool_counts()
+                        steps[key]()
+                        _count(pool[key], before)
+                    samples = _take_turns({key: partial(untimed, key) for key in steps}, args.sweep_idle_repeats,
+                                          sample)
                 for (method, n_threads), seconds in samples.items():
                     record = {"size": n, "method": method, "threads": n_threads, "gap": gap,
                               "seconds": _summary(seconds, calls[method, n_threads])}
                     if gap_seconds:
                         record["gap_mean"] = statistics.fmean(gap_seconds)
-                        if method == "kernel" and n_threads > 1:
-                            record["pool"] = pool
+                        if method.startswith("kernel") and n_threads > 1:
+                            record["pool"] = pool[method, n_threads]
                     records.append(record)
                 if not args.quiet:
                     print(f"[{time.perf_counter() - started:5.0f}s] threads sweep {n:,} gap {gap * 1e3:g} ms: "
@@ -211,6 +232,26 @@ def _measure(args):
         del problem
     return {"rule": RULE, "dtype": DTYPE, "gaps": gaps, "gap_work": work.kind, "records": records,
             "load_average": {"start": load_start, "end": _load()}}
+
+
+def _in_fixed_order(step):
+    """``step`` with the kernels' alternating order off while it runs."""
+    kernels = _dispatch.kernels
+    restore = kernels.pool_state()["alternating_order"]
+
+    def run():
+        kernels.set_alternating_order(False)
+        try:
+            step()
+        finally:
+            kernels.set_alternating_order(restore)
+    return run
+
+
+def _count(totals, before):
+    """Add the pool's counters since ``before`` (``_pool_counts()``) to ``totals``."""
+    for key, count in _pool_counts().items():
+        totals[key] += count - before[key]
 
 
 def _pool_counts():
@@ -253,7 +294,9 @@ def render(sweep):
     """The sweep's tables as text: one per gap."""
     timed = {(r["size"], r["method"], r["threads"], r["gap"]): r["seconds"]["median"]
              for r in sweep["records"] if "seconds" in r}
-    pools = {(r["size"], r["gap"]): r["pool"] for r in sweep["records"] if "pool" in r}
+    pools = {(r["size"], r["gap"]): r["pool"] for r in sweep["records"]
+             if "pool" in r and r["method"] == "kernel"}
+    fixed = any(r["method"] == FIXED_ORDER[0] for r in sweep["records"])
     sizes = list(dict.fromkeys(r["size"] for r in sweep["records"]))
     load = sweep.get("load_average") or {}
     gap_work = _gap_work_title(sweep)
@@ -268,14 +311,22 @@ def render(sweep):
             vs_fused = None if fused is None or two is None else fused / two
             pool = pools.get((n, gap))
             woke = () if gap == 0 else ("-" if pool is None else f"{pool['wakeups']}/{pool['jobs']}",)
+            extra = ()
+            if fixed:
+                alone = timed.get((n, *FIXED_ORDER, gap))
+                extra = (_num(None if alone is None else alone * 1e6),
+                         "-" if alone is None or two is None else f"{alone / two:.2f}x")
             body.append((f"{n:,}", *(_num(None if x is None else x * 1e6) for x in (one, two, fused)),
                          "-" if vs_one is None else f"{vs_one:.2f}x",
-                         "-" if vs_fused is None else f"{vs_fused:.2f}x", *woke, goal(n, gap, vs_one, vs_fused)))
+                         "-" if vs_fused is None else f"{vs_fused:.2f}x", *woke, goal(n, gap, vs_one, vs_fused),
+                         *extra))
         title = "back to back" if gap == 0 else f"each call after {gap * 1e3:g} ms {gap_work}"
         header = ("size", "fd 1thr", "fd 2thr", "fused 2thr", "2/1 thr", "vs fused", "goal")
         if gap > 0:
             header = header[:-1] + ("woke", "goal")
-        parts.append(title + "\n" + _table(header, body, "<>>>>>" + ("><" if gap > 0 else "<")))
+        if fixed:
+            header += ("fixed 2thr", "alt gain")
+        parts.append(title + "\n" + _table(header, body, "<>>>>>" + ("><" if gap > 0 else "<") + ">>" * fixed))
     missing = sorted({f"{r['method']} {r['threads']}thr: {r['unavailable']}"
                       for r in sweep["records"] if "unavailable" in r})
     if missing:

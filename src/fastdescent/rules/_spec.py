@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from .. import _checks, _runtime
-from .._config import effective_n_threads, resolve_backend
+from .._config import CALL_DEFAULTS, effective_n_threads, resolve_backend
 
 
 class _Marker:
@@ -57,8 +57,6 @@ PARAMETER = _Marker("PARAMETER")
 
 #: No buffer created for this step.
 NOTHING_FRESH = frozenset()
-#: ``n_threads`` and ``backend`` resolved in C for the faces' and the step plans' common case.
-CALL_DEFAULTS = _runtime.CallDefaults(effective_n_threads, resolve_backend)
 #: Validated configurations kept per rule (the cache is emptied when full).
 CONFIGS_KEPT = 256
 
@@ -287,6 +285,8 @@ class RuleSpec:
     hyper_names: tuple = field(init=False, repr=False)
     #: The state buffers' names in declared order.
     buffer_names: tuple = field(init=False, repr=False)
+    #: The scalar states' names in declared order.
+    scalar_state_names: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.kernel is None:
@@ -296,6 +296,7 @@ class RuleSpec:
         roles = ("params", "grads", *(b.face_argument for b in self.buffers))
         object.__setattr__(self, "_roles", roles)
         object.__setattr__(self, "buffer_names", tuple(b.name for b in self.buffers))
+        object.__setattr__(self, "scalar_state_names", tuple(s.name for s in self.scalar_state))
         object.__setattr__(self, "hyper_names", tuple(h.name for h in self.hyper))
         object.__setattr__(self, "_hyper_getter", _tuple_getter(self.hyper_names))
         object.__setattr__(self, "_writable", (True, False) + (True,) * len(self.buffers))
@@ -663,6 +664,18 @@ class Config:
             scalars = spec.scalars(self.hyper, step=step, grad_scale=grad_scale, fresh=fresh, scalar_state=scalar_state)
             return (*spec.prepared(scalars), spec.varying(scalars))
         return self.arguments.get(step, grad_scale, fresh)
+
+    def stateful_arguments(self, step, grad_scale, fresh, values):
+        """``(invoke, constants, varying, after)`` for a step of a rule that keeps
+        scalar state, from the scalar states ``values`` before it (a tuple in declared
+        order): :meth:`kernel_arguments`, and ``after``, the scalar states after the
+        step (``spec.advance``), a tuple in the same order. What a step plan that
+        keeps the scalar states in C needs of the rule, in one call."""
+        spec = self.spec
+        state = dict(zip(spec.scalar_state_names, values))
+        after = spec.advance(self.hyper, step, state)
+        return (*self.kernel_arguments(step, grad_scale, fresh, state),
+                tuple([after[name] for name in spec.scalar_state_names]))
 
 
 # ------------------------------------------------------------------ the face

@@ -82,10 +82,15 @@ class _Entry:
 
 
 class _Bucket:
-    """The parameters of one group and one dtype that have state: one kernel call per step."""
+    """The parameters of one group and one dtype that have state: one kernel call per step.
+
+    ``steps`` and ``scalars`` (one per scalar state of the rule) are NumPy views of
+    ``step_block`` and ``scalar_blocks``, whose elements are the parameters'
+    ``state["step"]`` and scalar states (``scalars`` None: those are not tensors
+    that can be gathered so; see ``_scalar_blocks``)."""
 
     __slots__ = ("entries", "params", "param_views", "state_views", "names", "views", "step_block",
-                 "steps", "n_fresh", "gapped", "ids", "stored")
+                 "steps", "scalar_blocks", "scalars", "n_fresh", "gapped", "ids", "stored")
 
 
 class _Plan:
@@ -122,9 +127,11 @@ class _Stale(Exception):
 class KernelOptimizer:
     """Mixin placed before a ``torch.optim`` class: replaces its ``step``.
 
-    A rule class sets ``_counts_steps`` (it keeps ``state["step"]``) and
+    A rule class sets ``_counts_steps`` (it keeps ``state["step"]``),
     ``_step_in_math`` (the update depends on that count, so parameters at
-    different counts need separate calls) and defines:
+    different counts need separate calls) and ``_scalar_names`` (the scalar
+    states it keeps per parameter besides the count: NAdam's ``mu_product``) and
+    defines:
 
     * ``_buffer_names(group)``: the state buffers the face takes, in its order;
     * ``_kept_names(param, names)``, ``_buffer_shape(param, name)``: the buffers of
@@ -154,6 +161,7 @@ class KernelOptimizer:
 
     _counts_steps = False
     _step_in_math = False
+    _scalar_names = ()
     _shaped = frozenset()
     _whole_tensors = False
     _fd_storage = precision.Storage()
@@ -410,8 +418,9 @@ class KernelOptimizer:
             views = bucket.views
             status = views.collect()
             count = None if bucket.steps is None else _uniform_count(bucket.steps)
-            if status == _COMPLETE and not bucket.n_fresh and (count is not None or bucket.steps is None):
-                # The usual step: every gradient there, one step count, one kernel call.
+            if (status == _COMPLETE and not bucket.n_fresh and (count is not None or bucket.steps is None)
+                    and self._same_scalars(bucket, bucket.entries)):
+                # The usual step: every gradient there, one step count and scalar state, one kernel call.
                 item = _Work()
                 item.bucket, item.taken, item.grads, item.keep = bucket, None, views.views, views.grads
                 step = item.next_steps = None if count is None else _next_count(bucket.steps, count)
@@ -488,16 +497,17 @@ class KernelOptimizer:
 
     def _calls(self, plan, bucket, item, count):
         """The kernel calls of ``item``, hyperparameters validated: one, or one per
-        step count (and per fresh/old SGD buffer) if they differ; ``count``: the
-        bucket's common step count, or None."""
+        step count (and per fresh/old SGD buffer, and per scalar state) if they
+        differ; ``count``: the bucket's common step count, or None."""
         taken = item.taken
         entries = bucket.entries if taken is None else [bucket.entries[k] for k in taken]
+        same_scalars = self._same_scalars(bucket, entries)
         if bucket.steps is None:
             item.next_steps = None
-            if not bucket.n_fresh:
-                return [(self._cached_call(plan, None, False), None, None)]
-            keys = [(None, e.fresh, ()) for e in entries]
-        elif count is not None and not bucket.n_fresh:
+            if not bucket.n_fresh and same_scalars:
+                return [(self._cached_call(plan, None, False, self._scalar_key(entries[0])), None, None)]
+            keys = [(None, e.fresh, self._scalar_key(e)) for e in entries]
+        elif count is not None and not bucket.n_fresh and same_scalars:
             step = _next_count(bucket.steps, count)
             item.next_steps = step
             if not self._step_in_math:
@@ -750,11 +760,10 @@ class KernelOptimizer:
         b.steps, b.step_block = None, None
         if self._counts_steps and entries:
             first = entries[0].state["step"]
-            dtype = first.dtype if isinstance(first, torch.Tensor) else _scalar_dtype()
-            block = torch.tensor([float(e.state["step"]) for e in entries], dtype=dtype)
-            for i, e in enumerate(entries):
-                e.state["step"] = block[i]
-            b.step_block, b.steps = block, block.numpy()
+            b.step_block = _block(entries, "step", first.dtype if isinstance(first, torch.Tensor) else _scalar_dtype())
+            b.steps = b.step_block.numpy()
+        b.scalar_blocks = self._scalar_blocks(entries)
+        b.scalars = None if b.scalar_blocks is None else tuple([block.numpy() for block in b.scalar_blocks])
         for e in entries:
             e.tensors = tuple(e.state[k] for k in e.keys)
         b.views = _tensorviews.BucketViews(
@@ -766,6 +775,37 @@ class KernelOptimizer:
             [[b.param_views[k], *(views[k] for views in b.state_views)] for k in range(len(entries))],
             _TENSOR_METHODS)
         return b
+
+    def _scalar_blocks(self, entries):
+        """The rule's scalar states of ``entries`` gathered as their step counts are:
+        one tensor per name (``_scalar_names``), each parameter's ``state[name]`` a
+        view into it, and the names added to the keys whose tensors a step checks.
+        None (all left as they are) unless every one is a scalar float tensor and
+        those of one name have one dtype: a rule without a ``torch.optim`` peer keeps
+        Python floats."""
+        names = self._scalar_names
+        if not names or not entries:
+            return ()
+        dtypes = []
+        for name in names:
+            values = [e.state[name] for e in entries]
+            if not all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == values[0].dtype
+                       and v.dtype.is_floating_point and v.device.type == "cpu" for v in values):
+                return None
+            dtypes.append(values[0].dtype)
+        for e in entries:
+            e.keys = e.keys + names
+        return tuple([_block(entries, name, dtype) for name, dtype in zip(names, dtypes)])
+
+    def _same_scalars(self, bucket, entries):
+        """True if ``entries`` of ``bucket`` all have the scalar state of the first
+        (then one kernel call takes them all)."""
+        if not self._scalar_names or len(entries) < 2:
+            return True
+        if bucket.scalars is not None and len(entries) == len(bucket.entries):
+            return all([bool((values == values[0]).all()) for values in bucket.scalars])
+        first = self._scalar_key(entries[0])
+        return all([self._scalar_key(e) == first for e in entries])
 
     def _stored_dtype(self, dtype):
         """True if parameters of ``dtype`` are stepped through stored formats
@@ -849,6 +889,15 @@ def _scratch_blocks(entries):
     arena = torch.empty(total, dtype=entries[0].param.dtype)
     return {id(e): arena[offset:offset + e.param.numel()].view(e.param.shape)
             for e, offset in zip(entries, offsets)}
+
+
+def _block(entries, key, dtype):
+    """One tensor of ``dtype`` holding the scalar ``state[key]`` of every entry, each
+    ``state[key]`` replaced by a view into it (a step then sets them all at once)."""
+    block = torch.tensor([float(e.state[key]) for e in entries], dtype=dtype)
+    for i, e in enumerate(entries):
+        e.state[key] = block[i]
+    return block
 
 
 def _set_scalar_state(state, name, value):

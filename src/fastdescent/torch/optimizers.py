@@ -270,11 +270,11 @@ class SpecOptimizer(KernelOptimizer):
     def _step_plan(self):
         """The ``_tensorviews.StepPlan`` that repeats the step just taken while nothing
         but the gradients and the hyperparameter values changes, or None where the
-        general way must run: a rule with scalar state or that sees whole tensors,
-        low-precision storage or parameters, mutable hyperparameters, a buffer
-        still to initialise from the first gradient."""
+        general way must run: a rule that sees whole tensors, low-precision storage
+        or parameters, mutable hyperparameters, a buffer still to initialise from
+        the first gradient, scalar states that are not tensors (see ``_scalar_blocks``)."""
         spec = self.spec
-        if spec.scalar_state or self._whole_tensors or not self._fd_storage.is_default:
+        if self._whole_tensors or not self._fd_storage.is_default:
             return None
         groups = []
         for group, plan in zip(self.param_groups, self._plans()):
@@ -282,17 +282,24 @@ class SpecOptimizer(KernelOptimizer):
                 return None
             buckets = []
             for b in plan.buckets:
-                if b.n_fresh or b.entries[0].param.dtype not in _NATIVE:
+                if b.n_fresh or b.entries[0].param.dtype not in _NATIVE or b.scalars is None:
                     return None
                 views = dict(zip(b.names, b.state_views))
                 buffers = tuple([views.get(name) if needed else None
                                  for name, needed in zip(spec.buffer_names, plan.config.present)])
                 scratch = tuple([(e.position, e.scratch, e.target) for e in b.gapped])
-                buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, scratch))
+                buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, b.scalars,
+                                                       scratch))
             groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
-                                                 tuple(plan.pending), plan.config.arguments,
+                                                 tuple(plan.pending), plan.config.arguments, self._stateful(plan.config),
                                                  self._direct_kernel(plan.config), self._step_in_math, buckets))
         return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH)
+
+    def _stateful(self, config):
+        """What a step plan calls for the kernel call and the scalar states after it,
+        from the scalar states before (``Config.stateful_arguments``); None for a
+        rule that keeps none."""
+        return config.stateful_arguments if self.spec.scalar_state else None
 
     def _refresh_group(self, group_index, group_step):
         """A value in ``param_groups[group_index]`` was replaced since it was
@@ -307,7 +314,7 @@ class SpecOptimizer(KernelOptimizer):
         if not plan.trusted:
             return False
         group_step.keys, group_step.values, group_step.arguments = plan.keys, plan.values, plan.config.arguments
-        group_step.direct = self._direct_kernel(plan.config)
+        group_step.stateful, group_step.direct = self._stateful(plan.config), self._direct_kernel(plan.config)
         return True
 
     def _direct_kernel(self, config):
@@ -319,8 +326,9 @@ class SpecOptimizer(KernelOptimizer):
         if spec.runner is not None:
             return None
         step = 1 if spec.uses_step else None
-        invoke = config.arguments.get(step, 1.0, NOTHING_FRESH)[0]
-        scalars = spec.scalars(config.hyper, step=step, grad_scale=1.0, fresh=NOTHING_FRESH)
+        state = {s.name: s.initial_value(config.hyper) for s in spec.scalar_state}
+        invoke = config.kernel_arguments(step, 1.0, NOTHING_FRESH, state)[0]
+        scalars = spec.kernel_arguments(config.hyper, step=step, grad_scale=1.0, fresh=NOTHING_FRESH, scalar_state=state)
         if spec.prepared(scalars)[0] is not invoke:
             return None
         constants = tuple([name for name in scalars if name not in spec.step_scalar_names])
@@ -383,6 +391,7 @@ def torch_class(spec):
     return type(spec.title, bases, {
         "__doc__": doc, "__init__": init, "__module__": __name__,
         "spec": spec, "_counts_steps": spec.counts_steps, "_step_in_math": spec.uses_step,
+        "_scalar_names": spec.scalar_state_names,
         "_shaped": frozenset(b.name for b in spec.buffers if b.shape is not None),
         "_whole_tensors": spec.tensorwise,
     })
