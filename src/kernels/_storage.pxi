@@ -22,9 +22,10 @@
 # Three phases leave the codecs' integer work and the rule's divides and square
 # roots unable to overlap, and each phase waits on its own arrays, so a rule may
 # register *fused stored loops* (register_fused_loop; Adam in adam.pxi): its
-# element loop with the per-element codecs below inside it (bfloat16: decode,
-# update, round in registers; int8: decode and update per block, the new values
-# kept in L1 with their largest magnitude, then encoded under the new scale).
+# element loop with the codecs below inside it (bfloat16: decode, update, round
+# in registers; int8, in AVX-512 intrinsics 16 lanes at a time: decode and update
+# per block, the new values kept in L1 with their largest and smallest magnitudes,
+# then encoded under the new scale during the next block's update).
 # run_stored takes them when every stored role is a state buffer in bfloat16 or
 # int8/uint8 and parameters and gradients are float32, in the AVX-512 variant
 # (FD_FUSED_STORED); anything else runs the three phases. Same operations,
@@ -208,10 +209,6 @@ cdef extern from *:
         return magnitude & -(int32_t)(magnitude < 0x7f800000);
     }
 
-    /* The bits of |x|: a loop takes their largest (one operation per element),
-       and fd_largest_finite corrects it in the rare block with a non-finite value. */
-    static inline int32_t fd_magnitude(float x) { return (int32_t)(fd_bits(x) & 0x7fffffffU); }
-
     /* A magnitude, zero made the largest: the smallest of them is the smallest
        nonzero one (a non-finite one is larger than every finite one). */
     static inline int32_t fd_nonzero_magnitude(int32_t magnitude) {
@@ -219,7 +216,7 @@ cdef extern from *:
     }
 
     /* The largest finite magnitude of src[0 .. n-1], given their largest magnitude. */
-    static int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
+    static inline int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
         int i;
         int32_t magnitude;
         if (largest < 0x7f800000) return largest;
@@ -354,8 +351,6 @@ cdef extern from *:
     }
 
     /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
-    static inline float fd_int8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 1, 112, 0x7fU); }
-    static inline float fd_uint8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 0, 96, 0xffU); }
     static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
         fd_code_load(src, dst, n, scale, 1, 112, 0x1p112f, 0x7fU);
     }
@@ -367,17 +362,6 @@ cdef extern from *:
     }
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
-    }
-    /* A fused loop's encoders: the largest and smallest nonzero magnitudes it found. */
-    static float fd_int8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                int32_t smallest, fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 1, 112, 0x1p-112f,
-                              0x1p37f, 0x7f);
-    }
-    static float fd_uint8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                 int32_t smallest, fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 0, 96, 0x1p-96f,
-                              0x1p53f, 0xff);
     }
 
     /* ---- 8-bit codes, 16 lanes at a time (AVX-512 intrinsics): the codecs of
@@ -641,14 +625,6 @@ cdef extern from *:
     float fd_bf16_value(uint16_t half) noexcept nogil
     uint16_t fd_bf16_nearest(float x) noexcept nogil
     uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
-    int32_t fd_magnitude(float x) noexcept nogil
-    float fd_int8_value(uint8_t c, float scale) noexcept nogil
-    float fd_uint8_value(uint8_t c, float scale) noexcept nogil
-    float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
-                         fd_random random) noexcept nogil
-    float fd_uint8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
-                          fd_random random) noexcept nogil
-    int32_t fd_nonzero_magnitude(int32_t magnitude) noexcept nogil
 
 
 cdef enum:
