@@ -299,10 +299,11 @@ def test_stored_codecs_on_special_values(name, kind, rounding, rng, kernel_varia
 
 @pytest.mark.parametrize("name", ["adam", "adam-decoupled"])
 @pytest.mark.parametrize("rounding", precision.ROUNDINGS)
-def test_large_stored_calls_match_the_reference(name, rounding, rng):
-    """Calls of at least 2**22 elements take the fused loops' prefetching strips
-    (FD_PREFETCH_MIN in _storage.pxi): bfloat16 moments, two tensors of which
-    the second ends in a ragged strip, bit for bit, 1 and 2 threads."""
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_large_stored_calls_match_the_reference(name, rounding, kind, rng):
+    """Calls of at least 2**22 elements take the fused loops' prefetching paths
+    (FD_PREFETCH_MIN in _storage.pxi): two tensors of which the second ends in a
+    ragged strip (and block), bit for bit, 1 and 2 threads."""
     rule = EXAMPLES[name]
     sizes = (1 << 21, (1 << 21) + 300)
     state = {n: make_state(rng, rule, n, np.float32) for n in sizes}
@@ -312,7 +313,7 @@ def test_large_stored_calls_match_the_reference(name, rounding, rng):
     runs = {}
     for backend, n_threads in (("reference", 1), ("kernel", 1), ("kernel", 2)):
         p = [a.copy() for a in params]
-        stored = stored_buffers(rule, merged, "bfloat16")
+        stored = stored_buffers(rule, merged, kind)
         stored_step(rule, _config.resolve_backend(backend), p, grads, stored, 2, 0.05, rounding, n_threads, [1, 4])
         runs[backend, n_threads] = (p, stored)
     assert_runs_agree(runs)

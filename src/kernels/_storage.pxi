@@ -22,9 +22,10 @@
 # Three phases leave the codecs' integer work and the rule's divides and square
 # roots unable to overlap, and each phase waits on its own arrays, so a rule may
 # register *fused stored loops* (register_fused_loop; Adam in adam.pxi): its
-# element loop with the per-element codecs below inside it (bfloat16: decode,
-# update, round in registers; int8: decode and update per block, the new values
-# kept in L1 with their largest magnitude, then encoded under the new scale).
+# element loop with the codecs below inside it (bfloat16: decode, update, round
+# in registers; int8, in AVX-512 intrinsics 16 lanes at a time: decode and update
+# per block, the new values kept in L1 with their largest and smallest magnitudes,
+# then encoded under the new scale during the next block's update).
 # run_stored takes them when every stored role is a state buffer in bfloat16 or
 # int8/uint8 and parameters and gradients are float32, in the AVX-512 variant
 # (FD_FUSED_STORED); anything else runs the three phases. Same operations,
@@ -197,8 +198,8 @@ cdef extern from *:
     /* 1 / scale rounded toward zero, so that |x| * inverse <= 1 for every |x| <= scale. */
     static inline float fd_inverse(float scale) {
         float inverse = 1.0f / scale;
-        if ((double)inverse * (double)scale > 1.0) inverse = fd_float(fd_bits(inverse) - 1U);
-        return inverse;
+        /* one ulp down if above 1 / scale: a subtraction, not a branch (its outcome is random) */
+        return fd_float(fd_bits(inverse) - (uint32_t)((double)inverse * (double)scale > 1.0));
     }
 
     /* The magnitude of x as an integer (its bits), 0 for a non-finite x: the
@@ -208,10 +209,6 @@ cdef extern from *:
         return magnitude & -(int32_t)(magnitude < 0x7f800000);
     }
 
-    /* The bits of |x|: a loop takes their largest (one operation per element),
-       and fd_largest_finite corrects it in the rare block with a non-finite value. */
-    static inline int32_t fd_magnitude(float x) { return (int32_t)(fd_bits(x) & 0x7fffffffU); }
-
     /* A magnitude, zero made the largest: the smallest of them is the smallest
        nonzero one (a non-finite one is larger than every finite one). */
     static inline int32_t fd_nonzero_magnitude(int32_t magnitude) {
@@ -219,7 +216,7 @@ cdef extern from *:
     }
 
     /* The largest finite magnitude of src[0 .. n-1], given their largest magnitude. */
-    static int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
+    static inline int32_t fd_largest_finite(const float *src, int n, int32_t largest) {
         int i;
         int32_t magnitude;
         if (largest < 0x7f800000) return largest;
@@ -354,8 +351,6 @@ cdef extern from *:
     }
 
     /* int8: sign + E4M3, bias 112; uint8: E5M3, bias 96. */
-    static inline float fd_int8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 1, 112, 0x7fU); }
-    static inline float fd_uint8_value(uint8_t c, float scale) { return fd_code_value(c, scale, 0, 96, 0xffU); }
     static void fd_int8_load(const uint8_t *restrict src, float *restrict dst, int n, float scale) {
         fd_code_load(src, dst, n, scale, 1, 112, 0x1p112f, 0x7fU);
     }
@@ -368,17 +363,243 @@ cdef extern from *:
     static float fd_uint8_store(const float *restrict src, uint8_t *restrict dst, int n, fd_random random) {
         return fd_code_store(src, dst, n, random, 0, 96, 0x1p-96f, 0x1p53f, 0xff);
     }
-    /* A fused loop's encoders: the largest and smallest nonzero magnitudes it found. */
-    static float fd_int8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                int32_t smallest, fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 1, 112, 0x1p-112f,
-                              0x1p37f, 0x7f);
+
+    /* ---- 8-bit codes, 16 lanes at a time (AVX-512 intrinsics): the codecs of
+       a rule's fused int8 loop (adam.pxi). gcc 12 vectorized the per-element
+       codecs above into about twice the operations these take (byte masks
+       widened, the subnormal-safe forms and the NaN selects on every element,
+       the rule's flags masked). These decide per block what the per-element
+       codecs decide per element: a block without subnormal or NaN codes is
+       decoded with one multiply per code, and a block whose new values are
+       finite and have no subnormal product is encoded with one multiply, an
+       add and shifts; other blocks take the general forms. The same operations
+       on the same values, so the same bits. Each takes `full` (16 lanes) or
+       the lanes of `k` (a block's last vector), and the code's constants (int8:
+       signed, bias 112, NaN 0x7f; uint8: bias 96, NaN 0xff): constants, once
+       inlined. Ternary logic: 0xEA is (a & b) | c, 0xF8 is a | (b & c), 0xE4
+       is c ? a : b (bitwise), 0x55 is ~c. */
+    #ifdef __AVX512F__
+    #include <immintrin.h>
+    #define FD_V_INLINE static inline __attribute__((always_inline))
+
+    /* 16 codes on 32-bit lanes; int8 codes sign-extended, so that shifted to
+       their float32 place (<< FD_CODE_DROPPED) the sign fills bits 27..31. */
+    FD_V_INLINE __m512i fd_v_codes(const uint8_t *src, __mmask16 k, int full, int is_signed) {
+        __m128i c = full ? _mm_loadu_si128((const __m128i *)src) : _mm_maskz_loadu_epi8(k, src);
+        return is_signed ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c);
     }
-    static float fd_uint8_encode(const float *restrict src, uint8_t *restrict dst, int n, int32_t largest,
-                                 int32_t smallest, fd_random random) {
-        return fd_code_encode(src, dst, n, fd_largest_finite(src, n, largest), smallest, random, 0, 96, 0x1p-96f,
-                              0x1p53f, 0xff);
+
+    /* Are the n codes of a block of an int8 and of a uint8 role, with scales
+       scale_s and scale_u, decoded with one multiply each: no subnormal code
+       (magnitude 1 .. 7), no NaN code, and 2**bias * scale finite (fd_code_load's
+       test, and the NaN codes)? On bytes, the int8 magnitudes moved up by 0x80:
+       then for both, a subnormal code is 1 .. 7 above the smallest code and NaN
+       is 0xff, found with one running minimum and maximum. */
+    static inline int fd_v_plain_code_pair(const uint8_t *signed_codes, const uint8_t *unsigned_codes, int n,
+                                           float scale_s, float scale_u) {
+        __m512i low = _mm512_set1_epi8(-1), high = _mm512_setzero_si512(), s, u;
+        __mmask64 k;
+        int i;
+        if ((fd_bits(0x1p112f * scale_s) & 0x7f800000U) == 0x7f800000U
+                || (fd_bits(0x1p96f * scale_u) & 0x7f800000U) == 0x7f800000U)
+            return 0;
+        for (i = 0; i < n; i += 64) {   /* lanes past n load as zeros: neither */
+            k = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
+            s = _mm512_ternarylogic_epi32(_mm512_maskz_loadu_epi8(k, signed_codes + i), _mm512_set1_epi8(0x7f),
+                                          _mm512_set1_epi8((char)0x80), 0xEA);
+            u = _mm512_maskz_loadu_epi8(k, unsigned_codes + i);
+            low = _mm512_min_epu8(low, _mm512_min_epu8(_mm512_sub_epi8(s, _mm512_set1_epi8((char)0x81)),
+                                                       _mm512_sub_epi8(u, _mm512_set1_epi8(1))));
+            high = _mm512_max_epu8(high, _mm512_max_epu8(s, u));
+        }
+        return !(_mm512_cmplt_epu8_mask(low, _mm512_set1_epi8(7)) | _mm512_cmpeq_epi8_mask(high, _mm512_set1_epi8(-1)));
     }
+
+    /* The values of codes `c` (fd_v_codes) in a block of `scale`, as fd_code_value
+       computes them: `plain` (fd_v_plain_code_pair), the code's bits times `factor`
+       = 2**bias * scale; else the subnormal-safe form (exponent in integers),
+       NaN codes as NaN, times scale. */
+    FD_V_INLINE __m512 fd_v_code_values(__m512i c, int plain, __m512 factor, __m512 scale, int is_signed,
+                                        uint32_t bias) {
+        const __m512i sign_bit = _mm512_set1_epi32((int)0x80000000U), quiet_nan = _mm512_set1_epi32(0x7fc00000);
+        __m512i bits = _mm512_slli_epi32(c, FD_CODE_DROPPED), y;
+        __mmask16 nan, subnormal;
+        __m512 value;
+        if (plain)   /* sign and magnitude at once */
+            return _mm512_mul_ps(_mm512_castsi512_ps(is_signed ? _mm512_and_si512(bits, _mm512_set1_epi32(
+                (int)(0x80000000U | (0x7fU << FD_CODE_DROPPED)))) : bits), factor);
+        nan = is_signed ? _mm512_cmpeq_epi32_mask(_mm512_slli_epi32(c, 25), _mm512_set1_epi32((int)0xfe000000U))
+                        : _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0xff));
+        y = is_signed ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7f << FD_CODE_DROPPED)) : bits;
+        subnormal = _mm512_cmplt_epu32_mask(y, _mm512_set1_epi32(1 << 23));
+        value = _mm512_castsi512_ps(_mm512_add_epi32(y, _mm512_mask_blend_epi32(
+            subnormal, _mm512_set1_epi32((int)(bias << 23)), _mm512_set1_epi32((int)((bias + 1) << 23)))));
+        value = _mm512_mask_sub_ps(value, subnormal, value, _mm512_set1_ps(fd_float((bias + 1) << 23)));
+        y = _mm512_mask_mov_epi32(_mm512_castps_si512(value), nan, quiet_nan);
+        if (is_signed) y = _mm512_ternarylogic_epi32(y, bits, sign_bit, 0xF8);
+        return _mm512_mul_ps(_mm512_castsi512_ps(y), scale);
+    }
+
+    /* A fused loop keeps, per block and moment, the lanes' largest and smallest
+       nonzero magnitudes (bits) of the new values: fd_v_track. For a uint8
+       moment it may pass the values' bits themselves: a negative one then
+       counts as past every finite value, and sends the block to the general
+       encoder, which takes magnitudes. */
+    typedef struct { __m512i largest, smallest_less_one; } fd_v_range;
+
+    FD_V_INLINE fd_v_range fd_v_range_start(void) {
+        fd_v_range r;
+        r.largest = _mm512_setzero_si512();
+        r.smallest_less_one = _mm512_set1_epi32(-1);
+        return r;
+    }
+
+    /* magnitude - 1 wraps 0 to the largest unsigned: zeros drop out of the minimum */
+    FD_V_INLINE void fd_v_track(fd_v_range *r, __m512i magnitude) {
+        r->largest = _mm512_max_epu32(r->largest, magnitude);
+        r->smallest_less_one = _mm512_min_epu32(r->smallest_less_one, _mm512_sub_epi32(magnitude, _mm512_set1_epi32(1)));
+    }
+
+    /* The largest magnitudes of ranges a and b (out[0], out[1]) and their smallest
+       nonzero ones (out[2], out[3]; 0: none), in one reduction: the minima as
+       maxima of complements, the four vectors' lanes folded together. */
+    FD_V_INLINE void fd_v_reduce_ranges(const fd_v_range *a, const fd_v_range *b, uint32_t out[4]) {
+        uint32_t lanes[16] __attribute__((aligned(64)));
+        __m512i not_a = _mm512_ternarylogic_epi32(a->smallest_less_one, a->smallest_less_one, a->smallest_less_one, 0x55);
+        __m512i not_b = _mm512_ternarylogic_epi32(b->smallest_less_one, b->smallest_less_one, b->smallest_less_one, 0x55);
+        __m512i x = _mm512_max_epu32(_mm512_shuffle_i64x2(a->largest, b->largest, 0x44),
+                                     _mm512_shuffle_i64x2(a->largest, b->largest, 0xEE));
+        __m512i y = _mm512_max_epu32(_mm512_shuffle_i64x2(not_a, not_b, 0x44), _mm512_shuffle_i64x2(not_a, not_b, 0xEE));
+        __m512i z = _mm512_max_epu32(_mm512_shuffle_i64x2(x, y, 0x88), _mm512_shuffle_i64x2(x, y, 0xDD));
+        z = _mm512_max_epu32(z, _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0x4E));
+        z = _mm512_max_epu32(z, _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0xB1));
+        _mm512_store_si512((void *)lanes, z);   /* 128-bit lane j: the maximum of vector j */
+        out[0] = lanes[0];
+        out[1] = lanes[4];
+        out[2] = ~lanes[8] + 1U;
+        out[3] = ~lanes[12] + 1U;
+    }
+
+    /* The codes (on 32-bit lanes) of 16 values of bits `u` under a block's
+       `inverse` (fd_inverse), rounded by adding `add`, as fd_code_bits computes
+       them. The bits of z * 2**-bias without a subnormal operation: z's bits with
+       the exponent lowered where the product is normal, else z * 2**(149 - bias)
+       (exact) converted to an integer to nearest even, as the multiply would
+       round the subnormal product. */
+    FD_V_INLINE __m512i fd_v_code_bits(__m512i u, __m512 inverse, __m512i add, int is_signed, uint32_t bias,
+                                       float tiny_up, uint32_t nan_code) {
+        __m512 z = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff))), inverse);
+        __m512i zbits = _mm512_castps_si512(z), y, c;
+        __mmask16 normal = _mm512_cmpge_epi32_mask(zbits, _mm512_set1_epi32((int)((bias + 1) << 23)));
+        y = _mm512_cvt_roundps_epi32(_mm512_mul_ps(z, _mm512_set1_ps(tiny_up)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        y = _mm512_mask_sub_epi32(y, normal, zbits, _mm512_set1_epi32((int)(bias << 23)));
+        c = _mm512_min_epu32(_mm512_srli_epi32(_mm512_add_epi32(y, add), FD_CODE_DROPPED),
+                             _mm512_set1_epi32((int)nan_code));
+        return is_signed ? _mm512_mask_or_epi32(c, _mm512_movepi32_mask(u), c, _mm512_set1_epi32(0x80)) : c;
+    }
+
+    /* The same codes in a block of finite values whose products z * 2**-bias are
+       all normal or zero, and `inverse_down` = inverse * 2**-bias normal: then
+       x * inverse_down rounds the same real product once, into the normal range,
+       as the two multiplies do, and the sign rides along (x's sign is the
+       product's). An int8 code comes with its sign on bit 11 (bits 7 .. 10 are
+       0: the product is below 2**-111): fd_v_store_codes64 moves it to bit 7. */
+    FD_V_INLINE __m512i fd_v_code_bits_plain(__m512i u, __m512 inverse_down, __m512i add) {
+        return _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(u),
+                                                                                     inverse_down)), add),
+                                 FD_CODE_DROPPED);
+    }
+
+    /* fd_lowbias32 on 16 lanes. */
+    FD_V_INLINE __m512i fd_v_lowbias32(__m512i x) {
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+        return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    }
+
+    /* The rounding of elements i .. i + 15: half of the dropped bits, or the
+       low bits of their random bits (fd_code_random). */
+    FD_V_INLINE __m512i fd_v_rounding(fd_random random, int stochastic, int i) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        if (!stochastic) return _mm512_set1_epi32((int)fd_code_nearest());
+        return _mm512_and_si512(fd_v_lowbias32(_mm512_xor_si512(
+            _mm512_add_epi32(_mm512_set1_epi32((int)(random.low + (uint32_t)i)), lanes),
+            _mm512_set1_epi32((int)random.mixed))), _mm512_set1_epi32((1 << FD_CODE_DROPPED) - 1));
+    }
+
+    /* Store the codes on the lanes of c0 .. c3 (64 codes) at dst: each below 256,
+       or with `sign_on_11` (fd_v_code_bits_plain's int8 codes) below 2**12, the
+       sign on bit 11 moved to bit 7 on 16-bit lanes (half the operations). */
+    FD_V_INLINE void fd_v_store_codes64(uint8_t *dst, __m512i c0, __m512i c1, __m512i c2, __m512i c3, int sign_on_11) {
+        /* the packs keep every lane (no saturation), in 128-bit lane order */
+        __m512i low = _mm512_packus_epi32(c0, c1), high = _mm512_packus_epi32(c2, c3);
+        if (sign_on_11) {   /* bits 0 .. 6 from the code, bit 7 up from it shifted by 4 */
+            low = _mm512_ternarylogic_epi32(low, _mm512_srli_epi16(low, 4), _mm512_set1_epi16(0x7f), 0xE4);
+            high = _mm512_ternarylogic_epi32(high, _mm512_srli_epi16(high, 4), _mm512_set1_epi16(0x7f), 0xE4);
+        }
+        _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), _mm512_packus_epi16(low, high)));
+    }
+
+    /* How a block's n new values (row: 64-byte aligned, BLOCK floats), whose
+       largest and smallest nonzero magnitudes are `largest` and `smallest`
+       (fd_v_reduce_ranges), are encoded: the block's new scale, `inverse`
+       (fd_inverse of the scale, 1 for 0) and `plain`: the values are all finite,
+       none has a subnormal product, and inverse_down = inverse * 2**-bias is
+       normal (fd_v_code_bits_plain). */
+    typedef struct { float scale, inverse, inverse_down; int plain; } fd_v_encoding;
+
+    FD_V_INLINE fd_v_encoding fd_v_encoding_of(const float *row, int n, uint32_t largest, uint32_t smallest,
+                                               uint32_t bias, float down) {
+        fd_v_encoding e;
+        int32_t scale = (int32_t)largest;
+        e.plain = largest < 0x7f800000U;   /* every value finite (and, uint8 bits, not negative) */
+        if (!e.plain) scale = fd_largest_finite(row, n, 0x7f800000);
+        e.scale = fd_float((uint32_t)scale);
+        e.inverse = scale ? fd_inverse(e.scale) : 1.0f;
+        e.inverse_down = e.inverse * down;
+        e.plain = e.plain && (int32_t)fd_bits(e.inverse_down) >= (int32_t)(1U << 23)
+                  && (smallest == 0 || (int32_t)fd_bits(fd_float(smallest) * e.inverse) >= (int32_t)((bias + 1) << 23));
+        return e;
+    }
+
+    /* Codes i .. i + 63 of a block encoded plainly (fd_v_encoding's inverse_down). */
+    FD_V_INLINE void fd_v_encode64(const float *row, uint8_t *dst, int i, __m512 inverse_down, fd_random random,
+                                   int stochastic, int is_signed) {
+        fd_v_store_codes64(dst + i,
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i)),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 16)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 16)),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 32)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 32)),
+            fd_v_code_bits_plain(_mm512_load_si512((const void *)(row + i + 48)), inverse_down,
+                                 fd_v_rounding(random, stochastic, i + 48)), is_signed);
+    }
+
+    /* The codes of one block's n values under encoding `e`, rounded to nearest or
+       with the random bits of `random`. */
+    FD_V_INLINE void fd_v_encode_block(const float *row, uint8_t *dst, int n, fd_v_encoding e, fd_random random,
+                                       int stochastic, int is_signed, uint32_t bias, float tiny_up,
+                                       uint32_t nan_code) {
+        __m512 inverse;
+        int i;
+        if (e.plain && n == FD_BLOCK) {
+            inverse = _mm512_set1_ps(e.inverse_down);
+            for (i = 0; i < FD_BLOCK; i += 64) fd_v_encode64(row, dst, i, inverse, random, stochastic, is_signed);
+        } else {
+            /* the general form, also for a tensor's last, short block (lanes past n: not stored) */
+            inverse = _mm512_set1_ps(e.inverse);
+            for (i = 0; i < n; i += 16)
+                _mm512_mask_cvtepi32_storeu_epi8(dst + i, n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1U << (n - i)) - 1U),
+                    fd_v_code_bits(_mm512_load_si512((const void *)(row + i)), inverse,
+                                   fd_v_rounding(random, stochastic, i), is_signed, bias, tiny_up, nan_code));
+        }
+    }
+    #endif
     """
     const bint FD_FUSED_STORED
     const int FD_STRIP
@@ -404,14 +625,6 @@ cdef extern from *:
     float fd_bf16_value(uint16_t half) noexcept nogil
     uint16_t fd_bf16_nearest(float x) noexcept nogil
     uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
-    int32_t fd_magnitude(float x) noexcept nogil
-    float fd_int8_value(uint8_t c, float scale) noexcept nogil
-    float fd_uint8_value(uint8_t c, float scale) noexcept nogil
-    float fd_int8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
-                         fd_random random) noexcept nogil
-    float fd_uint8_encode(const float* src, uint8_t* dst, int n, int32_t largest, int32_t smallest,
-                          fd_random random) noexcept nogil
-    int32_t fd_nonzero_magnitude(int32_t magnitude) noexcept nogil
 
 
 cdef enum:
@@ -420,6 +633,11 @@ cdef enum:
     # casts, lerp constants) is then small against the elements it runs.
     CHUNK_BLOCKS = 8
     CHUNK = BLOCK * CHUNK_BLOCKS
+    # Blocks per call of a fused stored loop (no scratch rows: only its per-call
+    # setup, and int8's last block, encoded alone, count). Calls are aligned to
+    # this in the tensor, so that none crosses a multiple of 2**32 elements, where
+    # the high word of the random bits' index changes (fd_random_run).
+    FUSED_CHUNK_BLOCKS = 64
     # Storage kinds (fastdescent.precision numbers them the same way).
     KIND_NATIVE = 0
     KIND_BF16 = 1
@@ -666,11 +884,13 @@ cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
 
 cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
     """Run blocks [begin, end) of the call's block index space (the blocks of
-    every tensor, one tensor after the other), up to CHUNK_BLOCKS at a time."""
+    every tensor, one tensor after the other), up to CHUNK_BLOCKS (fused loops:
+    FUSED_CHUNK_BLOCKS) at a time, aligned to that in the tensor."""
     cdef const StoredJob* job = <const StoredJob*>ctx
     cdef const Plan* plan = job.plan
     cdef const Py_ssize_t* blocks = job.storage.block_offsets
     cdef Py_ssize_t lo = 0, hi = plan.n_tensors, mid, t, stop, first, size
+    cdef Py_ssize_t chunk = FUSED_CHUNK_BLOCKS if job.fused != NULL else CHUNK_BLOCKS
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if blocks[mid] <= begin:
@@ -681,7 +901,7 @@ cdef void run_blocks(const void* ctx, Py_ssize_t begin, Py_ssize_t end) noexcept
     while begin < end:
         while blocks[t + 1] <= begin:
             t += 1
-        stop = min(end, blocks[t + 1], begin + CHUNK_BLOCKS)
+        stop = min(end, blocks[t + 1], begin + chunk - (begin - blocks[t]) % chunk)
         first = (begin - blocks[t]) * BLOCK
         size = plan.offsets[t + 1] - plan.offsets[t]
         if job.fused != NULL:

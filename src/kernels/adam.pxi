@@ -73,10 +73,249 @@ cdef inline void adam_elements(floating* p, const floating* g, floating* m, floa
             p[i] = adam_descent(x, mean, sq_max, step_size, inv_bc2_sqrt, eps)
 
 
-cdef struct AdamFloats:
-    # AdamArgs as the float32 loops take them (cast once per call)
-    float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
-    bint from_end, decoupled, has_wd
+cdef extern from *:
+    """
+    /* AdamArgs as the float32 fused stored loops take them (cast once per call). */
+    typedef struct {
+        float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2;
+        int from_end, decoupled, has_wd;
+    } fd_adam_floats;
+
+    #ifdef __AVX512F__
+    /* fd_adam_floats broadcast once per call (and the flags as plain ints, so
+       that the loops test locals, not memory a store might have changed). */
+    typedef struct {
+        __m512 decay, scale, wd, w1, w1_rest, keep2, w2, step_size, inv_bc2_sqrt, eps;
+        int decoupled, has_wd, from_end, unscaled;
+    } fd_adam_vectors;
+
+    static inline fd_adam_vectors fd_adam_vectors_of(const fd_adam_floats *f) {
+        fd_adam_vectors c;
+        c.decay = _mm512_set1_ps(f->decay);
+        c.scale = _mm512_set1_ps(f->scale);
+        c.wd = _mm512_set1_ps(f->wd);
+        c.w1 = _mm512_set1_ps(f->w1);
+        c.w1_rest = _mm512_set1_ps(f->w1_rest);
+        c.keep2 = _mm512_set1_ps(f->keep2);
+        c.w2 = _mm512_set1_ps(f->w2);
+        c.step_size = _mm512_set1_ps(f->step_size);
+        c.inv_bc2_sqrt = _mm512_set1_ps(f->inv_bc2_sqrt);
+        c.eps = _mm512_set1_ps(f->eps);
+        c.decoupled = f->decoupled;
+        c.has_wd = f->has_wd;
+        c.from_end = f->from_end;
+        /* times 1, d is the gradient: same bits (a signaling NaN is quieted by
+           the first operation it enters either way, and nothing else differs) */
+        c.unscaled = f->scale == 1.0f;
+        return c;
+    }
+
+    /* The loops are specialised on the common flags (`kind`, a constant once
+       inlined): a test of a flag per vector costs about as much as an operation. */
+    #define FD_ADAM_ANY 0         /* the call's flags, tested in the loop */
+    #define FD_ADAM_PLAIN 1       /* no weight decay, gradient scale 1, lerp from its start (beta1 > 0.5) */
+    #define FD_ADAM_DECOUPLED 2   /* the same with AdamW's decoupled decay */
+
+    static inline int fd_adam_kind(const fd_adam_vectors *f) {
+        if (f->has_wd || f->from_end || !f->unscaled) return FD_ADAM_ANY;
+        return f->decoupled ? FD_ADAM_DECOUPLED : FD_ADAM_PLAIN;
+    }
+
+    /* Adam's element loop on 16 lanes with an int8 first and a uint8 second
+       moment (fd_adam_codes): decode, update (the operations of adam_elements,
+       in its order), the parameters stored, the new moments kept in the block's
+       rows and their magnitudes tracked (the second moment's bits as they are:
+       fd_v_track). Lanes outside `k` (a block's last vector) read zeros and
+       count as zeros. */
+    FD_V_INLINE void fd_adam_codes16(float *p, const float *g, const uint8_t *m, const uint8_t *v, float *row_m,
+                                     float *row_v, __mmask16 k, int full, int plain, int kind, const fd_adam_vectors *f,
+                                     __m512 factor_m, __m512 scale_m, __m512 factor_v, __m512 scale_v,
+                                     fd_v_range *range_m, fd_v_range *range_v) {
+        __m512 x = full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+        __m512 grad = full ? _mm512_loadu_ps(g) : _mm512_maskz_loadu_ps(k, g);
+        __m512 mean = fd_v_code_values(fd_v_codes(m, k, full, 1), plain, factor_m, scale_m, 1, 112);
+        __m512 sq = fd_v_code_values(fd_v_codes(v, k, full, 0), plain, factor_v, scale_v, 0, 96);
+        __m512 d, diff;
+        __m512i magnitude_m, bits_v;
+        if (kind == FD_ADAM_ANY ? f->decoupled : kind == FD_ADAM_DECOUPLED) x = _mm512_mul_ps(x, f->decay);
+        d = kind != FD_ADAM_ANY || f->unscaled ? grad : _mm512_mul_ps(f->scale, grad);
+        if (kind == FD_ADAM_ANY && f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(f->wd, x));
+        diff = _mm512_sub_ps(d, mean);
+        mean = kind == FD_ADAM_ANY && f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(f->w1_rest, diff)) : _mm512_add_ps(mean, _mm512_mul_ps(f->w1, diff));
+        sq = _mm512_add_ps(_mm512_mul_ps(f->keep2, sq), _mm512_mul_ps(_mm512_mul_ps(f->w2, d), d));
+        magnitude_m = _mm512_and_si512(_mm512_castps_si512(mean), _mm512_set1_epi32(0x7fffffff));
+        bits_v = _mm512_castps_si512(sq);
+        if (!full) {
+            magnitude_m = _mm512_maskz_mov_epi32(k, magnitude_m);
+            bits_v = _mm512_maskz_mov_epi32(k, bits_v);
+        }
+        fd_v_track(range_m, magnitude_m);
+        fd_v_track(range_v, bits_v);
+        _mm512_store_ps(row_m, mean);
+        _mm512_store_ps(row_v, sq);
+        x = _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(f->step_size, mean),
+                                           _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(sq), f->inv_bc2_sqrt), f->eps)));
+        if (full) _mm512_storeu_ps(p, x);
+        else _mm512_mask_storeu_ps(p, k, x);
+    }
+
+    /* A block's new moments and their tracked magnitudes, between its update and
+       its encoding. */
+    typedef struct {
+        float m[FD_BLOCK] __attribute__((aligned(64)));
+        float v[FD_BLOCK] __attribute__((aligned(64)));
+        fd_v_range range_m, range_v;
+    } fd_adam_rows;
+
+    /* The previous block's plain encoding, run inside the next block's update:
+       the update is bound by its divides and square roots, whose unit leaves
+       the vector ports room for the encoder's operations. */
+    typedef struct {
+        const fd_adam_rows *rows;
+        uint8_t *m, *v;
+        __m512 inverse_m, inverse_v;
+        fd_random random_m, random_v;
+    } fd_adam_pending;
+
+    /* Prefetch (a large call: see fd_prefetch_strip) the lines of elements
+       i + FD_AHEAD .. i + FD_AHEAD + 63 of every role: a few every 64 elements (a
+       burst of a whole block's was slower: it holds up the loop's own loads). */
+    FD_V_INLINE void fd_adam_prefetch64(const float *p, const float *g, const uint8_t *m, const uint8_t *v, int i) {
+        int k;
+        for (k = 0; k < 64; k += 16) {
+            fd_prefetch_line(p + i + FD_AHEAD + k);
+            fd_prefetch_line(g + i + FD_AHEAD + k);
+        }
+        fd_prefetch_line(m + i + FD_AHEAD);
+        fd_prefetch_line(v + i + FD_AHEAD);
+    }
+
+    /* The elements of one block of `count` (fd_adam_codes16 on each 16); with
+       `encode` (a whole block), the 64 codes of each moment of `pending` beside
+       each 64 elements. */
+    FD_V_INLINE void fd_adam_codes_block(float *p, const float *g, const uint8_t *m, const uint8_t *v,
+                                         fd_adam_rows *rows, int count, int plain, int kind, const fd_adam_vectors *f,
+                                         float scale_m, float scale_v, int encode, const fd_adam_pending *pending,
+                                         int stochastic, int prefetch) {
+        __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
+        __m512 vscale_m = _mm512_set1_ps(scale_m), vscale_v = _mm512_set1_ps(scale_v);
+        int i, j;
+        rows->range_m = fd_v_range_start();
+        rows->range_v = fd_v_range_start();
+        for (i = 0; i + 64 <= count; i += 64) {
+            if (prefetch) fd_adam_prefetch64(p, g, m, v, i);
+            for (j = i; j < i + 64; j += 16)
+                fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
+                                vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+            if (encode) {
+                fd_v_encode64(pending->rows->m, pending->m, i, pending->inverse_m, pending->random_m, stochastic, 1);
+                fd_v_encode64(pending->rows->v, pending->v, i, pending->inverse_v, pending->random_v, stochastic, 0);
+            }
+        }
+        if (encode) return;   /* a whole block */
+        for (; i + 16 <= count; i += 16)
+            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, kind, f, factor_m, vscale_m,
+                            factor_v, vscale_v, &rows->range_m, &rows->range_v);
+        if (i < count)
+            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
+                            plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+    }
+
+    /* Adam on n elements (whole blocks from a block's start) with an int8 first
+       and a uint8 second moment and their block scales: per block, decode and
+       update; the new moments are encoded under their new scales during the
+       next block's update (or alone: the last block, a general encoding). */
+    FD_V_INLINE void fd_adam_codes_run(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m,
+                                       float *scales_v, ptrdiff_t n, const fd_adam_vectors *f, int kind,
+                                       fd_random random_m, fd_random random_v, int stochastic, int prefetch) {
+        fd_adam_rows rows[2];
+        fd_adam_pending pending;
+        fd_v_encoding e_m, e_v;
+        uint32_t extremes[4];
+        ptrdiff_t start, b;
+        int count, plain, encode, has_pending = 0;
+        for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
+            count = n - start < FD_BLOCK ? (int)(n - start) : FD_BLOCK;
+            plain = fd_v_plain_code_pair(m + start, v + start, count, scales_m[b], scales_v[b]);
+            encode = 0;
+            if (has_pending) {   /* block b - 1 (whole) */
+                fd_v_reduce_ranges(&pending.rows->range_m, &pending.rows->range_v, extremes);
+                e_m = fd_v_encoding_of(pending.rows->m, FD_BLOCK, extremes[0], extremes[2], 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(pending.rows->v, FD_BLOCK, extremes[1], extremes[3], 96, 0x1p-96f);
+                scales_m[b - 1] = e_m.scale;
+                scales_v[b - 1] = e_v.scale;
+                encode = e_m.plain && e_v.plain && count == FD_BLOCK;
+                if (encode) {
+                    pending.inverse_m = _mm512_set1_ps(e_m.inverse_down);
+                    pending.inverse_v = _mm512_set1_ps(e_v.inverse_down);
+                } else {
+                    fd_v_encode_block(pending.rows->m, pending.m, FD_BLOCK, e_m, pending.random_m, stochastic, 1, 112,
+                                      0x1p37f, 0x7f);
+                    fd_v_encode_block(pending.rows->v, pending.v, FD_BLOCK, e_v, pending.random_v, stochastic, 0, 96,
+                                      0x1p53f, 0xff);
+                }
+            }
+            /* four copies of the loop: decode plainly or not, encode the previous block beside or not */
+            if (plain && encode)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
+                                    scales_v[b], 1, &pending, stochastic, prefetch);
+            else if (plain)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 1, kind, f, scales_m[b],
+                                    scales_v[b], 0, &pending, stochastic, prefetch);
+            else if (encode)
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
+                                    scales_v[b], 1, &pending, stochastic, prefetch);
+            else
+                fd_adam_codes_block(p + start, g + start, m + start, v + start, &rows[b & 1], count, 0, kind, f, scales_m[b],
+                                    scales_v[b], 0, &pending, stochastic, prefetch);
+            if (count == FD_BLOCK && start + FD_BLOCK < n) {
+                has_pending = 1;
+                pending.rows = &rows[b & 1];
+                pending.m = m + start;
+                pending.v = v + start;
+                pending.random_m = fd_random_from(random_m, (uint32_t)start);
+                pending.random_v = fd_random_from(random_v, (uint32_t)start);
+            } else {   /* the last block */
+                fd_v_reduce_ranges(&rows[b & 1].range_m, &rows[b & 1].range_v, extremes);
+                e_m = fd_v_encoding_of(rows[b & 1].m, count, extremes[0], extremes[2], 112, 0x1p-112f);
+                e_v = fd_v_encoding_of(rows[b & 1].v, count, extremes[1], extremes[3], 96, 0x1p-96f);
+                scales_m[b] = e_m.scale;
+                scales_v[b] = e_v.scale;
+                fd_v_encode_block(rows[b & 1].m, m + start, count, e_m, fd_random_from(random_m, (uint32_t)start),
+                                  stochastic, 1, 112, 0x1p37f, 0x7f);
+                fd_v_encode_block(rows[b & 1].v, v + start, count, e_v, fd_random_from(random_v, (uint32_t)start),
+                                  stochastic, 0, 96, 0x1p53f, 0xff);
+            }
+        }
+    }
+
+    static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
+                              ptrdiff_t n, fd_adam_floats floats, fd_random random_m, fd_random random_v, int prefetch) {
+        const fd_adam_vectors f = fd_adam_vectors_of(&floats);
+        /* both moments round alike (fused_loop_for) */
+        if (random_m.stochastic)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_ANY, random_m, random_v, 1, prefetch);
+        else if (fd_adam_kind(&f) == FD_ADAM_PLAIN)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_PLAIN, random_m, random_v, 0, prefetch);
+        else if (fd_adam_kind(&f) == FD_ADAM_DECOUPLED)
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_DECOUPLED, random_m, random_v, 0, prefetch);
+        else
+            fd_adam_codes_run(p, g, m, v, scales_m, scales_v, n, &f, FD_ADAM_ANY, random_m, random_v, 0, prefetch);
+    }
+    #else
+    #include <stdlib.h>
+    /* Never registered (FD_FUSED_STORED is 0 without AVX-512). */
+    static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
+                              ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v, int prefetch) {
+        abort();
+    }
+    #endif
+    """
+    ctypedef struct AdamFloats "fd_adam_floats":
+        float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
+        bint from_end, decoupled, has_wd
+    void fd_adam_codes(float* p, const float* g, uint8_t* m, uint8_t* v, float* scales_m, float* scales_v,
+                       Py_ssize_t n, AdamFloats f, fd_random random_m, fd_random random_v, bint prefetch) noexcept nogil
 
 
 cdef inline AdamFloats adam_floats(const AdamArgs* a) noexcept nogil:
@@ -176,49 +415,10 @@ cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexce
 cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nogil:
     """int8 first and uint8 second moments: per block, decode with its scale,
     update, keep the new moments (in L1) and their largest magnitudes, then
-    encode them under the new scales."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint8_t* m = <uint8_t*>run.rows[2]
-    cdef uint8_t* v = <uint8_t*>run.rows[3]
-    cdef float block_m[BLOCK]
-    cdef float block_v[BLOCK]
-    cdef float x, mean, sq, scale_m, scale_v
-    cdef int32_t largest_m, largest_v, smallest_m, smallest_v, magnitude
-    cdef Py_ssize_t i, b, start = 0, stop
-    while start < run.n:
-        stop = min(run.n, start + BLOCK)
-        b = start // BLOCK
-        scale_m = run.scales[2][b]
-        scale_v = run.scales[3][b]
-        largest_m = 0
-        largest_v = 0
-        smallest_m = 0x7fffffff
-        smallest_v = 0x7fffffff
-        for i in range(start, stop):
-            x = p[i]
-            if f.decoupled:
-                x = x * f.decay
-            mean = fd_int8_value(m[i], scale_m)
-            sq = fd_uint8_value(v[i], scale_v)
-            adam_moments(x, g[i], &mean, &sq, f.scale, f.wd, f.has_wd, f.w1, f.w1_rest, f.from_end, f.keep2, f.w2)
-            block_m[i - start] = mean
-            block_v[i - start] = sq
-            magnitude = fd_magnitude(mean)
-            largest_m = largest_m if largest_m > magnitude else magnitude
-            magnitude = fd_nonzero_magnitude(magnitude)
-            smallest_m = smallest_m if smallest_m < magnitude else magnitude
-            magnitude = fd_magnitude(sq)
-            largest_v = largest_v if largest_v > magnitude else magnitude
-            magnitude = fd_nonzero_magnitude(magnitude)
-            smallest_v = smallest_v if smallest_v < magnitude else magnitude
-            p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-        run.scales[2][b] = fd_int8_encode(block_m, m + start, <int>(stop - start), largest_m, smallest_m,
-                                          fd_random_from(run.random[2], <uint32_t>start))
-        run.scales[3][b] = fd_uint8_encode(block_v, v + start, <int>(stop - start), largest_v, smallest_v,
-                                           fd_random_from(run.random[3], <uint32_t>start))
-        start = stop
+    encode them under the new scales (fd_adam_codes, AVX-512 intrinsics)."""
+    fd_adam_codes(<float*>run.rows[0], <const float*>run.rows[1], <uint8_t*>run.rows[2], <uint8_t*>run.rows[3],
+                  run.scales[2], run.scales[3], run.n, adam_floats(<const AdamArgs*>args), run.random[2],
+                  run.random[3], run.prefetch)
 
 
 cdef void adam_segment_f32(void** rows, Py_ssize_t start, Py_ssize_t n, const void* args) noexcept nogil:
