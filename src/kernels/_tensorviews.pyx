@@ -560,12 +560,11 @@ cdef tuple _scalar_values(tuple scalars, Py_ssize_t k):
     state tensors (optimizers._scalar_state_value): a float, or a ``numpy.float64``
     from a float64 tensor (NAdam rounds ``mu_product`` in the tensor's dtype)."""
     cdef object values
+    cdef double value
     cdef list out = []
     for values in scalars:
-        if cnp.PyArray_TYPE(<cnp.ndarray>values) == cnp.NPY_FLOAT32:
-            out.append(<double>(<float*>cnp.PyArray_DATA(<cnp.ndarray>values))[k])
-        else:
-            out.append(_FLOAT64((<double*>cnp.PyArray_DATA(<cnp.ndarray>values))[k]))
+        value = _element(<cnp.ndarray>values, k)
+        out.append(value if cnp.PyArray_TYPE(<cnp.ndarray>values) == cnp.NPY_FLOAT32 else _FLOAT64(value))
     return tuple(out)
 
 

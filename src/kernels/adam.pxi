@@ -221,6 +221,18 @@ cdef extern from *:
                             plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
     }
 
+    /* The encodings of a block's new moments (`count` of them in `rows`) under
+       their new scales, which are written to scales_m[b] and scales_v[b]. */
+    FD_V_INLINE void fd_adam_encodings(const fd_adam_rows *rows, int count, float *scales_m, float *scales_v,
+                                       ptrdiff_t b, fd_v_encoding *e_m, fd_v_encoding *e_v) {
+        uint32_t extremes[4];
+        fd_v_reduce_ranges(&rows->range_m, &rows->range_v, extremes);
+        *e_m = fd_v_encoding_of(rows->m, count, extremes[0], extremes[2], 112, 0x1p-112f);
+        *e_v = fd_v_encoding_of(rows->v, count, extremes[1], extremes[3], 96, 0x1p-96f);
+        scales_m[b] = e_m->scale;
+        scales_v[b] = e_v->scale;
+    }
+
     /* Adam on n elements (whole blocks from a block's start) with an int8 first
        and a uint8 second moment and their block scales: per block, decode and
        update; the new moments are encoded under their new scales during the
@@ -231,7 +243,6 @@ cdef extern from *:
         fd_adam_rows rows[2];
         fd_adam_pending pending;
         fd_v_encoding e_m, e_v;
-        uint32_t extremes[4];
         ptrdiff_t start, b;
         int count, plain, encode, has_pending = 0;
         for (start = 0, b = 0; start < n; start += FD_BLOCK, b++) {
@@ -239,11 +250,7 @@ cdef extern from *:
             plain = fd_v_plain_code_pair(m + start, v + start, count, scales_m[b], scales_v[b]);
             encode = 0;
             if (has_pending) {   /* block b - 1 (whole) */
-                fd_v_reduce_ranges(&pending.rows->range_m, &pending.rows->range_v, extremes);
-                e_m = fd_v_encoding_of(pending.rows->m, FD_BLOCK, extremes[0], extremes[2], 112, 0x1p-112f);
-                e_v = fd_v_encoding_of(pending.rows->v, FD_BLOCK, extremes[1], extremes[3], 96, 0x1p-96f);
-                scales_m[b - 1] = e_m.scale;
-                scales_v[b - 1] = e_v.scale;
+                fd_adam_encodings(pending.rows, FD_BLOCK, scales_m, scales_v, b - 1, &e_m, &e_v);
                 encode = e_m.plain && e_v.plain && count == FD_BLOCK;
                 if (encode) {
                     pending.inverse_m = _mm512_set1_ps(e_m.inverse_down);
@@ -276,11 +283,7 @@ cdef extern from *:
                 pending.random_m = fd_random_from(random_m, (uint32_t)start);
                 pending.random_v = fd_random_from(random_v, (uint32_t)start);
             } else {   /* the last block */
-                fd_v_reduce_ranges(&rows[b & 1].range_m, &rows[b & 1].range_v, extremes);
-                e_m = fd_v_encoding_of(rows[b & 1].m, count, extremes[0], extremes[2], 112, 0x1p-112f);
-                e_v = fd_v_encoding_of(rows[b & 1].v, count, extremes[1], extremes[3], 96, 0x1p-96f);
-                scales_m[b] = e_m.scale;
-                scales_v[b] = e_v.scale;
+                fd_adam_encodings(&rows[b & 1], count, scales_m, scales_v, b, &e_m, &e_v);
                 fd_v_encode_block(rows[b & 1].m, m + start, count, e_m, fd_random_from(random_m, (uint32_t)start),
                                   stochastic, 1, 112, 0x1p37f, 0x7f);
                 fd_v_encode_block(rows[b & 1].v, v + start, count, e_v, fd_random_from(random_v, (uint32_t)start),
