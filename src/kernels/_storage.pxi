@@ -597,28 +597,49 @@ cdef extern from *:
     }
 
     /* ---- bfloat16, 16 lanes at a time: the codecs of a rule's fused bfloat16
-       loop (adam.pxi), fd_bf16_value and fd_bf16_rounded on 16 lanes (`full`,
-       or the lanes of `k`). Not vcvtneps2bf16: it flushes subnormals to zero. */
-    FD_V_INLINE __m512 fd_v_bf16_values(const uint16_t *src, __mmask16 k, int full) {
-        __m256i half = full ? _mm256_loadu_si256((const __m256i *)src) : _mm256_maskz_loadu_epi16(k, src);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+       loop (adam.pxi), fd_bf16_value and fd_bf16_rounded on 16 lanes. Not
+       vcvtneps2bf16: it flushes subnormals to zero. */
+
+    /* 16 bfloat16 words (`full`, or the lanes of k; zeros past them) in the low
+       half of a vector. */
+    FD_V_INLINE __m512i fd_v_bf16_words16(const uint16_t *src, __mmask16 k, int full) {
+        return full ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src)) : _mm512_maskz_loadu_epi16(k, src);
     }
 
-    /* Store x, elements i .. i + 15 of a run, at dst in bfloat16: its bits plus
-       the rounding (to nearest even, or the low half of the elements' random
-       bits) truncated; a NaN keeps its bits, made quiet. */
-    FD_V_INLINE void fd_v_bf16_store(uint16_t *dst, __mmask16 k, int full, __m512 x, fd_random random, int stochastic,
-                                     ptrdiff_t i) {
-        __m512i u = _mm512_castps_si512(x), add, bits;
+    /* The float32 values of words 0 .. 15 (`high`: 16 .. 31) of 32 bfloat16 words:
+       each word moved to the top of its lane, zeros below (one permute). */
+    FD_V_INLINE __m512 fd_v_bf16_values(__m512i words, int high) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i index = _mm512_slli_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(16 * high)), 16);
+        return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, index, words));
+    }
+
+    /* x's bits plus the rounding (to nearest even, or the low half of the random
+       bits of elements i .. i + 15 of a run), the bfloat16 bits on top; a NaN's
+       bits with the quiet bit set instead (fpclass 0x81: quiet or signaling NaN). */
+    FD_V_INLINE __m512i fd_v_bf16_rounded(__m512 x, fd_random random, int stochastic, ptrdiff_t i) {
+        __m512i u = _mm512_castps_si512(x), add;
         if (stochastic)
             add = _mm512_and_si512(fd_v_random_bits(random, i), _mm512_set1_epi32(0xffff));
         else
             add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-        /* (u | quiet bit) >> 16 on the NaN lanes (fpclass 0x81: quiet or signaling NaN) */
-        bits = _mm512_srli_epi32(_mm512_mask_or_epi32(_mm512_add_epi32(u, add), _mm512_fpclass_ps_mask(x, 0x81), u,
-                                                      _mm512_set1_epi32(0x400000)), 16);
-        if (full) _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(bits));
-        else _mm512_mask_cvtepi32_storeu_epi16(dst, k, bits);
+        return _mm512_mask_or_epi32(_mm512_add_epi32(u, add), _mm512_fpclass_ps_mask(x, 0x81), u, _mm512_set1_epi32(0x400000));
+    }
+
+    /* Store the bfloat16 bits of 16 rounded values (`full`, or the lanes of k). */
+    FD_V_INLINE void fd_v_bf16_store16(uint16_t *dst, __mmask16 k, int full, __m512i rounded) {
+        if (full) _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+        else _mm512_mask_cvtepi32_storeu_epi16(dst, k, _mm512_srli_epi32(rounded, 16));
+    }
+
+    /* Store those of 32: a's (elements 0 .. 15) and b's, interleaved by a word
+       blend and put in order by one permute (vpmovdw is two shuffles per 16). */
+    FD_V_INLINE void fd_v_bf16_store32(uint16_t *dst, __m512i a, __m512i b) {
+        const __m512i order = _mm512_setr_epi32(0x00020000, 0x00060004, 0x000a0008, 0x000e000c, 0x00120010, 0x00160014,
+                                                0x001a0018, 0x001e001c, 0x00030001, 0x00070005, 0x000b0009, 0x000f000d,
+                                                0x00130011, 0x00170015, 0x001b0019, 0x001f001d);
+        _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi16(order, _mm512_mask_blend_epi16(0xAAAAAAAA,
+                                                                                                 _mm512_srli_epi32(a, 16), b)));
     }
     #endif
     """

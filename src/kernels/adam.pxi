@@ -154,35 +154,57 @@ cdef extern from *:
         }
     }
 
-    /* Adam on elements i .. i + 15 (`full`, or the lanes of `k`) with bfloat16
-       moments: decode, update, round (to nearest even, or stochastically with
-       the random bits of the elements' index in the run). */
-    FD_V_INLINE void fd_adam_bf16_16(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t i, __mmask16 k,
-                                     int full, int kind, const fd_adam_vectors *f, fd_random random_m,
-                                     fd_random random_v, int stochastic) {
+    /* Adam on elements i .. i + 15 with bfloat16 moments, words `high` (0: 0 .. 15,
+       1: 16 .. 31) of words_m and words_v: the parameters (`full`, or the lanes
+       of k) stored, the new moments rounded (fd_v_bf16_rounded: to nearest even,
+       or stochastically with the random bits of the elements' index in the run). */
+    FD_V_INLINE void fd_adam_bf16_16(float *p, const float *g, __m512i words_m, __m512i words_v, int high, ptrdiff_t i,
+                                     __mmask16 k, int full, int kind, const fd_adam_vectors *f, fd_random random_m,
+                                     fd_random random_v, int stochastic, __m512i *rounded_m, __m512i *rounded_v) {
         __m512 x = full ? _mm512_loadu_ps(p + i) : _mm512_maskz_loadu_ps(k, p + i);
         __m512 grad = full ? _mm512_loadu_ps(g + i) : _mm512_maskz_loadu_ps(k, g + i);
-        __m512 mean = fd_v_bf16_values(m + i, k, full), sq = fd_v_bf16_values(v + i, k, full);
+        __m512 mean = fd_v_bf16_values(words_m, high), sq = fd_v_bf16_values(words_v, high);
         x = fd_adam16(x, grad, &mean, &sq, kind, f);
-        fd_v_bf16_store(m + i, k, full, mean, random_m, stochastic, i);
-        fd_v_bf16_store(v + i, k, full, sq, random_v, stochastic, i);
+        *rounded_m = fd_v_bf16_rounded(mean, random_m, stochastic, i);
+        *rounded_v = fd_v_bf16_rounded(sq, random_v, stochastic, i);
         if (full) _mm512_storeu_ps(p + i, x);
         else _mm512_mask_storeu_ps(p + i, k, x);
+    }
+
+    FD_V_INLINE void fd_adam_bf16_32(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t i, int kind,
+                                     const fd_adam_vectors *f, fd_random random_m, fd_random random_v, int stochastic) {
+        __m512i words_m = _mm512_loadu_si512((const void *)(m + i)), words_v = _mm512_loadu_si512((const void *)(v + i));
+        __m512i m0, v0, m1, v1;
+        fd_adam_bf16_16(p, g, words_m, words_v, 0, i, 0xffff, 1, kind, f, random_m, random_v, stochastic, &m0, &v0);
+        fd_adam_bf16_16(p, g, words_m, words_v, 1, i + 16, 0xffff, 1, kind, f, random_m, random_v, stochastic, &m1, &v1);
+        fd_v_bf16_store32(m + i, m0, m1);
+        fd_v_bf16_store32(v + i, v0, v1);
+    }
+
+    /* Elements i .. i + 15 (`full`, or the lanes of k): a run's last ones. */
+    FD_V_INLINE void fd_adam_bf16_last(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t i, __mmask16 k,
+                                       int full, int kind, const fd_adam_vectors *f, fd_random random_m,
+                                       fd_random random_v, int stochastic) {
+        __m512i m0, v0;
+        fd_adam_bf16_16(p, g, fd_v_bf16_words16(m + i, k, full), fd_v_bf16_words16(v + i, k, full), 0, i, k, full, kind,
+                        f, random_m, random_v, stochastic, &m0, &v0);
+        fd_v_bf16_store16(m + i, k, full, m0);
+        fd_v_bf16_store16(v + i, k, full, v0);
     }
 
     FD_V_INLINE void fd_adam_bf16_run(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n,
                                       const fd_adam_vectors *f, int kind, fd_random random_m, fd_random random_v,
                                       int stochastic, int prefetch) {
-        ptrdiff_t i, j;
+        ptrdiff_t i;
         for (i = 0; i + 64 <= n; i += 64) {
             if (prefetch) fd_adam_prefetch64(p, g, m, v, i, 2);
-            for (j = i; j < i + 64; j += 16)
-                fd_adam_bf16_16(p, g, m, v, j, 0xffff, 1, kind, f, random_m, random_v, stochastic);
+            fd_adam_bf16_32(p, g, m, v, i, kind, f, random_m, random_v, stochastic);
+            fd_adam_bf16_32(p, g, m, v, i + 32, kind, f, random_m, random_v, stochastic);
         }
         for (; i + 16 <= n; i += 16)
-            fd_adam_bf16_16(p, g, m, v, i, 0xffff, 1, kind, f, random_m, random_v, stochastic);
+            fd_adam_bf16_last(p, g, m, v, i, 0xffff, 1, kind, f, random_m, random_v, stochastic);
         if (i < n)
-            fd_adam_bf16_16(p, g, m, v, i, (__mmask16)((1U << (n - i)) - 1U), 0, kind, f, random_m, random_v, stochastic);
+            fd_adam_bf16_last(p, g, m, v, i, (__mmask16)((1U << (n - i)) - 1U), 0, kind, f, random_m, random_v, stochastic);
     }
 
     static void fd_adam_bf16(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n, fd_adam_floats floats,
