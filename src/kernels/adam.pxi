@@ -207,18 +207,23 @@ cdef extern from *:
             fd_adam_bf16_last(p, g, m, v, i, (__mmask16)((1U << (n - i)) - 1U), 0, kind, f, random_m, random_v, stochastic);
     }
 
+    FD_V_INLINE void fd_adam_bf16_kinds(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n,
+                                        const fd_adam_vectors *f, fd_random random_m, fd_random random_v, int stochastic,
+                                        int prefetch) {
+        if (fd_adam_kind(f) == FD_ADAM_PLAIN)
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_PLAIN, random_m, random_v, stochastic, prefetch);
+        else if (fd_adam_kind(f) == FD_ADAM_DECOUPLED)
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_DECOUPLED, random_m, random_v, stochastic, prefetch);
+        else
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_ANY, random_m, random_v, stochastic, prefetch);
+    }
+
     static void fd_adam_bf16(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n, fd_adam_floats floats,
                              fd_random random_m, fd_random random_v, int prefetch) {
         const fd_adam_vectors f = fd_adam_vectors_of(&floats);
         /* both moments round alike (fused_loop_for) */
-        if (random_m.stochastic)
-            fd_adam_bf16_run(p, g, m, v, n, &f, FD_ADAM_ANY, random_m, random_v, 1, prefetch);
-        else if (fd_adam_kind(&f) == FD_ADAM_PLAIN)
-            fd_adam_bf16_run(p, g, m, v, n, &f, FD_ADAM_PLAIN, random_m, random_v, 0, prefetch);
-        else if (fd_adam_kind(&f) == FD_ADAM_DECOUPLED)
-            fd_adam_bf16_run(p, g, m, v, n, &f, FD_ADAM_DECOUPLED, random_m, random_v, 0, prefetch);
-        else
-            fd_adam_bf16_run(p, g, m, v, n, &f, FD_ADAM_ANY, random_m, random_v, 0, prefetch);
+        if (random_m.stochastic) fd_adam_bf16_kinds(p, g, m, v, n, &f, random_m, random_v, 1, prefetch);
+        else fd_adam_bf16_kinds(p, g, m, v, n, &f, random_m, random_v, 0, prefetch);
     }
 
     /* Adam's element loop on 16 lanes with an int8 first and a uint8 second
