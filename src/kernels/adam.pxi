@@ -192,6 +192,8 @@ cdef extern from *:
         fd_v_bf16_store16(v + i, k, full, v0);
     }
 
+    /* Adam on a run of n elements with bfloat16 moments: 64 per step (with the
+       prefetches of a large call), then 16 at a time, the last ones masked. */
     FD_V_INLINE void fd_adam_bf16_run(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n,
                                       const fd_adam_vectors *f, int kind, fd_random random_m, fd_random random_v,
                                       int stochastic, int prefetch) {
