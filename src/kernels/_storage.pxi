@@ -22,8 +22,8 @@
 # Three phases leave the codecs' integer work and the rule's divides and square
 # roots unable to overlap, and each phase waits on its own arrays, so a rule may
 # register *fused stored loops* (register_fused_loop; Adam in adam.pxi): its
-# element loop with the codecs below inside it (bfloat16: decode, update, round
-# in registers; int8, in AVX-512 intrinsics 16 lanes at a time: decode and update
+# element loop with the codecs below inside it, in AVX-512 intrinsics 16 lanes at
+# a time (bfloat16: decode, update, round in registers; int8: decode and update
 # per block, the new values kept in L1 with their largest and smallest magnitudes,
 # then encoded under the new scale during the next block's update).
 # run_stored takes them when every stored role is a state buffer in bfloat16 or
@@ -48,11 +48,9 @@ cdef extern from *:
 
     #define FD_BLOCK 256
 
-    /* A rule's fused stored loop (below) tests its flags (decoupled decay, L2
-       decay, the lerp's end) inside the loop: gcc 12 vectorizes it by masking
-       the flagged arithmetic, which only AVX-512 offers (without masks it would
-       have to unswitch a loop too large for it, and leaves it scalar). Other
-       variants run the three phases, whose loops vectorize everywhere. */
+    /* A rule's fused stored loops are written with AVX-512 intrinsics (the
+       fd_v_* codecs below). Other variants run the three phases, whose loops
+       gcc vectorizes everywhere. */
     #ifdef __AVX512F__
     #define FD_FUSED_STORED 1
     #else
@@ -80,8 +78,8 @@ cdef extern from *:
         return z ^ (z >> 31);
     }
 
-    /* Software prefetch for a fused stored loop: before each strip of FD_STRIP
-       elements, the lines of every role FD_AHEAD elements further on. A fused
+    /* Software prefetch for a fused stored loop: before each 64 elements, the
+       lines of every role FD_AHEAD elements further on. A fused
        loop keeps both the memory streams and the vector ports busy: with the
        hardware prefetchers alone, its arithmetic (the codecs beside the rule's
        divide and square root) fills the out-of-order window and the streams
@@ -92,22 +90,17 @@ cdef extern from *:
        are fine: a prefetch never faults. On x86 the prefetch is an asm
        statement: with __builtin_prefetch, gcc 12 left no prefetch at all in
        Adam's fused loops (seen in the object code; the cause not found). */
-    #define FD_STRIP 64
     #define FD_AHEAD 1024
-    /* Calls of fewer elements run their cache-resident loops without strips: in
-       cache the prefetches and the per-strip setup made the bfloat16 pass 15-20%
-       slower (65,536 and 10^6 elements, one thread). */
+    /* Calls of fewer elements run their cache-resident loops without prefetches:
+       in cache they made gcc's vectorized bfloat16 loop (in strips of 64) 15-20%
+       slower (65,536 and 10^6 elements, one thread); the intrinsics loop runs
+       alike with or without them there (65,536 to 2**22 elements, within 5%). */
     #define FD_PREFETCH_MIN ((ptrdiff_t)1 << 22)
     #if defined(__x86_64__) || defined(__i386__)
     #define fd_prefetch_line(address) __asm__ volatile("prefetcht0 (%0)" : : "r"(address))
     #else
     #define fd_prefetch_line(address) __builtin_prefetch((const void *)(address), 0, 3)
     #endif
-    static inline void fd_prefetch_strip(const void *row, ptrdiff_t i, int itemsize) {
-        uintptr_t at = (uintptr_t)row + (uintptr_t)((i + FD_AHEAD) * itemsize);
-        int k;
-        for (k = 0; k < FD_STRIP * itemsize; k += 64) fd_prefetch_line(at + (uintptr_t)k);
-    }
 
     /* Chris Wellons' lowbias32 (hash-prospector). */
     static inline uint32_t fd_lowbias32(uint32_t x) {
@@ -144,9 +137,9 @@ cdef extern from *:
         return random;
     }
 
-    /* ---- bfloat16 and float16. The per-element codecs are what every loop
-       calls, the block loops below and a rule's fused stored loop (adam.pxi):
-       integer operations and selects only, so that gcc vectorizes those loops. */
+    /* ---- bfloat16 and float16. The per-element codecs of the block loops
+       below (fd_v_bf16_* are their 16-lane twins): integer operations and
+       selects only, so that gcc vectorizes those loops. */
     static inline float fd_bf16_value(uint16_t half) { return fd_float((uint32_t)half << 16); }
 
     /* The bfloat16 bits of x plus `add` (the rounding) truncated; NaN stays a quiet
@@ -520,14 +513,18 @@ cdef extern from *:
         return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     }
 
+    /* The random bits of elements i .. i + 15 of a run (fd_random_bits). */
+    FD_V_INLINE __m512i fd_v_random_bits(fd_random random, ptrdiff_t i) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        return fd_v_lowbias32(_mm512_xor_si512(_mm512_add_epi32(_mm512_set1_epi32((int)(random.low + (uint32_t)i)), lanes),
+                                               _mm512_set1_epi32((int)random.mixed)));
+    }
+
     /* The rounding of elements i .. i + 15: half of the dropped bits, or the
        low bits of their random bits (fd_code_random). */
     FD_V_INLINE __m512i fd_v_rounding(fd_random random, int stochastic, int i) {
-        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         if (!stochastic) return _mm512_set1_epi32((int)fd_code_nearest());
-        return _mm512_and_si512(fd_v_lowbias32(_mm512_xor_si512(
-            _mm512_add_epi32(_mm512_set1_epi32((int)(random.low + (uint32_t)i)), lanes),
-            _mm512_set1_epi32((int)random.mixed))), _mm512_set1_epi32((1 << FD_CODE_DROPPED) - 1));
+        return _mm512_and_si512(fd_v_random_bits(random, i), _mm512_set1_epi32((1 << FD_CODE_DROPPED) - 1));
     }
 
     /* Store the codes on the lanes of c0 .. c3 (64 codes) at dst: each below 256,
@@ -599,12 +596,56 @@ cdef extern from *:
                                    fd_v_rounding(random, stochastic, i), is_signed, bias, tiny_up, nan_code));
         }
     }
+
+    /* ---- bfloat16, 16 lanes at a time: the codecs of a rule's fused bfloat16
+       loop (adam.pxi), fd_bf16_value and fd_bf16_rounded on 16 lanes. Not
+       vcvtneps2bf16: it flushes subnormals to zero. */
+
+    /* 16 bfloat16 words (`full`, or the lanes of k; zeros past them) in the low
+       half of a vector. */
+    FD_V_INLINE __m512i fd_v_bf16_words16(const uint16_t *src, __mmask16 k, int full) {
+        return full ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src)) : _mm512_maskz_loadu_epi16(k, src);
+    }
+
+    /* The float32 values of words 0 .. 15 (`high`: 16 .. 31) of 32 bfloat16 words:
+       each word moved to the top of its lane, zeros below (one permute). */
+    FD_V_INLINE __m512 fd_v_bf16_values(__m512i words, int high) {
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i index = _mm512_slli_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(16 * high)), 16);
+        return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, index, words));
+    }
+
+    /* x's bits plus the rounding (to nearest even, or the low half of the random
+       bits of elements i .. i + 15 of a run), the bfloat16 bits on top; a NaN's
+       bits with the quiet bit set instead (fpclass 0x81: quiet or signaling NaN). */
+    FD_V_INLINE __m512i fd_v_bf16_rounded(__m512 x, fd_random random, int stochastic, ptrdiff_t i) {
+        __m512i u = _mm512_castps_si512(x), add;
+        if (stochastic)
+            add = _mm512_and_si512(fd_v_random_bits(random, i), _mm512_set1_epi32(0xffff));
+        else
+            add = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+        return _mm512_mask_or_epi32(_mm512_add_epi32(u, add), _mm512_fpclass_ps_mask(x, 0x81), u, _mm512_set1_epi32(0x400000));
+    }
+
+    /* Store the bfloat16 bits of 16 rounded values (`full`, or the lanes of k). */
+    FD_V_INLINE void fd_v_bf16_store16(uint16_t *dst, __mmask16 k, int full, __m512i rounded) {
+        if (full) _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+        else _mm512_mask_cvtepi32_storeu_epi16(dst, k, _mm512_srli_epi32(rounded, 16));
+    }
+
+    /* Store those of 32: a's (elements 0 .. 15) and b's, interleaved by a word
+       blend and put in order by one permute (vpmovdw is two shuffles per 16). */
+    FD_V_INLINE void fd_v_bf16_store32(uint16_t *dst, __m512i a, __m512i b) {
+        const __m512i order = _mm512_setr_epi32(0x00020000, 0x00060004, 0x000a0008, 0x000e000c, 0x00120010, 0x00160014,
+                                                0x001a0018, 0x001e001c, 0x00030001, 0x00070005, 0x000b0009, 0x000f000d,
+                                                0x00130011, 0x00170015, 0x001b0019, 0x001f001d);
+        _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi16(order, _mm512_mask_blend_epi16(0xAAAAAAAA,
+                                                                                                 _mm512_srli_epi32(a, 16), b)));
+    }
     #endif
     """
     const bint FD_FUSED_STORED
-    const int FD_STRIP
     const Py_ssize_t FD_PREFETCH_MIN
-    void fd_prefetch_strip(const void* row, Py_ssize_t i, int itemsize) noexcept nogil
     void fd_set_pending_storage(void* s) noexcept nogil
     void* fd_take_pending_storage() noexcept nogil
     uint64_t fd_splitmix64(uint64_t x) noexcept nogil
@@ -619,12 +660,6 @@ cdef extern from *:
     void fd_uint8_load(const uint8_t* src, float* dst, int n, float scale) noexcept nogil
     float fd_int8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
     float fd_uint8_store(const float* src, uint8_t* dst, int n, fd_random random) noexcept nogil
-    # the per-element codecs and block encoders of a rule's fused stored loop
-    uint32_t fd_random_bits(fd_random random, uint32_t i) noexcept nogil
-    fd_random fd_random_from(fd_random random, uint32_t offset) noexcept nogil
-    float fd_bf16_value(uint16_t half) noexcept nogil
-    uint16_t fd_bf16_nearest(float x) noexcept nogil
-    uint16_t fd_bf16_random(float x, uint32_t bits) noexcept nogil
 
 
 cdef enum:
@@ -672,16 +707,8 @@ cdef struct StoredRun:
     int itemsizes[MAX_ROLES]    # bytes per element of each role's array (0: absent)
     bint stochastic             # the stored roles round stochastically (all alike)
     int n_roles
-    bint prefetch               # a large call: the loop runs in strips, prefetching (prefetch_strip)
+    bint prefetch               # a large call: the loop prefetches FD_AHEAD elements on
     Py_ssize_t n
-
-
-cdef inline void prefetch_strip(const StoredRun* run, Py_ssize_t i) noexcept nogil:
-    """Prefetch every role of ``run`` for the strip FD_AHEAD elements after element ``i``."""
-    cdef int r
-    for r in range(run.n_roles):
-        if run.itemsizes[r]:
-            fd_prefetch_strip(run.rows[r], i, run.itemsizes[r])
 
 
 # A rule's element loop over stored rows, with the decoding and encoding inside

@@ -121,6 +121,113 @@ cdef extern from *:
         return f->decoupled ? FD_ADAM_DECOUPLED : FD_ADAM_PLAIN;
     }
 
+    /* Adam's update of 16 lanes, the operations of adam_elements in its order:
+       the moments updated in place, the new parameters returned. */
+    FD_V_INLINE __m512 fd_adam16(__m512 x, __m512 grad, __m512 *mean, __m512 *sq, int kind, const fd_adam_vectors *f) {
+        __m512 d, diff;
+        if (kind == FD_ADAM_ANY ? f->decoupled : kind == FD_ADAM_DECOUPLED) x = _mm512_mul_ps(x, f->decay);
+        d = kind != FD_ADAM_ANY || f->unscaled ? grad : _mm512_mul_ps(f->scale, grad);
+        if (kind == FD_ADAM_ANY && f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(f->wd, x));
+        diff = _mm512_sub_ps(d, *mean);
+        *mean = kind == FD_ADAM_ANY && f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(f->w1_rest, diff))
+                                                   : _mm512_add_ps(*mean, _mm512_mul_ps(f->w1, diff));
+        *sq = _mm512_add_ps(_mm512_mul_ps(f->keep2, *sq), _mm512_mul_ps(_mm512_mul_ps(f->w2, d), d));
+        return _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(f->step_size, *mean),
+                                              _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(*sq), f->inv_bc2_sqrt), f->eps)));
+    }
+
+    /* Prefetch (a large call: see FD_PREFETCH_MIN) the lines of elements
+       i + FD_AHEAD .. i + FD_AHEAD + 63 of every role, the moments of
+       `moment_size` bytes each: a few every 64 elements (a burst of a whole
+       int8 block's was slower: it holds up the loop's own loads). */
+    FD_V_INLINE void fd_adam_prefetch64(const float *p, const float *g, const void *m, const void *v, ptrdiff_t i,
+                                        int moment_size) {
+        ptrdiff_t at = (i + FD_AHEAD) * moment_size;
+        int k;
+        for (k = 0; k < 64; k += 16) {
+            fd_prefetch_line(p + i + FD_AHEAD + k);
+            fd_prefetch_line(g + i + FD_AHEAD + k);
+        }
+        for (k = 0; k < 64 * moment_size; k += 64) {
+            fd_prefetch_line((const char *)m + at + k);
+            fd_prefetch_line((const char *)v + at + k);
+        }
+    }
+
+    /* Adam on elements i .. i + 15 with bfloat16 moments, words `high` (0: 0 .. 15,
+       1: 16 .. 31) of words_m and words_v: the parameters (`full`, or the lanes
+       of k) stored, the new moments rounded (fd_v_bf16_rounded: to nearest even,
+       or stochastically with the random bits of the elements' index in the run). */
+    FD_V_INLINE void fd_adam_bf16_16(float *p, const float *g, __m512i words_m, __m512i words_v, int high, ptrdiff_t i,
+                                     __mmask16 k, int full, int kind, const fd_adam_vectors *f, fd_random random_m,
+                                     fd_random random_v, int stochastic, __m512i *rounded_m, __m512i *rounded_v) {
+        __m512 x = full ? _mm512_loadu_ps(p + i) : _mm512_maskz_loadu_ps(k, p + i);
+        __m512 grad = full ? _mm512_loadu_ps(g + i) : _mm512_maskz_loadu_ps(k, g + i);
+        __m512 mean = fd_v_bf16_values(words_m, high), sq = fd_v_bf16_values(words_v, high);
+        x = fd_adam16(x, grad, &mean, &sq, kind, f);
+        *rounded_m = fd_v_bf16_rounded(mean, random_m, stochastic, i);
+        *rounded_v = fd_v_bf16_rounded(sq, random_v, stochastic, i);
+        if (full) _mm512_storeu_ps(p + i, x);
+        else _mm512_mask_storeu_ps(p + i, k, x);
+    }
+
+    FD_V_INLINE void fd_adam_bf16_32(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t i, int kind,
+                                     const fd_adam_vectors *f, fd_random random_m, fd_random random_v, int stochastic) {
+        __m512i words_m = _mm512_loadu_si512((const void *)(m + i)), words_v = _mm512_loadu_si512((const void *)(v + i));
+        __m512i m0, v0, m1, v1;
+        fd_adam_bf16_16(p, g, words_m, words_v, 0, i, 0xffff, 1, kind, f, random_m, random_v, stochastic, &m0, &v0);
+        fd_adam_bf16_16(p, g, words_m, words_v, 1, i + 16, 0xffff, 1, kind, f, random_m, random_v, stochastic, &m1, &v1);
+        fd_v_bf16_store32(m + i, m0, m1);
+        fd_v_bf16_store32(v + i, v0, v1);
+    }
+
+    /* Elements i .. i + 15 (`full`, or the lanes of k): a run's last ones. */
+    FD_V_INLINE void fd_adam_bf16_last(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t i, __mmask16 k,
+                                       int full, int kind, const fd_adam_vectors *f, fd_random random_m,
+                                       fd_random random_v, int stochastic) {
+        __m512i m0, v0;
+        fd_adam_bf16_16(p, g, fd_v_bf16_words16(m + i, k, full), fd_v_bf16_words16(v + i, k, full), 0, i, k, full, kind,
+                        f, random_m, random_v, stochastic, &m0, &v0);
+        fd_v_bf16_store16(m + i, k, full, m0);
+        fd_v_bf16_store16(v + i, k, full, v0);
+    }
+
+    /* Adam on a run of n elements with bfloat16 moments: 64 per step (with the
+       prefetches of a large call), then 16 at a time, the last ones masked. */
+    FD_V_INLINE void fd_adam_bf16_run(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n,
+                                      const fd_adam_vectors *f, int kind, fd_random random_m, fd_random random_v,
+                                      int stochastic, int prefetch) {
+        ptrdiff_t i;
+        for (i = 0; i + 64 <= n; i += 64) {
+            if (prefetch) fd_adam_prefetch64(p, g, m, v, i, 2);
+            fd_adam_bf16_32(p, g, m, v, i, kind, f, random_m, random_v, stochastic);
+            fd_adam_bf16_32(p, g, m, v, i + 32, kind, f, random_m, random_v, stochastic);
+        }
+        for (; i + 16 <= n; i += 16)
+            fd_adam_bf16_last(p, g, m, v, i, 0xffff, 1, kind, f, random_m, random_v, stochastic);
+        if (i < n)
+            fd_adam_bf16_last(p, g, m, v, i, (__mmask16)((1U << (n - i)) - 1U), 0, kind, f, random_m, random_v, stochastic);
+    }
+
+    FD_V_INLINE void fd_adam_bf16_kinds(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n,
+                                        const fd_adam_vectors *f, fd_random random_m, fd_random random_v, int stochastic,
+                                        int prefetch) {
+        if (fd_adam_kind(f) == FD_ADAM_PLAIN)
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_PLAIN, random_m, random_v, stochastic, prefetch);
+        else if (fd_adam_kind(f) == FD_ADAM_DECOUPLED)
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_DECOUPLED, random_m, random_v, stochastic, prefetch);
+        else
+            fd_adam_bf16_run(p, g, m, v, n, f, FD_ADAM_ANY, random_m, random_v, stochastic, prefetch);
+    }
+
+    static void fd_adam_bf16(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n, fd_adam_floats floats,
+                             fd_random random_m, fd_random random_v, int prefetch) {
+        const fd_adam_vectors f = fd_adam_vectors_of(&floats);
+        /* both moments round alike (fused_loop_for) */
+        if (random_m.stochastic) fd_adam_bf16_kinds(p, g, m, v, n, &f, random_m, random_v, 1, prefetch);
+        else fd_adam_bf16_kinds(p, g, m, v, n, &f, random_m, random_v, 0, prefetch);
+    }
+
     /* Adam's element loop on 16 lanes with an int8 first and a uint8 second
        moment (fd_adam_codes): decode, update (the operations of adam_elements,
        in its order), the parameters stored, the new moments kept in the block's
@@ -135,14 +242,8 @@ cdef extern from *:
         __m512 grad = full ? _mm512_loadu_ps(g) : _mm512_maskz_loadu_ps(k, g);
         __m512 mean = fd_v_code_values(fd_v_codes(m, k, full, 1), plain, factor_m, scale_m, 1, 112);
         __m512 sq = fd_v_code_values(fd_v_codes(v, k, full, 0), plain, factor_v, scale_v, 0, 96);
-        __m512 d, diff;
         __m512i magnitude_m, bits_v;
-        if (kind == FD_ADAM_ANY ? f->decoupled : kind == FD_ADAM_DECOUPLED) x = _mm512_mul_ps(x, f->decay);
-        d = kind != FD_ADAM_ANY || f->unscaled ? grad : _mm512_mul_ps(f->scale, grad);
-        if (kind == FD_ADAM_ANY && f->has_wd) d = _mm512_add_ps(d, _mm512_mul_ps(f->wd, x));
-        diff = _mm512_sub_ps(d, mean);
-        mean = kind == FD_ADAM_ANY && f->from_end ? _mm512_sub_ps(d, _mm512_mul_ps(f->w1_rest, diff)) : _mm512_add_ps(mean, _mm512_mul_ps(f->w1, diff));
-        sq = _mm512_add_ps(_mm512_mul_ps(f->keep2, sq), _mm512_mul_ps(_mm512_mul_ps(f->w2, d), d));
+        x = fd_adam16(x, grad, &mean, &sq, kind, f);
         magnitude_m = _mm512_and_si512(_mm512_castps_si512(mean), _mm512_set1_epi32(0x7fffffff));
         bits_v = _mm512_castps_si512(sq);
         if (!full) {
@@ -153,8 +254,6 @@ cdef extern from *:
         fd_v_track(range_v, bits_v);
         _mm512_store_ps(row_m, mean);
         _mm512_store_ps(row_v, sq);
-        x = _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(f->step_size, mean),
-                                           _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(sq), f->inv_bc2_sqrt), f->eps)));
         if (full) _mm512_storeu_ps(p, x);
         else _mm512_mask_storeu_ps(p, k, x);
     }
@@ -177,19 +276,6 @@ cdef extern from *:
         fd_random random_m, random_v;
     } fd_adam_pending;
 
-    /* Prefetch (a large call: see fd_prefetch_strip) the lines of elements
-       i + FD_AHEAD .. i + FD_AHEAD + 63 of every role: a few every 64 elements (a
-       burst of a whole block's was slower: it holds up the loop's own loads). */
-    FD_V_INLINE void fd_adam_prefetch64(const float *p, const float *g, const uint8_t *m, const uint8_t *v, int i) {
-        int k;
-        for (k = 0; k < 64; k += 16) {
-            fd_prefetch_line(p + i + FD_AHEAD + k);
-            fd_prefetch_line(g + i + FD_AHEAD + k);
-        }
-        fd_prefetch_line(m + i + FD_AHEAD);
-        fd_prefetch_line(v + i + FD_AHEAD);
-    }
-
     /* The elements of one block of `count` (fd_adam_codes16 on each 16); with
        `encode` (a whole block), the 64 codes of each moment of `pending` beside
        each 64 elements. */
@@ -203,7 +289,7 @@ cdef extern from *:
         rows->range_m = fd_v_range_start();
         rows->range_v = fd_v_range_start();
         for (i = 0; i + 64 <= count; i += 64) {
-            if (prefetch) fd_adam_prefetch64(p, g, m, v, i);
+            if (prefetch) fd_adam_prefetch64(p, g, m, v, i, 1);
             for (j = i; j < i + 64; j += 16)
                 fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
                                 vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
@@ -308,6 +394,10 @@ cdef extern from *:
     #else
     #include <stdlib.h>
     /* Never registered (FD_FUSED_STORED is 0 without AVX-512). */
+    static void fd_adam_bf16(float *p, const float *g, uint16_t *m, uint16_t *v, ptrdiff_t n, fd_adam_floats floats,
+                             fd_random random_m, fd_random random_v, int prefetch) {
+        abort();
+    }
     static void fd_adam_codes(float *p, const float *g, uint8_t *m, uint8_t *v, float *scales_m, float *scales_v,
                               ptrdiff_t n, fd_adam_floats f, fd_random random_m, fd_random random_v, int prefetch) {
         abort();
@@ -317,6 +407,8 @@ cdef extern from *:
     ctypedef struct AdamFloats "fd_adam_floats":
         float step_size, inv_bc2_sqrt, eps, scale, wd, decay, w1, w1_rest, keep2, w2
         bint from_end, decoupled, has_wd
+    void fd_adam_bf16(float* p, const float* g, uint16_t* m, uint16_t* v, Py_ssize_t n, AdamFloats f,
+                      fd_random random_m, fd_random random_v, bint prefetch) noexcept nogil
     void fd_adam_codes(float* p, const float* g, uint8_t* m, uint8_t* v, float* scales_m, float* scales_v,
                        Py_ssize_t n, AdamFloats f, fd_random random_m, fd_random random_v, bint prefetch) noexcept nogil
 
@@ -343,76 +435,13 @@ cdef inline AdamFloats adam_floats(const AdamArgs* a) noexcept nogil:
 # Adam on float32 parameters and gradients with both moments stored, decoded and
 # encoded inside the element loop (register_fused_loop, _storage.pxi): the same
 # operations as decoding into float32, adam_elements and encoding, so the same
-# bits. One function per storage (gcc 12 vectorizes neither bfloat16 loop when
-# they share a function with the int8 one).
-
-cdef inline void adam_bf16_elements(float* p, const float* g, uint16_t* m, uint16_t* v, Py_ssize_t n,
-                                    AdamFloats f) noexcept nogil:
-    """n elements, bfloat16 moments rounded to nearest even."""
-    cdef float x, mean, sq
-    cdef Py_ssize_t i
-    for i in range(n):
-        x = p[i]
-        if f.decoupled:
-            x = x * f.decay
-        mean = fd_bf16_value(m[i])
-        sq = fd_bf16_value(v[i])
-        adam_moments(x, g[i], &mean, &sq, f.scale, f.wd, f.has_wd, f.w1, f.w1_rest, f.from_end, f.keep2, f.w2)
-        m[i] = fd_bf16_nearest(mean)
-        v[i] = fd_bf16_nearest(sq)
-        p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-
-
-cdef inline void adam_bf16_random_elements(float* p, const float* g, uint16_t* m, uint16_t* v, Py_ssize_t n,
-                                           AdamFloats f, fd_random random_m, fd_random random_v) noexcept nogil:
-    """n elements, bfloat16 moments rounded stochastically (random bits from the first)."""
-    cdef float x, mean, sq
-    cdef Py_ssize_t i
-    for i in range(n):
-        x = p[i]
-        if f.decoupled:
-            x = x * f.decay
-        mean = fd_bf16_value(m[i])
-        sq = fd_bf16_value(v[i])
-        adam_moments(x, g[i], &mean, &sq, f.scale, f.wd, f.has_wd, f.w1, f.w1_rest, f.from_end, f.keep2, f.w2)
-        m[i] = fd_bf16_random(mean, fd_random_bits(random_m, <uint32_t>i))
-        v[i] = fd_bf16_random(sq, fd_random_bits(random_v, <uint32_t>i))
-        p[i] = adam_descent(x, mean, sq, f.step_size, f.inv_bc2_sqrt, f.eps)
-
-
-# The bfloat16 loops run in strips of FD_STRIP elements, each after prefetching
-# the strip FD_AHEAD elements on (_storage.pxi: the streams would otherwise wait
-# behind the arithmetic).
+# bits.
 
 cdef void adam_stored_bf16(const StoredRun* run, const void* args) noexcept nogil:
-    """bfloat16 moments, rounded to nearest even."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint16_t* m = <uint16_t*>run.rows[2]
-    cdef uint16_t* v = <uint16_t*>run.rows[3]
-    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
-    while s < run.n:   # one call site: gcc vectorized neither copy of the loop when there were two
-        if run.prefetch:
-            prefetch_strip(run, s)
-        adam_bf16_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f)
-        s += strip
-
-
-cdef void adam_stored_bf16_random(const StoredRun* run, const void* args) noexcept nogil:
-    """bfloat16 moments, rounded stochastically."""
-    cdef AdamFloats f = adam_floats(<const AdamArgs*>args)
-    cdef float* p = <float*>run.rows[0]
-    cdef const float* g = <const float*>run.rows[1]
-    cdef uint16_t* m = <uint16_t*>run.rows[2]
-    cdef uint16_t* v = <uint16_t*>run.rows[3]
-    cdef Py_ssize_t s = 0, strip = FD_STRIP if run.prefetch else run.n
-    while s < run.n:
-        if run.prefetch:
-            prefetch_strip(run, s)
-        adam_bf16_random_elements(p + s, g + s, m + s, v + s, min(strip, run.n - s), f,
-                                  fd_random_from(run.random[2], <uint32_t>s), fd_random_from(run.random[3], <uint32_t>s))
-        s += strip
+    """bfloat16 moments, rounded to nearest even or stochastically (fd_adam_bf16,
+    AVX-512 intrinsics)."""
+    fd_adam_bf16(<float*>run.rows[0], <const float*>run.rows[1], <uint16_t*>run.rows[2], <uint16_t*>run.rows[3],
+                 run.n, adam_floats(<const AdamArgs*>args), run.random[2], run.random[3], run.prefetch)
 
 
 cdef void adam_stored_codes(const StoredRun* run, const void* args) noexcept nogil:
@@ -471,7 +500,7 @@ def adam(list params not None, list grads not None, list exp_avg not None, list 
 
 if FD_FUSED_STORED:
     # exp_avg (role 2) and exp_avg_sq (role 3, non-negative: uint8 codes)
-    register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), 1 << 3, adam_stored_bf16, adam_stored_bf16_random,
+    register_fused_loop(adam_segment_f32, (1 << 2) | (1 << 3), 1 << 3, adam_stored_bf16, adam_stored_bf16,
                         adam_stored_codes)
 
 
