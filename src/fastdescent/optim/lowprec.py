@@ -4,7 +4,9 @@ bfloat16 and float16 parameters, with or without a float32 master copy.
 :class:`LowPrecision` is the part of :class:`~fastdescent.optim.Optimizer` that
 decides how each bucket's arrays are stored (:class:`fastdescent.precision.Storage`)
 and hands the kernel their formats, so that the step itself stays one call of the
-rule's kernel per bucket (``RuleSpec.run``).
+rule's kernel per bucket: a :class:`~fastdescent._runtime.StoredCall`, made once per
+state and taken by the general step and the C step plan alike, whose gradients
+``WrittenBuffers.check_stored_grads`` checks.
 
 State layout per parameter (PyTorch's names for the rule's buffers):
 
