@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastdescent as fd
-from fastdescent import precision
+from fastdescent import _runtime, precision
 from fastdescent.optim import optimizer_class
 from fastdescent.rules import SPECS
 from fastdescent.rules._spec import Buffer
@@ -416,6 +416,26 @@ def test_a_bad_input_after_cached_steps_raises_before_any_write(mode):
         assert_same(a, b, "param")
     for (i, k, a), (_, _, b) in zip(state_arrays(opt), state_arrays(fresh)):
         assert_same(a, b, f"state[{i}][{k!r}]")
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**64 - 1])
+def test_a_stored_call_derives_the_reference_stochastic_keys(seed):
+    """A StoredCall derives stochastic rounding's keys in C for each step number:
+    those of ``precision.formats`` (``stream_key``), for every stored role."""
+    rng = np.random.default_rng(8)
+    params = arrays(rng, BF, [(7,), (3,)])
+    buffers = {"exp_avg": arrays(rng, np.uint16, [(7,), (3,)]), "exp_avg_sq": arrays(rng, np.uint8, [(7,), (3,)])}
+    scales = {"exp_avg_sq": [np.ones(1, np.float32), np.ones(1, np.float32)]}
+    kernel_params, roles = precision.stored_roles(SPECS["adam"], [p.view(np.uint16) for p in params], buffers,
+                                                  None, scales)
+    storage = precision.Storage.of("int8", "stochastic", seed)
+    call = _runtime.StoredCall(kernel_params, (buffers["exp_avg"], buffers["exp_avg_sq"], None), roles, (0, 1),
+                               precision.BF16, storage, precision.formats, "")
+    for step in (1, 2, 2, 1000, 2**63 - 2):
+        made, expected = call.formats_at(step), precision.formats(storage, step, roles)
+        assert [entry[0] for entry in made] == [entry[0] for entry in expected]  # (the very lists)
+        assert [entry[6] for entry in made] == [entry[6] for entry in expected]
+        assert len([entry for entry in made if entry[6] is not None]) == 3  # the parameters and both moments
 
 
 def test_clipping_needs_float32_gradients():

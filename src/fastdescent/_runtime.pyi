@@ -117,6 +117,7 @@ class StoredCall:
         self, params: list[Any], buffers: tuple[list[Any] | None, ...], roles: list[tuple[Any, ...]], ids: Any,
         grad_kind: int, storage: Any, formats: Callable[..., Any], where: str, grads: list[Any] | None = None,
     ) -> None: ...
+    def formats_at(self, step: object) -> list[tuple[Any, ...]]: ...
     def call(
         self, kernels: Any, invoke: KernelCall, grads: list[Any] | None, constants: tuple[object, ...],
         varying: tuple[object, ...], n_threads: int, step: object,

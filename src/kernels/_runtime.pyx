@@ -1365,6 +1365,22 @@ cdef class CallDefaults:
         return self.load(name)
 
 
+cdef extern from *:
+    """
+    /* SplitMix64's finalizer: fastdescent.precision.splitmix64, which defines the
+       keys of stochastic rounding (the kernels' fd_splitmix64 is the same). */
+    static inline unsigned long long fd_key_mix(unsigned long long x) {
+        unsigned long long z = x + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    """
+    unsigned long long fd_key_mix(unsigned long long x) noexcept nogil
+
+from cpython.long cimport PyLong_AsUnsignedLongLongMask, PyLong_FromUnsignedLongLong
+
+
 @cython.auto_pickle(False)
 cdef class StoredCall:
     """The kernel call of one low-precision bucket of an optimizer (bfloat16 or int8
@@ -1375,15 +1391,16 @@ cdef class StoredCall:
     It keeps what depends only on the state: the arrays of each role as the
     kernel takes them (``params``: the masters, the parameters or their uint16
     bits; ``buffers``: one list or None per declared buffer, bfloat16 as uint16
-    bits), ``roles``, the stored ones with their formats (``fastdescent.precision.
-    stored_roles``), the ``formats`` the backend's ``stored`` takes
-    (``formats(storage, step, roles)``, made once, or once per step number with
-    stochastic rounding, whose keys depend on it), the tensors' ``ids`` (their
-    rounding keys), a flat arena's gradients (``grads``), ``grad_kind``, the
-    storage kind of gradients of the parameters' dtype (float32 ones are plain),
-    and ``where``, the bucket as errors about its gradients name it.
-    The gradients :meth:`call` gets are checked already
-    (:meth:`WrittenBuffers.check_stored_grads`).
+    bits), the formats the backend's ``stored`` takes for the stored ``roles``
+    (``fastdescent.precision.stored_roles``), made once by ``formats(storage,
+    step, roles)``, the tensors' ``ids`` (their rounding keys), a flat arena's
+    gradients (``grads``), ``grad_kind``, the storage kind of gradients of the
+    parameters' dtype (float32 ones are plain), and ``where``, the bucket as
+    errors about its gradients name it. With stochastic rounding the keys of
+    those formats depend on the step number: :meth:`formats_at` derives them
+    again in C for each new step, as ``fastdescent.precision.stream_key`` does (in
+    Python that took as long as the rest of a small step). The gradients
+    :meth:`call` gets are checked already (:meth:`WrittenBuffers.check_stored_grads`).
     """
 
     cdef readonly list params, grads
@@ -1391,29 +1408,48 @@ cdef class StoredCall:
     cdef readonly object ids
     cdef readonly str where      # the bucket, as errors about its gradients name it
     cdef int grad_kind
-    cdef bint stochastic
-    cdef object roles, storage, formats
-    cdef tuple last              # (step, formats(storage, step, roles)) of the last call
+    cdef list fixed              # the formats (their keys for step 0 where they have one)
+    cdef list keyed, streams     # the positions in fixed of the entries with a key, and their streams
+    cdef unsigned long long seed_key
+    cdef tuple last              # (step, formats) of the last step number, if keyed
 
     def __init__(self, list params, tuple buffers, list roles, ids, int grad_kind, storage, formats, str where,
                  list grads=None):
-        self.params, self.buffers, self.roles, self.ids, self.grad_kind = params, buffers, roles, ids, grad_kind
-        self.where = where
-        self.storage, self.formats, self.grads, self.stochastic = storage, formats, grads, storage.stochastic
-        self.last = None
+        self.params, self.buffers, self.ids, self.grad_kind = params, buffers, ids, grad_kind
+        self.where, self.grads, self.last = where, grads, None
+        self.fixed = list(formats(storage, 0, roles))
+        self.keyed = [i for i, entry in enumerate(self.fixed) if entry[6] is not None]
+        self.streams = [roles[i][6] for i in self.keyed]
+        if self.keyed:
+            self.seed_key = fd_key_mix(PyLong_AsUnsignedLongLongMask(storage.seed))
+
+    cpdef list formats_at(self, object step):
+        """The formats for step number ``step`` (an int)."""
+        cdef tuple last = self.last, entry
+        cdef list out
+        cdef unsigned long long base
+        cdef Py_ssize_t k
+        if not self.keyed:
+            return self.fixed
+        if last is not None and type(step) is int and type(last[0]) is int and step == last[0]:
+            return last[1]
+        base = fd_key_mix(self.seed_key ^ PyLong_AsUnsignedLongLongMask(step))
+        out = list(self.fixed)
+        for k in range(len(self.keyed)):
+            entry = out[self.keyed[k]]
+            out[self.keyed[k]] = (entry[0], entry[1], entry[2], entry[3], entry[4], entry[5],
+                                  PyLong_FromUnsignedLongLong(
+                                      fd_key_mix(base ^ PyLong_AsUnsignedLongLongMask(self.streams[k]))))
+        self.last = (step, out)
+        return out
 
     def call(self, kernels, KernelCall invoke, list grads, tuple constants, tuple varying, int n_threads, step):
         """Call ``kernels``' ``stored`` (kernel or reference backend) for step number
         ``step`` on ``grads`` (checked; None: a flat arena's own) with ``invoke``'s
         kernel and scalars (``constants``, ``varying``: as for :class:`KernelCall`)."""
-        cdef tuple last = self.last
-        cdef list formats
+        cdef list formats = self.formats_at(step)
         if grads is None:
             grads = self.grads
-        if last is None or (self.stochastic and (type(step) is not int or type(last[0]) is not int
-                                                 or step != last[0])):
-            last = self.last = (step, self.formats(self.storage, step, self.roles))
-        formats = last[1]
         if grads and self.grad_kind != 0 and cnp.PyArray_TYPE(<cnp.ndarray?>grads[0]) != cnp.NPY_FLOAT32:
             formats = formats + [(grads, self.grad_kind, None, None, 0, False, None)]
         if not formats:  # (float64 state of float64 parameters)
