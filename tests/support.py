@@ -32,6 +32,17 @@ def assert_unchanged(arrays, before):
             assert np.array_equal(a, b, equal_nan=True), "an array was modified"
 
 
+def take_step(opt, grads):
+    """``opt.step(grads)``, or for a flat optimizer the step on ``grads`` copied into
+    its gradient views; asserts that the step updated the parameters."""
+    if opt.flat:
+        for view, grad in zip(opt.grads, grads):
+            view[...] = grad
+        assert opt.step()
+    else:
+        assert opt.step(grads)
+
+
 def assert_bitwise_equal(actual, expected, name=""):
     """Equal bit for bit (so -0.0 != 0.0 and NaN payloads must match)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name

@@ -141,6 +141,22 @@ def test_size_arg_rejects(text):
         size_arg(text)
 
 
+def test_steps_case_takes_the_state_dtype_axis(tmp_path, capsys):
+    """``--cases steps --state-dtypes``: a table per state dtype; the face (and the
+    flat arena of int8 blocks) are left out there, with the reason."""
+    result = run_bench(tmp_path, "--cases", "steps", "--steps-shapes", "2x300", "--steps-rules", "adam",
+                       "--state-dtypes", "native", "int8")
+    tables = capsys.readouterr().out
+    assert "per-step cost, adam float32, 1 thread(s)" in tables
+    assert "per-step cost, adam float32 with int8 state (torch fused: float32), 1 thread(s)" in tables
+    records = {(r["state_dtype"], r["method"]): r for r in result["steps"]["records"]}
+    assert {state for state, _ in records} == {None, "int8"}
+    for method in ("face", "optimizer", "optimizer-flat"):
+        assert "seconds" in records[None, method]
+    assert "seconds" in records["int8", "optimizer"]
+    assert "unavailable" in records["int8", "face"] and "unavailable" in records["int8", "optimizer-flat"]
+
+
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not available"):
         main(["bench", *TINY, "--variants", "sse9"])

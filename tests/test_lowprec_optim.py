@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import fastdescent as fd
-from fastdescent import precision
+from fastdescent import _runtime, precision
 from fastdescent.optim import optimizer_class
 from fastdescent.rules import SPECS
 from fastdescent.rules._spec import Buffer
 from rule_cases import EXAMPLES
+from support import take_step
 from test_lowprec import assert_same, richest_storable
 
 BF = np.dtype(ml_dtypes.bfloat16)
@@ -310,17 +311,21 @@ def test_a_bad_step_writes_nothing():
         opt.step([np.ones((4, 5), BF)])
 
 
+@pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("mode", ["f32-int8state", "bf16-master-int8state-stochastic", "bf16-direct"])
-def test_a_gradient_sharing_memory_with_any_written_array_is_refused(mode):
+def test_a_gradient_sharing_memory_with_any_written_array_is_refused(mode, steps):
     """The cross-tensor aliasing check of the step path covers low-precision buckets:
     a gradient viewing a parameter, a state buffer, an int8 block scale or a
-    master copy is refused before anything is written."""
+    master copy is refused before anything is written, on the general path (after
+    the step that created the state) and on the plan's."""
     param_dtype, grad_dtype, options = MODES[mode]
     rng = np.random.default_rng(4)
     params = arrays(rng, param_dtype, [(300,), (1,)])
     opt = fd.Adam(params, lr=0.01, **options)
     grads = arrays(rng, grad_dtype, [(300,), (1,)])
-    opt.step(grads)
+    for _ in range(steps):
+        opt.step(grads)
+    assert (opt._plan is not None) == (steps > 1)
     before = [(i, k, v.copy()) for i, k, v in state_arrays(opt)], [p.copy() for p in params]
     written = [(i, k, v) for i, k, v in state_arrays(opt)] + [(i, "param", p) for i, p in enumerate(params)]
     assert {"exp_avg", "param"} <= {k for _, k, _ in written}
@@ -337,20 +342,100 @@ def test_a_gradient_sharing_memory_with_any_written_array_is_refused(mode):
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_low_precision_steps_take_the_python_path(mode):
-    """Low-precision buckets never get a StepPlan (the C plan takes float buckets
-    only); float32 optimizers keep theirs."""
+def test_plan_steps_equal_general_steps(mode, flat):
+    """Low-precision buckets take the cached C step plan, as float ones do, and it
+    gives the general path's bits: one optimizer keeps its plan, the other is
+    sent the general way at every step (its plan dropped)."""
     param_dtype, grad_dtype, options = MODES[mode]
+    if flat and "int8" in mode:
+        pytest.skip("int8 blocks are per parameter: no flat arena")
     rng = np.random.default_rng(5)
-    opt = fd.Adam(arrays(rng, param_dtype, [(50,)]), lr=0.01, **options)
+    shapes = [(50,), (3, 7), (0,)]
+    params = arrays(rng, param_dtype, shapes)
+    grad_steps = [arrays(rng, grad_dtype, shapes) for _ in range(4)]
+    steady, general = (fd.Adam([p.copy() for p in params], lr=0.01, **options, flat=flat) for _ in range(2))
+    for t, grads in enumerate(grad_steps):
+        general._plan = None
+        for opt in (steady, general):
+            take_step(opt, grads)
+        assert steady._plan is not None or t == 0  # (the first step creates the state)
+    for a, b in zip(steady.params, general.params):
+        assert_same(a, b, "param")
+    assert [(i, k) for i, k, _ in state_arrays(steady)] == [(i, k) for i, k, _ in state_arrays(general)]
+    for (i, k, a), (_, _, b) in zip(state_arrays(steady), state_arrays(general)):
+        assert_same(a, b, f"state[{i}][{k!r}]")
+
+
+@pytest.mark.parametrize("mode", ["f32-int8state", "bf16-master-bf16grads", "bf16-direct", "f16-master"])
+def test_a_bad_input_after_cached_steps_raises_before_any_write(mode):
+    """The plan caches what stays between steps, never the checks: after steps on
+    the plan, a gradient of another dtype, of mixed dtypes, shape or layout, not
+    an array, or sharing memory with another tensor's state, and a parameter made
+    read-only, each raise before any write; then the plan steps on as if they had
+    not been tried."""
+    param_dtype, grad_dtype, options = MODES[mode]
+    rng = np.random.default_rng(6)
+    shapes = [(300,), (4, 5)]
+    params = arrays(rng, param_dtype, shapes)
+    twin = [p.copy() for p in params]
+    opt, fresh = fd.Adam(params, lr=0.01, **options), fd.Adam(twin, lr=0.01, **options)
+    good = arrays(rng, grad_dtype, shapes)
+    for _ in range(2):
+        opt.step(good)
+    plan = opt._plan
+    assert plan is not None
+    state = opt.state[0]["exp_avg_sq"].reshape(-1).view(np.uint8)
+    bad = [([good[0], good[1].astype(np.float64)], TypeError, "gradients are"),
+           ([good[0], good[1].reshape(5, 4)], ValueError, "shape"),
+           ([good[0], np.asfortranarray(good[1])], ValueError, "C-contiguous"),
+           ([good[0], good[1].tolist()], TypeError, "numpy.ndarray"),
+           ([good[0], state[:good[1].nbytes].view(grad_dtype).reshape(4, 5)], ValueError,
+            r"grads\[1\] shares memory with state\[0\]\['exp_avg_sq'\]")]
+    if param_dtype != np.float32:  # the other dtype these parameters' gradients may have
+        other = np.float32 if grad_dtype != np.float32 else param_dtype
+        bad.append(([good[0], good[1].astype(other)], TypeError, "one dtype per call"))
+    before = [p.copy() for p in params], [(i, k, v.copy()) for i, k, v in state_arrays(opt)]
+    for grads, error, match in bad:
+        with pytest.raises(error, match=match):
+            opt.step(grads)
+        assert opt._plan is plan
+    params[1].flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[1\] was changed in place"):
+        opt.step(good)
+    params[1].flags.writeable = True
+    for a, b in zip(params, before[0]):
+        assert_same(a, b, "param")
+    for (i, k, a), (_, _, b) in zip(state_arrays(opt), before[1]):
+        assert_same(a, b, f"state[{i}][{k!r}]")
+    opt.step(good)
     for _ in range(3):
-        opt.step(arrays(rng, grad_dtype, [(50,)]))
-    assert opt._plan is None
-    plain = fd.Adam(arrays(rng, np.float32, [(50,)]), lr=0.01)
-    for _ in range(3):
-        plain.step(arrays(rng, np.float32, [(50,)]))
-    assert plain._plan is not None
+        fresh.step(good)
+    for a, b in zip(params, twin):
+        assert_same(a, b, "param")
+    for (i, k, a), (_, _, b) in zip(state_arrays(opt), state_arrays(fresh)):
+        assert_same(a, b, f"state[{i}][{k!r}]")
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**64 - 1])
+def test_a_stored_call_derives_the_reference_stochastic_keys(seed):
+    """A StoredCall derives stochastic rounding's keys in C for each step number:
+    those of ``precision.formats`` (``stream_key``), for every stored role."""
+    rng = np.random.default_rng(8)
+    params = arrays(rng, BF, [(7,), (3,)])
+    buffers = {"exp_avg": arrays(rng, np.uint16, [(7,), (3,)]), "exp_avg_sq": arrays(rng, np.uint8, [(7,), (3,)])}
+    scales = {"exp_avg_sq": [np.ones(1, np.float32), np.ones(1, np.float32)]}
+    kernel_params, roles = precision.stored_roles(SPECS["adam"], [p.view(np.uint16) for p in params], buffers,
+                                                  None, scales)
+    storage = precision.Storage.of("int8", "stochastic", seed)
+    call = _runtime.StoredCall(kernel_params, (buffers["exp_avg"], buffers["exp_avg_sq"], None), roles, (0, 1),
+                               precision.BF16, storage, precision.formats, "")
+    for step in (1, 2, 2, 1000, 2**63 - 2):
+        made, expected = call.formats_at(step), precision.formats(storage, step, roles)
+        assert [entry[0] for entry in made] == [entry[0] for entry in expected]  # (the very lists)
+        assert [entry[6] for entry in made] == [entry[6] for entry in expected]
+        assert len([entry for entry in made if entry[6] is not None]) == 3  # the parameters and both moments
 
 
 def test_clipping_needs_float32_gradients():

@@ -106,6 +106,40 @@ def test_channels_last_and_gapped_parameters(mode):
         assert np.array_equal(bits(actual), a.view(np.uint8)), f"param {k}"
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_plan_steps_equal_general_steps(mode):
+    """Low-precision buckets take the C step plan (through a StoredCall per bucket)
+    from the second step on, with the general way's bits (the other optimizer's plan
+    is dropped before each step); after cached steps a gradient the plan cannot take
+    as it is (sparse, or its own parameter) still raises, with nothing written."""
+    dtype, options = MODES[mode]
+    models = [mlp(dtype), mlp(dtype)]
+    opts = [fdt.Adam(m.parameters(), **CLASSES["Adam"], **options) for m in models]
+    for x, y in batches((10,), steps=4, dtype=dtype):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss_fn(model, x, y).float().backward()
+        opts[1].__dict__["_fd_step_plan"] = None
+        for opt in opts:
+            opt.step()
+    steady, general = opts
+    assert steady.__dict__.get("_fd_step_plan") is not None
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert np.array_equal(bits(p), bits(q))
+        assert steady.state[p].keys() == general.state[q].keys()
+        for key, value in steady.state[p].items():
+            assert np.array_equal(bits(value), bits(general.state[q][key])), key
+    p = next(models[0].parameters())
+    before = [bits(p).copy()] + [bits(v).copy() for v in steady.state[p].values()]
+    for grad, error, match in [(p.detach(), ValueError, "shares memory"),
+                               (torch.zeros_like(p).to_sparse(), TypeError, "sparse")]:
+        p.grad = grad
+        with pytest.raises(error, match=match):
+            steady.step()
+    after = [bits(p)] + [bits(v) for v in steady.state[p].values()]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
 @pytest.mark.parametrize("mode", ["f32-int8-stochastic", "bf16-master-int8", "bf16-stochastic"])
 def test_step_in_backward_equals_step(mode):
     """Per-parameter updates from the backward hooks draw the same random bits

@@ -42,6 +42,9 @@ class WrittenBuffers:
         param_offset: int,
         group: int = -1,
     ) -> None: ...
+    def check_stored_grads(
+        self, params: list[Any], grads: Sequence[Any], positions: list[int], offset: int, group: int, where: str,
+    ) -> list[Any]: ...
 
 def immutable(value: object) -> bool: ...
 
@@ -99,15 +102,38 @@ class CallDefaults:
     def backend(self, backend: object = None) -> Any: ...
 
 @disjoint_base
+class StoredCall:
+    @property
+    def params(self) -> list[Any]: ...
+    @property
+    def grads(self) -> list[Any] | None: ...
+    @property
+    def buffers(self) -> tuple[list[Any] | None, ...]: ...
+    @property
+    def ids(self) -> Any: ...
+    @property
+    def where(self) -> str: ...
+    def __init__(
+        self, params: list[Any], buffers: tuple[list[Any] | None, ...], roles: list[tuple[Any, ...]], ids: Any,
+        grad_kind: int, storage: Any, formats: Callable[..., Any], where: str, grads: list[Any] | None = None,
+    ) -> None: ...
+    def formats_at(self, step: object) -> list[tuple[Any, ...]]: ...
+    def call(
+        self, kernels: Any, invoke: KernelCall, grads: list[Any] | None, constants: tuple[object, ...],
+        varying: tuple[object, ...], n_threads: int, step: object,
+    ) -> None: ...
+
+@disjoint_base
 class BucketPlan:
     params: list[FloatArray]
     positions: list[int]
     grads: list[FloatArray] | None
     buffers: tuple[list[FloatArray] | None, ...]
     span: slice | None
+    stored: StoredCall | None
     def __init__(
         self, params: list[FloatArray], buffers: tuple[list[FloatArray] | None, ...], positions: list[int],
-        span: slice | None, grads: list[FloatArray] | None = None,
+        span: slice | None, grads: list[FloatArray] | None = None, stored: StoredCall | None = None,
     ) -> None: ...
 
 @disjoint_base

@@ -531,20 +531,28 @@ def kernel_call(storage, spec, step, params, grads, buffers, masters=None, scale
     None), ``masters`` (the float32 master copies of ``params``, or None),
     ``scales`` (name -> the block scales of an int8/uint8 buffer). With masters
     the kernel steps them and writes their rounding into ``params``."""
+    params, roles = stored_roles(spec, params, buffers, masters, scales)
+    grads = [kernel_view(g) for g in grads]
+    if grads and kind_of(grads[0]) != NATIVE:
+        roles.append((grads, kind_of(grads[0]), None, None, NATIVE, False, None))
+    return params, grads, formats(storage, step, roles)
+
+
+def stored_roles(spec, params, buffers, masters=None, scales=None):
+    """What :func:`kernel_call` makes of every role but the gradients (which an
+    optimizer's step checks and gives anew each time): ``(params, roles)``, the
+    arrays the kernel's params role takes and the roles for :func:`formats`."""
     roles = []
     if masters is not None:
         roles.append((masters, NATIVE, None, params, kind_of(params[0]), True, 0))
         params = masters
     elif params and kind_of(params[0]) != NATIVE:
         roles.append((params, kind_of(params[0]), None, None, NATIVE, True, 0))
-    grads = [kernel_view(g) for g in grads]
-    if grads and kind_of(grads[0]) != NATIVE:
-        roles.append((grads, kind_of(grads[0]), None, None, NATIVE, False, None))
     for stream, buffer in enumerate(spec.buffers, start=1):
         arrays = buffers.get(buffer.name)
         if arrays and kind_of(arrays[0]) != NATIVE:
             roles.append((arrays, kind_of(arrays[0]), (scales or {}).get(buffer.name), None, NATIVE, True, stream))
-    return params, grads, formats(storage, step, roles)
+    return params, roles
 
 
 def formats(storage, step, roles):

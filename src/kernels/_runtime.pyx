@@ -569,6 +569,31 @@ def check_distinct(str name, list arrays):
 
 
 # ------------------------------------------------ what an optimizer's step writes
+cdef extern from *:
+    """
+    /* A view of ``a`` as ``descr`` (of the same item size), as ``a.view(descr)``. */
+    static PyObject *fd_view_as(PyArrayObject *a, PyArray_Descr *descr) {
+        Py_INCREF(descr);  /* PyArray_View steals it */
+        return PyArray_View(a, descr, NULL);
+    }
+    """
+    object fd_view_as(cnp.ndarray a, cnp.dtype descr)
+
+cdef cnp.dtype _UINT16 = cnp.PyArray_DescrFromType(cnp.NPY_UINT16)
+cdef int _bfloat16_typenum = -1
+
+
+cdef int _bfloat16_type() except -2:
+    """The type number of ``ml_dtypes.bfloat16`` (imported when first needed: only
+    low-precision optimizers meet it), whose arrays the kernels take as uint16 bits."""
+    global _bfloat16_typenum
+    if _bfloat16_typenum < 0:
+        import ml_dtypes
+        import numpy
+        _bfloat16_typenum = numpy.dtype(ml_dtypes.bfloat16).num
+    return _bfloat16_typenum
+
+
 cdef struct Recorded:
     char* data
     Py_ssize_t nbytes
@@ -666,14 +691,17 @@ cdef class WrittenBuffers:
     cdef int check_grad(self, object obj, cnp.ndarray p, Py_ssize_t grad_index, Py_ssize_t param_index,
                         Py_ssize_t group) except -1:
         """:meth:`check_grads` of one gradient, ``grads[grad_index]`` of ``params[param_index]``."""
-        cdef Py_ssize_t lo, hi, mid
-        cdef size_t start, end
-        cdef cnp.ndarray g
         if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.PyArray_TYPE(p)
                 or not _same_shape(<cnp.ndarray>obj, p) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj)
                 or not cnp.PyArray_ISALIGNED(<cnp.ndarray>obj)):
             _check_array(obj, f"grads[{grad_index}]", -1, False, False, p, f"its parameter params[{param_index}]")
-        g = <cnp.ndarray>obj
+        return self.check_overlap(<cnp.ndarray>obj, grad_index, group)
+
+    cdef int check_overlap(self, cnp.ndarray g, Py_ssize_t grad_index, Py_ssize_t group) except -1:
+        """ValueError if gradient ``g`` (``grads[grad_index]``) shares a byte with a
+        recorded array of group ``group`` (-1: of any group)."""
+        cdef Py_ssize_t lo, hi, mid
+        cdef size_t start, end
         if not cnp.PyArray_NBYTES(g):
             return 0
         start = <size_t>cnp.PyArray_BYTES(g)
@@ -693,6 +721,57 @@ cdef class WrittenBuffers:
                                  f"{self.labels[self.spans[lo].index]}, which the step writes")
             lo += 1
         return 0
+
+    cpdef list check_stored_grads(self, list params, object grads, list positions, Py_ssize_t offset,
+                                  Py_ssize_t group, str where):
+        """The gradients of a low-precision bucket (bfloat16/float16 parameters, or
+        state in bfloat16/int8: :class:`StoredCall`), ``grads[offset + positions[i]]``
+        for ``params[i]``, checked, as the kernel takes them: a new list, with
+        bfloat16 gradients as their uint16 bits.
+
+        Each must be an ndarray of its parameter's dtype or float32 (the stored
+        kernels read both), all of one dtype, shaped like its parameter,
+        C-contiguous and aligned, and share no byte with any recorded array of
+        group ``group`` (-1: of every group), as :meth:`check_grads` checks. Errors
+        begin with ``where`` (the bucket) and name ``grads[offset + positions[i]]``.
+        """
+        cdef Py_ssize_t i, index, n = len(params)
+        cdef int typenum, first = -1
+        cdef bint bits = False
+        cdef object obj, first_dtype = None
+        cdef cnp.ndarray p, g
+        cdef list out = PyList_New(n)
+        if len(positions) != n:
+            raise ValueError(f"{len(positions)} positions for {n} parameters")
+        for i in range(n):
+            index = offset + <Py_ssize_t>positions[i]
+            obj = grads[index]
+            p = <cnp.ndarray?>params[i]
+            if not cnp.PyArray_Check(obj):
+                raise TypeError(f"{where}: grads[{index}] must be a numpy.ndarray, got {type(obj).__name__}")
+            g = <cnp.ndarray>obj
+            typenum = cnp.PyArray_TYPE(g)
+            if typenum != first:
+                if typenum != cnp.NPY_FLOAT32 and typenum != cnp.PyArray_TYPE(p):
+                    allowed = " or ".join(sorted({"float32", p.dtype.name}))
+                    raise TypeError(f"{where}: grads[{index}] has dtype {g.dtype.name}; with {p.dtype.name} "
+                                    f"parameters gradients are {allowed}")
+                if first >= 0:
+                    raise TypeError(f"{where}: grads[{index}] has dtype {g.dtype.name} but the bucket's first "
+                                    f"gradient has {first_dtype.name}: one dtype per call")
+                first, first_dtype = typenum, g.dtype
+                bits = typenum == _bfloat16_type()
+            if not _same_shape(g, p):
+                raise ValueError(f"{where}: grads[{index}] has shape {obj.shape}, but its parameter has "
+                                 f"{(<object>p).shape}")
+            if not cnp.PyArray_IS_C_CONTIGUOUS(g) or not cnp.PyArray_ISALIGNED(g):
+                raise ValueError(f"{where}: grads[{index}] must be C-contiguous and aligned")
+            self.check_overlap(g, index, group)
+            if bits:
+                obj = fd_view_as(g, _UINT16)
+            Py_INCREF(obj)
+            PyList_SET_ITEM(out, i, obj)
+        return out
 
 
 # --------------------------------------------------- hyperparameter cache support
@@ -945,6 +1024,25 @@ cdef class KernelCall:
             k += 1
         args[k] = <PyObject*>n_threads
         return PyObject_Vectorcall(function, args, 2, self.kwnames)
+
+    cdef dict keywords(self, tuple buffers, tuple constants, tuple varying, object n_threads):
+        """The keyword arguments of :meth:`call` as a dict (for a backend's ``stored``,
+        which takes the kernel's arguments as a tuple and a dict)."""
+        cdef dict kwargs = {}
+        cdef Py_ssize_t i, k = 0
+        cdef tuple names = self.kwnames
+        self._check_scalars(buffers, constants, varying)
+        for i in range(self.n_buffers):
+            kwargs[names[k]] = buffers[i]
+            k += 1
+        for i in range(self.n_constants):
+            kwargs[names[k]] = constants[i]
+            k += 1
+        for i in range(self.n_varying):
+            kwargs[names[k]] = varying[i]
+            k += 1
+        kwargs[names[k]] = n_threads
+        return kwargs
 
     cdef int _check_scalars(self, tuple buffers, tuple constants, tuple varying) except -1:
         if ((buffers is not None and len(buffers) != self.n_buffers) or len(constants) != self.n_constants
@@ -1267,18 +1365,117 @@ cdef class CallDefaults:
         return self.load(name)
 
 
+cdef extern from *:
+    """
+    /* SplitMix64's finalizer: fastdescent.precision.splitmix64, which defines the
+       keys of stochastic rounding (the kernels' fd_splitmix64 is the same). */
+    static inline unsigned long long fd_key_mix(unsigned long long x) {
+        unsigned long long z = x + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    """
+    unsigned long long fd_key_mix(unsigned long long x) noexcept nogil
+
+from cpython.long cimport PyLong_AsUnsignedLongLongMask, PyLong_FromUnsignedLongLong
+
+
+@cython.auto_pickle(False)
+cdef class StoredCall:
+    """The kernel call of one low-precision bucket of an optimizer (bfloat16 or int8
+    state, bfloat16/float16 parameters, float32 master copies), made by
+    ``fastdescent.optim.lowprec`` once for as long as the bucket's state stays as
+    it is, and taken by every step, the general way's and the :class:`StepPlan`'s.
+
+    It keeps what depends only on the state: the arrays of each role as the
+    kernel takes them (``params``: the masters, the parameters or their uint16
+    bits; ``buffers``: one list or None per declared buffer, bfloat16 as uint16
+    bits), the formats the backend's ``stored`` takes for the stored ``roles``
+    (``fastdescent.precision.stored_roles``), made once by ``formats(storage,
+    step, roles)``, the tensors' ``ids`` (their rounding keys), a flat arena's
+    gradients (``grads``), ``grad_kind``, the storage kind of gradients of the
+    parameters' dtype (float32 ones are plain), and ``where``, the bucket as
+    errors about its gradients name it. With stochastic rounding the keys of
+    those formats depend on the step number: :meth:`formats_at` derives them
+    again in C for each new step, as ``fastdescent.precision.stream_key`` does (in
+    Python that took as long as the rest of a small step). The gradients
+    :meth:`call` gets are checked already (:meth:`WrittenBuffers.check_stored_grads`).
+    """
+
+    cdef readonly list params, grads
+    cdef readonly tuple buffers
+    cdef readonly object ids
+    cdef readonly str where      # the bucket, as errors about its gradients name it
+    cdef int grad_kind
+    cdef list fixed              # the formats (their keys for step 0 where they have one)
+    cdef list keyed, streams     # the positions in fixed of the entries with a key, and their streams
+    cdef unsigned long long seed_key
+    cdef tuple last              # (step, formats) of the last step number, if keyed
+
+    def __init__(self, list params, tuple buffers, list roles, ids, int grad_kind, storage, formats, str where,
+                 list grads=None):
+        self.params, self.buffers, self.ids, self.grad_kind = params, buffers, ids, grad_kind
+        self.where, self.grads, self.last = where, grads, None
+        self.fixed = list(formats(storage, 0, roles))
+        self.keyed = [i for i, entry in enumerate(self.fixed) if entry[6] is not None]
+        self.streams = [roles[i][6] for i in self.keyed]
+        if self.keyed:
+            self.seed_key = fd_key_mix(PyLong_AsUnsignedLongLongMask(storage.seed))
+
+    cpdef list formats_at(self, object step):
+        """The formats for step number ``step`` (an int)."""
+        cdef tuple last = self.last, entry
+        cdef list out
+        cdef unsigned long long base
+        cdef Py_ssize_t k
+        if not self.keyed:
+            return self.fixed
+        if last is not None and type(step) is int and type(last[0]) is int and step == last[0]:
+            return last[1]
+        base = fd_key_mix(self.seed_key ^ PyLong_AsUnsignedLongLongMask(step))
+        out = list(self.fixed)
+        for k in range(len(self.keyed)):
+            entry = out[self.keyed[k]]
+            out[self.keyed[k]] = (entry[0], entry[1], entry[2], entry[3], entry[4], entry[5],
+                                  PyLong_FromUnsignedLongLong(
+                                      fd_key_mix(base ^ PyLong_AsUnsignedLongLongMask(self.streams[k]))))
+        self.last = (step, out)
+        return out
+
+    def call(self, kernels, KernelCall invoke, list grads, tuple constants, tuple varying, int n_threads, step):
+        """Call ``kernels``' ``stored`` (kernel or reference backend) for step number
+        ``step`` on ``grads`` (checked; None: a flat arena's own) with ``invoke``'s
+        kernel and scalars (``constants``, ``varying``: as for :class:`KernelCall`)."""
+        cdef list formats = self.formats_at(step)
+        if grads is None:
+            grads = self.grads
+        if grads and self.grad_kind != 0 and cnp.PyArray_TYPE(<cnp.ndarray?>grads[0]) != cnp.NPY_FLOAT32:
+            formats = formats + [(grads, self.grad_kind, None, None, 0, False, None)]
+        if not formats:  # (float64 state of float64 parameters)
+            invoke.call(getattr(kernels, invoke.kernel), self.params, grads, self.buffers, constants, varying,
+                        n_threads)
+            return
+        kernels.stored(getattr(kernels, invoke.kernel), (self.params, grads),
+                       invoke.keywords(self.buffers, constants, varying, n_threads), formats, self.ids)
+
+
 @cython.auto_pickle(False)
 cdef class BucketPlan:
     """One kernel call of an optimizer's step: a group's parameters of one dtype
     (or its flat arena), their state buffers as the kernel takes them, and where
-    the parameters sit in the group (``positions``: indices into its list)."""
+    the parameters sit in the group (``positions``: indices into its list);
+    ``stored``: a low-precision bucket's :class:`StoredCall` (None for a float
+    bucket, whose arrays the kernel takes as they are)."""
 
     cdef public list params, positions, grads
     cdef public tuple buffers
     cdef public object span        # the slice of the group's gradients, or None if not contiguous
+    cdef public StoredCall stored
 
-    def __init__(self, list params, tuple buffers, list positions, span, list grads=None):
+    def __init__(self, list params, tuple buffers, list positions, span, list grads=None, StoredCall stored=None):
         self.params, self.buffers, self.positions, self.span, self.grads = params, buffers, positions, span, grads
+        self.stored = stored
 
 
 @cython.auto_pickle(False)
@@ -1358,7 +1555,7 @@ cdef class StepPlan:
         cdef BucketPlan bucket
         cdef KernelArguments arguments
         cdef object group, step, kernels
-        cdef list steps = [], calls = []
+        cdef list steps = [], calls = [], stored_grads = None
         cdef tuple last
         cdef int threads
         cdef Gathered local_gathered[2]
@@ -1405,8 +1602,14 @@ cdef class StepPlan:
             for g in range(n):
                 plan = <GroupPlan>self.groups[g]
                 for bucket in plan.buckets:
-                    _gather_bucket(&gathered[b], bucket, None if self.flat else grads, offset, plan.first,
-                                   self.written)
+                    if bucket.stored is None:
+                        _gather_bucket(&gathered[b], bucket, None if self.flat else grads, offset, plan.first,
+                                       self.written)
+                    elif not self.flat:  # (a flat arena's gradients are the optimizer's own)
+                        if stored_grads is None:
+                            stored_grads = [None] * n_buckets
+                        stored_grads[b] = self.written.check_stored_grads(bucket.params, grads, bucket.positions,
+                                                                          offset, -1, bucket.stored.where)
                     b += 1
                 offset += plan.size
             for g in range(n):
@@ -1424,8 +1627,14 @@ cdef class StepPlan:
                 plan = <GroupPlan>self.groups[g]
                 invoke, constants, varying = calls[g]
                 for bucket in plan.buckets:
-                    _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads,
-                                 &varying_doubles[2 * g] if varying is None else NULL)
+                    if bucket.stored is None:
+                        _call_bucket(<KernelCall>invoke, kernels, &gathered[b], constants, varying, threads,
+                                     &varying_doubles[2 * g] if varying is None else NULL)
+                    else:
+                        if varying is None:
+                            varying = tuple([varying_doubles[2 * g + k] for k in range((<KernelCall>invoke).n_varying)])
+                        bucket.stored.call(kernels, invoke, None if stored_grads is None else stored_grads[b],
+                                           constants, varying, threads, steps[g])
                     b += 1
                 if plan.counts_steps:
                     _set_steps(plan.states, steps[g])

@@ -649,12 +649,15 @@ cdef class BucketStep:
     the rule (NAdam's ``mu_product``; ``()`` for a rule that keeps none), and
     ``scratch``: ``(position, block, parameter)``
     for the gapped parameters, stepped in their scratch block (gathered with
-    ``block.copy_(parameter)`` before the kernel, scattered back after it)."""
+    ``block.copy_(parameter)`` before the kernel, scattered back after it), and
+    ``stored``: for a bucket in low-precision storage, the
+    ``fastdescent._runtime.StoredCall`` its kernel is called through (None: the
+    arrays go to the kernel as they are)."""
 
     cdef BucketViews views
     cdef list param_views, params
     cdef tuple buffers, scratch, scalars
-    cdef object steps
+    cdef object steps, stored
     # The rows of a direct kernel call (see DirectKernel), made for ``direct``'s
     # binding of ``backend``: every role's data pointers but the gradients', which
     # each step writes at role ``grad_role``.
@@ -738,7 +741,7 @@ cdef class BucketStep:
             free(scalars)
 
     def __init__(self, BucketViews views not None, list param_views not None, tuple buffers not None,
-                 list params not None, steps, tuple scalars not None, tuple scratch not None):
+                 list params not None, steps, tuple scalars not None, tuple scratch not None, stored=None):
         if len(param_views) != views.n or len(params) != views.n:
             raise ValueError("a bucket's parameters, views and gradients differ in number")
         for values in (steps, *scalars):
@@ -746,7 +749,7 @@ cdef class BucketStep:
             if values is not None and cnp.PyArray_DIM(<cnp.ndarray>values, 0) != views.n:
                 raise ValueError("one step count and scalar state per parameter")
         self.views, self.param_views, self.buffers, self.params, self.steps = views, param_views, buffers, params, steps
-        self.scalars, self.scratch = scalars, scratch
+        self.scalars, self.scratch, self.stored = scalars, scratch, stored
 
 
 cdef class GroupStep:
@@ -862,8 +865,8 @@ cdef class StepPlan:
         cdef Py_ssize_t g, n = len(self.groups)
         cdef GroupStep group
         cdef BucketStep bucket
-        # (bucket, positions or None for all, step count after the step or None, kernel call, DirectKernel,
-        #  scalar states after the step or None)
+        # (bucket, positions or None for all, step count after the step or None, the step number the kernel
+        #  scalars are for, kernel call, DirectKernel, scalar states after the step or None)
         cdef list parts = []
         cdef double count
         cdef object p, positions, following, values
@@ -889,6 +892,8 @@ cdef class StepPlan:
                             and _uniform_scalars(bucket.scalars)):
                         following = None if bucket.steps is None else _next_count(bucket.steps, count)
                         parts.append(self._part(group, bucket, None, following, _scalar_values(bucket.scalars, 0)))
+                    elif bucket.stored is not None:  # (its StoredCall takes the whole bucket)
+                        return False
                     else:  # some gradients missing, or counts or states that differ: one call per count and states
                         by_key = _by_key(bucket.steps, bucket.scalars, bucket.views.missing, bucket.views.n)
                         if by_key is None:
@@ -896,8 +901,8 @@ cdef class StepPlan:
                         for (following, values), positions in (<dict>by_key).items():
                             parts.append(self._part(group, bucket, positions, following, values))
             # The writes.
-            for bucket, positions, following, call, direct, after in parts:
-                self._write(bucket, positions, following, call, direct, after, backend, n_threads)
+            for bucket, positions, following, step, call, direct, after in parts:
+                self._write(bucket, positions, following, step, call, direct, after, backend, n_threads)
             return True
         finally:
             for group in self.groups:
@@ -913,19 +918,20 @@ cdef class StepPlan:
         if following is not None and group.step_in_math:
             step = int(<double>following)
         if not bucket.scalars:
-            return bucket, positions, following, group.arguments.get(step, _ONE, self.fresh), group.direct, None
+            return (bucket, positions, following, step, group.arguments.get(step, _ONE, self.fresh), group.direct,
+                    None)
         invoke, constants, varying, after = group.stateful(step, _ONE, self.fresh, values)
         if len(after) != len(bucket.scalars):
             raise ValueError("stateful gave the wrong number of scalar states")
-        return (bucket, positions, following, (invoke, constants, varying), group.direct,
+        return (bucket, positions, following, step, (invoke, constants, varying), group.direct,
                 tuple([float(value) for value in after]))
 
-    cdef int _write(self, BucketStep bucket, object positions, object following, tuple call, DirectKernel direct,
-                    object after, object backend, object n_threads) except -1:
+    cdef int _write(self, BucketStep bucket, object positions, object following, object step, tuple call,
+                    DirectKernel direct, object after, object backend, object n_threads) except -1:
         """Step the parameters of ``bucket`` at ``positions`` (None: all of them): the
         whole bucket through ``direct`` where it can, else through the call's
-        ``invoke``; then set their step counts to ``following`` and scalar states to
-        ``after``."""
+        ``invoke`` (a stored bucket: its ``stored``, for step number ``step``); then
+        set their step counts to ``following`` and scalar states to ``after``."""
         cdef object invoke, constants, varying, params, grads, buffers, tensors, chosen = None
         cdef Py_ssize_t k, j
         invoke, constants, varying = call
@@ -938,8 +944,10 @@ cdef class StepPlan:
         for position, block, target in bucket.scratch:
             if chosen is None or position in chosen:
                 block.copy_(target)
-        if not (positions is None and direct is not None and invoke is direct.invoke and type(n_threads) is int
-                and bucket.direct_rows(direct, backend) and bucket.call_direct(constants, varying, n_threads) == 0):
+        if bucket.stored is not None:
+            bucket.stored.call(backend, invoke, grads, constants, varying, n_threads, step)
+        elif not (positions is None and direct is not None and invoke is direct.invoke and type(n_threads) is int
+                  and bucket.direct_rows(direct, backend) and bucket.call_direct(constants, varying, n_threads) == 0):
             invoke(backend, params, grads, buffers, constants, varying, n_threads)
         for position, block, target in bucket.scratch:
             if chosen is None or position in chosen:

@@ -14,10 +14,14 @@ catalog (default float32 Adam) stepped through
 
 on ``--steps-shapes`` (default 1 and 100 arrays of 1,000 elements, and one array
 of 10**6 and of 10**7: the sizes where the memory wall, not Python, sets the
-time), on ``--steps-threads`` (default 1). Each table gives the median
-microseconds per step with the spread of the samples (fastest-slowest) and
-"x fused": torch fused's median over the method's (above 1: faster than torch).
-The load average before and after the run is printed with it.
+time), on ``--steps-threads`` (default 1), and for each of bench's
+``--state-dtypes`` (default native: the parameters' dtype): with bfloat16 or int8
+state the optimizers and the adapter keep theirs in it (the face, and a flat
+arena of int8 blocks, do not exist then), torch fused its float32 state. Each
+table gives the median microseconds per step with the spread of the samples
+(fastest-slowest) and "x fused": torch fused's median over the method's (above
+1: faster than torch). The load average before and after the run is printed
+with it.
 """
 
 import functools
@@ -52,34 +56,43 @@ def measure(args):
     """Run the steps case for parsed bench ``args``; returns a JSON-ready dict."""
     torch = torch_or_none()
     records, started, load_start = [], time.perf_counter(), _load()
-    total = len(args.steps_rules) * len(args.steps_shapes) * len(args.steps_threads) * len(METHODS)
+    # (float32 parameters: "native" and "float32" state are the same)
+    state_dtypes = list(dict.fromkeys(None if s in ("native", "float32") else s
+                                      for s in getattr(args, "state_dtypes", None) or ["native"]))
+    total = (len(args.steps_rules) * len(state_dtypes) * len(args.steps_shapes) * len(args.steps_threads)
+             * len(METHODS))
     for name in args.steps_rules:
-        for count, size in args.steps_shapes:
-            for n_threads in args.steps_threads:
-                for method in METHODS:
-                    record = {"rule": name, "dtype": "float32", "tensors": count, "size": size,
-                              "method": method, "threads": n_threads}
-                    try:
-                        with stepper(method, RULES[name], count, size, n_threads, torch) as step:
-                            timing = time_step(step, args.repeats, args.min_time)
-                        record["seconds"] = {"median": timing.median, "min": timing.min, "max": timing.max,
-                                             "calls": timing.calls, "samples": timing.samples}
-                    except Unavailable as why:
-                        record["unavailable"] = str(why)
-                    records.append(record)
-                    if not args.quiet:
-                        _progress(len(records), total, started, record)
+        for state_dtype in state_dtypes:
+            for count, size in args.steps_shapes:
+                for n_threads in args.steps_threads:
+                    for method in METHODS:
+                        record = {"rule": name, "dtype": "float32", "state_dtype": state_dtype, "tensors": count,
+                                  "size": size, "method": method, "threads": n_threads}
+                        try:
+                            with stepper(method, RULES[name], count, size, n_threads, torch, state_dtype) as step:
+                                timing = time_step(step, args.repeats, args.min_time)
+                            record["seconds"] = {"median": timing.median, "min": timing.min, "max": timing.max,
+                                                 "calls": timing.calls, "samples": timing.samples}
+                        except Unavailable as why:
+                            record["unavailable"] = str(why)
+                        records.append(record)
+                        if not args.quiet:
+                            _progress(len(records), total, started, record)
     return {"records": records, "load_average": {"start": load_start, "end": _load()}}
 
 
 @contextmanager
-def stepper(method, rule, count, size, n_threads, torch):
+def stepper(method, rule, count, size, n_threads, torch, state_dtype=None):
     """Yield a zero-argument callable taking one step of ``method``: ``count``
-    float32 arrays of ``size`` elements, fresh random data, warm (one step taken)."""
+    float32 arrays of ``size`` elements, fresh random data, warm (one step taken);
+    ``state_dtype``: the optimizers' and the adapter's (None: the parameters')."""
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
     grads = [0.1 * rng.standard_normal(size, dtype=np.float32) for _ in range(count)]
     spec = rule.spec
+    storage = {} if state_dtype is None else {"state_dtype": state_dtype}
+    if method == "face" and state_dtype is not None:
+        raise Unavailable("the face takes state in the parameters' dtype")
     if method == "face":
         from ..rules import FACES
 
@@ -97,7 +110,11 @@ def stepper(method, rule, count, size, n_threads, torch):
         from ..optim import CLASSES
 
         flat = method == "optimizer-flat"
-        opt = CLASSES[spec.title](params, **rule.options, lr=rule.hyper["lr"], flat=flat, n_threads=n_threads)
+        try:
+            opt = CLASSES[spec.title](params, **rule.options, lr=rule.hyper["lr"], flat=flat, n_threads=n_threads,
+                                      **storage)
+        except ValueError as error:  # (int8 state in a flat arena, a rule that keeps no such state)
+            raise Unavailable(f"{method} refused: {error}") from None
         if flat:
             for view, g in zip(opt.grads, grads):
                 view[...] = g
@@ -105,7 +122,7 @@ def stepper(method, rule, count, size, n_threads, torch):
         else:
             step = functools.partial(opt.step, grads)  # (a closure would add a Python call per step)
     else:
-        with _torch_stepper(method, rule, params, grads, n_threads, torch) as step:
+        with _torch_stepper(method, rule, params, grads, n_threads, torch, storage) as step:
             yield step
         return
     step()
@@ -126,7 +143,7 @@ def _face_call(face, args, kwargs, steps):
 
 
 @contextmanager
-def _torch_stepper(method, rule, params, grads, n_threads, torch):
+def _torch_stepper(method, rule, params, grads, n_threads, torch, storage):
     if torch is None:
         raise Unavailable("torch is not installed")
     if rule.torch_peer is None:
@@ -137,7 +154,7 @@ def _torch_stepper(method, rule, params, grads, n_threads, torch):
             import fastdescent.torch as library
         except ImportError as error:
             raise Unavailable(f"no torch adapter: {error}") from None
-        options = {}
+        options = storage
     else:
         library, options = torch.optim, {"fused": True}
     tensors = [torch.from_numpy(p) for p in params]
@@ -162,7 +179,8 @@ def _loads(values):
 
 def _progress(done, total, started, record):
     r = record
-    what = f"{r['rule']} {r['tensors']}x{r['size']:,} {r['method']} {r['threads']}thr"
+    state = f" {r['state_dtype']} state" if r.get("state_dtype") else ""
+    what = f"{r['rule']}{state} {r['tensors']}x{r['size']:,} {r['method']} {r['threads']}thr"
     outcome = (f"{r['seconds']['median'] * 1e6:,.2f} us/step" if "seconds" in r
                else f"skipped ({r['unavailable']})")
     print(f"[{done}/{total}] {time.perf_counter() - started:6.0f}s  {what}: {outcome}", file=sys.stderr, flush=True)
@@ -174,9 +192,11 @@ def render(result):
 
     lines = []
     load = result.get("load_average") or {}
-    keys = sorted({(r["rule"], r["threads"]) for r in result["records"]})
-    for name, n_threads in keys:
-        rows = [r for r in result["records"] if r["rule"] == name and r["threads"] == n_threads]
+    keys = list(dict.fromkeys((r["rule"], r.get("state_dtype"), r["threads"])
+                              for r in sorted(result["records"], key=lambda r: (r["rule"], r["threads"]))))
+    for name, state_dtype, n_threads in keys:
+        rows = [r for r in result["records"]
+                if r["rule"] == name and r.get("state_dtype") == state_dtype and r["threads"] == n_threads]
         shapes = list(dict.fromkeys((r["tensors"], r["size"]) for r in rows))
         methods = [m for m in METHODS if any(r["method"] == m and "seconds" in r for r in rows)]
         found = {(r["tensors"], r["size"], r["method"]): r["seconds"] for r in rows if "seconds" in r}
@@ -194,7 +214,8 @@ def render(result):
         header = ["arrays"]
         for m in methods:
             header += [f"{m} us (min-max)"] + ([] if m == "torch-fused" else ["x fused"])
-        lines.append(f"per-step cost, {name} float32, {n_threads} thread(s): microseconds per step, median "
+        state = "" if state_dtype is None else f" with {state_dtype} state (torch fused: float32)"
+        lines.append(f"per-step cost, {name} float32{state}, {n_threads} thread(s): microseconds per step, median "
                      f"(fastest-slowest sample); x fused = torch fused / method. Load average (1, 5, 15 min) "
                      f"{_loads(load.get('start'))} at the start, {_loads(load.get('end'))} at the end\n"
                      + _table(header, body, "<" + ">" * (len(header) - 1)))

@@ -23,8 +23,7 @@ from .._config import BACKENDS, effective_n_threads, resolve_backend
 from ..rules._spec import CALL_DEFAULTS, FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from .accumulate import Accumulation
 from .clipping import bucket_norm
-from .lowprec import (LowPrecision, record_spans, check_low_precision_param, is_low_precision_param, scales_name,
-                      views as _views)
+from .lowprec import LowPrecision, check_low_precision_param, is_low_precision_param, scales_name, views as _views
 from .state import Checkpointing, _step_count
 
 # torch.nn.utils.clip_grad_norm_ divides by norm + 1e-6.
@@ -410,7 +409,7 @@ class Optimizer(LowPrecision, Checkpointing):
         for dtype, positions in by_dtype.items():
             buckets.append(_Bucket(dtype, positions, [params[k] for k in positions]))
             buckets[-1].arenas.update(arenas.get(dtype, {}))
-            buckets[-1].stored = self._new_stored_bucket(buckets[-1], first)
+            buckets[-1].stored = self._new_stored_bucket(buckets[-1], len(self._layouts), first)
         return _Layout(len(self._layouts), first, tuple(params), buckets, grad_views)
 
     # ------------------------------------------------------------ rule hooks
@@ -510,13 +509,14 @@ class Optimizer(LowPrecision, Checkpointing):
         self._allocate_state(groups)
         # The writes.
         for position, bucket, params, bucket_grads, flat in work:
-            buffers = self._kernel_buffers(bucket, flat, groups[position][1])
-            if bucket.stored is not None:  # low precision: the Python path, through the backend's stored()
-                # (with accumulation, on the sum completed in the accumulators: finish is never fused then)
-                self._stored_call(kernels, bucket, params, bucket_grads, flat, buffers, groups[position], scale,
-                                  n_threads)
-                continue
             invoke, constants, varying = calls[position]
+            if bucket.stored is not None:  # low precision: through the backend's stored()
+                # (with accumulation, on the sum completed in the accumulators: finish is never fused then)
+                layout, config, step = groups[position][:3]
+                self._stored_call(bucket, flat, config).call(kernels, invoke, None if flat else bucket_grads,
+                                                             constants, varying, n_threads, step)
+                continue
+            buffers = self._kernel_buffers(bucket, flat, groups[position][1])
             if finish is None:
                 invoke(kernels, params, bucket_grads, buffers, constants, varying, n_threads)
             else:
@@ -539,24 +539,22 @@ class Optimizer(LowPrecision, Checkpointing):
         ``step_scalars``; clipping or the guard; mutable hyperparameters; a
         parameter list that is not the group's own; state still to create."""
         spec = self.spec
-        if (spec.scalar_state or spec.runner is not None or self._low_precision() or (spec.uses_step and spec.step_scalars is None)
+        if (spec.scalar_state or spec.runner is not None or (spec.uses_step and spec.step_scalars is None)
                 or self._skip_nonfinite or self._clip_grad_norm is not None or self._clip_grad_value is not None):
             return None
+        counts_steps = self._counts_steps  # (stochastic rounding counts steps for its keys)
         groups = []
         for layout, (invoke, constants, varying) in zip(self._layouts, calls):
             config, group = layout.config, self.param_groups[layout.index]
             if (not config.trusted or layout.complete is not config or group["params"] is not layout.param_list
-                    or (spec.counts_steps and layout.params and not layout.states)
+                    or (counts_steps and layout.params and not layout.states)
                     or type(invoke) is not _runtime.KernelCall):
                 return None
-            buckets = [_runtime.BucketPlan([b.arenas["param"]], self._kernel_buffers(b, True, config), b.positions,
-                                           b.span, [b.arenas["grad"]]) if flat else
-                       _runtime.BucketPlan(b.params, self._kernel_buffers(b, False, config), b.positions, b.span)
-                       for b in layout.buckets]
             groups.append(_runtime.GroupPlan(group, spec.hyper_names, layout.values, layout.param_list,
-                                             layout.states or [], buckets, config.arguments, layout.first,
-                                             len(layout.params), spec.counts_steps and bool(layout.states),
-                                             config.present))
+                                             layout.states or [], [self._bucket_plan(b, flat, config)
+                                                                   for b in layout.buckets],
+                                             config.arguments, layout.first, len(layout.params),
+                                             counts_steps and bool(layout.states), config.present))
         return _runtime.StepPlan(self.param_groups, groups, self._written_table(), flat, NOTHING_FRESH, CALL_DEFAULTS)
 
     def _refresh_plan(self, position, plan, step, flat):
@@ -569,12 +567,21 @@ class Optimizer(LowPrecision, Checkpointing):
         if not config.trusted or self._missing(layout, config) is not NOTHING_FRESH:
             return False
         if config.present != plan.present:  # other buffers for the kernel
-            for bucket, b in zip(plan.buckets, layout.buckets):
-                bucket.buffers = self._kernel_buffers(b, flat, config)
+            plan.buckets = [self._bucket_plan(b, flat, config) for b in layout.buckets]
             plan.present = config.present
         plan.values, plan.arguments = layout.values, config.arguments
         layout.complete = config
         return True
+
+    def _bucket_plan(self, bucket, flat, config):
+        """The :class:`~fastdescent._runtime.BucketPlan` of ``bucket`` (``flat``: of its
+        arenas) for the buffers ``config`` needs."""
+        stored = None if bucket.stored is None else self._stored_call(bucket, flat, config)
+        if flat:
+            return _runtime.BucketPlan([bucket.arenas["param"]], self._kernel_buffers(bucket, True, config),
+                                       bucket.positions, bucket.span, [bucket.arenas["grad"]], stored)
+        return _runtime.BucketPlan(bucket.params, self._kernel_buffers(bucket, False, config), bucket.positions,
+                                   bucket.span, None, stored)
 
     def _kernel_buffers(self, bucket, flat, config):
         """A bucket's state buffers as its kernel call takes them: one list (or None)
@@ -670,8 +677,8 @@ class Optimizer(LowPrecision, Checkpointing):
                     bucket_grads = group_grads
                 else:
                     bucket_grads = list(group_grads[b.span])
-                if b.stored is not None:  # bfloat16/float16 parameters or gradients: checked in Python
-                    self._check_stored_grads(layout, b, bucket_grads, offset, only)
+                if b.stored is not None:  # bfloat16/float16 parameters or gradients, or low-precision state
+                    bucket_grads = self._stored_grads(written, b, grads, offset, only)
                 else:
                     written.check_grads(b.params, bucket_grads, b.positions, offset, layout.first, only)
                 work.append((position, b, b.params, bucket_grads, False))
@@ -712,7 +719,6 @@ class Optimizer(LowPrecision, Checkpointing):
                             labels.append(label.format(i))
                             groups.append(g)
             self._written = _runtime.WrittenBuffers(arrays, labels, groups)
-            self._written_spans = record_spans(arrays, labels, groups) if self._low_precision() else ()
         return self._written
 
     def _next_step(self, layout):
@@ -814,6 +820,8 @@ class Optimizer(LowPrecision, Checkpointing):
             layout.complete = None
             for bucket in layout.buckets:
                 bucket.kernel_buffers = None
+                if bucket.stored is not None:
+                    bucket.stored.call = None
 
     def _allocate_buffer(self, g, name, fill):
         """Create buffer ``name`` for every parameter of group ``g`` that keeps one

@@ -4,7 +4,9 @@ bfloat16 and float16 parameters, with or without a float32 master copy.
 :class:`LowPrecision` is the part of :class:`~fastdescent.optim.Optimizer` that
 decides how each bucket's arrays are stored (:class:`fastdescent.precision.Storage`)
 and hands the kernel their formats, so that the step itself stays one call of the
-rule's kernel per bucket (``RuleSpec.run``).
+rule's kernel per bucket: a :class:`~fastdescent._runtime.StoredCall`, made once per
+state and taken by the general step and the C step plan alike, whose gradients
+``WrittenBuffers.check_stored_grads`` checks.
 
 State layout per parameter (PyTorch's names for the rule's buffers):
 
@@ -17,7 +19,7 @@ State layout per parameter (PyTorch's names for the rule's buffers):
 
 import numpy as np
 
-from .. import precision
+from .. import _runtime, precision
 from ..precision import NATIVE
 from ..rules._spec import FIRST_GRADIENT, PARAMETER
 
@@ -33,15 +35,18 @@ def scales_name(name):
 class StoredBucket:
     """How one bucket's arrays are stored, and the arrays the kernel takes."""
 
-    __slots__ = ("param_kind", "copy_kind", "kinds", "kernel_params", "copies", "scales", "ids")
+    __slots__ = ("param_kind", "copy_kind", "kinds", "kernel_params", "copies", "scales", "ids", "where", "call")
 
-    def __init__(self, storage, spec, dtype, ids):
+    def __init__(self, storage, spec, dtype, ids, where):
         self.param_kind, self.copy_kind = storage.param_kind(dtype)
         self.kinds = {b.name: storage.buffer_kind(b, dtype) for b in spec.buffers}
         self.kernel_params = None  # masters, or uint16 views of bfloat16 parameters
         self.copies = None         # the parameters a master's rounding is written to
         self.scales = {}           # int8 buffer name -> its scales, one array per parameter
         self.ids = ids             # the parameters' indices: their stochastic rounding keys
+        self.where = where         # the bucket, as errors about its gradients name it
+        # (flat, config.present, the _runtime.StoredCall for them), made when the state changes.
+        self.call = None
 
 
 def is_low_precision_param(p):
@@ -56,11 +61,6 @@ def check_low_precision_param(p, where):
         raise ValueError(f"{where} is not aligned to its dtype")
     if not p.flags.writeable:
         raise ValueError(f"{where} is read-only; it is updated in place")
-
-
-def _span(a):
-    start = a.__array_interface__["data"][0]
-    return start, start + a.nbytes
 
 
 class LowPrecision:
@@ -91,16 +91,17 @@ class LowPrecision:
                                  "parameter, so the state cannot be an arena; use flat=False")
 
     def _low_precision(self):
-        """True if any bucket keeps low-precision parameters or state (its steps
-        take the Python path)."""
+        """True if any bucket keeps low-precision parameters or state."""
         return any(b.stored is not None for layout in self._layouts for b in layout.buckets)
 
-    def _new_stored_bucket(self, bucket, first):
+    def _new_stored_bucket(self, bucket, g, first):
+        """The StoredBucket of ``bucket`` of group ``g`` (whose first parameter is the
+        optimizer's ``first``), or None if its arrays are all float32/float64."""
         dtype = bucket.dtype
         if self._storage.is_default and precision.dtype_name(dtype) in ("float32", "float64"):
             return None
         ids = tuple(first + k for k in bucket.positions)
-        stored = StoredBucket(self._storage, self.spec, dtype, ids)
+        stored = StoredBucket(self._storage, self.spec, dtype, ids, f"param_groups[{g}] ({dtype})")
         if stored.param_kind != NATIVE and stored.copy_kind == NATIVE:
             stored.kernel_params = [precision.kernel_view(p) for p in bucket.params]
         return stored
@@ -177,74 +178,49 @@ class LowPrecision:
             roles.append((f"state[{{}}][{MASTER!r}]", stored.kernel_params))
         return roles
 
-    def _check_stored_grads(self, layout, bucket, grads, offset, only):
-        """Validate the gradients of a bucket with low-precision parameters or
-        gradients (the C table takes gradients of the parameters' dtype only):
-        ndarrays shaped like their parameters, C-contiguous and aligned, float32 or
-        the parameters' dtype, one dtype per call, sharing no memory with any
-        array the step writes (of group ``only``; -1: of every group)."""
-        where = f"param_groups[{layout.index}] ({bucket.dtype})"
-        allowed = {"float32", precision.dtype_name(bucket.dtype)}
-        first = None
-        for k, p, grad in zip(bucket.positions, bucket.params, grads):
-            label = f"grads[{offset + k}]"
-            if not isinstance(grad, np.ndarray):
-                raise TypeError(f"{where}: {label} must be a numpy.ndarray, got {type(grad).__name__}")
-            name = precision.dtype_name(grad.dtype)
-            if name not in allowed:
-                raise TypeError(f"{where}: {label} has dtype {name}; with {precision.dtype_name(p.dtype)} "
-                                f"parameters gradients are {' or '.join(sorted(allowed))}")
-            if first is None:
-                first = name
-                if name != "float32" and (self._clip_grad_norm is not None or self._clip_grad_value is not None
-                                          or self._skip_nonfinite):
-                    raise TypeError(f"{where}: {label} is {name}: clip_grad_norm, clip_grad_value and "
-                                    "skip_nonfinite read float32 gradients; pass float32 gradients or clip "
-                                    "them yourself")
-            elif name != first:
-                raise TypeError(f"{where}: {label} has dtype {name} but the bucket's first gradient has {first}: "
-                                "one dtype per call")
-            if grad.shape != p.shape:
-                raise ValueError(f"{where}: {label} has shape {grad.shape}, but its parameter has {p.shape}")
-            if not grad.flags.c_contiguous or not grad.flags.aligned:
-                raise ValueError(f"{where}: {label} must be C-contiguous and aligned")
-            lo, hi = _span(grad)
-            for start, end, written_label, group in self._written_spans:
-                if start < hi and lo < end and grad.nbytes and (only < 0 or group == only):
-                    raise ValueError(f"{label} shares memory with {written_label}, which the step writes")
-
-    def _stored_call(self, kernels, bucket, params, grads, flat, buffers, group, scale, n_threads):
-        """The kernel call of a low-precision bucket (``buffers``: one list or None
-        per declared buffer; ``group``: the step's ``(layout, config, step,
-        scalar_state, fresh)``): the rule's float32 kernel through the backend's
-        ``stored``, on the Python path (the StepPlan takes float buckets only)."""
-        layout, config, step, scalar_state, fresh = group
-        buffers = dict(zip(self.spec.buffer_names, buffers))
-        params, grads, buffers, formats, ids = self._kernel_arrays(bucket, flat, params, grads, buffers, step)
-        self.spec.run(kernels, params, grads, buffers, config.hyper, step=step, grad_scale=scale, fresh=fresh,
-                      scalar_state=scalar_state, n_threads=n_threads, formats=formats, tensor_ids=ids)
-
-    def _kernel_arrays(self, bucket, flat, params, grads, buffers, step):
-        """``(params, grads, buffers, formats, tensor_ids)`` for the kernel call of a
-        low-precision bucket (``buffers``: name -> the bucket's arrays or None)."""
+    def _stored_grads(self, written, bucket, grads, offset, only):
+        """The gradients of low-precision ``bucket``, ``grads[offset + position]``,
+        checked in C (:meth:`~fastdescent._runtime.WrittenBuffers.check_stored_grads`:
+        float32 or the parameters' dtype, one dtype per call, shape, layout, and no
+        byte shared with any array the step writes, of group ``only``; -1: of
+        every group), as the kernel takes them."""
         stored = bucket.stored
+        kernel_grads = written.check_stored_grads(bucket.params, grads, bucket.positions, offset, only, stored.where)
+        if ((self._clip_grad_norm is not None or self._clip_grad_value is not None or self._skip_nonfinite)
+                and kernel_grads and kernel_grads[0].dtype != np.float32):
+            name = precision.dtype_name(bucket.dtype)
+            raise TypeError(f"{stored.where}: grads[{offset + bucket.positions[0]}] is {name}: clip_grad_norm, "
+                            "clip_grad_value and skip_nonfinite read float32 gradients; pass float32 gradients or "
+                            "clip them yourself")
+        return kernel_grads
+
+    def _stored_call(self, bucket, flat, config):
+        """The :class:`~fastdescent._runtime.StoredCall` of low-precision ``bucket``
+        (``flat``: of its arenas) for the buffers ``config`` needs, made again only
+        after the state changed: the arrays as the kernel takes them, and the
+        stored formats of every role but the gradients."""
+        stored = bucket.stored
+        kept = stored.call
+        if kept is not None and kept[0] == flat and kept[1] == config.present:
+            return kept[2]
+        buffers = self._kernel_buffers(bucket, flat, config)
+        grads = None
         if flat:  # one tensor: the arenas
             params = [precision.kernel_view(bucket.arenas["param"])]
             masters = [bucket.arenas[MASTER]] if MASTER in bucket.arenas else None
-            buffers = {name: None if arrays is None else [precision.kernel_view(bucket.arenas[name])]
-                       for name, arrays in buffers.items()}
+            buffers = tuple([None if arrays is None else [precision.kernel_view(a) for a in arrays]
+                             for arrays in buffers])
+            grads = [precision.kernel_view(bucket.arenas["grad"])]
         else:
-            params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or params
+            params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or bucket.params
             masters = stored.kernel_params if stored.copy_kind != NATIVE else None
-        params, grads, formats = precision.kernel_call(self._storage, self.spec, step, params, grads, buffers,
-                                                       masters, stored.scales)
-        return params, grads, buffers, formats, (stored.ids[:1] if flat else stored.ids)
-
-
-def record_spans(arrays, labels, groups):
-    """The byte ranges of ``arrays``: ``(start, end, label, group)``, for the
-    gradient checks of low-precision buckets."""
-    return [(*_span(a), label, g) for a, label, g in zip(arrays, labels, groups) if a.nbytes]
+        params, roles = precision.stored_roles(self.spec, params, dict(zip(self.spec.buffer_names, buffers)),
+                                               masters, stored.scales)
+        grad_kind = precision.PARAM_KINDS.get(precision.dtype_name(bucket.dtype), NATIVE)
+        call = _runtime.StoredCall(params, buffers, roles, stored.ids[:1] if flat else stored.ids, grad_kind,
+                                   self._storage, precision.formats, stored.where, grads)
+        stored.call = (flat, config.present, call)
+        return call
 
 
 def views(arena, shapes):

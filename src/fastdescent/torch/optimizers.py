@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from .. import _tensorviews, precision
+from .. import _runtime, _tensorviews, precision
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
 from ..optim.lowprec import MASTER, scales_name
@@ -270,11 +270,13 @@ class SpecOptimizer(KernelOptimizer):
     def _step_plan(self):
         """The ``_tensorviews.StepPlan`` that repeats the step just taken while nothing
         but the gradients and the hyperparameter values changes, or None where the
-        general way must run: a rule that sees whole tensors, low-precision storage
-        or parameters, mutable hyperparameters, a buffer still to initialise from
-        the first gradient, scalar states that are not tensors (see ``_scalar_blocks``)."""
+        general way must run: a rule that sees whole tensors, mutable
+        hyperparameters, a buffer still to initialise from the first gradient, scalar
+        states that are not tensors (see ``_scalar_blocks``). A bucket in
+        low-precision storage (or of bfloat16/float16 parameters) is stepped through
+        its :class:`~fastdescent._runtime.StoredCall`."""
         spec = self.spec
-        if self._whole_tensors or not self._fd_storage.is_default:
+        if self._whole_tensors:
             return None
         groups = []
         for group, plan in zip(self.param_groups, self._plans()):
@@ -282,18 +284,30 @@ class SpecOptimizer(KernelOptimizer):
                 return None
             buckets = []
             for b in plan.buckets:
-                if b.n_fresh or b.entries[0].param.dtype not in _NATIVE or b.scalars is None:
+                if b.n_fresh or (not b.stored and b.entries[0].param.dtype not in _NATIVE) or b.scalars is None:
                     return None
                 views = dict(zip(b.names, b.state_views))
                 buffers = tuple([views.get(name) if needed else None
                                  for name, needed in zip(spec.buffer_names, plan.config.present)])
                 scratch = tuple([(e.position, e.scratch, e.target) for e in b.gapped])
+                stored = self._stored_call(b, plan.config, views, buffers) if b.stored else None
                 buckets.append(_tensorviews.BucketStep(b.views, b.param_views, buffers, b.params, b.steps, b.scalars,
-                                                       scratch))
+                                                       scratch, stored))
             groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
                                                  tuple(plan.pending), plan.config.arguments, self._stateful(plan.config),
                                                  self._direct_kernel(plan.config), self._step_in_math, buckets))
         return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH)
+
+    def _stored_call(self, bucket, config, views, buffers):
+        """The :class:`~fastdescent._runtime.StoredCall` of a low-precision bucket for a
+        step plan (``views``: its state views by name; ``buffers``: those the kernel
+        takes), as ``_kernel_call``'s ``run`` would call ``spec.call``."""
+        scales = {name: views[scales_name(name)] for name in config.needed if scales_name(name) in views}
+        params, roles = precision.stored_roles(self.spec, bucket.param_views, dict(zip(self.spec.buffer_names, buffers)),
+                                               views.get(MASTER), scales)
+        dtype = _lowprec.numpy_dtype_name(bucket.entries[0].param.dtype)
+        return _runtime.StoredCall(params, buffers, roles, bucket.ids, precision.PARAM_KINDS.get(dtype, precision.NATIVE),
+                                   self._fd_storage, precision.formats, "")
 
     def _stateful(self, config):
         """What a step plan calls for the kernel call and the scalar states after it,
