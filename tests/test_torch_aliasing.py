@@ -188,3 +188,23 @@ def test_gradient_in_the_gaps_of_a_gapped_parameter_is_taken(path):
     with pytest.raises(ValueError, match=r"\['params'\]\[1\].*: its gradient shares memory with parameter "
                                          r"\(param_groups\[0\]\['params'\]\[0\]"):
         opt.step()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_aliasing_a_parameter_moved_since_the_last_step_raises(path):
+    """The first group's gradients are read before the second group's moved parameter
+    is found (its plan built again): they are read again against the new spans."""
+    first, second = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    opt = fdt.Adam([{"params": [first]}, {"params": [second]}], lr=0.1)
+    if path == "general":
+        general_way(opt)
+    for _ in range(2):
+        give_gradients([first, second])
+        opt.step()
+    second.data = torch.randn(6)
+    first.grad = second.detach()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*: its gradient shares memory with parameter "
+                                         r"\(param_groups\[1\]\['params'\]\[0\]"):
+        opt.step()
+    assert_same_bytes(before, snapshot(opt))
