@@ -48,6 +48,14 @@ def assert_same_bytes(a, b):
             assert np.array_equal(s[key], t[key]), f"state {key!r} was written"
 
 
+def assert_step_refused(opt, match):
+    """``opt.step()`` raises a ValueError matching ``match`` and writes no byte."""
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert_same_bytes(before, snapshot(opt))
+
+
 def setup(mode, path, seed=0):
     """Three parameters (a small one first, whose gradient the tests bend onto the
     others' memory) and an Adam that took two steps: its next one takes the plan
@@ -90,11 +98,8 @@ def test_gradient_sharing_written_memory_raises_and_writes_nothing(mode, key, pa
     params[0].grad = inside(other if key == "param" else opt.state[other][key], params[0])
     named = r"parameter \(param_groups\[0\]\['params'\]\[1\]" if key == "param" else (
         rf"state\['{key}'\] of parameter \(param_groups\[0\]\['params'\]\[1\]")
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=rf"^parameter \(param_groups\[0\]\['params'\]\[0\].*: its gradient shares "
-                                         rf"memory with {named}.*, which the step writes$"):
-        opt.step()
-    assert_same_bytes(before, snapshot(opt))
+    assert_step_refused(opt, rf"^parameter \(param_groups\[0\]\['params'\]\[0\].*: its gradient shares memory with "
+                             rf"{named}.*, which the step writes$")
     # The error changed nothing: a right step gives what an optimizer that never saw it gives.
     params[0].grad = good
     for p, q in zip(params, twin_params):
@@ -104,21 +109,24 @@ def test_gradient_sharing_written_memory_raises_and_writes_nothing(mode, key, pa
     assert_same_bytes(snapshot(twin), snapshot(opt))
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_gradient_of_a_parameter_is_another_parameter_in_another_group(path):
+def two_groups(rule, path, **options):
+    """A parameter in each of two groups and ``rule`` after two steps (the next on ``path``)."""
     first, second = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
-    opt = fdt.SGD([{"params": [first]}, {"params": [second], "lr": 0.5}], lr=0.1, momentum=0.9)
+    opt = getattr(fdt, rule)([{"params": [first]}, {"params": [second], "lr": 0.5}], lr=0.1, **options)
     if path == "general":
         general_way(opt)
     for _ in range(2):
         give_gradients([first, second])
         opt.step()
+    return first, second, opt
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_of_a_parameter_is_another_parameter_in_another_group(path):
+    first, second, opt = two_groups("SGD", path, momentum=0.9)
     second.grad = first.detach()
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"^parameter \(param_groups\[1\]\['params'\]\[0\].*: its gradient shares "
-                                         r"memory with parameter \(param_groups\[0\]\['params'\]\[0\]"):
-        opt.step()
-    assert_same_bytes(before, snapshot(opt))
+    assert_step_refused(opt, r"^parameter \(param_groups\[1\]\['params'\]\[0\].*: its gradient shares memory with "
+                             r"parameter \(param_groups\[0\]\['params'\]\[0\]")
 
 
 def test_own_parameter_as_gradient_still_raises_as_before():
@@ -194,17 +202,8 @@ def test_gradient_in_the_gaps_of_a_gapped_parameter_is_taken(path):
 def test_gradient_aliasing_a_parameter_moved_since_the_last_step_raises(path):
     """The first group's gradients are read before the second group's moved parameter
     is found (its plan built again): they are read again against the new spans."""
-    first, second = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
-    opt = fdt.Adam([{"params": [first]}, {"params": [second]}], lr=0.1)
-    if path == "general":
-        general_way(opt)
-    for _ in range(2):
-        give_gradients([first, second])
-        opt.step()
+    first, second, opt = two_groups("Adam", path)
     second.data = torch.randn(6)
     first.grad = second.detach()
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*: its gradient shares memory with parameter "
-                                         r"\(param_groups\[1\]\['params'\]\[0\]"):
-        opt.step()
-    assert_same_bytes(before, snapshot(opt))
+    assert_step_refused(opt, r"\['params'\]\[0\].*: its gradient shares memory with parameter "
+                             r"\(param_groups\[1\]\['params'\]\[0\]")
