@@ -142,6 +142,64 @@ cdef extern from *:
     object fd_get(object descr, object self)
 
 
+cdef class WrittenSpans:
+    """The bytes a step writes (every parameter and state buffer of every group,
+    step counts, scratch blocks), as sorted, disjoint spans: the given ``[lo, hi)``
+    address pairs merged where they overlap or touch, which changes no answer.
+    Built when the optimizer's plans change; a step asks :meth:`hits` of each
+    gradient: a binary search, O(log n), no Python work.
+
+    A span may hold bytes nobody writes (a gapped parameter counts by its whole
+    extent, gaps included): a hit is a reason to look closer, on the general way,
+    not yet an error. No hit means no shared byte."""
+
+    cdef Py_ssize_t n
+    cdef size_t* lo
+    cdef size_t* hi
+
+    def __cinit__(self):
+        self.lo = self.hi = NULL
+
+    def __dealloc__(self):
+        free(self.lo)
+        free(self.hi)
+
+    def __init__(self, spans):
+        cdef list merged = [], last = None
+        cdef Py_ssize_t k
+        if self.lo != NULL:
+            raise RuntimeError("a WrittenSpans table is built once")
+        for lo, hi in sorted([(int(lo), int(hi)) for lo, hi in spans if hi > lo]):
+            if last is not None and lo <= last[1]:
+                last[1] = max(last[1], hi)
+            else:
+                last = [lo, hi]
+                merged.append(last)
+        self.n = len(merged)
+        self.lo = <size_t*>malloc(max(1, self.n) * sizeof(size_t))
+        self.hi = <size_t*>malloc(max(1, self.n) * sizeof(size_t))
+        if self.lo == NULL or self.hi == NULL:
+            raise MemoryError()
+        for k in range(self.n):
+            self.lo[k], self.hi[k] = merged[k][0], merged[k][1]
+
+    def hits(self, size_t lo, size_t hi):
+        """True if ``[lo, hi)`` shares a byte with a span."""
+        return self._hits(lo, hi)
+
+    cdef bint _hits(self, size_t lo, size_t hi) noexcept:
+        cdef Py_ssize_t first = 0, last = self.n, mid
+        if hi <= lo:
+            return False
+        while first < last:  # the first span that ends after lo (ends are sorted too)
+            mid = (first + last) // 2
+            if self.hi[mid] <= lo:
+                first = mid + 1
+            else:
+                last = mid
+        return first < self.n and self.lo[first] < hi
+
+
 cdef class BucketViews:
     """The gradients of ``params`` as flat NumPy views, refreshed by :meth:`collect`.
 
@@ -153,7 +211,9 @@ cdef class BucketViews:
     C-contiguously if ``strides[i]`` is None, else with exactly the strides
     ``strides[i]`` (its parameter's, for a channels_last or permuted one), not a
     negative or conjugate view, and sharing no memory with ``buffers[i]``, the
-    arrays the kernel writes for parameter ``i``. ``collect`` also checks that
+    arrays the kernel writes for parameter ``i``, nor with any span of the
+    :class:`WrittenSpans` given to ``collect`` (what the step writes for every
+    parameter). ``collect`` also checks that
     ``params[i]`` still has its data at ``param_ptrs[i]`` and that
     ``states[i][keys[k]] is tensors[i][k]``: the cached views are still valid.
 
@@ -338,19 +398,20 @@ cdef class BucketViews:
             return fd_call_noargs(method, t)
         return _call(method, t)
 
-    def collect(self):
+    def collect(self, WrittenSpans written=None):
         """Read every parameter's ``.grad`` into ``grads`` and point ``views`` at them.
 
         Returns COMPLETE if every gradient is present and viewed; STALE if a cached
         view may no longer show its tensor; else PARTIAL, with ``missing`` listing
         the positions without a gradient and ``odd`` those whose gradient cannot
         be viewed as it is (another layout, size or dtype, misaligned, a negative
-        or conjugate view, sharing memory with a buffer the kernel writes, not a
-        strided tensor): the caller copies or rejects them.
+        or conjugate view, sharing memory with a buffer the kernel writes for its
+        parameter or with a span of ``written``, not a strided tensor): the caller
+        copies, checks closer or rejects them.
         """
-        return self._collect()
+        return self._collect(written)
 
-    cdef int _collect(self) except -2:
+    cdef int _collect(self, WrittenSpans written) except -2:
         cdef Py_ssize_t i, k
         cdef object p, g, ref
         cdef PyObject* state
@@ -379,7 +440,7 @@ cdef class BucketViews:
                 self.refs[i] = None
                 complete = False
                 continue
-            viewable = self._viewable(i, g, &data)
+            viewable = self._viewable(i, g, &data, written)
             if viewable:
                 ref = self.refs[i]
                 if ref is None or <object>PyWeakref_GetObject(ref) is not g:
@@ -412,10 +473,10 @@ cdef class BucketViews:
         except RuntimeError:  # it lost its storage
             return NULL
 
-    cdef bint _viewable(self, Py_ssize_t i, object g, char** data) except -1:
+    cdef bint _viewable(self, Py_ssize_t i, object g, char** data, WrittenSpans written) except -1:
         """True if gradient ``g`` can be viewed as ``views[i]`` (its layout, dtype,
-        size, alignment and memory checked; not its negative and conjugate bits),
-        with its elements' address in ``data``."""
+        size, alignment and memory checked, against ``written`` too unless None;
+        not its negative and conjugate bits), with its elements' address in ``data``."""
         cdef DLTensor d
         cdef char* ptr
         cdef Py_ssize_t k
@@ -447,6 +508,8 @@ cdef class BucketViews:
             for k in range(self.range_at[i], self.range_at[i + 1]):
                 if ptr < self.ranges[2 * k + 1] and self.ranges[2 * k] < ptr + size:
                     return False
+            if written is not None and written._hits(<size_t>ptr, <size_t>ptr + <size_t>size):
+                return False
         data[0] = ptr
         return True
 
@@ -832,8 +895,10 @@ cdef class StepPlan:
     :meth:`run` returns False, which it does, before writing anything, when the
     optimizer's ``param_groups`` list, a group, its parameter list or a parameter in
     it, or the ``state`` mapping was replaced; when a pending parameter got a
-    gradient; when a bucket has a gradient that is not viewable as it is, or a cached
-    view is stale (``BucketViews.collect``); or when a step count or scalar state
+    gradient; when a bucket has a gradient that is not viewable as it is (or may
+    share memory with what the step writes: ``written``, a :class:`WrittenSpans` of
+    every group's parameters and state), or a cached view is stale
+    (``BucketViews.collect``); or when a step count or scalar state
     is NaN. The parameters without a gradient are skipped; a bucket whose step
     counts or scalar states differ gets one kernel call per count and states. A group whose values are not the objects last validated is handed
     to ``refresh(index, group_step)`` (the optimizer's): it validates them again and
@@ -848,14 +913,16 @@ cdef class StepPlan:
 
     cdef object param_groups, state, increment_version, fresh
     cdef list groups
+    cdef WrittenSpans written
 
-    def __init__(self, list param_groups not None, state, list groups not None, increment_version, fresh):
+    def __init__(self, list param_groups not None, state, list groups not None, increment_version, fresh,
+                 WrittenSpans written not None):
         cdef object group
         for group in groups:
             if type(group) is not GroupStep:
                 raise TypeError("groups must be GroupStep objects")
         self.param_groups, self.state, self.groups = param_groups, state, groups
-        self.increment_version, self.fresh = increment_version, fresh
+        self.increment_version, self.fresh, self.written = increment_version, fresh, written
 
     def run(self, object param_groups, object state, object backend, object n_threads, object refresh):
         """Take the step with the kernels of ``backend`` on ``n_threads``; False if
@@ -885,7 +952,7 @@ cdef class StepPlan:
         try:
             for group in self.groups:
                 for bucket in group.buckets:
-                    status = bucket.views._collect()
+                    status = bucket.views._collect(self.written)
                     if status == STALE or bucket.views.odd:  # (a gradient to copy or refuse)
                         return False
                     if (status == COMPLETE and (bucket.steps is None or _uniform_count(bucket.steps, &count))

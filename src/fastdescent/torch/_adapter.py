@@ -11,10 +11,14 @@ then, as ``torch.optim`` does).
 
 A step runs in two phases. The first reads and checks everything: the plans, every
 gradient (``_tensorviews.BucketViews`` views them in one C loop), every
-hyperparameter. The second only writes: it gathers the gapped parameters into their
-scratch blocks, runs the kernels, scatters back and counts the steps. So a step that
-raises has written nothing; the state it created for parameters with a first
-gradient is removed again.
+hyperparameter. A gradient may share no byte with anything the step writes, for
+its own parameter or any other: the byte spans of every parameter, state buffer,
+step count and scratch block of every group are recorded when a plan changes
+(``_written``: a ``_tensorviews.WrittenSpans``, sorted), and each gradient is
+looked up there in that loop. The second only writes: it gathers the gapped
+parameters into their scratch blocks, runs the kernels, scatters back and counts
+the steps. So a step that raises has written nothing; the state it created for
+parameters with a first gradient is removed again.
 
 A group's hyperparameters and options are validated when one of its values is not
 the very object validated last time (an identity check of every value in the
@@ -118,6 +122,22 @@ def _run(call, bucket, kernels, params, grads, states, n_threads, ids=None):
     aligned with ``bucket.names``) with the backend module ``kernels``; ``ids``: the
     parameters' indices in the optimizer (their stochastic rounding keys)."""
     call(kernels, params, grads, dict(zip(bucket.names, states)), n_threads, ids)
+
+
+class _Written:
+    """What a step writes, for every group: ``table``, a ``_tensorviews.WrittenSpans``
+    of their byte spans (the per-step lookup), and ``items``, ``(lo, hi, tensor,
+    where)`` per array: its span, the tensor if it may have gaps (a gapped
+    parameter: a hit on its span is an overlap only if an element is shared), and
+    ``where``, arguments of ``_written_label`` (the error's words, made when raising)."""
+
+    __slots__ = ("table", "items", "plans")
+
+
+def _written_label(group_index, group, e, name):
+    """How an error names written array ``name`` (None: the parameter) of entry ``e``."""
+    where = _where(group_index, e.index, group, e.param)
+    return where if name is None else f"state[{name!r}] of {where}"
 
 
 class _Stale(Exception):
@@ -314,12 +334,25 @@ class KernelOptimizer:
 
     def _check_all(self):
         """Phase one of a step: every read and check, for every group; no write
-        (state created for first gradients is removed again if anything fails)."""
+        (state created for first gradients is removed again if anything fails).
+        The gradients are read once every group's plan is current, against what
+        they all write; if a stale view made a plan be built again meanwhile, they
+        are all read again against the new spans."""
         created = []
         work = []
         try:
-            for group_index, group in enumerate(self.param_groups):
-                self._prepare(group_index, group, work, created)
+            groups = list(enumerate(self.param_groups))
+            for group_index, group in groups:
+                self._plan(group_index, group, created)
+            for _ in range(2):
+                written = self._written()
+                for group_index, group in groups:
+                    self._prepare(group_index, group, work, created, written)
+                if self.__dict__.get("_fd_written") is written:
+                    return work
+                self._release(work)
+                del work[:]
+            raise RuntimeError("fastdescent.torch: a tensor moved while its views were built")
         except BaseException:
             self._remove_created(created)
             for plan in self._plans():
@@ -327,7 +360,6 @@ class KernelOptimizer:
                     bucket.views.release()
             self._forget_plans()
             raise
-        return work
 
     def _apply_all(self, work):
         """Phase two: the writes."""
@@ -397,26 +429,27 @@ class KernelOptimizer:
         # without being replaced: such a group is validated at every step.
         plan.trusted = immutable(tuple([v for k, v in zip(plan.keys, plan.values) if k != "param_names"]))
 
-    def _prepare(self, group_index, group, work, created):
-        """Append the group's share of the step to ``work``, everything checked."""
-        plan = self._plan(group_index, group, created)
+    def _prepare(self, group_index, group, work, created, written):
+        """Append the group's share of the step to ``work``, everything checked
+        (its plan is current: ``_plan``; ``written``: ``_written()``)."""
+        plan = self._plans()[group_index]
         start = len(work)
         try:
-            self._prepare_buckets(plan, group_index, group, work)
+            self._prepare_buckets(plan, group_index, group, work, written)
         except _Stale:  # rebuild once: a new plan's views are current
             self._release(work[start:])
             del work[start:]
             plan = self._plans()[group_index] = self._build(group_index, group, created)
             plan = self._validate(group_index, group, plan, created)
             try:
-                self._prepare_buckets(plan, group_index, group, work)
+                self._prepare_buckets(plan, group_index, group, work, written)
             except _Stale:
                 raise RuntimeError("fastdescent.torch: a tensor moved while its views were built") from None
 
-    def _prepare_buckets(self, plan, group_index, group, work):
+    def _prepare_buckets(self, plan, group_index, group, work, written):
         for bucket in plan.buckets:
             views = bucket.views
-            status = views.collect()
+            status = views.collect(written.table)
             count = None if bucket.steps is None else _uniform_count(bucket.steps)
             if (status == _COMPLETE and not bucket.n_fresh and (count is not None or bucket.steps is None)
                     and self._same_scalars(bucket, bucket.entries)):
@@ -429,15 +462,15 @@ class KernelOptimizer:
                 scalars = self._scalar_key(bucket.entries[0]) if bucket.entries else ()
                 item.calls = ((self._cached_call(plan, step, False, scalars), None, step),)
             else:
-                item = self._gather(group_index, group, bucket, status)
+                item = self._gather(group_index, group, bucket, status, written)
                 if item is None:
                     continue
                 item.calls = self._calls(plan, bucket, item, count)
             work.append(item)
 
-    def _gather(self, group_index, group, bucket, status):
+    def _gather(self, group_index, group, bucket, status, written):
         """The bucket's work (gradient views, all checked), or None without
-        gradients; ``status``: what ``bucket.views.collect()`` returned."""
+        gradients; ``status``: what ``bucket.views.collect(written.table)`` returned."""
         views = bucket.views
         if status == _COMPLETE:
             item = _Work()
@@ -458,6 +491,7 @@ class KernelOptimizer:
             keep.append(copy)
             try:
                 self._check_update(bucket, k, view)
+                _check_written(written, copy)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
         item = _Work()
@@ -628,6 +662,7 @@ class KernelOptimizer:
         view, copy = self._odd_grad_view(group_index, group, e, grad)
         try:
             self._check_update(bucket, k, view)
+            _check_written(self._written(), copy)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{_where(group_index, e.index, group, p)}: {error}") from None
         steps, following = bucket.steps, None
@@ -667,6 +702,35 @@ class KernelOptimizer:
     def _forget_plans(self):
         self.__dict__["_fd_plans"] = []
         self.__dict__["_fd_step_plan"] = None
+        self.__dict__["_fd_written"] = None
+
+    def _written(self):
+        """A ``_Written`` of every array a step of the current plans writes (built
+        again after a plan is built): each parameter with state (a gapped one by
+        its extent, and its scratch block), its state buffers, step count and
+        scalar states."""
+        written = self.__dict__.get("_fd_written")
+        if written is not None:
+            return written
+        items = []
+        plans = self._plans()
+        counted = (("step",) if self._counts_steps else ()) + tuple(self._scalar_names)
+        for group_index, plan in enumerate(plans):
+            for b in plan.buckets if plan is not None else ():
+                for e in b.entries:
+                    where = (group_index, plan.group, e)
+                    items.append((e.target, e.scratch is not None, where + (None,)))
+                    if e.scratch is not None:
+                        items.append((e.scratch, False, where + (None,)))
+                    items.extend((e.state[name], False, where + (name,)) for name in b.names + counted
+                                 if isinstance(e.state.get(name), torch.Tensor))
+        written = _Written()
+        written.items = [(*span, t if gapped else None, where) for t, gapped, where in items
+                         for span in (_layout.byte_span(t),) if span is not None]
+        written.table = _tensorviews.WrittenSpans([item[:2] for item in written.items])
+        written.plans = list(plans)  # the spans' memory stays theirs while the table lives
+        self.__dict__["_fd_written"] = written
+        return written
 
     # -- plans ----------------------------------------------------------------
 
@@ -675,6 +739,7 @@ class KernelOptimizer:
         now have a first gradient), one bucket per dtype (and set of buffers kept).
         Appends what it creates to ``created`` as (mapping, keys) pairs."""
         self._check_group(group_index, group)
+        self.__dict__["_fd_written"] = None  # the spans a step writes change with the plan
         names = self._buffer_names(group)
         step = ("step",) if self._counts_steps else ()
         plans = self._plans()
@@ -872,6 +937,18 @@ class KernelOptimizer:
                 self._check_update(bucket, k)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{_where(group_index, e.index, group, e.param)}: {error}") from None
+
+
+def _check_written(written, grad):
+    """ValueError if gradient ``grad`` (the tensor the kernel reads) shares a byte with
+    an array in ``written`` (a ``_Written``), naming that array."""
+    span = _layout.byte_span(grad)
+    if span is None or not written.table.hits(*span):
+        return
+    lo, hi = span
+    for start, end, gapped, where in written.items:
+        if start < hi and lo < end and (gapped is None or _layout.share_elements(gapped, grad)):
+            raise ValueError(f"its gradient shares memory with {_written_label(*where)}, which the step writes")
 
 
 def _scratch_blocks(entries):

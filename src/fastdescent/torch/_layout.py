@@ -61,7 +61,7 @@ def in_layout_of(ref, t):
     return torch.empty_strided(ref.shape, ref.stride(), dtype=ref.dtype).copy_(t)
 
 
-def _span(t):
+def byte_span(t):
     """(first byte, one past the last byte) of the elements of ``t``; None if empty."""
     if t.numel() == 0:
         return None
@@ -97,7 +97,7 @@ def overlaps_itself(t):
 def share_elements(a, b):
     """True if tensors ``a`` and ``b`` (on the CPU, neither overlapping itself) have
     a byte of some element in common."""
-    span_a, span_b = _span(a), _span(b)
+    span_a, span_b = byte_span(a), byte_span(b)
     if span_a is None or span_b is None or span_a[1] <= span_b[0] or span_b[1] <= span_a[0]:
         return False
     if is_dense(a) and is_dense(b):
@@ -115,7 +115,7 @@ def first_overlap(tensors):
     intersect are compared element by element: O(n log n) for parameters that lie
     apart or side by side, as they usually do.
     """
-    spans = sorted((span[0], span[1], i) for i, span in enumerate(map(_span, tensors)) if span is not None)
+    spans = sorted((span[0], span[1], i) for i, span in enumerate(map(byte_span, tensors)) if span is not None)
     open_spans = []  # (end, index) of the spans that may still reach the next start
     for start, end, i in spans:
         open_spans = [(e, j) for e, j in open_spans if e > start]

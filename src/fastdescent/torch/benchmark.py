@@ -169,13 +169,13 @@ def _reach_cost(optimizer, rounds):
     """Median seconds per tensor of ``collect()`` on the first bucket: with the
     same gradient objects, and with new ones (the assignment timed apart)."""
     bucket = optimizer._fd_plans[0].buckets[0]
-    views, params = bucket.views, bucket.params
+    views, params, written = bucket.views, bucket.params, optimizer._written().table
     clock = time.perf_counter
     same, fresh, assign = [], [], []
     spare = [[p.grad.clone() for p in params] for _ in range(2)]
     for r in range(rounds):
         start = clock()
-        views.collect()
+        views.collect(written)
         same.append(clock() - start)
         new = spare[r % 2]
         start = clock()
@@ -185,7 +185,7 @@ def _reach_cost(optimizer, rounds):
         start = clock()
         for p, g in zip(params, new):
             p.grad = g
-        views.collect()
+        views.collect(written)
         fresh.append(clock() - start)
     views.release()
     n = len(params)

@@ -19,7 +19,9 @@ What runs: CPU parameters of dtype float32 or float64 (complex64/complex128 as
 gapped views (a slice with a step, a column) are gathered into a scratch block,
 stepped and scattered back. A gradient laid out differently from its parameter
 is copied first. What raises (naming the parameters): two parameters sharing an
-element, a parameter overlapping itself, other devices, half/bfloat16/integer
+element, a parameter overlapping itself, a gradient sharing memory with anything
+the step writes (any parameter, state buffer, int8 scales or master copy of any
+group: it would read what it writes), other devices, half/bfloat16/integer
 parameters, sparse gradients, ``differentiable=True``, ``capturable=True``.
 ``foreach`` and ``fused`` are accepted and kept in the groups (for
 ``state_dict`` compatibility) but change nothing: the kernel is always the fused
@@ -296,7 +298,8 @@ class SpecOptimizer(KernelOptimizer):
             groups.append(_tensorviews.GroupStep(group, plan.param_list, plan.params, plan.keys, plan.values,
                                                  tuple(plan.pending), plan.config.arguments, self._stateful(plan.config),
                                                  self._direct_kernel(plan.config), self._step_in_math, buckets))
-        return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH)
+        return _tensorviews.StepPlan(self.param_groups, self.state, groups, _increment_version, NOTHING_FRESH,
+                                     self._written().table)
 
     def _stored_call(self, bucket, config, views, buffers):
         """The :class:`~fastdescent._runtime.StoredCall` of a low-precision bucket for a
