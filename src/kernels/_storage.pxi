@@ -529,13 +529,14 @@ cdef extern from *:
 
     /* Store the codes on the lanes of c0 .. c3 (64 codes) at dst: each below 256,
        or with `sign_on_11` (fd_v_code_bits_plain's int8 codes) below 2**12, the
-       sign on bit 11 moved to bit 7 on 16-bit lanes (half the operations). */
+       sign on bit 11 (bits 7 .. 10 clear) moved to bit 7 on 16-bit lanes: one
+       multiply-add of the lanes' bytes, low * 1 + high * 16 (high is 8 or 0). */
     FD_V_INLINE void fd_v_store_codes64(uint8_t *dst, __m512i c0, __m512i c1, __m512i c2, __m512i c3, int sign_on_11) {
         /* the packs keep every lane (no saturation), in 128-bit lane order */
         __m512i low = _mm512_packus_epi32(c0, c1), high = _mm512_packus_epi32(c2, c3);
-        if (sign_on_11) {   /* bits 0 .. 6 from the code, bit 7 up from it shifted by 4 */
-            low = _mm512_ternarylogic_epi32(low, _mm512_srli_epi16(low, 4), _mm512_set1_epi16(0x7f), 0xE4);
-            high = _mm512_ternarylogic_epi32(high, _mm512_srli_epi16(high, 4), _mm512_set1_epi16(0x7f), 0xE4);
+        if (sign_on_11) {
+            low = _mm512_maddubs_epi16(low, _mm512_set1_epi16(0x1001));
+            high = _mm512_maddubs_epi16(high, _mm512_set1_epi16(0x1001));
         }
         _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(
             _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), _mm512_packus_epi16(low, high)));

@@ -285,26 +285,30 @@ cdef extern from *:
                                          int stochastic, int prefetch) {
         __m512 factor_m = _mm512_set1_ps(0x1p112f * scale_m), factor_v = _mm512_set1_ps(0x1p96f * scale_v);
         __m512 vscale_m = _mm512_set1_ps(scale_m), vscale_v = _mm512_set1_ps(scale_v);
+        /* the ranges in locals (registers), stored once: kept in `rows`, gcc loaded
+           and stored them on every vector (a vector store may alias them) */
+        fd_v_range range_m = fd_v_range_start(), range_v = fd_v_range_start();
         int i, j;
-        rows->range_m = fd_v_range_start();
-        rows->range_v = fd_v_range_start();
         for (i = 0; i + 64 <= count; i += 64) {
             if (prefetch) fd_adam_prefetch64(p, g, m, v, i, 1);
             for (j = i; j < i + 64; j += 16)
                 fd_adam_codes16(p + j, g + j, m + j, v + j, rows->m + j, rows->v + j, 0xffff, 1, plain, kind, f, factor_m,
-                                vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+                                vscale_m, factor_v, vscale_v, &range_m, &range_v);
             if (encode) {
                 fd_v_encode64(pending->rows->m, pending->m, i, pending->inverse_m, pending->random_m, stochastic, 1);
                 fd_v_encode64(pending->rows->v, pending->v, i, pending->inverse_v, pending->random_v, stochastic, 0);
             }
         }
-        if (encode) return;   /* a whole block */
-        for (; i + 16 <= count; i += 16)
-            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, kind, f, factor_m, vscale_m,
-                            factor_v, vscale_v, &rows->range_m, &rows->range_v);
-        if (i < count)
-            fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U), 0,
-                            plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &rows->range_m, &rows->range_v);
+        if (!encode) {   /* encode: a whole block */
+            for (; i + 16 <= count; i += 16)
+                fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, 0xffff, 1, plain, kind, f, factor_m,
+                                vscale_m, factor_v, vscale_v, &range_m, &range_v);
+            if (i < count)
+                fd_adam_codes16(p + i, g + i, m + i, v + i, rows->m + i, rows->v + i, (__mmask16)((1U << (count - i)) - 1U),
+                                0, plain, kind, f, factor_m, vscale_m, factor_v, vscale_v, &range_m, &range_v);
+        }
+        rows->range_m = range_m;
+        rows->range_v = range_v;
     }
 
     /* The encodings of a block's new moments (`count` of them in `rows`) under
