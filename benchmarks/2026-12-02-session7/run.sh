@@ -3,7 +3,7 @@
 # bfloat16 and int8 state at 1e8 on 2 threads, against torch fused) in several
 # sittings a few minutes apart, since torch fused alone moved 1,022-1,343 Melem/s
 # between session 6's sittings; bitsandbytes' 8-bit Adam and the state memory once;
-# the per-step cost with native and low-precision state. Run from the project root:
+# the per-step cost. Run from the project root:
 #   bash benchmarks/2026-12-02-session7/run.sh [sittings]
 set -u
 OUT=benchmarks/2026-12-02-session7
@@ -22,5 +22,5 @@ for s in $(seq 2 "$SITTINGS"); do
     run lowprec-$s $P -m fastdescent bench --cases sizes --rules adam --state-dtypes bfloat16 int8 --sizes 1e8 \
         --dtypes float32 --threads 2 --methods kernel torch-fused --repeats 3 --rounds 5 --json $OUT/lowprec-$s.json
 done
-run steps $P -m fastdescent bench --cases steps --state-dtypes native bfloat16 int8 --json $OUT/steps.json
+run steps $P -m fastdescent bench --cases steps --json $OUT/steps.json   # rerun with the state axis: sittings.sh
 echo "== done: $(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
