@@ -704,10 +704,6 @@ cdef struct StoredRun:
     void* rows[MAX_ROLES]       # the roles' arrays, each in its own format (NULL: absent)
     float* scales[MAX_ROLES]    # int8/uint8 roles: the scales of the run's blocks
     fd_random random[MAX_ROLES]  # written stored roles: their random bits from the run's first element
-    int kinds[MAX_ROLES]
-    int itemsizes[MAX_ROLES]    # bytes per element of each role's array (0: absent)
-    bint stochastic             # the stored roles round stochastically (all alike)
-    int n_roles
     bint prefetch               # a large call: the loop prefetches FD_AHEAD elements on
     Py_ssize_t n
 
@@ -878,32 +874,26 @@ cdef void fused_chunk(const StoredJob* job, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
     cdef const Plan* plan = job.plan
     cdef const Storage* storage = job.storage
     cdef const RoleStorage* role
-    cdef Py_ssize_t r, k
+    cdef Py_ssize_t r, k, itemsize
     cdef char* base
     run.n = n
-    run.n_roles = <int>plan.n_roles
     run.prefetch = plan.total >= FD_PREFETCH_MIN
-    run.stochastic = False
     for r in range(plan.n_roles):
         k = t * plan.n_roles + r
         base = <char*>plan.rows[k]
         role = &storage.roles[r]
-        run.kinds[r] = role.kind
         run.scales[r] = NULL
         run.rows[r] = NULL
-        run.itemsizes[r] = 0
         if base == NULL:
             continue
         if role.kind == KIND_NATIVE:
-            run.itemsizes[r] = sizeof(float)
+            itemsize = sizeof(float)
         elif role.kind == KIND_BF16:
-            run.itemsizes[r] = sizeof(uint16_t)
+            itemsize = sizeof(uint16_t)
         else:
-            run.itemsizes[r] = sizeof(uint8_t)
+            itemsize = sizeof(uint8_t)
             run.scales[r] = storage.scales[k] + lo // BLOCK
-        run.rows[r] = base + lo * run.itemsizes[r]
-        if role.stochastic and role.written:
-            run.stochastic = True
+        run.rows[r] = base + lo * itemsize
         run.random[r] = fd_random_run(role.stochastic and role.written,
                                       fd_splitmix64(role.key ^ storage.tensor_ids[t]) if role.stochastic else 0,
                                       <uint64_t>lo)
