@@ -214,13 +214,24 @@ class LowPrecision:
         else:
             params = stored.copies if stored.copy_kind != NATIVE else stored.kernel_params or bucket.params
             masters = stored.kernel_params if stored.copy_kind != NATIVE else None
-        params, roles = precision.stored_roles(self.spec, params, dict(zip(self.spec.buffer_names, buffers)),
-                                               masters, stored.scales)
-        grad_kind = precision.PARAM_KINDS.get(precision.dtype_name(bucket.dtype), NATIVE)
-        call = _runtime.StoredCall(params, buffers, roles, stored.ids[:1] if flat else stored.ids, grad_kind,
-                                   self._storage, precision.formats, stored.where, grads)
+        call = stored_call(self._storage, self.spec, params, buffers, masters, stored.scales,
+                           stored.ids[:1] if flat else stored.ids, precision.dtype_name(bucket.dtype), stored.where,
+                           grads)
         stored.call = (flat, config.present, call)
         return call
+
+
+def stored_call(storage, spec, params, buffers, masters, scales, ids, dtype_name, where="", grads=None):
+    """The :class:`~fastdescent._runtime.StoredCall` of one low-precision bucket of
+    ``dtype_name`` parameters (the optimizers' and the torch adapter's): ``params``
+    (the parameters or their bits), ``buffers`` (one list or None per declared
+    buffer, as the kernel takes them), ``masters`` (their float32 master copies, or
+    None), ``scales`` (buffer name -> an int8 buffer's block scales), ``ids`` (the
+    tensors' rounding keys), ``where`` (the bucket, as gradient errors name it),
+    ``grads`` (a flat arena's own gradients, or None)."""
+    params, roles = precision.stored_roles(spec, params, dict(zip(spec.buffer_names, buffers)), masters, scales)
+    return _runtime.StoredCall(params, buffers, roles, ids, precision.GRAD_KINDS.get(dtype_name, NATIVE), storage,
+                               precision.formats, where, grads)
 
 
 def views(arena, shapes):

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from .. import _runtime, _tensorviews, precision
+from .. import _tensorviews, precision
 from .._config import effective_n_threads, resolve_backend
 from ..optim.classes import class_doc, generated_init
-from ..optim.lowprec import MASTER, scales_name
+from ..optim.lowprec import MASTER, scales_name, stored_call
 from ..rules import SPECS
 from ..rules._spec import FIRST_GRADIENT, NOTHING_FRESH, PARAMETER
 from . import _layout, _lowprec
@@ -306,11 +306,8 @@ class SpecOptimizer(KernelOptimizer):
         step plan (``views``: its state views by name; ``buffers``: those the kernel
         takes), as ``_kernel_call``'s ``run`` would call ``spec.call``."""
         scales = {name: views[scales_name(name)] for name in config.needed if scales_name(name) in views}
-        params, roles = precision.stored_roles(self.spec, bucket.param_views, dict(zip(self.spec.buffer_names, buffers)),
-                                               views.get(MASTER), scales)
-        dtype = _lowprec.numpy_dtype_name(bucket.entries[0].param.dtype)
-        return _runtime.StoredCall(params, buffers, roles, bucket.ids, precision.PARAM_KINDS.get(dtype, precision.NATIVE),
-                                   self._fd_storage, precision.formats, "")
+        return stored_call(self._fd_storage, self.spec, bucket.param_views, buffers, views.get(MASTER), scales,
+                           bucket.ids, _lowprec.numpy_dtype_name(bucket.entries[0].param.dtype))
 
     def _stateful(self, config):
         """What a step plan calls for the kernel call and the scalar states after it,
