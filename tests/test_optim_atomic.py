@@ -27,12 +27,12 @@ def assert_same(opt, before):
     assert snapshot_optimizer(opt) == before
 
 
-def two_groups(name, rng, **options):
+def two_groups(name, rng, second=np.float64, **options):
     """An optimizer of ``name``'s richest example with two groups (float32 arrays,
-    then a float32 and a float64 one), and its gradients."""
+    then a float32 and a ``second`` one), and its gradients."""
     example = RICHEST[name].name
     cls, config = RULES[example]
-    params = make_params(rng, np.float32, [(10,), (3, 4)], rule=example) + make_params(rng, np.float64, [(20,)],
+    params = make_params(rng, np.float32, [(10,), (3, 4)], rule=example) + make_params(rng, second, [(20,)],
                                                                                      rule=example)
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], **config, **options)
     return opt, lambda: make_grads(rng, params, 1)[0]
@@ -68,7 +68,7 @@ def failures(opt, grads):
         ("lr a string in the second group", TypeError, hyper("lr", "0.1")),
         ("a hyperparameter deleted", ValueError, in_place(lambda: opt.param_groups[1].pop("lr"))),
         ("last gradient's shape", ValueError, grad(lambda g: g[:-1])),
-        ("last gradient's dtype", TypeError, grad(lambda g: g.astype(np.float32))),
+        ("last gradient's dtype", TypeError, grad(lambda g: g.astype(np.float32 if g.dtype == np.float64 else np.float64))),
         ("last gradient strided", ValueError, grad(lambda g: np.repeat(g, 2)[::2])),
         ("last gradient None", TypeError, grad(lambda g: None)),
         ("last gradient is its parameter", ValueError, lambda g: g[:last] + [opt.params[last]]),
@@ -142,6 +142,30 @@ def test_failures_with_clipping_and_flat_arenas(name, options, rng):
     count = len(failures(*_stepped(name, rng, options)))
     for index in range(count):
         unchanged_by_failure(name, index, False, np.random.default_rng(index), steps=2, **options)
+
+
+def _low_precision_cases():
+    """(name, state_dtype, failure count) for the rules that keep their state in
+    bfloat16 and int8 (float32 parameters in both groups)."""
+    cases = []
+    for name in RICHEST:
+        for state_dtype in ("bfloat16", "int8"):
+            try:
+                opt, grads = two_groups(name, np.random.default_rng(0), second=np.float32, state_dtype=state_dtype)
+            except ValueError:  # a rule that refuses low-precision state (say why: tests/test_lowprec_optim.py)
+                continue
+            cases.append((name, state_dtype, len(failures(opt, grads()))))
+    return cases
+
+
+@pytest.mark.parametrize("name, state_dtype, count", _low_precision_cases(),
+                         ids=[f"{n}-{s}" for n, s, _ in _low_precision_cases()])
+def test_failures_with_low_precision_state(name, state_dtype, count):
+    """Low-precision buckets take the C plan too (a StoredCall): a failure in the
+    second group after three steps leaves every array as it was."""
+    for index in range(count):
+        unchanged_by_failure(name, index, False, np.random.default_rng(index), steps=3, second=np.float32,
+                             state_dtype=state_dtype)
 
 
 def _stepped(name, rng, options):
