@@ -32,7 +32,7 @@ def assert_unchanged(arrays, before):
             assert np.array_equal(a, b, equal_nan=True), "an array was modified"
 
 
-def take_step(opt, grads):
+def step_optimizer(opt, grads):
     """``opt.step(grads)``, or for a flat optimizer the step on ``grads`` copied into
     its gradient views; asserts that the step updated the parameters."""
     if opt.flat:

@@ -15,7 +15,7 @@ from fastdescent.optim import optimizer_class
 from fastdescent.rules import SPECS
 from fastdescent.rules._spec import Buffer
 from rule_cases import EXAMPLES
-from support import take_step
+from support import step_optimizer
 from test_lowprec import assert_same, richest_storable
 
 BF = np.dtype(ml_dtypes.bfloat16)
@@ -359,7 +359,7 @@ def test_plan_steps_equal_general_steps(mode, flat):
     for t, grads in enumerate(grad_steps):
         general._plan = None
         for opt in (steady, general):
-            take_step(opt, grads)
+            step_optimizer(opt, grads)
         assert steady._plan is not None or t == 0  # (the first step creates the state)
     for a, b in zip(steady.params, general.params):
         assert_same(a, b, "param")

@@ -13,7 +13,7 @@ import fastdescent as fd
 from fastdescent import _runtime
 from fastdescent.rules import SPECS
 from rule_cases import EXAMPLES, RICHEST, make_state
-from support import assert_bitwise_equal, random_array, take_step
+from support import assert_bitwise_equal, random_array, step_optimizer
 from test_optim import RULES, assert_same, make_grads, make_params, snapshot_optimizer
 
 
@@ -223,7 +223,7 @@ def test_plan_steps_equal_general_steps(name, flat, rng):
         for g in general.param_groups:
             g["lr"] = float(repr(config["lr"]))
         for opt in opts:
-            take_step(opt, grads)
+            step_optimizer(opt, grads)
     assert_same(steady, general)
 
 
